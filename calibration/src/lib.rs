@@ -1,0 +1,1 @@
+//! r1-calibration: INT8 calibration and quantization (issue 5). Not built yet.

@@ -1,0 +1,1 @@
+//! r1-serve library. See ARCHITECTURE.md.
