@@ -1,1 +1,22 @@
-//! r1-calibration: INT8 calibration and quantization (issue 5). Not built yet.
+//! r1-calibration: INT8 / INT4 quantization of r1 artifacts (issue 5).
+//!
+//! Pipeline (driven by `r1-export`): [`dataset`] reads calibration text → the engine runs the fp32 graph with the
+//! MatMul inputs as extra outputs ([`calibrate::ActivationSource`]) → [`observer`]s build streaming histograms →
+//! a [`observer::CalibrationMethod`] picks each tensor's range → optional [`smoothquant`] folding → [`qdq`] rewrites
+//! the ONNX graph (W8A8, int8 weight-only, int4 weight-only), writing weights through [`external`] →
+//! [`trt_cache`] for legacy TensorRT → [`report`] measures the quality loss.
+//!
+//! - [`quant`]: quantize / dequantize maths matching ONNX `QuantizeLinear` / `DequantizeLinear`.
+//! - [`error`]: the crate's one error type, [`CalibError`].
+pub mod calibrate;
+pub mod dataset;
+pub mod error;
+pub mod external;
+pub mod observer;
+pub mod qdq;
+pub mod quant;
+pub mod report;
+pub mod smoothquant;
+pub mod trt_cache;
+
+pub use error::{CalibError, Result};

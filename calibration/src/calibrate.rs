@@ -1,0 +1,195 @@
+//! The calibration driver: feeds observed activations into per-tensor observers and turns them into scales.
+//!
+//! The engine runs the fp32 graph; this crate never runs a model. The boundary is [`ActivationSource`]: each call
+//! runs one batch of calibration samples through a copy of the graph whose MatMul inputs were added as graph
+//! outputs ([`crate::qdq::add_observed_outputs`] on [`crate::qdq::calibration_targets`]), and hands every observed
+//! tensor to a sink as `(name, values)`. Activations are consumed batch by batch and never stored.
+use crate::error::{CalibError, Result};
+use crate::observer::{CalibrationMethod, ChannelMaxObserver, TensorObserver};
+use crate::qdq::calibration_targets;
+use crate::quant::{scale_from_amax, INT8_QMAX};
+use r1_proto::onnx::ModelProto;
+use std::collections::{BTreeMap, HashMap};
+
+/// Receives one observed tensor of the current batch: `(tensor name, values row-major)`.
+pub type ActivationSink<'a> = dyn FnMut(&str, &[f32]) -> Result<()> + 'a;
+
+/// Something that runs the fp32 graph on calibration batches and reports intermediate tensors.
+pub trait ActivationSource {
+    /// Runs the next batch, passing each observed tensor to `sink`. Returns `Ok(false)` when no batch is left
+    /// (and then calls `sink` no more).
+    fn next_batch(&mut self, sink: &mut ActivationSink<'_>) -> Result<bool>;
+}
+
+/// One tensor to observe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Tensor name.
+    pub name: String,
+    /// Channel count of the last axis (the MatMul's K) for per-channel maxima (SmoothQuant); `None` to skip.
+    pub channels: Option<usize>,
+}
+
+/// The targets of a model: input `A` of every MatMul with a weight initializer, with the weight's K as channels.
+pub fn model_targets(model: &ModelProto) -> Vec<Target> {
+    let graph = model.graph.as_ref();
+    let k_of = |a: &str| -> Option<usize> {
+        let g = graph?;
+        let node = g.node.iter().find(|n| n.op_type.as_deref() == Some("MatMul") && n.input.first().map(String::as_str) == Some(a))?;
+        let w = g.initializer.iter().find(|t| t.name.as_deref() == node.input.get(1).map(String::as_str))?;
+        usize::try_from(*w.dims.first()?).ok()
+    };
+    calibration_targets(model).into_iter().map(|name| Target { channels: k_of(&name), name }).collect()
+}
+
+/// Observers for a fixed set of tensors.
+#[derive(Debug, Clone)]
+pub struct Calibrator {
+    order: Vec<String>,
+    tensors: HashMap<String, TensorObserver>,
+    channels: HashMap<String, ChannelMaxObserver>,
+    batches: usize,
+}
+
+impl Calibrator {
+    /// Observers for `targets` (names must be unique).
+    pub fn new(targets: &[Target]) -> Result<Self> {
+        let mut c = Calibrator { order: Vec::new(), tensors: HashMap::new(), channels: HashMap::new(), batches: 0 };
+        for t in targets {
+            if c.tensors.insert(t.name.clone(), TensorObserver::new()).is_some() {
+                return Err(CalibError::invalid("calibration targets", "unique tensor names", format!("`{}` twice", t.name)));
+            }
+            if let Some(k) = t.channels {
+                c.channels.insert(t.name.clone(), ChannelMaxObserver::new(k));
+            }
+            c.order.push(t.name.clone());
+        }
+        Ok(c)
+    }
+
+    /// Feeds one observed tensor. Tensors that are not targets (e.g. `logits`) are ignored.
+    pub fn observe(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let Some(obs) = self.tensors.get_mut(name) else { return Ok(()) };
+        obs.observe(values).map_err(|e| CalibError::Source(format!("tensor `{name}`: {e}")))?;
+        if let Some(ch) = self.channels.get_mut(name) {
+            ch.observe(values).map_err(|e| CalibError::Source(format!("tensor `{name}`: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Pulls up to `max_batches` batches from `source`, calling `progress(batches_done)` after each.
+    /// Returns the number of batches observed.
+    pub fn run(
+        &mut self,
+        source: &mut dyn ActivationSource,
+        max_batches: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<usize> {
+        let mut done = 0;
+        while done < max_batches {
+            let more = source.next_batch(&mut |name, values| self.observe(name, values))?;
+            if !more {
+                break;
+            }
+            done += 1;
+            self.batches += 1;
+            progress(done);
+        }
+        Ok(done)
+    }
+
+    /// Batches observed so far.
+    pub fn batches(&self) -> usize {
+        self.batches
+    }
+
+    /// Clipping threshold per target (target order), by `method`. Errors name a target that was never seen.
+    pub fn amax(&self, method: CalibrationMethod) -> Result<Vec<(String, f32)>> {
+        self.order.iter().map(|n| Ok((n.clone(), self.tensors[n].amax(method, n)?))).collect()
+    }
+
+    /// Per-tensor int8 scales (`amax / 127`), ready for [`crate::qdq::QdqOptions::activation_scales`].
+    pub fn scales(&self, method: CalibrationMethod) -> Result<BTreeMap<String, f32>> {
+        self.amax(method)?.into_iter().map(|(n, a)| Ok((n, scale_from_amax(a, INT8_QMAX)?))).collect()
+    }
+
+    /// Per-channel abs-max of a target observed with channels (SmoothQuant's `max|X_j|`).
+    pub fn channel_max(&self, name: &str) -> Option<&[f32]> {
+        self.channels.get(name).map(ChannelMaxObserver::max)
+    }
+
+    /// The observer of a target.
+    pub fn observer(&self, name: &str) -> Option<&TensorObserver> {
+        self.tensors.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake engine: yields fixed batches for two tensors plus an ignored `logits` output.
+    struct Fake {
+        batches: Vec<Vec<(String, Vec<f32>)>>,
+    }
+
+    impl ActivationSource for Fake {
+        fn next_batch(&mut self, sink: &mut ActivationSink<'_>) -> Result<bool> {
+            if self.batches.is_empty() {
+                return Ok(false);
+            }
+            for (n, v) in self.batches.remove(0) {
+                sink(&n, &v)?;
+            }
+            Ok(true)
+        }
+    }
+
+    fn fake(n: usize) -> Fake {
+        let batches = (0..n)
+            .map(|b| {
+                let s = (b + 1) as f32;
+                vec![
+                    ("x".to_string(), vec![s, -2.0 * s, 0.5, 0.0]),
+                    ("logits".to_string(), vec![1e9; 3]),
+                    ("h".to_string(), vec![-0.25 * s; 6]),
+                ]
+            })
+            .collect();
+        Fake { batches }
+    }
+
+    fn targets() -> Vec<Target> {
+        vec![Target { name: "x".into(), channels: Some(2) }, Target { name: "h".into(), channels: None }]
+    }
+
+    #[test]
+    fn max_scales_from_fake_source() {
+        let mut c = Calibrator::new(&targets()).unwrap();
+        let mut seen = Vec::new();
+        assert_eq!(c.run(&mut fake(3), 10, &mut |i| seen.push(i)).unwrap(), 3);
+        assert_eq!(seen, vec![1, 2, 3]);
+        let s = c.scales(CalibrationMethod::Max).unwrap();
+        assert_eq!(s["x"], 6.0 / 127.0);
+        assert_eq!(s["h"], 0.75 / 127.0);
+        assert_eq!(c.channel_max("x").unwrap(), &[3.0, 6.0]);
+        assert_eq!(c.observer("x").unwrap().histogram().total(), 12);
+        assert!(c.observer("logits").is_none());
+    }
+
+    #[test]
+    fn batch_limit_and_errors() {
+        let mut c = Calibrator::new(&targets()).unwrap();
+        assert_eq!(c.run(&mut fake(5), 2, &mut |_| {}).unwrap(), 2);
+        assert_eq!(c.scales(CalibrationMethod::Max).unwrap()["x"], 4.0 / 127.0);
+        let mut c = Calibrator::new(&targets()).unwrap();
+        let e = c.amax(CalibrationMethod::Entropy).unwrap_err().to_string();
+        assert!(e.contains("`x`") && e.contains("no data"), "{e}");
+        let mut bad = Fake { batches: vec![vec![("x".into(), vec![1.0, f32::NAN])]] };
+        let e = c.run(&mut bad, 1, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("`x`") && e.contains("not finite"), "{e}");
+        let mut odd = Fake { batches: vec![vec![("x".into(), vec![1.0, 2.0, 3.0])]] };
+        assert!(c.run(&mut odd, 1, &mut |_| {}).unwrap_err().to_string().contains("channel count 2"));
+        assert!(Calibrator::new(&[targets()[0].clone(), targets()[0].clone()]).is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! ONNX initializer payloads: reading them (inline `raw_data`, `float_data`, or external data files relative to the
+//! model directory) and writing them to a new external data file with 4 KiB-aligned offsets.
+use crate::error::{CalibError, Result};
+use r1_proto::onnx::tensor_proto::{DataLocation, DataType};
+use r1_proto::onnx::{StringStringEntryProto, TensorProto};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Component, Path, PathBuf};
+
+/// Alignment of every tensor written to external data, so runtimes can mmap them.
+pub const EXTERNAL_ALIGN: u64 = 4096;
+
+/// True when the tensor's payload lives in an external file.
+pub fn is_external(t: &TensorProto) -> bool {
+    t.data_location == Some(DataLocation::External as i32)
+}
+
+fn entry<'a>(t: &'a TensorProto, key: &str) -> Option<&'a str> {
+    t.external_data.iter().find(|e| e.key.as_deref() == Some(key)).and_then(|e| e.value.as_deref())
+}
+
+fn tensor_name(t: &TensorProto) -> String {
+    t.name.clone().unwrap_or_default()
+}
+
+/// Number of elements a tensor's dims describe (1 for a scalar). Errors on negative dims.
+pub fn element_count(t: &TensorProto) -> Result<usize> {
+    t.dims.iter().try_fold(1usize, |acc, &d| {
+        usize::try_from(d)
+            .ok()
+            .and_then(|d| acc.checked_mul(d))
+            .ok_or_else(|| CalibError::graph(format!("tensor `{}`", tensor_name(t)), format!("bad dims {:?}", t.dims)))
+    })
+}
+
+/// Reads initializer payloads of a model stored in `dir`.
+#[derive(Debug, Clone)]
+pub struct ExternalDataReader {
+    dir: PathBuf,
+}
+
+impl ExternalDataReader {
+    /// A reader resolving external locations relative to `dir` (the directory holding `model.onnx`).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ExternalDataReader { dir: dir.into() }
+    }
+
+    /// The payload bytes of `t` in ONNX's little-endian raw layout: `raw_data`, the external file range, or
+    /// (for FLOAT tensors) `float_data` re-encoded.
+    pub fn tensor_bytes(&self, t: &TensorProto) -> Result<Vec<u8>> {
+        if is_external(t) {
+            return self.read_external(t);
+        }
+        if let Some(raw) = &t.raw_data {
+            return Ok(raw.clone());
+        }
+        if t.data_type == Some(DataType::Float as i32) {
+            return Ok(t.float_data.iter().flat_map(|f| f.to_le_bytes()).collect());
+        }
+        if element_count(t)? == 0 {
+            return Ok(Vec::new());
+        }
+        Err(CalibError::graph(
+            format!("tensor `{}`", tensor_name(t)),
+            "payload is neither raw_data, external data nor float_data",
+        ))
+    }
+
+    /// A FLOAT tensor's values.
+    pub fn tensor_f32(&self, t: &TensorProto) -> Result<Vec<f32>> {
+        if t.data_type != Some(DataType::Float as i32) {
+            return Err(CalibError::graph(
+                format!("tensor `{}`", tensor_name(t)),
+                format!("expected data_type FLOAT (1), got {:?}", t.data_type),
+            ));
+        }
+        let bytes = self.tensor_bytes(t)?;
+        let n = element_count(t)?;
+        crate::error::ensure_len(&format!("payload bytes of tensor `{}`", tensor_name(t)), n * 4, bytes.len())?;
+        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    fn read_external(&self, t: &TensorProto) -> Result<Vec<u8>> {
+        let name = tensor_name(t);
+        let location = entry(t, "location").unwrap_or_default();
+        let bad = |path: &Path, problem: String| CalibError::ExternalData {
+            tensor: name.clone(),
+            path: path.to_path_buf(),
+            problem,
+        };
+        let rel = Path::new(location);
+        if location.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+            return Err(bad(rel, "location must be a relative path inside the model directory".into()));
+        }
+        let path = self.dir.join(rel);
+        let parse = |key: &str| -> Result<Option<u64>> {
+            entry(t, key)
+                .map(|v| v.parse::<u64>().map_err(|_| bad(&path, format!("`{key}` must be an integer, got {v:?}"))))
+                .transpose()
+        };
+        let offset = parse("offset")?.unwrap_or(0);
+        let length = parse("length")?;
+        let mut f = File::open(&path).map_err(|source| CalibError::Io { op: "opening", path: path.clone(), source })?;
+        let file_len = f.metadata().map_err(|source| CalibError::Io { op: "reading", path: path.clone(), source })?.len();
+        let length = length.unwrap_or(file_len.saturating_sub(offset));
+        let end = offset.checked_add(length).unwrap_or(u64::MAX);
+        if end > file_len {
+            return Err(bad(&path, format!("range {offset}..{end} is past the end of the file ({file_len} bytes)")));
+        }
+        let mut buf = vec![0u8; length as usize];
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.read_exact(&mut buf))
+            .map_err(|source| CalibError::Io { op: "reading", path: path.clone(), source })?;
+        Ok(buf)
+    }
+}
+
+/// Appends tensor payloads to one external data file, each at a 4 KiB-aligned offset.
+#[derive(Debug)]
+pub struct ExternalDataWriter {
+    file: BufWriter<File>,
+    path: PathBuf,
+    location: String,
+    pos: u64,
+}
+
+impl ExternalDataWriter {
+    /// Creates (truncates) `dir/location`; `location` is what the model will reference (a plain file name).
+    pub fn create(dir: &Path, location: &str) -> Result<Self> {
+        if location.is_empty() || Path::new(location).components().count() != 1 || location == ".." {
+            return Err(CalibError::invalid("external data location", "a plain file name", location));
+        }
+        let path = dir.join(location);
+        let file = File::create(&path).map_err(|source| CalibError::Io { op: "creating", path: path.clone(), source })?;
+        Ok(ExternalDataWriter { file: BufWriter::new(file), path, location: location.to_string(), pos: 0 })
+    }
+
+    /// Writes `bytes` as the payload of `t` and points `t` at it (clearing any inline data).
+    pub fn write_tensor(&mut self, t: &mut TensorProto, bytes: &[u8]) -> Result<()> {
+        let pad = (EXTERNAL_ALIGN - self.pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
+        let io = |source| CalibError::Io { op: "writing", path: self.path.clone(), source };
+        self.file.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+        let offset = self.pos + pad;
+        self.file.write_all(bytes).map_err(|source| CalibError::Io { op: "writing", path: self.path.clone(), source })?;
+        self.pos = offset + bytes.len() as u64;
+        let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+        t.raw_data = None;
+        t.float_data.clear();
+        t.int32_data.clear();
+        t.int64_data.clear();
+        t.data_location = Some(DataLocation::External as i32);
+        t.external_data = vec![
+            kv("location", self.location.clone()),
+            kv("offset", offset.to_string()),
+            kv("length", bytes.len().to_string()),
+        ];
+        Ok(())
+    }
+
+    /// Bytes written so far (including padding).
+    pub fn len(&self) -> u64 {
+        self.pos
+    }
+
+    /// True when nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+
+    /// Flushes and closes the file; returns its path.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        self.file.flush().map_err(|source| CalibError::Io { op: "writing", path: self.path.clone(), source })?;
+        Ok(self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn float_tensor(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
+        TensorProto {
+            name: Some(name.into()),
+            dims: dims.to_vec(),
+            data_type: Some(DataType::Float as i32),
+            raw_data: Some(v.iter().flat_map(|f| f.to_le_bytes()).collect()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn write_then_read_is_aligned_and_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ExternalDataWriter::create(dir.path(), "w.data").unwrap();
+        let mut a = float_tensor("a", &[3], &[1.0, 2.0, 3.0]);
+        let mut b = float_tensor("b", &[2, 2], &[4.0, 5.0, 6.0, 7.0]);
+        for t in [&mut a, &mut b] {
+            let bytes = t.raw_data.clone().unwrap();
+            w.write_tensor(t, &bytes).unwrap();
+        }
+        w.finish().unwrap();
+        assert!(is_external(&b) && b.raw_data.is_none());
+        assert_eq!(entry(&b, "offset"), Some("4096"));
+        assert_eq!(entry(&b, "length"), Some("16"));
+        let r = ExternalDataReader::new(dir.path());
+        assert_eq!(r.tensor_f32(&a).unwrap(), vec![1.0, 2.0, 3.0]);
+        assert_eq!(r.tensor_f32(&b).unwrap(), vec![4.0, 5.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn bad_references_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.data"), [0u8; 8]).unwrap();
+        let r = ExternalDataReader::new(dir.path());
+        let mut t = float_tensor("w", &[4], &[0.0; 4]);
+        t.raw_data = None;
+        t.data_location = Some(DataLocation::External as i32);
+        let kv = |k: &str, v: &str| StringStringEntryProto { key: Some(k.into()), value: Some(v.into()) };
+        t.external_data = vec![kv("location", "x.data"), kv("offset", "0"), kv("length", "16")];
+        let e = r.tensor_f32(&t).unwrap_err().to_string();
+        assert!(e.contains("`w`") && e.contains("past the end") && e.contains("8 bytes"), "{e}");
+        t.external_data[0] = kv("location", "../x.data");
+        assert!(r.tensor_bytes(&t).unwrap_err().to_string().contains("relative path"));
+        t.external_data = vec![kv("location", "x.data"), kv("offset", "abc")];
+        assert!(r.tensor_bytes(&t).unwrap_err().to_string().contains("`offset`"));
+        assert!(ExternalDataWriter::create(dir.path(), "../evil").is_err());
+    }
+
+    #[test]
+    fn float_data_is_read() {
+        let t = TensorProto {
+            name: Some("f".into()),
+            dims: vec![2],
+            data_type: Some(DataType::Float as i32),
+            float_data: vec![1.5, -2.0],
+            ..Default::default()
+        };
+        assert_eq!(ExternalDataReader::new(".").tensor_f32(&t).unwrap(), vec![1.5, -2.0]);
+    }
+}

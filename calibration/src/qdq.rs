@@ -1,0 +1,356 @@
+//! Rewrites an fp32 ONNX model into quantized forms, touching only `MatMul` nodes whose `B` input is a 2-D FLOAT
+//! weight initializer `[K, N]` (residual adds, norms, softmax and everything else stay fp32).
+//!
+//! - [`QuantScheme::W8A8`]: input `A` gets `QuantizeLinear → DequantizeLinear` (int8, per-tensor calibrated scale,
+//!   zero point 0); the weight becomes an int8 initializer with per-output-channel scales and a
+//!   `DequantizeLinear(axis = 1)`. `DQ(A), DQ(W) → MatMul` is the pattern ONNX Runtime fuses into an integer GEMM
+//!   and TensorRT into an INT8 GEMM. Each consuming MatMul gets its own `Q → DQ` pair (q, k and v projections of
+//!   one normed input: three pairs sharing one scale): ONNX Runtime only converts a signed Q/DQ pair to the
+//!   unsigned form its x86 integer kernels need, and then fuses `MatMulIntegerToFloat`, when the Q has a single DQ
+//!   consumer (checked with `scripts/check_qdq.py`: with a shared Q neither projection was fused). The pairs also
+//!   get their own scale / zero-point initializers, or ORT's common-subexpression elimination merges them back.
+//! - [`QuantScheme::Int8WeightOnly`]: only the weight part of W8A8.
+//! - [`QuantScheme::Int4WeightOnly`]: int4 initializer `[K, N]` + scales `[ceil(K/B), N]`, opset 21
+//!   `DequantizeLinear(axis = 0, block_size = B)`, no zero point (symmetric; see [`crate::quant`]).
+//!
+//! Names are deterministic: `{w}_int8` / `{w}_int4`, `{w}_scale`, `{w}_zero_point`, `{w}_dequantized`;
+//! and per consuming MatMul `{a}_scale_for_{matmul}`, `{a}_zero_point_for_{matmul}`, `{a}_quantized_for_{matmul}`,
+//! `{a}_dequantized_for_{matmul}`.
+use crate::error::{CalibError, Result};
+use crate::external::{element_count, is_external, ExternalDataReader, ExternalDataWriter};
+use crate::quant::{quantize_blocked_i4, quantize_per_channel, validate_block_size};
+use r1_proto::onnx::attribute_proto::AttributeType;
+use r1_proto::onnx::tensor_proto::DataType;
+use r1_proto::onnx::type_proto::{Tensor as TypeTensor, Value as TypeValue};
+use r1_proto::onnx::{AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, ValueInfoProto};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// Which quantized form to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum QuantScheme {
+    /// INT8 weights and activations (explicit QDQ for TensorRT / ORT integer GEMMs).
+    W8A8,
+    /// INT8 weights, fp32 activations.
+    Int8WeightOnly,
+    /// Blocked INT4 weights (opset 21), fp32 activations.
+    Int4WeightOnly {
+        /// Rows per block: 32, 64 or 128.
+        block_size: usize,
+    },
+}
+
+impl QuantScheme {
+    /// Minimum default-domain opset the rewritten graph needs.
+    pub fn min_opset(&self) -> i64 {
+        match self {
+            QuantScheme::Int4WeightOnly { .. } => 21,
+            _ => 13,
+        }
+    }
+}
+
+/// Options of [`quantize_model`].
+#[derive(Debug, Clone)]
+pub struct QdqOptions {
+    /// The quantized form.
+    pub scheme: QuantScheme,
+    /// Per-tensor activation scales (`amax / 127`) keyed by MatMul input name; required for every rewritten MatMul
+    /// under [`QuantScheme::W8A8`].
+    pub activation_scales: HashMap<String, f32>,
+    /// MatMul node names or weight names to leave in fp32 (e.g. the LM head).
+    pub exclude: HashSet<String>,
+    /// Initializers of at least this many bytes go to the external data file (when one is written).
+    pub external_threshold: usize,
+}
+
+impl QdqOptions {
+    /// Options for `scheme` with no activation scales, no exclusions and a 1 KiB external-data threshold.
+    pub fn new(scheme: QuantScheme) -> Self {
+        QdqOptions { scheme, activation_scales: HashMap::new(), exclude: HashSet::new(), external_threshold: 1024 }
+    }
+}
+
+/// One MatMul that was rewritten.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QuantizedMatMul {
+    /// Node name.
+    pub node: String,
+    /// Activation input `A`.
+    pub activation: String,
+    /// Weight initializer `B`.
+    pub weight: String,
+    /// Weight rows.
+    pub k: usize,
+    /// Weight columns.
+    pub n: usize,
+}
+
+/// What [`rewrite_graph`] did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RewriteSummary {
+    /// MatMuls that now read quantized weights.
+    pub quantized: Vec<QuantizedMatMul>,
+    /// MatMuls left in fp32, with the reason.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// A MatMul whose `B` input is a weight initializer: `(node index, activation name, weight name)`.
+fn weight_matmuls(graph: &GraphProto) -> Vec<(usize, String, String)> {
+    let inits: HashMap<&str, &TensorProto> =
+        graph.initializer.iter().filter_map(|t| t.name.as_deref().map(|n| (n, t))).collect();
+    graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op_type.as_deref() == Some("MatMul") && matches!(n.domain.as_deref(), None | Some("") | Some("ai.onnx")))
+        .filter(|(_, n)| n.input.len() == 2)
+        .filter(|(_, n)| {
+            inits.get(n.input[1].as_str()).is_some_and(|t| t.dims.len() == 2 && t.data_type == Some(DataType::Float as i32))
+        })
+        .map(|(i, n)| (i, n.input[0].clone(), n.input[1].clone()))
+        .collect()
+}
+
+/// The activation tensors a W8A8 calibration must observe: input `A` of every MatMul with a weight initializer,
+/// deduplicated, in graph order.
+pub fn calibration_targets(model: &ModelProto) -> Vec<String> {
+    let mut seen = HashSet::new();
+    model
+        .graph
+        .iter()
+        .flat_map(weight_matmuls)
+        .filter_map(|(_, a, _)| seen.insert(a.clone()).then_some(a))
+        .collect()
+}
+
+/// Adds `names` as FLOAT graph outputs (the copy of the graph the calibration run executes: runtimes can only
+/// return intermediate tensors that are graph outputs). Names already among the outputs are skipped.
+pub fn add_observed_outputs(model: &mut ModelProto, names: &[String]) -> Result<()> {
+    let graph = model.graph.as_mut().ok_or_else(|| CalibError::graph("model", "has no graph"))?;
+    let existing: HashSet<String> = graph.output.iter().filter_map(|o| o.name.clone()).collect();
+    for n in names.iter().filter(|n| !existing.contains(*n)) {
+        graph.output.push(ValueInfoProto {
+            name: Some(n.clone()),
+            r#type: Some(TypeProto {
+                value: Some(TypeValue::TensorType(TypeTensor { elem_type: Some(DataType::Float as i32), shape: None })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    Ok(())
+}
+
+/// Default-domain opset the model imports (None when it imports none).
+pub fn default_opset(model: &ModelProto) -> Option<i64> {
+    model
+        .opset_import
+        .iter()
+        .find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
+        .and_then(|o| o.version)
+}
+
+/// Quantizes the model in `model_dir` per `opts` and writes every initializer of at least
+/// `opts.external_threshold` bytes to `out_dir/data_location` (4 KiB-aligned). The caller serializes the model to
+/// `out_dir` afterwards; it no longer references the source model's data files.
+pub fn quantize_model(
+    model: &mut ModelProto,
+    model_dir: &Path,
+    out_dir: &Path,
+    data_location: &str,
+    opts: &QdqOptions,
+) -> Result<RewriteSummary> {
+    let reader = ExternalDataReader::new(model_dir);
+    let mut writer = ExternalDataWriter::create(out_dir, data_location)?;
+    let summary = rewrite_graph(model, &reader, opts)?;
+    let graph = model.graph.as_mut().ok_or_else(|| CalibError::graph("model", "has no graph"))?;
+    for t in graph.initializer.iter_mut() {
+        let big = element_count(t)?.saturating_mul(4) >= opts.external_threshold
+            || t.raw_data.as_ref().is_some_and(|r| r.len() >= opts.external_threshold);
+        if is_external(t) || big {
+            let bytes = reader.tensor_bytes(t)?;
+            if bytes.len() >= opts.external_threshold {
+                writer.write_tensor(t, &bytes)?;
+            } else {
+                inline(t, bytes);
+            }
+        }
+    }
+    writer.finish()?;
+    Ok(summary)
+}
+
+fn inline(t: &mut TensorProto, bytes: Vec<u8>) {
+    t.data_location = None;
+    t.external_data.clear();
+    t.float_data.clear();
+    t.raw_data = Some(bytes);
+}
+
+/// Rewrites the graph in place (new initializers carry inline `raw_data`; externally stored source weights are
+/// read through `reader`). Quantized fp32 weights are removed unless another node still reads them.
+pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: &QdqOptions) -> Result<RewriteSummary> {
+    if let QuantScheme::Int4WeightOnly { block_size } = opts.scheme {
+        validate_block_size(block_size)?;
+    }
+    let opset = default_opset(model).unwrap_or(0);
+    if opset < opts.scheme.min_opset() {
+        return Err(CalibError::graph(
+            "opset_import",
+            format!("{:?} needs default-domain opset >= {}, model declares {opset}", opts.scheme, opts.scheme.min_opset()),
+        ));
+    }
+    let graph = model.graph.as_mut().ok_or_else(|| CalibError::graph("model", "has no graph"))?;
+    let mut summary = RewriteSummary::default();
+    let mut targets = HashMap::new();
+    for (idx, a, w) in weight_matmuls(graph) {
+        let name = node_name(&graph.node[idx], idx);
+        if opts.exclude.contains(&name) || opts.exclude.contains(&w) {
+            summary.skipped.push((name, "excluded".into()));
+            continue;
+        }
+        if opts.scheme == QuantScheme::W8A8 && !opts.activation_scales.contains_key(&a) {
+            return Err(CalibError::graph(
+                format!("MatMul `{name}`"),
+                format!("no activation scale for input `{a}` (calibration did not observe it)"),
+            ));
+        }
+        targets.insert(idx, (name, a, w));
+    }
+
+    let init_index: HashMap<String, usize> =
+        graph.initializer.iter().enumerate().filter_map(|(i, t)| t.name.clone().map(|n| (n, i))).collect();
+    let mut new_inits: Vec<TensorProto> = Vec::new();
+    let mut weight_dq: HashMap<String, String> = HashMap::new();
+    let mut nodes = Vec::with_capacity(graph.node.len() + 3 * targets.len());
+    let old_nodes = std::mem::take(&mut graph.node);
+    for (idx, mut node) in old_nodes.into_iter().enumerate() {
+        let Some((name, a, w)) = targets.get(&idx) else {
+            nodes.push(node);
+            continue;
+        };
+        let src = &graph.initializer[init_index[w]];
+        let (k, n) = (dim(src, 0)?, dim(src, 1)?);
+        if !weight_dq.contains_key(w) {
+            let values = reader.tensor_f32(src)?;
+            let dq_out = format!("{w}_dequantized");
+            let (q_name, scale_name) = (quantized_weight_name(w, opts.scheme), format!("{w}_scale"));
+            let mut dq = NodeProto {
+                name: Some(format!("{w}/DequantizeLinear")),
+                op_type: Some("DequantizeLinear".into()),
+                input: vec![q_name.clone(), scale_name.clone()],
+                output: vec![dq_out.clone()],
+                ..Default::default()
+            };
+            match opts.scheme {
+                QuantScheme::W8A8 | QuantScheme::Int8WeightOnly => {
+                    let q = quantize_per_channel(&values, k, n)?;
+                    new_inits.push(int8_tensor(&q_name, &[k, n], &q.values));
+                    new_inits.push(f32_tensor(&scale_name, &[n], &q.scales));
+                    let zp = format!("{w}_zero_point");
+                    new_inits.push(int8_tensor(&zp, &[n], &vec![0; n]));
+                    dq.input.push(zp);
+                    dq.attribute.push(int_attr("axis", 1));
+                }
+                QuantScheme::Int4WeightOnly { block_size } => {
+                    let q = quantize_blocked_i4(&values, k, n, block_size)?;
+                    new_inits.push(TensorProto {
+                        name: Some(q_name.clone()),
+                        dims: vec![k as i64, n as i64],
+                        data_type: Some(DataType::Int4 as i32),
+                        raw_data: Some(q.packed()),
+                        ..Default::default()
+                    });
+                    new_inits.push(f32_tensor(&scale_name, &[q.num_blocks(), n], &q.scales));
+                    dq.attribute.push(int_attr("axis", 0));
+                    dq.attribute.push(int_attr("block_size", block_size as i64));
+                }
+            }
+            nodes.push(dq);
+            weight_dq.insert(w.clone(), dq_out);
+        }
+        node.input[1] = weight_dq[w].clone();
+        if opts.scheme == QuantScheme::W8A8 {
+            // Scale and zero point are per consumer too (same values): with shared initializers ONNX Runtime's
+            // common-subexpression elimination merges the Q nodes again and the fusion is lost.
+            let (scale_name, zp_name) = (format!("{a}_scale_for_{name}"), format!("{a}_zero_point_for_{name}"));
+            let scale = opts.activation_scales[a];
+            if !(scale.is_finite() && scale > 0.0) {
+                return Err(CalibError::invalid(format!("activation scale of `{a}`"), "finite and > 0", scale));
+            }
+            new_inits.push(f32_tensor(&scale_name, &[], &[scale]));
+            new_inits.push(int8_tensor(&zp_name, &[], &[0]));
+            let (q_out, dq_out) = (format!("{a}_quantized_for_{name}"), format!("{a}_dequantized_for_{name}"));
+            nodes.push(NodeProto {
+                name: Some(format!("{name}/input/QuantizeLinear")),
+                op_type: Some("QuantizeLinear".into()),
+                input: vec![a.clone(), scale_name.clone(), zp_name.clone()],
+                output: vec![q_out.clone()],
+                ..Default::default()
+            });
+            nodes.push(NodeProto {
+                name: Some(format!("{name}/input/DequantizeLinear")),
+                op_type: Some("DequantizeLinear".into()),
+                input: vec![q_out, scale_name, zp_name],
+                output: vec![dq_out.clone()],
+                ..Default::default()
+            });
+            node.input[0] = dq_out;
+        }
+        summary.quantized.push(QuantizedMatMul { node: name.clone(), activation: a.clone(), weight: w.clone(), k, n });
+        nodes.push(node);
+    }
+    graph.node = nodes;
+    let still_read: HashSet<&str> = graph.node.iter().flat_map(|n| n.input.iter().map(String::as_str)).collect();
+    let outputs: HashSet<&str> = graph.output.iter().filter_map(|o| o.name.as_deref()).collect();
+    let replaced: HashSet<&String> = weight_dq.keys().collect();
+    graph.initializer.retain(|t| {
+        let n = t.name.as_deref().unwrap_or_default();
+        !replaced.contains(&n.to_string()) || still_read.contains(n) || outputs.contains(n)
+    });
+    graph.initializer.extend(new_inits);
+    Ok(summary)
+}
+
+fn node_name(node: &NodeProto, idx: usize) -> String {
+    node.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| format!("MatMul_{idx}"))
+}
+
+fn quantized_weight_name(w: &str, scheme: QuantScheme) -> String {
+    match scheme {
+        QuantScheme::Int4WeightOnly { .. } => format!("{w}_int4"),
+        _ => format!("{w}_int8"),
+    }
+}
+
+fn dim(t: &TensorProto, i: usize) -> Result<usize> {
+    usize::try_from(t.dims[i]).map_err(|_| {
+        CalibError::graph(format!("weight `{}`", t.name.as_deref().unwrap_or_default()), format!("bad dims {:?}", t.dims))
+    })
+}
+
+fn int8_tensor(name: &str, dims: &[usize], v: &[i8]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: Some(DataType::Int8 as i32),
+        raw_data: Some(v.iter().map(|&x| x as u8).collect()),
+        ..Default::default()
+    }
+}
+
+fn f32_tensor(name: &str, dims: &[usize], v: &[f32]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(v.iter().flat_map(|f| f.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+fn int_attr(name: &str, v: i64) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+}

@@ -1,0 +1,365 @@
+//! Quantize / dequantize maths, matching ONNX `QuantizeLinear` / `DequantizeLinear` exactly.
+//!
+//! - INT8 is symmetric: zero point 0, `scale = amax / 127`, values saturate to `[-128, 127]`.
+//!   Quantization is `saturate(round_half_to_even(x / scale))`, as ONNX `QuantizeLinear` specifies (a division,
+//!   not a multiplication by `1/scale`, so results agree bit for bit with ONNX Runtime's reference).
+//! - Per-tensor ([`quantize_per_tensor`]) for activations; per-output-channel ([`quantize_per_channel`]) for
+//!   MatMul weights stored `[K, N]`: one scale per column, i.e. ONNX `axis = 1`.
+//! - INT4 weight-only is **symmetric** signed int4 (`[-8, 7]`, no zero point, `scale = amax / 7` so values use
+//!   `[-7, 7]`), blocked along the input axis: the `[K, N]` weight has one scale per `block_size` rows of each
+//!   column, scale shape `[ceil(K / block_size), N]`. This is opset 21 `DequantizeLinear` with `axis = 0` and
+//!   `block_size = B`: `y[k, n] = x[k, n] * scale[k / B, n]`. Symmetric was chosen because it needs no zero-point
+//!   tensor, dequantizes with one multiply and is what TensorRT's weight-only INT4 expects; the price is one unused
+//!   code (-8).
+//! - INT4 tensors are packed two per byte in row-major order, element `2i` in the low nibble of byte `i`, element
+//!   `2i + 1` in the high nibble; an odd count leaves the last high nibble zero ([`pack_int4`]).
+use crate::error::{ensure_finite, ensure_len, CalibError, Result};
+
+/// Largest INT8 magnitude used by symmetric quantization (`scale = amax / 127`).
+pub const INT8_QMAX: f32 = 127.0;
+/// Largest INT4 magnitude used by symmetric quantization (`scale = amax / 7`).
+pub const INT4_QMAX: f32 = 7.0;
+/// Block sizes accepted for blocked INT4 weights.
+pub const INT4_BLOCK_SIZES: [usize; 3] = [32, 64, 128];
+
+/// Scale for symmetric quantization of a range `[-amax, amax]` onto `[-qmax, qmax]`.
+///
+/// An all-zero tensor (`amax == 0`) gets scale 1.0: every value quantizes to 0 anyway, and runtimes reject a zero
+/// scale. A negative or non-finite `amax` is an error.
+pub fn scale_from_amax(amax: f32, qmax: f32) -> Result<f32> {
+    if !amax.is_finite() || amax < 0.0 {
+        return Err(CalibError::invalid("amax", "a finite value >= 0", amax));
+    }
+    if amax == 0.0 {
+        return Ok(1.0);
+    }
+    let s = amax / qmax;
+    // amax below f32::MIN_POSITIVE * qmax would give a subnormal scale that runtimes may flush to zero.
+    Ok(s.max(f32::MIN_POSITIVE))
+}
+
+/// ONNX `QuantizeLinear` to int8 with zero point 0: `saturate(round_half_to_even(x / scale))`.
+#[inline]
+pub fn quantize_i8(x: f32, scale: f32) -> i8 {
+    // `as i8` saturates and maps NaN to 0, like ONNX Runtime.
+    (x / scale).round_ties_even().clamp(-128.0, 127.0) as i8
+}
+
+/// ONNX `DequantizeLinear` from int8 with zero point 0.
+#[inline]
+pub fn dequantize_i8(q: i8, scale: f32) -> f32 {
+    f32::from(q) * scale
+}
+
+/// ONNX `QuantizeLinear` to signed int4 (`[-8, 7]`) with zero point 0.
+#[inline]
+pub fn quantize_i4(x: f32, scale: f32) -> i8 {
+    (x / scale).round_ties_even().clamp(-8.0, 7.0) as i8
+}
+
+/// Largest absolute value of a slice (0 for an empty slice).
+pub fn abs_max(xs: &[f32]) -> f32 {
+    xs.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+/// A tensor quantized to int8 with one scale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerTensorI8 {
+    /// The scale (`amax / 127`).
+    pub scale: f32,
+    /// Quantized values, same order as the input.
+    pub values: Vec<i8>,
+}
+
+impl PerTensorI8 {
+    /// Dequantized values.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.values.iter().map(|&q| dequantize_i8(q, self.scale)).collect()
+    }
+}
+
+/// Quantizes with `scale = abs_max(xs) / 127`.
+pub fn quantize_per_tensor(xs: &[f32]) -> Result<PerTensorI8> {
+    ensure_finite("tensor", xs)?;
+    let scale = scale_from_amax(abs_max(xs), INT8_QMAX)?;
+    Ok(quantize_with_scale(xs, scale))
+}
+
+/// Quantizes with a given scale (e.g. from a calibrated activation range); values beyond the range saturate.
+pub fn quantize_with_scale(xs: &[f32], scale: f32) -> PerTensorI8 {
+    PerTensorI8 { scale, values: xs.iter().map(|&x| quantize_i8(x, scale)).collect() }
+}
+
+/// A `[K, N]` MatMul weight quantized to int8 with one scale per output column (ONNX `axis = 1`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerChannelI8 {
+    /// Rows (input features).
+    pub k: usize,
+    /// Columns (output features).
+    pub n: usize,
+    /// One scale per column, length `n`.
+    pub scales: Vec<f32>,
+    /// Quantized values, row-major `[K, N]`.
+    pub values: Vec<i8>,
+}
+
+impl PerChannelI8 {
+    /// Dequantized weight, row-major `[K, N]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.values.iter().enumerate().map(|(i, &q)| dequantize_i8(q, self.scales[i % self.n])).collect()
+    }
+}
+
+/// Per-column amax of a row-major `[K, N]` matrix.
+pub fn column_abs_max(w: &[f32], k: usize, n: usize) -> Result<Vec<f32>> {
+    ensure_len("weight [K, N]", k * n, w.len())?;
+    let mut m = vec![0.0f32; n];
+    for row in w.chunks_exact(n.max(1)) {
+        for (mj, x) in m.iter_mut().zip(row) {
+            *mj = mj.max(x.abs());
+        }
+    }
+    Ok(m)
+}
+
+/// Quantizes a row-major `[K, N]` weight per output column: `scale[n] = amax(column n) / 127`.
+pub fn quantize_per_channel(w: &[f32], k: usize, n: usize) -> Result<PerChannelI8> {
+    ensure_finite("weight", w)?;
+    let amax = column_abs_max(w, k, n)?;
+    let scales = amax.iter().map(|&a| scale_from_amax(a, INT8_QMAX)).collect::<Result<Vec<_>>>()?;
+    let values = w.iter().enumerate().map(|(i, &x)| quantize_i8(x, scales[i % n])).collect();
+    Ok(PerChannelI8 { k, n, scales, values })
+}
+
+/// A `[K, N]` weight quantized to symmetric int4 in blocks of `block` rows (opset 21 blocked `DequantizeLinear`,
+/// `axis = 0`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockedI4 {
+    /// Rows (input features).
+    pub k: usize,
+    /// Columns (output features).
+    pub n: usize,
+    /// Rows per block.
+    pub block: usize,
+    /// Scales, row-major `[ceil(K / block), N]`.
+    pub scales: Vec<f32>,
+    /// Quantized values in `[-8, 7]`, row-major `[K, N]` (unpacked; see [`pack_int4`]).
+    pub values: Vec<i8>,
+}
+
+impl BlockedI4 {
+    /// Number of blocks along K: `ceil(K / block)`.
+    pub fn num_blocks(&self) -> usize {
+        self.k.div_ceil(self.block)
+    }
+
+    /// Scale that applies to element `(row, col)`.
+    #[inline]
+    pub fn scale_at(&self, row: usize, col: usize) -> f32 {
+        self.scales[(row / self.block) * self.n + col]
+    }
+
+    /// Dequantized weight, row-major `[K, N]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.values.len());
+        for r in 0..self.k {
+            for c in 0..self.n {
+                out.push(f32::from(self.values[r * self.n + c]) * self.scale_at(r, c));
+            }
+        }
+        out
+    }
+
+    /// Values packed two per byte as ONNX stores int4 (low nibble first).
+    pub fn packed(&self) -> Vec<u8> {
+        pack_int4(&self.values)
+    }
+}
+
+/// Checks an INT4 block size against [`INT4_BLOCK_SIZES`].
+pub fn validate_block_size(block: usize) -> Result<()> {
+    if INT4_BLOCK_SIZES.contains(&block) {
+        Ok(())
+    } else {
+        Err(CalibError::invalid("block_size", "one of 32, 64, 128", block))
+    }
+}
+
+/// Quantizes a row-major `[K, N]` weight to symmetric int4, one scale per `block` rows of each column.
+/// `K` need not be a multiple of `block`: the last block is shorter.
+pub fn quantize_blocked_i4(w: &[f32], k: usize, n: usize, block: usize) -> Result<BlockedI4> {
+    validate_block_size(block)?;
+    ensure_len("weight [K, N]", k * n, w.len())?;
+    ensure_finite("weight", w)?;
+    let nb = k.div_ceil(block);
+    let mut amax = vec![0.0f32; nb * n];
+    for r in 0..k {
+        for c in 0..n {
+            let a = &mut amax[(r / block) * n + c];
+            *a = a.max(w[r * n + c].abs());
+        }
+    }
+    let scales = amax.iter().map(|&a| scale_from_amax(a, INT4_QMAX)).collect::<Result<Vec<_>>>()?;
+    let mut values = Vec::with_capacity(w.len());
+    for r in 0..k {
+        for c in 0..n {
+            values.push(quantize_i4(w[r * n + c], scales[(r / block) * n + c]));
+        }
+    }
+    Ok(BlockedI4 { k, n, block, scales, values })
+}
+
+/// Packs int4 values (each in `[-8, 7]`) two per byte: element `2i` in the low nibble of byte `i`, element
+/// `2i + 1` in the high nibble (two's complement nibbles). An odd count pads the last high nibble with 0.
+pub fn pack_int4(values: &[i8]) -> Vec<u8> {
+    values
+        .chunks(2)
+        .map(|p| {
+            let lo = (p[0] as u8) & 0x0f;
+            let hi = p.get(1).map_or(0, |&v| (v as u8) & 0x0f);
+            lo | (hi << 4)
+        })
+        .collect()
+}
+
+/// Inverse of [`pack_int4`]: the first `count` signed int4 values.
+pub fn unpack_int4(bytes: &[u8], count: usize) -> Result<Vec<i8>> {
+    ensure_len("packed int4 bytes", count.div_ceil(2), bytes.len())?;
+    let sext = |nib: u8| ((nib << 4) as i8) >> 4;
+    Ok((0..count).map(|i| sext(if i % 2 == 0 { bytes[i / 2] & 0x0f } else { bytes[i / 2] >> 4 })).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Naive reference: round half to even written out by hand, saturation by comparisons.
+    fn ref_quant(x: f32, scale: f32, lo: i32, hi: i32) -> i32 {
+        let v = (x as f64) / (scale as f64);
+        let v = v as f32 as f64; // ONNX divides in f32
+        let fl = v.floor();
+        let diff = v - fl;
+        let r = if diff > 0.5 || (diff == 0.5 && (fl as i64) % 2 != 0) { fl + 1.0 } else { fl };
+        (r as i64).clamp(lo as i64, hi as i64) as i32
+    }
+
+    #[test]
+    fn rounds_half_to_even() {
+        assert_eq!(quantize_i8(0.5, 1.0), 0);
+        assert_eq!(quantize_i8(1.5, 1.0), 2);
+        assert_eq!(quantize_i8(2.5, 1.0), 2);
+        assert_eq!(quantize_i8(-0.5, 1.0), 0);
+        assert_eq!(quantize_i8(-1.5, 1.0), -2);
+        assert_eq!(quantize_i8(-2.5, 1.0), -2);
+        assert_eq!(quantize_i4(6.5, 1.0), 6);
+        assert_eq!(quantize_i4(-7.5, 1.0), -8);
+    }
+
+    #[test]
+    fn saturates() {
+        assert_eq!(quantize_i8(1e9, 0.1), 127);
+        assert_eq!(quantize_i8(-1e9, 0.1), -128);
+        assert_eq!(quantize_i4(100.0, 1.0), 7);
+        assert_eq!(quantize_i4(-100.0, 1.0), -8);
+    }
+
+    #[test]
+    fn scale_edge_cases() {
+        assert_eq!(scale_from_amax(0.0, INT8_QMAX).unwrap(), 1.0);
+        assert_eq!(scale_from_amax(127.0, INT8_QMAX).unwrap(), 1.0);
+        assert!(scale_from_amax(f32::NAN, INT8_QMAX).is_err());
+        let e = scale_from_amax(-1.0, INT8_QMAX).unwrap_err().to_string();
+        assert!(e.contains("amax") && e.contains("-1"), "{e}");
+        assert!(quantize_per_tensor(&[1.0, f32::INFINITY]).is_err());
+    }
+
+    #[test]
+    fn per_channel_layout_is_axis_1() {
+        // [K=2, N=3]; column 1 is large, column 2 is all zero.
+        let w = [1.0, -100.0, 0.0, 0.5, 50.0, 0.0];
+        let q = quantize_per_channel(&w, 2, 3).unwrap();
+        assert_eq!(q.scales, vec![1.0 / 127.0, 100.0 / 127.0, 1.0]);
+        assert_eq!(q.values, vec![127, -127, 0, 64, 64, 0]);
+    }
+
+    #[test]
+    fn blocked_int4_layout() {
+        // K = 40 with block 32: two blocks, the second 8 rows long.
+        let (k, n) = (40, 2);
+        let w: Vec<f32> = (0..k * n).map(|i| if i / n < 32 { 7.0 } else { -14.0 }).collect();
+        let q = quantize_blocked_i4(&w, k, n, 32).unwrap();
+        assert_eq!(q.num_blocks(), 2);
+        assert_eq!(q.scales, vec![1.0, 1.0, 2.0, 2.0]);
+        assert!(q.values[..64].iter().all(|&v| v == 7));
+        assert!(q.values[64..].iter().all(|&v| v == -7));
+        assert_eq!(q.dequantize(), w);
+        assert!(quantize_blocked_i4(&w, k, n, 48).unwrap_err().to_string().contains("block_size"));
+    }
+
+    #[test]
+    fn int4_packing_is_low_nibble_first() {
+        assert_eq!(pack_int4(&[1, 2]), vec![0x21]);
+        assert_eq!(pack_int4(&[-1, 7]), vec![0x7f]);
+        assert_eq!(pack_int4(&[-8, 0, 3]), vec![0x08, 0x03]);
+        assert_eq!(unpack_int4(&[0x08, 0x03], 3).unwrap(), vec![-8, 0, 3]);
+        assert!(unpack_int4(&[0x08], 3).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn i8_matches_reference(x in -1e4f32..1e4, scale in 1e-3f32..10.0) {
+            prop_assert_eq!(quantize_i8(x, scale) as i32, ref_quant(x, scale, -128, 127));
+            prop_assert_eq!(quantize_i4(x, scale) as i32, ref_quant(x, scale, -8, 7));
+        }
+
+        #[test]
+        fn per_tensor_error_bounded(xs in prop::collection::vec(-100f32..100.0, 1..200)) {
+            let q = quantize_per_tensor(&xs).unwrap();
+            let d = q.dequantize();
+            for (x, y) in xs.iter().zip(&d) {
+                // half a step, plus float rounding of the multiply/divide
+                prop_assert!((x - y).abs() <= q.scale * 0.5 * (1.0 + 1e-5) + 1e-6 * x.abs(), "{} vs {}", x, y);
+            }
+            // idempotence: quantizing the dequantized values with the same scale gives the same codes
+            prop_assert_eq!(quantize_with_scale(&d, q.scale).values, q.values.clone());
+        }
+
+        #[test]
+        fn saturation_with_small_scale(xs in prop::collection::vec(-100f32..100.0, 1..50), scale in 0.01f32..0.5) {
+            let q = quantize_with_scale(&xs, scale);
+            for (x, v) in xs.iter().zip(&q.values) {
+                if x / scale >= 127.5 { prop_assert_eq!(*v, 127); }
+                if x / scale <= -128.5 { prop_assert_eq!(*v, -128); }
+            }
+        }
+
+        #[test]
+        fn per_channel_error_bounded((k, n, w) in (1usize..8, 1usize..8).prop_flat_map(|(k, n)|
+                (Just(k), Just(n), prop::collection::vec(-10f32..10.0, k * n)))) {
+            let q = quantize_per_channel(&w, k, n).unwrap();
+            let d = q.dequantize();
+            for (i, (x, y)) in w.iter().zip(&d).enumerate() {
+                let s = q.scales[i % n];
+                prop_assert!((x - y).abs() <= s * 0.5 * (1.0 + 1e-5) + 1e-6);
+                prop_assert!(q.values[i] != -128, "symmetric int8 never uses -128");
+            }
+            prop_assert_eq!(quantize_per_channel(&d, k, n).unwrap().values, q.values.clone());
+        }
+
+        #[test]
+        fn blocked_i4_error_and_roundtrip((k, n, block, w) in (1usize..300, 1usize..4, 0usize..3).prop_flat_map(|(k, n, b)|
+                (Just(k), Just(n), Just(INT4_BLOCK_SIZES[b]), prop::collection::vec(-3f32..3.0, k * n)))) {
+            let q = quantize_blocked_i4(&w, k, n, block).unwrap();
+            prop_assert_eq!(q.scales.len(), k.div_ceil(block) * n);
+            let d = q.dequantize();
+            for r in 0..k {
+                for c in 0..n {
+                    let (x, y) = (w[r * n + c], d[r * n + c]);
+                    prop_assert!((x - y).abs() <= q.scale_at(r, c) * 0.5 * (1.0 + 1e-5) + 1e-6);
+                }
+            }
+            prop_assert_eq!(unpack_int4(&q.packed(), q.values.len()).unwrap(), q.values.clone());
+        }
+    }
+}

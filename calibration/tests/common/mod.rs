@@ -1,0 +1,3 @@
+//! Shared test support: tiny models and an independent interpreter.
+pub mod eval;
+pub mod models;
