@@ -103,7 +103,7 @@ impl ExternalDataReader {
         let mut f = File::open(&path).map_err(|source| CalibError::Io { op: "opening", path: path.clone(), source })?;
         let file_len = f.metadata().map_err(|source| CalibError::Io { op: "reading", path: path.clone(), source })?.len();
         let length = length.unwrap_or(file_len.saturating_sub(offset));
-        let end = offset.checked_add(length).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(length);
         if end > file_len {
             return Err(bad(&path, format!("range {offset}..{end} is past the end of the file ({file_len} bytes)")));
         }

@@ -16,6 +16,7 @@ pub mod observer;
 pub mod qdq;
 pub mod quant;
 pub mod report;
+pub mod smooth_graph;
 pub mod smoothquant;
 pub mod trt_cache;
 

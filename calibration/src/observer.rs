@@ -348,7 +348,7 @@ impl ChannelMaxObserver {
     /// Feeds a row-major `[rows, channels]` batch; the length must be a multiple of the channel count.
     pub fn observe(&mut self, xs: &[f32]) -> Result<()> {
         let c = self.max.len();
-        if c == 0 || xs.len() % c != 0 {
+        if c == 0 || !xs.len().is_multiple_of(c) {
             return Err(CalibError::invalid(
                 "activation length",
                 format!("a multiple of the channel count {c}"),

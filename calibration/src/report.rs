@@ -63,7 +63,7 @@ impl NextTokenStats {
     /// Adds every position of row-major `[positions, vocab]` logits.
     pub fn add_rows(&mut self, fp32: &[f32], quant: &[f32], vocab: usize) -> Result<()> {
         ensure_len("quantized logits", fp32.len(), quant.len())?;
-        if vocab == 0 || fp32.len() % vocab != 0 {
+        if vocab == 0 || !fp32.len().is_multiple_of(vocab) {
             return Err(CalibError::invalid("vocab", format!("a non-zero divisor of {}", fp32.len()), vocab));
         }
         for (a, b) in fp32.chunks_exact(vocab).zip(quant.chunks_exact(vocab)) {

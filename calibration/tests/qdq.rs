@@ -264,3 +264,42 @@ fn external_data_in_and_out() {
 fn weight_from(m: &ModelProto, name: &str, dir: &std::path::Path) -> Vec<f32> {
     ExternalDataReader::new(dir).tensor_f32(init(m, name).unwrap()).unwrap()
 }
+
+#[test]
+fn smoothquant_on_the_graph() {
+    use r1_calibration::smooth_graph::apply_smoothquant;
+    use std::collections::HashMap;
+    let fp = rmsnorm_qk(18);
+    let want = run(&fp, &reader(), &[("x", x())]);
+    let normed = &want["normed"].data;
+    let act: Vec<f32> = (0..64).map(|j| (0..M).map(|i| normed[i * 64 + j].abs()).fold(0.0, f32::max)).collect();
+    let ch: HashMap<String, Vec<f32>> = [("normed".to_string(), act)].into_iter().collect();
+
+    let mut off = fp.clone();
+    assert!(apply_smoothquant(&mut off, &reader(), &ch, 0.0).unwrap().smoothed.is_empty());
+    assert_eq!(off, fp, "alpha 0 changes nothing");
+
+    let mut sm = fp.clone();
+    let s = apply_smoothquant(&mut sm, &reader(), &ch, 0.5).unwrap();
+    assert_eq!(s.smoothed.len(), 1);
+    assert_eq!((s.smoothed[0].norm_weight.as_str(), s.smoothed[0].weights.clone()), ("gamma", vec!["wq".to_string(), "wk".to_string()]));
+    assert!(s.smoothed[0].factor_range.1 > 2.0 * s.smoothed[0].factor_range.0, "outlier channels get larger factors");
+    assert_ne!(weight(&sm, "gamma"), weight(&fp, "gamma"));
+    let got = run(&sm, &reader(), &[("x", x())]);
+    for name in ["out", "kk"] {
+        let db = sqnr_db(&want[name].data, &got[name].data).unwrap().unwrap_or(f64::INFINITY);
+        assert!(db > 100.0, "smoothed graph differs on {name}: {db:.1} dB");
+    }
+    // the smoothed activation's range shrank
+    let amax = |v: &[f32]| v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    assert!(amax(&got["normed"].data) < amax(&want["normed"].data));
+
+    // chain: `x` has no producer, `h` is also read by the residual Add
+    let mut chain = matmul_chain(17);
+    let ch: HashMap<String, Vec<f32>> = [("x".to_string(), vec![1.0; 64]), ("h".to_string(), vec![1.0; 96])].into_iter().collect();
+    let s = apply_smoothquant(&mut chain, &reader(), &ch, 0.5).unwrap();
+    assert!(s.smoothed.is_empty());
+    assert!(s.skipped[0].1.contains("not produced by"), "{:?}", s.skipped);
+    assert!(s.skipped[1].1.contains("Add node `residual`"), "{:?}", s.skipped);
+    assert!(apply_smoothquant(&mut chain, &reader(), &ch, 2.0).is_err());
+}

@@ -145,14 +145,19 @@ pub fn run(model: &ModelProto, reader: &ExternalDataReader, inputs: &[(&str, T)]
                 let sstr = strides(&s.shape);
                 let data = (0..x.data.len())
                     .map(|i| {
+                        let mut idx = unravel(i, &x.shape);
                         let si = if s.data.len() == 1 {
                             0
-                        } else if block > 0 {
-                            let mut idx = unravel(i, &x.shape);
-                            idx[axis] /= block;
-                            idx.iter().zip(&sstr).map(|(a, b)| a * b).sum()
                         } else {
-                            unravel(i, &x.shape)[axis]
+                            match idx[axis].checked_div(block) {
+                                // blocked: same rank as x, axis index divided by the block size
+                                Some(b) => {
+                                    idx[axis] = b;
+                                    idx.iter().zip(&sstr).map(|(a, b)| a * b).sum()
+                                }
+                                // per-axis: 1-D scale indexed by the axis coordinate
+                                None => idx[axis],
+                            }
                         };
                         let z = zp.as_ref().map_or(0.0, |z| z.data[si]);
                         (x.data[i] - z) * s.data[si]
