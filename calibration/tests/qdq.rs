@@ -162,6 +162,9 @@ fn exclusions_and_missing_scales() {
     let s = rewrite_graph(&mut q, &reader(), &opts).unwrap();
     assert_eq!(s.skipped, vec![("mm2".to_string(), "excluded".to_string())]);
     assert!(init(&q, "w2").is_some() && init(&q, "w1").is_none());
+    // a second pass finds only the excluded MatMul: quantized weights are no longer FLOAT initializers
+    let again = rewrite_graph(&mut q.clone(), &reader(), &opts).unwrap();
+    assert!(again.quantized.is_empty() && again.skipped.len() == 1, "{again:?}");
     let mut opts = QdqOptions::new(QuantScheme::W8A8);
     opts.activation_scales.insert("x".into(), 0.1);
     let e = rewrite_graph(&mut fp.clone(), &reader(), &opts).unwrap_err().to_string();
