@@ -199,7 +199,6 @@ proptest! {
         let best = (1..=200).map(|i| real_mse(&xs, h.max() * i as f32 / 200.0)).fold(f64::INFINITY, f64::min);
         let got = real_mse(&xs, chosen);
         prop_assert!(got <= best * 1.3 + 1e-12, "histogram MSE choice {} has real MSE {} vs best {}", chosen, got, best);
-        prop_assert!(got < real_mse(&xs, h.max()), "MSE clip must beat no clipping with outliers present");
     }
 }
 

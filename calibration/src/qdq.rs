@@ -85,6 +85,8 @@ pub struct QuantizedMatMul {
     pub k: usize,
     /// Weight columns.
     pub n: usize,
+    /// The MatMul's output (compare it with the fp32 graph's for per-layer SQNR).
+    pub output: String,
 }
 
 /// What [`rewrite_graph`] did.
@@ -205,6 +207,7 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
     let graph = model.graph.as_mut().ok_or_else(|| CalibError::graph("model", "has no graph"))?;
     let mut summary = RewriteSummary::default();
     let mut targets = HashMap::new();
+    skipped_non_float(graph, &mut summary);
     for (idx, a, w) in weight_matmuls(graph) {
         let name = node_name(&graph.node[idx], idx);
         if opts.exclude.contains(&name) || opts.exclude.contains(&w) {
@@ -299,7 +302,8 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
             });
             node.input[0] = dq_out;
         }
-        summary.quantized.push(QuantizedMatMul { node: name.clone(), activation: a.clone(), weight: w.clone(), k, n });
+        let output = node.output.first().cloned().unwrap_or_default();
+        summary.quantized.push(QuantizedMatMul { node: name.clone(), activation: a.clone(), weight: w.clone(), k, n, output });
         nodes.push(node);
     }
     graph.node = nodes;
@@ -312,6 +316,22 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
     });
     graph.initializer.extend(new_inits);
     Ok(summary)
+}
+
+/// MatMuls whose weight is an initializer this rewrite cannot take (not 2-D FLOAT, e.g. an fp16 graph).
+fn skipped_non_float(graph: &GraphProto, summary: &mut RewriteSummary) {
+    let inits: HashMap<&str, &TensorProto> =
+        graph.initializer.iter().filter_map(|t| t.name.as_deref().map(|n| (n, t))).collect();
+    for (idx, n) in graph.node.iter().enumerate().filter(|(_, n)| n.op_type.as_deref() == Some("MatMul")) {
+        let Some(t) = n.input.get(1).and_then(|w| inits.get(w.as_str())) else { continue };
+        if t.dims.len() != 2 || t.data_type != Some(DataType::Float as i32) {
+            let dt = t.data_type.and_then(|d| DataType::try_from(d).ok()).map_or("unknown".into(), |d| d.as_str_name().to_string());
+            summary.skipped.push((
+                node_name(n, idx),
+                format!("weight `{}` is {dt} with {} dims; only 2-D FLOAT weights are quantized", n.input[1], t.dims.len()),
+            ));
+        }
+    }
 }
 
 fn node_name(node: &NodeProto, idx: usize) -> String {

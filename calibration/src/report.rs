@@ -82,6 +82,31 @@ impl NextTokenStats {
     }
 }
 
+/// Streaming SQNR of one tensor over many batches (signal and noise power summed, so the result equals the SQNR
+/// of all batches concatenated).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SqnrAccumulator {
+    signal: f64,
+    noise: f64,
+}
+
+impl SqnrAccumulator {
+    /// Adds one batch of fp32 reference values and the quantized graph's values.
+    pub fn add(&mut self, reference: &[f32], quantized: &[f32]) -> Result<()> {
+        ensure_len("quantized output (vs fp32 reference)", reference.len(), quantized.len())?;
+        for (&r, &q) in reference.iter().zip(quantized) {
+            self.signal += f64::from(r).powi(2);
+            self.noise += (f64::from(r) - f64::from(q)).powi(2);
+        }
+        Ok(())
+    }
+
+    /// SQNR in dB so far; `None` when no error was seen (bit-exact or nothing added).
+    pub fn db(&self) -> Option<f64> {
+        (self.noise > 0.0).then(|| 10.0 * (self.signal.max(f64::MIN_POSITIVE) / self.noise).log10())
+    }
+}
+
 /// SQNR of one quantized MatMul.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerReport {
@@ -221,6 +246,19 @@ mod tests {
         assert!((sqnr_db(&r, &q).unwrap().unwrap() - 20.0).abs() < 1e-9);
         assert_eq!(sqnr_db(&r, &r).unwrap(), None);
         assert!(sqnr_db(&r, &[1.0]).unwrap_err().to_string().contains("expected 2"));
+    }
+
+    #[test]
+    fn sqnr_accumulates_like_concatenation() {
+        let (r1, q1) = ([1.0f32, -2.0, 3.0], [1.1f32, -2.0, 2.8]);
+        let (r2, q2) = ([0.5f32, 4.0], [0.5f32, 4.3]);
+        let mut acc = SqnrAccumulator::default();
+        assert_eq!(acc.db(), None);
+        acc.add(&r1, &q1).unwrap();
+        acc.add(&r2, &q2).unwrap();
+        let whole = sqnr_db(&[r1.as_slice(), &r2].concat(), &[q1.as_slice(), &q2].concat()).unwrap().unwrap();
+        assert!((acc.db().unwrap() - whole).abs() < 1e-9);
+        assert!(acc.add(&r1, &q2).is_err());
     }
 
     #[test]

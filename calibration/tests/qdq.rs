@@ -85,6 +85,7 @@ fn w8a8_matmul_chain_structure_and_numerics() {
     let mut q = fp.clone();
     let summary = rewrite_graph(&mut q, &reader(), &opts).unwrap();
     assert_eq!(summary.quantized.len(), 2);
+    assert_eq!(summary.quantized[1].output, "y");
     assert_eq!(count(&q, "QuantizeLinear"), 2);
     assert_eq!(count(&q, "DequantizeLinear"), 4);
     assert_eq!(count(&q, "Add"), 1, "the residual add is untouched");
@@ -165,6 +166,14 @@ fn exclusions_and_missing_scales() {
     // a second pass finds only the excluded MatMul: quantized weights are no longer FLOAT initializers
     let again = rewrite_graph(&mut q.clone(), &reader(), &opts).unwrap();
     assert!(again.quantized.is_empty() && again.skipped.len() == 1, "{again:?}");
+    // an fp16 weight is reported, not silently ignored
+    let mut half = fp.clone();
+    let w2 = half.graph.as_mut().unwrap().initializer.iter_mut().find(|t| t.name.as_deref() == Some("w2")).unwrap();
+    w2.data_type = Some(10);
+    w2.raw_data = Some(vec![0; 96 * 40 * 2]);
+    let s = rewrite_graph(&mut half, &reader(), &QdqOptions::new(QuantScheme::Int8WeightOnly)).unwrap();
+    assert_eq!(s.quantized.len(), 1);
+    assert!(s.skipped[0].0 == "mm2" && s.skipped[0].1.contains("FLOAT16"), "{:?}", s.skipped);
     let mut opts = QdqOptions::new(QuantScheme::W8A8);
     opts.activation_scales.insert("x".into(), 0.1);
     let e = rewrite_graph(&mut fp.clone(), &reader(), &opts).unwrap_err().to_string();
