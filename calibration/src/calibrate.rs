@@ -6,7 +6,9 @@
 //! tensor to a sink as `(name, values)`. Activations are consumed batch by batch and never stored.
 use crate::error::{CalibError, Result};
 use crate::observer::{CalibrationMethod, ChannelMaxObserver, TensorObserver};
-use crate::qdq::calibration_targets;
+use crate::external::ExternalDataReader;
+use crate::qdq::{add_observed_outputs, calibration_targets};
+use crate::smooth_graph::{apply_smoothquant, SmoothSummary};
 use crate::quant::{scale_from_amax, INT8_QMAX};
 use r1_proto::onnx::ModelProto;
 use std::collections::{BTreeMap, HashMap};
@@ -122,6 +124,66 @@ impl Calibrator {
     pub fn observer(&self, name: &str) -> Option<&TensorObserver> {
         self.tensors.get(name)
     }
+}
+
+/// Settings of [`calibrate_w8a8`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct W8A8Config {
+    /// How each tensor's range is chosen.
+    pub method: CalibrationMethod,
+    /// SmoothQuant strength; 0 turns it off (one calibration pass instead of two).
+    pub alpha: f32,
+    /// Upper bound on batches per pass.
+    pub max_batches: usize,
+}
+
+/// Result of [`calibrate_w8a8`]: what to pass to [`crate::qdq::QdqOptions::activation_scales`] and the report.
+#[derive(Debug, Clone)]
+pub struct W8A8Calibration {
+    /// Per-tensor int8 scales of the (smoothed) graph.
+    pub scales: BTreeMap<String, f32>,
+    /// Per-tensor clipping ranges (for the TensorRT cache and the report).
+    pub amax: Vec<(String, f32)>,
+    /// What SmoothQuant folded (empty when `alpha == 0`).
+    pub smooth: SmoothSummary,
+    /// Batches observed in the final pass.
+    pub batches: usize,
+}
+
+/// Builds a runnable activation source for a calibration copy of the model (the engine session).
+pub type SourceFactory<'a> = dyn FnMut(&ModelProto) -> Result<Box<dyn ActivationSource + 'a>> + 'a;
+
+/// The W8A8 calibration driver. With SmoothQuant: pass 1 observes per-channel maxima, the factors are folded into
+/// `model` (in place), and pass 2 observes the smoothed graph's histograms; without: one pass. Each pass runs a copy
+/// of `model` with every MatMul input added as a graph output, built by `make_source`.
+pub fn calibrate_w8a8(
+    model: &mut ModelProto,
+    reader: &ExternalDataReader,
+    make_source: &mut SourceFactory<'_>,
+    cfg: W8A8Config,
+    progress: &mut dyn FnMut(usize),
+) -> Result<W8A8Calibration> {
+    crate::smoothquant::validate_alpha(cfg.alpha)?;
+    let mut pass = |m: &ModelProto, progress: &mut dyn FnMut(usize)| -> Result<(Calibrator, usize)> {
+        let targets = model_targets(m);
+        let mut copy = m.clone();
+        add_observed_outputs(&mut copy, &targets.iter().map(|t| t.name.clone()).collect::<Vec<_>>())?;
+        let mut cal = Calibrator::new(&targets)?;
+        let mut source = make_source(&copy)?;
+        let n = cal.run(source.as_mut(), cfg.max_batches, progress)?;
+        Ok((cal, n))
+    };
+    let mut smooth = SmoothSummary::default();
+    if cfg.alpha > 0.0 {
+        let (cal, _) = pass(model, progress)?;
+        let channel_max = model_targets(model)
+            .into_iter()
+            .filter_map(|t| cal.channel_max(&t.name).map(|c| (t.name, c.to_vec())))
+            .collect();
+        smooth = apply_smoothquant(model, reader, &channel_max, cfg.alpha)?;
+    }
+    let (cal, batches) = pass(model, progress)?;
+    Ok(W8A8Calibration { scales: cal.scales(cfg.method)?, amax: cal.amax(cfg.method)?, smooth, batches })
 }
 
 #[cfg(test)]
