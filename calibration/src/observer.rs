@@ -8,7 +8,7 @@
 //!   max (exact running abs-max), percentile, entropy (TensorRT's KL-divergence search) and MSE.
 //! - [`ChannelMaxObserver`]: per-input-channel abs-max, for SmoothQuant.
 use crate::error::{ensure_finite, CalibError, Result};
-use crate::quant::{abs_max, INT8_QMAX};
+use crate::quant::INT8_QMAX;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -101,8 +101,16 @@ impl Histogram {
 
     /// Adds a batch of values. Non-finite values are an error (and leave the histogram unchanged).
     pub fn observe(&mut self, xs: &[f32]) -> Result<()> {
-        ensure_finite("activation batch", xs)?;
-        let amax = abs_max(xs);
+        // one pass for the max and the finiteness check (the error path re-scans to name the element)
+        let (mut amax, mut finite) = (0.0f32, true);
+        for x in xs {
+            let a = x.abs();
+            finite &= a.is_finite();
+            amax = amax.max(a);
+        }
+        if !finite {
+            ensure_finite("activation batch", xs)?;
+        }
         self.total += xs.len() as u64;
         self.max = self.max.max(amax);
         if self.width == 0.0 {
@@ -121,9 +129,27 @@ impl Histogram {
             self.counts = merged;
             self.width *= m as f64;
         }
-        for x in xs {
-            let b = ((f64::from(x.abs()) / self.width) as usize).min(HIST_BINS - 1);
-            self.counts[b] += 1;
+        // Four interleaved partial histograms: activations crowd a few bins, and one counter array would serialize
+        // on repeated increments of the same bin.
+        let inv = (1.0 / self.width) as f32;
+        let bin = |x: f32| ((x.abs() * inv) as usize).min(HIST_BINS - 1);
+        let mut part = vec![[0u32; HIST_BINS]; 4];
+        for chunk in xs.chunks(1 << 30) {
+            let mut quads = chunk.chunks_exact(4);
+            for q in &mut quads {
+                part[0][bin(q[0])] += 1;
+                part[1][bin(q[1])] += 1;
+                part[2][bin(q[2])] += 1;
+                part[3][bin(q[3])] += 1;
+            }
+            for &x in quads.remainder() {
+                part[0][bin(x)] += 1;
+            }
+            for p in part.iter_mut() {
+                for (c, v) in self.counts.iter_mut().zip(p.iter_mut()) {
+                    *c += u64::from(std::mem::take(v));
+                }
+            }
         }
         Ok(())
     }
