@@ -165,6 +165,19 @@ pub fn quantize_model(
     opts: &QdqOptions,
 ) -> Result<RewriteSummary> {
     let reader = ExternalDataReader::new(model_dir);
+    // Writing over a data file the source model still reads from would destroy the weights mid-rewrite.
+    let target = out_dir.join(data_location);
+    let same = |a: &Path, b: &Path| a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y);
+    for t in model.graph.iter().flat_map(|g| g.initializer.iter()).filter(|t| is_external(t)) {
+        let loc = t.external_data.iter().find(|e| e.key.as_deref() == Some("location")).and_then(|e| e.value.as_deref());
+        if let Some(loc) = loc.filter(|l| same(&model_dir.join(l), &target)) {
+            return Err(CalibError::invalid(
+                "external data location",
+                format!("a file other than the source model's `{loc}`"),
+                target.display(),
+            ));
+        }
+    }
     let mut writer = ExternalDataWriter::create(out_dir, data_location)?;
     let summary = rewrite_graph(model, &reader, opts)?;
     let graph = model.graph.as_mut().ok_or_else(|| CalibError::graph("model", "has no graph"))?;

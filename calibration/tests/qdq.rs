@@ -250,6 +250,10 @@ fn external_data_in_and_out() {
     let mut q = fp.clone();
     let mut opts = QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 64 });
     opts.external_threshold = 256;
+    // refusing to overwrite the source's own data file
+    let e = quantize_model(&mut q.clone(), src.path(), src.path(), "model.onnx.data", &opts).unwrap_err().to_string();
+    assert!(e.contains("model.onnx.data") && e.contains("source model"), "{e}");
+    assert!(ExternalDataReader::new(src.path()).tensor_f32(init(&fp, "w1").unwrap()).is_ok(), "source data intact");
     quantize_model(&mut q, src.path(), out.path(), "model.int4.onnx.data", &opts).unwrap();
     // serialize and reload, as the exporter will
     let q = ModelProto::decode(q.encode_to_vec().as_slice()).unwrap();
