@@ -1,0 +1,553 @@
+//! `config.json` of a `DeepseekV3ForCausalLM` checkpoint (DeepSeek-V3, DeepSeek-R1, R1-0528): the serde mirror of
+//! the file, its validation, and the derived values the graph needs (rotary frequencies with YaRN, the softmax
+//! scale with its mscale correction).
+//!
+//! The reference is transformers' `modeling_deepseek_v3.py` / `modeling_rope_utils.py` (5.x). Values the exporter
+//! does not implement are refused by name rather than silently mis-exported.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::invalid;
+use crate::error::{ExportError, Result};
+
+/// `config.json` as written by the released checkpoints (old-style `rope_scaling` + `rope_theta`) or by
+/// transformers 5 (`rope_parameters`). Unknown keys (`ep_size`, `aux_loss_alpha`, ...) are ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "one")]
+    pub n_shared_experts: usize,
+    pub n_routed_experts: usize,
+    #[serde(default = "one_f64")]
+    pub routed_scaling_factor: f64,
+    pub kv_lora_rank: usize,
+    #[serde(default)]
+    pub q_lora_rank: Option<usize>,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub qk_nope_head_dim: usize,
+    #[serde(default)]
+    pub n_group: Option<usize>,
+    #[serde(default)]
+    pub topk_group: Option<usize>,
+    pub num_experts_per_tok: usize,
+    #[serde(default)]
+    pub first_k_dense_replace: usize,
+    #[serde(default = "yes")]
+    pub norm_topk_prob: bool,
+    #[serde(default = "one")]
+    pub moe_layer_freq: usize,
+    #[serde(default)]
+    pub scoring_func: Option<String>,
+    #[serde(default)]
+    pub topk_method: Option<String>,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default = "yes")]
+    pub rope_interleave: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub num_nextn_predict_layers: usize,
+    #[serde(default)]
+    pub quantization_config: Option<serde_json::Value>,
+}
+
+fn one() -> usize {
+    1
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+
+/// Rotary scaling that the exporter implements.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// YaRN (R1: factor 40, original 4096, mscale = mscale_all_dim = 1).
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        mscale: Option<f64>,
+        mscale_all_dim: Option<f64>,
+        attention_factor: Option<f64>,
+        truncate: bool,
+    },
+}
+
+/// FP8 block quantization of the source checkpoint (`quantization_config`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Fp8Source {
+    /// `weight_block_size`, `[128, 128]` for R1.
+    pub weight_block_size: [usize; 2],
+}
+
+/// The validated configuration the graph is built from (also written to the manifest's `config`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeepseekV3Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub n_shared_experts: usize,
+    pub n_routed_experts: usize,
+    pub routed_scaling_factor: f64,
+    pub kv_lora_rank: usize,
+    pub q_lora_rank: Option<usize>,
+    pub qk_rope_head_dim: usize,
+    pub qk_nope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub num_experts_per_tok: usize,
+    pub first_k_dense_replace: usize,
+    pub norm_topk_prob: bool,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub rope_interleave: bool,
+    /// Multi-token-prediction layers in the checkpoint (indices `num_hidden_layers..`), skipped by the exporter.
+    pub num_nextn_predict_layers: usize,
+    pub fp8: Option<Fp8Source>,
+}
+
+/// RMSNorm epsilon of `q_a_layernorm` and `kv_a_layernorm`: transformers builds them with the module default,
+/// not `rms_norm_eps`.
+pub const LORA_NORM_EPS: f64 = 1e-6;
+
+fn num(v: &serde_json::Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(|x| x.as_f64())
+}
+
+impl RawConfig {
+    /// Validates and resolves. Errors name config.json, the key, what is supported and the value found.
+    pub fn resolve(self, path: &Path) -> Result<DeepseekV3Config> {
+        let c = self;
+        let bad = |field: &'static str, message: String| invalid(path, field, message);
+        for (k, v) in [
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("moe_intermediate_size", c.moe_intermediate_size),
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("num_attention_heads", c.num_attention_heads),
+            ("n_routed_experts", c.n_routed_experts),
+            ("kv_lora_rank", c.kv_lora_rank),
+            ("qk_rope_head_dim", c.qk_rope_head_dim),
+            ("qk_nope_head_dim", c.qk_nope_head_dim),
+            ("v_head_dim", c.v_head_dim),
+            ("num_experts_per_tok", c.num_experts_per_tok),
+            ("max_position_embeddings", c.max_position_embeddings),
+            ("q_lora_rank", c.q_lora_rank.unwrap_or(1)),
+        ] {
+            if v == 0 {
+                return Err(bad(k, "must be at least 1, got 0".into()));
+            }
+        }
+        if c.hidden_act != "silu" {
+            return Err(bad("hidden_act", format!("must be \"silu\", got {:?}", c.hidden_act)));
+        }
+        if let Some(s) = c.scoring_func.as_deref().filter(|s| *s != "sigmoid") {
+            return Err(bad("scoring_func", format!("must be \"sigmoid\" (DeepSeek-V3 routing), got {s:?}")));
+        }
+        if let Some(m) = c.topk_method.as_deref().filter(|m| *m != "noaux_tc") {
+            return Err(bad(
+                "topk_method",
+                format!("must be \"noaux_tc\" (group-limited top-k with correction bias), got {m:?}"),
+            ));
+        }
+        if c.moe_layer_freq != 1 {
+            return Err(bad("moe_layer_freq", format!("must be 1, got {}", c.moe_layer_freq)));
+        }
+        if c.attention_bias {
+            return Err(bad("attention_bias", "must be false (DeepSeek-V3/R1 attention has no biases), got true".into()));
+        }
+        if let Some(kv) = c.num_key_value_heads.filter(|kv| *kv != c.num_attention_heads) {
+            return Err(bad(
+                "num_key_value_heads",
+                format!("must equal num_attention_heads ({}) for MLA, got {kv}", c.num_attention_heads),
+            ));
+        }
+        if c.qk_rope_head_dim % 2 != 0 {
+            return Err(bad("qk_rope_head_dim", format!("must be even, got {}", c.qk_rope_head_dim)));
+        }
+        let n_group = c.n_group.unwrap_or(1);
+        let topk_group = c.topk_group.unwrap_or(n_group);
+        if n_group == 0 || c.n_routed_experts % n_group != 0 {
+            return Err(bad("n_group", format!("must divide n_routed_experts ({}), got {n_group}", c.n_routed_experts)));
+        }
+        if topk_group == 0 || topk_group > n_group {
+            return Err(bad("topk_group", format!("must be between 1 and n_group ({n_group}), got {topk_group}")));
+        }
+        let per_group = c.n_routed_experts / n_group;
+        if per_group < 2 {
+            return Err(bad(
+                "n_group",
+                format!(
+                    "must leave at least 2 experts per group (groups are scored by their top-2), got {n_group} groups \
+                     of {per_group}"
+                ),
+            ));
+        }
+        if c.num_experts_per_tok > topk_group * per_group {
+            return Err(bad(
+                "num_experts_per_tok",
+                format!(
+                    "must be at most topk_group * experts per group ({}), got {}",
+                    topk_group * per_group,
+                    c.num_experts_per_tok
+                ),
+            ));
+        }
+        if c.first_k_dense_replace > c.num_hidden_layers {
+            return Err(bad(
+                "first_k_dense_replace",
+                format!("must be at most num_hidden_layers ({}), got {}", c.num_hidden_layers, c.first_k_dense_replace),
+            ));
+        }
+        if !(c.rms_norm_eps > 0.0 && c.rms_norm_eps < 1.0) {
+            return Err(bad("rms_norm_eps", format!("must be in (0, 1), got {}", c.rms_norm_eps)));
+        }
+        if !c.routed_scaling_factor.is_finite() {
+            return Err(bad("routed_scaling_factor", format!("must be finite, got {}", c.routed_scaling_factor)));
+        }
+        let (rope_theta, rope_scaling) = resolve_rope(path, &c)?;
+        let fp8 = match &c.quantization_config {
+            None => None,
+            Some(q) => Some(resolve_quant(path, q)?),
+        };
+        Ok(DeepseekV3Config {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            moe_intermediate_size: c.moe_intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            n_shared_experts: c.n_shared_experts,
+            n_routed_experts: c.n_routed_experts,
+            routed_scaling_factor: c.routed_scaling_factor,
+            kv_lora_rank: c.kv_lora_rank,
+            q_lora_rank: c.q_lora_rank,
+            qk_rope_head_dim: c.qk_rope_head_dim,
+            qk_nope_head_dim: c.qk_nope_head_dim,
+            v_head_dim: c.v_head_dim,
+            n_group,
+            topk_group,
+            num_experts_per_tok: c.num_experts_per_tok,
+            first_k_dense_replace: c.first_k_dense_replace,
+            norm_topk_prob: c.norm_topk_prob,
+            max_position_embeddings: c.max_position_embeddings,
+            rms_norm_eps: c.rms_norm_eps,
+            tie_word_embeddings: c.tie_word_embeddings,
+            rope_theta,
+            rope_scaling,
+            rope_interleave: c.rope_interleave,
+            num_nextn_predict_layers: c.num_nextn_predict_layers,
+            fp8,
+        })
+    }
+}
+
+fn resolve_quant(path: &Path, q: &serde_json::Value) -> Result<Fp8Source> {
+    let bad = |field: &'static str, message: String| invalid(path, field, message);
+    let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("<missing>");
+    if method != "fp8" {
+        return Err(bad(
+            "quantization_config.quant_method",
+            format!("must be \"fp8\" (block-scaled e4m3, as released R1), got {method:?}"),
+        ));
+    }
+    if let Some(fmt) = q.get("fmt").and_then(|f| f.as_str()).filter(|f| *f != "e4m3") {
+        return Err(bad("quantization_config.fmt", format!("must be \"e4m3\", got {fmt:?}")));
+    }
+    let block: Vec<usize> = q
+        .get("weight_block_size")
+        .and_then(|b| b.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_u64().map(|n| n as usize)).collect())
+        .unwrap_or_default();
+    match block.as_slice() {
+        [r, c] if *r > 0 && *c > 0 => Ok(Fp8Source { weight_block_size: [*r, *c] }),
+        _ => Err(bad(
+            "quantization_config.weight_block_size",
+            format!(
+                "must be two positive integers (per-tensor FP8 is not supported), got {}",
+                q.get("weight_block_size").map(|v| v.to_string()).unwrap_or_else(|| "nothing".into())
+            ),
+        )),
+    }
+}
+
+fn resolve_rope(path: &Path, c: &RawConfig) -> Result<(f64, RopeScaling)> {
+    // transformers 5 writes `rope_parameters` (with rope_theta inside); released checkpoints write `rope_scaling`.
+    let params = match (&c.rope_parameters, &c.rope_scaling) {
+        (Some(p), _) if !p.is_null() => Some(p.clone()),
+        (_, Some(s)) if !s.is_null() => Some(s.clone()),
+        _ => None,
+    };
+    let theta = params.as_ref().and_then(|p| num(p, "rope_theta")).or(c.rope_theta).unwrap_or(10000.0);
+    if !(theta > 0.0) {
+        return Err(invalid(path, "rope_theta", format!("must be positive, got {theta}")));
+    }
+    let Some(p) = params else { return Ok((theta, RopeScaling::Default)) };
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+    match kind {
+        "default" => Ok((theta, RopeScaling::Default)),
+        "yarn" => {
+            let original = p
+                .get("original_max_position_embeddings")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .unwrap_or(c.max_position_embeddings);
+            let factor = num(&p, "factor").unwrap_or(c.max_position_embeddings as f64 / original.max(1) as f64);
+            if !(factor > 0.0) || original == 0 {
+                return Err(invalid(
+                    path,
+                    "rope_scaling",
+                    format!(
+                        "yarn needs factor > 0 and original_max_position_embeddings > 0, got {factor} and {original}"
+                    ),
+                ));
+            }
+            let truthy = |k: &str| num(&p, k).filter(|v| *v != 0.0);
+            Ok((
+                theta,
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast: truthy("beta_fast").unwrap_or(32.0),
+                    beta_slow: truthy("beta_slow").unwrap_or(1.0),
+                    mscale: num(&p, "mscale"),
+                    mscale_all_dim: num(&p, "mscale_all_dim"),
+                    attention_factor: num(&p, "attention_factor"),
+                    truncate: p.get("truncate").and_then(|t| t.as_bool()).unwrap_or(true),
+                },
+            ))
+        }
+        other => Err(ExportError::UnsupportedRopeScaling {
+            path: path.to_path_buf(),
+            kind: other.to_string(),
+            supported: "yarn (or none) for DeepseekV3",
+        }),
+    }
+}
+
+fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+impl DeepseekV3Config {
+    /// Query/key head size (`qk_nope_head_dim + qk_rope_head_dim`).
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Rotary inverse frequencies (`qk_rope_head_dim / 2` values) and the factor cos/sin are multiplied by
+    /// (YaRN's attention factor; 1 without scaling), as transformers computes them (f32 powers).
+    pub fn rope_inv_freq(&self) -> (Vec<f32>, f32) {
+        let dim = self.qk_rope_head_dim;
+        let base = self.rope_theta as f32;
+        let pos_freqs: Vec<f32> = (0..dim / 2).map(|i| base.powf((2 * i) as f32 / dim as f32)).collect();
+        match &self.rope_scaling {
+            RopeScaling::Default => (pos_freqs.iter().map(|p| 1.0 / p).collect(), 1.0),
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                mscale,
+                mscale_all_dim,
+                attention_factor,
+                truncate,
+            } => {
+                let attention = attention_factor.unwrap_or_else(|| match (mscale, mscale_all_dim) {
+                    (Some(m), Some(a)) if *m != 0.0 && *a != 0.0 => {
+                        yarn_get_mscale(*factor, *m) / yarn_get_mscale(*factor, *a)
+                    }
+                    _ => yarn_get_mscale(*factor, 1.0),
+                });
+                let corr = |rot: f64| {
+                    (dim as f64 * (*original_max_position_embeddings as f64 / (rot * 2.0 * std::f64::consts::PI)).ln())
+                        / (2.0 * (self.rope_theta).ln())
+                };
+                let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
+                if *truncate {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let low = low.max(0.0);
+                let mut high = high.min(dim as f64 - 1.0);
+                if low == high {
+                    high += 0.001;
+                }
+                let inv = pos_freqs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let ramp = ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                        let extrapolation = 1.0 - ramp;
+                        let interp = 1.0 / (*factor as f32 * p);
+                        let extra = 1.0 / p;
+                        interp * (1.0 - extrapolation) + extra * extrapolation
+                    })
+                    .collect();
+                (inv, attention as f32)
+            }
+        }
+    }
+
+    /// Softmax scale: `qk_head_dim^-0.5`, times `yarn_get_mscale(factor, mscale_all_dim)^2` under YaRN when
+    /// `mscale_all_dim` is set (transformers' `yarn_apply_mscale`).
+    pub fn softmax_scale(&self) -> f64 {
+        let base = (self.qk_head_dim() as f64).powf(-0.5);
+        match &self.rope_scaling {
+            RopeScaling::Yarn { factor, mscale_all_dim: Some(a), .. } if *a != 0.0 => {
+                let m = yarn_get_mscale(*factor, *a);
+                base * m * m
+            }
+            _ => base,
+        }
+    }
+
+    /// Whether layer `i` has the MoE block (`i >= first_k_dense_replace`).
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        i >= self.first_k_dense_replace
+    }
+
+    /// Values per token per layer in the latent KV cache (`kv_lora_rank + qk_rope_head_dim`).
+    pub fn latent_values_per_token_layer(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+
+    /// Values per token per layer a per-head cache would need (`heads * (qk_head_dim + v_head_dim)`).
+    pub fn per_head_values_per_token_layer(&self) -> usize {
+        self.num_attention_heads * (self.qk_head_dim() + self.v_head_dim)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r1_json() -> serde_json::Value {
+        // The released DeepSeek-R1 config.json (the keys the exporter reads).
+        serde_json::json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+            "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+            "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+            "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+            "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": true,
+            "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": false, "rope_theta": 10000,
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                             "original_max_position_embeddings": 4096, "type": "yarn"},
+            "num_nextn_predict_layers": 1, "ep_size": 1, "aux_loss_alpha": 0.001,
+            "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                    "weight_block_size": [128, 128]}
+        })
+    }
+
+    fn resolve(v: serde_json::Value) -> std::result::Result<DeepseekV3Config, String> {
+        let raw = serde_json::from_value::<RawConfig>(v).map_err(|e| e.to_string())?;
+        raw.resolve(Path::new("config.json")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn r1_config_resolves_with_yarn_mscale_correction() {
+        let c = resolve(r1_json()).unwrap();
+        assert_eq!(c.fp8, Some(Fp8Source { weight_block_size: [128, 128] }));
+        assert_eq!(c.latent_values_per_token_layer(), 576);
+        assert_eq!(c.per_head_values_per_token_layer(), 128 * (192 + 128));
+        // mscale(40, 1) = 1 + 0.1 ln 40; softmax scale = 192^-0.5 * mscale^2
+        let m = 1.0 + 0.1 * 40f64.ln();
+        assert!((c.softmax_scale() - m * m / 192f64.sqrt()).abs() < 1e-12);
+        let (inv, att) = c.rope_inv_freq();
+        assert_eq!(inv.len(), 32);
+        assert_eq!(att, 1.0); // mscale == mscale_all_dim
+        // highest-frequency dims extrapolate (unchanged), lowest interpolate (divided by factor)
+        assert_eq!(inv[0], 1.0);
+        let last_plain = 1.0 / 10000f32.powf(62.0 / 64.0);
+        assert!((inv[31] - last_plain / 40.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn transformers5_rope_parameters_are_read() {
+        let mut v = r1_json();
+        let o = v.as_object_mut().unwrap();
+        o.remove("rope_scaling");
+        o.remove("rope_theta");
+        o.insert("rope_parameters".into(), serde_json::json!({"rope_type": "default", "rope_theta": 50000.0}));
+        let c = resolve(v).unwrap();
+        assert_eq!(c.rope_theta, 50000.0);
+        assert_eq!(c.rope_scaling, RopeScaling::Default);
+        assert_eq!(c.softmax_scale(), 192f64.powf(-0.5));
+    }
+
+    #[test]
+    fn unsupported_values_are_refused_by_name() {
+        let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+            ("scoring_func", serde_json::json!("softmax"), "`scoring_func` must be \"sigmoid\""),
+            ("topk_method", serde_json::json!("greedy"), "`topk_method`"),
+            ("hidden_act", serde_json::json!("gelu"), "`hidden_act`"),
+            ("n_group", serde_json::json!(7), "`n_group` must divide n_routed_experts (256), got 7"),
+            ("topk_group", serde_json::json!(9), "`topk_group` must be between 1 and n_group (8), got 9"),
+            ("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0}), "type `linear`"),
+            ("attention_bias", serde_json::json!(true), "`attention_bias`"),
+            ("qk_rope_head_dim", serde_json::json!(63), "`qk_rope_head_dim` must be even, got 63"),
+            (
+                "quantization_config",
+                serde_json::json!({"quant_method": "fp8", "weight_block_size": null}),
+                "per-tensor FP8 is not supported",
+            ),
+            ("quantization_config", serde_json::json!({"quant_method": "awq"}), "got \"awq\""),
+        ];
+        for (key, value, want) in cases {
+            let mut v = r1_json();
+            v.as_object_mut().unwrap().insert(key.into(), value);
+            let err = resolve(v).unwrap_err();
+            assert!(err.contains(want), "{key}: {err}");
+        }
+    }
+}
