@@ -1,0 +1,363 @@
+//! A small typed ONNX graph builder in tract's `wire_node` style.
+//!
+//! Each node is one call that returns its output name(s). Node names are given by the caller and
+//! mirror the checkpoint layout (`/model/layers.3/self_attn/q_proj/MatMul`); a node's single output is
+//! named `<node name>_output_0` unless the caller names it (graph outputs such as `present.3.key`).
+//! Duplicate node names are refused, so a family builder cannot silently wire the same name twice.
+//!
+//! Initializers come in two kinds:
+//! - small constants (shapes, axes, scalars), stored inline in `model.onnx`, deduplicated by value;
+//! - weights, streamed to the external-data file ([`ExternalDataWriter`]) at the moment they are
+//!   created, in creation order, so the layout is deterministic and no weight stays in memory.
+
+use std::collections::{HashMap, HashSet};
+
+use r1_engine::manifest::{DType, Dim, TensorSpec};
+use r1_proto::onnx::{
+    attribute_proto::AttributeType, tensor_proto, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
+    ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
+};
+
+use super::external::{ExternalDataWriter, ExternalSummary};
+use super::ElemType;
+use crate::error::{ExportError, Result};
+
+/// Lowest and highest default-domain opset the builder emits.
+pub const OPSET_RANGE: std::ops::RangeInclusive<i64> = 17..=21;
+
+/// ONNX IR version to declare for an opset (the lowest IR that defines the opset).
+pub fn ir_version_for_opset(opset: i64) -> i64 {
+    match opset {
+        ..=18 => 8,
+        19 | 20 => 9,
+        _ => 10,
+    }
+}
+
+/// One node attribute. Build with [`attr_i`], [`attr_f`], [`attr_ints`], [`attr_s`], [`attr_t`].
+pub type Attr = AttributeProto;
+
+/// Integer attribute.
+pub fn attr_i(name: &str, v: i64) -> Attr {
+    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+}
+/// Float attribute.
+pub fn attr_f(name: &str, v: f32) -> Attr {
+    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Float as i32), f: Some(v), ..Default::default() }
+}
+/// Integer-list attribute.
+pub fn attr_ints(name: &str, v: &[i64]) -> Attr {
+    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Ints as i32), ints: v.to_vec(), ..Default::default() }
+}
+/// String attribute.
+pub fn attr_s(name: &str, v: &str) -> Attr {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(v.as_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+/// Tensor attribute (e.g. `ConstantOfShape`'s `value`).
+pub fn attr_t(name: &str, t: TensorProto) -> Attr {
+    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Tensor as i32), t: Some(t), ..Default::default() }
+}
+
+/// A tensor proto with inline raw data (little-endian), for small constants.
+pub fn inline_tensor(name: &str, elem: ElemType, dims: &[i64], raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        data_type: Some(elem.onnx_code()),
+        dims: dims.to_vec(),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+fn value_info(spec: &TensorSpec) -> ValueInfoProto {
+    let elem = ElemType::from(spec.dtype);
+    let dim = spec
+        .shape
+        .iter()
+        .map(|d| tensor_shape_proto::Dimension {
+            value: Some(match d {
+                Dim::Fixed(v) => tensor_shape_proto::dimension::Value::DimValue(*v),
+                Dim::Symbolic(s) => tensor_shape_proto::dimension::Value::DimParam(s.clone()),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: Some(spec.name.clone()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(elem.onnx_code()),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Builds one ONNX graph. See the module docs.
+pub struct GraphBuilder {
+    opset: i64,
+    nodes: Vec<NodeProto>,
+    node_names: HashSet<String>,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+    initializers: Vec<TensorProto>,
+    initializer_names: HashSet<String>,
+    consts: HashMap<(i32, Vec<i64>, Vec<u8>), String>,
+    weights: Option<ExternalDataWriter>,
+    /// Bytes of weights written so far (for progress reporting).
+    weight_bytes: u64,
+}
+
+impl GraphBuilder {
+    /// A builder for `opset` (must be in [`OPSET_RANGE`]). With `weights`, weight initializers go to
+    /// that external-data file; without, they are stored inline (only for tiny test graphs).
+    pub fn new(opset: i64, weights: Option<ExternalDataWriter>) -> Result<Self> {
+        if !OPSET_RANGE.contains(&opset) {
+            return Err(ExportError::InvalidOption {
+                option: "--opset",
+                message: format!(
+                    "must be between {} and {}, got {opset}",
+                    OPSET_RANGE.start(),
+                    OPSET_RANGE.end()
+                ),
+            });
+        }
+        Ok(GraphBuilder {
+            opset,
+            nodes: Vec::new(),
+            node_names: HashSet::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            initializers: Vec::new(),
+            initializer_names: HashSet::new(),
+            consts: HashMap::new(),
+            weights,
+            weight_bytes: 0,
+        })
+    }
+
+    /// The default-domain opset being emitted (ops whose signature changed between opsets, such as
+    /// `ReduceMean` in 18, are emitted accordingly).
+    pub fn opset(&self) -> i64 {
+        self.opset
+    }
+
+    /// Bytes of weights written so far.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// Declares a graph input and returns its name.
+    pub fn input(&mut self, name: &str, dtype: DType, shape: Vec<Dim>) -> String {
+        self.inputs.push(TensorSpec { name: name.into(), dtype, shape });
+        name.into()
+    }
+
+    /// Declares a graph output; `name` must be produced by some node.
+    pub fn output(&mut self, name: &str, dtype: DType, shape: Vec<Dim>) {
+        self.outputs.push(TensorSpec { name: name.into(), dtype, shape });
+    }
+
+    /// Moves an already declared output to the front (e.g. `logits` before the `present.*` outputs,
+    /// the order Optimum uses).
+    pub fn move_output_first(&mut self, name: &str) {
+        if let Some(i) = self.outputs.iter().position(|o| o.name == name) {
+            let o = self.outputs.remove(i);
+            self.outputs.insert(0, o);
+        }
+    }
+
+    /// Graph inputs declared so far, in order.
+    pub fn inputs(&self) -> &[TensorSpec] {
+        &self.inputs
+    }
+
+    /// Graph outputs declared so far, in order.
+    pub fn outputs(&self) -> &[TensorSpec] {
+        &self.outputs
+    }
+
+    /// Adds a node with explicitly named outputs. Returns the output names.
+    pub fn wire_to(
+        &mut self,
+        name: &str,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<Attr>,
+        outputs: &[&str],
+    ) -> Result<Vec<String>> {
+        if !self.node_names.insert(name.to_string()) {
+            return Err(ExportError::Graph(format!("duplicate node name `{name}`")));
+        }
+        let output: Vec<String> = outputs.iter().map(|s| s.to_string()).collect();
+        self.nodes.push(NodeProto {
+            name: Some(name.into()),
+            op_type: Some(op.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: output.clone(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        Ok(output)
+    }
+
+    /// Adds a node with `n` outputs named `<name>_output_<k>`.
+    pub fn wire_n(&mut self, name: &str, op: &str, inputs: &[&str], attrs: Vec<Attr>, n: usize) -> Result<Vec<String>> {
+        let outs: Vec<String> = (0..n).map(|k| format!("{name}_output_{k}")).collect();
+        let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+        self.wire_to(name, op, inputs, attrs, &refs)
+    }
+
+    /// Adds a single-output node and returns the output name `<name>_output_0`.
+    pub fn wire(&mut self, name: &str, op: &str, inputs: &[&str], attrs: Vec<Attr>) -> Result<String> {
+        let out = format!("{name}_output_0");
+        self.wire_to(name, op, inputs, attrs, &[&out])?;
+        Ok(out)
+    }
+
+    fn push_initializer(&mut self, t: TensorProto) -> Result<String> {
+        let name = t.name.clone().unwrap_or_default();
+        if !self.initializer_names.insert(name.clone()) {
+            return Err(ExportError::Graph(format!("duplicate initializer `{name}`")));
+        }
+        self.initializers.push(t);
+        Ok(name)
+    }
+
+    /// A small inline constant, deduplicated by value; returns its name.
+    pub fn constant(&mut self, elem: ElemType, dims: &[i64], raw: Vec<u8>) -> Result<String> {
+        let key = (elem.onnx_code(), dims.to_vec(), raw);
+        if let Some(name) = self.consts.get(&key) {
+            return Ok(name.clone());
+        }
+        let name = format!("/model/constants/{}_{}", elem.name(), self.consts.len());
+        let t = inline_tensor(&name, elem, dims, key.2.clone());
+        self.push_initializer(t)?;
+        self.consts.insert(key, name.clone());
+        Ok(name)
+    }
+
+    /// 1-D int64 constant (shapes, axes, indices).
+    pub fn const_i64s(&mut self, v: &[i64]) -> Result<String> {
+        self.constant(ElemType::I64, &[v.len() as i64], v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+
+    /// Scalar int64 constant.
+    pub fn const_i64(&mut self, v: i64) -> Result<String> {
+        self.constant(ElemType::I64, &[], v.to_le_bytes().to_vec())
+    }
+
+    /// Scalar float constant of type `elem` (`F32` or `F16`).
+    pub fn const_scalar(&mut self, elem: ElemType, v: f32) -> Result<String> {
+        self.constant(elem, &[], elem.encode_f32(&[v])?)
+    }
+
+    /// 1-D float32 constant (e.g. rotary inverse frequencies).
+    pub fn const_f32s(&mut self, v: &[f32]) -> Result<String> {
+        self.constant(ElemType::F32, &[v.len() as i64], bytemuck::cast_slice(v).to_vec())
+    }
+
+    /// A weight initializer whose bytes are produced by `fill`, which receives a sink to write the
+    /// little-endian data to (in as many chunks as it likes). With an external-data writer the bytes
+    /// stream straight to disk; the total must equal `dims` × element size.
+    pub fn weight(
+        &mut self,
+        name: &str,
+        elem: ElemType,
+        dims: &[i64],
+        fill: impl FnOnce(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+    ) -> Result<String> {
+        let expected: u64 = dims.iter().map(|&d| d.max(0) as u64).product::<u64>() * elem.size() as u64;
+        let mut t = TensorProto {
+            name: Some(name.into()),
+            data_type: Some(elem.onnx_code()),
+            dims: dims.to_vec(),
+            ..Default::default()
+        };
+        let written = match self.weights.as_mut() {
+            Some(w) => {
+                w.begin()?;
+                fill(&mut |chunk: &[u8]| w.write(chunk))?;
+                let span = w.end()?;
+                let entry = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+                t.data_location = Some(tensor_proto::DataLocation::External as i32);
+                t.external_data = vec![
+                    entry("location", w.location().to_string()),
+                    entry("offset", span.offset.to_string()),
+                    entry("length", span.length.to_string()),
+                ];
+                span.length
+            }
+            None => {
+                let mut raw = Vec::new();
+                fill(&mut |chunk: &[u8]| {
+                    raw.extend_from_slice(chunk);
+                    Ok(())
+                })?;
+                let n = raw.len() as u64;
+                t.raw_data = Some(raw);
+                n
+            }
+        };
+        if written != expected {
+            return Err(ExportError::Graph(format!(
+                "weight `{name}` with dims {dims:?} needs {expected} bytes, the writer produced {written}"
+            )));
+        }
+        self.weight_bytes += written;
+        self.push_initializer(t)
+    }
+
+    /// Finishes the graph. Returns the model and, when weights were external, the data file summary.
+    pub fn finish(self, graph_name: &str, doc: &str) -> Result<(ModelProto, Option<ExternalSummary>)> {
+        let produced: HashSet<&str> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.output.iter().map(String::as_str))
+            .chain(self.inputs.iter().map(|i| i.name.as_str()))
+            .chain(self.initializer_names.iter().map(String::as_str))
+            .collect();
+        for n in &self.nodes {
+            for i in &n.input {
+                if !i.is_empty() && !produced.contains(i.as_str()) {
+                    return Err(ExportError::Graph(format!(
+                        "node `{}` reads `{i}`, which nothing produces",
+                        n.name.as_deref().unwrap_or("?")
+                    )));
+                }
+            }
+        }
+        for o in &self.outputs {
+            if !produced.contains(o.name.as_str()) {
+                return Err(ExportError::Graph(format!("graph output `{}` is not produced by any node", o.name)));
+            }
+        }
+        let summary = self.weights.map(|w| w.finish()).transpose()?;
+        let graph = GraphProto {
+            name: Some(graph_name.into()),
+            node: self.nodes,
+            initializer: self.initializers,
+            input: self.inputs.iter().map(value_info).collect(),
+            output: self.outputs.iter().map(value_info).collect(),
+            doc_string: Some(doc.into()),
+            ..Default::default()
+        };
+        let model = ModelProto {
+            ir_version: Some(ir_version_for_opset(self.opset)),
+            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(self.opset) }],
+            producer_name: Some("r1-export".into()),
+            producer_version: Some(env!("CARGO_PKG_VERSION").into()),
+            graph: Some(graph),
+            ..Default::default()
+        };
+        Ok((model, summary))
+    }
+}
