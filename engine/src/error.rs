@@ -28,6 +28,21 @@ pub enum EngineError {
     /// A backend or library that was asked for is not available on this host.
     #[error("{what} is not available: {message}")]
     Unavailable { what: String, message: String },
+    /// A caller-supplied argument is out of range (names the argument, the limit and the value).
+    #[error("invalid argument `{name}`: {message}")]
+    InvalidArgument { name: String, message: String },
+    /// The KV cache budget cannot hold what was asked for.
+    #[error("KV cache budget exhausted: {requested_bytes} bytes requested, {free_bytes} of {budget_bytes} bytes free")]
+    KvBudget { requested_bytes: u64, free_bytes: u64, budget_bytes: u64 },
+    /// A sequence id that the engine does not hold (never added, or already removed).
+    #[error("unknown sequence {id}")]
+    UnknownSequence { id: u64 },
+    /// Tokenizer, chat template or detokenizer error.
+    #[error(transparent)]
+    Text(#[from] crate::text::TextError),
+    /// Invalid sampling parameters or logits.
+    #[error(transparent)]
+    Sampling(#[from] crate::sampling::SamplingError),
 }
 
 impl EngineError {
@@ -39,6 +54,11 @@ impl EngineError {
             EngineError::Shape { .. } => "shape",
             EngineError::Backend { .. } => "backend",
             EngineError::Unavailable { .. } => "unavailable",
+            EngineError::InvalidArgument { .. } => "invalid_argument",
+            EngineError::KvBudget { .. } => "resource_exhausted",
+            EngineError::UnknownSequence { .. } => "not_found",
+            EngineError::Text(e) => e.kind(),
+            EngineError::Sampling(e) => e.kind(),
         }
     }
 }

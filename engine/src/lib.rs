@@ -2,11 +2,22 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the code map. Architecture invariant: this crate
 //! never sees protobuf or gRPC types; callers (the server, the CLI tools) translate at their edge.
+//!
+//! Modules: [`manifest`] (artifact contract), [`backend`] (ort / tract forward pass), [`ort_lib`]
+//! (finding ONNX Runtime), [`targets`] (GPU target table, TensorRT options), [`kv`] (KV caches and
+//! budget), [`engine`] (batched step over sequences).
 
 pub mod backend;
+pub mod engine;
 pub mod error;
+pub mod kv;
 pub mod manifest;
+pub mod ort_lib;
+pub mod sampling;
+pub mod targets;
+pub mod text;
 
-pub use backend::{Backend, KvPair, StepInput, StepOutput};
+pub use backend::{Backend, BackendKind, BackendOptions, ExecutionProviderKind, KvPair, StepInput, StepOutput};
+pub use engine::{Engine, EngineOptions, Logits, SequenceId, StepLogits, StepWork};
 pub use error::{EngineError, Result};
 pub use manifest::Manifest;

@@ -1,12 +1,25 @@
-//! The `Backend` trait: one forward pass of the exported decoder graph over a batch.
+//! The `Backend` trait: one forward pass of the exported decoder graph over a batch, and
+//! [`load`], which picks and opens a backend for an artifact.
 //!
 //! A backend knows nothing about tokens, sampling or requests: it maps named tensors in to named
 //! tensors out, following the I/O convention recorded in the manifest (Optimum / ONNX Runtime GenAI
-//! names). Every backend passes the same conformance suite (`tests/`).
+//! names). Every backend passes the same conformance suite (`engine/tests/`).
+//!
+//! Host-side tensors are always float32 (KV) / int64 (ids); a backend whose graph is fp16 converts
+//! at its boundary, using the dtypes the manifest records for each input and output.
+
+pub mod ort;
+pub mod tract;
+
+use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, Array3, ArrayD};
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
+use crate::manifest::Manifest;
+
+/// File name of the portable decoder graph inside an artifact directory.
+pub const MODEL_FILE: &str = "model.onnx";
 
 /// One layer's cache: `key` and `value`, each `[batch, heads, past_len, dim]`, float32 on the host.
 #[derive(Debug, Clone)]
@@ -40,8 +53,138 @@ pub struct StepOutput {
 /// A loaded graph that can run forward passes. `run` takes `&mut self`: a backend serves one step at
 /// a time; concurrency comes from batching in the scheduler, never from locking per request.
 pub trait Backend: Send {
-    /// Short name for logs and metrics: `ort-cpu`, `ort-tensorrt`, `tract`, ...
+    /// Short name for logs and metrics: `ort-cpu`, `ort-cuda`, `ort-tensorrt`, `tract`.
     fn name(&self) -> &'static str;
     /// One forward pass.
     fn run(&mut self, input: &StepInput) -> Result<StepOutput>;
+}
+
+/// Which backend to open (`--backend auto|ort|tract`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// TensorRT when a GPU and its libraries are there, else ort on CPU when the ONNX Runtime
+    /// library is found, else tract. The choice and its reason are logged.
+    #[default]
+    Auto,
+    /// ONNX Runtime through the `ort` crate (execution provider from [`BackendOptions`]).
+    Ort,
+    /// Pure-Rust tract (CPU only, no native library needed).
+    Tract,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(BackendKind::Auto),
+            "ort" => Ok(BackendKind::Ort),
+            "tract" => Ok(BackendKind::Tract),
+            other => Err(EngineError::InvalidArgument {
+                name: "backend".into(),
+                message: format!("must be one of auto, ort, tract; got `{other}`"),
+            }),
+        }
+    }
+}
+
+/// Execution provider for the ort backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExecutionProviderKind {
+    /// TensorRT if a GPU, the TensorRT EP and its libraries are present (silent fallback to CPU
+    /// otherwise, logged).
+    #[default]
+    Auto,
+    /// CPU only.
+    Cpu,
+    /// CUDA; registration failure is an error.
+    Cuda,
+    /// TensorRT (with CUDA behind it for unsupported nodes); registration failure is an error.
+    TensorRt,
+}
+
+impl std::str::FromStr for ExecutionProviderKind {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(ExecutionProviderKind::Auto),
+            "cpu" => Ok(ExecutionProviderKind::Cpu),
+            "cuda" => Ok(ExecutionProviderKind::Cuda),
+            "tensorrt" | "trt" => Ok(ExecutionProviderKind::TensorRt),
+            other => Err(EngineError::InvalidArgument {
+                name: "execution_provider".into(),
+                message: format!("must be one of auto, cpu, cuda, tensorrt; got `{other}`"),
+            }),
+        }
+    }
+}
+
+/// Options shared by the backends. `Default` is what tests and the golden suite use.
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    /// Execution provider for ort (ignored by tract).
+    pub execution_provider: ExecutionProviderKind,
+    /// Intra-op threads (ort); `None` lets the runtime decide.
+    pub intra_threads: Option<usize>,
+    /// GPU target name from [`crate::targets`] (`a100`, ...); `None` detects the local GPU.
+    pub target: Option<String>,
+    /// Accept an engine built for another GPU when it was built hardware-compatible.
+    pub hardware_compatible: bool,
+    /// Where TensorRT engine and timing caches live; default `DIR/engines/<target>/`.
+    pub engine_cache_dir: Option<PathBuf>,
+}
+
+/// Opens the backend `kind` for the artifact in `dir` described by `manifest`.
+pub fn load(dir: &Path, manifest: &Manifest, kind: BackendKind, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
+    match kind {
+        BackendKind::Tract => Ok(Box::new(tract::TractBackend::load(dir, manifest)?)),
+        BackendKind::Ort => Ok(Box::new(ort::OrtBackend::load(dir, manifest, opts)?)),
+        BackendKind::Auto => load_auto(dir, manifest, opts),
+    }
+}
+
+fn load_auto(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
+    match crate::ort_lib::discover() {
+        Ok(lib) => {
+            let gpu = crate::targets::detect_local_gpu();
+            match (&gpu, opts.execution_provider) {
+                (Some(g), ExecutionProviderKind::Auto) => tracing::info!(
+                    gpu = %g.name, lib = %lib.path.display(),
+                    "backend auto: ort with TensorRT (GPU found, ONNX Runtime found via {})", lib.source
+                ),
+                _ => tracing::info!(
+                    lib = %lib.path.display(),
+                    "backend auto: ort on {} (ONNX Runtime found via {}; {})",
+                    if gpu.is_some() { "the requested execution provider" } else { "CPU" },
+                    lib.source,
+                    if gpu.is_some() { "GPU present" } else { "no NVIDIA GPU detected" }
+                ),
+            }
+            Ok(Box::new(ort::OrtBackend::load(dir, manifest, opts)?))
+        }
+        Err(e) => {
+            tracing::info!("backend auto: tract (ONNX Runtime library not found: {e})");
+            Ok(Box::new(tract::TractBackend::load(dir, manifest)?))
+        }
+    }
+}
+
+/// Checks a step's inputs against each other and the manifest before a backend runs them.
+pub(crate) fn check_step_input(input: &StepInput, num_layers: usize) -> Result<()> {
+    let bad = |name: &str, expected: String, got: String| EngineError::Shape { name: name.into(), expected, got };
+    let (b, s) = input.input_ids.dim();
+    if input.position_ids.dim() != (b, s) {
+        return Err(bad("position_ids", format!("[{b}, {s}]"), format!("{:?}", input.position_ids.shape())));
+    }
+    if input.past.len() != num_layers {
+        return Err(bad("past_key_values", format!("{num_layers} layers"), format!("{}", input.past.len())));
+    }
+    let past = input.past.first().map_or(0, |p| p.key.shape().get(2).copied().unwrap_or(0));
+    if input.attention_mask.dim() != (b, past + s) {
+        return Err(bad(
+            "attention_mask",
+            format!("[{b}, {}]", past + s),
+            format!("{:?}", input.attention_mask.shape()),
+        ));
+    }
+    Ok(())
 }

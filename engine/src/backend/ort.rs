@@ -1,0 +1,253 @@
+//! ONNX Runtime backend through the `ort` crate (`load-dynamic`): CPU, CUDA and TensorRT
+//! execution providers.
+//!
+//! The library is found by [`crate::ort_lib::discover`] and loaded once per process together with
+//! the single ONNX Runtime environment (`ort::init_from(..).build()`); every session shares it.
+//! TensorRT options come from the target table ([`crate::targets::tensorrt_options`]).
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use half::f16;
+use ndarray::{Array3, ArrayD, ArrayViewD};
+use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider, ExecutionProviderDispatch};
+use ort::environment::Environment;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorRef};
+
+use super::{check_step_input, Backend, BackendOptions, ExecutionProviderKind, KvPair, StepInput, StepOutput, MODEL_FILE};
+use crate::error::{EngineError, Result};
+use crate::manifest::{DType, Manifest};
+use crate::ort_lib;
+use crate::targets::{self, EngineBuild, TrtSettings};
+
+const NAME: &str = "ort";
+
+fn be(message: impl std::fmt::Display) -> EngineError {
+    EngineError::Backend { backend: NAME, message: message.to_string() }
+}
+
+static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+
+/// The process-wide ONNX Runtime environment, loading the library on first use.
+pub fn environment() -> Result<&'static Environment> {
+    let env = ENV.get_or_init(|| {
+        let lib = ort_lib::discover().map_err(|e| e.to_string())?;
+        tracing::info!(path = %lib.path.display(), source = %lib.source, "loading ONNX Runtime");
+        let builder = ort::init_from(&lib.path).map_err(|e| format!("cannot load {}: {e}", lib.path.display()))?;
+        builder.with_name("r1").with_telemetry(false).build().map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
+    });
+    env.as_ref().map_err(|m| EngineError::Unavailable { what: "ONNX Runtime".into(), message: m.clone() })
+}
+
+/// An ONNX Runtime session over the artifact's graph.
+pub struct OrtBackend {
+    session: Session,
+    name: &'static str,
+    num_layers: usize,
+    /// Graph input names in graph order (what the manifest lists).
+    inputs: Vec<(String, DType)>,
+    /// dtype of `logits` and of `present.*`.
+    logits_dtype: DType,
+    present_dtype: DType,
+}
+
+impl std::fmt::Debug for OrtBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrtBackend").field("name", &self.name).field("inputs", &self.inputs).finish()
+    }
+}
+
+/// The execution providers chosen for a session, and the backend name that results.
+struct EpChoice {
+    providers: Vec<ExecutionProviderDispatch>,
+    name: &'static str,
+}
+
+fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> Result<EpChoice> {
+    let cpu = EpChoice { providers: Vec::new(), name: "ort-cpu" };
+    let gpu = targets::detect_local_gpu();
+    let explicit = matches!(opts.execution_provider, ExecutionProviderKind::Cuda | ExecutionProviderKind::TensorRt);
+    match opts.execution_provider {
+        ExecutionProviderKind::Cpu => return Ok(cpu),
+        ExecutionProviderKind::Auto if gpu.is_none() => return Ok(cpu),
+        _ => {}
+    }
+    let Some(gpu) = gpu else {
+        return Err(EngineError::Unavailable {
+            what: format!("{:?} execution provider", opts.execution_provider),
+            message: "no NVIDIA GPU was found (nvidia-smi, /proc/driver/nvidia/gpus); use --execution-provider cpu or --backend tract".into(),
+        });
+    };
+    let trt_available = ep::TensorRT::is_available().unwrap_or(false);
+    let cuda_available = ep::CUDA::is_available().unwrap_or(false);
+    let want_trt = matches!(opts.execution_provider, ExecutionProviderKind::TensorRt | ExecutionProviderKind::Auto);
+    if want_trt && trt_available {
+        let target = match &opts.target {
+            Some(t) => targets::target(t)?,
+            None => targets::target_for_gpu_name(&gpu.name).ok_or_else(|| EngineError::Unavailable {
+                what: "TensorRT target".into(),
+                message: format!("GPU `{}` is not in the target table; pass --target", gpu.name),
+            })?,
+        };
+        if let Some(record) = manifest.targets.get(target.name) {
+            if let Ok(build) = serde_json::from_value::<EngineBuild>(record.clone()) {
+                if build.built {
+                    targets::check_engine_host(&build, Some(&gpu))?;
+                }
+            }
+        }
+        let mut settings = TrtSettings::for_artifact(dir, target);
+        if let Some(d) = &opts.engine_cache_dir {
+            settings.cache_dir = d.clone();
+        }
+        settings.hardware_compatible = opts.hardware_compatible;
+        std::fs::create_dir_all(&settings.cache_dir)
+            .map_err(|source| EngineError::Io { path: settings.cache_dir.clone(), source })?;
+        let mut trt = ep::TensorRT::default();
+        for (k, v) in targets::tensorrt_options(target, manifest, &settings)? {
+            trt = trt.with_arbitrary_config(k, v);
+        }
+        let mut trt = trt.build();
+        let mut cuda = ep::CUDA::default().build();
+        if explicit {
+            trt = trt.error_on_failure();
+            cuda = cuda.error_on_failure();
+        }
+        return Ok(EpChoice { providers: vec![trt, cuda], name: "ort-tensorrt" });
+    }
+    if matches!(opts.execution_provider, ExecutionProviderKind::TensorRt) {
+        return Err(EngineError::Unavailable {
+            what: "TensorRT execution provider".into(),
+            message: format!(
+                "GPU `{}` found, but this ONNX Runtime has no TensorRT provider (install onnxruntime-gpu and the tensorrt wheels)",
+                gpu.name
+            ),
+        });
+    }
+    if cuda_available {
+        let mut cuda = ep::CUDA::default().build();
+        if explicit {
+            cuda = cuda.error_on_failure();
+        }
+        return Ok(EpChoice { providers: vec![cuda], name: "ort-cuda" });
+    }
+    if explicit {
+        return Err(EngineError::Unavailable {
+            what: "CUDA execution provider".into(),
+            message: format!("GPU `{}` found, but this ONNX Runtime has no CUDA provider (install onnxruntime-gpu)", gpu.name),
+        });
+    }
+    tracing::info!(gpu = %gpu.name, "no GPU execution provider in this ONNX Runtime; using CPU");
+    Ok(cpu)
+}
+
+impl OrtBackend {
+    /// Opens `DIR/model.onnx` with the execution provider the options ask for.
+    pub fn load(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> Result<OrtBackend> {
+        let env = environment()?;
+        let choice = choose_providers(dir, manifest, opts)?;
+        let path = dir.join(MODEL_FILE);
+        if !path.is_file() {
+            return Err(EngineError::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) });
+        }
+        let mut builder = Session::builder(env).map_err(be)?;
+        if let Some(n) = opts.intra_threads {
+            builder = builder.with_intra_threads(n).map_err(be)?;
+        }
+        if !choice.providers.is_empty() {
+            builder = builder.with_execution_providers(&choice.providers).map_err(be)?;
+        }
+        let session = builder.commit_from_file(&path).map_err(|e| be(format!("cannot load {}: {e}", path.display())))?;
+        let dtype_of = |name: &str, default: DType| {
+            manifest.outputs.iter().find(|t| t.name == name).map_or(default, |t| t.dtype)
+        };
+        tracing::info!(backend = choice.name, model = %path.display(), "ort session ready");
+        Ok(OrtBackend {
+            session,
+            name: choice.name,
+            num_layers: manifest.model.num_layers,
+            inputs: manifest.inputs.iter().map(|t| (t.name.clone(), t.dtype)).collect(),
+            logits_dtype: dtype_of("logits", DType::Float32),
+            present_dtype: dtype_of(&Manifest::present_key_name(0), manifest.kv_cache.dtype),
+        })
+    }
+}
+
+fn float_input<'a>(a: &'a ArrayD<f32>, dtype: DType) -> Result<SessionInputValue<'a>> {
+    Ok(match dtype {
+        DType::Float16 => Tensor::from_array(a.mapv(f16::from_f32)).map_err(be)?.into(),
+        _ => TensorRef::from_array_view(a.view()).map_err(be)?.into(),
+    })
+}
+
+fn float_output(v: &DynValue, dtype: DType, name: &str) -> Result<ArrayD<f32>> {
+    match dtype {
+        DType::Float16 => {
+            let a: ArrayViewD<f16> = v.try_extract_array::<f16>().map_err(|e| be(format!("output `{name}`: {e}")))?;
+            Ok(a.mapv(f16::to_f32))
+        }
+        _ => Ok(v.try_extract_array::<f32>().map_err(|e| be(format!("output `{name}`: {e}")))?.to_owned()),
+    }
+}
+
+impl Backend for OrtBackend {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn run(&mut self, input: &StepInput) -> Result<StepOutput> {
+        check_step_input(input, self.num_layers)?;
+        let mut feeds: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(self.inputs.len());
+        for (name, dtype) in &self.inputs {
+            let value: SessionInputValue<'_> = match name.as_str() {
+                "input_ids" => TensorRef::from_array_view(input.input_ids.view()).map_err(be)?.into(),
+                "attention_mask" => TensorRef::from_array_view(input.attention_mask.view()).map_err(be)?.into(),
+                "position_ids" => TensorRef::from_array_view(input.position_ids.view()).map_err(be)?.into(),
+                other => match parse_past_name(other) {
+                    Some((layer, is_key)) if layer < input.past.len() => {
+                        let p = &input.past[layer];
+                        float_input(if is_key { &p.key } else { &p.value }, *dtype)?
+                    }
+                    _ => {
+                        return Err(EngineError::Shape {
+                            name: other.to_string(),
+                            expected: "an input the engine provides (input_ids, attention_mask, position_ids, past_key_values.{i}.key/value)".into(),
+                            got: "an unknown graph input".into(),
+                        })
+                    }
+                },
+            };
+            feeds.push((name.clone(), value));
+        }
+        let outputs = self.session.run(feeds).map_err(be)?;
+        let logits_v = outputs.get("logits").ok_or_else(|| be("graph returned no `logits`"))?;
+        let logits = float_output(logits_v, self.logits_dtype, "logits")?
+            .into_dimensionality::<ndarray::Ix3>()
+            .map_err(|e| EngineError::Shape { name: "logits".into(), expected: "rank 3".into(), got: e.to_string() })?;
+        let mut present = Vec::with_capacity(self.num_layers);
+        for i in 0..self.num_layers {
+            let kn = Manifest::present_key_name(i);
+            let vn = Manifest::present_value_name(i);
+            let k = outputs.get(&kn).ok_or_else(|| be(format!("graph returned no `{kn}`")))?;
+            let v = outputs.get(&vn).ok_or_else(|| be(format!("graph returned no `{vn}`")))?;
+            present.push(KvPair {
+                key: float_output(k, self.present_dtype, &kn)?,
+                value: float_output(v, self.present_dtype, &vn)?,
+            });
+        }
+        Ok(StepOutput { logits: Array3::from(logits), present })
+    }
+}
+
+/// `past_key_values.{i}.key` → `(i, true)`, `.value` → `(i, false)`.
+pub(crate) fn parse_past_name(name: &str) -> Option<(usize, bool)> {
+    let rest = name.strip_prefix("past_key_values.")?;
+    let (layer, kind) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    match kind {
+        "key" => Some((layer, true)),
+        "value" => Some((layer, false)),
+        _ => None,
+    }
+}

@@ -1,0 +1,153 @@
+//! Pure-Rust backend on tract 0.23 (CPU, no native library).
+//!
+//! The graph is loaded once (external data is read relative to the model directory), its ONNX
+//! `dim_param`s become tract symbols, and it is optimized and planned once
+//! (`into_optimized().into_runnable()`): the same plan runs every batch size, chunk length and past
+//! length. tract cannot run bf16, int4 or fp8 tensors, blocked quantization or 8-bit MatMulNBits.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use half::f16;
+use ndarray::{ArrayD, Ix3};
+use tract_onnx::prelude::*;
+
+use super::{check_step_input, Backend, KvPair, StepInput, StepOutput, MODEL_FILE};
+use crate::error::{EngineError, Result};
+use crate::manifest::{DType, Manifest};
+
+const NAME: &str = "tract";
+
+fn be(message: impl std::fmt::Display) -> EngineError {
+    EngineError::Backend { backend: NAME, message: message.to_string() }
+}
+
+/// Where a graph input gets its value from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    InputIds,
+    AttentionMask,
+    PositionIds,
+    Past { layer: usize, key: bool, f16: bool },
+}
+
+/// A planned tract model.
+pub struct TractBackend {
+    plan: Arc<TypedRunnableModel>,
+    feeds: Vec<Feed>,
+    /// Index of `logits` and of each layer's present key/value among the plan's outputs.
+    logits_at: usize,
+    present_at: Vec<(usize, usize)>,
+    num_layers: usize,
+}
+
+impl std::fmt::Debug for TractBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TractBackend").field("feeds", &self.feeds).finish()
+    }
+}
+
+impl TractBackend {
+    /// Loads, optimizes and plans `DIR/model.onnx`.
+    pub fn load(dir: &Path, manifest: &Manifest) -> Result<TractBackend> {
+        if let Some(p) = ["bf16", "fp8", "int4"].iter().find(|p| manifest.precision.starts_with(**p)) {
+            return Err(EngineError::Unavailable {
+                what: "tract backend".into(),
+                message: format!("tract cannot run `{}` graphs ({p} tensors); use --backend ort", manifest.precision),
+            });
+        }
+        let path = dir.join(MODEL_FILE);
+        if !path.is_file() {
+            return Err(EngineError::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) });
+        }
+        let started = std::time::Instant::now();
+        let model = tract_onnx::onnx()
+            .model_for_path(&path)
+            .map_err(|e| be(format!("cannot load {}: {e:?}", path.display())))?;
+        let typed = model.into_optimized().map_err(|e| be(format!("cannot optimize {}: {e:?}", path.display())))?;
+        let mut feeds = Vec::new();
+        for outlet in typed.input_outlets().map_err(be)? {
+            let name = typed.node(outlet.node).name.as_str();
+            let feed = match name {
+                "input_ids" => Feed::InputIds,
+                "attention_mask" => Feed::AttentionMask,
+                "position_ids" => Feed::PositionIds,
+                other => match super::ort::parse_past_name(other) {
+                    Some((layer, key)) => {
+                        let f16 = manifest.inputs.iter().find(|t| t.name == other).is_some_and(|t| t.dtype == DType::Float16);
+                        Feed::Past { layer, key, f16 }
+                    }
+                    None => return Err(be(format!("graph input `{other}` is not one the engine provides"))),
+                },
+            };
+            feeds.push(feed);
+        }
+        let out_names: Vec<String> = typed
+            .output_outlets()
+            .map_err(be)?
+            .iter()
+            .map(|o| typed.outlet_label(*o).map(str::to_string).unwrap_or_else(|| typed.node(o.node).name.clone()))
+            .collect();
+        let find = |n: &str| out_names.iter().position(|x| x == n).ok_or_else(|| be(format!("graph has no output `{n}` (outputs: {out_names:?})")));
+        let logits_at = find("logits")?;
+        let num_layers = manifest.model.num_layers;
+        let present_at = (0..num_layers)
+            .map(|i| Ok((find(&Manifest::present_key_name(i))?, find(&Manifest::present_value_name(i))?)))
+            .collect::<Result<Vec<_>>>()?;
+        let plan = typed.into_runnable().map_err(be)?;
+        tracing::info!(model = %path.display(), secs = started.elapsed().as_secs_f32(), "tract plan ready");
+        Ok(TractBackend { plan, feeds, logits_at, present_at, num_layers })
+    }
+}
+
+fn to_f32(v: &TValue, what: &str) -> Result<ArrayD<f32>> {
+    match v.datum_type() {
+        DatumType::F32 => Ok(v.to_plain_array_view::<f32>().map_err(be)?.to_owned()),
+        DatumType::F16 => Ok(v.to_plain_array_view::<f16>().map_err(be)?.mapv(f16::to_f32)),
+        other => Err(EngineError::Shape { name: what.into(), expected: "f32 or f16".into(), got: format!("{other:?}") }),
+    }
+}
+
+impl Backend for TractBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn run(&mut self, input: &StepInput) -> Result<StepOutput> {
+        check_step_input(input, self.num_layers)?;
+        let mut values: TVec<TValue> = TVec::with_capacity(self.feeds.len());
+        for feed in &self.feeds {
+            let t: Tensor = match *feed {
+                Feed::InputIds => input.input_ids.clone().into_dyn().into(),
+                Feed::AttentionMask => input.attention_mask.clone().into_dyn().into(),
+                Feed::PositionIds => input.position_ids.clone().into_dyn().into(),
+                Feed::Past { layer, key, f16: half } => {
+                    let p = &input.past[layer];
+                    let a = if key { &p.key } else { &p.value };
+                    if half {
+                        a.mapv(f16::from_f32).into()
+                    } else {
+                        a.clone().into()
+                    }
+                }
+            };
+            values.push(t.into_tvalue());
+        }
+        let outputs = self.plan.run(values).map_err(|e| be(format!("{e:?}")))?;
+        let logits = to_f32(&outputs[self.logits_at], "logits")?
+            .into_dimensionality::<Ix3>()
+            .map_err(|e| EngineError::Shape { name: "logits".into(), expected: "rank 3".into(), got: e.to_string() })?;
+        let present = self
+            .present_at
+            .iter()
+            .enumerate()
+            .map(|(i, &(k, v))| {
+                Ok(KvPair {
+                    key: to_f32(&outputs[k], &Manifest::present_key_name(i))?,
+                    value: to_f32(&outputs[v], &Manifest::present_value_name(i))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StepOutput { logits, present })
+    }
+}

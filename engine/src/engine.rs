@@ -1,0 +1,501 @@
+//! The engine: an artifact's backend plus per-sequence KV caches, stepped as a batch.
+//!
+//! The server's scheduler drives it:
+//! 1. [`Engine::can_admit`] / [`Engine::add_sequence`] — admission against the KV budget; the
+//!    prompt becomes the sequence's *pending* tokens.
+//! 2. [`Engine::step`] — one forward pass over a batch. Each [`StepWork`] feeds up to `max_tokens`
+//!    of its sequence's pending tokens (a prefill chunk, or the one sampled token when decoding).
+//!    Sequences whose pending tokens are all fed get the logits of their last position back.
+//! 3. The caller samples (`r1_engine::sampling`) and appends the token with [`Engine::push_token`];
+//!    it is pending until the next step feeds it.
+//! 4. [`Engine::remove_sequence`] frees the cache and the budget.
+//!
+//! Batch layout of one step (B rows, P = longest past, S = longest chunk):
+//! `past` is right-aligned (left padding), the new chunk starts at column P and is right padded.
+//! Padded columns have `attention_mask = 0`. Right padding of the chunk means every padded query
+//! still sees at least one real key, so no softmax row is fully masked (no NaN can leak into real
+//! rows through padded keys). Position ids of padded slots repeat the last real position.
+//!
+//! **Invariant:** a failed step changes no sequence: inputs are validated first, the backend runs,
+//! outputs are validated, and only then are caches appended.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array2, Array4, ArrayViewD};
+
+use crate::backend::{self, Backend, BackendKind, BackendOptions, KvPair, StepInput};
+use crate::error::{EngineError, Result};
+use crate::kv::{KvBudget, KvGeometry, SequenceCache};
+use crate::manifest::Manifest;
+
+/// Default KV budget when [`EngineOptions::kv_budget_bytes`] is `None`: 2 GiB.
+pub const DEFAULT_KV_BUDGET_BYTES: u64 = 2 << 30;
+
+/// Logits of one position: `vocab_size` float32 values.
+pub type Logits = Vec<f32>;
+
+/// How to open an engine.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// `auto`, `ort` or `tract`.
+    pub backend: BackendKind,
+    /// Execution provider, threads, GPU target.
+    pub backend_options: BackendOptions,
+    /// KV cache budget in bytes; `None` means [`DEFAULT_KV_BUDGET_BYTES`].
+    pub kv_budget_bytes: Option<u64>,
+}
+
+/// Handle of a sequence held by an [`Engine`]. Never reused within one engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SequenceId(pub u64);
+
+impl std::fmt::Display for SequenceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepWork {
+    /// Which sequence.
+    pub seq: SequenceId,
+    /// Feed at most this many of its pending tokens (>= 1). A decode step has exactly one pending
+    /// token; a prefill chunk of `n` tokens uses `max_tokens = n`.
+    pub max_tokens: usize,
+}
+
+impl StepWork {
+    /// Feed everything pending (whole prompt, or the one decode token).
+    pub fn all(seq: SequenceId) -> Self {
+        StepWork { seq, max_tokens: usize::MAX }
+    }
+    /// Feed at most `n` pending tokens (a prefill chunk).
+    pub fn chunk(seq: SequenceId, n: usize) -> Self {
+        StepWork { seq, max_tokens: n }
+    }
+}
+
+/// Logits for a sequence whose pending tokens were all fed by a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepLogits {
+    /// Which sequence.
+    pub seq: SequenceId,
+    /// Logits of its last fed position.
+    pub logits: Logits,
+}
+
+#[derive(Debug)]
+struct Sequence {
+    /// Every token of the sequence: fed ones first, then pending ones.
+    tokens: Vec<u32>,
+    cache: SequenceCache,
+    /// Positions reserved in the budget for this sequence.
+    reserved: usize,
+}
+
+impl Sequence {
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.cache.len()
+    }
+}
+
+/// An opened artifact that steps batches of sequences. See the module docs for the protocol.
+pub struct Engine {
+    dir: PathBuf,
+    manifest: Manifest,
+    backend: Box<dyn Backend>,
+    geometry: KvGeometry,
+    budget: KvBudget,
+    seqs: HashMap<SequenceId, Sequence>,
+    next_id: u64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("dir", &self.dir)
+            .field("backend", &self.backend.name())
+            .field("sequences", &self.seqs.len())
+            .field("budget", &self.budget)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Reads `DIR/manifest.json` and opens the backend the options ask for.
+    pub fn load(dir: &Path, opts: &EngineOptions) -> Result<Engine> {
+        let manifest = Manifest::load(dir)?;
+        let backend = backend::load(dir, &manifest, opts.backend, &opts.backend_options)?;
+        Ok(Engine::from_backend(dir, manifest, backend, opts.kv_budget_bytes))
+    }
+
+    /// Wraps an already opened backend (tests, benches, custom backends).
+    pub fn from_backend(dir: &Path, manifest: Manifest, backend: Box<dyn Backend>, kv_budget_bytes: Option<u64>) -> Engine {
+        let geometry = KvGeometry::from(&manifest.kv_cache);
+        // The host cache is float32 whatever the graph dtype; account for what is actually held.
+        let host_bytes_per_token = (manifest.kv_cache.computed_bytes_per_token() / manifest.kv_cache.dtype.size()) * 4;
+        let budget = KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), host_bytes_per_token as u64);
+        Engine { dir: dir.to_path_buf(), manifest, backend, geometry, budget, seqs: HashMap::new(), next_id: 0 }
+    }
+
+    /// The artifact's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The artifact directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Backend name for logs and metrics (`ort-cpu`, `tract`, ...).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The KV budget (bytes per token, reserved, free).
+    pub fn kv_budget(&self) -> &KvBudget {
+        &self.budget
+    }
+
+    /// Whether a sequence of `tokens` positions (prompt + max new tokens) fits the KV budget now.
+    pub fn can_admit(&self, tokens: usize) -> bool {
+        tokens <= self.manifest.model.max_position_embeddings && self.budget.can_admit(tokens)
+    }
+
+    /// Number of sequences held.
+    pub fn num_sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Adds a sequence with `prompt` pending and reserves `prompt.len() + max_new_tokens` positions
+    /// of KV budget (its cache is preallocated to that size).
+    pub fn add_sequence(&mut self, prompt: &[u32], max_new_tokens: usize) -> Result<SequenceId> {
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidArgument { name: "prompt".into(), message: "must hold at least 1 token, got 0".into() });
+        }
+        let vocab = self.manifest.model.vocab_size;
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::InvalidArgument {
+                name: "prompt".into(),
+                message: format!("token ids must be below vocab_size {vocab}, got {t}"),
+            });
+        }
+        let total = prompt.len().saturating_add(max_new_tokens);
+        let limit = self.manifest.model.max_position_embeddings;
+        if total > limit {
+            return Err(EngineError::InvalidArgument {
+                name: "prompt + max_new_tokens".into(),
+                message: format!("must be at most max_position_embeddings {limit}, got {total}"),
+            });
+        }
+        self.budget.reserve(total)?;
+        let id = SequenceId(self.next_id);
+        self.next_id += 1;
+        let cache = SequenceCache::with_capacity(self.geometry, total);
+        self.seqs.insert(id, Sequence { tokens: prompt.to_vec(), cache, reserved: total });
+        Ok(id)
+    }
+
+    /// Appends a sampled token; it is fed by the next step that includes this sequence.
+    /// Grows the reservation by one position when the sequence outgrows it (if the budget allows).
+    pub fn push_token(&mut self, id: SequenceId, token: u32) -> Result<()> {
+        let vocab = self.manifest.model.vocab_size;
+        let limit = self.manifest.model.max_position_embeddings;
+        let seq = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSequence { id: id.0 })?;
+        if token as usize >= vocab {
+            return Err(EngineError::InvalidArgument {
+                name: "token".into(),
+                message: format!("must be below vocab_size {vocab}, got {token}"),
+            });
+        }
+        let new_len = seq.tokens.len() + 1;
+        if new_len > limit {
+            return Err(EngineError::InvalidArgument {
+                name: "sequence length".into(),
+                message: format!("must be at most max_position_embeddings {limit}, got {new_len}"),
+            });
+        }
+        if new_len > seq.reserved {
+            self.budget.reserve(1)?;
+            seq.reserved += 1;
+        }
+        seq.tokens.push(token);
+        Ok(())
+    }
+
+    /// All tokens of a sequence (prompt and generated, fed or pending).
+    pub fn tokens(&self, id: SequenceId) -> Result<&[u32]> {
+        self.seqs.get(&id).map(|s| s.tokens.as_slice()).ok_or(EngineError::UnknownSequence { id: id.0 })
+    }
+
+    /// Tokens of a sequence not yet fed to the model.
+    pub fn pending_tokens(&self, id: SequenceId) -> Result<usize> {
+        self.seqs.get(&id).map(Sequence::pending).ok_or(EngineError::UnknownSequence { id: id.0 })
+    }
+
+    /// Positions held in a sequence's KV cache.
+    pub fn cached_tokens(&self, id: SequenceId) -> Result<usize> {
+        self.seqs.get(&id).map(|s| s.cache.len()).ok_or(EngineError::UnknownSequence { id: id.0 })
+    }
+
+    /// Frees a sequence's cache and its budget reservation. Returns false if it was not held.
+    pub fn remove_sequence(&mut self, id: SequenceId) -> bool {
+        match self.seqs.remove(&id) {
+            Some(seq) => {
+                self.budget.release(seq.reserved);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One forward pass over `work` (distinct sequences, each with pending tokens). Returns the
+    /// last-position logits of every sequence whose pending tokens were all fed, in `work` order.
+    /// On error no sequence changes.
+    pub fn step(&mut self, work: &[StepWork]) -> Result<Vec<StepLogits>> {
+        let plan = self.plan(work)?;
+        let input = self.assemble(&plan);
+        let out = self.backend.run(&input)?;
+        let (b, s, past) = (plan.rows.len(), plan.seq_len, plan.past_len);
+        let vocab = self.manifest.model.vocab_size;
+        if out.logits.dim() != (b, s, vocab) {
+            return Err(EngineError::Shape {
+                name: "logits".into(),
+                expected: format!("[{b}, {s}, {vocab}]"),
+                got: format!("{:?}", out.logits.shape()),
+            });
+        }
+        self.check_present(&out.present, b, past + s)?;
+        let keys: Vec<ArrayViewD<f32>> = out.present.iter().map(|p| p.key.view()).collect();
+        let values: Vec<ArrayViewD<f32>> = out.present.iter().map(|p| p.value.view()).collect();
+        let mut results = Vec::new();
+        for (row, r) in plan.rows.iter().enumerate() {
+            let seq = self.seqs.get_mut(&r.id).ok_or(EngineError::UnknownSequence { id: r.id.0 })?;
+            seq.cache.append_from(&keys, &values, row, past, r.feed)?;
+            if r.completes {
+                let logits = out.logits.slice(ndarray::s![row, r.feed - 1, ..]).to_vec();
+                results.push(StepLogits { seq: r.id, logits });
+            }
+        }
+        Ok(results)
+    }
+
+    fn plan(&self, work: &[StepWork]) -> Result<Plan> {
+        if work.is_empty() {
+            return Err(EngineError::InvalidArgument { name: "work".into(), message: "must name at least 1 sequence, got 0".into() });
+        }
+        let mut rows = Vec::with_capacity(work.len());
+        for (i, w) in work.iter().enumerate() {
+            if work[..i].iter().any(|o| o.seq == w.seq) {
+                return Err(EngineError::InvalidArgument {
+                    name: "work".into(),
+                    message: format!("sequence {} appears more than once", w.seq),
+                });
+            }
+            let seq = self.seqs.get(&w.seq).ok_or(EngineError::UnknownSequence { id: w.seq.0 })?;
+            let pending = seq.pending();
+            if pending == 0 || w.max_tokens == 0 {
+                return Err(EngineError::InvalidArgument {
+                    name: "work".into(),
+                    message: format!(
+                        "sequence {} must feed at least 1 token (pending {pending}, max_tokens {}); push_token first",
+                        w.seq, w.max_tokens
+                    ),
+                });
+            }
+            let feed = pending.min(w.max_tokens);
+            rows.push(PlanRow { id: w.seq, past: seq.cache.len(), feed, completes: feed == pending });
+        }
+        let past_len = rows.iter().map(|r| r.past).max().unwrap_or(0);
+        let seq_len = rows.iter().map(|r| r.feed).max().unwrap_or(0);
+        Ok(Plan { rows, past_len, seq_len })
+    }
+
+    fn assemble(&self, plan: &Plan) -> StepInput {
+        let (b, s, p) = (plan.rows.len(), plan.seq_len, plan.past_len);
+        let g = self.geometry;
+        let mut input_ids = Array2::<i64>::zeros((b, s));
+        let mut position_ids = Array2::<i64>::zeros((b, s));
+        let mut attention_mask = Array2::<i64>::zeros((b, p + s));
+        let mut keys: Vec<Array4<f32>> = (0..g.num_layers).map(|_| Array4::zeros((b, g.key_heads, p, g.key_dim))).collect();
+        let mut values: Vec<Array4<f32>> =
+            (0..g.num_layers).map(|_| Array4::zeros((b, g.value_heads, p, g.value_dim))).collect();
+        {
+            let mut kv: Vec<_> = keys.iter_mut().map(|a| a.view_mut()).collect();
+            let mut vv: Vec<_> = values.iter_mut().map(|a| a.view_mut()).collect();
+            for (row, r) in plan.rows.iter().enumerate() {
+                let seq = &self.seqs[&r.id];
+                if r.past > 0 {
+                    seq.cache.gather_into(row, &mut kv, &mut vv);
+                }
+                for c in p - r.past..p + r.feed {
+                    attention_mask[[row, c]] = 1;
+                }
+                let new = &seq.tokens[r.past..r.past + r.feed];
+                for (k, &t) in new.iter().enumerate() {
+                    input_ids[[row, k]] = i64::from(t);
+                    position_ids[[row, k]] = (r.past + k) as i64;
+                }
+                for k in r.feed..s {
+                    position_ids[[row, k]] = (r.past + r.feed - 1) as i64;
+                }
+            }
+        }
+        let past = keys
+            .into_iter()
+            .zip(values)
+            .map(|(k, v)| KvPair { key: k.into_dyn(), value: v.into_dyn() })
+            .collect();
+        StepInput { input_ids, attention_mask, position_ids, past }
+    }
+
+    fn check_present(&self, present: &[KvPair], batch: usize, total: usize) -> Result<()> {
+        let g = self.geometry;
+        if present.len() != g.num_layers {
+            return Err(EngineError::Shape {
+                name: "present".into(),
+                expected: format!("{} layers", g.num_layers),
+                got: format!("{} layers", present.len()),
+            });
+        }
+        for (i, p) in present.iter().enumerate() {
+            for (what, t, heads, dim) in [("key", &p.key, g.key_heads, g.key_dim), ("value", &p.value, g.value_heads, g.value_dim)] {
+                if t.shape() != [batch, heads, total, dim] {
+                    return Err(EngineError::Shape {
+                        name: format!("present.{i}.{what}"),
+                        expected: format!("[{batch}, {heads}, {total}, {dim}]"),
+                        got: format!("{:?}", t.shape()),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Generates up to `max_new_tokens` for one prompt, choosing each token with `pick` (given the
+    /// last-position logits). Stops early after a token in `stop_ids` (which is included). The
+    /// sequence is removed afterwards, also on error.
+    pub fn generate_with<F>(&mut self, prompt: &[u32], max_new_tokens: usize, stop_ids: &[u32], pick: F) -> Result<Vec<u32>>
+    where
+        F: FnMut(&[f32]) -> Result<u32>,
+    {
+        let mut out = self.generate_batch_with(&[prompt.to_vec()], max_new_tokens, stop_ids, usize::MAX, pick)?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Generates up to `max_new_tokens` for one prompt with [`crate::sampling::Sampler`] (seeded
+    /// when `params.seed` is set; repetition penalty sees prompt and generated tokens). Stops after
+    /// a token in `stop_ids` (included). Used by tests and the `generate` CLI command.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &crate::sampling::SamplingParams,
+        max_new_tokens: usize,
+        stop_ids: &[u32],
+    ) -> Result<Vec<u32>> {
+        let mut sampler = crate::sampling::Sampler::new(params.clone())?;
+        let mut context = prompt.to_vec();
+        self.generate_with(prompt, max_new_tokens, stop_ids, |logits| {
+            let t = sampler.sample(logits, &context)?;
+            context.push(t);
+            Ok(t)
+        })
+    }
+
+    /// Greedy generation for one prompt (argmax each step).
+    pub fn generate_greedy(&mut self, prompt: &[u32], max_new_tokens: usize, stop_ids: &[u32]) -> Result<Vec<u32>> {
+        self.generate_with(prompt, max_new_tokens, stop_ids, |l| Ok(argmax(l)))
+    }
+
+    /// Generates for several prompts at once, batched in every step: prompts are prefilled in
+    /// chunks of at most `prefill_chunk` tokens alongside the decode steps of sequences that
+    /// already finished their prompt. Returns the new tokens per prompt, in order. All sequences
+    /// are removed afterwards, also on error.
+    pub fn generate_batch_with<F>(
+        &mut self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        stop_ids: &[u32],
+        prefill_chunk: usize,
+        mut pick: F,
+    ) -> Result<Vec<Vec<u32>>>
+    where
+        F: FnMut(&[f32]) -> Result<u32>,
+    {
+        let mut ids = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            match self.add_sequence(p, max_new_tokens) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for id in ids {
+                        self.remove_sequence(id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let result = self.run_generation(&ids, max_new_tokens, stop_ids, prefill_chunk.max(1), &mut pick);
+        for &id in &ids {
+            self.remove_sequence(id);
+        }
+        result
+    }
+
+    fn run_generation(
+        &mut self,
+        ids: &[SequenceId],
+        max_new_tokens: usize,
+        stop_ids: &[u32],
+        prefill_chunk: usize,
+        pick: &mut dyn FnMut(&[f32]) -> Result<u32>,
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); ids.len()];
+        let mut active: Vec<usize> = if max_new_tokens == 0 { Vec::new() } else { (0..ids.len()).collect() };
+        while !active.is_empty() {
+            let work: Vec<StepWork> = active.iter().map(|&i| StepWork::chunk(ids[i], prefill_chunk)).collect();
+            let results = self.step(&work)?;
+            for r in results {
+                let i = ids.iter().position(|&id| id == r.seq).unwrap_or(usize::MAX);
+                let Some(gen) = generated.get_mut(i) else { continue };
+                let token = pick(&r.logits)?;
+                gen.push(token);
+                let done = gen.len() >= max_new_tokens || stop_ids.contains(&token);
+                if done {
+                    active.retain(|&a| a != i);
+                } else {
+                    self.push_token(r.seq, token)?;
+                }
+            }
+        }
+        Ok(generated)
+    }
+}
+
+/// Index of the largest logit (first one on ties); 0 for an empty slice.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[derive(Debug)]
+struct PlanRow {
+    id: SequenceId,
+    past: usize,
+    feed: usize,
+    completes: bool,
+}
+
+#[derive(Debug)]
+struct Plan {
+    rows: Vec<PlanRow>,
+    past_len: usize,
+    seq_len: usize,
+}

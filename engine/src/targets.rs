@@ -1,0 +1,335 @@
+//! GPU target table and its mapping to ONNX Runtime's TensorRT execution-provider options.
+//!
+//! One row per deployment target: compute capability, which reduced precisions TensorRT can use
+//! there, the default export precision, the optimization profile (min/opt/max of batch, new
+//! sequence length and past length) and the builder workspace. [`tensorrt_options`] turns a row
+//! plus an artifact's manifest into the exact `trt_*` key/value list ONNX Runtime documents; the
+//! ort backend feeds that list to `ort::ep::TensorRT` unchanged, so the unit tests below pin what
+//! TensorRT is asked to build.
+//!
+//! [`detect_local_gpu`] reads `nvidia-smi` (or `/proc/driver/nvidia/gpus`) so an engine built for
+//! one GPU is refused on another unless it was built hardware-compatible ([`check_engine_host`]).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::manifest::{Dim, Manifest};
+
+/// min / opt / max of one profile axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DimRange {
+    pub min: usize,
+    pub opt: usize,
+    pub max: usize,
+}
+
+const fn r(min: usize, opt: usize, max: usize) -> DimRange {
+    DimRange { min, opt, max }
+}
+
+/// The TensorRT optimization profile of a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Profile {
+    /// Sequences per step.
+    pub batch: DimRange,
+    /// New tokens per sequence per step (1 when decoding, a chunk when prefilling).
+    pub sequence: DimRange,
+    /// Cached positions per sequence.
+    pub past: DimRange,
+}
+
+/// One deployment target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Target {
+    /// Name used on the command line (`--target a100`).
+    pub name: &'static str,
+    /// Substrings of the GPU's marketing name that identify it (`nvidia-smi --query-gpu=name`).
+    pub gpu_names: &'static [&'static str],
+    /// Compute capability × 10 (`80` for sm80); 0 for `cpu`.
+    pub sm: u32,
+    pub fp16: bool,
+    pub bf16: bool,
+    pub int8: bool,
+    pub fp8: bool,
+    /// Precision `r1-export --target NAME` uses when none is given.
+    pub default_precision: &'static str,
+    pub profile: Profile,
+    /// TensorRT builder workspace (`trt_max_workspace_size`), bytes.
+    pub workspace_bytes: u64,
+}
+
+impl Target {
+    /// True for the CPU pseudo-target.
+    pub fn is_cpu(&self) -> bool {
+        self.sm == 0
+    }
+
+    /// Whether TensorRT can run an artifact of `precision` (manifest names) on this target.
+    pub fn supports(&self, precision: &str) -> bool {
+        match precision {
+            "fp32" | "int8-wo" | "int4-wo" => true,
+            "fp16" => self.fp16 || self.is_cpu(),
+            "bf16" => self.bf16,
+            "int8" => self.int8 || self.is_cpu(),
+            "fp8" => self.fp8,
+            _ => false,
+        }
+    }
+}
+
+const GIB: u64 = 1 << 30;
+const DATACENTER: Profile = Profile { batch: r(1, 8, 64), sequence: r(1, 1, 2048), past: r(0, 1024, 8192) };
+const MIDRANGE: Profile = Profile { batch: r(1, 8, 32), sequence: r(1, 1, 1024), past: r(0, 512, 4096) };
+const SMALL: Profile = Profile { batch: r(1, 4, 16), sequence: r(1, 1, 512), past: r(0, 512, 2048) };
+
+/// Every known target. sm89 (Ada) has FP8 tensor cores, so `l40s` and `l4` allow fp8 too.
+pub const TARGETS: &[Target] = &[
+    Target { name: "a100", gpu_names: &["A100"], sm: 80, fp16: true, bf16: true, int8: true, fp8: false, default_precision: "fp16", profile: DATACENTER, workspace_bytes: 8 * GIB },
+    Target { name: "h100", gpu_names: &["H100"], sm: 90, fp16: true, bf16: true, int8: true, fp8: true, default_precision: "fp16", profile: DATACENTER, workspace_bytes: 8 * GIB },
+    Target { name: "h200", gpu_names: &["H200"], sm: 90, fp16: true, bf16: true, int8: true, fp8: true, default_precision: "fp16", profile: DATACENTER, workspace_bytes: 8 * GIB },
+    Target { name: "b200", gpu_names: &["B200"], sm: 100, fp16: true, bf16: true, int8: true, fp8: true, default_precision: "fp16", profile: DATACENTER, workspace_bytes: 16 * GIB },
+    Target { name: "l40s", gpu_names: &["L40S"], sm: 89, fp16: true, bf16: true, int8: true, fp8: true, default_precision: "fp16", profile: MIDRANGE, workspace_bytes: 4 * GIB },
+    Target { name: "l4", gpu_names: &["L4"], sm: 89, fp16: true, bf16: true, int8: true, fp8: true, default_precision: "fp16", profile: SMALL, workspace_bytes: 2 * GIB },
+    Target { name: "a10g", gpu_names: &["A10G"], sm: 86, fp16: true, bf16: true, int8: true, fp8: false, default_precision: "fp16", profile: MIDRANGE, workspace_bytes: 2 * GIB },
+    Target { name: "t4", gpu_names: &["T4"], sm: 75, fp16: true, bf16: false, int8: true, fp8: false, default_precision: "fp16", profile: SMALL, workspace_bytes: GIB },
+    Target { name: "cpu", gpu_names: &[], sm: 0, fp16: false, bf16: false, int8: true, fp8: false, default_precision: "int8", profile: Profile { batch: r(1, 1, 64), sequence: r(1, 1, 2048), past: r(0, 512, 8192) }, workspace_bytes: 0 },
+];
+
+/// Looks a target up by name.
+pub fn target(name: &str) -> Result<&'static Target> {
+    TARGETS.iter().find(|t| t.name == name).ok_or_else(|| EngineError::InvalidArgument {
+        name: "target".into(),
+        message: format!(
+            "must be one of {}; got `{name}`",
+            TARGETS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
+        ),
+    })
+}
+
+/// The target whose GPU name matches `gpu_name` (longest match wins: `L40S` before `L4`).
+pub fn target_for_gpu_name(gpu_name: &str) -> Option<&'static Target> {
+    let upper = gpu_name.to_uppercase();
+    TARGETS
+        .iter()
+        .flat_map(|t| t.gpu_names.iter().map(move |n| (t, *n)))
+        .filter(|(_, n)| upper.split(|c: char| !c.is_ascii_alphanumeric()).any(|word| word == *n))
+        .max_by_key(|(_, n)| n.len())
+        .map(|(t, _)| t)
+}
+
+/// Settings of one TensorRT build beyond what the target table fixes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrtSettings {
+    /// Engine and timing caches go here (`OUT_DIR/engines/<target>/`).
+    pub cache_dir: PathBuf,
+    /// Build with TensorRT's Ampere-plus hardware compatibility (runs on any sm80+ GPU).
+    pub hardware_compatible: bool,
+    /// Also write an EP-context model (`model_ctx.onnx`) that loads the engine without ONNX parsing.
+    pub dump_ep_context_model: bool,
+    /// TensorRT builder optimization level (0-5; TensorRT's default is 3).
+    pub builder_optimization_level: u8,
+}
+
+impl TrtSettings {
+    /// Defaults for `target` in artifact directory `dir`: caches in `dir/engines/<target>`,
+    /// EP-context model on, level 3, not hardware-compatible.
+    pub fn for_artifact(dir: &Path, target: &Target) -> Self {
+        TrtSettings {
+            cache_dir: dir.join("engines").join(target.name),
+            hardware_compatible: false,
+            dump_ep_context_model: true,
+            builder_optimization_level: 3,
+        }
+    }
+}
+
+/// File name of the EP-context model inside the engine cache directory.
+pub const EP_CONTEXT_FILE: &str = "model_ctx.onnx";
+
+/// The `trt_profile_{min,opt,max}_shapes` strings: every input with a symbolic dim, `name:AxBxC`,
+/// comma-separated, in graph order. Symbols: `batch`, `sequence`, `past_sequence`, `total_sequence`.
+pub fn profile_shapes(target: &Target, manifest: &Manifest) -> Result<[String; 3]> {
+    let p = target.profile;
+    let mut out: [Vec<String>; 3] = Default::default();
+    for spec in &manifest.inputs {
+        if !spec.shape.iter().any(|d| matches!(d, Dim::Symbolic(_))) {
+            continue;
+        }
+        for (k, pick) in [|d: DimRange| d.min, |d: DimRange| d.opt, |d: DimRange| d.max].iter().enumerate() {
+            let mut dims = Vec::with_capacity(spec.shape.len());
+            for d in &spec.shape {
+                let v = match d {
+                    Dim::Fixed(n) => usize::try_from(*n).map_err(|_| EngineError::InvalidArgument {
+                        name: format!("input `{}` shape", spec.name),
+                        message: format!("fixed dims must be >= 0, got {n}"),
+                    })?,
+                    Dim::Symbolic(s) => match s.as_str() {
+                        "batch" | "batch_size" => pick(p.batch),
+                        "sequence" | "sequence_length" => pick(p.sequence),
+                        "past_sequence" | "past_sequence_length" => pick(p.past),
+                        "total_sequence" | "total_sequence_length" => pick(p.past) + pick(p.sequence),
+                        other => {
+                            return Err(EngineError::InvalidArgument {
+                                name: format!("input `{}` shape", spec.name),
+                                message: format!(
+                                    "symbolic dim must be batch, sequence, past_sequence or total_sequence; got `{other}`"
+                                ),
+                            })
+                        }
+                    },
+                };
+                dims.push(v.to_string());
+            }
+            out[k].push(format!("{}:{}", spec.name, dims.join("x")));
+        }
+    }
+    Ok(out.map(|v| v.join(",")))
+}
+
+/// The TensorRT EP options (ONNX Runtime's documented `trt_*` names) for running `manifest` on
+/// `target`. Refuses precisions the target cannot run.
+pub fn tensorrt_options(target: &Target, manifest: &Manifest, settings: &TrtSettings) -> Result<Vec<(String, String)>> {
+    if target.is_cpu() {
+        return Err(EngineError::InvalidArgument {
+            name: "target".into(),
+            message: "TensorRT needs a GPU target, got `cpu`".into(),
+        });
+    }
+    let precision = manifest.precision.as_str();
+    if !target.supports(precision) {
+        return Err(EngineError::InvalidArgument {
+            name: "precision".into(),
+            message: format!("{} (sm{}) cannot run `{precision}` with TensorRT", target.name, target.sm),
+        });
+    }
+    let (fp16, bf16, int8) = match precision {
+        "fp16" | "int8-wo" | "int4-wo" => (true, false, false),
+        "bf16" => (false, true, false),
+        // Explicit QDQ graphs: INT8 (or FP8) layers come from the Q/DQ pairs; the rest runs fp16.
+        "int8" | "fp8" => (target.fp16, false, true),
+        _ => (false, false, false),
+    };
+    let [min, opt, max] = profile_shapes(target, manifest)?;
+    let b = |v: bool| if v { "1" } else { "0" }.to_string();
+    let cache = settings.cache_dir.display().to_string();
+    let mut o: Vec<(String, String)> = vec![
+        ("trt_fp16_enable".into(), b(fp16)),
+        ("trt_bf16_enable".into(), b(bf16)),
+        ("trt_int8_enable".into(), b(int8)),
+        ("trt_engine_cache_enable".into(), "1".into()),
+        ("trt_engine_cache_path".into(), cache.clone()),
+        ("trt_timing_cache_enable".into(), "1".into()),
+        ("trt_timing_cache_path".into(), cache.clone()),
+        ("trt_profile_min_shapes".into(), min),
+        ("trt_profile_opt_shapes".into(), opt),
+        ("trt_profile_max_shapes".into(), max),
+        ("trt_engine_hw_compatible".into(), b(settings.hardware_compatible)),
+        ("trt_builder_optimization_level".into(), settings.builder_optimization_level.to_string()),
+        ("trt_max_workspace_size".into(), target.workspace_bytes.to_string()),
+    ];
+    if settings.dump_ep_context_model {
+        o.push(("trt_dump_ep_context_model".into(), "1".into()));
+        o.push(("trt_ep_context_file_path".into(), settings.cache_dir.join(EP_CONTEXT_FILE).display().to_string()));
+    }
+    Ok(o)
+}
+
+/// What a TensorRT build records about itself (an entry of `manifest.targets`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineBuild {
+    /// Target name.
+    pub target: String,
+    /// Compute capability × 10 of the GPU it was built on.
+    pub sm: u32,
+    /// Built with TensorRT hardware compatibility (Ampere+).
+    #[serde(default)]
+    pub hardware_compatible: bool,
+    /// `true` once the engine exists; `false` for a recorded build plan.
+    #[serde(default)]
+    pub built: bool,
+}
+
+/// A GPU found on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalGpu {
+    /// Marketing name, e.g. `NVIDIA A100-SXM4-80GB`.
+    pub name: String,
+    /// Compute capability × 10 when known.
+    pub sm: Option<u32>,
+}
+
+/// The first NVIDIA GPU of this host, from `nvidia-smi`, else `/proc/driver/nvidia/gpus`.
+pub fn detect_local_gpu() -> Option<LocalGpu> {
+    let smi = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name,compute_cap", "--format=csv,noheader"])
+        .output();
+    if let Ok(o) = smi {
+        if o.status.success() {
+            if let Some(gpu) = parse_nvidia_smi(&String::from_utf8_lossy(&o.stdout)) {
+                return Some(gpu);
+            }
+        }
+    }
+    let dir = std::fs::read_dir("/proc/driver/nvidia/gpus").ok()?;
+    for e in dir.flatten() {
+        if let Ok(text) = std::fs::read_to_string(e.path().join("information")) {
+            if let Some(gpu) = parse_proc_information(&text) {
+                return Some(gpu);
+            }
+        }
+    }
+    None
+}
+
+/// Parses the first line of `nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader`.
+pub fn parse_nvidia_smi(out: &str) -> Option<LocalGpu> {
+    let line = out.lines().map(str::trim).find(|l| !l.is_empty())?;
+    let (name, cap) = line.rsplit_once(',').unwrap_or((line, ""));
+    let sm = parse_compute_cap(cap.trim()).or_else(|| target_for_gpu_name(name).map(|t| t.sm));
+    Some(LocalGpu { name: name.trim().to_string(), sm })
+}
+
+/// Parses `/proc/driver/nvidia/gpus/*/information` (`Model:  NVIDIA A100-...`).
+pub fn parse_proc_information(text: &str) -> Option<LocalGpu> {
+    let model = text.lines().find_map(|l| l.strip_prefix("Model:"))?.trim().to_string();
+    let sm = target_for_gpu_name(&model).map(|t| t.sm);
+    Some(LocalGpu { name: model, sm })
+}
+
+fn parse_compute_cap(s: &str) -> Option<u32> {
+    let (major, minor) = s.split_once('.')?;
+    Some(major.parse::<u32>().ok()? * 10 + minor.parse::<u32>().ok()?)
+}
+
+/// Refuses to run an engine built for `build.sm` on `local` unless it is the same compute
+/// capability, or it was built hardware-compatible and the local GPU is Ampere or newer.
+pub fn check_engine_host(build: &EngineBuild, local: Option<&LocalGpu>) -> Result<()> {
+    let Some(gpu) = local else {
+        return Err(EngineError::Unavailable {
+            what: format!("GPU for the `{}` TensorRT engine", build.target),
+            message: "no NVIDIA GPU was found (nvidia-smi and /proc/driver/nvidia/gpus); use --backend ort with the CPU execution provider or --backend tract".into(),
+        });
+    };
+    let Some(sm) = gpu.sm else {
+        return Err(EngineError::Unavailable {
+            what: format!("GPU for the `{}` TensorRT engine", build.target),
+            message: format!("cannot tell the compute capability of `{}`", gpu.name),
+        });
+    };
+    if sm == build.sm || (build.hardware_compatible && sm >= 80) {
+        return Ok(());
+    }
+    Err(EngineError::Unavailable {
+        what: format!("TensorRT engine for `{}` (sm{})", build.target, build.sm),
+        message: format!(
+            "this host has `{}` (sm{sm}); rebuild with `r1-export build OUT_DIR --target <this gpu>`, or build with --hardware-compatible (sm80 and newer)",
+            gpu.name
+        ),
+    })
+}
+
+#[cfg(test)]
+#[path = "targets_tests.rs"]
+mod tests;

@@ -1,0 +1,269 @@
+//! Conformance suite: every backend runs the same cases on the same artifacts.
+//!
+//! Fixtures: `tests/fixtures/tiny` (float32 KV) and `tests/fixtures/tiny-kv16` (float16 KV at the
+//! graph boundary), made by `tests/fixtures/make_tiny.py`, whose `expected.json` holds greedy
+//! continuations computed by onnxruntime (Python) without any cache — an independent reference for
+//! the engine's cached, padded, batched path.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use r1_engine::backend::{self, Backend, BackendKind, BackendOptions, StepInput, StepOutput};
+use r1_engine::{Engine, EngineError, Manifest, StepWork};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+struct Expected {
+    new_tokens: usize,
+    cases: Vec<(Vec<u32>, Vec<u32>)>,
+}
+
+fn expected(name: &str) -> Expected {
+    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids = |a: &serde_json::Value| a.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    Expected {
+        new_tokens: v["new_tokens"].as_u64().unwrap() as usize,
+        cases: v["cases"].as_array().unwrap().iter().map(|c| (ids(&c["prompt"]), ids(&c["greedy"]))).collect(),
+    }
+}
+
+fn open_backend(name: &str, kind: BackendKind) -> (Manifest, Box<dyn Backend>) {
+    let dir = fixture(name);
+    let manifest = Manifest::load(&dir).unwrap();
+    let b = backend::load(&dir, &manifest, kind, &BackendOptions::default())
+        .unwrap_or_else(|e| panic!("{kind:?} backend on {name}: {e}"));
+    (manifest, b)
+}
+
+fn engine(name: &str, kind: BackendKind) -> Engine {
+    let (manifest, b) = open_backend(name, kind);
+    Engine::from_backend(&fixture(name), manifest, b, None)
+}
+
+const KINDS: [BackendKind; 2] = [BackendKind::Ort, BackendKind::Tract];
+const FIXTURES: [&str; 2] = ["tiny", "tiny-kv16"];
+
+#[test]
+fn backends_report_their_names() {
+    assert_eq!(engine("tiny", BackendKind::Ort).backend_name(), "ort-cpu");
+    assert_eq!(engine("tiny", BackendKind::Tract).backend_name(), "tract");
+}
+
+#[test]
+fn single_greedy_generation_matches_the_reference() {
+    for fx in FIXTURES {
+        let exp = expected(fx);
+        for kind in KINDS {
+            let mut e = engine(fx, kind);
+            for (prompt, want) in &exp.cases {
+                let got = e.generate_greedy(prompt, exp.new_tokens, &[]).unwrap();
+                assert_eq!(&got, want, "{fx} {kind:?} prompt {prompt:?}");
+            }
+            assert_eq!(e.num_sequences(), 0);
+            assert_eq!(e.kv_budget().reserved_bytes(), 0);
+        }
+    }
+}
+
+#[test]
+fn batched_greedy_equals_single_generations() {
+    for fx in FIXTURES {
+        let exp = expected(fx);
+        let prompts: Vec<Vec<u32>> = exp.cases.iter().map(|(p, _)| p.clone()).collect();
+        for kind in KINDS {
+            let mut e = engine(fx, kind);
+            let singles: Vec<Vec<u32>> =
+                prompts.iter().map(|p| e.generate_greedy(p, exp.new_tokens, &[]).unwrap()).collect();
+            // Whole prompts at once, and 3-token prefill chunks mixed with other rows' decode steps.
+            for chunk in [usize::MAX, 3, 1] {
+                let batched = e
+                    .generate_batch_with(&prompts, exp.new_tokens, &[], chunk, |l| Ok(r1_engine::engine::argmax(l)))
+                    .unwrap();
+                assert_eq!(batched, singles, "{fx} {kind:?} chunk {chunk}");
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_logits_match_single_logits_numerically() {
+    let exp = expected("tiny");
+    for kind in KINDS {
+        let mut e = engine("tiny", kind);
+        let mut single = Vec::new();
+        for (p, _) in &exp.cases {
+            let id = e.add_sequence(p, 0).unwrap();
+            let out = e.step(&[StepWork::all(id)]).unwrap();
+            single.push(out[0].logits.clone());
+            e.remove_sequence(id);
+        }
+        let ids: Vec<_> = exp.cases.iter().map(|(p, _)| e.add_sequence(p, 0).unwrap()).collect();
+        let work: Vec<_> = ids.iter().map(|&id| StepWork::all(id)).collect();
+        let out = e.step(&work).unwrap();
+        assert_eq!(out.len(), ids.len());
+        for (i, r) in out.iter().enumerate() {
+            assert_eq!(r.seq, ids[i]);
+            let max_diff = r.logits.iter().zip(&single[i]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            // Padding changes matmul shapes (and so summation order), not values: 1e-3 on logits of
+            // magnitude ~10 is float rounding; a masking or position bug shows up as O(1).
+            assert!(max_diff < 1e-3, "{kind:?} row {i}: max |batched - single| = {max_diff}");
+        }
+    }
+}
+
+#[test]
+fn ort_and_tract_agree_on_logits() {
+    let prompt = &expected("tiny").cases[2].0;
+    let mut a = engine("tiny", BackendKind::Ort);
+    let mut b = engine("tiny", BackendKind::Tract);
+    let la = { let id = a.add_sequence(prompt, 0).unwrap(); a.step(&[StepWork::all(id)]).unwrap().remove(0).logits };
+    let lb = { let id = b.add_sequence(prompt, 0).unwrap(); b.step(&[StepWork::all(id)]).unwrap().remove(0).logits };
+    let max_diff = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(max_diff < 1e-4, "max |ort - tract| = {max_diff}");
+}
+
+/// Wraps a backend and fails the next run when told to (fault injection).
+struct Flaky {
+    inner: Box<dyn Backend>,
+    fail: Arc<AtomicBool>,
+}
+
+impl Backend for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+    fn run(&mut self, input: &StepInput) -> r1_engine::Result<StepOutput> {
+        if self.fail.swap(false, Ordering::SeqCst) {
+            return Err(EngineError::Backend { backend: "flaky", message: "injected failure".into() });
+        }
+        self.inner.run(input)
+    }
+}
+
+#[test]
+fn a_failed_step_leaves_every_sequence_unchanged() {
+    let exp = expected("tiny");
+    let (manifest, inner) = open_backend("tiny", BackendKind::Tract);
+    let fail = Arc::new(AtomicBool::new(false));
+    let mut e = Engine::from_backend(&fixture("tiny"), manifest, Box::new(Flaky { inner, fail: fail.clone() }), None);
+    let (p0, w0) = &exp.cases[0];
+    let (p1, w1) = &exp.cases[1];
+    let a = e.add_sequence(p0, 4).unwrap();
+    let b = e.add_sequence(p1, 4).unwrap();
+    // a: prefill fully, then one decode token pending; b: prefill pending.
+    let first = e.step(&[StepWork::all(a)]).unwrap();
+    e.push_token(a, r1_engine::engine::argmax(&first[0].logits)).unwrap();
+    let before = (e.cached_tokens(a).unwrap(), e.pending_tokens(a).unwrap(), e.cached_tokens(b).unwrap(), e.pending_tokens(b).unwrap());
+    fail.store(true, Ordering::SeqCst);
+    let err = e.step(&[StepWork::all(a), StepWork::all(b)]).unwrap_err();
+    assert_eq!(err.kind(), "backend");
+    let after = (e.cached_tokens(a).unwrap(), e.pending_tokens(a).unwrap(), e.cached_tokens(b).unwrap(), e.pending_tokens(b).unwrap());
+    assert_eq!(before, after);
+    // The same batch now succeeds and continues exactly like the reference.
+    let out = e.step(&[StepWork::all(a), StepWork::all(b)]).unwrap();
+    assert_eq!(first[0].seq, a);
+    assert_eq!(r1_engine::engine::argmax(&first[0].logits), w0[0]);
+    assert_eq!(r1_engine::engine::argmax(&out[0].logits), w0[1]);
+    assert_eq!(r1_engine::engine::argmax(&out[1].logits), w1[0]);
+}
+
+#[test]
+fn invalid_work_is_rejected_before_running() {
+    let mut e = engine("tiny", BackendKind::Tract);
+    let a = e.add_sequence(&[1, 2, 3], 2).unwrap();
+    assert_eq!(e.step(&[]).unwrap_err().kind(), "invalid_argument");
+    assert_eq!(e.step(&[StepWork::all(a), StepWork::all(a)]).unwrap_err().kind(), "invalid_argument");
+    assert_eq!(e.step(&[StepWork::chunk(a, 0)]).unwrap_err().kind(), "invalid_argument");
+    let missing = r1_engine::SequenceId(999);
+    assert_eq!(e.step(&[StepWork::all(missing)]).unwrap_err().kind(), "not_found");
+    // Prefill in chunks: 2 then 1; only the completing step returns logits.
+    assert!(e.step(&[StepWork::chunk(a, 2)]).unwrap().is_empty());
+    assert_eq!((e.cached_tokens(a).unwrap(), e.pending_tokens(a).unwrap()), (2, 1));
+    assert_eq!(e.step(&[StepWork::chunk(a, 2)]).unwrap().len(), 1);
+    // Nothing pending now: stepping it again is a caller error.
+    let err = e.step(&[StepWork::all(a)]).unwrap_err().to_string();
+    assert!(err.contains("push_token first"), "{err}");
+    let vocab = e.manifest().model.vocab_size as u32;
+    assert_eq!(e.push_token(a, vocab).unwrap_err().kind(), "invalid_argument");
+    assert_eq!(e.add_sequence(&[vocab + 5], 1).unwrap_err().kind(), "invalid_argument");
+    assert_eq!(e.add_sequence(&[], 1).unwrap_err().kind(), "invalid_argument");
+    let too_long = e.manifest().model.max_position_embeddings;
+    let err = e.add_sequence(&[1], too_long).unwrap_err().to_string();
+    assert!(err.contains(&format!("max_position_embeddings {too_long}, got {}", too_long + 1)), "{err}");
+}
+
+#[test]
+fn kv_budget_admission_reserve_and_release() {
+    let dir = fixture("tiny");
+    let manifest = Manifest::load(&dir).unwrap();
+    // Host cache is f32: 2 layers x (2x16 + 2x16) x 4 bytes = 512 bytes per token.
+    let per_token = 512u64;
+    let b = backend::load(&dir, &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
+    let mut e = Engine::from_backend(&dir, manifest, b, Some(per_token * 20));
+    assert_eq!(e.kv_budget().bytes_per_token(), per_token);
+    assert!(e.can_admit(20));
+    assert!(!e.can_admit(21));
+    let a = e.add_sequence(&[1, 2, 3, 4], 8).unwrap(); // 12 tokens
+    assert_eq!(e.kv_budget().free_tokens(), 8);
+    assert!(!e.can_admit(9));
+    let err = e.add_sequence(&[1, 2], 7).unwrap_err();
+    assert_eq!(err.kind(), "resource_exhausted");
+    assert!(err.to_string().contains(&format!("{} bytes requested", 9 * per_token)), "{err}");
+    assert!(e.remove_sequence(a));
+    assert!(!e.remove_sequence(a));
+    assert!(e.can_admit(20));
+    // Outgrowing the reservation takes one more token at a time from the budget.
+    let b = e.add_sequence(&[1], 0).unwrap();
+    let out = e.step(&[StepWork::all(b)]).unwrap();
+    e.push_token(b, r1_engine::engine::argmax(&out[0].logits)).unwrap();
+    assert_eq!(e.kv_budget().reserved_bytes(), 2 * per_token);
+}
+
+#[test]
+fn auto_backend_finds_onnx_runtime_here() {
+    // This host has the onnxruntime wheel (or .r1/lib, or ORT_DYLIB_PATH) and no GPU: auto = ort on CPU.
+    let dir = fixture("tiny");
+    let manifest = Manifest::load(&dir).unwrap();
+    let b = backend::load(&dir, &manifest, BackendKind::Auto, &BackendOptions::default()).unwrap();
+    assert_eq!(b.name(), "ort-cpu");
+}
+
+#[test]
+fn explicit_gpu_provider_without_gpu_fails_clearly() {
+    if r1_engine::targets::detect_local_gpu().is_some() {
+        return; // only meaningful on a GPU-less host
+    }
+    let dir = fixture("tiny");
+    let manifest = Manifest::load(&dir).unwrap();
+    for ep in ["tensorrt", "cuda"] {
+        let opts = BackendOptions { execution_provider: ep.parse().unwrap(), ..BackendOptions::default() };
+        let err = backend::load(&dir, &manifest, BackendKind::Ort, &opts).err().expect("must fail without a GPU");
+        assert_eq!(err.kind(), "unavailable");
+        assert!(err.to_string().contains("no NVIDIA GPU was found"), "{err}");
+    }
+}
+
+#[test]
+fn generate_with_sampling_params_is_greedy_or_seeded_reproducible() {
+    use r1_engine::sampling::SamplingParams;
+    let exp = expected("tiny");
+    let (prompt, want) = &exp.cases[0];
+    for kind in KINDS {
+        let mut e = engine("tiny", kind);
+        assert_eq!(&e.generate(prompt, &SamplingParams::greedy(), exp.new_tokens, &[]).unwrap(), want, "{kind:?}");
+        let seeded = SamplingParams { temperature: 1.5, top_k: 20, seed: Some(7), ..SamplingParams::default() };
+        let a = e.generate(prompt, &seeded, exp.new_tokens, &[]).unwrap();
+        let b = e.generate(prompt, &seeded, exp.new_tokens, &[]).unwrap();
+        assert_eq!(a, b, "{kind:?}: same seed must give the same tokens");
+        assert_eq!(a.len(), exp.new_tokens);
+        // Stop ids end generation right after the stop token.
+        let stop = want[3];
+        let cut = e.generate(prompt, &SamplingParams::greedy(), exp.new_tokens, &[stop]).unwrap();
+        let first = want.iter().position(|&t| t == stop).unwrap();
+        assert_eq!(cut, want[..=first].to_vec());
+    }
+}
