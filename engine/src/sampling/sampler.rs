@@ -2,9 +2,11 @@
 //!
 //! Cost on a 129k vocabulary: one validating max pass; top-k finds its threshold with a buffered partial
 //! selection (O(V)); the softmax denominator skips the exponential for logits more than 40 temperatures below the
-//! maximum (weight < 4e-18 each); top-p sorts only as much of the candidate list as the nucleus needs (chunks
-//! of 64, 256, … found with `select_nth_unstable`), so a full sort happens only for a flat distribution; with top-p
-//! off the draw scans the row without building a candidate list.
+//! maximum (weight < 4e-18 each) and is taken in one pass together with the mass above bands 5, 10 and 20
+//! temperatures below the max: when a band already holds `top_p` of the mass, only tokens above it become
+//! candidates (the nucleus is a prefix in descending order). Top-p then sorts only as much of the candidate list
+//! as the nucleus needs (chunks of 64, 256, … found with `select_nth_unstable`), so a full sort happens only for
+//! a flat distribution. With top-p off, the draw makes one exp pass into a reused buffer and one scan.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -13,6 +15,8 @@ use super::{SamplingError, SamplingParams};
 
 /// Logits this many temperatures below the maximum get weight 0 (exp(-40) ≈ 4e-18).
 const NEGLIGIBLE: f32 = 40.0;
+/// Bands below the max (in temperatures) tried as candidate floors for top-p.
+const BANDS: [f32; 3] = [5.0, 10.0, 20.0];
 /// First top-p chunk; each next chunk is 4× larger.
 const FIRST_CHUNK: usize = 64;
 
@@ -35,6 +39,7 @@ pub struct Sampler {
     ids: Vec<u32>,
     kbuf: Vec<f32>,
     cand: Vec<(f32, u32)>,
+    weights: Vec<f32>,
 }
 
 /// What the filters decided for one row.
@@ -62,6 +67,7 @@ impl Sampler {
             ids: Vec::new(),
             kbuf: Vec::new(),
             cand: Vec::new(),
+            weights: Vec::new(),
         })
     }
 
@@ -88,7 +94,7 @@ impl Sampler {
         let plan = plan(row, max, &self.params, &mut self.kbuf);
         let u: f64 = self.rng.random();
         if self.params.top_p >= 1.0 {
-            return Ok(draw_from_row(row, &plan, u, argmax));
+            return Ok(draw_from_row(row, &plan, u, argmax, &mut self.weights));
         }
         nucleus(row, &plan, self.params.top_p, &mut self.cand);
         Ok(draw_from_candidates(&self.cand, &plan, u))
@@ -204,19 +210,31 @@ fn kth_largest(row: &[f32], k: usize, buf: &mut Vec<f32>) -> f32 {
 /// descending logit order, ties by id) whose mass reaches `top_p`, intersected with min-p (also a prefix).
 fn nucleus(row: &[f32], plan: &Plan, top_p: f32, cand: &mut Vec<(f32, u32)>) {
     // Denominator over the top-k set: top-p is computed before min-p (HF and vLLM order).
-    let top_k_from = plan.top_k_floor;
+    // One exp pass: the denominator over the top-k set, and the mass above a few bands below the max. When the
+    // tokens above a band already hold `top_p` of the mass, the nucleus (a prefix in descending order) lies
+    // inside them and only they become candidates.
+    let floor = plan.top_k_floor.max(plan.negligible_below);
+    let t = 1.0 / plan.inv_t;
+    let bands: [f32; 3] = BANDS.map(|b| plan.max - b * t);
     let mut z = 0.0f64;
-    cand.clear();
-    for (i, &l) in row.iter().enumerate() {
-        if l >= top_k_from && l >= plan.negligible_below {
-            z += weight(l, plan);
-            if l >= plan.keep_from {
-                cand.push((l, i as u32));
+    let mut above = [0.0f64; 3];
+    for &l in row {
+        if l >= floor {
+            let w = weight(l, plan);
+            z += w;
+            for (acc, &b) in above.iter_mut().zip(&bands) {
+                if l >= b {
+                    *acc += w;
+                }
             }
         }
     }
-    let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     let target = f64::from(top_p) * z;
+    let band_floor = bands.iter().zip(&above).find(|(_, &a)| a >= target).map(|(&b, _)| b).unwrap_or(floor);
+    let from = plan.keep_from.max(band_floor).max(floor);
+    cand.clear();
+    cand.extend(row.iter().enumerate().filter(|(_, &l)| l >= from).map(|(i, &l)| (l, i as u32)));
+    let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     let mut cum = 0.0f64;
     let mut done = 0;
     let mut chunk = FIRST_CHUNK;
@@ -238,17 +256,21 @@ fn nucleus(row: &[f32], plan: &Plan, top_p: f32, cand: &mut Vec<(f32, u32)>) {
     }
 }
 
-fn draw_from_row(row: &[f32], plan: &Plan, u: f64, argmax: u32) -> u32 {
+fn draw_from_row(row: &[f32], plan: &Plan, u: f64, argmax: u32, weights: &mut Vec<f32>) -> u32 {
     let from = plan.keep_from.max(plan.negligible_below);
-    let total: f64 = row.iter().filter(|&&l| l >= from).map(|&l| weight(l, plan)).sum();
+    weights.clear();
+    let mut total = 0.0f64;
+    weights.extend(row.iter().map(|&l| {
+        let w = if l >= from { weight(l, plan) as f32 } else { 0.0 };
+        total += f64::from(w);
+        w
+    }));
     let target = u * total;
     let mut acc = 0.0f64;
-    for (i, &l) in row.iter().enumerate() {
-        if l >= from {
-            acc += weight(l, plan);
-            if acc > target {
-                return i as u32;
-            }
+    for (i, &w) in weights.iter().enumerate() {
+        acc += f64::from(w);
+        if w > 0.0 && acc > target {
+            return i as u32;
         }
     }
     argmax // only reached through rounding at the very top of the range
