@@ -267,3 +267,27 @@ fn generate_with_sampling_params_is_greedy_or_seeded_reproducible() {
         assert_eq!(cut, want[..=first].to_vec());
     }
 }
+
+/// The same batched-vs-single check on an artifact written by r1-export, when
+/// `R1_CONFORMANCE_ARTIFACT=OUT_DIR` names one (CI exports a tiny golden case first); both backends.
+#[test]
+fn exported_artifact_batched_greedy_equals_single() {
+    let Some(dir) = std::env::var_os("R1_CONFORMANCE_ARTIFACT").map(PathBuf::from) else {
+        eprintln!("R1_CONFORMANCE_ARTIFACT not set; exported-artifact conformance not run");
+        return;
+    };
+    let manifest = Manifest::load(&dir).unwrap();
+    let vocab = manifest.model.vocab_size as u32;
+    let prompts: Vec<Vec<u32>> =
+        [7usize, 2, 11, 1, 5].iter().enumerate().map(|(k, &n)| (0..n as u32).map(|i| (i * 31 + k as u32 * 17 + 3) % vocab).collect()).collect();
+    for kind in KINDS {
+        let b = backend::load(&dir, &manifest, kind, &BackendOptions::default()).unwrap();
+        let mut e = Engine::from_backend(&dir, manifest.clone(), b, None);
+        let singles: Vec<Vec<u32>> = prompts.iter().map(|p| e.generate_greedy(p, 8, &[]).unwrap()).collect();
+        for chunk in [usize::MAX, 3] {
+            let batched =
+                e.generate_batch_with(&prompts, 8, &[], chunk, |l| Ok(r1_engine::engine::argmax(l))).unwrap();
+            assert_eq!(batched, singles, "{kind:?} chunk {chunk} on {}", dir.display());
+        }
+    }
+}
