@@ -1,1 +1,116 @@
-fn main() {}
+//! `r1-serve`: serve an artifact over gRPC + HTTP, or `r1-serve generate` to run it in-process on one prompt.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use r1_serve::config::{Command, GenerateArgs, ServeArgs, ServerConfig};
+use r1_serve::engine_model::EngineModel;
+use r1_serve::metrics::Metrics;
+use r1_serve::model::{ChatTurn, Model, PromptInput, Sampling, SeqParams, Work};
+use r1_serve::server::{run, Listeners, Loader, ServeOptions};
+
+fn main() -> anyhow::Result<()> {
+    let cli = ServeArgs::parse_cli()?;
+    match cli.command {
+        Some(Command::Generate(args)) => generate(&args),
+        None => {
+            let cfg = cli.serve.validate()?;
+            serve(cfg)
+        }
+    }
+}
+
+fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
+    let _telemetry = r1_serve::telemetry::init(&cfg.telemetry)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let grpc = tokio::net::TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding --grpc-addr {}", cfg.grpc_addr))?;
+        let http = tokio::net::TcpListener::bind(cfg.http_addr).await.with_context(|| format!("binding --http-addr {}", cfg.http_addr))?;
+        let (dir, backend, kv) = (cfg.model.clone(), cfg.backend.clone(), cfg.kv_cache_bytes);
+        let load: Loader = Box::new(move || EngineModel::load(&dir, &backend, kv).map(|m| Box::new(m) as Box<dyn Model>));
+        let opts = ServeOptions { model_id: cfg.model_id, limits: cfg.limits, scheduler: cfg.scheduler, drain_timeout: cfg.drain_timeout };
+        run(Listeners { grpc, http }, opts, Arc::new(Metrics::new()), load, shutdown_signal()).await?;
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// Runs one request through the engine in-process (no server, no scheduler): prompt in, text out, timing on stderr.
+fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let mut model = EngineModel::load(&args.model, &args.backend, None).with_context(|| format!("loading {}", args.model.display()))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let input = if args.raw {
+        PromptInput::Text(args.prompt.clone())
+    } else {
+        PromptInput::Chat(vec![ChatTurn { role: "user".into(), content: args.prompt.clone() }])
+    };
+    let prompt = model.frontend().encode(&input).context("tokenizing the prompt")?;
+    let sampling = Sampling { temperature: args.temperature, top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, seed: Some(args.seed) };
+    let params = SeqParams { sampling, max_tokens: args.max_tokens as usize, stop: vec![], ignore_eos: false };
+    let seq = model.add_sequence(&prompt, &params).context("adding the sequence")?;
+    let t1 = Instant::now();
+    let mut first: Option<f64> = None;
+    let mut work = Work { seq, tokens: prompt.len() };
+    let mut generated = 0usize;
+    let mut in_reasoning = false;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let emitted = model.step(&[work], 1).context("model step")?;
+        let Some(e) = emitted.into_iter().next() else { anyhow::bail!("the model returned no token for the sequence") };
+        first.get_or_insert_with(|| t1.elapsed().as_secs_f64());
+        generated += 1;
+        if !e.reasoning.is_empty() {
+            if !in_reasoning {
+                write!(out, "<think>")?;
+                in_reasoning = true;
+            }
+            write!(out, "{}", e.reasoning)?;
+        }
+        if !e.text.is_empty() {
+            if in_reasoning {
+                writeln!(out, "</think>")?;
+                in_reasoning = false;
+            }
+            write!(out, "{}", e.text)?;
+        }
+        out.flush()?;
+        if e.finish.is_some() || generated >= args.max_tokens as usize {
+            break;
+        }
+        work = Work { seq, tokens: 1 };
+    }
+    writeln!(out)?;
+    let total = t1.elapsed().as_secs_f64();
+    let ttft = first.unwrap_or(total);
+    let decode_tps = if generated > 1 { (generated - 1) as f64 / (total - ttft).max(1e-9) } else { 0.0 };
+    eprintln!(
+        "load {load_s:.2}s, prompt {} tokens, generated {generated} tokens, time to first token {:.1} ms, decode {decode_tps:.2} tokens/s",
+        prompt.len(),
+        ttft * 1e3
+    );
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Front-end logic shared by the gRPC and HTTP APIs: the application state, and the path from a raw request to a
+//! queued one (validate → tokenize → context check → submit), plus collecting a whole response for unary calls.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::error::ServeError;
+use crate::metrics::Metrics;
+use crate::model::SeqParams;
+use crate::scheduler::{Event, FinishReason, Scheduler, Submission};
+use crate::validate::{check_context, validate, Limits, RawRequest};
+
+/// State shared by every handler.
+#[derive(Debug)]
+pub struct AppState {
+    /// Set once the model is loaded.
+    pub scheduler: OnceLock<Scheduler>,
+    /// Request limits (`max_context_tokens` set from the model at load).
+    pub limits: OnceLock<Limits>,
+    /// Limits from the configuration, before the model's context is known.
+    pub configured_limits: Limits,
+    /// Served model id.
+    pub model_id: String,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// True once a shutdown signal arrived.
+    pub draining: AtomicBool,
+}
+
+/// A whole generated response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Collected {
+    /// Answer text.
+    pub text: String,
+    /// Reasoning text.
+    pub reasoning: String,
+    /// Every token id.
+    pub token_ids: Vec<u32>,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+}
+
+impl AppState {
+    /// State before the model is loaded.
+    pub fn new(model_id: String, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        AppState {
+            scheduler: OnceLock::new(),
+            limits: OnceLock::new(),
+            configured_limits: limits,
+            model_id,
+            metrics,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The scheduler, or UNAVAILABLE while loading or draining.
+    pub fn ready(&self) -> Result<(&Scheduler, &Limits), ServeError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(ServeError::Unavailable { reason: "the server is shutting down".into() });
+        }
+        match (self.scheduler.get(), self.limits.get()) {
+            (Some(s), Some(l)) => Ok((s, l)),
+            _ => Err(ServeError::Unavailable { reason: "the model is still loading".into() }),
+        }
+    }
+
+    /// Validates, tokenizes and queues a request. Every rejection is counted in `r1_requests_total`.
+    pub async fn start(
+        &self,
+        raw: RawRequest,
+        api: &'static str,
+        request_id: String,
+        deadline: Option<Instant>,
+        span: tracing::Span,
+    ) -> Result<UnboundedReceiver<Event>, ServeError> {
+        let result = self.start_inner(raw, api, request_id, deadline, span.clone()).await;
+        if let Err(e) = &result {
+            span.record("error", tracing::field::display(e));
+            self.metrics.request_done(api, e.kind());
+        }
+        result
+    }
+
+    async fn start_inner(
+        &self,
+        raw: RawRequest,
+        api: &'static str,
+        request_id: String,
+        deadline: Option<Instant>,
+        span: tracing::Span,
+    ) -> Result<UnboundedReceiver<Event>, ServeError> {
+        let (scheduler, limits) = self.ready()?;
+        let valid = validate(raw, limits)?;
+        let frontend = scheduler.frontend();
+        let input = valid.input.clone();
+        let prompt = tokio::task::spawn_blocking(move || frontend.encode(&input))
+            .await
+            .map_err(|e| ServeError::Engine { kind: "tokenizer".into(), message: e.to_string() })?
+            .map_err(|e| ServeError::Engine { kind: e.kind, message: e.message })?;
+        check_context(prompt.len(), valid.max_tokens, limits)?;
+        span.record("prompt_tokens", prompt.len());
+        let params = SeqParams { sampling: valid.sampling, max_tokens: valid.max_tokens as usize, stop: valid.stop, ignore_eos: valid.ignore_eos };
+        scheduler.submit(Submission { request_id, api, prompt, params, deadline, span })
+    }
+}
+
+/// Waits for a request's events and returns the whole response (unary APIs).
+pub async fn collect(mut rx: UnboundedReceiver<Event>, span: &tracing::Span) -> Result<Collected, ServeError> {
+    let mut out = Collected {
+        text: String::new(),
+        reasoning: String::new(),
+        token_ids: Vec::new(),
+        finish_reason: FinishReason::Length,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Admitted { queue_time } => {
+                span.record("queue_ms", queue_time.as_millis() as u64);
+            }
+            Event::Delta(d) => {
+                out.text.push_str(&d.text);
+                out.reasoning.push_str(&d.reasoning);
+                out.token_ids.extend(d.token_ids);
+            }
+            Event::Finished(f) => {
+                record_finish(span, f.reason, f.completion_tokens);
+                out.finish_reason = f.reason;
+                out.prompt_tokens = f.prompt_tokens;
+                out.completion_tokens = f.completion_tokens;
+                return Ok(out);
+            }
+            Event::Failed(e) => {
+                span.record("error", tracing::field::display(&e));
+                return Err(e);
+            }
+        }
+    }
+    Err(ServeError::Unavailable { reason: "the scheduler dropped the request".into() })
+}
+
+/// Records the end of a request on its span.
+pub fn record_finish(span: &tracing::Span, reason: FinishReason, completion_tokens: usize) {
+    span.record("finish_reason", reason.as_str());
+    span.record("completion_tokens", completion_tokens);
+}

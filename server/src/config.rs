@@ -1,0 +1,314 @@
+//! Server configuration: every flag is `--flag`, `R1_FLAG` in the environment, or `flag` in an optional TOML file
+//! (`--config FILE.toml`). Precedence: command line, then environment, then file, then default. Everything is
+//! validated once at start ([`ServeArgs::validate`]) and split into the small config structs the parts use.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+use crate::scheduler::SchedulerConfig;
+use crate::validate::Limits;
+
+/// Largest batch any engine profile is built for; larger values are refused at start.
+pub const MAX_BATCH_SIZE_LIMIT: usize = 256;
+
+/// `r1-serve`: serve an exported artifact over gRPC and OpenAI-compatible HTTP.
+#[derive(Debug, Parser)]
+#[command(name = "r1-serve", version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// `generate`: run the engine in-process on one prompt; no subcommand: serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server flags (when no subcommand is given).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands of `r1-serve`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a completion in-process (no server), printing reasoning and answer.
+    Generate(GenerateArgs),
+}
+
+/// Flags of `r1-serve generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Artifact directory written by r1-export.
+    #[arg(long, env = "R1_MODEL")]
+    pub model: PathBuf,
+    /// Backend: auto, ort or tract.
+    #[arg(long, env = "R1_BACKEND", default_value = "auto")]
+    pub backend: String,
+    /// Treat the prompt as raw text instead of a user chat message.
+    #[arg(long)]
+    pub raw: bool,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: u32,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The prompt.
+    pub prompt: String,
+}
+
+/// Flags of the server. Field names are the TOML keys (kebab-case, as the flags).
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (keys as the long flags, e.g. `max-batch-size = 8`).
+    #[arg(long, env = "R1_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Artifact directory written by r1-export (required to serve).
+    #[arg(long, env = "R1_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Model id reported by ModelInfo and /v1/models (default: the artifact directory name).
+    #[arg(long, env = "R1_MODEL_ID")]
+    pub model_id: Option<String>,
+    /// Backend: auto, ort or tract.
+    #[arg(long, env = "R1_BACKEND", default_value = "auto")]
+    pub backend: String,
+    /// gRPC listen address.
+    #[arg(long, env = "R1_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address (/metrics and the OpenAI-compatible API).
+    #[arg(long, env = "R1_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Requests queued plus running above which new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "R1_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
+    pub max_concurrent_requests: usize,
+    /// Requests waiting for a batch slot above which new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "R1_MAX_QUEUE", default_value_t = 128)]
+    pub max_queue: usize,
+    /// Sequences stepped together at most.
+    #[arg(long, env = "R1_MAX_BATCH_SIZE", default_value_t = 16)]
+    pub max_batch_size: usize,
+    /// Tokens fed to the model in one step at most (decode tokens plus prefill chunks).
+    #[arg(long, env = "R1_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+    /// Longest prefill chunk of one sequence in one step; longer prompts are prefilled over several steps.
+    #[arg(long, env = "R1_PREFILL_CHUNK", default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, env = "R1_MAX_NEW_TOKENS", default_value_t = 4096)]
+    pub max_new_tokens: u32,
+    /// `max_tokens` of requests that do not set it.
+    #[arg(long, env = "R1_DEFAULT_MAX_TOKENS", default_value_t = 512)]
+    pub default_max_tokens: u32,
+    /// KV cache budget in MiB (default: the engine's).
+    #[arg(long, env = "R1_KV_CACHE_MIB")]
+    pub kv_cache_mib: Option<u64>,
+    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before cancelling them.
+    #[arg(long, env = "R1_DRAIN_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub drain_timeout_secs: f64,
+    /// OTLP/gRPC endpoint for traces (e.g. http://127.0.0.1:4317); unset disables export.
+    #[arg(long, env = "R1_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "R1_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "R1_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl ServeArgs {
+    /// Parses the command line, then fills settings left at their defaults from `--config FILE.toml`.
+    pub fn parse_cli() -> Result<Cli, ConfigError> {
+        let matches = Cli::command().get_matches();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        if cli.command.is_none() {
+            if let Some(path) = cli.serve.config.clone() {
+                cli.serve = cli.serve.merge_file(&path, &matches)?;
+            }
+        }
+        Ok(cli)
+    }
+
+    /// Returns these settings with every one that `matches` left at its default replaced by the file's value.
+    pub fn merge_file(&self, path: &Path, matches: &ArgMatches) -> Result<ServeArgs, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        self.merge_toml(&text, path, |id| matches.value_source(id))
+    }
+
+    /// [`ServeArgs::merge_file`] on text; `source_of` tells where a setting (clap id, snake_case) came from.
+    pub fn merge_toml(
+        &self,
+        text: &str,
+        path: &Path,
+        source_of: impl Fn(&str) -> Option<ValueSource>,
+    ) -> Result<ServeArgs, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse { path: path.into(), message };
+        let file: toml::Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        let mut current = toml::Table::try_from(self).map_err(|e| parse_err(e.to_string()))?;
+        let cmd = Cli::command();
+        for (key, value) in file {
+            let id = key.replace('-', "_");
+            if id == "config" || !cmd.get_arguments().any(|a| a.get_id().as_str() == id) {
+                return Err(parse_err(format!("unknown setting `{key}` (keys are the long flag names, e.g. `max-batch-size`)")));
+            }
+            let from_default = matches!(source_of(&id), None | Some(ValueSource::DefaultValue));
+            if from_default {
+                current.insert(key, value);
+            }
+        }
+        let mut merged: ServeArgs = current.try_into().map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        merged.config = self.config.clone();
+        Ok(merged)
+    }
+
+    /// Checks ranges and consistency; returns the validated configuration.
+    pub fn validate(&self) -> Result<ServerConfig, ConfigError> {
+        let bad = |name: &'static str, message: String| Err(ConfigError::Invalid { name, message });
+        let model = match &self.model {
+            Some(m) if m.join("manifest.json").is_file() => m.clone(),
+            Some(m) => return bad("--model", format!("must be an artifact directory holding manifest.json, got {}", m.display())),
+            None => return bad("--model", "is required (or R1_MODEL, or `model` in the config file)".into()),
+        };
+        if !matches!(self.backend.as_str(), "auto" | "ort" | "tract") {
+            return bad("--backend", format!("must be auto, ort or tract, got {:?}", self.backend));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad("--log-format", format!("must be text or json, got {:?}", self.log_format));
+        }
+        if self.grpc_addr == self.http_addr && self.grpc_addr.port() != 0 {
+            return bad("--http-addr", format!("must differ from --grpc-addr, both are {}", self.grpc_addr));
+        }
+        if !(self.drain_timeout_secs.is_finite() && (0.0..=3600.0).contains(&self.drain_timeout_secs)) {
+            return bad("--drain-timeout-secs", format!("must be between 0 and 3600, got {}", self.drain_timeout_secs));
+        }
+        if let Some(0) = self.kv_cache_mib {
+            return bad("--kv-cache-mib", "must be at least 1, got 0".into());
+        }
+        let scheduler = SchedulerConfig {
+            max_batch_size: self.max_batch_size,
+            max_batch_tokens: self.max_batch_tokens,
+            max_queue: self.max_queue,
+            max_concurrent_requests: self.max_concurrent_requests,
+            prefill_chunk: self.prefill_chunk,
+        };
+        scheduler.validate()?;
+        let limits = Limits {
+            max_new_tokens: self.max_new_tokens,
+            default_max_tokens: self.default_max_tokens,
+            max_context_tokens: u32::MAX,
+        };
+        limits.validate()?;
+        let model_id = self.model_id.clone().unwrap_or_else(|| {
+            model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "r1".into())
+        });
+        Ok(ServerConfig {
+            model,
+            model_id,
+            backend: self.backend.clone(),
+            grpc_addr: self.grpc_addr,
+            http_addr: self.http_addr,
+            kv_cache_bytes: self.kv_cache_mib.map(|m| m << 20),
+            drain_timeout: Duration::from_secs_f64(self.drain_timeout_secs),
+            scheduler,
+            limits,
+            telemetry: TelemetryConfig {
+                otlp_endpoint: self.otlp_endpoint.clone(),
+                json: self.log_format == "json",
+                filter: self.log.clone(),
+            },
+        })
+    }
+}
+
+/// Logging and tracing settings.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint, if traces are exported.
+    pub otlp_endpoint: Option<String>,
+    /// JSON log lines instead of text.
+    pub json: bool,
+    /// EnvFilter directives.
+    pub filter: String,
+}
+
+/// The validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Artifact directory.
+    pub model: PathBuf,
+    /// Served model id.
+    pub model_id: String,
+    /// `auto`, `ort` or `tract`.
+    pub backend: String,
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address.
+    pub http_addr: SocketAddr,
+    /// KV cache budget, if set.
+    pub kv_cache_bytes: Option<u64>,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub drain_timeout: Duration,
+    /// Batching and admission.
+    pub scheduler: SchedulerConfig,
+    /// Request limits (`max_context_tokens` is filled in from the model).
+    pub limits: Limits,
+    /// Logging and tracing.
+    pub telemetry: TelemetryConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> (ServeArgs, ArgMatches) {
+        let mut argv = vec!["r1-serve"];
+        argv.extend_from_slice(extra);
+        let matches = Cli::command().try_get_matches_from(argv).expect("parse");
+        let cli = Cli::from_arg_matches(&matches).expect("from matches");
+        (cli.serve, matches)
+    }
+
+    #[test]
+    fn file_fills_defaults_but_cli_wins() {
+        let (a, m) = args(&["--max-batch-size", "4"]);
+        let toml = "max-batch-size = 8\nmax-queue = 7\nbackend = \"tract\"\n";
+        let merged = a.merge_toml(toml, Path::new("x.toml"), |id| m.value_source(id)).expect("merge");
+        assert_eq!(merged.max_batch_size, 4, "command line beats file");
+        assert_eq!(merged.max_queue, 7, "file beats default");
+        assert_eq!(merged.backend, "tract");
+        assert_eq!(merged.max_batch_tokens, 2048, "untouched default");
+    }
+
+    #[test]
+    fn unknown_file_key_is_an_error_naming_it() {
+        let (a, m) = args(&[]);
+        let err = a.merge_toml("max-batch = 8\n", Path::new("x.toml"), |id| m.value_source(id)).unwrap_err();
+        assert!(err.to_string().contains("max-batch"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_flag_limit_and_value() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("manifest.json"), "{}").expect("write");
+        let model = dir.path().to_str().expect("utf8");
+        let (a, _) = args(&["--model", model, "--max-batch-size", "0"]);
+        let err = a.validate().unwrap_err().to_string();
+        assert!(err.contains("--max-batch-size") && err.contains("got 0"), "{err}");
+        let (a, _) = args(&["--model", model, "--default-max-tokens", "9000"]);
+        let err = a.validate().unwrap_err().to_string();
+        assert!(err.contains("--default-max-tokens") && err.contains("4096") && err.contains("9000"), "{err}");
+        let (a, _) = args(&["--model", "/nonexistent"]);
+        assert!(a.validate().unwrap_err().to_string().contains("--model"));
+        let (a, _) = args(&["--model", model, "--backend", "gpu"]);
+        assert!(a.validate().unwrap_err().to_string().contains("\"gpu\""));
+        let (a, _) = args(&["--model", model]);
+        let cfg = a.validate().expect("defaults are valid");
+        assert_eq!(cfg.scheduler.max_batch_size, 16);
+    }
+}

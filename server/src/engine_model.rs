@@ -1,0 +1,200 @@
+//! [`Model`] over `r1_engine`: the engine steps the batch and returns logits; per sequence this adapter samples
+//! (`r1_engine::sampling::Sampler`, seeded), detokenizes incrementally, checks EOS/`max_tokens`/stop strings
+//! (`StopChecker`, which holds back possible stop prefixes) and splits reasoning from answer (`ReasoningSplitter`).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use r1_engine::sampling::{FinishReason as EngineFinish, Sampler, SamplingParams, StopChecker, StopParams};
+use r1_engine::text::{ChatMessage, ChatTemplate, IncrementalDetokenizer, ReasoningSplitter, RenderOptions, Tokenizer};
+use r1_engine::{BackendKind, Engine, EngineOptions, SequenceId, StepWork};
+
+use crate::model::{Emitted, Frontend, Model, ModelDescription, ModelError, ModelFinish, PromptInput, SeqId, SeqParams, Work};
+
+fn engine_err(e: r1_engine::EngineError) -> ModelError {
+    ModelError::new(e.kind(), e.to_string())
+}
+
+fn text_err(e: r1_engine::text::TextError) -> ModelError {
+    ModelError::new(e.kind(), e.to_string())
+}
+
+/// Tokenizer and chat template of an artifact.
+pub struct EngineText {
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+}
+
+impl EngineText {
+    /// Loads `tokenizer.json` and the configs from an artifact directory.
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let tokenizer = Tokenizer::from_dir(dir).map_err(text_err)?;
+        let template = ChatTemplate::from_config(tokenizer.config(), None, false).ok();
+        Ok(EngineText { tokenizer, template })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
+impl Frontend for EngineText {
+    fn encode(&self, input: &PromptInput) -> Result<Vec<u32>, ModelError> {
+        match input {
+            PromptInput::Text(t) => self.tokenizer.encode(t, true).map_err(text_err),
+            PromptInput::Chat(turns) => {
+                let template = self
+                    .template
+                    .as_ref()
+                    .ok_or_else(|| ModelError::new("invalid_argument", "`messages` needs a chat template and this artifact has none; send `prompt`"))?;
+                let msgs: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
+                let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
+                let rendered = template.render(&msgs, &opts).map_err(text_err)?;
+                // The template writes the BOS token itself.
+                self.tokenizer.encode(&rendered, false).map_err(text_err)
+            }
+        }
+    }
+}
+
+struct Seq {
+    id: SequenceId,
+    sampler: Sampler,
+    stop: StopChecker,
+    detok: IncrementalDetokenizer,
+    split: ReasoningSplitter,
+    context: Vec<u32>,
+}
+
+/// The real model: an [`Engine`] plus per-sequence sampling and text state.
+pub struct EngineModel {
+    engine: Engine,
+    text: Arc<EngineText>,
+    seqs: HashMap<SeqId, Seq>,
+    next: u64,
+}
+
+impl std::fmt::Debug for EngineModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineModel").field("engine", &self.engine).field("sequences", &self.seqs.len()).finish()
+    }
+}
+
+impl EngineModel {
+    /// Opens an artifact directory with `backend` (`auto`, `ort`, `tract`) and an optional KV budget in bytes.
+    pub fn load(dir: &Path, backend: &str, kv_budget_bytes: Option<u64>) -> Result<Self, ModelError> {
+        let kind: BackendKind = backend.parse().map_err(engine_err)?;
+        let opts = EngineOptions { backend: kind, kv_budget_bytes, ..Default::default() };
+        let engine = Engine::load(dir, &opts).map_err(engine_err)?;
+        let text = Arc::new(EngineText::load(dir)?);
+        Ok(EngineModel { engine, text, seqs: HashMap::new(), next: 0 })
+    }
+
+    fn bytes_per_token(&self) -> u64 {
+        self.engine.kv_budget().bytes_per_token().max(1)
+    }
+}
+
+impl Model for EngineModel {
+    fn describe(&self) -> ModelDescription {
+        let m = self.engine.manifest();
+        ModelDescription {
+            family: m.family.clone(),
+            precision: m.precision.clone(),
+            backend: self.engine.backend_name().to_string(),
+            max_context_tokens: m.model.max_position_embeddings,
+            vocab_size: m.model.vocab_size,
+            batch_profiles: Vec::new(),
+            kv_capacity_tokens: (self.engine.kv_budget().budget_bytes() / self.bytes_per_token()) as usize,
+        }
+    }
+
+    fn frontend(&self) -> Arc<dyn Frontend> {
+        self.text.clone()
+    }
+
+    fn can_admit(&self, positions: usize) -> bool {
+        self.engine.can_admit(positions)
+    }
+
+    fn add_sequence(&mut self, prompt: &[u32], params: &SeqParams) -> Result<SeqId, ModelError> {
+        let s = &params.sampling;
+        let sampling = SamplingParams {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            min_p: s.min_p,
+            repetition_penalty: s.repetition_penalty,
+            seed: s.seed,
+        };
+        let sampler = Sampler::new(sampling).map_err(|e| ModelError::new(e.kind(), e.to_string()))?;
+        let tok = self.text.tokenizer();
+        let stop = StopChecker::new(StopParams {
+            max_tokens: params.max_tokens.min(u32::MAX as usize) as u32,
+            stop: params.stop.clone(),
+            eos_token_ids: tok.eos_token_ids().to_vec(),
+            ignore_eos: params.ignore_eos,
+        });
+        // Does the rendered prompt already open the reasoning (R1 templates end with `<think>\n`)?
+        let tail = tok.decode(&prompt[prompt.len().saturating_sub(4)..], false).unwrap_or_default();
+        let split = ReasoningSplitter::new(r1_engine::text::prompt_opens_reasoning(&tail));
+        let id = self.engine.add_sequence(prompt, params.max_tokens).map_err(engine_err)?;
+        let handle = SeqId(self.next);
+        self.next += 1;
+        let detok = IncrementalDetokenizer::with_context(prompt, true);
+        self.seqs.insert(handle, Seq { id, sampler, stop, detok, split, context: prompt.to_vec() });
+        Ok(handle)
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) {
+        if let Some(s) = self.seqs.remove(&seq) {
+            self.engine.remove_sequence(s.id);
+        }
+    }
+
+    fn step(&mut self, work: &[Work], _pad_to: usize) -> Result<Vec<Emitted>, ModelError> {
+        let mut by_engine_id = HashMap::with_capacity(work.len());
+        let mut engine_work = Vec::with_capacity(work.len());
+        for w in work {
+            let s = self.seqs.get(&w.seq).ok_or_else(|| ModelError::new("not_found", format!("unknown sequence {}", w.seq.0)))?;
+            by_engine_id.insert(s.id, w.seq);
+            engine_work.push(StepWork::chunk(s.id, w.tokens));
+        }
+        let results = self.engine.step(&engine_work).map_err(engine_err)?;
+        let tok = self.text.tokenizer();
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            let Some(&handle) = by_engine_id.get(&r.seq) else { continue };
+            let Some(s) = self.seqs.get_mut(&handle) else { continue };
+            let token = s.sampler.sample(&r.logits, &s.context).map_err(|e| ModelError::new(e.kind(), e.to_string()))?;
+            s.context.push(token);
+            let delta = s.detok.push(tok, token).map_err(text_err)?;
+            let mut released = s.stop.push(token, &delta);
+            let finish = released.finish.map(|f| match f {
+                EngineFinish::Stop => ModelFinish::Eos,
+                EngineFinish::StopSequence => ModelFinish::StopSequence,
+                _ => ModelFinish::Length,
+            });
+            let mut parts = s.split.push(&released.text);
+            if finish.is_some() {
+                released.text = s.detok.finish(tok).map_err(text_err)?;
+                let tail = s.split.push(&released.text);
+                let end = s.split.finish();
+                parts.reasoning.push_str(&tail.reasoning);
+                parts.reasoning.push_str(&end.reasoning);
+                parts.content.push_str(&tail.content);
+                parts.content.push_str(&end.content);
+            } else {
+                self.engine.push_token(s.id, token).map_err(engine_err)?;
+            }
+            out.push(Emitted { seq: handle, token, text: parts.content, reasoning: parts.reasoning, finish });
+        }
+        Ok(out)
+    }
+
+    fn kv_used_tokens(&self) -> usize {
+        (self.engine.kv_budget().reserved_bytes() / self.bytes_per_token()) as usize
+    }
+}

@@ -1,0 +1,114 @@
+//! Prometheus metrics, all named `r1_*`, served as text on `GET /metrics` of the HTTP port.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// Label set of `r1_requests`: `outcome` (`ok` or a [`crate::error::ServeError::kind`]) and `api` (`grpc`, `http`).
+pub type OutcomeLabels = Vec<(&'static str, &'static str)>;
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by outcome (`r1_requests_total`).
+    pub requests: Family<OutcomeLabels, Counter>,
+    /// Requests waiting for a batch slot.
+    pub queue_depth: Gauge,
+    /// Sequences held by the model.
+    pub running: Gauge,
+    /// Rows per step.
+    pub batch_size: Histogram,
+    /// Tokens fed per step.
+    pub batch_tokens: Histogram,
+    /// Seconds from arrival to admission.
+    pub queue_seconds: Histogram,
+    /// Seconds from arrival to the first generated token.
+    pub time_to_first_token: Histogram,
+    /// Seconds between consecutive tokens of a sequence.
+    pub inter_token_latency: Histogram,
+    /// Seconds per model step.
+    pub step_seconds: Histogram,
+    /// Tokens generated.
+    pub generated_tokens: Counter,
+    /// Prompt tokens admitted.
+    pub prompt_tokens: Counter,
+    /// Steps that failed in the engine.
+    pub step_errors: Counter,
+    /// KV cache positions reserved.
+    pub kv_cache_used_tokens: Gauge,
+    /// KV cache capacity in positions.
+    pub kv_cache_capacity_tokens: Gauge,
+    /// Reserved / capacity.
+    pub kv_cache_usage_ratio: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered under the `r1` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("r1");
+        let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let m = Metrics {
+            requests: Family::default(),
+            queue_depth: Gauge::default(),
+            running: Gauge::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
+            batch_tokens: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            queue_seconds: latency(),
+            time_to_first_token: latency(),
+            inter_token_latency: latency(),
+            step_seconds: latency(),
+            generated_tokens: Counter::default(),
+            prompt_tokens: Counter::default(),
+            step_errors: Counter::default(),
+            kv_cache_used_tokens: Gauge::default(),
+            kv_cache_capacity_tokens: Gauge::default(),
+            kv_cache_usage_ratio: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Requests by outcome", m.requests.clone());
+        registry.register("queue_depth", "Requests waiting for a batch slot", m.queue_depth.clone());
+        registry.register("running_sequences", "Sequences held by the model", m.running.clone());
+        registry.register("batch_size", "Sequences per model step", m.batch_size.clone());
+        registry.register("batch_tokens", "Tokens fed per model step", m.batch_tokens.clone());
+        registry.register("queue_time_seconds", "Seconds from arrival to admission", m.queue_seconds.clone());
+        registry.register("time_to_first_token_seconds", "Seconds from arrival to the first token", m.time_to_first_token.clone());
+        registry.register("inter_token_latency_seconds", "Seconds between tokens of a sequence", m.inter_token_latency.clone());
+        registry.register("step_duration_seconds", "Seconds per model step", m.step_seconds.clone());
+        registry.register("generated_tokens", "Tokens generated", m.generated_tokens.clone());
+        registry.register("prompt_tokens", "Prompt tokens admitted", m.prompt_tokens.clone());
+        registry.register("step_errors", "Model steps that failed", m.step_errors.clone());
+        registry.register("kv_cache_used_tokens", "KV cache positions reserved", m.kv_cache_used_tokens.clone());
+        registry.register("kv_cache_capacity_tokens", "KV cache capacity in positions", m.kv_cache_capacity_tokens.clone());
+        registry.register("kv_cache_usage_ratio", "KV cache positions reserved / capacity", m.kv_cache_usage_ratio.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Counts a finished request.
+    pub fn request_done(&self, api: &'static str, outcome: &'static str) {
+        self.requests.get_or_create(&vec![("api", api), ("outcome", outcome)]).inc();
+    }
+
+    /// Count of requests with this api and outcome so far.
+    pub fn requests_with(&self, api: &'static str, outcome: &'static str) -> u64 {
+        self.requests.get_or_create(&vec![("api", api), ("outcome", outcome)]).get()
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

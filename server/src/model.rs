@@ -1,0 +1,157 @@
+//! The boundary between the scheduler and a model: the small [`Model`] trait the scheduler drives, and the plain
+//! data types that cross it. Implementations: [`crate::fake::FakeModel`] (deterministic, no ONNX, for tests) and
+//! [`crate::engine_model::EngineModel`] (over `r1_engine::Engine`).
+//!
+//! Protocol, per scheduler iteration: [`Model::can_admit`] then [`Model::add_sequence`] for new requests;
+//! [`Model::step`] with one [`Work`] item per scheduled sequence (a prefill chunk of `tokens`, or `tokens = 1` for a
+//! decode); the model returns one [`Emitted`] token for every sequence whose pending input was fully fed;
+//! [`Model::remove_sequence`] when a request ends for any reason. A failed step must leave every sequence as it was.
+
+use std::sync::Arc;
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTurn {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Message text.
+    pub content: String,
+}
+
+/// What to tokenize.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptInput {
+    /// Raw text, no template.
+    Text(String),
+    /// Chat messages, rendered with the model's chat template.
+    Chat(Vec<ChatTurn>),
+}
+
+/// Validated sampling settings of one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus threshold in (0, 1].
+    pub top_p: f32,
+    /// 0 disables.
+    pub top_k: u32,
+    /// In [0, 1).
+    pub min_p: f32,
+    /// 1 disables.
+    pub repetition_penalty: f32,
+    /// Seed; the scheduler fills in a random one when unset.
+    pub seed: Option<u64>,
+}
+
+/// Per-sequence generation settings handed to [`Model::add_sequence`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqParams {
+    /// Sampling settings.
+    pub sampling: Sampling,
+    /// Tokens to generate at most (the scheduler stops the sequence there).
+    pub max_tokens: usize,
+    /// Stop strings (the model trims them from the text and reports [`ModelFinish::StopSequence`]).
+    pub stop: Vec<String>,
+    /// Do not finish on EOS.
+    pub ignore_eos: bool,
+}
+
+/// Handle of a sequence inside a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Work {
+    /// Which sequence.
+    pub seq: SeqId,
+    /// Tokens to feed: a prefill chunk, or 1 when decoding.
+    pub tokens: usize,
+}
+
+/// Why the model ended a sequence on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFinish {
+    /// End-of-sequence token.
+    Eos,
+    /// A stop string matched.
+    StopSequence,
+    /// `max_tokens` reached (when the model tracks it) or the context window is full.
+    Length,
+}
+
+/// A token produced for one sequence by a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emitted {
+    /// Which sequence.
+    pub seq: SeqId,
+    /// The token id.
+    pub token: u32,
+    /// New answer text (may be empty while bytes of a character are pending).
+    pub text: String,
+    /// New reasoning text.
+    pub reasoning: String,
+    /// Set when this token ends the sequence.
+    pub finish: Option<ModelFinish>,
+}
+
+/// Static description of a loaded model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDescription {
+    /// Family from the manifest.
+    pub family: String,
+    /// Weight precision.
+    pub precision: String,
+    /// Backend name.
+    pub backend: String,
+    /// Longest prompt + output in tokens.
+    pub max_context_tokens: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Batch sizes the engine is optimized for (ascending; empty = any size).
+    pub batch_profiles: Vec<usize>,
+    /// KV cache capacity in token positions (for the whole batch).
+    pub kv_capacity_tokens: usize,
+}
+
+/// An error from a model: a stable kind and a message naming what failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct ModelError {
+    /// Stable label (`backend`, `invalid_argument`, `tokenizer`, ...).
+    pub kind: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl ModelError {
+    /// Builds an error.
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        ModelError { kind: kind.into(), message: message.into() }
+    }
+}
+
+/// The text side of a model, used by request handlers (thread-safe, no sequence state).
+pub trait Frontend: Send + Sync {
+    /// Tokenizes a prompt (rendering chat messages with the chat template).
+    fn encode(&self, input: &PromptInput) -> Result<Vec<u32>, ModelError>;
+}
+
+/// What the scheduler needs from a model. Called from one dedicated thread only.
+pub trait Model: Send {
+    /// Static description.
+    fn describe(&self) -> ModelDescription;
+    /// The tokenizer side, shared with request handlers.
+    fn frontend(&self) -> Arc<dyn Frontend>;
+    /// Whether a sequence needing `positions` KV positions (prompt + max tokens) fits now.
+    fn can_admit(&self, positions: usize) -> bool;
+    /// Adds a sequence with `prompt` pending.
+    fn add_sequence(&mut self, prompt: &[u32], params: &SeqParams) -> Result<SeqId, ModelError>;
+    /// Frees a sequence (no-op if unknown).
+    fn remove_sequence(&mut self, seq: SeqId);
+    /// One forward pass over `work`; `pad_to` is the profile batch size the scheduler aligned the batch to.
+    fn step(&mut self, work: &[Work], pad_to: usize) -> Result<Vec<Emitted>, ModelError>;
+    /// KV positions reserved now.
+    fn kv_used_tokens(&self) -> usize;
+}

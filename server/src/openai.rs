@@ -1,0 +1,243 @@
+//! OpenAI-compatible HTTP API: `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream: true` as
+//! server-sent events, ending with `data: [DONE]`) and `GET /v1/models`. The reasoning is returned as
+//! `reasoning_content` beside `content`, as DeepSeek's API does. Errors use OpenAI's `{"error": {...}}` shape.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::api::{collect, record_finish, AppState};
+use crate::error::ServeError;
+use crate::model::ChatTurn;
+use crate::scheduler::{Event, FinishReason};
+use crate::telemetry::{request_id, request_span, Carrier};
+use crate::validate::{RawRequest, RawSampling};
+
+/// `stop` as OpenAI accepts it: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// A chat message in a request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Message {
+    /// Role.
+    pub role: String,
+    /// Text.
+    #[serde(default)]
+    pub content: String,
+}
+
+/// Body of `/v1/chat/completions` and `/v1/completions` (fields of both; unknown fields are ignored).
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct CompletionBody {
+    /// Model id; must match the served one when given.
+    pub model: Option<String>,
+    /// Chat messages (chat endpoint).
+    #[serde(default)]
+    pub messages: Vec<Message>,
+    /// Prompt (completions endpoint).
+    pub prompt: Option<String>,
+    /// Output length.
+    pub max_tokens: Option<u32>,
+    /// Newer name of `max_tokens`.
+    pub max_completion_tokens: Option<u32>,
+    /// Temperature.
+    pub temperature: Option<f32>,
+    /// Nucleus threshold.
+    pub top_p: Option<f32>,
+    /// Top-k (extension, as vLLM).
+    pub top_k: Option<u32>,
+    /// Min-p (extension).
+    pub min_p: Option<f32>,
+    /// Repetition penalty (extension).
+    pub repetition_penalty: Option<f32>,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Option<Stop>,
+    /// Stream as SSE.
+    #[serde(default)]
+    pub stream: bool,
+    /// Generate past EOS (extension).
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// Number of choices; only 1 is supported.
+    pub n: Option<u32>,
+}
+
+fn error_response(e: &ServeError) -> Response {
+    let (code, kind) = match e {
+        ServeError::InvalidArgument { .. } | ServeError::TooLarge { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        ServeError::Overloaded { .. } | ServeError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+        ServeError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+        ServeError::Cancelled { .. } | ServeError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        ServeError::Engine { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+    };
+    let param = match e {
+        ServeError::InvalidArgument { field, .. } => Value::String(field.clone()),
+        _ => Value::Null,
+    };
+    (code, Json(json!({"error": {"message": e.to_string(), "type": kind, "param": param, "code": e.kind()}}))).into_response()
+}
+
+fn finish_str(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop | FinishReason::StopSequence => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Cancelled => "cancelled",
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeError> {
+    if body.n.is_some_and(|n| n != 1) {
+        return Err(ServeError::invalid("n", format!("must be 1 (one choice per request), got {}", body.n.unwrap_or(0))));
+    }
+    let (prompt, messages) = if chat {
+        if body.prompt.is_some() {
+            return Err(ServeError::invalid("prompt", "is not accepted by /v1/chat/completions; use `messages`"));
+        }
+        (None, body.messages.iter().map(|m| ChatTurn { role: m.role.clone(), content: m.content.clone() }).collect())
+    } else {
+        if !body.messages.is_empty() {
+            return Err(ServeError::invalid("messages", "is not accepted by /v1/completions; use `prompt`"));
+        }
+        (Some(body.prompt.clone().unwrap_or_default()), Vec::new())
+    };
+    Ok(RawRequest {
+        prompt,
+        messages,
+        max_tokens: body.max_completion_tokens.or(body.max_tokens),
+        sampling: RawSampling {
+            temperature: body.temperature,
+            top_p: body.top_p,
+            top_k: body.top_k,
+            min_p: body.min_p,
+            repetition_penalty: body.repetition_penalty,
+            seed: body.seed,
+        },
+        stop: match &body.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        },
+        ignore_eos: body.ignore_eos,
+        sampling_prefix: "",
+    })
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{"id": state.model_id, "object": "model", "created": 0, "owned_by": "r1"}]}))
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, Json(body): Json<CompletionBody>) -> Response {
+    complete(state, headers, body, true).await
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, Json(body): Json<CompletionBody>) -> Response {
+    complete(state, headers, body, false).await
+}
+
+async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody, chat: bool) -> Response {
+    let carrier = Carrier::Http(&headers);
+    let rid = request_id(&carrier);
+    let span = request_span(if chat { "chat.completions" } else { "completions" }, &rid, &carrier);
+    if let Some(m) = &body.model {
+        if m != &state.model_id {
+            let msg = format!("model {m:?} not found; this server serves {:?}", state.model_id);
+            return (StatusCode::NOT_FOUND, Json(json!({"error": {"message": msg, "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}))).into_response();
+        }
+    }
+    let raw = match raw_request(&body, chat) {
+        Ok(r) => r,
+        Err(e) => {
+            state.metrics.request_done("http", e.kind());
+            return error_response(&e);
+        }
+    };
+    let rx = match state.start(raw, "http", rid.clone(), None, span.clone()).await {
+        Ok(rx) => rx,
+        Err(e) => return error_response(&e),
+    };
+    let (id, object, model, created) = if chat {
+        (format!("chatcmpl-{rid}"), "chat.completion", state.model_id.clone(), now_secs())
+    } else {
+        (format!("cmpl-{rid}"), "text_completion", state.model_id.clone(), now_secs())
+    };
+    if !body.stream {
+        return match collect(rx, &span).await {
+            Err(e) => error_response(&e),
+            Ok(c) => {
+                let choice = if chat {
+                    json!({"index": 0, "message": {"role": "assistant", "content": c.text, "reasoning_content": c.reasoning},
+                           "finish_reason": finish_str(c.finish_reason)})
+                } else {
+                    json!({"index": 0, "text": c.text, "reasoning_content": c.reasoning, "finish_reason": finish_str(c.finish_reason)})
+                };
+                let usage = json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                                   "total_tokens": c.prompt_tokens + c.completion_tokens});
+                Json(json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage}))
+                    .into_response()
+            }
+        };
+    }
+    let chunk_object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let chunk = move |choice: Value, usage: Value| {
+        let v = json!({"id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice], "usage": usage});
+        SseEvent::default().data(v.to_string())
+    };
+    let events = UnboundedReceiverStream::new(rx)
+        .filter_map(move |ev| {
+            let out = match ev {
+                Event::Admitted { .. } => None,
+                Event::Delta(d) => {
+                    let choice = if chat {
+                        json!({"index": 0, "delta": {"role": "assistant", "content": d.text, "reasoning_content": d.reasoning}, "finish_reason": null})
+                    } else {
+                        json!({"index": 0, "text": d.text, "reasoning_content": d.reasoning, "finish_reason": null})
+                    };
+                    Some(vec![chunk(choice, Value::Null)])
+                }
+                Event::Finished(f) => {
+                    record_finish(&span, f.reason, f.completion_tokens);
+                    let choice = if chat {
+                        json!({"index": 0, "delta": {}, "finish_reason": finish_str(f.reason)})
+                    } else {
+                        json!({"index": 0, "text": "", "finish_reason": finish_str(f.reason)})
+                    };
+                    let usage = json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+                                       "total_tokens": f.prompt_tokens + f.completion_tokens});
+                    Some(vec![chunk(choice, usage), SseEvent::default().data("[DONE]")])
+                }
+                Event::Failed(e) => {
+                    let v = json!({"error": {"message": e.to_string(), "code": e.kind()}});
+                    Some(vec![SseEvent::default().data(v.to_string()), SseEvent::default().data("[DONE]")])
+                }
+            };
+            futures::future::ready(out)
+        })
+        .flat_map(|v| futures::stream::iter(v.into_iter().map(Ok::<_, Infallible>)));
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}

@@ -1,0 +1,425 @@
+//! The queue and batching policy: plain synchronous code, no model, no async. The actor in [`super`] owns one
+//! [`Batcher`] and asks it, every iteration, what to drop, whom to admit and what to step.
+//!
+//! Policy (continuous, iteration-level batching):
+//! - every running sequence that is decoding steps every iteration (one token each);
+//! - the rest of `max_batch_tokens` goes to prefill chunks (at most `prefill_chunk` per sequence), oldest first, so a
+//!   long prompt is prefilled over several steps and never stalls running decodes;
+//! - queued requests join at the next step, FIFO, while there are batch slots, prefill budget and KV room;
+//! - requests whose client left (response channel closed) or whose deadline passed are dropped first;
+//! - the step's batch size is aligned up to the engine's nearest optimization profile (`pad_to`).
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Entry, Event, SchedulerConfig};
+use crate::error::ServeError;
+use crate::model::{SeqId, Work};
+
+/// A request that holds a sequence in the model.
+#[derive(Debug)]
+pub struct Active {
+    /// The request.
+    pub entry: Entry,
+    /// Its sequence in the model.
+    pub seq: SeqId,
+    /// Prompt tokens fed so far.
+    pub fed: usize,
+    /// Tokens generated so far.
+    pub generated: usize,
+    /// When it left the queue.
+    pub admitted: Instant,
+    /// When its first token came out.
+    pub first_token: Option<Instant>,
+    /// When its latest token came out.
+    pub last_token: Option<Instant>,
+}
+
+impl Active {
+    /// Still feeding its prompt.
+    pub fn prefilling(&self) -> bool {
+        self.fed < self.entry.prompt.len()
+    }
+}
+
+/// Why a request was removed before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// Its client went away (response channel closed).
+    ClientLeft,
+    /// Its deadline passed.
+    Deadline,
+}
+
+/// A request removed by [`Batcher::prune`]: `seq` is set when it held a model sequence that must be freed.
+#[derive(Debug)]
+pub struct Removed {
+    /// The request.
+    pub entry: Entry,
+    /// Its model sequence, if it had been admitted.
+    pub seq: Option<SeqId>,
+    /// Why.
+    pub why: Gone,
+    /// Tokens generated before removal.
+    pub generated: usize,
+}
+
+/// One planned step: which running requests (by index into [`Batcher::running`]) feed how many tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Work items, decodes first.
+    pub work: Vec<Work>,
+    /// Indices into `running`, parallel to `work`.
+    pub rows: Vec<usize>,
+    /// Batch size after aligning to the engine's profiles.
+    pub pad_to: usize,
+    /// Tokens fed in total.
+    pub tokens: usize,
+}
+
+/// Smallest profile that holds `n` rows (or `n` itself when there are no profiles or none is large enough).
+pub fn align_to_profile(n: usize, profiles: &[usize]) -> usize {
+    profiles.iter().copied().filter(|&p| p >= n).min().unwrap_or(n)
+}
+
+/// Queue and running set.
+#[derive(Debug)]
+pub struct Batcher {
+    cfg: SchedulerConfig,
+    profiles: Vec<usize>,
+    /// Waiting requests, oldest first.
+    pub queue: VecDeque<Entry>,
+    /// Requests holding a sequence, in admission order.
+    pub running: Vec<Active>,
+}
+
+impl Batcher {
+    /// An empty batcher. `max_batch_size` is capped at the largest profile when profiles are given.
+    pub fn new(mut cfg: SchedulerConfig, profiles: Vec<usize>) -> Self {
+        if let Some(&largest) = profiles.iter().max() {
+            cfg.max_batch_size = cfg.max_batch_size.min(largest);
+        }
+        Batcher { cfg, profiles, queue: VecDeque::new(), running: Vec::new() }
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Queues a request, or hands it back with the error when the queue is full.
+    pub fn push(&mut self, entry: Entry) -> Result<(), Box<(Entry, ServeError)>> {
+        if self.queue.len() >= self.cfg.max_queue {
+            let err = ServeError::QueueFull { limit: self.cfg.max_queue, queued: self.queue.len() };
+            return Err(Box::new((entry, err)));
+        }
+        self.queue.push_back(entry);
+        Ok(())
+    }
+
+    /// Nothing queued or running.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.running.is_empty()
+    }
+
+    /// Removes requests whose client left or whose deadline passed (queued and running).
+    pub fn prune(&mut self, now: Instant) -> Vec<Removed> {
+        let why = |tx: &UnboundedSender<Event>, deadline: Option<Instant>| {
+            if tx.is_closed() {
+                Some(Gone::ClientLeft)
+            } else if deadline.is_some_and(|d| d <= now) {
+                Some(Gone::Deadline)
+            } else {
+                None
+            }
+        };
+        let mut removed = Vec::new();
+        let mut keep = VecDeque::with_capacity(self.queue.len());
+        for e in self.queue.drain(..) {
+            match why(&e.tx, e.deadline) {
+                Some(w) => removed.push(Removed { entry: e, seq: None, why: w, generated: 0 }),
+                None => keep.push_back(e),
+            }
+        }
+        self.queue = keep;
+        let mut i = 0;
+        while i < self.running.len() {
+            let a = &self.running[i];
+            match why(&a.entry.tx, a.entry.deadline) {
+                Some(w) => {
+                    let a = self.running.remove(i);
+                    removed.push(Removed { seq: Some(a.seq), why: w, generated: a.generated, entry: a.entry });
+                }
+                None => i += 1,
+            }
+        }
+        removed
+    }
+
+    fn prefill_budget_in_use(&self) -> (usize, usize) {
+        let decoding = self.running.iter().filter(|a| !a.prefilling()).count();
+        let mut budget = self.cfg.max_batch_tokens.saturating_sub(decoding);
+        let mut used = decoding;
+        for a in self.running.iter().filter(|a| a.prefilling()) {
+            let chunk = (a.entry.prompt.len() - a.fed).min(self.cfg.prefill_chunk).min(budget);
+            budget -= chunk;
+            used += chunk;
+        }
+        (used, budget)
+    }
+
+    /// Takes the queued requests that can start now, oldest first: while there are batch slots, prefill budget and
+    /// `fits(prompt + max_tokens)` says the KV cache has room. Stops at the first that does not fit (FIFO fairness).
+    pub fn take_admissible(&mut self, mut fits: impl FnMut(usize) -> bool) -> Vec<Entry> {
+        let (_, mut budget) = self.prefill_budget_in_use();
+        let mut slots = self.cfg.max_batch_size.saturating_sub(self.running.len());
+        let mut out = Vec::new();
+        while slots > 0 && budget > 0 {
+            let Some(head) = self.queue.front() else { break };
+            if !fits(head.prompt.len() + head.params.max_tokens) {
+                break;
+            }
+            budget -= head.prompt.len().min(self.cfg.prefill_chunk).min(budget);
+            slots -= 1;
+            if let Some(e) = self.queue.pop_front() {
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    /// Starts a request that the model accepted as `seq`.
+    pub fn start(&mut self, entry: Entry, seq: SeqId, now: Instant) {
+        self.running.push(Active { entry, seq, fed: 0, generated: 0, admitted: now, first_token: None, last_token: None });
+    }
+
+    /// The next step: every decoding sequence, then prefill chunks within the token budget.
+    pub fn plan(&self) -> Plan {
+        let mut plan = Plan { work: Vec::new(), rows: Vec::new(), pad_to: 0, tokens: 0 };
+        for (i, a) in self.running.iter().enumerate() {
+            if !a.prefilling() {
+                plan.work.push(Work { seq: a.seq, tokens: 1 });
+                plan.rows.push(i);
+                plan.tokens += 1;
+            }
+        }
+        let mut budget = self.cfg.max_batch_tokens.saturating_sub(plan.tokens);
+        for (i, a) in self.running.iter().enumerate() {
+            if !a.prefilling() || budget == 0 {
+                continue;
+            }
+            let chunk = (a.entry.prompt.len() - a.fed).min(self.cfg.prefill_chunk).min(budget);
+            budget -= chunk;
+            plan.work.push(Work { seq: a.seq, tokens: chunk });
+            plan.rows.push(i);
+            plan.tokens += chunk;
+        }
+        plan.pad_to = align_to_profile(plan.work.len(), &self.profiles);
+        plan
+    }
+
+    /// Records that a planned step ran: prompt chunks count as fed.
+    pub fn advance(&mut self, plan: &Plan) {
+        for (w, &row) in plan.work.iter().zip(&plan.rows) {
+            if let Some(a) = self.running.get_mut(row) {
+                if a.prefilling() {
+                    a.fed += w.tokens;
+                }
+            }
+        }
+    }
+
+    /// Removes and returns the running request holding `seq`.
+    pub fn finish(&mut self, seq: SeqId) -> Option<Active> {
+        let i = self.running.iter().position(|a| a.seq == seq)?;
+        Some(self.running.remove(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    use super::*;
+    use crate::model::{Sampling, SeqParams};
+    use crate::scheduler::Permit;
+
+    fn cfg(max_batch_size: usize, max_batch_tokens: usize, prefill_chunk: usize) -> SchedulerConfig {
+        SchedulerConfig { max_batch_size, max_batch_tokens, max_queue: 100, max_concurrent_requests: 100, prefill_chunk }
+    }
+
+    fn entry(prompt_len: usize, max_tokens: usize, counter: &Arc<AtomicUsize>) -> (Entry, UnboundedReceiver<Event>) {
+        let (tx, rx) = unbounded_channel();
+        counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let sampling = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, seed: None };
+        let e = Entry {
+            request_id: format!("r{prompt_len}"),
+            api: "grpc",
+            prompt: vec![7; prompt_len],
+            params: SeqParams { sampling, max_tokens, stop: vec![], ignore_eos: false },
+            tx,
+            deadline: None,
+            enqueued: Instant::now(),
+            span: tracing::Span::none(),
+            permit: Permit(counter.clone()),
+        };
+        (e, rx)
+    }
+
+    /// Admits everything admissible, giving sequence ids in order.
+    fn admit_all(b: &mut Batcher, next: &mut u64) -> usize {
+        let taken = b.take_admissible(|_| true);
+        let n = taken.len();
+        for e in taken {
+            b.start(e, SeqId(*next), Instant::now());
+            *next += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn batch_size_limit_caps_admission() {
+        let c = Arc::new(AtomicUsize::new(0));
+        let mut b = Batcher::new(cfg(4, 1000, 100), vec![]);
+        let mut rxs = Vec::new();
+        for _ in 0..10 {
+            let (e, rx) = entry(5, 3, &c);
+            rxs.push(rx);
+            b.push(e).expect("room");
+        }
+        let mut next = 0;
+        assert_eq!(admit_all(&mut b, &mut next), 4);
+        assert_eq!(b.queue.len(), 6);
+        assert_eq!(admit_all(&mut b, &mut next), 0, "no free slot");
+        let p = b.plan();
+        assert_eq!(p.work.len(), 4);
+        assert_eq!(p.tokens, 20);
+    }
+
+    #[test]
+    fn queue_limit_rejects_with_limit_and_depth() {
+        let c = Arc::new(AtomicUsize::new(0));
+        let mut b = Batcher::new(SchedulerConfig { max_queue: 2, ..cfg(4, 100, 10) }, vec![]);
+        let (e1, _r1) = entry(1, 1, &c);
+        let (e2, _r2) = entry(1, 1, &c);
+        let (e3, _r3) = entry(1, 1, &c);
+        b.push(e1).expect("room");
+        b.push(e2).expect("room");
+        let rejected = b.push(e3).expect_err("full");
+        assert_eq!(rejected.1, ServeError::QueueFull { limit: 2, queued: 2 });
+        drop(rejected);
+        assert_eq!(c.load(std::sync::atomic::Ordering::Acquire), 2, "the rejected entry's permit was released");
+    }
+
+    #[test]
+    fn long_prompt_is_chunked_and_decodes_keep_running() {
+        let c = Arc::new(AtomicUsize::new(0));
+        let mut b = Batcher::new(cfg(8, 64, 32), vec![]);
+        let (short, _r1) = entry(4, 10, &c);
+        b.push(short).expect("room");
+        let mut next = 0;
+        admit_all(&mut b, &mut next);
+        let p = b.plan();
+        assert_eq!(p.work, vec![Work { seq: SeqId(0), tokens: 4 }]);
+        b.advance(&p);
+        // The short one now decodes; a 100-token prompt arrives.
+        let (long, _r2) = entry(100, 10, &c);
+        b.push(long).expect("room");
+        admit_all(&mut b, &mut next);
+        let mut fed = 0;
+        let mut steps = 0;
+        while b.running[1].prefilling() {
+            let p = b.plan();
+            assert_eq!(p.work[0], Work { seq: SeqId(0), tokens: 1 }, "decode runs every step");
+            assert!(p.tokens <= 64, "token budget respected: {}", p.tokens);
+            assert!(p.work[1].tokens <= 32, "chunk limit respected");
+            fed += p.work[1].tokens;
+            b.advance(&p);
+            steps += 1;
+        }
+        assert_eq!(fed, 100);
+        assert_eq!(steps, 4, "32 + 32 + 32 + 4");
+    }
+
+    #[test]
+    fn token_budget_limits_prefill_admission() {
+        let c = Arc::new(AtomicUsize::new(0));
+        // Budget 10 tokens, chunk 8: the first prompt takes 8, the second gets 2, the third must wait.
+        let mut b = Batcher::new(cfg(8, 10, 8), vec![]);
+        let mut rx = Vec::new();
+        for _ in 0..3 {
+            let (e, r) = entry(20, 5, &c);
+            rx.push(r);
+            b.push(e).expect("room");
+        }
+        let mut next = 0;
+        assert_eq!(admit_all(&mut b, &mut next), 2);
+        let p = b.plan();
+        assert_eq!(p.work.iter().map(|w| w.tokens).collect::<Vec<_>>(), vec![8, 2]);
+    }
+
+    #[test]
+    fn kv_room_is_fifo() {
+        let c = Arc::new(AtomicUsize::new(0));
+        let mut b = Batcher::new(cfg(8, 100, 10), vec![]);
+        let (big, _r1) = entry(50, 50, &c);
+        let (small, _r2) = entry(1, 1, &c);
+        b.push(big).expect("room");
+        b.push(small).expect("room");
+        let taken = b.take_admissible(|need| need < 100);
+        assert!(taken.is_empty(), "the small request does not overtake the head");
+    }
+
+    #[test]
+    fn closed_and_expired_requests_are_pruned() {
+        let c = Arc::new(AtomicUsize::new(0));
+        let mut b = Batcher::new(cfg(8, 100, 10), vec![]);
+        let (a, ra) = entry(3, 3, &c);
+        let (mut d, _rd) = entry(4, 3, &c);
+        d.deadline = Some(Instant::now() + Duration::from_millis(5));
+        let (q, rq) = entry(5, 3, &c);
+        b.push(a).expect("room");
+        b.push(d).expect("room");
+        let mut next = 0;
+        admit_all(&mut b, &mut next);
+        b.push(q).expect("room");
+        drop(ra); // client of the running request leaves
+        drop(rq); // client of the queued request leaves
+        let removed = b.prune(Instant::now());
+        let mut got: Vec<_> = removed.iter().map(|r| (r.entry.prompt.len(), r.seq, r.why)).collect();
+        got.sort_by_key(|g| g.0);
+        assert_eq!(got, vec![(3, Some(SeqId(0)), Gone::ClientLeft), (5, None, Gone::ClientLeft)]);
+        drop(removed);
+        assert_eq!(c.load(std::sync::atomic::Ordering::Acquire), 1, "permits released");
+        let removed = b.prune(Instant::now() + Duration::from_millis(10));
+        assert_eq!(removed.len(), 1);
+        assert_eq!((removed[0].seq, removed[0].why), (Some(SeqId(1)), Gone::Deadline));
+        assert!(b.is_idle());
+    }
+
+    #[test]
+    fn batches_align_to_profiles() {
+        assert_eq!(align_to_profile(5, &[1, 2, 4, 8]), 8);
+        assert_eq!(align_to_profile(4, &[1, 2, 4, 8]), 4);
+        assert_eq!(align_to_profile(9, &[1, 2, 4, 8]), 9);
+        assert_eq!(align_to_profile(3, &[]), 3);
+        let c = Arc::new(AtomicUsize::new(0));
+        let mut b = Batcher::new(cfg(16, 1000, 10), vec![1, 2, 4, 8]);
+        assert_eq!(b.config().max_batch_size, 8, "capped at the largest profile");
+        let mut rx = Vec::new();
+        for _ in 0..5 {
+            let (e, r) = entry(2, 2, &c);
+            rx.push(r);
+            b.push(e).expect("room");
+        }
+        let mut next = 0;
+        admit_all(&mut b, &mut next);
+        assert_eq!(b.plan().pad_to, 8);
+    }
+}

@@ -1,0 +1,282 @@
+//! The scheduler actor. A cloneable [`Scheduler`] handle sends commands over a channel to one dedicated OS thread
+//! that owns the queue ([`batcher::Batcher`]) and the model, and runs the synchronous, CPU-heavy model steps there,
+//! never on the async executor. Each request carries its own response channel; a closed channel means the client
+//! left, and the request's sequence is freed at the next iteration.
+//!
+//! Admission: `--max-concurrent-requests` (queued + running) is checked in the handle with an atomic counter, so an
+//! overloaded server answers `RESOURCE_EXHAUSTED` without touching the actor; `--max-queue` is checked by the actor.
+//! A failed model step fails only the requests in that step; the loop keeps serving.
+
+pub mod batcher;
+mod actor;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+
+use crate::error::{ConfigError, ServeError};
+use crate::metrics::Metrics;
+use crate::model::{Frontend, Model, ModelDescription, SeqParams};
+
+/// Batching and admission settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Sequences per step at most.
+    pub max_batch_size: usize,
+    /// Tokens fed per step at most.
+    pub max_batch_tokens: usize,
+    /// Waiting requests at most.
+    pub max_queue: usize,
+    /// Queued plus running requests at most.
+    pub max_concurrent_requests: usize,
+    /// Prefill tokens of one sequence per step at most.
+    pub prefill_chunk: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { max_batch_size: 16, max_batch_tokens: 2048, max_queue: 128, max_concurrent_requests: 256, prefill_chunk: 512 }
+    }
+}
+
+impl SchedulerConfig {
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |name, message| Err(ConfigError::Invalid { name, message });
+        let max = crate::config::MAX_BATCH_SIZE_LIMIT;
+        if self.max_batch_size == 0 || self.max_batch_size > max {
+            return bad("--max-batch-size", format!("must be between 1 and {max}, got {}", self.max_batch_size));
+        }
+        if self.max_batch_tokens < self.max_batch_size {
+            return bad(
+                "--max-batch-tokens",
+                format!("must be at least --max-batch-size {} (one decode token per sequence), got {}", self.max_batch_size, self.max_batch_tokens),
+            );
+        }
+        if self.prefill_chunk == 0 {
+            return bad("--prefill-chunk", "must be at least 1, got 0".into());
+        }
+        if self.max_concurrent_requests == 0 {
+            return bad("--max-concurrent-requests", "must be at least 1, got 0".into());
+        }
+        if self.max_queue == 0 {
+            return bad("--max-queue", "must be at least 1, got 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a request finished normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token.
+    Stop,
+    /// `max_tokens` reached or context full.
+    Length,
+    /// A stop string matched.
+    StopSequence,
+    /// Cancelled by the server (shutdown past the drain timeout).
+    Cancelled,
+}
+
+impl FinishReason {
+    /// Lowercase name for logs and spans.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::StopSequence => "stop_sequence",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// New output of one request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Delta {
+    /// New token ids.
+    pub token_ids: Vec<u32>,
+    /// New answer text.
+    pub text: String,
+    /// New reasoning text.
+    pub reasoning: String,
+}
+
+/// The end of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    /// Why it ended.
+    pub reason: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+}
+
+/// What the actor sends on a request's response channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The request got a sequence after waiting this long.
+    Admitted {
+        /// Time in the queue.
+        queue_time: Duration,
+    },
+    /// New tokens.
+    Delta(Delta),
+    /// Last event of a request that finished.
+    Finished(Finished),
+    /// Last event of a request that failed.
+    Failed(ServeError),
+}
+
+/// A request ready for the scheduler (validated and tokenized).
+#[derive(Debug)]
+pub struct Submission {
+    /// Request id (logs, spans).
+    pub request_id: String,
+    /// `grpc` or `http` (metrics label).
+    pub api: &'static str,
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Generation settings (a missing seed is filled in).
+    pub params: SeqParams,
+    /// Fail with DEADLINE_EXCEEDED after this instant.
+    pub deadline: Option<Instant>,
+    /// The request's span; batch-step spans link to it.
+    pub span: tracing::Span,
+}
+
+/// Decrements the in-flight count when the request leaves the scheduler (dropped with its [`Entry`]).
+#[derive(Debug)]
+pub struct Permit(Arc<AtomicUsize>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request inside the scheduler.
+#[derive(Debug)]
+pub struct Entry {
+    /// Request id.
+    pub request_id: String,
+    /// Metrics label.
+    pub api: &'static str,
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Generation settings.
+    pub params: SeqParams,
+    /// Response channel.
+    pub tx: UnboundedSender<Event>,
+    /// Deadline, if any.
+    pub deadline: Option<Instant>,
+    /// Arrival time.
+    pub enqueued: Instant,
+    /// Request span.
+    pub span: tracing::Span,
+    /// In-flight slot.
+    pub permit: Permit,
+}
+
+enum Command {
+    Submit(Entry),
+    CancelAll(String),
+}
+
+/// Handle to the scheduler actor. Cheap to clone; the actor stops when every handle is dropped and it is idle.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: UnboundedSender<Command>,
+    in_flight: Arc<AtomicUsize>,
+    cfg: SchedulerConfig,
+    description: ModelDescription,
+    frontend: Arc<dyn Frontend>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").field("cfg", &self.cfg).field("in_flight", &self.in_flight()).finish()
+    }
+}
+
+impl Scheduler {
+    /// Starts the actor thread over `model`.
+    pub fn spawn(model: Box<dyn Model>, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> std::io::Result<(Scheduler, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let description = model.describe();
+        let frontend = model.frontend();
+        metrics.kv_cache_capacity_tokens.set(description.kv_capacity_tokens as i64);
+        let actor = actor::Actor::new(model, cfg, description.batch_profiles.clone(), metrics.clone());
+        let join = std::thread::Builder::new().name("r1-scheduler".into()).spawn(move || actor.run(rx))?;
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        Ok((Scheduler { tx, in_flight, cfg, description, frontend, metrics }, join))
+    }
+
+    /// The model's description.
+    pub fn description(&self) -> &ModelDescription {
+        &self.description
+    }
+
+    /// The model's tokenizer side.
+    pub fn frontend(&self) -> Arc<dyn Frontend> {
+        self.frontend.clone()
+    }
+
+    /// The scheduler's settings.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Metrics shared with the actor.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Requests queued or running now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Queues a request. Errors: `Overloaded` above `--max-concurrent-requests`, `TooLarge` when the KV cache can
+    /// never hold it, `Unavailable` when the actor has stopped. Queue-full is reported on the returned channel.
+    pub fn submit(&self, mut s: Submission) -> Result<UnboundedReceiver<Event>, ServeError> {
+        let needed = s.prompt.len() + s.params.max_tokens;
+        if needed > self.description.kv_capacity_tokens {
+            return Err(ServeError::TooLarge { needed, capacity: self.description.kv_capacity_tokens });
+        }
+        let limit = self.cfg.max_concurrent_requests;
+        let taken = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1));
+        if let Err(in_flight) = taken {
+            return Err(ServeError::Overloaded { limit, in_flight });
+        }
+        let permit = Permit(self.in_flight.clone());
+        if s.params.sampling.seed.is_none() {
+            s.params.sampling.seed = Some(rand::random());
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let entry = Entry {
+            request_id: s.request_id,
+            api: s.api,
+            prompt: s.prompt,
+            params: s.params,
+            tx,
+            deadline: s.deadline,
+            enqueued: Instant::now(),
+            span: s.span,
+            permit,
+        };
+        self.tx
+            .send(Command::Submit(entry))
+            .map_err(|_| ServeError::Unavailable { reason: "the scheduler has stopped".into() })?;
+        Ok(rx)
+    }
+
+    /// Ends every queued and running request with `FinishReason::Cancelled` (used after the drain timeout).
+    pub fn cancel_all(&self, reason: &str) {
+        let _ = self.tx.send(Command::CancelAll(reason.to_string()));
+    }
+}

@@ -1,0 +1,168 @@
+//! Wiring: listeners, model loading, warm-up, health, reflection, and graceful shutdown.
+//!
+//! [`run`] serves gRPC (Generation + `grpc.health.v1` + reflection) and HTTP on the given listeners. Health is
+//! NOT_SERVING until the model is loaded and one warm-up request went through, and again from the moment `shutdown`
+//! resolves. Then both servers stop accepting, in-flight requests get `drain_timeout` to finish, whatever is still
+//! running is cancelled, and `run` returns `Ok(())`.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use r1_proto::r1::v1::generation_server::GenerationServer;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::api::{collect, AppState};
+use crate::error::ServeError;
+use crate::grpc::GenerationService;
+use crate::metrics::Metrics;
+use crate::model::{Model, ModelError};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::validate::{Limits, RawRequest, RawSampling};
+
+/// gRPC service name used in health checks.
+pub const SERVICE_NAME: &str = "r1.v1.Generation";
+
+/// The two listening sockets.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC (HTTP/2).
+    pub grpc: tokio::net::TcpListener,
+    /// HTTP (/metrics, OpenAI API).
+    pub http: tokio::net::TcpListener,
+}
+
+/// What [`run`] needs besides listeners and the model.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Served model id.
+    pub model_id: String,
+    /// Request limits (context filled in from the model).
+    pub limits: Limits,
+    /// Batching and admission.
+    pub scheduler: SchedulerConfig,
+    /// Time in-flight requests get after the shutdown signal.
+    pub drain_timeout: Duration,
+}
+
+/// Loads the model (runs on a blocking thread while the listeners already answer health checks).
+pub type Loader = Box<dyn FnOnce() -> Result<Box<dyn Model>, ModelError> + Send>;
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+async fn warm_up(state: &AppState) -> Result<(), ServeError> {
+    let raw = RawRequest {
+        prompt: Some("Hello".into()),
+        max_tokens: Some(2),
+        sampling: RawSampling { temperature: Some(0.0), ..Default::default() },
+        ignore_eos: true,
+        sampling_prefix: "sampling.",
+        ..Default::default()
+    };
+    let span = tracing::info_span!("warmup");
+    let rx = state.start(raw, "warmup", "warmup".into(), None, span.clone()).await?;
+    collect(rx, &span).await.map(|_| ())
+}
+
+/// Serves until `shutdown` resolves, then drains and returns. See the module docs.
+pub async fn run(
+    listeners: Listeners,
+    opts: ServeOptions,
+    metrics: Arc<Metrics>,
+    load: Loader,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let state = Arc::new(AppState::new(opts.model_id.clone(), opts.limits, metrics.clone()));
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(r1_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Unavailable { reason: format!("reflection setup failed: {e}") })?;
+    let grpc = tonic::service::Routes::new(GenerationServer::new(GenerationService::new(state.clone())))
+        .add_service(health)
+        .add_service(reflection)
+        .prepare()
+        .into_axum_router();
+    let http = crate::http::router(state.clone());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let grpc_addr = listeners.grpc.local_addr().ok();
+    let http_addr = listeners.http.local_addr().ok();
+    let grpc_serve = axum::serve(listeners.grpc, grpc).with_graceful_shutdown(signal(stop_rx.clone()));
+    let mut grpc_task = tokio::spawn(async move { grpc_serve.await });
+    let http_serve = axum::serve(listeners.http, http).with_graceful_shutdown(signal(stop_rx));
+    let mut http_task = tokio::spawn(async move { http_serve.await });
+    tracing::info!(?grpc_addr, ?http_addr, model_id = %opts.model_id, "listening; loading model");
+
+    tokio::pin!(shutdown);
+    let loading = async {
+        let t0 = Instant::now();
+        let model = tokio::task::spawn_blocking(load)
+            .await
+            .map_err(|e| ServeError::Engine { kind: "load".into(), message: e.to_string() })?
+            .map_err(|e| ServeError::Engine { kind: e.kind, message: e.message })?;
+        let desc = model.describe();
+        let (scheduler, _join) = Scheduler::spawn(model, opts.scheduler, metrics.clone())
+            .map_err(|e| ServeError::Unavailable { reason: format!("cannot start the scheduler thread: {e}") })?;
+        let limits = Limits { max_context_tokens: desc.max_context_tokens.min(u32::MAX as usize) as u32, ..opts.limits };
+        let _ = state.limits.set(limits);
+        let _ = state.scheduler.set(scheduler);
+        warm_up(&state).await?;
+        tracing::info!(load_ms = t0.elapsed().as_millis() as u64, backend = %desc.backend, family = %desc.family, "model loaded and warm; serving");
+        Ok::<(), ServeError>(())
+    };
+    let loaded = tokio::select! {
+        r = loading => Some(r),
+        _ = &mut shutdown => None,
+    };
+    let mut result = Ok(());
+    match loaded {
+        Some(Ok(())) => {
+            set_health(&reporter, ServingStatus::Serving).await;
+            (&mut shutdown).await;
+        }
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "model failed to load or warm up");
+            result = Err(e);
+        }
+        None => {}
+    }
+
+    // Drain.
+    tracing::info!(in_flight = state.scheduler.get().map(Scheduler::in_flight).unwrap_or(0), "shutting down: draining");
+    state.draining.store(true, Ordering::Release);
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(opts.drain_timeout, async {
+        let _ = (&mut grpc_task).await;
+        let _ = (&mut http_task).await;
+    })
+    .await;
+    if drained.is_err() {
+        if let Some(s) = state.scheduler.get() {
+            tracing::warn!(in_flight = s.in_flight(), "drain timeout passed; cancelling what is left");
+            s.cancel_all("server shutting down: drain timeout passed");
+        }
+        let grace = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = (&mut grpc_task).await;
+            let _ = (&mut http_task).await;
+        })
+        .await;
+        if grace.is_err() {
+            grpc_task.abort();
+            http_task.abort();
+        }
+    }
+    tracing::info!("stopped");
+    result
+}

@@ -1,0 +1,247 @@
+//! Request validation: a protocol-neutral [`RawRequest`] (built by the gRPC and HTTP front ends) becomes a
+//! [`ValidRequest`], or an `INVALID_ARGUMENT` error naming the field, the limit and the value given.
+//! After tokenization, [`check_context`] checks the prompt against the model's context window.
+
+use crate::error::{ConfigError, ServeError};
+use crate::model::{ChatTurn, PromptInput, Sampling};
+
+/// Default temperature when a request does not set one (DeepSeek's recommendation for R1).
+pub const DEFAULT_TEMPERATURE: f32 = 0.6;
+/// Most stop strings one request may give.
+pub const MAX_STOP_SEQUENCES: usize = 8;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Chat roles the template knows.
+pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+/// Request limits of this server.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Largest `max_tokens`.
+    pub max_new_tokens: u32,
+    /// `max_tokens` when unset.
+    pub default_max_tokens: u32,
+    /// Prompt plus output tokens at most (the model's context).
+    pub max_context_tokens: u32,
+}
+
+impl Limits {
+    /// Checks that the limits are consistent.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_new_tokens == 0 {
+            return Err(ConfigError::Invalid { name: "--max-new-tokens", message: "must be at least 1, got 0".into() });
+        }
+        if self.default_max_tokens == 0 || self.default_max_tokens > self.max_new_tokens {
+            return Err(ConfigError::Invalid {
+                name: "--default-max-tokens",
+                message: format!("must be between 1 and --max-new-tokens {}, got {}", self.max_new_tokens, self.default_max_tokens),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Sampling fields as they arrive; `None` means "use the default".
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawSampling {
+    /// Temperature.
+    pub temperature: Option<f32>,
+    /// Nucleus threshold.
+    pub top_p: Option<f32>,
+    /// Top-k cut-off (0 = off).
+    pub top_k: Option<u32>,
+    /// Min-p threshold.
+    pub min_p: Option<f32>,
+    /// Repetition penalty.
+    pub repetition_penalty: Option<f32>,
+    /// Seed.
+    pub seed: Option<u64>,
+}
+
+/// A request as any front end received it, before checks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawRequest {
+    /// Raw prompt text, if given.
+    pub prompt: Option<String>,
+    /// Chat messages (empty if not given).
+    pub messages: Vec<ChatTurn>,
+    /// Requested output length.
+    pub max_tokens: Option<u32>,
+    /// Sampling settings.
+    pub sampling: RawSampling,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Generate past EOS.
+    pub ignore_eos: bool,
+    /// Prefix of sampling field names in error messages (`sampling.` for gRPC, empty for OpenAI).
+    pub sampling_prefix: &'static str,
+}
+
+/// A request that passed every check that needs no tokenizer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    /// What to tokenize.
+    pub input: PromptInput,
+    /// Tokens to generate at most.
+    pub max_tokens: u32,
+    /// Sampling settings with defaults applied.
+    pub sampling: Sampling,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Generate past EOS.
+    pub ignore_eos: bool,
+}
+
+fn range_f32(field: String, v: f32, lo: f32, lo_incl: bool, hi: f32, hi_incl: bool) -> Result<f32, ServeError> {
+    let ok = v.is_finite() && (if lo_incl { v >= lo } else { v > lo }) && (if hi_incl { v <= hi } else { v < hi });
+    if ok {
+        return Ok(v);
+    }
+    let (l, r) = (if lo_incl { "[" } else { "(" }, if hi_incl { "]" } else { ")" });
+    Err(ServeError::InvalidArgument { field, message: format!("must be in {l}{lo}, {hi}{r}, got {v}") })
+}
+
+/// Checks a raw request against `limits` and applies defaults.
+pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeError> {
+    let input = match (raw.prompt, raw.messages.is_empty()) {
+        (Some(_), false) => {
+            return Err(ServeError::invalid("prompt", "and `messages` are both set; give exactly one of them"));
+        }
+        (None, true) => return Err(ServeError::invalid("prompt", "and `messages` are both empty; give exactly one of them")),
+        (Some(p), true) if p.is_empty() => return Err(ServeError::invalid("prompt", "must not be empty, got an empty string")),
+        (Some(p), true) => PromptInput::Text(p),
+        (None, false) => {
+            for (i, m) in raw.messages.iter().enumerate() {
+                if !ROLES.contains(&m.role.as_str()) {
+                    return Err(ServeError::invalid(
+                        format!("messages[{i}].role"),
+                        format!("must be one of {}, got {:?}", ROLES.join(", "), m.role),
+                    ));
+                }
+            }
+            PromptInput::Chat(raw.messages)
+        }
+    };
+    let max_tokens = raw.max_tokens.unwrap_or(limits.default_max_tokens);
+    if max_tokens == 0 || max_tokens > limits.max_new_tokens {
+        return Err(ServeError::invalid(
+            "max_tokens",
+            format!("must be between 1 and {}, got {max_tokens}", limits.max_new_tokens),
+        ));
+    }
+    let p = raw.sampling_prefix;
+    let s = raw.sampling;
+    let sampling = Sampling {
+        temperature: range_f32(format!("{p}temperature"), s.temperature.unwrap_or(DEFAULT_TEMPERATURE), 0.0, true, 2.0, true)?,
+        top_p: range_f32(format!("{p}top_p"), s.top_p.unwrap_or(1.0), 0.0, false, 1.0, true)?,
+        top_k: s.top_k.unwrap_or(0),
+        min_p: range_f32(format!("{p}min_p"), s.min_p.unwrap_or(0.0), 0.0, true, 1.0, false)?,
+        repetition_penalty: range_f32(format!("{p}repetition_penalty"), s.repetition_penalty.unwrap_or(1.0), 0.0, false, 2.0, true)?,
+        seed: s.seed,
+    };
+    if raw.stop.len() > MAX_STOP_SEQUENCES {
+        return Err(ServeError::invalid("stop", format!("must hold at most {MAX_STOP_SEQUENCES} strings, got {}", raw.stop.len())));
+    }
+    for (i, st) in raw.stop.iter().enumerate() {
+        if st.is_empty() || st.len() > MAX_STOP_BYTES {
+            return Err(ServeError::invalid(
+                format!("stop[{i}]"),
+                format!("must be 1 to {MAX_STOP_BYTES} bytes long, got {} bytes", st.len()),
+            ));
+        }
+    }
+    Ok(ValidRequest { input, max_tokens, sampling, stop: raw.stop, ignore_eos: raw.ignore_eos })
+}
+
+/// Checks a tokenized prompt against the context window: the prompt must leave room for `max_tokens`.
+pub fn check_context(prompt_tokens: usize, max_tokens: u32, limits: &Limits) -> Result<(), ServeError> {
+    let ctx = limits.max_context_tokens as usize;
+    if prompt_tokens == 0 {
+        return Err(ServeError::invalid("prompt", "must encode to at least 1 token, got 0"));
+    }
+    if prompt_tokens >= ctx {
+        return Err(ServeError::invalid(
+            "prompt",
+            format!("must be shorter than the context of {ctx} tokens, got {prompt_tokens} tokens"),
+        ));
+    }
+    let total = prompt_tokens + max_tokens as usize;
+    if total > ctx {
+        return Err(ServeError::invalid(
+            "max_tokens",
+            format!(
+                "plus the prompt's {prompt_tokens} tokens must fit the context of {ctx} tokens: at most {}, got {max_tokens}",
+                ctx - prompt_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_new_tokens: 100, default_max_tokens: 16, max_context_tokens: 64 };
+
+    fn prompt(p: &str) -> RawRequest {
+        RawRequest { prompt: Some(p.into()), sampling_prefix: "sampling.", ..Default::default() }
+    }
+
+    fn err(raw: RawRequest) -> String {
+        match validate(raw, &LIMITS) {
+            Err(ServeError::InvalidArgument { field, message }) => format!("{field}: {message}"),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_applied() {
+        let v = validate(prompt("hi"), &LIMITS).expect("valid");
+        assert_eq!(v.max_tokens, 16);
+        assert_eq!(v.sampling.temperature, DEFAULT_TEMPERATURE);
+        assert_eq!((v.sampling.top_p, v.sampling.top_k, v.sampling.min_p, v.sampling.repetition_penalty), (1.0, 0, 0.0, 1.0));
+        assert_eq!(v.input, PromptInput::Text("hi".into()));
+    }
+
+    #[test]
+    fn exactly_one_input() {
+        let mut both = prompt("x");
+        both.messages.push(ChatTurn { role: "user".into(), content: "y".into() });
+        assert!(err(both).contains("both set"));
+        assert!(err(RawRequest::default()).contains("both empty"));
+        assert_eq!(err(prompt("")), "prompt: must not be empty, got an empty string");
+        let bad_role = RawRequest { messages: vec![ChatTurn { role: "robot".into(), content: "y".into() }], ..Default::default() };
+        assert_eq!(err(bad_role), "messages[0].role: must be one of system, user, assistant, got \"robot\"");
+    }
+
+    #[test]
+    fn every_range_names_field_limit_value() {
+        let cases: Vec<(Box<dyn Fn(&mut RawRequest)>, &str)> = vec![
+            (Box::new(|r| r.max_tokens = Some(0)), "max_tokens: must be between 1 and 100, got 0"),
+            (Box::new(|r| r.max_tokens = Some(101)), "max_tokens: must be between 1 and 100, got 101"),
+            (Box::new(|r| r.sampling.temperature = Some(-0.5)), "sampling.temperature: must be in [0, 2], got -0.5"),
+            (Box::new(|r| r.sampling.temperature = Some(f32::NAN)), "sampling.temperature: must be in [0, 2], got NaN"),
+            (Box::new(|r| r.sampling.top_p = Some(0.0)), "sampling.top_p: must be in (0, 1], got 0"),
+            (Box::new(|r| r.sampling.top_p = Some(1.5)), "sampling.top_p: must be in (0, 1], got 1.5"),
+            (Box::new(|r| r.sampling.min_p = Some(1.0)), "sampling.min_p: must be in [0, 1), got 1"),
+            (Box::new(|r| r.sampling.repetition_penalty = Some(0.0)), "sampling.repetition_penalty: must be in (0, 2], got 0"),
+            (Box::new(|r| r.stop = vec!["a".into(); 9]), "stop: must hold at most 8 strings, got 9"),
+            (Box::new(|r| r.stop = vec!["a".into(), String::new()]), "stop[1]: must be 1 to 256 bytes long, got 0 bytes"),
+        ];
+        for (mutate, want) in cases {
+            let mut r = prompt("hi");
+            mutate(&mut r);
+            assert_eq!(err(r), want);
+        }
+    }
+
+    #[test]
+    fn context_checks() {
+        assert!(check_context(10, 54, &LIMITS).is_ok());
+        let e = check_context(64, 1, &LIMITS).unwrap_err().to_string();
+        assert_eq!(e, "`prompt` must be shorter than the context of 64 tokens, got 64 tokens");
+        let e = check_context(10, 55, &LIMITS).unwrap_err().to_string();
+        assert!(e.contains("at most 54, got 55"), "{e}");
+    }
+}
