@@ -1,0 +1,122 @@
+//! HTTP port: /metrics parses as Prometheus text; OpenAI-compatible endpoints, unary and SSE.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+/// Checks the Prometheus/OpenMetrics text format line by line; returns the sample names.
+fn parse_exposition(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
+    for line in text.lines() {
+        if line.starts_with('#') {
+            let mut parts = line.splitn(4, ' ');
+            assert_eq!(parts.next(), Some("#"));
+            let kind = parts.next().expect("comment kind");
+            assert!(matches!(kind, "HELP" | "TYPE" | "UNIT" | "EOF"), "bad comment {line:?}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("series and value");
+        value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let name = series.split('{').next().expect("name");
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name {name:?}");
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "bad labels in {line:?}");
+            }
+        }
+        assert!(name.starts_with("r1_"), "prefix r1_: {name}");
+        names.push(name.to_string());
+    }
+    names
+}
+
+#[tokio::test]
+async fn metrics_parse_and_cover_the_required_series() {
+    let mut srv = start_ready(Setup::default()).await;
+    let mut c = srv.client().await;
+    c.generate(prompt_req("abc", 5)).await.expect("generate");
+    let (status, ctype, body) = http(srv.http_addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    let names = parse_exposition(&body);
+    for want in [
+        "r1_requests_total",
+        "r1_queue_depth",
+        "r1_running_sequences",
+        "r1_batch_size_bucket",
+        "r1_time_to_first_token_seconds_bucket",
+        "r1_inter_token_latency_seconds_bucket",
+        "r1_generated_tokens_total",
+        "r1_kv_cache_usage_ratio",
+    ] {
+        assert!(names.iter().any(|n| n == want), "missing {want}");
+    }
+    // Warm-up (2 tokens) plus this request (5 tokens).
+    assert_eq!(metric(&body, "r1_generated_tokens_total"), Some(7.0));
+    assert_eq!(metric(&body, "r1_requests_total{api=\"grpc\",outcome=\"ok\"}"), Some(1.0));
+    let (status, _, body) = http(srv.http_addr, "GET", "/health", None).await;
+    assert_eq!((status, body.trim()), (200, "SERVING"));
+    srv.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn openai_chat_completions_unary_and_streaming() {
+    let mut srv = start_ready(Setup::default()).await;
+    let (status, _, body) = http(srv.http_addr, "GET", "/v1/models", None).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["data"][0]["id"], "fake-r1");
+
+    let req = r#"{"model":"fake-r1","messages":[{"role":"user","content":"hi"}],"max_tokens":8,"temperature":0}"#;
+    let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(req)).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    let (want_r, want_t, _) = reference("<user>hi<assistant>", 8);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], want_t.as_str());
+    assert_eq!(v["choices"][0]["message"]["reasoning_content"], want_r.as_str());
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+
+    let req = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":8,"temperature":0,"stream":true}"#;
+    let (status, ctype, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(req)).await;
+    assert_eq!(status, 200);
+    assert!(ctype.starts_with("text/event-stream"), "{ctype}");
+    let data: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let (mut content, mut reasoning, mut finish) = (String::new(), String::new(), String::new());
+    for d in &data[..data.len() - 1] {
+        let v: Value = serde_json::from_str(d).expect("chunk json");
+        assert_eq!(v["object"], "chat.completion.chunk");
+        let c = &v["choices"][0];
+        content.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+        reasoning.push_str(c["delta"]["reasoning_content"].as_str().unwrap_or(""));
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    assert_eq!((content, reasoning, finish.as_str()), (want_t, want_r, "length"));
+    srv.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn openai_completions_and_errors() {
+    let mut srv = start_ready(Setup::default()).await;
+    let (status, _, body) = http(srv.http_addr, "POST", "/v1/completions", Some(r#"{"prompt":"abc","max_tokens":6,"temperature":0}"#)).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    let (r, t, _) = reference("abc", 6);
+    assert_eq!((v["choices"][0]["text"].as_str(), v["choices"][0]["reasoning_content"].as_str()), (Some(t.as_str()), Some(r.as_str())));
+
+    let (status, _, body) = http(srv.http_addr, "POST", "/v1/completions", Some(r#"{"prompt":"abc","temperature":9}"#)).await;
+    assert_eq!(status, 400);
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["error"]["param"], "temperature");
+    assert_eq!(v["error"]["message"], "`temperature` must be in [0, 2], got 9");
+
+    let (status, _, _) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(r#"{"model":"gpt-4","messages":[{"role":"user","content":"x"}]}"#)).await;
+    assert_eq!(status, 404);
+    srv.shutdown().await.expect("clean shutdown");
+}
