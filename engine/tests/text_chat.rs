@@ -2,6 +2,7 @@
 //! make_chat_cases.py with `apply_chat_template`) must render to the same string and the same token ids.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use r1_engine::text::{
     prompt_opens_reasoning, ChatMessage, ChatTemplate, GenerationConfig, RenderOptions, TextError, Tokenizer,
@@ -16,8 +17,10 @@ fn cases_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text/chat_cases.json")
 }
 
-fn tokenizer() -> Tokenizer {
-    Tokenizer::from_dir(&r1_dir()).expect("R1 tokenizer fixture loads")
+/// Loaded once per test binary: parsing the 7.8 MB tokenizer.json dominates this suite's time.
+fn tokenizer() -> &'static Tokenizer {
+    static TOK: OnceLock<Tokenizer> = OnceLock::new();
+    TOK.get_or_init(|| Tokenizer::from_dir(&r1_dir()).expect("R1 tokenizer fixture loads"))
 }
 
 #[test]
