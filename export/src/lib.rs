@@ -182,7 +182,7 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         architecture: family.architecture().into(),
         precision: opts.precision.name().into(),
         opset: opts.opset,
-        source: SourceInfo { dtype: ck.dominant_dtype(), fp8_block_quantized: false, notes },
+        source: SourceInfo { dtype: ck.dominant_dtype(), fp8_block_quantized: family.fp8_block_quantized(), notes },
         model: family.model_info(),
         config: family.resolved_config(),
         inputs,

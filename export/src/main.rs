@@ -33,7 +33,9 @@ Graph I/O (Optimum / ONNX Runtime GenAI names; batch, sequence, past_sequence sy
 One graph serves prefill (past_sequence = 0) and decode; left-padded batches work through
 attention_mask and position_ids.
 
-Supported architectures: Qwen2ForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM.
+Supported architectures: Qwen2ForCausalLM (R1-Distill-Qwen), LlamaForCausalLM (R1-Distill-Llama),
+Qwen3ForCausalLM (R1-0528-Qwen3), DeepseekV3ForCausalLM (DeepSeek-R1 itself: MLA with a compressed
+latent KV cache, MoE; bf16 or FP8 block-scaled weights, dequantized while streaming).
 The export streams one tensor at a time: memory stays around one tensor whatever the model size.
 Test checkpoints of any shape: see `r1-fixture --help`.";
 

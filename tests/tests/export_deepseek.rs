@@ -153,8 +153,11 @@ fn deepseek_v3_golden_cases_match_transformers_on_tract_and_ort() {
         if cfg["num_nextn_predict_layers"].as_u64().unwrap_or(0) > 0 {
             assert!(notes.contains("multi-token-prediction"), "{notes}");
         }
-        if cfg.get("quantization_config").is_some() {
+        let fp8 = cfg.get("quantization_config").is_some();
+        assert_eq!(manifest.source.fp8_block_quantized, fp8, "source.fp8_block_quantized for {case:?}");
+        if fp8 {
             assert!(notes.contains("FP8"), "{notes}");
+            assert_eq!(manifest.source.dtype, "fp8_e4m3", "source dtype counts bytes, not tensors");
         }
         for kind in [BackendKind::Tract, BackendKind::Ort] {
             let worst = run_case(&case, &art, &manifest, kind);

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use half::f16;
-use ndarray::{Array3, ArrayD, ArrayViewD};
+use ndarray::{Array2, Array3, ArrayD, ArrayViewD};
 use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider, ExecutionProviderDispatch};
 use ort::environment::Environment;
 use ort::session::{Session, SessionInputValue};
@@ -177,7 +177,18 @@ impl OrtBackend {
 fn float_input<'a>(a: &'a ArrayD<f32>, dtype: DType) -> Result<SessionInputValue<'a>> {
     Ok(match dtype {
         DType::Float16 => Tensor::from_array(a.mapv(f16::from_f32)).map_err(be)?.into(),
-        _ => TensorRef::from_array_view(a.view()).map_err(be)?.into(),
+        _ if a.is_standard_layout() => TensorRef::from_array_view(a.view()).map_err(be)?.into(),
+        // ONNX Runtime needs row-major memory: copy views made by slicing or `insert_axis`.
+        _ => Tensor::from_array(a.as_standard_layout().into_owned()).map_err(be)?.into(),
+    })
+}
+
+/// An int64 input, borrowed when it is row-major, copied otherwise.
+fn int_input(a: &Array2<i64>) -> Result<SessionInputValue<'_>> {
+    Ok(if a.is_standard_layout() {
+        TensorRef::from_array_view(a.view()).map_err(be)?.into()
+    } else {
+        Tensor::from_array(a.as_standard_layout().into_owned()).map_err(be)?.into()
     })
 }
 
@@ -201,9 +212,9 @@ impl Backend for OrtBackend {
         let mut feeds: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(self.inputs.len());
         for (name, dtype) in &self.inputs {
             let value: SessionInputValue<'_> = match name.as_str() {
-                "input_ids" => TensorRef::from_array_view(input.input_ids.view()).map_err(be)?.into(),
-                "attention_mask" => TensorRef::from_array_view(input.attention_mask.view()).map_err(be)?.into(),
-                "position_ids" => TensorRef::from_array_view(input.position_ids.view()).map_err(be)?.into(),
+                "input_ids" => int_input(&input.input_ids)?,
+                "attention_mask" => int_input(&input.attention_mask)?,
+                "position_ids" => int_input(&input.position_ids)?,
                 other => match parse_past_name(other) {
                     Some((layer, is_key)) if layer < input.past.len() => {
                         let p = &input.past[layer];

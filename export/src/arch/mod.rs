@@ -43,6 +43,10 @@ pub trait Family {
     fn model_info(&self) -> ModelInfo;
     /// KV-cache description for a cache dtype.
     fn kv_cache(&self, dtype: DType) -> KvCacheInfo;
+    /// True when the checkpoint stores FP8 block-scaled weights that are dequantized at export.
+    fn fp8_block_quantized(&self) -> bool {
+        false
+    }
     /// Notes for the manifest (skipped tensors, conversions).
     fn notes(&self) -> Vec<String> {
         Vec::new()

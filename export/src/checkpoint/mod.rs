@@ -7,6 +7,7 @@
 //! resident memory stays around one tensor whatever the model size.
 
 pub mod convert;
+pub mod fp8;
 // FP8 block dequantization (`fp8.rs`) is declared here by the DeepseekV3 helper once it compiles.
 
 use std::collections::{BTreeMap, HashMap};
@@ -260,18 +261,20 @@ impl Checkpoint {
         }
     }
 
-    /// Counts tensors by stored dtype (`"BF16" -> 340`), for the manifest's source dtype.
-    pub fn dtype_counts(&self) -> BTreeMap<String, usize> {
+    /// Bytes stored per dtype (`"BF16" -> 3_400_000_000`), for the manifest's source dtype.
+    pub fn dtype_bytes(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
         for e in self.entries.values() {
-            *m.entry(format!("{:?}", e.dtype)).or_insert(0) += 1;
+            *m.entry(format!("{:?}", e.dtype)).or_insert(0) += e.end - e.start;
         }
         m
     }
 
-    /// The dtype most tensors have, as a manifest string (`bf16`, `f16`, `f32`, `fp8_e4m3`, ...).
+    /// The dtype that holds most of the checkpoint's bytes, as a manifest string (`bf16`, `f16`, `f32`,
+    /// `fp8_e4m3`, ...). Counted in bytes, not tensors: an FP8 checkpoint has as many small f32 scale
+    /// tensors as weights, but its bytes are FP8.
     pub fn dominant_dtype(&self) -> String {
-        let counts = self.dtype_counts();
+        let counts = self.dtype_bytes();
         let top = counts.iter().max_by_key(|(_, n)| **n).map(|(k, _)| k.as_str()).unwrap_or("F32");
         match top {
             "F8_E4M3" => "fp8_e4m3".into(),

@@ -11,10 +11,6 @@
 //! `tests/fixtures/golden/deepseek_v3_*` (made by `tests/fixtures/make_golden_deepseek.py`) pin the numbers.
 
 pub mod config;
-// FP8 block dequantization lives in checkpoint/fp8.rs (owned by this family's helper); it is declared here
-// until `pub mod fp8;` is back in checkpoint/mod.rs (requested in .r1/requests-export-deepseek.md).
-#[path = "../../checkpoint/fp8.rs"]
-pub mod fp8;
 mod mla;
 mod moe;
 
@@ -27,7 +23,7 @@ use serde_json::Value;
 use super::common::Ctx;
 use super::{parse_struct, Family};
 use crate::checkpoint::convert::to_f32_vec;
-use fp8::{dequantize, BlockLayout, Fp8Error};
+use crate::checkpoint::fp8::{dequantize, BlockLayout, Fp8Error};
 use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
 pub use config::{DeepseekV3Config, Fp8Source};
@@ -101,6 +97,9 @@ impl Family for DeepseekV3 {
     }
     fn kv_cache(&self, dtype: DType) -> KvCacheInfo {
         latent_kv_cache(&self.cfg, dtype)
+    }
+    fn fp8_block_quantized(&self) -> bool {
+        self.cfg.fp8.is_some()
     }
     fn notes(&self) -> Vec<String> {
         let c = &self.cfg;
