@@ -3,9 +3,11 @@
 #
 # 1. scripts/setup.sh --test-tools : ONNX Runtime library (pinned PyPI wheel, sha256-checked), the R1 tokenizer,
 #    and a Python venv with the ONNX checker, all under .r1/ (ignored by git)
-# 2. cargo test over the whole workspace (golden numerics on ort and tract, export errors, engine, server, ...)
-# 3. onnx.checker.check_model(full_check=True) on every golden fixture exported by r1-export
-# 4. deploy/ checks (Kubernetes manifests, Dockerfiles) when deploy/check.sh exists
+# 2. build the binaries and export every golden fixture (fp32 + fp16) with r1-export
+# 3. cargo test over the whole workspace (golden numerics on ort and tract, export errors, engine conformance on
+#    an exported artifact, arith-r1 end to end, server over real sockets, calibration property tests, ...)
+# 4. onnx.checker.check_model(full_check=True) on every exported golden graph
+# 5. deploy/ checks: kubernetes-validate, hadolint, collector config and dashboard cross-checks
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -15,26 +17,29 @@ command -v cargo >/dev/null || { echo "error: cargo not found: install Rust (htt
 bash scripts/setup.sh --test-tools
 export R1_HOME="$ROOT/.r1"
 
-echo "== cargo test (workspace)"
-cargo test --workspace --locked 2>&1 | tee "$R1_HOME/cargo-test.log"
+echo "== build (r1-export, r1-fixture, r1-serve, r1-bench, r1-eval)"
+cargo build --workspace --bins --locked
 
-if [ -f tests/fixtures/check_onnx.py ]; then
-  echo "== onnx.checker on exported golden graphs"
-  out="$(mktemp -d)"
-  trap 'rm -rf "$out"' EXIT
-  dirs=()
-  for case in tests/fixtures/golden/*/; do
-    [ -f "$case/config.json" ] || continue
-    name="$(basename "$case")"
-    for precision in fp32 fp16; do
-      cargo run --quiet --locked -p r1-export --bin r1-export -- "$case" -o "$out/$name-$precision" --precision "$precision" >/dev/null
-      dirs+=("$out/$name-$precision")
-    done
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+echo "== export every golden case at fp32 and fp16 (artifacts for the graph checker and the conformance suite)"
+dirs=()
+for case in tests/fixtures/golden/*/; do
+  [ -f "$case/config.json" ] || continue
+  name="$(basename "$case")"
+  for precision in fp32 fp16; do
+    target/debug/r1-export "$case" -o "$out/$name-$precision" --precision "$precision" --quiet
+    dirs+=("$out/$name-$precision")
   done
-  "$R1_HOME/venv/bin/python" tests/fixtures/check_onnx.py "${dirs[@]}"
-fi
+done
+# The engine's conformance suite also runs batched-vs-single on a real exported artifact.
+export R1_CONFORMANCE_ARTIFACT="$out/qwen2_gqa2_bf16-fp32"
 
-if [ -f deploy/check.sh ]; then
-  echo "== deploy checks"
-  bash deploy/check.sh
-fi
+echo "== cargo test (workspace)"
+cargo test --workspace --locked
+
+echo "== onnx.checker.check_model(full_check=True) on ${#dirs[@]} exported graphs"
+"$R1_HOME/venv/bin/python" tests/fixtures/check_onnx.py "${dirs[@]}"
+
+echo "== deploy checks"
+bash deploy/check.sh
