@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod kv;
 pub mod manifest;
 pub mod ort_lib;
