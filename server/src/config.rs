@@ -34,6 +34,22 @@ pub struct Cli {
 pub enum Command {
     /// Generate a completion in-process (no server), printing reasoning and answer.
     Generate(GenerateArgs),
+    /// Ask a running server one question over gRPC (GenerateStream, greedy) and print the reasoning, the answer
+    /// and client-side timings.
+    Ask(AskArgs),
+}
+
+/// Flags of `r1-serve ask`.
+#[derive(Debug, Clone, Args)]
+pub struct AskArgs {
+    /// gRPC address of a running r1-serve.
+    #[arg(long, env = "R1_ASK_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: u32,
+    /// The question, sent as one user chat message (rendered with the model's chat template by the server).
+    pub question: String,
 }
 
 /// Flags of `r1-serve generate`.

@@ -10,6 +10,7 @@
 //! sees protobuf types.
 
 pub mod api;
+pub mod ask;
 pub mod bench;
 pub mod config;
 pub mod engine_model;

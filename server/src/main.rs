@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use r1_serve::config::{Command, GenerateArgs, ServeArgs, ServerConfig};
+use r1_serve::config::{AskArgs, Command, GenerateArgs, ServeArgs, ServerConfig};
 use r1_serve::engine_model::EngineModel;
 use r1_serve::metrics::Metrics;
 use r1_serve::model::{ChatTurn, Model, PromptInput, Sampling, SeqParams, Work};
@@ -15,6 +15,7 @@ fn main() -> anyhow::Result<()> {
     let cli = ServeArgs::parse_cli()?;
     match cli.command {
         Some(Command::Generate(args)) => generate(&args),
+        Some(Command::Ask(args)) => ask(&args),
         None => {
             let cfg = cli.serve.validate()?;
             serve(cfg)
@@ -34,6 +35,25 @@ fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         run(Listeners { grpc, http }, opts, Arc::new(Metrics::new()), load, shutdown_signal()).await?;
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// `r1-serve ask`: one greedy GenerateStream call to a running server, printed for a person.
+fn ask(args: &AskArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+    let r = rt.block_on(r1_serve::ask::ask(&args.addr, &args.question, args.max_tokens))?;
+    println!("question:  {}", args.question);
+    println!("reasoning: {}", r.reasoning.trim());
+    println!("answer:    {}", r.text.trim());
+    println!(
+        "timings:   time to first token {:.1} ms, {} tokens in {:.1} ms, decode {:.0} tokens/s (prompt {} tokens, finish {:?})",
+        r.ttft_s * 1e3,
+        r.completion_tokens,
+        r.total_s * 1e3,
+        r.decode_tokens_per_s(),
+        r.prompt_tokens,
+        r.finish_reason
+    );
+    Ok(())
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
