@@ -101,6 +101,18 @@ pub fn invalid(path: &Path, field: &'static str, message: String) -> ExportError
     ExportError::InvalidConfig { path: path.to_path_buf(), field, message }
 }
 
+
+/// Refuses `use_sliding_window: true` (Qwen2/Qwen3 configs): the graph implements full causal attention only.
+pub fn refuse_sliding_window(path: &Path, use_sliding_window: bool) -> Result<()> {
+    if use_sliding_window {
+        return Err(invalid(
+            path,
+            "use_sliding_window",
+            "must be false (sliding-window attention is not supported), got true".into(),
+        ));
+    }
+    Ok(())
+}
 /// `hidden / heads`, refusing sizes where the heads do not divide the hidden size.
 pub fn divide_hidden(path: &Path, hidden: usize, heads: usize) -> Result<usize> {
     if heads == 0 || hidden % heads != 0 {

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::dense::DenseSpec;
-use super::{invalid, rope};
+use super::rope;
 use crate::error::Result;
 
 /// `config.json` of a Qwen3 checkpoint (fields the graph depends on).
@@ -67,13 +67,7 @@ fn default_max_pos() -> usize {
 impl Qwen3Config {
     /// Validates and resolves into the shared dense spec.
     pub fn resolve(&self, path: &Path) -> Result<DenseSpec> {
-        if self.use_sliding_window {
-            return Err(invalid(
-                path,
-                "use_sliding_window",
-                "must be false (sliding-window attention is not supported), got true".into(),
-            ));
-        }
+        super::refuse_sliding_window(path, self.use_sliding_window)?;
         let heads = self.num_attention_heads;
         let spec = DenseSpec {
             hidden_size: self.hidden_size,
