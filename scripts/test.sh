@@ -16,6 +16,8 @@ command -v cargo >/dev/null || { echo "error: cargo not found: install Rust (htt
 
 bash scripts/setup.sh --test-tools
 export R1_HOME="$ROOT/.r1"
+# Incremental compilation state is only useful to edit-compile loops; in a one-shot run it costs GBs of disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 echo "== build (r1-export, r1-fixture, r1-serve, r1-bench, r1-eval)"
 cargo build --workspace --bins --locked
