@@ -8,6 +8,7 @@
 //! budget), [`engine`] (batched step over sequences).
 
 pub mod backend;
+pub mod build;
 pub mod engine;
 pub mod error;
 pub mod eval;

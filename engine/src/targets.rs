@@ -10,6 +10,7 @@
 //! [`detect_local_gpu`] reads `nvidia-smi` (or `/proc/driver/nvidia/gpus`) so an engine built for
 //! one GPU is refused on another unless it was built hardware-compatible ([`check_engine_host`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -232,16 +233,24 @@ pub fn tensorrt_options(target: &Target, manifest: &Manifest, settings: &TrtSett
     if settings.dump_ep_context_model {
         o.push(("trt_dump_ep_context_model".into(), "1".into()));
         o.push(("trt_ep_context_file_path".into(), settings.cache_dir.join(EP_CONTEXT_FILE).display().to_string()));
+        // Embed mode 0: the context model points at the engine file next to it instead of holding
+        // the (multi-GB) engine bytes inside a protobuf attribute.
+        o.push(("trt_ep_context_embed_mode".into(), "0".into()));
     }
     Ok(o)
 }
 
-/// What a TensorRT build records about itself (an entry of `manifest.targets`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a TensorRT build records about itself (an entry of `manifest.targets`), or, with
+/// `built: false`, the plan of a build still to run on a GPU host.
+///
+/// Paths inside (`options`, `files`, `ep_context_model`) are relative to the artifact directory, so
+/// the record stays true when the artifact is copied elsewhere. Every field after `built` is
+/// optional so that records written by older exporters still parse.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct EngineBuild {
     /// Target name.
     pub target: String,
-    /// Compute capability × 10 of the GPU it was built on.
+    /// Compute capability × 10 of the GPU it was built on (of the target, for a plan).
     pub sm: u32,
     /// Built with TensorRT hardware compatibility (Ampere+).
     #[serde(default)]
@@ -249,6 +258,51 @@ pub struct EngineBuild {
     /// `true` once the engine exists; `false` for a recorded build plan.
     #[serde(default)]
     pub built: bool,
+    /// Manifest precision the engine runs (`fp16`, `int8`, ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub precision: String,
+    /// The `trt_*` options given to ONNX Runtime's TensorRT EP, cache paths relative to the artifact.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+    /// The optimization profile (batch, sequence, past: min/opt/max) the options were made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileRecord>,
+    /// GPU the engine was built on (`nvidia-smi` name); `None` for a plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_name: Option<String>,
+    /// TensorRT library version that built it, when it could be determined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorrt_version: Option<String>,
+    /// ONNX Runtime version that built it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ort_version: Option<String>,
+    /// Wall time of the build (session creation), milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Engine, timing-cache and context-model files, relative to the artifact directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// The EP-context model (relative path) that loads the engine without parsing the ONNX graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ep_context_model: Option<String>,
+    /// For a plan: the command that runs the build on a host with the GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+}
+
+/// A target's [`Profile`] as recorded in the manifest (plain `[min, opt, max]` triples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    pub batch: [usize; 3],
+    pub sequence: [usize; 3],
+    pub past: [usize; 3],
+}
+
+impl From<Profile> for ProfileRecord {
+    fn from(p: Profile) -> Self {
+        let t = |d: DimRange| [d.min, d.opt, d.max];
+        ProfileRecord { batch: t(p.batch), sequence: t(p.sequence), past: t(p.past) }
+    }
 }
 
 /// A GPU found on this host.

@@ -91,6 +91,7 @@ fn a100_fp16_maps_to_documented_trt_options() {
             "trt_max_workspace_size",
             "trt_dump_ep_context_model",
             "trt_ep_context_file_path",
+            "trt_ep_context_embed_mode",
         ]
     );
     assert_eq!(get(&opts, "trt_fp16_enable"), "1");
@@ -100,6 +101,7 @@ fn a100_fp16_maps_to_documented_trt_options() {
     assert_eq!(get(&opts, "trt_engine_hw_compatible"), "0");
     assert_eq!(get(&opts, "trt_max_workspace_size"), (8u64 << 30).to_string());
     assert_eq!(get(&opts, "trt_ep_context_file_path"), "/art/engines/a100/model_ctx.onnx");
+    assert_eq!(get(&opts, "trt_ep_context_embed_mode"), "0");
     // Every dynamic input, `name:AxB` in graph order; total = past + sequence.
     let kv = |p: usize| (0..2).flat_map(move |i| ["key", "value"].map(move |k| format!("past_key_values.{i}.{k}:{}x2x{p}x16", "{b}"))).collect::<Vec<_>>();
     let expect = |b: usize, s: usize, p: usize| {
@@ -147,7 +149,7 @@ fn hardware_compatible_and_cache_settings_pass_through() {
     assert_eq!(get(&o, "trt_timing_cache_path"), "/out/engines/h100");
     assert_eq!(get(&o, "trt_engine_hw_compatible"), "1");
     assert_eq!(get(&o, "trt_builder_optimization_level"), "5");
-    assert!(o.iter().all(|(k, _)| k != "trt_dump_ep_context_model"));
+    assert!(o.iter().all(|(k, _)| k != "trt_dump_ep_context_model" && k != "trt_ep_context_embed_mode"));
 }
 
 #[test]
@@ -173,12 +175,12 @@ fn nvidia_smi_and_proc_parsing() {
 fn wrong_gpu_engine_is_refused_unless_hardware_compatible() {
     let a100 = LocalGpu { name: "NVIDIA A100-SXM4-80GB".into(), sm: Some(80) };
     let t4 = LocalGpu { name: "Tesla T4".into(), sm: Some(75) };
-    let built = |hw| EngineBuild { target: "h100".into(), sm: 90, hardware_compatible: hw, built: true };
+    let built = |hw| EngineBuild { target: "h100".into(), sm: 90, hardware_compatible: hw, built: true, ..EngineBuild::default() };
     let e = check_engine_host(&built(false), Some(&a100)).unwrap_err().to_string();
     assert!(e.contains("`h100` (sm90)") && e.contains("NVIDIA A100-SXM4-80GB") && e.contains("--hardware-compatible"), "{e}");
     check_engine_host(&built(true), Some(&a100)).unwrap();
     assert!(check_engine_host(&built(true), Some(&t4)).is_err(), "hardware compatibility needs sm80+");
-    let same = EngineBuild { target: "a100".into(), sm: 80, hardware_compatible: false, built: true };
+    let same = EngineBuild { target: "a100".into(), sm: 80, hardware_compatible: false, built: true, ..EngineBuild::default() };
     check_engine_host(&same, Some(&a100)).unwrap();
     let e = check_engine_host(&same, None).unwrap_err().to_string();
     assert!(e.contains("no NVIDIA GPU was found"), "{e}");

@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod fixture;
 pub mod onnx;
+pub mod target;
 
 use std::path::{Path, PathBuf};
 

@@ -1,11 +1,13 @@
-//! `r1-export`: HuggingFace checkpoint directory → ONNX artifact directory. See `--help`.
+//! `r1-export`: HuggingFace checkpoint directory → ONNX artifact directory, then per-target builds
+//! (TensorRT engines, the optimized CPU graph). See `--help`.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
+use r1_export::target::{self, Mode, Outcome, TargetOptions};
 use r1_export::{export, ExportOptions, Precision, Progress};
 
 const AFTER_HELP: &str = "\
@@ -16,6 +18,17 @@ Examples:
   # float16 weights and KV cache (logits stay float32)
   r1-export ~/models/DeepSeek-R1-Distill-Llama-8B -o artifacts/llama-8b-fp16 --precision fp16
 
+  # plus the ONNX Runtime-optimized CPU graph (engines/cpu/model.onnx)
+  r1-export ./ckpt -o ./out --target cpu
+
+  # for an A100 (fp16 by default): builds the TensorRT engine when this host has an A100 and
+  # onnxruntime-gpu with TensorRT; otherwise records the build plan and prints the command below
+  r1-export ./ckpt -o ./out --target a100
+  r1-export build ./out --target a100            # later, on the A100 host
+
+  # one engine for every Ampere-or-newer GPU, and several targets at once
+  r1-export ./ckpt -o ./out --target a100,cpu --hardware-compatible
+
   # a newer opset for runtimes that want it
   r1-export ./ckpt -o ./out --opset 21
 
@@ -24,7 +37,18 @@ What you get in OUT_DIR:
                                  external data (4 KiB-aligned, deterministic layout)
   tokenizer.json, tokenizer_config.json, generation_config.json   copied from the checkpoint
   manifest.json                  family, resolved config, precision, opset, I/O names and shapes,
-                                 KV-cache layout and bytes per token, sha256 of every file
+                                 KV-cache layout and bytes per token, sha256 of every file,
+                                 per-target builds or build plans (`targets`)
+  engines/cpu/                   with --target cpu: model.onnx (+ model.onnx.data) after ONNX
+                                 Runtime's extended graph optimizations (portable across CPUs;
+                                 needs ONNX Runtime, tract uses the portable graph)
+  engines/<gpu>/                 with a GPU target built on its GPU: TensorRT engine, timing cache
+                                 and model_ctx.onnx (EP-context model pointing at the engine)
+
+Targets: a100 (sm80), h100 and h200 (sm90, fp8), b200 (sm100), l40s and l4 (sm89, fp8), a10g (sm86),
+t4 (sm75, no bf16), cpu. Each GPU target has a TensorRT optimization profile (min/opt/max batch,
+sequence and past length) and workspace; manifest.targets.<gpu>.options records the exact trt_*
+options. An engine built for one GPU is refused on another unless built --hardware-compatible.
 
 Graph I/O (Optimum / ONNX Runtime GenAI names; batch, sequence, past_sequence symbolic):
   inputs   input_ids [batch, sequence] int64, attention_mask [batch, past+sequence] int64,
@@ -39,44 +63,129 @@ latent KV cache, MoE; bf16 or FP8 block-scaled weights, dequantized while stream
 The export streams one tensor at a time: memory stays around one tensor whatever the model size.
 Test checkpoints of any shape: see `r1-fixture --help`.";
 
-/// Export a DeepSeek-R1-family HuggingFace checkpoint to an ONNX decoder graph with KV cache.
+const BUILD_AFTER_HELP: &str = "\
+Examples:
+  # on the A100 host, for an artifact exported anywhere with --target a100 (or without)
+  r1-export build ./out --target a100
+
+  # an engine that also runs on other Ampere-or-newer GPUs
+  r1-export build ./out --target h100 --hardware-compatible
+
+  # the optimized CPU graph for an existing artifact
+  r1-export build ./out --target cpu
+
+A GPU build needs that GPU (same compute capability; any sm80+ GPU with --hardware-compatible) and
+an ONNX Runtime with the TensorRT execution provider (onnxruntime-gpu + the tensorrt wheels; set
+ORT_DYLIB_PATH to its libonnxruntime.so). It writes OUT_DIR/engines/<target>/ and records the
+build (GPU, TensorRT and ONNX Runtime versions, duration, files with sha256) in manifest.json.
+Without the GPU or the provider it fails and says what was found and what is needed.";
+
+/// Export a DeepSeek-R1-family HuggingFace checkpoint to an ONNX decoder graph with KV cache, and
+/// build it for deployment targets.
 #[derive(Debug, Parser)]
-#[command(name = "r1-export", version, about, after_help = AFTER_HELP)]
+#[command(
+    name = "r1-export",
+    version,
+    about,
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    export: ExportArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build per-target engines for an existing artifact on this host (TensorRT on the GPU host).
+    #[command(after_help = BUILD_AFTER_HELP)]
+    Build(BuildArgs),
+}
+
+/// `r1-export CHECKPOINT -o OUT_DIR ...`
+#[derive(Debug, Args)]
+struct ExportArgs {
     /// HuggingFace checkpoint directory (config.json + *.safetensors [+ tokenizer files]).
-    checkpoint: PathBuf,
+    #[arg(required = true)]
+    checkpoint: Option<PathBuf>,
 
     /// Artifact directory to create (must not exist, or be empty). Written atomically.
-    #[arg(short, long, value_name = "OUT_DIR")]
-    out: PathBuf,
+    #[arg(short, long, value_name = "OUT_DIR", required = true)]
+    out: Option<PathBuf>,
 
     /// Precision of weights, activations and KV cache: fp32 | fp16 (int8 comes with calibration).
-    #[arg(long, default_value = "fp32", env = "R1_EXPORT_PRECISION")]
-    precision: String,
-
-    /// Deployment target: cpu (GPU targets such as a100 come with engine builds).
-    #[arg(long, default_value = "cpu", env = "R1_EXPORT_TARGET")]
-    target: String,
+    /// Default: the GPU targets' default precision (fp16), else fp32.
+    #[arg(long, env = "R1_EXPORT_PRECISION")]
+    precision: Option<String>,
 
     /// ONNX default-domain opset, 17..=21 (17: newest that TensorRT 8.6+, tract and ORT all run).
     #[arg(long, default_value_t = r1_export::DEFAULT_OPSET, env = "R1_EXPORT_OPSET")]
     opset: i64,
+
+    #[command(flatten)]
+    targets: TargetArgs,
 
     /// Never show a progress bar (it is shown only when stderr is a terminal anyway).
     #[arg(long)]
     quiet: bool,
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let precision: Precision = cli.precision.parse()?;
-    let opts = ExportOptions {
-        checkpoint: cli.checkpoint.clone(),
-        out_dir: cli.out.clone(),
-        precision,
-        opset: cli.opset,
-        target: cli.target.clone(),
+/// `r1-export build OUT_DIR --target ...`
+#[derive(Debug, Args)]
+struct BuildArgs {
+    /// Artifact directory written by r1-export.
+    #[arg(value_name = "OUT_DIR")]
+    artifact: PathBuf,
+
+    #[command(flatten)]
+    targets: TargetArgs,
+}
+
+/// Deployment targets, shared by the export and `build`.
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// Deployment targets, comma-separated or repeated: a100, h100, h200, b200, l40s, l4, a10g,
+    /// t4 (TensorRT engines) and cpu (ONNX Runtime-optimized graph). None: the portable graph only.
+    #[arg(long = "target", value_name = "TARGET", value_delimiter = ',', value_parser = parse_target, env = "R1_EXPORT_TARGET")]
+    targets: Vec<String>,
+
+    /// Build TensorRT engines hardware-compatible: they run on any Ampere-or-newer GPU (sm80+),
+    /// a little slower than an engine built for one GPU.
+    #[arg(long, env = "R1_EXPORT_HARDWARE_COMPATIBLE")]
+    hardware_compatible: bool,
+}
+
+impl TargetArgs {
+    fn options(&self) -> TargetOptions {
+        TargetOptions { targets: self.targets.clone(), hardware_compatible: self.hardware_compatible }
+    }
+}
+
+fn parse_target(s: &str) -> Result<String, String> {
+    r1_engine::targets::target(s.trim()).map(|t| t.name.to_string()).map_err(|e| e.to_string())
+}
+
+fn run_export(args: ExportArgs) -> anyhow::Result<()> {
+    let (Some(checkpoint), Some(out)) = (args.checkpoint.clone(), args.out.clone()) else {
+        anyhow::bail!("a checkpoint directory and -o OUT_DIR are required (see --help)");
     };
-    let show = !cli.quiet && std::io::stderr().is_terminal();
+    let targets = target::resolve(&args.targets.targets)?;
+    let precision_name = args.precision.clone().unwrap_or_else(|| target::default_precision(&targets).to_string());
+    let precision: Precision = precision_name.parse()?;
+    target::check_precision(&targets, precision.name())?;
+    let opts = ExportOptions {
+        checkpoint: checkpoint.clone(),
+        out_dir: out.clone(),
+        precision,
+        opset: args.opset,
+        // The exporter writes the portable graph; targets are built on it below.
+        target: "cpu".into(),
+    };
+    let show = !args.quiet && std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::hidden();
     if show {
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
@@ -94,7 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Progress::Finishing => bar.set_message("writing model.onnx and manifest.json"),
     })
-    .with_context(|| format!("exporting {}", cli.checkpoint.display()))?;
+    .with_context(|| format!("exporting {}", checkpoint.display()))?;
     bar.finish_and_clear();
     let bytes: u64 = manifest.files.values().map(|f| f.bytes).sum();
     eprintln!(
@@ -103,16 +212,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         manifest.family,
         manifest.model.num_layers,
         manifest.precision,
-        cli.out.display(),
+        out.display(),
         start.elapsed().as_secs_f64(),
         bytes as f64 / 1e9
     );
+    run_targets(&out, &args.targets, Mode::AfterExport)
+}
+
+fn run_targets(dir: &Path, args: &TargetArgs, mode: Mode) -> anyhow::Result<()> {
+    if args.targets.is_empty() {
+        return Ok(());
+    }
+    // Errors name the artifact directory themselves.
+    let outcomes = target::apply(dir, &args.options(), mode)?;
+    for o in outcomes {
+        match o {
+            Outcome::Cpu(b) => eprintln!(
+                "cpu: wrote {} (ONNX Runtime {} {} optimizations) in {:.1}s",
+                dir.join(&b.graph).display(),
+                b.ort_version,
+                b.optimization_level,
+                b.duration_ms as f64 / 1e3
+            ),
+            Outcome::Built(b) => eprintln!(
+                "{}: built the TensorRT engine on {} (TensorRT {}, ONNX Runtime {}) in {:.1}s into {}",
+                b.target,
+                b.gpu_name.as_deref().unwrap_or("?"),
+                b.tensorrt_version.as_deref().unwrap_or("version unknown"),
+                b.ort_version.as_deref().unwrap_or("?"),
+                b.duration_ms.unwrap_or(0) as f64 / 1e3,
+                dir.join(r1_engine::build::ENGINES_DIR).join(&b.target).display()
+            ),
+            Outcome::Planned { plan, reason } => eprintln!(
+                "{}: not built here ({reason}).\n{}: build plan recorded in manifest.json; to build the engine, run on a host with that GPU:\n  {}",
+                plan.target,
+                plan.target,
+                plan.command.as_deref().unwrap_or_default()
+            ),
+        }
+    }
     Ok(())
+}
+
+fn run_build(args: BuildArgs) -> anyhow::Result<()> {
+    if args.targets.targets.is_empty() {
+        anyhow::bail!("`r1-export build` needs --target (one of {})", target_names());
+    }
+    run_targets(&args.artifact, &args.targets, Mode::Build)
+}
+
+fn target_names() -> String {
+    r1_engine::targets::TARGETS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let result = match cli.command {
+        Some(Command::Build(b)) => run_build(b),
+        None => run_export(cli.export),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the context chain joined with ": ".

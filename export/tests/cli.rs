@@ -36,3 +36,230 @@ fn good_input_exports_and_help_has_examples() {
     let help = String::from_utf8_lossy(&h.stdout);
     assert!(help.contains("Examples:") && help.contains("--precision fp16"), "{help}");
 }
+
+// ---- deployment targets (`--target`, `r1-export build`) ----
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use r1_engine::backend::{BackendKind, BackendOptions, ExecutionProviderKind};
+use r1_engine::manifest::Manifest;
+use r1_engine::{Engine, EngineOptions, StepWork};
+
+fn r1_export(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_r1-export")).args(args).output().unwrap()
+}
+
+/// Exports the `preset` fixture with extra arguments; returns (tempdir, artifact dir, output).
+fn export_with(preset_name: &str, extra: &[&str]) -> (tempfile::TempDir, PathBuf, Output) {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    write_checkpoint(&preset(preset_name).unwrap(), &ck).unwrap();
+    let out = tmp.path().join("out");
+    let mut args: Vec<&std::ffi::OsStr> = vec![ck.as_os_str(), "-o".as_ref(), out.as_os_str()];
+    args.extend(extra.iter().map(|s| std::ffi::OsStr::new(*s)));
+    let o = r1_export(&args);
+    (tmp, out, o)
+}
+
+fn manifest_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// This suite's GPU paths assume a GPU-less host (CI); on a GPU host they would build for real.
+fn gpu_less_host() -> bool {
+    let gpu = r1_engine::targets::detect_local_gpu();
+    if let Some(g) = &gpu {
+        eprintln!("skipping: this host has `{}`; the plan path runs only without a GPU", g.name);
+    }
+    gpu.is_none()
+}
+
+#[test]
+fn gpu_target_without_gpu_records_the_plan_and_prints_the_build_command() {
+    if !gpu_less_host() {
+        return;
+    }
+    let (_tmp, out, o) = export_with("tiny-qwen2", &["--target", "a100"]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let command = format!("r1-export build {} --target a100", out.display());
+    assert!(err.contains(&format!("\n  {command}\n")), "{err}");
+    assert!(err.contains("no NVIDIA GPU was found"), "the reason is printed: {err}");
+    let m = manifest_json(&out);
+    // No --precision: the target's default (fp16).
+    assert_eq!(m["precision"], "fp16");
+    let plan = &m["targets"]["a100"];
+    assert_eq!(plan["built"], false);
+    assert_eq!(plan["sm"], 80);
+    assert_eq!(plan["precision"], "fp16");
+    assert_eq!(plan["command"], command.as_str());
+    assert_eq!(plan["profile"]["batch"], serde_json::json!([1, 8, 64]));
+    assert_eq!(plan["options"]["trt_fp16_enable"], "1");
+    assert_eq!(plan["options"]["trt_engine_cache_path"], "engines/a100");
+    assert_eq!(plan["options"]["trt_ep_context_embed_mode"], "0");
+    // Every dynamic input of this graph is in the profile: 3 id/mask inputs + 2 layers x (key, value).
+    assert_eq!(plan["options"]["trt_profile_opt_shapes"].as_str().unwrap().split(',').count(), 3 + 2 * 2);
+    assert!(!out.join("engines").exists(), "a plan writes no engine files");
+    // The plan parses as the engine's record type and the manifest stays loadable.
+    let parsed: r1_engine::targets::EngineBuild = serde_json::from_value(plan.clone()).unwrap();
+    assert!(!parsed.built && !parsed.hardware_compatible);
+    Manifest::load(&out).unwrap();
+
+    // `build` on this host fails, naming what is missing and what is needed, and changes nothing.
+    let before = std::fs::read(out.join("manifest.json")).unwrap();
+    let b = r1_export(&["build".as_ref(), out.as_os_str(), "--target".as_ref(), "a100".as_ref()]);
+    let berr = stderr(&b);
+    assert_eq!(b.status.code(), Some(1), "{berr}");
+    assert_eq!(berr.trim_end().lines().count(), 1, "{berr}");
+    assert!(berr.starts_with("error: ") && berr.contains("`a100` TensorRT build") && berr.contains("NVIDIA A100 (sm80)"), "{berr}");
+    assert!(berr.contains("no NVIDIA GPU was found"), "{berr}");
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before);
+}
+
+#[test]
+fn hardware_compatible_plan_and_several_targets() {
+    if !gpu_less_host() {
+        return;
+    }
+    let (_tmp, out, o) = export_with("tiny-llama", &["--target", "h100,l4", "--target", "h100", "--hardware-compatible", "--precision", "fp32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = manifest_json(&out);
+    assert_eq!(m["precision"], "fp32");
+    for (t, sm) in [("h100", 90), ("l4", 89)] {
+        let p = &m["targets"][t];
+        assert_eq!((p["built"].as_bool(), p["sm"].as_u64()), (Some(false), Some(sm)), "{t}");
+        assert_eq!(p["hardware_compatible"], true);
+        assert_eq!(p["options"]["trt_engine_hw_compatible"], "1");
+        assert_eq!(p["options"]["trt_fp16_enable"], "0", "fp32 graph: no reduced precision");
+        let cmd = format!("r1-export build {} --target {t} --hardware-compatible", out.display());
+        assert_eq!(p["command"], cmd.as_str());
+        assert!(stderr(&o).contains(&cmd));
+    }
+    assert_eq!(stderr(&o).matches("r1-export build").count(), 2, "h100 listed twice is planned once");
+}
+
+#[test]
+fn unknown_target_and_unsupported_precision_are_refused_before_exporting() {
+    let (_tmp, out, o) = export_with("tiny-llama", &["--target", "v100"]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("`v100`") && err.contains("a100, h100, h200, b200, l40s, l4, a10g, t4, cpu"), "{err}");
+    assert!(!out.exists());
+    let b = r1_export(&["build".as_ref(), "/nonexistent".as_ref(), "--target".as_ref(), "v100".as_ref()]);
+    assert!(!b.status.success() && stderr(&b).contains("a100, h100"), "{}", stderr(&b));
+    let b = r1_export(&["build".as_ref(), "/nonexistent".as_ref()]);
+    assert_eq!(b.status.code(), Some(1));
+    assert!(stderr(&b).contains("needs --target"), "{}", stderr(&b));
+}
+
+#[test]
+fn help_teaches_targets_and_build() {
+    let h = r1_export(&["--help".as_ref()]);
+    let help = String::from_utf8_lossy(&h.stdout);
+    for want in ["--target a100", "r1-export build ./out --target a100", "--hardware-compatible", "engines/cpu/", "--target cpu"] {
+        assert!(help.contains(want), "{want} missing from --help:\n{help}");
+    }
+    let h = r1_export(&["build".as_ref(), "--help".as_ref()]);
+    let help = String::from_utf8_lossy(&h.stdout);
+    for want in ["Examples:", "OUT_DIR", "--hardware-compatible", "TensorRT execution provider"] {
+        assert!(help.contains(want), "{want} missing from build --help:\n{help}");
+    }
+}
+
+/// Logits after a prefill of `ids` and after one decode step, on ort CPU.
+fn two_steps(dir: &Path, ids: &[u32]) -> [Vec<f32>; 2] {
+    let backend_options = BackendOptions { execution_provider: ExecutionProviderKind::Cpu, ..BackendOptions::default() };
+    let opts = EngineOptions { backend: BackendKind::Ort, backend_options, ..EngineOptions::default() };
+    let mut e = Engine::load(dir, &opts).unwrap();
+    let id = e.add_sequence(ids, 2).unwrap();
+    let first = e.step(&[StepWork::all(id)]).unwrap().remove(0).logits;
+    e.push_token(id, 7).unwrap();
+    let second = e.step(&[StepWork::all(id)]).unwrap().remove(0).logits;
+    [first, second]
+}
+
+/// Makes `dir` an artifact of its own: `files` copied in from `from` (renamed `(src, dst)`), and a
+/// manifest whose `files` lists exactly them.
+fn artifact_view(from: &Path, dir: &Path, m: &Manifest, files: &[(&str, &str)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut m = m.clone();
+    m.targets.remove("cpu");
+    m.files.clear();
+    for (src, dst) in files {
+        std::fs::copy(from.join(src), dir.join(dst)).unwrap();
+        m.files.insert(dst.to_string(), r1_export::artifact::hash_file(&dir.join(dst)).unwrap());
+    }
+    r1_export::target::write_manifest(dir, &m).unwrap();
+}
+
+/// Op types of the graph's nodes outside the default ONNX domain.
+fn contrib_ops(path: &Path) -> Vec<String> {
+    use prost::Message;
+    let m = r1_proto::onnx::ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap();
+    let nodes = m.graph.map(|g| g.node).unwrap_or_default();
+    nodes
+        .into_iter()
+        .filter_map(|n| match n.domain.as_deref() {
+            None | Some("") | Some("ai.onnx") => None,
+            Some(d) => Some(format!("{d}.{}", n.op_type.as_deref().unwrap_or("?"))),
+        })
+        .collect()
+}
+
+#[test]
+fn cpu_target_writes_an_optimized_graph_with_the_portable_graphs_logits() {
+    let (_tmp, out, o) = export_with("tiny-qwen2", &["--target", "cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = Manifest::load(&out).unwrap();
+    let rec = &m.targets["cpu"];
+    assert_eq!(rec["graph"], "engines/cpu/model.onnx");
+    assert_eq!(rec["optimization_level"], "extended");
+    assert_eq!(rec["built"], true);
+    // Every file the record names is in manifest.files with its true sha256 and size.
+    let files: Vec<String> = serde_json::from_value(rec["files"].clone()).unwrap();
+    assert!(files.contains(&"engines/cpu/model.onnx".to_string()), "{files:?}");
+    for f in &files {
+        assert_eq!(m.files[f], r1_export::artifact::hash_file(&out.join(f)).unwrap(), "{f}");
+    }
+    let on_disk = r1_engine::build::list_files(&out, &out.join("engines")).unwrap();
+    assert_eq!(on_disk, files, "no stray files under engines/");
+    assert_eq!(r1_engine::build::preferred_cpu_graph(&out, &m), Some("engines/cpu/model.onnx"));
+    // ONNX Runtime really rewrote the graph: the portable graph has standard ops only, the
+    // optimized one fused some into contrib ops (SiLU's Sigmoid * Mul became QuickGelu here).
+    assert_eq!(contrib_ops(&out.join("model.onnx")), Vec::<String>::new());
+    let fused = contrib_ops(&out.join("engines/cpu/model.onnx"));
+    assert!(!fused.is_empty(), "no com.microsoft op in the optimized graph");
+
+    // Same logits. Each graph is opened as an artifact of its own, so that which file the engine
+    // prefers cannot make both sides the same graph.
+    let root = out.parent().unwrap();
+    let data = |d: &str| if d.ends_with("model.onnx.data") { "model.onnx.data" } else { "model.onnx" };
+    let portable: Vec<(&str, &str)> = ["model.onnx", "model.onnx.data"].iter().map(|f| (*f, data(f))).collect();
+    let optimized: Vec<(&str, &str)> = files.iter().map(|f| (f.as_str(), data(f))).collect();
+    artifact_view(&out, &root.join("portable"), &m, &portable);
+    artifact_view(&out, &root.join("optimized"), &m, &optimized);
+    let ids = [3u32, 14, 15, 92, 65, 35];
+    let [a1, a2] = two_steps(&root.join("portable"), &ids);
+    let [b1, b2] = two_steps(&root.join("optimized"), &ids);
+    for (a, b) in [(&a1, &b1), (&a2, &b2)] {
+        assert_eq!(a.len(), b.len());
+        let scale = a.iter().fold(0f32, |s, v| s.max(v.abs()));
+        let diff = a.iter().zip(b.iter()).fold(0f32, |d, (x, y)| d.max((x - y).abs()));
+        assert!(scale > 0.0 && diff <= 1e-4 * scale.max(1.0), "max |diff| {diff} (logit scale {scale})");
+    }
+
+    // `build --target cpu` again replaces the graph and keeps the manifest consistent.
+    let b = r1_export(&["build".as_ref(), out.as_os_str(), "--target".as_ref(), "cpu".as_ref()]);
+    assert!(b.status.success(), "{}", stderr(&b));
+    let m2 = Manifest::load(&out).unwrap();
+    for f in &files {
+        assert_eq!(m2.files[f], r1_export::artifact::hash_file(&out.join(f)).unwrap(), "{f}");
+    }
+    assert_eq!(m2.files["model.onnx"], m.files["model.onnx"]);
+    assert!(!std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.')), "no temporary files left");
+}

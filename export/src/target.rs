@@ -1,0 +1,226 @@
+//! Per-target builds of an artifact (`r1-export --target ...` after an export, and
+//! `r1-export build OUT_DIR --target ...`), recorded in `manifest.json`.
+//!
+//! - `cpu`: the ONNX Runtime-optimized graph in `engines/cpu/` ([`r1_engine::build::optimize_cpu_graph`]).
+//! - a GPU target (`a100`, `h100`, ...): on a host with that GPU and ONNX Runtime's TensorRT EP, the
+//!   TensorRT engine in `engines/<target>/` ([`r1_engine::build::build_tensorrt`]); elsewhere, after an
+//!   export, the build plan (`built: false`, the exact `trt_*` options, profile, precision and the
+//!   command to run on the GPU host). `r1-export build` never plans: it builds or fails saying why.
+//!
+//! Architecture invariant: after every target, `manifest.json` is rewritten atomically (temporary
+//! file, fsync, rename) and lists the sha256 of every file it names, so the artifact is consistent
+//! at every point a build can stop.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use r1_engine::build::{self as eb, CpuBuild};
+use r1_engine::manifest::{Manifest, MANIFEST_FILE};
+use r1_engine::targets::{self, EngineBuild, Target};
+
+use crate::artifact::hash_file;
+use crate::error::{ExportError, Result};
+
+/// Which targets to build and how.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetOptions {
+    /// Target names from [`r1_engine::targets::TARGETS`], in order; duplicates are built once.
+    pub targets: Vec<String>,
+    /// Build TensorRT engines hardware-compatible (run on any sm80+ GPU).
+    pub hardware_compatible: bool,
+}
+
+/// Whether a GPU target that cannot be built on this host is recorded as a plan or is an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Right after an export: plan what cannot be built here.
+    AfterExport,
+    /// `r1-export build`: build, or fail with the reason.
+    Build,
+}
+
+/// What happened to one target.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// `engines/cpu/model.onnx` was written.
+    Cpu(CpuBuild),
+    /// A TensorRT engine was built on this host.
+    Built(EngineBuild),
+    /// The build was recorded as a plan; `reason` says why it could not run here.
+    Planned {
+        /// The plan (its `command` finishes it on the GPU host).
+        plan: EngineBuild,
+        /// Why this host could not build it.
+        reason: String,
+    },
+}
+
+/// Resolves target names against the table, keeping the first of duplicates; an unknown name is an
+/// error listing the valid ones.
+pub fn resolve(names: &[String]) -> Result<Vec<&'static Target>> {
+    let mut out: Vec<&'static Target> = Vec::new();
+    for n in names {
+        let t = targets::target(n.trim()).map_err(|e| ExportError::InvalidOption { option: "--target", message: e.to_string() })?;
+        if !out.iter().any(|o| o.name == t.name) {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses a precision that a requested GPU target cannot run, before anything is exported.
+pub fn check_precision(targets: &[&Target], precision: &str) -> Result<()> {
+    for t in targets.iter().filter(|t| !t.is_cpu()) {
+        if !t.supports(precision) {
+            return Err(ExportError::InvalidOption {
+                option: "--precision",
+                message: format!("`{precision}` cannot run on {} (sm{}) with TensorRT; choose another precision or target", t.name, t.sm),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn engine_err(dir: &Path) -> impl Fn(r1_engine::EngineError) -> ExportError + '_ {
+    move |e| ExportError::Output { path: dir.to_path_buf(), message: e.to_string() }
+}
+
+/// Builds or plans every target of `opts` for the artifact in `dir`, rewriting its manifest after
+/// each one. Stops at the first error (earlier targets stay recorded).
+pub fn apply(dir: &Path, opts: &TargetOptions, mode: Mode) -> Result<Vec<Outcome>> {
+    let list = resolve(&opts.targets)?;
+    let mut manifest = Manifest::load(dir).map_err(engine_err(dir))?;
+    let mut outcomes = Vec::with_capacity(list.len());
+    for t in list {
+        let outcome = if t.is_cpu() {
+            Outcome::Cpu(write_cpu_graph(dir)?)
+        } else {
+            gpu_target(dir, &manifest, t, opts.hardware_compatible, mode)?
+        };
+        let (record, files) = match &outcome {
+            Outcome::Cpu(b) => (serde_json::to_value(b), b.files.clone()),
+            Outcome::Built(b) => (serde_json::to_value(b), b.files.clone()),
+            Outcome::Planned { plan, .. } => (serde_json::to_value(plan), Vec::new()),
+        };
+        let record = record.map_err(|e| ExportError::Graph(format!("cannot serialize the `{}` record: {e}", t.name)))?;
+        set_target_files(dir, &mut manifest, t, &files)?;
+        manifest.targets.insert(t.name.to_string(), record);
+        write_manifest(dir, &manifest)?;
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+fn gpu_target(dir: &Path, manifest: &Manifest, t: &'static Target, hw: bool, mode: Mode) -> Result<Outcome> {
+    let err = engine_err(dir);
+    match mode {
+        Mode::Build => Ok(Outcome::Built(eb::build_tensorrt(dir, manifest, t, hw).map_err(err)?)),
+        Mode::AfterExport => match eb::check_build_host(t, hw) {
+            Ok(_) => Ok(Outcome::Built(eb::build_tensorrt(dir, manifest, t, hw).map_err(err)?)),
+            Err(reason) => {
+                // A build that cannot run here must still be possible on the GPU host: the plan
+                // fails now if the precision or the graph's dims do not fit the target.
+                let plan = eb::tensorrt_plan(dir, manifest, t, hw).map_err(err)?;
+                Ok(Outcome::Planned { plan, reason: reason.to_string() })
+            }
+        },
+    }
+}
+
+/// Writes `engines/cpu/` through a temporary sibling folder, so an interrupted run never leaves a
+/// half-written graph where the manifest points.
+fn write_cpu_graph(dir: &Path) -> Result<CpuBuild> {
+    let engines = dir.join(eb::ENGINES_DIR);
+    let tmp = engines.join(format!(".cpu.tmp-{}", std::process::id()));
+    let final_dir = engines.join("cpu");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(ExportError::io(&tmp))?;
+    }
+    let record = eb::optimize_cpu_graph(dir, &tmp);
+    let record = match record {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(engine_err(dir)(e));
+        }
+    };
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(ExportError::io(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(ExportError::io(&final_dir))?;
+    Ok(record)
+}
+
+/// Replaces the manifest's `engines/<target>/` file entries with the sha256 and size of `files`.
+fn set_target_files(dir: &Path, manifest: &mut Manifest, t: &Target, files: &[String]) -> Result<()> {
+    let prefix = format!("{}/", eb::engine_dir_rel(t));
+    manifest.files.retain(|k, _| !k.starts_with(&prefix));
+    for rel in files {
+        manifest.files.insert(rel.clone(), hash_file(&dir.join(rel))?);
+    }
+    Ok(())
+}
+
+/// Writes `dir/manifest.json` atomically: a temporary file in `dir`, fsync, rename over the old one.
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let path = dir.join(MANIFEST_FILE);
+    manifest
+        .check(&path)
+        .map_err(|e| ExportError::Graph(format!("manifest failed its own checks: {e}")))?;
+    let text = serde_json::to_string_pretty(manifest)
+        .map_err(|e| ExportError::Output { path: path.clone(), message: format!("cannot serialize manifest: {e}") })?;
+    let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ExportError::Io { path: tmp, source: e });
+    }
+    std::fs::rename(&tmp, &path).map_err(ExportError::io(&path))?;
+    // Make the rename durable; not every filesystem lets a directory be fsynced, so best effort.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The precision an export uses when `--precision` is not given: the default precision shared by
+/// every requested GPU target when the exporter can write it, else `fp32`.
+pub fn default_precision(targets: &[&Target]) -> &'static str {
+    let mut gpu = targets.iter().filter(|t| !t.is_cpu()).map(|t| t.default_precision);
+    match gpu.next() {
+        Some(first) if gpu.all(|p| p == first) && first.parse::<crate::Precision>().is_ok() => first,
+        _ => "fp32",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_dedups_and_lists_valid_targets_on_error() {
+        let names: Vec<String> = ["a100", "cpu", "a100"].iter().map(|s| s.to_string()).collect();
+        let t: Vec<_> = resolve(&names).unwrap().iter().map(|t| t.name).collect();
+        assert_eq!(t, ["a100", "cpu"]);
+        let e = resolve(&["v100".to_string()]).unwrap_err().to_string();
+        assert!(e.contains("`--target`") && e.contains("`v100`") && e.contains("a100, h100") && e.contains("cpu"), "{e}");
+    }
+
+    #[test]
+    fn precision_defaults_and_checks_follow_the_table() {
+        let t = |n: &str| targets::target(n).unwrap();
+        assert_eq!(default_precision(&[t("a100")]), "fp16");
+        assert_eq!(default_precision(&[t("a100"), t("t4")]), "fp16");
+        assert_eq!(default_precision(&[t("cpu")]), "fp32", "cpu's int8 default needs calibration");
+        assert_eq!(default_precision(&[]), "fp32");
+        check_precision(&[t("a100"), t("cpu")], "fp16").unwrap();
+        let e = check_precision(&[t("t4")], "bf16").unwrap_err().to_string();
+        assert!(e.contains("`bf16` cannot run on t4 (sm75)"), "{e}");
+    }
+}
