@@ -1,5 +1,5 @@
 //! Front-end logic shared by the gRPC and HTTP APIs: the application state, and the path from a raw request to a
-//! queued one (validate → tokenize → context check → submit), plus collecting a whole response for unary calls.
+//! queued one (prompt size → validate → tokenize → context check → submit), plus collecting a whole response for unary calls.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -11,7 +11,7 @@ use crate::error::ServeError;
 use crate::metrics::Metrics;
 use crate::model::SeqParams;
 use crate::scheduler::{Event, FinishReason, Scheduler, Submission};
-use crate::validate::{check_context, validate, Limits, RawRequest};
+use crate::validate::{check_context, check_prompt_bytes, validate, Limits, RawRequest};
 
 /// State shared by every handler.
 #[derive(Debug)]
@@ -28,6 +28,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// True once a shutdown signal arrived.
     pub draining: AtomicBool,
+    /// Longest prompt in bytes (`--max-prompt-bytes`), checked before tokenization.
+    pub max_prompt_bytes: usize,
 }
 
 /// A whole generated response.
@@ -57,6 +59,7 @@ impl AppState {
             model_id,
             metrics,
             draining: AtomicBool::new(false),
+            max_prompt_bytes: crate::server::DEFAULT_MAX_PROMPT_BYTES,
         }
     }
 
@@ -97,6 +100,7 @@ impl AppState {
         span: tracing::Span,
     ) -> Result<UnboundedReceiver<Event>, ServeError> {
         let (scheduler, limits) = self.ready()?;
+        check_prompt_bytes(&raw, self.max_prompt_bytes)?;
         let valid = validate(raw, limits)?;
         let frontend = scheduler.frontend();
         let input = valid.input.clone();

@@ -17,6 +17,12 @@ pub enum AskError {
         /// Transport error.
         source: tonic::transport::Error,
     },
+    /// The TLS files given to `ask` are unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// `R1_API_KEY` cannot travel in a header.
+    #[error("R1_API_KEY must be printable ASCII without spaces")]
+    BadKey,
     /// The server answered with an error status.
     #[error("GenerateStream failed: {0}")]
     Status(#[from] tonic::Status),
@@ -53,15 +59,34 @@ impl AskReport {
 
 /// Sends `question` as one user message (greedy, at most `max_tokens`) to the server at `addr` (`http://host:port`).
 pub async fn ask(addr: &str, question: &str, max_tokens: u32) -> Result<AskReport, AskError> {
+    ask_with(addr, question, max_tokens, None, None).await
+}
+
+/// [`ask`] over TLS when `tls` is set (`addr` is then `https://host:port`) and with `authorization: Bearer
+/// <api_key>` when a key is given.
+pub async fn ask_with(
+    addr: &str,
+    question: &str,
+    max_tokens: u32,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    api_key: Option<&str>,
+) -> Result<AskReport, AskError> {
     let connect_err = |source| AskError::Connect { addr: addr.to_string(), source };
-    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string()).map_err(connect_err)?;
-    let channel = endpoint.connect().await.map_err(connect_err)?;
+    let channel = match tls {
+        Some(cfg) => crate::tls::tls_channel(addr, cfg).await.map_err(connect_err)?,
+        None => tonic::transport::Endpoint::from_shared(addr.to_string()).map_err(connect_err)?.connect().await.map_err(connect_err)?,
+    };
     let req = pb::GenerateRequest {
         messages: vec![pb::ChatMessage { role: "user".into(), content: question.into() }],
         max_tokens: Some(max_tokens),
         sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
         ..Default::default()
     };
+    let mut req = tonic::Request::new(req);
+    if let Some(key) = api_key {
+        let v = format!("Bearer {key}").parse().map_err(|_| AskError::BadKey)?;
+        req.metadata_mut().insert("authorization", v);
+    }
     let t0 = Instant::now();
     let mut stream = GenerationClient::new(channel).generate_stream(req).await?.into_inner();
     let mut r = AskReport {

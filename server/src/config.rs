@@ -4,14 +4,18 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::ApiKeys;
 use crate::error::ConfigError;
 use crate::scheduler::SchedulerConfig;
+use crate::server::Security;
+use crate::tls::TlsFiles;
 use crate::validate::Limits;
 
 /// Largest batch any engine profile is built for; larger values are refused at start.
@@ -48,6 +52,16 @@ pub struct AskArgs {
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: u32,
+    /// CA certificate (PEM) to verify a TLS server with (use an https:// --addr). The API key, if the server needs
+    /// one, is read from the environment variable R1_API_KEY.
+    #[arg(long, env = "R1_ASK_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that require one (with --tls-client-key).
+    #[arg(long, env = "R1_ASK_TLS_CLIENT_CERT", value_name = "PEM", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-client-cert.
+    #[arg(long, env = "R1_ASK_TLS_CLIENT_KEY", value_name = "PEM", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
     /// The question, sent as one user chat message (rendered with the model's chat template by the server).
     pub question: String,
 }
@@ -73,6 +87,9 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Do not verify the artifact's sha256 sums before loading.
+    #[arg(long, env = "R1_SKIP_INTEGRITY_CHECK")]
+    pub skip_integrity_check: bool,
     /// The prompt.
     pub prompt: String,
 }
@@ -136,6 +153,36 @@ pub struct ServeArgs {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "R1_LOG", default_value = "info")]
     pub log: String,
+    /// TLS certificate chain (PEM, leaf first). With --tls-key, both the gRPC and the HTTP port speak TLS only.
+    #[arg(long, env = "R1_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "R1_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to. Set: both ports require and verify a client
+    /// certificate (mutual TLS). Needs --tls-cert and --tls-key.
+    #[arg(long, env = "R1_TLS_CLIENT_CA", value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// File of API keys, one per line (`#` starts a comment line; keys are 16+ printable ASCII characters). Keys
+    /// may also be given comma-separated in the environment variable R1_API_KEYS (there is no flag that takes keys
+    /// on the command line). With any key, gRPC Generation and reflection need `authorization: Bearer <key>`
+    /// (else UNAUTHENTICATED) and the OpenAI routes /v1/* need it too (else 401); grpc.health.v1, /health and
+    /// /metrics stay open.
+    #[arg(long, env = "R1_API_KEY_FILE", value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Largest gRPC request message (decoded) and HTTP request body, in bytes; larger ones are refused
+    /// (gRPC OUT_OF_RANGE, HTTP 413).
+    #[arg(long, env = "R1_MAX_REQUEST_BYTES", default_value_t = crate::server::DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+    /// Longest prompt in bytes (for chat: the sum of the messages' roles and contents), checked before
+    /// tokenization; longer ones get INVALID_ARGUMENT / 400.
+    #[arg(long, env = "R1_MAX_PROMPT_BYTES", default_value_t = crate::server::DEFAULT_MAX_PROMPT_BYTES)]
+    pub max_prompt_bytes: usize,
+    /// Do not verify the artifact's files against the sha256 sums in manifest.json before loading (verification is
+    /// on by default; skipping it is logged as a warning).
+    #[arg(long, env = "R1_SKIP_INTEGRITY_CHECK")]
+    #[serde(default)]
+    pub skip_integrity_check: bool,
 }
 
 impl ServeArgs {
@@ -220,6 +267,7 @@ impl ServeArgs {
             max_context_tokens: u32::MAX,
         };
         limits.validate()?;
+        let security = self.security(std::env::var("R1_API_KEYS").ok().as_deref())?;
         let model_id = self.model_id.clone().unwrap_or_else(|| {
             model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "r1".into())
         });
@@ -233,11 +281,55 @@ impl ServeArgs {
             drain_timeout: Duration::from_secs_f64(self.drain_timeout_secs),
             scheduler,
             limits,
+            security,
+            skip_integrity_check: self.skip_integrity_check,
             telemetry: TelemetryConfig {
                 otlp_endpoint: self.otlp_endpoint.clone(),
                 json: self.log_format == "json",
                 filter: self.log.clone(),
             },
+        })
+    }
+}
+
+impl ServeArgs {
+    /// Loads and checks the TLS files and API keys, and checks the size limits. `env_keys` is the value of
+    /// `R1_API_KEYS`, if set.
+    pub fn security(&self, env_keys: Option<&str>) -> Result<Security, ConfigError> {
+        let bad = |name: &'static str, message: String| Err(ConfigError::Invalid { name, message });
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: self.tls_client_ca.clone() };
+                Some(crate::tls::server_config(&files)?)
+            }
+            (None, None) if self.tls_client_ca.is_some() => {
+                return bad("--tls-client-ca", "needs --tls-cert and --tls-key (client certificates are checked during the TLS handshake)".into())
+            }
+            (None, None) => None,
+            (Some(_), None) => return bad("--tls-key", "is required with --tls-cert".into()),
+            (None, Some(_)) => return bad("--tls-cert", "is required with --tls-key".into()),
+        };
+        let mut keys = ApiKeys::default();
+        if let Some(path) = &self.api_key_file {
+            keys.add_file(path)?;
+        }
+        if let Some(v) = env_keys {
+            keys.add_env_list(v)?;
+        }
+        if !(1024..=1 << 30).contains(&self.max_request_bytes) {
+            return bad("--max-request-bytes", format!("must be between 1024 and {}, got {}", 1u64 << 30, self.max_request_bytes));
+        }
+        if self.max_prompt_bytes == 0 || self.max_prompt_bytes > self.max_request_bytes {
+            return bad(
+                "--max-prompt-bytes",
+                format!("must be between 1 and --max-request-bytes {}, got {}", self.max_request_bytes, self.max_prompt_bytes),
+            );
+        }
+        Ok(Security {
+            tls,
+            api_keys: Arc::new(keys),
+            max_request_bytes: self.max_request_bytes,
+            max_prompt_bytes: self.max_prompt_bytes,
         })
     }
 }
@@ -274,6 +366,10 @@ pub struct ServerConfig {
     pub scheduler: SchedulerConfig,
     /// Request limits (`max_context_tokens` is filled in from the model).
     pub limits: Limits,
+    /// TLS, API keys and size limits.
+    pub security: Security,
+    /// Skip the artifact's sha256 verification before loading.
+    pub skip_integrity_check: bool,
     /// Logging and tracing.
     pub telemetry: TelemetryConfig,
 }
@@ -326,5 +422,35 @@ mod tests {
         let (a, _) = args(&["--model", model]);
         let cfg = a.validate().expect("defaults are valid");
         assert_eq!(cfg.scheduler.max_batch_size, 16);
+        assert!(cfg.security.tls.is_none() && cfg.security.api_keys.is_empty() && !cfg.skip_integrity_check);
+        assert_eq!((cfg.security.max_request_bytes, cfg.security.max_prompt_bytes), (1 << 20, 512 << 10));
+    }
+
+    #[test]
+    fn security_flags_are_checked_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "# ops\nabcdefghijklmnop-1\n").expect("write");
+        let k = keys.to_str().expect("utf8");
+        let sec = |extra: &[&str], env: Option<&str>| {
+            let (a, _) = args(extra);
+            a.security(env).map_err(|e| e.to_string())
+        };
+        assert!(sec(&["--tls-cert", "c.pem"], None).unwrap_err().contains("`--tls-key`: is required with --tls-cert"));
+        assert!(sec(&["--tls-key", "k.pem"], None).unwrap_err().contains("`--tls-cert`: is required with --tls-key"));
+        assert!(sec(&["--tls-client-ca", "ca.pem"], None).unwrap_err().contains("needs --tls-cert and --tls-key"));
+        let e = sec(&["--tls-cert", "/nonexistent/c.pem", "--tls-key", "k.pem"], None).unwrap_err();
+        assert!(e.starts_with("--tls-cert /nonexistent/c.pem: cannot read the file"), "{e}");
+        let e = sec(&["--max-prompt-bytes", "2000", "--max-request-bytes", "1024"], None).unwrap_err();
+        assert!(e.contains("--max-prompt-bytes") && e.contains("1024, got 2000"), "{e}");
+        let e = sec(&["--max-request-bytes", "10"], None).unwrap_err();
+        assert!(e.contains("--max-request-bytes") && e.contains("got 10"), "{e}");
+        let s = sec(&["--api-key-file", k], Some("qrstuvwxyz012345-2")).expect("file and env keys");
+        assert_eq!(s.api_keys.len(), 2);
+        assert!(s.api_keys.matches(b"abcdefghijklmnop-1") && s.api_keys.matches(b"qrstuvwxyz012345-2"));
+        let (a, m) = args(&[]);
+        let merged = a.merge_toml("skip-integrity-check = true\nmax-prompt-bytes = 4096\n", Path::new("x.toml"), |id| m.value_source(id)).expect("toml");
+        assert!(merged.skip_integrity_check);
+        assert_eq!(merged.max_prompt_bytes, 4096);
     }
 }

@@ -20,6 +20,33 @@ fn text_err(e: r1_engine::text::TextError) -> ModelError {
     ModelError::new(e.kind(), e.to_string())
 }
 
+/// Verifies the artifact's files against the sizes and sha256 sums in its `manifest.json` (unless `skip`, which is
+/// logged as a warning) and logs how long it took. A mismatch is a `ModelError` of kind `integrity` naming the file,
+/// the expected and the actual value.
+pub fn verify_artifact(dir: &Path, skip: bool) -> Result<(), ModelError> {
+    if skip {
+        tracing::warn!(dir = %dir.display(), "artifact integrity check SKIPPED (--skip-integrity-check): files not verified against manifest.json");
+        return Ok(());
+    }
+    let t0 = std::time::Instant::now();
+    let manifest = r1_engine::Manifest::load(dir).map_err(engine_err)?;
+    let report = manifest
+        .verify_files(dir)
+        .map_err(|e| ModelError::new("integrity", format!("artifact {} refused: {e}", dir.display())))?;
+    let secs = t0.elapsed().as_secs_f64();
+    tracing::info!(
+        files = report.files,
+        bytes = report.bytes,
+        ms = (secs * 1e3) as u64,
+        mib_per_s = (report.bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)) as u64,
+        "artifact verified against the sha256 sums in manifest.json"
+    );
+    if !report.unlisted.is_empty() {
+        tracing::warn!(files = ?report.unlisted, "files in the artifact directory that manifest.json does not list (not verified)");
+    }
+    Ok(())
+}
+
 /// Tokenizer and chat template of an artifact.
 pub struct EngineText {
     tokenizer: Tokenizer,

@@ -106,6 +106,12 @@ pub enum ConfigError {
         /// The parser's message.
         message: String,
     },
+    /// A TLS file named by `--tls-cert`, `--tls-key` or `--tls-client-ca` is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The API keys could not be loaded.
+    #[error(transparent)]
+    ApiKeys(#[from] crate::auth::ApiKeyError),
     /// A setting is out of range or inconsistent with another.
     #[error("invalid setting `{name}`: {message}")]
     Invalid {

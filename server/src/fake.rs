@@ -4,15 +4,44 @@
 //! pending, an unknown sequence, or a KV over-reservation is an error, so scheduler bugs surface in tests.
 //!
 //! Behaviour knobs ([`FakeConfig`]): per-step delay (to make cancellation and deadline tests deterministic), an EOS
-//! after N tokens, and failure injection (any step that includes a sequence whose prompt starts with `FAIL` fails).
+//! after N tokens, and failure injection: any step that includes a sequence whose prompt starts with `FAIL` fails,
+//! and [`FakeModel::faults`] arms failures of the next N steps from outside (a fault in the middle of a running batch).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::model::{
     Emitted, Frontend, Model, ModelDescription, ModelError, ModelFinish, PromptInput, SeqId, SeqParams, Work,
 };
+
+/// Failures armed from outside the scheduler thread (tests): the next [`Faults::fail_next_steps`] steps fail.
+#[derive(Debug, Default)]
+pub struct Faults {
+    fail_steps: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+impl Faults {
+    /// Makes the next `n` steps fail (after their work was validated, changing no sequence).
+    pub fn fail_next_steps(&self, n: usize) {
+        self.fail_steps.store(n, Ordering::SeqCst);
+    }
+
+    /// Steps failed by this switch so far.
+    pub fn failed_steps(&self) -> usize {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    fn take(&self) -> bool {
+        let taken = self.fail_steps.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if taken {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+        }
+        taken
+    }
+}
 
 /// The fake's EOS token id.
 pub const FAKE_EOS: u32 = 2;
@@ -95,12 +124,18 @@ pub struct FakeModel {
     next_id: u64,
     reserved: usize,
     log: Arc<Mutex<Vec<StepRecord>>>,
+    faults: Arc<Faults>,
 }
 
 impl FakeModel {
     /// A fake with these settings.
     pub fn new(cfg: FakeConfig) -> Self {
-        FakeModel { cfg, seqs: HashMap::new(), next_id: 0, reserved: 0, log: Arc::default() }
+        FakeModel { cfg, seqs: HashMap::new(), next_id: 0, reserved: 0, log: Arc::default(), faults: Arc::default() }
+    }
+
+    /// Switch that makes upcoming steps fail.
+    pub fn faults(&self) -> Arc<Faults> {
+        self.faults.clone()
     }
 
     /// Shared log of every step run so far.
@@ -194,6 +229,9 @@ impl Model for FakeModel {
             if s.prompt.starts_with(&FakeFrontend.encode(&PromptInput::Text("FAIL".into()))?) {
                 return Err(ModelError::new("backend", format!("injected failure (sequence {})", w.seq.0)));
             }
+        }
+        if self.faults.take() {
+            return Err(ModelError::new("backend", format!("injected step failure ({} sequences in the batch)", work.len())));
         }
         if let Ok(mut log) = self.log.lock() {
             log.push(StepRecord { work: work.iter().map(|w| (w.seq, w.tokens)).collect(), pad_to });

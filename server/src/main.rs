@@ -6,10 +6,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use r1_serve::config::{AskArgs, Command, GenerateArgs, ServeArgs, ServerConfig};
-use r1_serve::engine_model::EngineModel;
+use r1_serve::engine_model::{verify_artifact, EngineModel};
 use r1_serve::metrics::Metrics;
 use r1_serve::model::{ChatTurn, Model, PromptInput, Sampling, SeqParams, Work};
-use r1_serve::server::{run, Listeners, Loader, ServeOptions};
+use r1_serve::server::{run_with, Listeners, Loader, ServeOptions};
 
 fn main() -> anyhow::Result<()> {
     let cli = ServeArgs::parse_cli()?;
@@ -29,10 +29,14 @@ fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     rt.block_on(async move {
         let grpc = tokio::net::TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding --grpc-addr {}", cfg.grpc_addr))?;
         let http = tokio::net::TcpListener::bind(cfg.http_addr).await.with_context(|| format!("binding --http-addr {}", cfg.http_addr))?;
-        let (dir, backend, kv) = (cfg.model.clone(), cfg.backend.clone(), cfg.kv_cache_bytes);
-        let load: Loader = Box::new(move || EngineModel::load(&dir, &backend, kv).map(|m| Box::new(m) as Box<dyn Model>));
+        let (dir, backend, kv, skip) = (cfg.model.clone(), cfg.backend.clone(), cfg.kv_cache_bytes, cfg.skip_integrity_check);
+        // Runs on a blocking thread while health says NOT_SERVING: verify the files, then load them.
+        let load: Loader = Box::new(move || {
+            verify_artifact(&dir, skip)?;
+            EngineModel::load(&dir, &backend, kv).map(|m| Box::new(m) as Box<dyn Model>)
+        });
         let opts = ServeOptions { model_id: cfg.model_id, limits: cfg.limits, scheduler: cfg.scheduler, drain_timeout: cfg.drain_timeout };
-        run(Listeners { grpc, http }, opts, Arc::new(Metrics::new()), load, shutdown_signal()).await?;
+        run_with(Listeners { grpc, http }, opts, cfg.security, Arc::new(Metrics::new()), load, shutdown_signal()).await?;
         Ok::<(), anyhow::Error>(())
     })
 }
@@ -40,7 +44,15 @@ fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
 /// `r1-serve ask`: one greedy GenerateStream call to a running server, printed for a person.
 fn ask(args: &AskArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
-    let r = rt.block_on(r1_serve::ask::ask(&args.addr, &args.question, args.max_tokens))?;
+    let tls = match &args.tls_ca {
+        Some(ca) => {
+            let id = args.tls_client_cert.as_deref().zip(args.tls_client_key.as_deref());
+            Some(r1_serve::tls::client_config(ca, id)?)
+        }
+        None => None,
+    };
+    let key = std::env::var("R1_API_KEY").ok();
+    let r = rt.block_on(r1_serve::ask::ask_with(&args.addr, &args.question, args.max_tokens, tls, key.as_deref()))?;
     println!("question:  {}", args.question);
     println!("reasoning: {}", r.reasoning.trim());
     println!("answer:    {}", r.text.trim());
@@ -81,6 +93,12 @@ async fn shutdown_signal() {
 /// Runs one request through the engine in-process (no server, no scheduler): prompt in, text out, timing on stderr.
 fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    verify_artifact(&args.model, args.skip_integrity_check).context("artifact integrity check")?;
+    if args.skip_integrity_check {
+        eprintln!("warning: artifact integrity check skipped (--skip-integrity-check)");
+    } else {
+        eprintln!("artifact verified against manifest.json sha256 sums in {:.2}s", t0.elapsed().as_secs_f64());
+    }
     let mut model = EngineModel::load(&args.model, &args.backend, None).with_context(|| format!("loading {}", args.model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let input = if args.raw {

@@ -4,18 +4,22 @@
 //! NOT_SERVING until the model is loaded and one warm-up request went through, and again from the moment `shutdown`
 //! resolves. Then both servers stop accepting, in-flight requests get `drain_timeout` to finish, whatever is still
 //! running is cancelled, and `run` returns `Ok(())`.
+//!
+//! [`run_with`] adds the [`Security`] settings: TLS on both ports ([`crate::tls`]), API keys ([`crate::auth`]) on
+//! Generation, reflection and the OpenAI routes (health and metrics stay open), and the request size limits.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::serve::ListenerExt;
+use axum::serve::{Listener, ListenerExt};
 use r1_proto::r1::v1::generation_server::GenerationServer;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::api::{collect, AppState};
+use crate::auth::{ApiKeys, GrpcAuth, HttpAuth};
 use crate::error::ServeError;
 use crate::grpc::GenerationService;
 use crate::metrics::Metrics;
@@ -48,6 +52,36 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
 }
 
+/// Default `--max-request-bytes`: largest gRPC message or HTTP body accepted.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Default `--max-prompt-bytes`: longest prompt (or sum of chat message contents) accepted, checked before
+/// tokenization.
+pub const DEFAULT_MAX_PROMPT_BYTES: usize = 512 << 10;
+
+/// Transport security and size limits of both ports.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// TLS for both ports (client certificates required when the config has a client verifier).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// API keys; empty means no authentication.
+    pub api_keys: Arc<ApiKeys>,
+    /// Largest gRPC message (decoded) and HTTP body, in bytes.
+    pub max_request_bytes: usize,
+    /// Longest prompt in bytes, checked before tokenization.
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Security {
+            tls: None,
+            api_keys: Arc::default(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_prompt_bytes: DEFAULT_MAX_PROMPT_BYTES,
+        }
+    }
+}
+
 /// Loads the model (runs on a blocking thread while the listeners already answer health checks).
 pub type Loader = Box<dyn FnOnce() -> Result<Box<dyn Model>, ModelError> + Send>;
 
@@ -70,7 +104,8 @@ async fn warm_up(state: &AppState) -> Result<(), ServeError> {
     collect(rx, &span).await.map(|_| ())
 }
 
-/// Serves until `shutdown` resolves, then drains and returns. See the module docs.
+/// Serves plain-text, without API keys and with the default size limits, until `shutdown` resolves, then drains
+/// and returns. See the module docs.
 pub async fn run(
     listeners: Listeners,
     opts: ServeOptions,
@@ -78,7 +113,50 @@ pub async fn run(
     load: Loader,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let state = Arc::new(AppState::new(opts.model_id.clone(), opts.limits, metrics.clone()));
+    run_with(listeners, opts, Security::default(), metrics, load, shutdown).await
+}
+
+/// Serves both ports with `TCP_NODELAY`, over TLS when `tls` is set.
+fn spawn_serve(
+    tcp: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: axum::Router,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, ServeError> {
+    fn spawn<L: Listener>(l: L, router: axum::Router, stop: impl Future<Output = ()> + Send + 'static) -> tokio::task::JoinHandle<std::io::Result<()>>
+    where
+        L::Addr: std::fmt::Debug,
+    {
+        let serve = axum::serve(l, router).with_graceful_shutdown(stop);
+        tokio::spawn(async move { serve.await })
+    }
+    Ok(match tls {
+        Some(cfg) => {
+            let l = crate::tls::TlsListener::new(tcp, cfg).map_err(|e| ServeError::Unavailable { reason: format!("TLS listener: {e}") })?;
+            spawn(l, router, stop)
+        }
+        None => {
+            // TCP_NODELAY: without it Nagle + delayed ACKs hold streamed tokens back for ~40 ms.
+            let nodelay = |tcp: &mut tokio::net::TcpStream| {
+                let _ = tcp.set_nodelay(true);
+            };
+            spawn(tcp.tap_io(nodelay), router, stop)
+        }
+    })
+}
+
+/// [`run`] with TLS, API keys and size limits. See the module docs.
+pub async fn run_with(
+    listeners: Listeners,
+    opts: ServeOptions,
+    security: Security,
+    metrics: Arc<Metrics>,
+    load: Loader,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let mut app = AppState::new(opts.model_id.clone(), opts.limits, metrics.clone());
+    app.max_prompt_bytes = security.max_prompt_bytes;
+    let state = Arc::new(app);
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -86,12 +164,18 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Unavailable { reason: format!("reflection setup failed: {e}") })?;
-    let grpc = tonic::service::Routes::new(GenerationServer::new(GenerationService::new(state.clone())))
+    let grpc_auth = GrpcAuth::new(security.api_keys.clone(), metrics.clone());
+    let generation = GenerationServer::new(GenerationService::new(state.clone()))
+        .max_decoding_message_size(security.max_request_bytes);
+    // Health stays open (Kubernetes gRPC probes send no headers); Generation and reflection need a key when keys
+    // are configured.
+    let grpc = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(generation, grpc_auth.clone()))
         .add_service(health)
-        .add_service(reflection)
+        .add_service(tonic::service::interceptor::InterceptedService::new(reflection, grpc_auth))
         .prepare()
         .into_axum_router();
-    let http = crate::http::router(state.clone());
+    let http_auth = HttpAuth { keys: security.api_keys.clone(), metrics: metrics.clone() };
+    let http = crate::http::router_with(state.clone(), http_auth, security.max_request_bytes);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -99,15 +183,18 @@ pub async fn run(
     };
     let grpc_addr = listeners.grpc.local_addr().ok();
     let http_addr = listeners.http.local_addr().ok();
-    // TCP_NODELAY: without it Nagle + delayed ACKs hold streamed tokens back for ~40 ms.
-    let nodelay = |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    };
-    let grpc_serve = axum::serve(listeners.grpc.tap_io(nodelay), grpc).with_graceful_shutdown(signal(stop_rx.clone()));
-    let mut grpc_task = tokio::spawn(async move { grpc_serve.await });
-    let http_serve = axum::serve(listeners.http.tap_io(nodelay), http).with_graceful_shutdown(signal(stop_rx));
-    let mut http_task = tokio::spawn(async move { http_serve.await });
-    tracing::info!(?grpc_addr, ?http_addr, model_id = %opts.model_id, "listening; loading model");
+    let mut grpc_task = spawn_serve(listeners.grpc, security.tls.clone(), grpc, signal(stop_rx.clone()))?;
+    let mut http_task = spawn_serve(listeners.http, security.tls.clone(), http, signal(stop_rx))?;
+    tracing::info!(
+        ?grpc_addr,
+        ?http_addr,
+        model_id = %opts.model_id,
+        tls = security.tls.is_some(),
+        api_keys = security.api_keys.len(),
+        max_request_bytes = security.max_request_bytes,
+        max_prompt_bytes = security.max_prompt_bytes,
+        "listening; loading model"
+    );
 
     tokio::pin!(shutdown);
     let loading = async {

@@ -153,6 +153,19 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
     Ok(ValidRequest { input, max_tokens, sampling, stop: raw.stop, ignore_eos: raw.ignore_eos })
 }
 
+/// Checks the prompt's size in bytes before anything else touches it (tokenizing a huge prompt is itself work):
+/// `prompt` when given, otherwise the sum of the chat messages' role and content lengths.
+pub fn check_prompt_bytes(raw: &RawRequest, max_bytes: usize) -> Result<(), ServeError> {
+    let (field, n) = match &raw.prompt {
+        Some(p) => ("prompt", p.len()),
+        None => ("messages", raw.messages.iter().map(|m| m.role.len() + m.content.len()).sum()),
+    };
+    if n > max_bytes {
+        return Err(ServeError::invalid(field, format!("must be at most {max_bytes} bytes (--max-prompt-bytes), got {n} bytes")));
+    }
+    Ok(())
+}
+
 /// Checks a tokenized prompt against the context window: the prompt must leave room for `max_tokens`.
 pub fn check_context(prompt_tokens: usize, max_tokens: u32, limits: &Limits) -> Result<(), ServeError> {
     let ctx = limits.max_context_tokens as usize;
@@ -234,6 +247,20 @@ mod tests {
             mutate(&mut r);
             assert_eq!(err(r), want);
         }
+    }
+
+    #[test]
+    fn prompt_bytes_are_checked_before_tokenization() {
+        assert!(check_prompt_bytes(&prompt(&"a".repeat(10)), 10).is_ok());
+        let e = check_prompt_bytes(&prompt(&"a".repeat(11)), 10).unwrap_err().to_string();
+        assert_eq!(e, "`prompt` must be at most 10 bytes (--max-prompt-bytes), got 11 bytes");
+        let chat = RawRequest {
+            messages: vec![ChatTurn { role: "user".into(), content: "é".repeat(3) }, ChatTurn { role: "system".into(), content: "x".into() }],
+            ..Default::default()
+        };
+        let e = check_prompt_bytes(&chat, 12).unwrap_err().to_string();
+        assert_eq!(e, "`messages` must be at most 12 bytes (--max-prompt-bytes), got 17 bytes", "bytes, not chars");
+        assert!(check_prompt_bytes(&chat, 17).is_ok());
     }
 
     #[test]

@@ -104,9 +104,17 @@ impl Actor {
                 }
             }
         }
-        let model = &self.model;
-        let admitted = self.batcher.take_admissible(|n| model.can_admit(n));
-        for e in admitted {
+        // Admit one request at a time, so that `can_admit` sees the KV reserved by the ones admitted just before
+        // (asking for a whole batch at once let two requests that only fit one after the other both in, and the
+        // second then failed in add_sequence instead of waiting).
+        loop {
+            let model = &self.model;
+            let mut took = false;
+            let admitted = self.batcher.take_admissible(|n| !took && model.can_admit(n) && {
+                took = true;
+                true
+            });
+            let Some(e) = admitted.into_iter().next() else { break };
             match self.model.add_sequence(&e.prompt, &e.params) {
                 Ok(seq) => {
                     let queue_time = now.duration_since(e.enqueued);

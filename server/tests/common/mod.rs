@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use r1_proto::r1::v1 as pb;
 use r1_proto::r1::v1::generation_client::GenerationClient;
-use r1_serve::fake::{FakeConfig, FakeModel, StepRecord};
+use r1_serve::fake::{FakeConfig, FakeModel, Faults, StepRecord};
 use r1_serve::metrics::Metrics;
 use r1_serve::model::Model;
 use r1_serve::scheduler::SchedulerConfig;
-use r1_serve::server::{run, Listeners, Loader, ServeOptions};
+use r1_serve::server::{run_with, Listeners, Loader, Security, ServeOptions};
 use r1_serve::validate::Limits;
 use r1_serve::ServeError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,6 +25,9 @@ pub struct TestServer {
     pub http_addr: std::net::SocketAddr,
     pub metrics: Arc<Metrics>,
     pub steps: Arc<Mutex<Vec<StepRecord>>>,
+    pub faults: Arc<Faults>,
+    /// TLS settings the harness's own clients use (health checks, `client()`).
+    pub client_tls: Option<Arc<rustls::ClientConfig>>,
     shutdown: Option<oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
 }
@@ -36,6 +39,12 @@ pub struct Setup {
     pub drain: Duration,
     /// When set, loading blocks until this receiver gets a message.
     pub gate: Option<std::sync::mpsc::Receiver<()>>,
+    /// TLS, API keys and size limits.
+    pub security: Security,
+    /// Runs on the loading thread before the model is handed over (e.g. an artifact integrity check).
+    pub pre_load: Option<Box<dyn FnOnce() -> Result<(), r1_serve::model::ModelError> + Send>>,
+    /// TLS settings for the harness's own clients (needed when `security.tls` is set).
+    pub client_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for Setup {
@@ -46,6 +55,9 @@ impl Default for Setup {
             limits: Limits { max_new_tokens: 2048, default_max_tokens: 16, max_context_tokens: u32::MAX },
             drain: Duration::from_secs(5),
             gate: None,
+            security: Security::default(),
+            pre_load: None,
+            client_tls: None,
         }
     }
 }
@@ -53,24 +65,31 @@ impl Default for Setup {
 pub async fn start(setup: Setup) -> TestServer {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-    let grpc_url = format!("http://{}", grpc.local_addr().expect("addr"));
+    let scheme = if setup.security.tls.is_some() { "https" } else { "http" };
+    let grpc_url = format!("{scheme}://{}", grpc.local_addr().expect("addr"));
     let http_addr = http.local_addr().expect("addr");
     let model = FakeModel::new(setup.fake);
     let steps = model.step_log();
+    let faults = model.faults();
     let gate = setup.gate;
+    let pre_load = setup.pre_load;
+    let client_tls = setup.client_tls;
     let load: Loader = Box::new(move || {
         if let Some(g) = gate {
             let _ = g.recv();
+        }
+        if let Some(f) = pre_load {
+            f()?;
         }
         Ok(Box::new(model) as Box<dyn Model>)
     });
     let metrics = Arc::new(Metrics::new());
     let (tx, rx) = oneshot::channel::<()>();
     let opts = ServeOptions { model_id: "fake-r1".into(), limits: setup.limits, scheduler: setup.scheduler, drain_timeout: setup.drain };
-    let task = tokio::spawn(run(Listeners { grpc, http }, opts, metrics.clone(), load, async {
+    let task = tokio::spawn(run_with(Listeners { grpc, http }, opts, setup.security, metrics.clone(), load, async {
         let _ = rx.await;
     }));
-    TestServer { grpc_url, http_addr, metrics, steps, shutdown: Some(tx), task: Some(task) }
+    TestServer { grpc_url, http_addr, metrics, steps, faults, client_tls, shutdown: Some(tx), task: Some(task) }
 }
 
 /// Starts a server and waits until it reports SERVING.
@@ -82,11 +101,19 @@ pub async fn start_ready(setup: Setup) -> TestServer {
 
 impl TestServer {
     pub async fn client(&self) -> GenerationClient<Channel> {
-        GenerationClient::connect(self.grpc_url.clone()).await.expect("connect")
+        GenerationClient::new(self.channel().await)
+    }
+
+    /// A channel to the gRPC port (over TLS when the setup gave client TLS settings).
+    pub async fn channel(&self) -> Channel {
+        match &self.client_tls {
+            Some(cfg) => r1_serve::tls::tls_channel(&self.grpc_url, cfg.clone()).await.expect("TLS connect"),
+            None => channel(&self.grpc_url).await,
+        }
     }
 
     pub async fn health(&self, service: &str) -> ServingStatus {
-        let mut h = HealthClient::new(channel(&self.grpc_url).await);
+        let mut h = HealthClient::new(self.channel().await);
         let r = h.check(HealthCheckRequest { service: service.into() }).await.expect("health check");
         ServingStatus::try_from(r.into_inner().status).expect("known status")
     }
@@ -163,24 +190,50 @@ pub fn reference(prompt: &str, max_tokens: usize) -> (String, String, Vec<u32>) 
 
 /// Minimal HTTP/1.1 client: returns (status, content-type, body) with chunked bodies decoded.
 pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect http");
+    http_with(addr, method, path, body, &[]).await
+}
+
+/// [`http`] with extra request headers.
+pub async fn http_with(addr: std::net::SocketAddr, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect http");
+    let (status, head, body) = http_on(s, method, path, body, headers).await.expect("HTTP exchange");
+    let ctype = header_of(&head, "content-type");
+    (status, ctype, body)
+}
+
+/// Value of a header in a response head ("" when absent).
+pub fn header_of(head: &str, name: &str) -> String {
+    head.lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// One HTTP/1.1 exchange on any stream (plain TCP or TLS): (status, response head, body with chunks decoded).
+/// An error when the peer closes without sending an HTTP response.
+pub async fn http_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String, String)> {
     let body = body.unwrap_or("");
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await.expect("write");
+    s.write_all(req.as_bytes()).await?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.expect("read");
-    let raw = String::from_utf8(raw).expect("utf8");
+    s.read_to_end(&mut raw).await?;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {:?}", String::from_utf8_lossy(&raw[..raw.len().min(64)])));
+    if !raw.starts_with(b"HTTP/1.1 ") {
+        return Err(bad("not an HTTP response"));
+    }
+    let raw = String::from_utf8(raw).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "response is not UTF-8"))?;
     let (head, rest) = raw.split_once("\r\n\r\n").expect("header end");
     let status: u16 = head.split_whitespace().nth(1).expect("status").parse().expect("number");
-    let header = |name: &str| {
-        head.lines()
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()))
-            .unwrap_or_default()
-    };
-    let body = if header("transfer-encoding").eq_ignore_ascii_case("chunked") {
+    let body = if header_of(head, "transfer-encoding").eq_ignore_ascii_case("chunked") {
         let mut out = String::new();
         let mut rest = rest;
         loop {
@@ -196,7 +249,7 @@ pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: Op
     } else {
         rest.to_string()
     };
-    (status, header("content-type"), body)
+    Ok((status, head.to_string(), body))
 }
 
 /// A connected channel to `url`.
