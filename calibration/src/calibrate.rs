@@ -8,7 +8,9 @@ use crate::error::{CalibError, Result};
 use crate::observer::{CalibrationMethod, ChannelMaxObserver, TensorObserver};
 use crate::external::ExternalDataReader;
 use crate::qdq::{add_observed_outputs, calibration_targets};
-use crate::smooth_graph::{apply_smoothquant, SmoothSummary};
+use crate::external::ExternalDataWriter;
+use crate::smooth_graph::{apply_smoothquant, apply_smoothquant_spilled, SmoothSummary};
+use std::path::Path;
 use crate::quant::{scale_from_amax, INT8_QMAX};
 use r1_proto::onnx::ModelProto;
 use std::collections::{BTreeMap, HashMap};
@@ -142,13 +144,19 @@ pub struct W8A8Config {
 pub struct W8A8Calibration {
     /// Per-tensor int8 scales of the (smoothed) graph.
     pub scales: BTreeMap<String, f32>,
-    /// Per-tensor clipping ranges (for the TensorRT cache and the report).
+    /// Per-tensor clipping ranges of the (smoothed) graph the QDQ rewrite uses.
     pub amax: Vec<(String, f32)>,
+    /// Per-tensor clipping ranges of the original, unsmoothed graph (same method): what a legacy TensorRT
+    /// calibration cache for the fp32/fp16 graph needs. Equal to `amax` when SmoothQuant is off.
+    pub fp32_amax: Vec<(String, f32)>,
     /// What SmoothQuant folded (empty when `alpha == 0`).
     pub smooth: SmoothSummary,
     /// Batches observed in the final pass.
     pub batches: usize,
 }
+
+/// External data file the SmoothQuant-rescaled weights are written to (see [`calibrate_w8a8`]).
+pub const SMOOTHQUANT_DATA_FILE: &str = "smoothquant.onnx.data";
 
 /// Builds a runnable activation source for a calibration copy of the model (the engine session).
 pub type SourceFactory<'a> = dyn FnMut(&ModelProto) -> Result<Box<dyn ActivationSource + 'a>> + 'a;
@@ -156,11 +164,15 @@ pub type SourceFactory<'a> = dyn FnMut(&ModelProto) -> Result<Box<dyn Activation
 /// The W8A8 calibration driver. With SmoothQuant: pass 1 observes per-channel maxima, the factors are folded into
 /// `model` (in place), and pass 2 observes the smoothed graph's histograms; without: one pass. Each pass runs a copy
 /// of `model` with every MatMul input added as a graph output, built by `make_source`.
+///
+/// With `spill_to`, the rescaled weights go to [`SMOOTHQUANT_DATA_FILE`] in that directory (which must be the
+/// directory `reader` reads, so the model's external references resolve) instead of inline.
 pub fn calibrate_w8a8(
     model: &mut ModelProto,
     reader: &ExternalDataReader,
     make_source: &mut SourceFactory<'_>,
     cfg: W8A8Config,
+    spill_to: Option<&Path>,
     progress: &mut dyn FnMut(usize),
 ) -> Result<W8A8Calibration> {
     crate::smoothquant::validate_alpha(cfg.alpha)?;
@@ -174,16 +186,33 @@ pub fn calibrate_w8a8(
         Ok((cal, n))
     };
     let mut smooth = SmoothSummary::default();
+    let mut fp32_amax = None;
     if cfg.alpha > 0.0 {
         let (cal, _) = pass(model, progress)?;
         let channel_max = model_targets(model)
             .into_iter()
             .filter_map(|t| cal.channel_max(&t.name).map(|c| (t.name, c.to_vec())))
             .collect();
-        smooth = apply_smoothquant(model, reader, &channel_max, cfg.alpha)?;
+        fp32_amax = Some(cal.amax(cfg.method)?);
+        smooth = match spill_to {
+            Some(dir) => {
+                let mut writer = ExternalDataWriter::create(dir, SMOOTHQUANT_DATA_FILE)?;
+                let s = apply_smoothquant_spilled(model, reader, &channel_max, cfg.alpha, &mut writer)?;
+                writer.finish()?;
+                s
+            }
+            None => apply_smoothquant(model, reader, &channel_max, cfg.alpha)?,
+        };
     }
     let (cal, batches) = pass(model, progress)?;
-    Ok(W8A8Calibration { scales: cal.scales(cfg.method)?, amax: cal.amax(cfg.method)?, smooth, batches })
+    let amax = cal.amax(cfg.method)?;
+    Ok(W8A8Calibration {
+        scales: cal.scales(cfg.method)?,
+        fp32_amax: fp32_amax.unwrap_or_else(|| amax.clone()),
+        amax,
+        smooth,
+        batches,
+    })
 }
 
 #[cfg(test)]

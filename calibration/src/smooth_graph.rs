@@ -7,7 +7,7 @@
 //! nodes compute. Modified initializers are stored inline (`raw_data`); [`crate::qdq::quantize_model`] moves them
 //! to external data afterwards.
 use crate::error::Result;
-use crate::external::ExternalDataReader;
+use crate::external::{ExternalDataReader, ExternalDataWriter};
 use crate::qdq::calibration_targets;
 use crate::smoothquant::{fold_into_norm, scale_weight_rows, smoothing_factors, validate_alpha, weight_row_abs_max};
 use r1_proto::onnx::tensor_proto::DataType;
@@ -51,6 +51,29 @@ pub fn apply_smoothquant(
     reader: &ExternalDataReader,
     channel_max: &HashMap<String, Vec<f32>>,
     alpha: f32,
+) -> Result<SmoothSummary> {
+    smooth(model, reader, channel_max, alpha, None)
+}
+
+/// [`apply_smoothquant`], writing each rescaled weight matrix to `spill` (an external data file beside the model)
+/// as soon as it is computed instead of keeping it inline: memory stays at one weight matrix, and the model stays
+/// under protobuf's 2 GiB limit however large it is.
+pub fn apply_smoothquant_spilled(
+    model: &mut ModelProto,
+    reader: &ExternalDataReader,
+    channel_max: &HashMap<String, Vec<f32>>,
+    alpha: f32,
+    spill: &mut ExternalDataWriter,
+) -> Result<SmoothSummary> {
+    smooth(model, reader, channel_max, alpha, Some(spill))
+}
+
+fn smooth(
+    model: &mut ModelProto,
+    reader: &ExternalDataReader,
+    channel_max: &HashMap<String, Vec<f32>>,
+    alpha: f32,
+    mut spill: Option<&mut ExternalDataWriter>,
 ) -> Result<SmoothSummary> {
     validate_alpha(alpha)?;
     let mut summary = SmoothSummary::default();
@@ -133,7 +156,13 @@ pub fn apply_smoothquant(
         let mut names = Vec::new();
         for ((i, n), (mut w, _)) in weights.into_iter().zip(mats) {
             scale_weight_rows(&mut w, k, n, &s)?;
-            set_f32(&mut graph.initializer[i], &w);
+            match spill.as_deref_mut() {
+                Some(writer) => {
+                    let bytes: Vec<u8> = w.iter().flat_map(|f| f.to_le_bytes()).collect();
+                    writer.write_tensor(&mut graph.initializer[i], &bytes)?;
+                }
+                None => set_f32(&mut graph.initializer[i], &w),
+            }
             names.push(graph.initializer[i].name.clone().unwrap_or_default());
         }
         let range = s.iter().fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));

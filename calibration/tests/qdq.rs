@@ -334,7 +334,7 @@ fn w8a8_driver_with_smoothquant() {
             Ok(Box::new(EvalSource { model: copy.clone(), names: calibration_targets(copy), batches: vec![x(), x()] }))
         };
         let cfg = W8A8Config { method: CalibrationMethod::Max, alpha, max_batches: 8 };
-        let cal = calibrate_w8a8(&mut m, &reader(), &mut factory, cfg, &mut |_| {}).unwrap();
+        let cal = calibrate_w8a8(&mut m, &reader(), &mut factory, cfg, None, &mut |_| {}).unwrap();
         assert_eq!(built, if alpha > 0.0 { vec![3, 3] } else { vec![3] }, "one pass per model copy, `normed` added as output");
         assert_eq!(cal.batches, 2);
         assert_eq!(cal.smooth.smoothed.len(), usize::from(alpha > 0.0));

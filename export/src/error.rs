@@ -117,6 +117,12 @@ pub enum ExportError {
     /// The graph builder was misused (a bug in a family builder, not in the input).
     #[error("graph construction: {0}")]
     Graph(String),
+    /// Calibration or quantization failed (`--precision int8 | int8-wo | int4-wo`).
+    #[error("calibration: {0}")]
+    Calibration(#[from] r1_calibration::CalibError),
+    /// The engine could not run the graph during calibration or evaluation.
+    #[error("running the exported graph: {0}")]
+    Engine(#[from] r1_engine::EngineError),
     /// The output directory cannot be used.
     #[error("{path}: {message}")]
     Output {
@@ -149,6 +155,8 @@ impl ExportError {
             ExportError::Safetensors { .. } => "safetensors",
             ExportError::InvalidOption { .. } => "invalid_option",
             ExportError::Graph(_) => "graph",
+            ExportError::Calibration(_) => "calibration",
+            ExportError::Engine(_) => "engine",
             ExportError::Output { .. } => "output",
         }
     }

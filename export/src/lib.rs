@@ -7,6 +7,7 @@
 //! - [`onnx`]: the typed graph builder and the external-data writer.
 //! - [`artifact`]: atomic artifact directory, file hashes.
 //! - [`fixture`]: random-weight checkpoints of any family and shape (`r1-fixture`).
+//! - [`quantize`]: `--precision int8 | int8-wo | int4-wo` (calibration on the engine, QDQ rewrite, quality report).
 //!
 //! Architecture invariant: graph building never runs a model; it only reads weights and writes bytes.
 
@@ -16,6 +17,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod fixture;
 pub mod onnx;
+pub mod quantize;
 pub mod target;
 
 use std::path::{Path, PathBuf};
@@ -68,7 +70,7 @@ impl std::str::FromStr for Precision {
             "fp16" => Ok(Precision::Fp16),
             other => Err(ExportError::InvalidOption {
                 option: "--precision",
-                message: format!("must be fp32 or fp16 (int8 needs calibration, not available yet), got `{other}`"),
+                message: format!("must be fp32, fp16, int8, int8-wo or int4-wo, got `{other}`"),
             }),
         }
     }

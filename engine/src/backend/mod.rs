@@ -57,6 +57,17 @@ pub trait Backend: Send {
     fn name(&self) -> &'static str;
     /// One forward pass.
     fn run(&mut self, input: &StepInput) -> Result<StepOutput>;
+
+    /// One forward pass returning the graph outputs named in `names` as float32, in that order. For tools that
+    /// run a copy of the graph with intermediate tensors added as outputs (INT8 calibration, per-layer error
+    /// reports); serving uses [`Backend::run`].
+    fn run_named(&mut self, input: &StepInput, names: &[String]) -> Result<Vec<ArrayD<f32>>> {
+        let _ = (input, names);
+        Err(EngineError::Unavailable {
+            what: format!("named outputs on backend `{}`", self.name()),
+            message: "this backend only returns logits and the KV cache".into(),
+        })
+    }
 }
 
 /// Which backend to open (`--backend auto|ort|tract`).
@@ -135,14 +146,27 @@ pub struct BackendOptions {
 
 /// Opens the backend `kind` for the artifact in `dir` described by `manifest`.
 pub fn load(dir: &Path, manifest: &Manifest, kind: BackendKind, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
+    load_graph(dir, MODEL_FILE, manifest, kind, opts)
+}
+
+/// Like [`load`], but opens the graph file `graph` of the artifact directory instead of [`MODEL_FILE`]: a copy of
+/// the decoder graph with the same inputs and extra outputs (read them with [`Backend::run_named`]). The copy sits
+/// in `dir` so that its external-data references resolve.
+pub fn load_graph(
+    dir: &Path,
+    graph: &str,
+    manifest: &Manifest,
+    kind: BackendKind,
+    opts: &BackendOptions,
+) -> Result<Box<dyn Backend>> {
     match kind {
-        BackendKind::Tract => Ok(Box::new(tract::TractBackend::load(dir, manifest)?)),
-        BackendKind::Ort => Ok(Box::new(ort::OrtBackend::load(dir, manifest, opts)?)),
-        BackendKind::Auto => load_auto(dir, manifest, opts),
+        BackendKind::Tract => Ok(Box::new(tract::TractBackend::load_file(dir, graph, manifest)?)),
+        BackendKind::Ort => Ok(Box::new(ort::OrtBackend::load_file(dir, graph, manifest, opts)?)),
+        BackendKind::Auto => load_auto(dir, graph, manifest, opts),
     }
 }
 
-fn load_auto(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
+fn load_auto(dir: &Path, graph: &str, manifest: &Manifest, opts: &BackendOptions) -> Result<Box<dyn Backend>> {
     match crate::ort_lib::discover() {
         Ok(lib) => {
             let gpu = crate::targets::detect_local_gpu();
@@ -159,11 +183,11 @@ fn load_auto(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> Result<B
                     if gpu.is_some() { "GPU present" } else { "no NVIDIA GPU detected" }
                 ),
             }
-            Ok(Box::new(ort::OrtBackend::load(dir, manifest, opts)?))
+            Ok(Box::new(ort::OrtBackend::load_file(dir, graph, manifest, opts)?))
         }
         Err(e) => {
             tracing::info!("backend auto: tract (ONNX Runtime library not found: {e})");
-            Ok(Box::new(tract::TractBackend::load(dir, manifest)?))
+            Ok(Box::new(tract::TractBackend::load_file(dir, graph, manifest)?))
         }
     }
 }

@@ -145,9 +145,14 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
 impl OrtBackend {
     /// Opens `DIR/model.onnx` with the execution provider the options ask for.
     pub fn load(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> Result<OrtBackend> {
+        Self::load_file(dir, MODEL_FILE, manifest, opts)
+    }
+
+    /// Opens the graph file `graph` of the artifact directory (see [`super::load_graph`]).
+    pub fn load_file(dir: &Path, graph: &str, manifest: &Manifest, opts: &BackendOptions) -> Result<OrtBackend> {
         let env = environment()?;
         let choice = choose_providers(dir, manifest, opts)?;
-        let path = dir.join(MODEL_FILE);
+        let path = dir.join(graph);
         if !path.is_file() {
             return Err(EngineError::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) });
         }
@@ -209,28 +214,7 @@ impl Backend for OrtBackend {
 
     fn run(&mut self, input: &StepInput) -> Result<StepOutput> {
         check_step_input(input, self.num_layers)?;
-        let mut feeds: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(self.inputs.len());
-        for (name, dtype) in &self.inputs {
-            let value: SessionInputValue<'_> = match name.as_str() {
-                "input_ids" => int_input(&input.input_ids)?,
-                "attention_mask" => int_input(&input.attention_mask)?,
-                "position_ids" => int_input(&input.position_ids)?,
-                other => match parse_past_name(other) {
-                    Some((layer, is_key)) if layer < input.past.len() => {
-                        let p = &input.past[layer];
-                        float_input(if is_key { &p.key } else { &p.value }, *dtype)?
-                    }
-                    _ => {
-                        return Err(EngineError::Shape {
-                            name: other.to_string(),
-                            expected: "an input the engine provides (input_ids, attention_mask, position_ids, past_key_values.{i}.key/value)".into(),
-                            got: "an unknown graph input".into(),
-                        })
-                    }
-                },
-            };
-            feeds.push((name.clone(), value));
-        }
+        let feeds = feeds(&self.inputs, input)?;
         let outputs = self.session.run(feeds).map_err(be)?;
         let logits_v = outputs.get("logits").ok_or_else(|| be("graph returned no `logits`"))?;
         let logits = float_output(logits_v, self.logits_dtype, "logits")?
@@ -249,6 +233,49 @@ impl Backend for OrtBackend {
         }
         Ok(StepOutput { logits: Array3::from(logits), present })
     }
+
+    fn run_named(&mut self, input: &StepInput, names: &[String]) -> Result<Vec<ArrayD<f32>>> {
+        check_step_input(input, self.num_layers)?;
+        let feeds = feeds(&self.inputs, input)?;
+        let outputs = self.session.run(feeds).map_err(be)?;
+        names
+            .iter()
+            .map(|n| {
+                let v = outputs.get(n).ok_or_else(|| be(format!("graph has no output `{n}`")))?;
+                match v.try_extract_array::<f32>() {
+                    Ok(a) => Ok(a.to_owned()),
+                    Err(_) => float_output(v, DType::Float16, n),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The session feeds of one step, in graph input order.
+fn feeds<'a>(inputs: &[(String, DType)], input: &'a StepInput) -> Result<Vec<(String, SessionInputValue<'a>)>> {
+    let mut feeds: Vec<(String, SessionInputValue<'a>)> = Vec::with_capacity(inputs.len());
+    for (name, dtype) in inputs {
+        let value: SessionInputValue<'_> = match name.as_str() {
+            "input_ids" => int_input(&input.input_ids)?,
+            "attention_mask" => int_input(&input.attention_mask)?,
+            "position_ids" => int_input(&input.position_ids)?,
+            other => match parse_past_name(other) {
+                Some((layer, is_key)) if layer < input.past.len() => {
+                    let p = &input.past[layer];
+                    float_input(if is_key { &p.key } else { &p.value }, *dtype)?
+                }
+                _ => {
+                    return Err(EngineError::Shape {
+                        name: other.to_string(),
+                        expected: "an input the engine provides (input_ids, attention_mask, position_ids, past_key_values.{i}.key/value)".into(),
+                        got: "an unknown graph input".into(),
+                    })
+                }
+            },
+        };
+        feeds.push((name.clone(), value));
+    }
+    Ok(feeds)
 }
 
 /// `past_key_values.{i}.key` → `(i, true)`, `.value` → `(i, false)`.

@@ -38,6 +38,8 @@ pub struct TractBackend {
     /// Index of `logits` and of each layer's present key/value among the plan's outputs.
     logits_at: usize,
     present_at: Vec<(usize, usize)>,
+    /// Every plan output's name, in plan order (for [`Backend::run_named`]).
+    out_names: Vec<String>,
     num_layers: usize,
 }
 
@@ -50,13 +52,18 @@ impl std::fmt::Debug for TractBackend {
 impl TractBackend {
     /// Loads, optimizes and plans `DIR/model.onnx`.
     pub fn load(dir: &Path, manifest: &Manifest) -> Result<TractBackend> {
+        Self::load_file(dir, MODEL_FILE, manifest)
+    }
+
+    /// Loads, optimizes and plans the graph file `graph` of the artifact directory (see [`super::load_graph`]).
+    pub fn load_file(dir: &Path, graph: &str, manifest: &Manifest) -> Result<TractBackend> {
         if let Some(p) = ["bf16", "fp8", "int4"].iter().find(|p| manifest.precision.starts_with(**p)) {
             return Err(EngineError::Unavailable {
                 what: "tract backend".into(),
                 message: format!("tract cannot run `{}` graphs ({p} tensors); use --backend ort", manifest.precision),
             });
         }
-        let path = dir.join(MODEL_FILE);
+        let path = dir.join(graph);
         if !path.is_file() {
             return Err(EngineError::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) });
         }
@@ -96,7 +103,7 @@ impl TractBackend {
             .collect::<Result<Vec<_>>>()?;
         let plan = typed.into_runnable().map_err(be)?;
         tracing::info!(model = %path.display(), secs = started.elapsed().as_secs_f32(), "tract plan ready");
-        Ok(TractBackend { plan, feeds, logits_at, present_at, num_layers })
+        Ok(TractBackend { plan, feeds, logits_at, present_at, out_names, num_layers })
     }
 }
 
@@ -115,6 +122,41 @@ impl Backend for TractBackend {
 
     fn run(&mut self, input: &StepInput) -> Result<StepOutput> {
         check_step_input(input, self.num_layers)?;
+        let values = self.values(input);
+        let outputs = self.plan.run(values).map_err(|e| be(format!("{e:?}")))?;
+        let logits = to_f32(&outputs[self.logits_at], "logits")?
+            .into_dimensionality::<Ix3>()
+            .map_err(|e| EngineError::Shape { name: "logits".into(), expected: "rank 3".into(), got: e.to_string() })?;
+        let present = self
+            .present_at
+            .iter()
+            .enumerate()
+            .map(|(i, &(k, v))| {
+                Ok(KvPair {
+                    key: to_f32(&outputs[k], &Manifest::present_key_name(i))?,
+                    value: to_f32(&outputs[v], &Manifest::present_value_name(i))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StepOutput { logits, present })
+    }
+
+    fn run_named(&mut self, input: &StepInput, names: &[String]) -> Result<Vec<ArrayD<f32>>> {
+        check_step_input(input, self.num_layers)?;
+        let outputs = self.plan.run(self.values(input)).map_err(|e| be(format!("{e:?}")))?;
+        names
+            .iter()
+            .map(|n| {
+                let at = self.out_names.iter().position(|x| x == n).ok_or_else(|| be(format!("graph has no output `{n}`")))?;
+                to_f32(&outputs[at], n)
+            })
+            .collect()
+    }
+}
+
+impl TractBackend {
+    /// The plan's inputs of one step, in plan input order.
+    fn values(&self, input: &StepInput) -> TVec<TValue> {
         let mut values: TVec<TValue> = TVec::with_capacity(self.feeds.len());
         for feed in &self.feeds {
             let t: Tensor = match *feed {
@@ -133,21 +175,6 @@ impl Backend for TractBackend {
             };
             values.push(t.into_tvalue());
         }
-        let outputs = self.plan.run(values).map_err(|e| be(format!("{e:?}")))?;
-        let logits = to_f32(&outputs[self.logits_at], "logits")?
-            .into_dimensionality::<Ix3>()
-            .map_err(|e| EngineError::Shape { name: "logits".into(), expected: "rank 3".into(), got: e.to_string() })?;
-        let present = self
-            .present_at
-            .iter()
-            .enumerate()
-            .map(|(i, &(k, v))| {
-                Ok(KvPair {
-                    key: to_f32(&outputs[k], &Manifest::present_key_name(i))?,
-                    value: to_f32(&outputs[v], &Manifest::present_value_name(i))?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(StepOutput { logits, present })
+        values
     }
 }
