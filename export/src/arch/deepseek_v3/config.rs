@@ -181,6 +181,28 @@ impl RawConfig {
                 return Err(bad(k, "must be at least 1, got 0".into()));
             }
         }
+        for (k, v) in [
+            ("vocab_size", c.vocab_size),
+            ("max_position_embeddings", c.max_position_embeddings),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("moe_intermediate_size", c.moe_intermediate_size),
+            ("kv_lora_rank", c.kv_lora_rank),
+            ("q_lora_rank", c.q_lora_rank.unwrap_or(1)),
+            ("qk_rope_head_dim", c.qk_rope_head_dim),
+            ("qk_nope_head_dim", c.qk_nope_head_dim),
+            ("v_head_dim", c.v_head_dim),
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("num_attention_heads", c.num_attention_heads),
+            ("n_routed_experts", c.n_routed_experts),
+            ("n_shared_experts", c.n_shared_experts),
+            ("num_experts_per_tok", c.num_experts_per_tok),
+        ] {
+            let max = max_size(k);
+            if v > max {
+                return Err(bad(k, format!("must be at most {max}, got {v}")));
+            }
+        }
         if c.hidden_act != "silu" {
             return Err(bad("hidden_act", format!("must be \"silu\", got {:?}", c.hidden_act)));
         }
@@ -282,6 +304,19 @@ impl RawConfig {
             num_nextn_predict_layers: c.num_nextn_predict_layers,
             fp8,
         })
+    }
+}
+
+/// Largest value config.json may give for a size. Far above every released model (DeepSeek-R1: vocab 129,280, context
+/// 163,840, hidden 7,168, 61 layers, 256 experts), and small enough that the products the exporter and the engine form
+/// from them (tensor element counts, KV bytes per token, rotary tables) cannot overflow or ask for terabytes.
+pub fn max_size(field: &str) -> usize {
+    match field {
+        "vocab_size" | "max_position_embeddings" => 1 << 24,
+        "num_hidden_layers" | "num_attention_heads" | "n_routed_experts" | "n_shared_experts" | "num_experts_per_tok" => {
+            1 << 16
+        }
+        _ => 1 << 20,
     }
 }
 
@@ -536,6 +571,11 @@ mod tests {
             ("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0}), "type `linear`"),
             ("attention_bias", serde_json::json!(true), "`attention_bias`"),
             ("qk_rope_head_dim", serde_json::json!(63), "`qk_rope_head_dim` must be even, got 63"),
+            // Found by fuzzing (config_deepseek_v3): a 2^40 rotary dim made rope_inv_freq allocate 2 TiB.
+            ("qk_rope_head_dim", serde_json::json!(1u64 << 40), "`qk_rope_head_dim` must be at most 1048576, got 1099511627776"),
+            ("num_hidden_layers", serde_json::json!(1u64 << 62), "`num_hidden_layers` must be at most 65536"),
+            ("vocab_size", serde_json::json!((1u64 << 24) + 1), "`vocab_size` must be at most 16777216, got 16777217"),
+            ("n_shared_experts", serde_json::json!(1u64 << 20), "`n_shared_experts` must be at most 65536"),
             (
                 "quantization_config",
                 serde_json::json!({"quant_method": "fp8", "weight_block_size": null}),
