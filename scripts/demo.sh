@@ -22,11 +22,12 @@ step "2/5 build r1-export and r1-serve (first build: several minutes)"
 cargo build --locked -p r1-export -p r1-serve
 BIN="$ROOT/target/debug"
 
-step "3/5 export tests/fixtures/arith-r1 -> .r1/demo/arith-r1 (fp32; INT8 calibration is not wired into r1-export yet)"
+step "3/5 export tests/fixtures/arith-r1 -> .r1/demo/arith-r1 in INT8 (W8A8, calibrated on tests/fixtures/arith-r1/calibration.jsonl)"
 rm -rf "$DEMO/arith-r1"
 mkdir -p "$DEMO"
 t0=$(date +%s%N)
-"$BIN/r1-export" tests/fixtures/arith-r1 -o "$DEMO/arith-r1" --quiet
+"$BIN/r1-export" tests/fixtures/arith-r1 -o "$DEMO/arith-r1" --quiet \
+  --precision int8 --calibration-data tests/fixtures/arith-r1/calibration.jsonl
 echo "exported in $(( ($(date +%s%N) - t0) / 1000000 )) ms: $(ls "$DEMO/arith-r1" | tr '\n' ' ')" >&2
 
 step "4/5 start r1-serve (gRPC 127.0.0.1:$GRPC_PORT, HTTP 127.0.0.1:$HTTP_PORT), wait until healthy"

@@ -6,8 +6,9 @@
 # 2. build the binaries and export every golden fixture (fp32 + fp16) with r1-export
 # 3. cargo test over the whole workspace (golden numerics on ort and tract, export errors, engine conformance on
 #    an exported artifact, arith-r1 end to end, server over real sockets, calibration property tests, ...)
-# 4. onnx.checker.check_model(full_check=True) on every exported golden graph
-# 5. deploy/ checks: kubernetes-validate, hadolint, collector config and dashboard cross-checks
+# 4. the OpenAI Python client and a short soak against r1-serve on the arith-r1 fixture
+# 5. onnx.checker.check_model(full_check=True) on every exported golden graph
+# 6. deploy/ checks: kubernetes-validate, hadolint, collector config and dashboard cross-checks
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -39,6 +40,12 @@ export R1_CONFORMANCE_ARTIFACT="$out/qwen2_gqa2_bf16-fp32"
 
 echo "== cargo test (workspace)"
 cargo test --workspace --locked
+
+echo "== OpenAI Python client (PyPI openai, pinned) against r1-serve on arith-r1"
+"$R1_HOME/venv/bin/python" tests/openai_client.py
+
+echo "== soak (short): 200 GenerateStream requests at concurrency 16; zero errors, RSS growth bounded"
+"$R1_HOME/venv/bin/python" scripts/soak.py --short
 
 echo "== onnx.checker.check_model(full_check=True) on ${#dirs[@]} exported graphs"
 "$R1_HOME/venv/bin/python" tests/fixtures/check_onnx.py "${dirs[@]}"

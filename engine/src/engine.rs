@@ -135,7 +135,7 @@ impl Engine {
     pub fn from_backend(dir: &Path, manifest: Manifest, backend: Box<dyn Backend>, kv_budget_bytes: Option<u64>) -> Engine {
         let geometry = KvGeometry::from(&manifest.kv_cache);
         // The host cache is float32 whatever the graph dtype; account for what is actually held.
-        let host_bytes_per_token = (manifest.kv_cache.computed_bytes_per_token() / manifest.kv_cache.dtype.size()) * 4;
+        let host_bytes_per_token = (manifest.kv_cache.computed_bytes_per_token() / manifest.kv_cache.dtype.size()).saturating_mul(4);
         let budget = KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), host_bytes_per_token as u64);
         Engine { dir: dir.to_path_buf(), manifest, backend, geometry, budget, seqs: HashMap::new(), next_id: 0 }
     }

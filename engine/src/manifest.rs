@@ -150,7 +150,15 @@ pub struct KvCacheInfo {
 impl KvCacheInfo {
     /// Bytes per token computed from the layout (what `bytes_per_token` must equal).
     pub fn computed_bytes_per_token(&self) -> usize {
-        self.num_layers * (self.key_heads * self.key_dim + self.value_heads * self.value_dim) * self.dtype.size()
+        self.checked_bytes_per_token().unwrap_or(usize::MAX)
+    }
+
+    /// [`KvCacheInfo::computed_bytes_per_token`], or `None` when the layout overflows `usize` (a corrupt or hostile
+    /// manifest; [`Manifest::check`] refuses it).
+    pub fn checked_bytes_per_token(&self) -> Option<usize> {
+        let key = self.key_heads.checked_mul(self.key_dim)?;
+        let value = self.value_heads.checked_mul(self.value_dim)?;
+        self.num_layers.checked_mul(key.checked_add(value)?)?.checked_mul(self.dtype.size())
     }
 }
 
@@ -182,6 +190,17 @@ impl Manifest {
             )));
         }
         let kv = &self.kv_cache;
+        if kv.checked_bytes_per_token().is_none() {
+            return Err(bad(format!(
+                "kv_cache layout overflows: num_layers {} x (key_heads {} x key_dim {} + value_heads {} x value_dim {}) x {} bytes",
+                kv.num_layers,
+                kv.key_heads,
+                kv.key_dim,
+                kv.value_heads,
+                kv.value_dim,
+                kv.dtype.size()
+            )));
+        }
         if kv.bytes_per_token != kv.computed_bytes_per_token() {
             return Err(bad(format!(
                 "kv_cache.bytes_per_token is {} but the layout gives {}",

@@ -120,8 +120,8 @@ pub enum ExportError {
     /// Calibration or quantization failed (`--precision int8 | int8-wo | int4-wo`).
     #[error("calibration: {0}")]
     Calibration(#[from] r1_calibration::CalibError),
-    /// The engine could not run the graph during calibration or evaluation.
-    #[error("running the exported graph: {0}")]
+    /// The engine failed: running the graph during calibration or evaluation, or a target build.
+    #[error("{0}")]
     Engine(#[from] r1_engine::EngineError),
     /// The output directory cannot be used.
     #[error("{path}: {message}")]

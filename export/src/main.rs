@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use r1_export::quantize::{export_quantized, QuantArgs, QuantPrecision, QuantProgress};
 use r1_export::target::{self, Mode, Outcome, TargetOptions};
 use r1_export::{export, ExportOptions, Precision, Progress};
 
@@ -117,14 +118,18 @@ struct ExportArgs {
     #[arg(short, long, value_name = "OUT_DIR", required = true)]
     out: Option<PathBuf>,
 
-    /// Precision of weights, activations and KV cache: fp32 | fp16 (int8 comes with calibration).
-    /// Default: the GPU targets' default precision (fp16), else fp32.
+    /// Precision: fp32 | fp16 | int8 (W8A8, calibrated: needs --calibration-data) | int8-wo | int4-wo
+    /// (weight-only). Default: the GPU targets' default precision (fp16), else fp32.
     #[arg(long, env = "R1_EXPORT_PRECISION")]
     precision: Option<String>,
 
     /// ONNX default-domain opset, 17..=21 (17: newest that TensorRT 8.6+, tract and ORT all run).
-    #[arg(long, default_value_t = r1_export::DEFAULT_OPSET, env = "R1_EXPORT_OPSET")]
-    opset: i64,
+    /// Default 17, or 21 for int4-wo (blocked DequantizeLinear).
+    #[arg(long, env = "R1_EXPORT_OPSET")]
+    opset: Option<i64>,
+
+    #[command(flatten)]
+    quant: QuantArgs,
 
     #[command(flatten)]
     targets: TargetArgs,
@@ -175,35 +180,79 @@ fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     };
     let targets = target::resolve(&args.targets.targets)?;
     let precision_name = args.precision.clone().unwrap_or_else(|| target::default_precision(&targets).to_string());
-    let precision: Precision = precision_name.parse()?;
-    target::check_precision(&targets, precision.name())?;
+    let quant = QuantPrecision::parse(&precision_name);
+    let precision: Precision = match quant {
+        Some(_) => Precision::Fp32,
+        None => precision_name.parse()?,
+    };
+    target::check_precision(&targets, &precision_name)?;
+    let default_opset = quant.map_or(r1_export::DEFAULT_OPSET, |q| r1_export::DEFAULT_OPSET.max(q.min_opset()));
     let opts = ExportOptions {
         checkpoint: checkpoint.clone(),
         out_dir: out.clone(),
         precision,
-        opset: args.opset,
+        opset: args.opset.unwrap_or(default_opset),
         // The exporter writes the portable graph; targets are built on it below.
         target: "cpu".into(),
     };
     let show = !args.quiet && std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::hidden();
+    let bytes_style = || {
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    };
     if show {
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
+        bar.set_style(bytes_style());
     }
-    let start = std::time::Instant::now();
-    let manifest = export(&opts, &mut |p| match p {
+    let on_export = |p: Progress| match p {
         Progress::Start { total_bytes } => bar.set_length(total_bytes),
         Progress::Tensor { name, bytes } => {
             bar.inc(bytes);
             bar.set_message(name.to_string());
         }
         Progress::Finishing => bar.set_message("writing model.onnx and manifest.json"),
-    })
-    .with_context(|| format!("exporting {}", checkpoint.display()))?;
+    };
+    let start = std::time::Instant::now();
+    let manifest = match quant {
+        None => {
+            let mut on_export = on_export;
+            export(&opts, &mut on_export).with_context(|| format!("exporting {}", checkpoint.display()))?
+        }
+        Some(q) => {
+            let qopts = args.quant.options(q)?;
+            let count_style = || {
+                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            };
+            let (manifest, report) = export_quantized(&opts, &qopts, &mut |p| match p {
+                QuantProgress::Export(p) => on_export(p),
+                QuantProgress::Pass { pass, passes, batches } => {
+                    bar.set_style(count_style());
+                    bar.set_length(batches as u64);
+                    bar.set_position(0);
+                    bar.set_message(format!("calibration pass {pass}/{passes} (samples)"));
+                }
+                QuantProgress::Batch { done } => bar.set_position(done as u64),
+                QuantProgress::Rewriting => bar.set_message("writing the quantized graph"),
+                QuantProgress::Report { samples } => bar.set_message(format!("comparing with fp32 on {samples} held-out samples")),
+                QuantProgress::Eval { precision, problems } => {
+                    bar.set_style(count_style());
+                    bar.set_length(problems as u64);
+                    bar.set_position(0);
+                    bar.set_message(format!("scoring {precision}"));
+                }
+                QuantProgress::EvalProgress { done, correct } => {
+                    bar.set_position(done as u64);
+                    bar.set_message(format!("{correct} correct so far"));
+                }
+            })
+            .with_context(|| format!("exporting {} at {precision_name}", checkpoint.display()))?;
+            bar.finish_and_clear();
+            eprint!("{}", report.table());
+            manifest
+        }
+    };
     bar.finish_and_clear();
     let bytes: u64 = manifest.files.values().map(|f| f.bytes).sum();
     eprintln!(

@@ -12,6 +12,7 @@ use half::f16;
 use ndarray::{Array2, Array3, ArrayD, ArrayViewD};
 use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider, ExecutionProviderDispatch};
 use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef};
 
@@ -152,11 +153,23 @@ impl OrtBackend {
     pub fn load_file(dir: &Path, graph: &str, manifest: &Manifest, opts: &BackendOptions) -> Result<OrtBackend> {
         let env = environment()?;
         let choice = choose_providers(dir, manifest, opts)?;
+        // `r1-export --target cpu` leaves an ONNX Runtime-optimized graph (contrib ops: ort CPU only); prefer it for
+        // the decoder on CPU. Its extended rewrites are already applied, so loading it at level 1 saves the re-run.
+        let preferred = if graph == MODEL_FILE && choice.providers.is_empty() {
+            crate::build::preferred_cpu_graph(dir, manifest)
+        } else {
+            None
+        };
+        let graph = preferred.unwrap_or(graph);
         let path = dir.join(graph);
         if !path.is_file() {
             return Err(EngineError::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) });
         }
         let mut builder = Session::builder(env).map_err(be)?;
+        if preferred.is_some() {
+            builder = builder.with_optimization_level(GraphOptimizationLevel::Level1).map_err(be)?;
+            tracing::info!(graph, "ort CPU: using the graph optimized at export (r1-export --target cpu)");
+        }
         if let Some(n) = opts.intra_threads {
             builder = builder.with_intra_threads(n).map_err(be)?;
         }

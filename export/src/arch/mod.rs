@@ -126,6 +126,20 @@ pub fn divide_hidden(path: &Path, hidden: usize, heads: usize) -> Result<usize> 
 }
 
 /// Checks the invariants every dense decoder needs.
+/// Largest value config.json may give for a size. Far above every released model (DeepSeek-R1: vocab 129,280, context
+/// 163,840, hidden 7,168, 61 layers, 256 experts), and small enough that the products the exporter and the engine form
+/// from them (tensor element counts, KV bytes per token, rotary tables) cannot overflow or ask for terabytes.
+pub fn max_size(field: &str) -> usize {
+    match field {
+        "vocab_size" | "max_position_embeddings" => 1 << 24,
+        "num_hidden_layers" | "num_attention_heads" | "n_routed_experts" | "n_shared_experts" | "num_experts_per_tok" => {
+            1 << 16
+        }
+        _ => 1 << 20,
+    }
+}
+
+/// Checks a dense family's sizes: at least 1, at most [`max_size`], consistent with each other.
 pub fn validate_dense(path: &Path, s: &DenseSpec, act: Option<&str>) -> Result<()> {
     let positive: [(&'static str, usize); 7] = [
         ("hidden_size", s.hidden_size),
@@ -139,6 +153,9 @@ pub fn validate_dense(path: &Path, s: &DenseSpec, act: Option<&str>) -> Result<(
     for (field, v) in positive {
         if v == 0 {
             return Err(invalid(path, field, "must be at least 1, got 0".into()));
+        }
+        if v > max_size(field) {
+            return Err(invalid(path, field, format!("must be at most {}, got {v}", max_size(field))));
         }
     }
     if s.num_heads % s.num_kv_heads != 0 {

@@ -160,6 +160,15 @@ impl Checkpoint {
             let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             names.sort();
             names.dedup();
+            // Shards live in the checkpoint directory: a name that is absolute or climbs out of it is refused.
+            if let Some(bad) = names.iter().find(|n| {
+                Path::new(n.as_str()).components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+            }) {
+                return Err(ExportError::Json {
+                    path: index_path.clone(),
+                    message: format!("`weight_map` names shard {bad:?}: must be a file name inside the checkpoint directory"),
+                });
+            }
             names.into_iter().map(|n| dir.join(n)).collect()
         } else {
             let single = dir.join(SINGLE_FILE);

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::arch::invalid;
+use crate::arch::{invalid, max_size};
 use crate::error::{ExportError, Result};
 
 /// `config.json` as written by the released checkpoints (old-style `rope_scaling` + `rope_theta`) or by
@@ -307,18 +307,6 @@ impl RawConfig {
     }
 }
 
-/// Largest value config.json may give for a size. Far above every released model (DeepSeek-R1: vocab 129,280, context
-/// 163,840, hidden 7,168, 61 layers, 256 experts), and small enough that the products the exporter and the engine form
-/// from them (tensor element counts, KV bytes per token, rotary tables) cannot overflow or ask for terabytes.
-pub fn max_size(field: &str) -> usize {
-    match field {
-        "vocab_size" | "max_position_embeddings" => 1 << 24,
-        "num_hidden_layers" | "num_attention_heads" | "n_routed_experts" | "n_shared_experts" | "num_experts_per_tok" => {
-            1 << 16
-        }
-        _ => 1 << 20,
-    }
-}
 
 fn resolve_quant(path: &Path, q: &serde_json::Value) -> Result<Fp8Source> {
     let bad = |field: &'static str, message: String| invalid(path, field, message);
