@@ -105,16 +105,21 @@ fn touch_family(family: &dyn Family) {
     let _ = family.notes();
 }
 
-fn config_dense(data: &[u8], architecture: &str) -> bool {
-    let Some(v) = config_value(data, architecture) else { return false };
-    let path = Path::new("config.json");
-    let accepted = match arch::from_config(path, &v) {
+/// `arch::from_config`, then everything derived from the family; whether the config was accepted.
+fn accept_config(path: &Path, v: &serde_json::Value) -> bool {
+    match arch::from_config(path, v) {
         Ok(family) => {
             touch_family(family.as_ref());
             true
         }
         Err(_) => false,
-    };
+    }
+}
+
+fn config_dense(data: &[u8], architecture: &str) -> bool {
+    let Some(v) = config_value(data, architecture) else { return false };
+    let path = Path::new("config.json");
+    let accepted = accept_config(path, &v);
     // The dense spec itself (rotary frequencies are computed from it when the graph is built).
     let spec = match architecture {
         "Qwen2ForCausalLM" => arch::parse_struct::<arch::qwen2::Qwen2Config>(path, &v).and_then(|c| c.resolve(path)),
@@ -148,13 +153,7 @@ pub fn config_deepseek_v3(data: &[u8]) -> bool {
     let architecture = "DeepseekV3ForCausalLM";
     let Some(v) = config_value(data, architecture) else { return false };
     let path = Path::new("config.json");
-    let accepted = match arch::from_config(path, &v) {
-        Ok(family) => {
-            touch_family(family.as_ref());
-            true
-        }
-        Err(_) => false,
-    };
+    let accepted = accept_config(path, &v);
     if let Ok(ds) = DeepseekV3::from_config(path, &v, architecture) {
         let cfg = ds.config();
         let _ = cfg.qk_head_dim();
