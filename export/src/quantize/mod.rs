@@ -13,19 +13,18 @@
 //!    `eval_problems`, task accuracy (e.g. arith-r1) of both artifacts.
 //!
 //! Calibration samples never leave this module as stored activations: each batch is observed and dropped.
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array2, ArrayD};
 use prost::Message;
-use r1_calibration::calibrate::{calibrate_w8a8, ActivationSink, ActivationSource, W8A8Config};
+use r1_calibration::calibrate::{calibrate_w8a8, ActivationSource, W8A8Config};
 use r1_calibration::dataset::{self, Message as DataMessage};
 use r1_calibration::observer::CalibrationMethod;
-use r1_calibration::qdq::{add_observed_outputs, quantize_model, QdqOptions, QuantScheme, RewriteSummary};
-use r1_calibration::report::{AccuracyRow, LayerReport, NextTokenStats, QualityReport, SqnrAccumulator};
+use r1_calibration::qdq::{quantize_model, QdqOptions, QuantScheme, RewriteSummary};
+use r1_calibration::report::{AccuracyRow, QualityReport};
 use r1_calibration::trt_cache::{CacheAlgorithm, CalibrationCache};
 use r1_calibration::CalibError;
-use r1_engine::backend::{self, Backend, BackendKind, BackendOptions, KvPair, StepInput};
+use r1_engine::backend::BackendKind;
 use r1_engine::eval::{self, EvalOptions};
 use r1_engine::manifest::{Manifest, MANIFEST_FILE};
 use r1_engine::text::{ChatMessage, ChatTemplate, RenderOptions, Tokenizer};
@@ -33,6 +32,12 @@ use r1_engine::{Engine, EngineOptions};
 use r1_proto::onnx::ModelProto;
 
 use crate::error::{ExportError, Result};
+
+mod cli;
+mod runner;
+
+pub use cli::QuantArgs;
+use runner::{compare, GraphRunner, SampleSource};
 use crate::{artifact, export, ExportOptions, Progress, DATA_FILE, MODEL_FILE};
 
 /// Directory of the calibration outputs inside an artifact.
@@ -383,125 +388,6 @@ fn read_samples(
     Ok((seqs, held_out))
 }
 
-/// A copy of the decoder graph with extra outputs, opened on a backend beside the weights it references.
-struct GraphRunner {
-    backend: Box<dyn Backend>,
-    /// Extra output names, in the order `run` returns them.
-    names: Vec<String>,
-    manifest: Manifest,
-    file: PathBuf,
-}
-
-impl GraphRunner {
-    /// Writes `model` (already extended with extra outputs) as `dir/file` and opens it.
-    fn open(dir: &Path, file: &str, model: &ModelProto, manifest: &Manifest, kind: BackendKind) -> Result<GraphRunner> {
-        let base: HashSet<&str> = manifest.outputs.iter().map(|t| t.name.as_str()).collect();
-        let names = model
-            .graph
-            .iter()
-            .flat_map(|g| g.output.iter())
-            .filter_map(|o| o.name.clone())
-            .filter(|n| !base.contains(n.as_str()) || n == "logits")
-            .collect();
-        let path = dir.join(file);
-        std::fs::write(&path, model.encode_to_vec()).map_err(ExportError::io(&path))?;
-        let backend = backend::load_graph(dir, file, manifest, kind, &BackendOptions::default())?;
-        Ok(GraphRunner { backend, names, manifest: manifest.clone(), file: path })
-    }
-
-    /// Prefills one token sequence from an empty cache; returns the extra outputs (and `logits`) by name.
-    fn run(&mut self, ids: &[u32]) -> Result<Vec<(String, ArrayD<f32>)>> {
-        let n = ids.len();
-        let kv = &self.manifest.kv_cache;
-        let empty = |heads: usize, dim: usize| ArrayD::<f32>::zeros(vec![1, heads, 0, dim]);
-        let input = StepInput {
-            input_ids: Array2::from_shape_vec((1, n), ids.iter().map(|&t| i64::from(t)).collect())
-                .map_err(|e| ExportError::Graph(e.to_string()))?,
-            attention_mask: Array2::ones((1, n)),
-            position_ids: Array2::from_shape_vec((1, n), (0..n as i64).collect()).map_err(|e| ExportError::Graph(e.to_string()))?,
-            past: (0..kv.num_layers)
-                .map(|_| KvPair { key: empty(kv.key_heads, kv.key_dim), value: empty(kv.value_heads, kv.value_dim) })
-                .collect(),
-        };
-        let out = self.backend.run_named(&input, &self.names)?;
-        Ok(self.names.iter().cloned().zip(out).collect())
-    }
-}
-
-impl Drop for GraphRunner {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
-
-/// Calibration batches: one sample each, so no padding token ever reaches an observer.
-struct SampleSource<'a> {
-    runner: GraphRunner,
-    samples: &'a [Vec<u32>],
-    next: usize,
-}
-
-impl ActivationSource for SampleSource<'_> {
-    fn next_batch(&mut self, sink: &mut ActivationSink<'_>) -> r1_calibration::Result<bool> {
-        let Some(ids) = self.samples.get(self.next) else { return Ok(false) };
-        self.next += 1;
-        let outputs = self.runner.run(ids).map_err(|e| CalibError::Source(format!("calibration sample {}: {e}", self.next)))?;
-        for (name, values) in outputs {
-            if name != "logits" {
-                let flat: Vec<f32> = values.iter().copied().collect();
-                sink(&name, &flat)?;
-            }
-        }
-        Ok(true)
-    }
-}
-
-/// Runs the fp32 and the quantized graph on `held_out`: per-layer SQNR of each quantized MatMul output and
-/// next-token agreement of the logits.
-#[allow(clippy::too_many_arguments)]
-fn compare(
-    fp32_dir: &Path,
-    fp32: &ModelProto,
-    quant_dir: &Path,
-    quant: &ModelProto,
-    summary: &RewriteSummary,
-    manifest: &Manifest,
-    held_out: &[Vec<u32>],
-    kind: BackendKind,
-) -> Result<(Vec<LayerReport>, Option<r1_calibration::report::EndToEnd>)> {
-    let outputs: Vec<String> = summary.quantized.iter().map(|m| m.output.clone()).collect();
-    let extend = |m: &ModelProto| -> Result<ModelProto> {
-        let mut c = m.clone();
-        add_observed_outputs(&mut c, &outputs)?;
-        Ok(c)
-    };
-    let mut reference = GraphRunner::open(fp32_dir, "report.onnx", &extend(fp32)?, manifest, kind)?;
-    let mut quantized = GraphRunner::open(quant_dir, "report.onnx", &extend(quant)?, manifest, kind)?;
-    let mut sqnr: Vec<SqnrAccumulator> = vec![SqnrAccumulator::default(); outputs.len()];
-    let mut stats = NextTokenStats::default();
-    let vocab = manifest.model.vocab_size;
-    for ids in held_out {
-        let r = reference.run(ids)?;
-        let qo = quantized.run(ids)?;
-        for ((name, a), (_, b)) in r.iter().zip(&qo) {
-            let (a, b) = (a.as_slice_memory_order(), b.as_slice_memory_order());
-            let (Some(a), Some(b)) = (a, b) else { continue };
-            if name == "logits" {
-                stats.add_rows(a, b, vocab)?;
-            } else if let Some(i) = outputs.iter().position(|o| o == name) {
-                sqnr[i].add(a, b)?;
-            }
-        }
-    }
-    let layers = summary
-        .quantized
-        .iter()
-        .zip(&sqnr)
-        .map(|(m, acc)| LayerReport { name: m.node.clone(), sqnr_db: acc.db() })
-        .collect();
-    Ok((layers, stats.summary()))
-}
-
 fn quantization_json(
     q: &QuantizeOptions,
     summary: &RewriteSummary,
@@ -537,86 +423,4 @@ fn rewrite_report(dir: &Path, manifest: &mut Manifest, report: &QualityReport) -
     std::fs::write(&tmp, text + "\n").map_err(ExportError::io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(ExportError::io(&path))?;
     Ok(())
-}
-
-/// The `r1-export` flags of the quantized precisions (flattened into the CLI).
-#[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Quantization (--precision int8 | int8-wo | int4-wo)")]
-pub struct QuantArgs {
-    /// Calibration samples: plain text (one sample per line) or JSONL with `text` or `messages` (rendered with the
-    /// checkpoint's chat template, as the server renders requests). Required for int8; for int8-wo / int4-wo it
-    /// only feeds the quality report.
-    #[arg(long, value_name = "FILE", env = "R1_CALIBRATION_DATA")]
-    pub calibration_data: Option<PathBuf>,
-
-    /// How each activation range is chosen: mse (least squared quantization error; the default, measured best on
-    /// arith-r1), entropy (TensorRT's KL method), max, percentile (99.99) or percentile:P.
-    #[arg(long, default_value = "mse", value_name = "METHOD")]
-    pub calibration_method: String,
-
-    /// SmoothQuant strength in [0, 1]: moves activation outliers into the weights, folded into the preceding
-    /// RMSNorm. 0 turns it off (one calibration pass instead of two).
-    #[arg(long, default_value_t = 0.5, value_name = "ALPHA")]
-    pub smoothquant_alpha: f32,
-
-    /// Calibration samples to use. 64 × 256 tokens gives stable per-tensor ranges; more costs time, not memory.
-    #[arg(long, default_value_t = dataset::DEFAULT_NUM_SAMPLES, value_name = "N")]
-    pub calibration_samples: usize,
-
-    /// Tokens per calibration sample (longer samples are truncated).
-    #[arg(long, default_value_t = dataset::DEFAULT_SEQ_LEN, value_name = "TOKENS")]
-    pub calibration_seq_len: usize,
-
-    /// Held-out samples (read after the calibration samples) for the report's SQNR, KL and top-1 figures.
-    #[arg(long, default_value_t = 8, value_name = "N")]
-    pub report_samples: usize,
-
-    /// INT4 block size (rows of the weight per scale): 32, 64 or 128.
-    #[arg(long, default_value_t = 32, value_name = "ROWS")]
-    pub int4_block_size: usize,
-
-    /// Quantize the LM head: default no for int8 (widest activations), yes for int8-wo / int4-wo.
-    #[arg(long, value_name = "BOOL")]
-    pub quantize_lm_head: Option<bool>,
-
-    /// Engine that runs the fp32 graph for calibration and the report: auto (ort, else tract), ort, tract.
-    #[arg(long, default_value = "auto", value_name = "BACKEND")]
-    pub calibration_backend: String,
-
-    /// Task problems (the `r1-eval` JSONL format, e.g. tests/fixtures/arith-r1/heldout.jsonl) to score the fp32
-    /// and the quantized model on; the accuracies go into calibration/report.json.
-    #[arg(long, value_name = "FILE")]
-    pub eval_problems: Option<PathBuf>,
-
-    /// Score at most N problems of --eval-problems.
-    #[arg(long, value_name = "N")]
-    pub eval_limit: Option<usize>,
-}
-
-impl QuantArgs {
-    /// The options for `precision`; errors name the flag and the value given.
-    pub fn options(&self, precision: QuantPrecision) -> Result<QuantizeOptions> {
-        let method = self.calibration_method.parse().map_err(|e: CalibError| ExportError::InvalidOption {
-            option: "--calibration-method",
-            message: e.to_string(),
-        })?;
-        let backend = self.calibration_backend.parse().map_err(|e: r1_engine::EngineError| ExportError::InvalidOption {
-            option: "--calibration-backend",
-            message: e.to_string(),
-        })?;
-        Ok(QuantizeOptions {
-            precision,
-            calibration_data: self.calibration_data.clone(),
-            method,
-            smoothquant_alpha: self.smoothquant_alpha,
-            samples: self.calibration_samples,
-            seq_len: self.calibration_seq_len,
-            eval_samples: self.report_samples,
-            block_size: self.int4_block_size,
-            quantize_lm_head: self.quantize_lm_head,
-            backend,
-            eval_problems: self.eval_problems.clone(),
-            eval_limit: self.eval_limit.unwrap_or(usize::MAX),
-        })
-    }
 }

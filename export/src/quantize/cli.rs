@@ -1,0 +1,90 @@
+//! The `r1-export` flags of the quantized precisions.
+use std::path::PathBuf;
+
+use r1_calibration::dataset;
+use r1_calibration::CalibError;
+
+use super::{QuantPrecision, QuantizeOptions};
+use crate::error::{ExportError, Result};
+
+/// The `r1-export` flags of the quantized precisions (flattened into the CLI).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Quantization (--precision int8 | int8-wo | int4-wo)")]
+pub struct QuantArgs {
+    /// Calibration samples: plain text (one sample per line) or JSONL with `text` or `messages` (rendered with the
+    /// checkpoint's chat template, as the server renders requests). Required for int8; for int8-wo / int4-wo it
+    /// only feeds the quality report.
+    #[arg(long, value_name = "FILE", env = "R1_CALIBRATION_DATA")]
+    pub calibration_data: Option<PathBuf>,
+
+    /// How each activation range is chosen: mse (least squared quantization error; the default, measured best on
+    /// arith-r1), entropy (TensorRT's KL method), max, percentile (99.99) or percentile:P.
+    #[arg(long, default_value = "mse", value_name = "METHOD")]
+    pub calibration_method: String,
+
+    /// SmoothQuant strength in [0, 1]: moves activation outliers into the weights, folded into the preceding
+    /// RMSNorm. 0 turns it off (one calibration pass instead of two).
+    #[arg(long, default_value_t = 0.5, value_name = "ALPHA")]
+    pub smoothquant_alpha: f32,
+
+    /// Calibration samples to use. 64 × 256 tokens gives stable per-tensor ranges; more costs time, not memory.
+    #[arg(long, default_value_t = dataset::DEFAULT_NUM_SAMPLES, value_name = "N")]
+    pub calibration_samples: usize,
+
+    /// Tokens per calibration sample (longer samples are truncated).
+    #[arg(long, default_value_t = dataset::DEFAULT_SEQ_LEN, value_name = "TOKENS")]
+    pub calibration_seq_len: usize,
+
+    /// Held-out samples (read after the calibration samples) for the report's SQNR, KL and top-1 figures.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub report_samples: usize,
+
+    /// INT4 block size (rows of the weight per scale): 32, 64 or 128.
+    #[arg(long, default_value_t = 32, value_name = "ROWS")]
+    pub int4_block_size: usize,
+
+    /// Quantize the LM head: default no for int8 (widest activations), yes for int8-wo / int4-wo.
+    #[arg(long, value_name = "BOOL")]
+    pub quantize_lm_head: Option<bool>,
+
+    /// Engine that runs the fp32 graph for calibration and the report: auto (ort, else tract), ort, tract.
+    #[arg(long, default_value = "auto", value_name = "BACKEND")]
+    pub calibration_backend: String,
+
+    /// Task problems (the `r1-eval` JSONL format, e.g. tests/fixtures/arith-r1/heldout.jsonl) to score the fp32
+    /// and the quantized model on; the accuracies go into calibration/report.json.
+    #[arg(long, value_name = "FILE")]
+    pub eval_problems: Option<PathBuf>,
+
+    /// Score at most N problems of --eval-problems.
+    #[arg(long, value_name = "N")]
+    pub eval_limit: Option<usize>,
+}
+
+impl QuantArgs {
+    /// The options for `precision`; errors name the flag and the value given.
+    pub fn options(&self, precision: QuantPrecision) -> Result<QuantizeOptions> {
+        let method = self.calibration_method.parse().map_err(|e: CalibError| ExportError::InvalidOption {
+            option: "--calibration-method",
+            message: e.to_string(),
+        })?;
+        let backend = self.calibration_backend.parse().map_err(|e: r1_engine::EngineError| ExportError::InvalidOption {
+            option: "--calibration-backend",
+            message: e.to_string(),
+        })?;
+        Ok(QuantizeOptions {
+            precision,
+            calibration_data: self.calibration_data.clone(),
+            method,
+            smoothquant_alpha: self.smoothquant_alpha,
+            samples: self.calibration_samples,
+            seq_len: self.calibration_seq_len,
+            eval_samples: self.report_samples,
+            block_size: self.int4_block_size,
+            quantize_lm_head: self.quantize_lm_head,
+            backend,
+            eval_problems: self.eval_problems.clone(),
+            eval_limit: self.eval_limit.unwrap_or(usize::MAX),
+        })
+    }
+}
