@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use r1_engine::sampling::{FinishReason as EngineFinish, Sampler, SamplingParams, StopChecker, StopParams};
+use r1_engine::sampling::{FinishReason as EngineFinish, Sampler, StopChecker, StopParams};
 use r1_engine::text::{ChatMessage, ChatTemplate, IncrementalDetokenizer, ReasoningSplitter, RenderOptions, Tokenizer};
 use r1_engine::{BackendKind, Engine, EngineOptions, SequenceId, StepWork};
 
@@ -147,16 +147,7 @@ impl Model for EngineModel {
     }
 
     fn add_sequence(&mut self, prompt: &[u32], params: &SeqParams) -> Result<SeqId, ModelError> {
-        let s = &params.sampling;
-        let sampling = SamplingParams {
-            temperature: s.temperature,
-            top_p: s.top_p,
-            top_k: s.top_k,
-            min_p: s.min_p,
-            repetition_penalty: s.repetition_penalty,
-            seed: s.seed,
-        };
-        let sampler = Sampler::new(sampling).map_err(|e| ModelError::new(e.kind(), e.to_string()))?;
+        let sampler = Sampler::new(params.sampling).map_err(|e| ModelError::new(e.kind(), e.to_string()))?;
         let tok = self.text.tokenizer();
         let stop = StopChecker::new(StopParams {
             max_tokens: params.max_tokens.min(u32::MAX as usize) as u32,

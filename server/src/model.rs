@@ -27,22 +27,9 @@ pub enum PromptInput {
     Chat(Vec<ChatTurn>),
 }
 
-/// Validated sampling settings of one request.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sampling {
-    /// 0 means greedy.
-    pub temperature: f32,
-    /// Nucleus threshold in (0, 1].
-    pub top_p: f32,
-    /// 0 disables.
-    pub top_k: u32,
-    /// In [0, 1).
-    pub min_p: f32,
-    /// 1 disables.
-    pub repetition_penalty: f32,
-    /// Seed; the scheduler fills in a random one when unset.
-    pub seed: Option<u64>,
-}
+/// Validated sampling settings of one request: the engine's own parameters (the scheduler fills in a random seed
+/// when the request gave none).
+pub use r1_engine::sampling::SamplingParams as Sampling;
 
 /// Per-sequence generation settings handed to [`Model::add_sequence`].
 #[derive(Debug, Clone, PartialEq)]

@@ -58,7 +58,7 @@ impl SamplingError {
 }
 
 /// How to pick the next token. `Default` is plain sampling at temperature 1 with every filter off.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax); otherwise logits are divided by it. Allowed: 0.0..=100.0.
     pub temperature: f32,
