@@ -197,6 +197,7 @@ pub async fn run_with(
     );
 
     tokio::pin!(shutdown);
+    let mut actor_thread: Option<std::thread::JoinHandle<()>> = None;
     let loading = async {
         let t0 = Instant::now();
         let model = tokio::task::spawn_blocking(load)
@@ -204,8 +205,9 @@ pub async fn run_with(
             .map_err(|e| ServeError::Engine { kind: "load".into(), message: e.to_string() })?
             .map_err(|e| ServeError::Engine { kind: e.kind, message: e.message })?;
         let desc = model.describe();
-        let (scheduler, _join) = Scheduler::spawn(model, opts.scheduler, metrics.clone())
+        let (scheduler, join) = Scheduler::spawn(model, opts.scheduler, metrics.clone())
             .map_err(|e| ServeError::Unavailable { reason: format!("cannot start the scheduler thread: {e}") })?;
+        actor_thread = Some(join);
         let limits = Limits { max_context_tokens: desc.max_context_tokens.min(u32::MAX as usize) as u32, ..opts.limits };
         let _ = state.limits.set(limits);
         let _ = state.scheduler.set(scheduler);
@@ -253,6 +255,18 @@ pub async fn run_with(
         if grace.is_err() {
             grpc_task.abort();
             http_task.abort();
+        }
+    }
+    // Stop the actor thread and wait for it: it owns the model and every request's state, so once it has returned the
+    // model's memory is freed and every request span is closed (exported) before `run_with` returns.
+    if let (Some(s), Some(join)) = (state.scheduler.get(), actor_thread) {
+        s.stop();
+        let joined = tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || join.join())).await;
+        match joined {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(_))) => tracing::error!("the scheduler thread panicked"),
+            Ok(Err(e)) => tracing::error!(error = %e, "could not wait for the scheduler thread"),
+            Err(_) => tracing::warn!("the scheduler thread did not stop within 10 s (a model step still running); leaving it"),
         }
     }
     tracing::info!("stopped");

@@ -179,4 +179,6 @@ async fn shutdown_under_load_loses_no_accepted_request() {
     tokio::time::timeout(Duration::from_secs(20), task).await.expect("run returns").expect("no panic").expect("Ok");
     let text = srv.metrics.encode();
     assert_eq!(metric(&text, "r1_requests_total{api=\"grpc\",outcome=\"ok\"}"), Some(N as f64));
+    // `run` returned only after the scheduler thread ended and dropped the model (which holds the other step-log handle).
+    assert_eq!(std::sync::Arc::strong_count(&srv.steps), 1, "the model is freed when the server returns");
 }

@@ -19,12 +19,14 @@ pub(super) struct Actor {
     batcher: Batcher,
     metrics: Arc<Metrics>,
     kv_capacity: usize,
+    /// Set by [`Command::Stop`]: the loop ends after this iteration's commands.
+    stopping: bool,
 }
 
 impl Actor {
     pub(super) fn new(model: Box<dyn Model>, cfg: SchedulerConfig, profiles: Vec<usize>, metrics: Arc<Metrics>) -> Self {
         let kv_capacity = model.describe().kv_capacity_tokens.max(1);
-        Actor { model, batcher: Batcher::new(cfg, profiles), metrics, kv_capacity }
+        Actor { model, batcher: Batcher::new(cfg, profiles), metrics, kv_capacity, stopping: false }
     }
 
     pub(super) fn run(mut self, mut rx: UnboundedReceiver<Command>) {
@@ -37,6 +39,9 @@ impl Actor {
             }
             while let Ok(c) = rx.try_recv() {
                 self.command(c);
+            }
+            if self.stopping {
+                break;
             }
             self.iteration();
         }
@@ -51,18 +56,27 @@ impl Actor {
                     self.fail(e, err);
                 }
             }
-            Command::CancelAll(reason) => {
-                tracing::warn!(%reason, queued = self.batcher.queue.len(), running = self.batcher.running.len(), "cancelling all requests");
-                while let Some(e) = self.batcher.queue.pop_front() {
-                    self.finish(e, FinishReason::Cancelled, 0);
-                }
-                for a in std::mem::take(&mut self.batcher.running) {
-                    self.model.remove_sequence(a.seq);
-                    self.finish(a.entry, FinishReason::Cancelled, a.generated);
-                }
+            Command::Stop => {
+                self.cancel_all("the scheduler is stopping");
+                self.stopping = true;
             }
+            Command::CancelAll(reason) => self.cancel_all(&reason),
         }
         self.gauges();
+    }
+
+    fn cancel_all(&mut self, reason: &str) {
+        if self.batcher.is_idle() {
+            return;
+        }
+        tracing::warn!(%reason, queued = self.batcher.queue.len(), running = self.batcher.running.len(), "cancelling all requests");
+        while let Some(e) = self.batcher.queue.pop_front() {
+            self.finish(e, FinishReason::Cancelled, 0);
+        }
+        for a in std::mem::take(&mut self.batcher.running) {
+            self.model.remove_sequence(a.seq);
+            self.finish(a.entry, FinishReason::Cancelled, a.generated);
+        }
     }
 
     fn gauges(&self) {
@@ -77,14 +91,14 @@ impl Actor {
     fn fail(&self, e: Entry, err: ServeError) {
         tracing::info!(parent: &e.span, request_id = %e.request_id, error = %err, "request failed");
         self.metrics.request_done(e.api, err.kind());
-        let _ = e.tx.send(Event::Failed(err));
+        last_event(e, Event::Failed(err));
     }
 
     fn finish(&self, e: Entry, reason: FinishReason, generated: usize) {
         let outcome = if reason == FinishReason::Cancelled { "cancelled" } else { "ok" };
         self.metrics.request_done(e.api, outcome);
         let done = Finished { reason, prompt_tokens: e.prompt.len(), completion_tokens: generated };
-        let _ = e.tx.send(Event::Finished(done));
+        last_event(e, Event::Finished(done));
     }
 
     fn iteration(&mut self) {
@@ -203,4 +217,12 @@ impl Actor {
             }
         }
     }
+}
+
+/// Sends a request's last event after releasing the entry (its in-flight slot and its span): a client that sends its
+/// next request at once must find the slot free, and one that shuts the server down at once must find the span closed.
+fn last_event(e: Entry, event: Event) {
+    let tx = e.tx.clone();
+    drop(e);
+    let _ = tx.send(event);
 }

@@ -184,6 +184,8 @@ pub struct Entry {
 enum Command {
     Submit(Entry),
     CancelAll(String),
+    /// Cancel what is left and end the actor thread (server shutdown, after the drain).
+    Stop,
 }
 
 /// Handle to the scheduler actor. Cheap to clone; the actor stops when every handle is dropped and it is idle.
@@ -278,5 +280,10 @@ impl Scheduler {
     /// Ends every queued and running request with `FinishReason::Cancelled` (used after the drain timeout).
     pub fn cancel_all(&self, reason: &str) {
         let _ = self.tx.send(Command::CancelAll(reason.to_string()));
+    }
+
+    /// Asks the actor thread to cancel what is left and exit; join the handle from [`Scheduler::spawn`] to wait.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Command::Stop);
     }
 }
