@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, Array4, ArrayViewD};
 
-use crate::backend::{self, Backend, BackendKind, BackendOptions, KvPair, StepInput};
+use crate::backend::{self, Backend, BackendKind, BackendOptions, KeptPresent, KvPair, StepInput};
 use crate::error::{EngineError, Result};
 use crate::kv::{KvBudget, KvGeometry, SequenceCache};
 use crate::manifest::Manifest;
@@ -110,6 +110,17 @@ pub struct Engine {
     budget: KvBudget,
     seqs: HashMap<SequenceId, Sequence>,
     next_id: u64,
+    /// The last step's present, kept in the backend's memory, and the rows it holds (in order). The next step feeds it
+    /// back as its past when it runs the same rows in the same order, instead of gathering the host caches.
+    kept: Option<Kept>,
+}
+
+/// See [`Engine::kept`]: held only when the step that made it fed every row the same number of tokens (no right
+/// padding), so its layout is exactly what [`Engine::assemble`] would build from the host caches.
+#[derive(Debug)]
+struct Kept {
+    rows: Vec<SequenceId>,
+    present: KeptPresent,
 }
 
 impl std::fmt::Debug for Engine {
@@ -137,7 +148,7 @@ impl Engine {
         // The host cache is float32 whatever the graph dtype; account for what is actually held.
         let host_bytes_per_token = (manifest.kv_cache.computed_bytes_per_token() / manifest.kv_cache.dtype.size()).saturating_mul(4);
         let budget = KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), host_bytes_per_token as u64);
-        Engine { dir: dir.to_path_buf(), manifest, backend, geometry, budget, seqs: HashMap::new(), next_id: 0 }
+        Engine { dir: dir.to_path_buf(), manifest, backend, geometry, budget, seqs: HashMap::new(), next_id: 0, kept: None }
     }
 
     /// The artifact's manifest.
@@ -243,6 +254,9 @@ impl Engine {
 
     /// Frees a sequence's cache and its budget reservation. Returns false if it was not held.
     pub fn remove_sequence(&mut self, id: SequenceId) -> bool {
+        if self.kept.as_ref().is_some_and(|k| k.rows.contains(&id)) {
+            self.kept = None;
+        }
         match self.seqs.remove(&id) {
             Some(seq) => {
                 self.budget.release(seq.reserved);
@@ -257,28 +271,40 @@ impl Engine {
     /// On error no sequence changes.
     pub fn step(&mut self, work: &[StepWork]) -> Result<Vec<StepLogits>> {
         let plan = self.plan(work)?;
-        let input = self.assemble(&plan);
-        let out = self.backend.run(&input)?;
+        // Same rows in the same order as the step that left `kept`: its present is this step's past, fed back as it
+        // is (no copy of the caches into the step). Otherwise the host caches are gathered into a padded batch.
+        let kept = self.kept.take().filter(|k| {
+            self.backend.can_feed_kept()
+                && k.rows.len() == plan.rows.len()
+                && k.rows.iter().zip(&plan.rows).all(|(id, r)| *id == r.id)
+        });
+        let input = self.assemble(&plan, kept.is_none());
+        let (logits, present) = self.backend.run_keep(&input, kept.as_ref().map(|k| &k.present))?;
+        drop(kept);
         let (b, s, past) = (plan.rows.len(), plan.seq_len, plan.past_len);
         let vocab = self.manifest.model.vocab_size;
-        if out.logits.dim() != (b, s, vocab) {
+        if logits.dim() != (b, s, vocab) {
             return Err(EngineError::Shape {
                 name: "logits".into(),
                 expected: format!("[{b}, {s}, {vocab}]"),
-                got: format!("{:?}", out.logits.shape()),
+                got: format!("{:?}", logits.shape()),
             });
         }
-        self.check_present(&out.present, b, past + s)?;
-        let keys: Vec<ArrayViewD<f32>> = out.present.iter().map(|p| p.key.view()).collect();
-        let values: Vec<ArrayViewD<f32>> = out.present.iter().map(|p| p.value.view()).collect();
+        let (keys, values) = present.views()?;
+        self.check_present(&keys, &values, b, past + s)?;
         let mut results = Vec::new();
         for (row, r) in plan.rows.iter().enumerate() {
             let seq = self.seqs.get_mut(&r.id).ok_or(EngineError::UnknownSequence { id: r.id.0 })?;
+            // Only this step's new positions are copied to the host cache.
             seq.cache.append_from(&keys, &values, row, past, r.feed)?;
             if r.completes {
-                let logits = out.logits.slice(ndarray::s![row, r.feed - 1, ..]).to_vec();
+                let logits = logits.slice(ndarray::s![row, r.feed - 1, ..]).to_vec();
                 results.push(StepLogits { seq: r.id, logits });
             }
+        }
+        drop((keys, values));
+        if self.backend.can_feed_kept() && plan.rows.iter().all(|r| r.feed == plan.seq_len) {
+            self.kept = Some(Kept { rows: plan.rows.iter().map(|r| r.id).collect(), present });
         }
         Ok(results)
     }
@@ -314,21 +340,25 @@ impl Engine {
         Ok(Plan { rows, past_len, seq_len })
     }
 
-    fn assemble(&self, plan: &Plan) -> StepInput {
+    /// The step's inputs; the past is gathered from the host caches only when `with_past` (else it is left empty:
+    /// the backend takes it from the kept present).
+    fn assemble(&self, plan: &Plan, with_past: bool) -> StepInput {
         let (b, s, p) = (plan.rows.len(), plan.seq_len, plan.past_len);
         let g = self.geometry;
+        let p_kv = if with_past { p } else { 0 };
         let mut input_ids = Array2::<i64>::zeros((b, s));
         let mut position_ids = Array2::<i64>::zeros((b, s));
         let mut attention_mask = Array2::<i64>::zeros((b, p + s));
-        let mut keys: Vec<Array4<f32>> = (0..g.num_layers).map(|_| Array4::zeros((b, g.key_heads, p, g.key_dim))).collect();
+        let layers = if with_past { g.num_layers } else { 0 };
+        let mut keys: Vec<Array4<f32>> = (0..layers).map(|_| Array4::zeros((b, g.key_heads, p_kv, g.key_dim))).collect();
         let mut values: Vec<Array4<f32>> =
-            (0..g.num_layers).map(|_| Array4::zeros((b, g.value_heads, p, g.value_dim))).collect();
+            (0..layers).map(|_| Array4::zeros((b, g.value_heads, p_kv, g.value_dim))).collect();
         {
             let mut kv: Vec<_> = keys.iter_mut().map(|a| a.view_mut()).collect();
             let mut vv: Vec<_> = values.iter_mut().map(|a| a.view_mut()).collect();
             for (row, r) in plan.rows.iter().enumerate() {
                 let seq = &self.seqs[&r.id];
-                if r.past > 0 {
+                if with_past && r.past > 0 {
                     seq.cache.gather_into(row, &mut kv, &mut vv);
                 }
                 for c in p - r.past..p + r.feed {
@@ -352,17 +382,17 @@ impl Engine {
         StepInput { input_ids, attention_mask, position_ids, past }
     }
 
-    fn check_present(&self, present: &[KvPair], batch: usize, total: usize) -> Result<()> {
+    fn check_present(&self, keys: &[ArrayViewD<f32>], values: &[ArrayViewD<f32>], batch: usize, total: usize) -> Result<()> {
         let g = self.geometry;
-        if present.len() != g.num_layers {
+        if keys.len() != g.num_layers || values.len() != g.num_layers {
             return Err(EngineError::Shape {
                 name: "present".into(),
                 expected: format!("{} layers", g.num_layers),
-                got: format!("{} layers", present.len()),
+                got: format!("{} key and {} value layers", keys.len(), values.len()),
             });
         }
-        for (i, p) in present.iter().enumerate() {
-            for (what, t, heads, dim) in [("key", &p.key, g.key_heads, g.key_dim), ("value", &p.value, g.value_heads, g.value_dim)] {
+        for (i, (k, v)) in keys.iter().zip(values).enumerate() {
+            for (what, t, heads, dim) in [("key", k, g.key_heads, g.key_dim), ("value", v, g.value_heads, g.value_dim)] {
                 if t.shape() != [batch, heads, total, dim] {
                     return Err(EngineError::Shape {
                         name: format!("present.{i}.{what}"),

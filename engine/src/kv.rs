@@ -5,6 +5,8 @@
 //! reserved, so appending a step's new entries never reallocates nor copies the old ones.
 //! A batched step gathers the caches into the graph's `[batch, heads, past, dim]` inputs (left
 //! padded) and appends only the new positions of `present` back ([`SequenceCache::append_from`]).
+//! The gather happens only when the batch composition changes: while the same rows decode step after step, the
+//! engine feeds the previous step's present (kept in the backend's memory) back as the past.
 //!
 //! [`KvBudget`] does the accounting in bytes, using the manifest's `kv_cache.bytes_per_token`
 //! (the size of the graph's KV dtype, which is what a device-resident cache occupies).

@@ -6,10 +6,10 @@
 //! the engine's cached, padded, batched path.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use r1_engine::backend::{self, Backend, BackendKind, BackendOptions, StepInput, StepOutput};
+use r1_engine::backend::{self, Backend, BackendKind, BackendOptions, KeptPresent, StepInput, StepOutput};
 use r1_engine::{Engine, EngineError, Manifest, StepWork};
 
 fn fixture(name: &str) -> PathBuf {
@@ -141,6 +141,80 @@ impl Backend for Flaky {
             return Err(EngineError::Backend { backend: "flaky", message: "injected failure".into() });
         }
         self.inner.run(input)
+    }
+}
+
+/// Forwards to a backend and counts the steps fed from a kept present; with `host_only` it hides that ability, so the
+/// engine gathers every step's past from its host caches.
+struct Counting {
+    inner: Box<dyn Backend>,
+    host_only: bool,
+    fed_kept: Arc<AtomicUsize>,
+}
+
+impl Backend for Counting {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn run(&mut self, input: &StepInput) -> r1_engine::Result<StepOutput> {
+        self.inner.run(input)
+    }
+    fn can_feed_kept(&self) -> bool {
+        !self.host_only && self.inner.can_feed_kept()
+    }
+    fn run_keep(&mut self, input: &StepInput, past: Option<&KeptPresent>) -> r1_engine::Result<(ndarray::Array3<f32>, KeptPresent)> {
+        if past.is_some() {
+            self.fed_kept.fetch_add(1, Ordering::SeqCst);
+        }
+        if self.host_only {
+            let out = self.inner.run(input)?;
+            return Ok((out.logits, KeptPresent::Host(out.present)));
+        }
+        self.inner.run_keep(input, past)
+    }
+}
+
+#[test]
+fn feeding_the_kept_present_back_equals_gathering_the_host_caches() {
+    // Steps whose rows repeat the previous step's rows take the present kept in the backend as their past (no copy
+    // of the caches); any other step gathers the host caches. Both must give the same logits, bit for bit.
+    let exp = expected("tiny");
+    for kind in KINDS {
+        let mut engines = Vec::new();
+        let mut counters = Vec::new();
+        for host_only in [false, true] {
+            let (manifest, inner) = open_backend("tiny", kind);
+            assert!(inner.can_feed_kept(), "{kind:?}: a float32-KV graph can feed its present back");
+            let fed = Arc::new(AtomicUsize::new(0));
+            counters.push(fed.clone());
+            engines.push(Engine::from_backend(&fixture("tiny"), manifest, Box::new(Counting { inner, host_only, fed_kept: fed }), None));
+        }
+        let mut logs: Vec<Vec<Vec<f32>>> = Vec::new();
+        for e in &mut engines {
+            let mut log = Vec::new();
+            let mut run = |e: &mut Engine, ids: &[r1_engine::SequenceId]| {
+                let work: Vec<_> = ids.iter().map(|&id| StepWork::all(id)).collect();
+                for r in e.step(&work).unwrap() {
+                    e.push_token(r.seq, r1_engine::engine::argmax(&r.logits)).unwrap();
+                    log.push(r.logits);
+                }
+            };
+            let ids: Vec<_> = exp.cases[..3].iter().map(|(p, _)| e.add_sequence(p, 8).unwrap()).collect();
+            run(e, &ids); // prefill of unequal prompts: right padded, so not kept
+            for _ in 0..3 {
+                run(e, &ids); // gathers, then fed back twice
+            }
+            assert!(e.remove_sequence(ids[1]));
+            let rest = [ids[0], ids[2]];
+            for _ in 0..2 {
+                run(e, &rest); // gathers (rows changed), then fed back once
+            }
+            logs.push(log);
+        }
+        assert_eq!(counters[0].load(Ordering::SeqCst), 3, "{kind:?}: steps fed from the kept present");
+        assert_eq!(counters[1].load(Ordering::SeqCst), 0);
+        assert_eq!(logs[0].len(), 3 + 9 + 4);
+        assert!(logs[0] == logs[1], "{kind:?}: kept-present steps differ from host-gathered steps");
     }
 }
 

@@ -13,7 +13,7 @@ pub mod tract;
 
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array2, Array3, ArrayD};
+use ndarray::{Array2, Array3, ArrayD, ArrayViewD};
 
 use crate::error::{EngineError, Result};
 use crate::manifest::Manifest;
@@ -50,6 +50,65 @@ pub struct StepOutput {
     pub present: Vec<KvPair>,
 }
 
+/// A step's `present` tensors kept where the backend produced them, so that the next step can take them as its past
+/// without copying them in or out of the host caches ([`Backend::run_keep`]).
+pub enum KeptPresent {
+    /// Host arrays (backends that cannot feed their own outputs back).
+    Host(Vec<KvPair>),
+    /// ONNX Runtime values (float32), shared with the runtime: `[key 0, value 0, key 1, value 1, ...]`.
+    Ort(Vec<::ort::value::DynValue>),
+    /// tract values (float32), reference-counted: `[key 0, value 0, key 1, value 1, ...]`.
+    Tract(Vec<tract_onnx::prelude::TValue>),
+}
+
+impl std::fmt::Debug for KeptPresent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, n) = match self {
+            KeptPresent::Host(v) => ("host", v.len() * 2),
+            KeptPresent::Ort(v) => ("ort", v.len()),
+            KeptPresent::Tract(v) => ("tract", v.len()),
+        };
+        write!(f, "KeptPresent({kind}, {n} tensors)")
+    }
+}
+
+impl KeptPresent {
+    /// Views of every layer's key and value, `[batch, heads, past + seq, dim]` float32.
+    pub fn views(&self) -> Result<(Vec<ArrayViewD<'_, f32>>, Vec<ArrayViewD<'_, f32>>)> {
+        match self {
+            KeptPresent::Host(pairs) => Ok((pairs.iter().map(|p| p.key.view()).collect(), pairs.iter().map(|p| p.value.view()).collect())),
+            KeptPresent::Ort(values) => {
+                let views = values
+                    .iter()
+                    .map(|v| v.try_extract_array::<f32>().map_err(|e| EngineError::Backend { backend: "ort", message: format!("kept present: {e}") }))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(split_pairs(views))
+            }
+            KeptPresent::Tract(values) => {
+                let views = values
+                    .iter()
+                    .map(|v| v.to_plain_array_view::<f32>().map_err(|e| EngineError::Backend { backend: "tract", message: format!("kept present: {e}") }))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(split_pairs(views))
+            }
+        }
+    }
+}
+
+/// `[k0, v0, k1, v1, ...]` → `([k0, k1, ...], [v0, v1, ...])`.
+fn split_pairs<T>(flat: Vec<T>) -> (Vec<T>, Vec<T>) {
+    let mut keys = Vec::with_capacity(flat.len() / 2);
+    let mut values = Vec::with_capacity(flat.len() / 2);
+    for (i, t) in flat.into_iter().enumerate() {
+        if i % 2 == 0 {
+            keys.push(t);
+        } else {
+            values.push(t);
+        }
+    }
+    (keys, values)
+}
+
 /// A loaded graph that can run forward passes. `run` takes `&mut self`: a backend serves one step at
 /// a time; concurrency comes from batching in the scheduler, never from locking per request.
 pub trait Backend: Send {
@@ -57,6 +116,26 @@ pub trait Backend: Send {
     fn name(&self) -> &'static str;
     /// One forward pass.
     fn run(&mut self, input: &StepInput) -> Result<StepOutput>;
+
+    /// The serving path: one forward pass that returns the logits and keeps `present` where the backend made it.
+    /// With `past = Some(kept)` (what the previous call returned, for the same rows in the same order) the step's
+    /// past is taken from `kept` instead of `input.past`, which must then be empty: the caches are not copied
+    /// into the step. The default runs [`Backend::run`] and keeps the present on the host; it refuses `past`.
+    fn run_keep(&mut self, input: &StepInput, past: Option<&KeptPresent>) -> Result<(Array3<f32>, KeptPresent)> {
+        if past.is_some() {
+            return Err(EngineError::Unavailable {
+                what: format!("feeding a kept present back on backend `{}`", self.name()),
+                message: "this backend takes its past from the host (Backend::can_feed_kept is false)".into(),
+            });
+        }
+        let out = self.run(input)?;
+        Ok((out.logits, KeptPresent::Host(out.present)))
+    }
+
+    /// Whether [`Backend::run_keep`] accepts a kept present as the past.
+    fn can_feed_kept(&self) -> bool {
+        false
+    }
 
     /// One forward pass returning the graph outputs named in `names` as float32, in that order. For tools that
     /// run a copy of the graph with intermediate tensors added as outputs (INT8 calibration, per-layer error
@@ -194,15 +273,42 @@ fn load_auto(dir: &Path, graph: &str, manifest: &Manifest, opts: &BackendOptions
 
 /// Checks a step's inputs against each other and the manifest before a backend runs them.
 pub(crate) fn check_step_input(input: &StepInput, num_layers: usize) -> Result<()> {
+    if input.past.len() != num_layers {
+        return Err(EngineError::Shape {
+            name: "past_key_values".into(),
+            expected: format!("{num_layers} layers"),
+            got: format!("{}", input.past.len()),
+        });
+    }
+    let past = input.past.first().map_or(0, |p| p.key.shape().get(2).copied().unwrap_or(0));
+    check_step_tokens(input, past)
+}
+
+/// Checks a step fed from a kept present: `input.past` is empty and `kept` holds `num_layers` layers for the step's
+/// rows. Returns nothing; the shapes of `kept` itself were checked when it was produced.
+pub(crate) fn check_kept_step(input: &StepInput, kept: &KeptPresent, num_layers: usize) -> Result<()> {
+    let bad = |name: &str, expected: String, got: String| EngineError::Shape { name: name.into(), expected, got };
+    if !input.past.is_empty() {
+        return Err(bad("past_key_values", "empty (the past comes from the kept present)".into(), format!("{} layers", input.past.len())));
+    }
+    let (keys, _) = kept.views()?;
+    if keys.len() != num_layers {
+        return Err(bad("kept present", format!("{num_layers} layers"), format!("{} layers", keys.len())));
+    }
+    let shape = keys[0].shape();
+    let b = input.input_ids.nrows();
+    if shape.len() != 4 || shape[0] != b {
+        return Err(bad("kept present", format!("[{b}, heads, past, dim]"), format!("{shape:?}")));
+    }
+    check_step_tokens(input, shape[2])
+}
+
+fn check_step_tokens(input: &StepInput, past: usize) -> Result<()> {
     let bad = |name: &str, expected: String, got: String| EngineError::Shape { name: name.into(), expected, got };
     let (b, s) = input.input_ids.dim();
     if input.position_ids.dim() != (b, s) {
         return Err(bad("position_ids", format!("[{b}, {s}]"), format!("{:?}", input.position_ids.shape())));
     }
-    if input.past.len() != num_layers {
-        return Err(bad("past_key_values", format!("{num_layers} layers"), format!("{}", input.past.len())));
-    }
-    let past = input.past.first().map_or(0, |p| p.key.shape().get(2).copied().unwrap_or(0));
     if input.attention_mask.dim() != (b, past + s) {
         return Err(bad(
             "attention_mask",

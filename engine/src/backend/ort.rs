@@ -16,7 +16,10 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef};
 
-use super::{check_step_input, Backend, BackendOptions, ExecutionProviderKind, KvPair, StepInput, StepOutput, MODEL_FILE};
+use super::{
+    check_kept_step, check_step_input, Backend, BackendOptions, ExecutionProviderKind, KeptPresent, KvPair, StepInput, StepOutput,
+    MODEL_FILE,
+};
 use crate::error::{EngineError, Result};
 use crate::manifest::{DType, Manifest};
 use crate::ort_lib;
@@ -220,6 +223,33 @@ fn float_output(v: &DynValue, dtype: DType, name: &str) -> Result<ArrayD<f32>> {
     }
 }
 
+impl OrtBackend {
+    /// Whether the graph's past inputs and present outputs are float32, so a step's present can be fed back as is.
+    fn f32_cache(&self) -> bool {
+        self.present_dtype == DType::Float32
+            && self.inputs.iter().filter(|(n, _)| parse_past_name(n).is_some()).all(|(_, d)| *d == DType::Float32)
+    }
+}
+
+fn logits_of(outputs: &ort::session::SessionOutputs<'_>, dtype: DType) -> Result<Array3<f32>> {
+    let v = outputs.get("logits").ok_or_else(|| be("graph returned no `logits`"))?;
+    float_output(v, dtype, "logits")?
+        .into_dimensionality::<ndarray::Ix3>()
+        .map_err(|e| EngineError::Shape { name: "logits".into(), expected: "rank 3".into(), got: e.to_string() })
+}
+
+fn present_on_host(outputs: &ort::session::SessionOutputs<'_>, layers: usize, dtype: DType) -> Result<Vec<KvPair>> {
+    (0..layers)
+        .map(|i| {
+            let kn = Manifest::present_key_name(i);
+            let vn = Manifest::present_value_name(i);
+            let k = outputs.get(&kn).ok_or_else(|| be(format!("graph returned no `{kn}`")))?;
+            let v = outputs.get(&vn).ok_or_else(|| be(format!("graph returned no `{vn}`")))?;
+            Ok(KvPair { key: float_output(k, dtype, &kn)?, value: float_output(v, dtype, &vn)? })
+        })
+        .collect()
+}
+
 impl Backend for OrtBackend {
     fn name(&self) -> &'static str {
         self.name
@@ -227,29 +257,50 @@ impl Backend for OrtBackend {
 
     fn run(&mut self, input: &StepInput) -> Result<StepOutput> {
         check_step_input(input, self.num_layers)?;
-        let feeds = feeds(&self.inputs, input)?;
+        let feeds = feeds(&self.inputs, input, None)?;
         let outputs = self.session.run(feeds).map_err(be)?;
-        let logits_v = outputs.get("logits").ok_or_else(|| be("graph returned no `logits`"))?;
-        let logits = float_output(logits_v, self.logits_dtype, "logits")?
-            .into_dimensionality::<ndarray::Ix3>()
-            .map_err(|e| EngineError::Shape { name: "logits".into(), expected: "rank 3".into(), got: e.to_string() })?;
-        let mut present = Vec::with_capacity(self.num_layers);
-        for i in 0..self.num_layers {
-            let kn = Manifest::present_key_name(i);
-            let vn = Manifest::present_value_name(i);
-            let k = outputs.get(&kn).ok_or_else(|| be(format!("graph returned no `{kn}`")))?;
-            let v = outputs.get(&vn).ok_or_else(|| be(format!("graph returned no `{vn}`")))?;
-            present.push(KvPair {
-                key: float_output(k, self.present_dtype, &kn)?,
-                value: float_output(v, self.present_dtype, &vn)?,
-            });
+        let logits = logits_of(&outputs, self.logits_dtype)?;
+        let present = present_on_host(&outputs, self.num_layers, self.present_dtype)?;
+        Ok(StepOutput { logits, present })
+    }
+
+    fn can_feed_kept(&self) -> bool {
+        self.f32_cache()
+    }
+
+    fn run_keep(&mut self, input: &StepInput, past: Option<&KeptPresent>) -> Result<(Array3<f32>, KeptPresent)> {
+        let kept_past = match past {
+            None => {
+                check_step_input(input, self.num_layers)?;
+                None
+            }
+            Some(k @ KeptPresent::Ort(values)) if self.f32_cache() => {
+                check_kept_step(input, k, self.num_layers)?;
+                Some(values.as_slice())
+            }
+            Some(other) => return Err(be(format!("cannot feed {other:?} back as the past of this graph"))),
+        };
+        let f32_cache = self.f32_cache();
+        let layers = self.num_layers;
+        let feeds = feeds(&self.inputs, input, kept_past)?;
+        let mut outputs = self.session.run(feeds).map_err(be)?;
+        let logits = logits_of(&outputs, self.logits_dtype)?;
+        if !f32_cache {
+            return Ok((logits, KeptPresent::Host(present_on_host(&outputs, layers, self.present_dtype)?)));
         }
-        Ok(StepOutput { logits: Array3::from(logits), present })
+        // Shared with ONNX Runtime (reference-counted): nothing is copied.
+        let mut kept = Vec::with_capacity(2 * layers);
+        for i in 0..layers {
+            for name in [Manifest::present_key_name(i), Manifest::present_value_name(i)] {
+                kept.push(outputs.remove(&name).ok_or_else(|| be(format!("graph returned no `{name}`")))?);
+            }
+        }
+        Ok((logits, KeptPresent::Ort(kept)))
     }
 
     fn run_named(&mut self, input: &StepInput, names: &[String]) -> Result<Vec<ArrayD<f32>>> {
         check_step_input(input, self.num_layers)?;
-        let feeds = feeds(&self.inputs, input)?;
+        let feeds = feeds(&self.inputs, input, None)?;
         let outputs = self.session.run(feeds).map_err(be)?;
         names
             .iter()
@@ -264,16 +315,24 @@ impl Backend for OrtBackend {
     }
 }
 
-/// The session feeds of one step, in graph input order.
-fn feeds<'a>(inputs: &[(String, DType)], input: &'a StepInput) -> Result<Vec<(String, SessionInputValue<'a>)>> {
+/// The session feeds of one step, in graph input order. The past comes from `kept` (`[key 0, value 0, ...]`, fed
+/// as they are) when given, else from `input.past`.
+fn feeds<'a>(
+    inputs: &[(String, DType)],
+    input: &'a StepInput,
+    kept: Option<&'a [DynValue]>,
+) -> Result<Vec<(String, SessionInputValue<'a>)>> {
     let mut feeds: Vec<(String, SessionInputValue<'a>)> = Vec::with_capacity(inputs.len());
     for (name, dtype) in inputs {
         let value: SessionInputValue<'_> = match name.as_str() {
             "input_ids" => int_input(&input.input_ids)?,
             "attention_mask" => int_input(&input.attention_mask)?,
             "position_ids" => int_input(&input.position_ids)?,
-            other => match parse_past_name(other) {
-                Some((layer, is_key)) if layer < input.past.len() => {
+            other => match (parse_past_name(other), kept) {
+                (Some((layer, is_key)), Some(values)) if 2 * layer + 1 < values.len() => {
+                    SessionInputValue::from(&values[2 * layer + usize::from(!is_key)])
+                }
+                (Some((layer, is_key)), None) if layer < input.past.len() => {
                     let p = &input.past[layer];
                     float_input(if is_key { &p.key } else { &p.value }, *dtype)?
                 }

@@ -9,10 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use half::f16;
-use ndarray::{ArrayD, Ix3};
+use ndarray::{Array3, ArrayD, Ix3};
 use tract_onnx::prelude::*;
 
-use super::{check_step_input, Backend, KvPair, StepInput, StepOutput, MODEL_FILE};
+use super::{check_kept_step, check_step_input, Backend, KeptPresent, KvPair, StepInput, StepOutput, MODEL_FILE};
 use crate::error::{EngineError, Result};
 use crate::manifest::{DType, Manifest};
 
@@ -41,6 +41,8 @@ pub struct TractBackend {
     /// Every plan output's name, in plan order (for [`Backend::run_named`]).
     out_names: Vec<String>,
     num_layers: usize,
+    /// Past inputs and present outputs are float32: a step's present can be fed back as the next past.
+    f32_cache: bool,
 }
 
 impl std::fmt::Debug for TractBackend {
@@ -103,7 +105,9 @@ impl TractBackend {
             .collect::<Result<Vec<_>>>()?;
         let plan = typed.into_runnable().map_err(be)?;
         tracing::info!(model = %path.display(), secs = started.elapsed().as_secs_f32(), "tract plan ready");
-        Ok(TractBackend { plan, feeds, logits_at, present_at, out_names, num_layers })
+        let f32_cache = feeds.iter().all(|f| !matches!(f, Feed::Past { f16: true, .. }))
+            && manifest.outputs.iter().filter(|t| t.name.starts_with("present.")).all(|t| t.dtype == DType::Float32);
+        Ok(TractBackend { plan, feeds, logits_at, present_at, out_names, num_layers, f32_cache })
     }
 }
 
@@ -122,7 +126,7 @@ impl Backend for TractBackend {
 
     fn run(&mut self, input: &StepInput) -> Result<StepOutput> {
         check_step_input(input, self.num_layers)?;
-        let values = self.values(input);
+        let values = self.values(input)?;
         let outputs = self.plan.run(values).map_err(|e| be(format!("{e:?}")))?;
         let logits = to_f32(&outputs[self.logits_at], "logits")?
             .into_dimensionality::<Ix3>()
@@ -141,9 +145,39 @@ impl Backend for TractBackend {
         Ok(StepOutput { logits, present })
     }
 
+    fn can_feed_kept(&self) -> bool {
+        self.f32_cache
+    }
+
+    fn run_keep(&mut self, input: &StepInput, past: Option<&KeptPresent>) -> Result<(Array3<f32>, KeptPresent)> {
+        let kept_past = match past {
+            None => {
+                check_step_input(input, self.num_layers)?;
+                None
+            }
+            Some(k @ KeptPresent::Tract(values)) if self.f32_cache => {
+                check_kept_step(input, k, self.num_layers)?;
+                Some(values.as_slice())
+            }
+            Some(other) => return Err(be(format!("cannot feed {other:?} back as the past of this graph"))),
+        };
+        if !self.f32_cache {
+            let out = self.run(input)?;
+            return Ok((out.logits, KeptPresent::Host(out.present)));
+        }
+        let values = self.values_with(input, kept_past)?;
+        let outputs = self.plan.run(values).map_err(|e| be(format!("{e:?}")))?;
+        let logits = to_f32(&outputs[self.logits_at], "logits")?
+            .into_dimensionality::<Ix3>()
+            .map_err(|e| EngineError::Shape { name: "logits".into(), expected: "rank 3".into(), got: e.to_string() })?;
+        // Reference-counted tensors: kept without copying.
+        let kept = self.present_at.iter().flat_map(|&(k, v)| [outputs[k].clone(), outputs[v].clone()]).collect();
+        Ok((logits, KeptPresent::Tract(kept)))
+    }
+
     fn run_named(&mut self, input: &StepInput, names: &[String]) -> Result<Vec<ArrayD<f32>>> {
         check_step_input(input, self.num_layers)?;
-        let outputs = self.plan.run(self.values(input)).map_err(|e| be(format!("{e:?}")))?;
+        let outputs = self.plan.run(self.values(input)?).map_err(|e| be(format!("{e:?}")))?;
         names
             .iter()
             .map(|n| {
@@ -156,15 +190,25 @@ impl Backend for TractBackend {
 
 impl TractBackend {
     /// The plan's inputs of one step, in plan input order.
-    fn values(&self, input: &StepInput) -> TVec<TValue> {
+    fn values(&self, input: &StepInput) -> Result<TVec<TValue>> {
+        self.values_with(input, None)
+    }
+
+    /// Like [`TractBackend::values`], with the past taken from `kept` (`[key 0, value 0, ...]`) when given.
+    fn values_with(&self, input: &StepInput, kept: Option<&[TValue]>) -> Result<TVec<TValue>> {
         let mut values: TVec<TValue> = TVec::with_capacity(self.feeds.len());
         for feed in &self.feeds {
+            if let (Feed::Past { layer, key, .. }, Some(kept)) = (*feed, kept) {
+                let at = 2 * layer + usize::from(!key);
+                values.push(kept.get(at).ok_or_else(|| be(format!("kept present has no tensor for past layer {layer}")))?.clone());
+                continue;
+            }
             let t: Tensor = match *feed {
                 Feed::InputIds => input.input_ids.clone().into_dyn().into(),
                 Feed::AttentionMask => input.attention_mask.clone().into_dyn().into(),
                 Feed::PositionIds => input.position_ids.clone().into_dyn().into(),
                 Feed::Past { layer, key, f16: half } => {
-                    let p = &input.past[layer];
+                    let p = input.past.get(layer).ok_or_else(|| be(format!("the step has no past for layer {layer}")))?;
                     let a = if key { &p.key } else { &p.value };
                     if half {
                         a.mapv(f16::from_f32).into()
@@ -175,6 +219,6 @@ impl TractBackend {
             };
             values.push(t.into_tvalue());
         }
-        values
+        Ok(values)
     }
 }
