@@ -77,36 +77,29 @@ impl KeptPresent {
     pub fn views(&self) -> Result<(Vec<ArrayViewD<'_, f32>>, Vec<ArrayViewD<'_, f32>>)> {
         match self {
             KeptPresent::Host(pairs) => Ok((pairs.iter().map(|p| p.key.view()).collect(), pairs.iter().map(|p| p.value.view()).collect())),
-            KeptPresent::Ort(values) => {
-                let views = values
-                    .iter()
-                    .map(|v| v.try_extract_array::<f32>().map_err(|e| EngineError::Backend { backend: "ort", message: format!("kept present: {e}") }))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(split_pairs(views))
-            }
-            KeptPresent::Tract(values) => {
-                let views = values
-                    .iter()
-                    .map(|v| v.to_plain_array_view::<f32>().map_err(|e| EngineError::Backend { backend: "tract", message: format!("kept present: {e}") }))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(split_pairs(views))
-            }
+            KeptPresent::Ort(values) => split_pairs("ort", values.iter().map(|v| v.try_extract_array::<f32>())),
+            KeptPresent::Tract(values) => split_pairs("tract", values.iter().map(|v| v.to_plain_array_view::<f32>())),
         }
     }
 }
 
-/// `[k0, v0, k1, v1, ...]` → `([k0, k1, ...], [v0, v1, ...])`.
-fn split_pairs<T>(flat: Vec<T>) -> (Vec<T>, Vec<T>) {
-    let mut keys = Vec::with_capacity(flat.len() / 2);
-    let mut values = Vec::with_capacity(flat.len() / 2);
-    for (i, t) in flat.into_iter().enumerate() {
+/// `[k0, v0, k1, v1, ...]` (each a view or the backend's error) → `([k0, k1, ...], [v0, v1, ...])`.
+#[allow(clippy::type_complexity)]
+fn split_pairs<'a, E: std::fmt::Display>(
+    backend: &'static str,
+    flat: impl Iterator<Item = std::result::Result<ArrayViewD<'a, f32>, E>>,
+) -> Result<(Vec<ArrayViewD<'a, f32>>, Vec<ArrayViewD<'a, f32>>)> {
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    for (i, t) in flat.enumerate() {
+        let view = t.map_err(|e| EngineError::Backend { backend, message: format!("kept present: {e}") })?;
         if i % 2 == 0 {
-            keys.push(t);
+            keys.push(view);
         } else {
-            values.push(t);
+            values.push(view);
         }
     }
-    (keys, values)
+    Ok((keys, values))
 }
 
 /// A loaded graph that can run forward passes. `run` takes `&mut self`: a backend serves one step at

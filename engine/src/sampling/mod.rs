@@ -131,7 +131,8 @@ impl SamplingParams {
     }
 }
 
-/// When a sequence ends, besides [`FinishReason::Error`] and [`FinishReason::Cancelled`] which the caller decides.
+/// When a sequence ends, besides [`FinishReason::Cancelled`] which the caller decides (a failed step is an error, not a
+/// finish reason).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StopParams {
     /// Most tokens to generate. Allowed: at least 1.

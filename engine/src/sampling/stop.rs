@@ -16,21 +16,18 @@ pub enum FinishReason {
     Length,
     /// A stop sequence matched.
     StopSequence,
-    /// The client went away or cancelled.
+    /// Cancelled by the caller (client gone, server shutting down past its drain timeout).
     Cancelled,
-    /// The step failed; the error is reported separately.
-    Error,
 }
 
 impl FinishReason {
-    /// Stable label (`stop`, `length`, `stop_sequence`, `cancelled`, `error`).
+    /// Stable label (`stop`, `length`, `stop_sequence`, `cancelled`) for logs, spans and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::StopSequence => "stop_sequence",
             FinishReason::Cancelled => "cancelled",
-            FinishReason::Error => "error",
         }
     }
 }

@@ -68,30 +68,9 @@ impl SchedulerConfig {
     }
 }
 
-/// Why a request finished normally.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// End-of-sequence token.
-    Stop,
-    /// `max_tokens` reached or context full.
-    Length,
-    /// A stop string matched.
-    StopSequence,
-    /// Cancelled by the server (shutdown past the drain timeout).
-    Cancelled,
-}
-
-impl FinishReason {
-    /// Lowercase name for logs and spans.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::StopSequence => "stop_sequence",
-            FinishReason::Cancelled => "cancelled",
-        }
-    }
-}
+/// Why a request finished normally: the engine's type (stop, length, stop sequence, cancelled), so a reason reads the
+/// same in the engine, the scheduler, logs and metrics.
+pub use r1_engine::sampling::FinishReason;
 
 /// New output of one request.
 #[derive(Debug, Clone, PartialEq, Default)]
