@@ -44,7 +44,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("fp32", None),
             ("w8a8", Some(w8a8_options(&fp, &reader, &x)?)),
             ("int8wo", Some(QdqOptions::new(QuantScheme::Int8WeightOnly))),
-            ("int4wo", Some(QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 32 }))),
+            ("int4wo", Some(QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 32, asymmetric: false }))),
+            ("int4wo_asym", Some(QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 32, asymmetric: true }))),
         ];
         for (tag, opts) in schemes {
             let mut m = fp.clone();

@@ -50,7 +50,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let scheme = match scheme.as_str() {
         "int8" => QuantScheme::W8A8,
         "int8-wo" => QuantScheme::Int8WeightOnly,
-        "int4-wo" => QuantScheme::Int4WeightOnly { block_size: 32 },
+        "int4-wo" => QuantScheme::Int4WeightOnly { block_size: 32, asymmetric: false },
         other => return Err(format!("unknown scheme {other}").into()),
     };
     let mut opts = QdqOptions::new(scheme);

@@ -57,7 +57,7 @@ def main():
     ok = True
     for family, out in (("chain", "y"), ("rmsnorm", "out")):
         fp = None
-        for tag in ("fp32", "w8a8", "int8wo", "int4wo"):
+        for tag in ("fp32", "w8a8", "int8wo", "int4wo", "int4wo_asym"):
             name = f"{family}_{tag}"
             path = os.path.join(d, name + ".onnx")
             ref = np.fromfile(os.path.join(d, f"{name}.{out}.bin"), dtype=np.float32)

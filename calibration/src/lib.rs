@@ -6,12 +6,15 @@
 //! the ONNX graph (W8A8, int8 weight-only, int4 weight-only), writing weights through [`external`] →
 //! [`trt_cache`] for legacy TensorRT → [`report`] measures the quality loss.
 //!
+//! - [`matmul_nbits`]: the CPU lowering of `int8-wo` graphs to ONNX Runtime's `MatMulNBits` (used by the `cpu`
+//!   target build).
 //! - [`quant`]: quantize / dequantize maths matching ONNX `QuantizeLinear` / `DequantizeLinear`.
 //! - [`error`]: the crate's one error type, [`CalibError`].
 pub mod calibrate;
 pub mod dataset;
 pub mod error;
 pub mod external;
+pub mod matmul_nbits;
 pub mod observer;
 pub mod qdq;
 pub mod quant;

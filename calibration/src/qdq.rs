@@ -11,14 +11,15 @@
 //!   get their own scale / zero-point initializers, or ORT's common-subexpression elimination merges them back.
 //! - [`QuantScheme::Int8WeightOnly`]: only the weight part of W8A8.
 //! - [`QuantScheme::Int4WeightOnly`]: int4 initializer `[K, N]` + scales `[ceil(K/B), N]`, opset 21
-//!   `DequantizeLinear(axis = 0, block_size = B)`, no zero point (symmetric; see [`crate::quant`]).
+//!   `DequantizeLinear(axis = 0, block_size = B)`, no zero point (symmetric); or, `asymmetric`, a uint4
+//!   initializer + scales + uint4 zero points `[ceil(K/B), N]` (see [`crate::quant`]).
 //!
-//! Names are deterministic: `{w}_int8` / `{w}_int4`, `{w}_scale`, `{w}_zero_point`, `{w}_dequantized`;
+//! Names are deterministic: `{w}_int8` / `{w}_int4` / `{w}_uint4`, `{w}_scale`, `{w}_zero_point`, `{w}_dequantized`;
 //! and per consuming MatMul `{a}_scale_for_{matmul}`, `{a}_zero_point_for_{matmul}`, `{a}_quantized_for_{matmul}`,
 //! `{a}_dequantized_for_{matmul}`.
 use crate::error::{CalibError, Result};
 use crate::external::{element_count, is_external, ExternalDataReader, ExternalDataWriter};
-use crate::quant::{quantize_blocked_i4, quantize_per_channel, validate_block_size};
+use crate::quant::{quantize_blocked_i4, quantize_blocked_u4, quantize_per_channel, validate_block_size};
 use r1_proto::onnx::attribute_proto::AttributeType;
 use r1_proto::onnx::tensor_proto::DataType;
 use r1_proto::onnx::type_proto::{Tensor as TypeTensor, Value as TypeValue};
@@ -38,6 +39,8 @@ pub enum QuantScheme {
     Int4WeightOnly {
         /// Rows per block: 32, 64 or 128.
         block_size: usize,
+        /// Unsigned codes with a zero point per block (ONNX Runtime) instead of symmetric signed codes (TensorRT).
+        asymmetric: bool,
     },
 }
 
@@ -207,7 +210,7 @@ fn inline(t: &mut TensorProto, bytes: Vec<u8>) {
 /// Rewrites the graph in place (new initializers carry inline `raw_data`; externally stored source weights are
 /// read through `reader`). Quantized fp32 weights are removed unless another node still reads them.
 pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: &QdqOptions) -> Result<RewriteSummary> {
-    if let QuantScheme::Int4WeightOnly { block_size } = opts.scheme {
+    if let QuantScheme::Int4WeightOnly { block_size, .. } = opts.scheme {
         validate_block_size(block_size)?;
     }
     let opset = default_opset(model).unwrap_or(0);
@@ -270,16 +273,20 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
                     dq.input.push(zp);
                     dq.attribute.push(int_attr("axis", 1));
                 }
-                QuantScheme::Int4WeightOnly { block_size } => {
-                    let q = quantize_blocked_i4(&values, k, n, block_size)?;
-                    new_inits.push(TensorProto {
-                        name: Some(q_name.clone()),
-                        dims: vec![k as i64, n as i64],
-                        data_type: Some(DataType::Int4 as i32),
-                        raw_data: Some(q.packed()),
-                        ..Default::default()
-                    });
+                QuantScheme::Int4WeightOnly { block_size, asymmetric } => {
+                    let q = if asymmetric {
+                        quantize_blocked_u4(&values, k, n, block_size)?
+                    } else {
+                        quantize_blocked_i4(&values, k, n, block_size)?
+                    };
+                    let int4_type = if asymmetric { DataType::Uint4 } else { DataType::Int4 };
+                    new_inits.push(int4_tensor(&q_name, &[k, n], int4_type, q.packed()));
                     new_inits.push(f32_tensor(&scale_name, &[q.num_blocks(), n], &q.scales));
+                    if let Some(zp) = q.packed_zero_points() {
+                        let zp_name = format!("{w}_zero_point");
+                        new_inits.push(int4_tensor(&zp_name, &[q.num_blocks(), n], DataType::Uint4, zp));
+                        dq.input.push(zp_name);
+                    }
                     dq.attribute.push(int_attr("axis", 0));
                     dq.attribute.push(int_attr("block_size", block_size as i64));
                 }
@@ -353,7 +360,8 @@ fn node_name(node: &NodeProto, idx: usize) -> String {
 
 fn quantized_weight_name(w: &str, scheme: QuantScheme) -> String {
     match scheme {
-        QuantScheme::Int4WeightOnly { .. } => format!("{w}_int4"),
+        QuantScheme::Int4WeightOnly { asymmetric: false, .. } => format!("{w}_int4"),
+        QuantScheme::Int4WeightOnly { asymmetric: true, .. } => format!("{w}_uint4"),
         _ => format!("{w}_int8"),
     }
 }
@@ -370,6 +378,16 @@ fn int8_tensor(name: &str, dims: &[usize], v: &[i8]) -> TensorProto {
         dims: dims.iter().map(|&d| d as i64).collect(),
         data_type: Some(DataType::Int8 as i32),
         raw_data: Some(v.iter().map(|&x| x as u8).collect()),
+        ..Default::default()
+    }
+}
+
+fn int4_tensor(name: &str, dims: &[usize], data_type: DataType, packed: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: Some(data_type as i32),
+        raw_data: Some(packed),
         ..Default::default()
     }
 }

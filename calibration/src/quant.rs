@@ -11,6 +11,11 @@
 //!   `block_size = B`: `y[k, n] = x[k, n] * scale[k / B, n]`. Symmetric was chosen because it needs no zero-point
 //!   tensor, dequantizes with one multiply and is what TensorRT's weight-only INT4 expects; the price is one unused
 //!   code (-8).
+//! - INT4 weight-only can instead be **asymmetric** ([`quantize_blocked_u4`]): unsigned int4 codes `[0, 15]` with a
+//!   uint4 zero point per block, `y = (q - zp) * scale`, so a block whose weights are skewed (say `[-0.2, 0.9]`)
+//!   spends all 16 codes on its own range instead of half of them on a mirrored one. Same blocking and layout; the
+//!   zero points are a second `[ceil(K / block_size), N]` tensor. ONNX Runtime's `MatMulNBits` takes zero points,
+//!   TensorRT's block-quantized INT4 does not (so GPU targets keep the symmetric form).
 //! - INT4 tensors are packed two per byte in row-major order, element `2i` in the low nibble of byte `i`, element
 //!   `2i + 1` in the high nibble; an odd count leaves the last high nibble zero ([`pack_int4`]).
 use crate::error::{ensure_finite, ensure_len, CalibError, Result};
@@ -55,6 +60,15 @@ pub fn dequantize_i8(q: i8, scale: f32) -> f32 {
 #[inline]
 pub fn quantize_i4(x: f32, scale: f32) -> i8 {
     (x / scale).round_ties_even().clamp(-8.0, 7.0) as i8
+}
+
+/// Largest unsigned INT4 code (asymmetric quantization uses codes `[0, 15]`).
+pub const UINT4_QMAX: f32 = 15.0;
+
+/// ONNX `QuantizeLinear` to unsigned int4 (`[0, 15]`): `saturate(round_half_to_even(x / scale) + zero_point)`.
+#[inline]
+pub fn quantize_u4(x: f32, scale: f32, zero_point: u8) -> u8 {
+    ((x / scale).round_ties_even() + f32::from(zero_point)).clamp(0.0, UINT4_QMAX) as u8
 }
 
 /// Largest absolute value of a slice (0 for an empty slice).
@@ -131,8 +145,9 @@ pub fn quantize_per_channel(w: &[f32], k: usize, n: usize) -> Result<PerChannelI
     Ok(PerChannelI8 { k, n, scales, values })
 }
 
-/// A `[K, N]` weight quantized to symmetric int4 in blocks of `block` rows (opset 21 blocked `DequantizeLinear`,
-/// `axis = 0`).
+/// A `[K, N]` weight quantized to int4 in blocks of `block` rows (opset 21 blocked `DequantizeLinear`,
+/// `axis = 0`): symmetric signed codes without zero points, or asymmetric unsigned codes with one zero point per
+/// block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockedI4 {
     /// Rows (input features).
@@ -143,7 +158,10 @@ pub struct BlockedI4 {
     pub block: usize,
     /// Scales, row-major `[ceil(K / block), N]`.
     pub scales: Vec<f32>,
-    /// Quantized values in `[-8, 7]`, row-major `[K, N]` (unpacked; see [`pack_int4`]).
+    /// `None`: symmetric, `values` are signed codes in `[-8, 7]`. `Some`: asymmetric, `values` are unsigned codes
+    /// in `[0, 15]` and these are the zero points (each in `[0, 15]`), row-major `[ceil(K / block), N]`.
+    pub zero_points: Option<Vec<u8>>,
+    /// Quantized codes, row-major `[K, N]` (unpacked; see [`pack_int4`]).
     pub values: Vec<i8>,
 }
 
@@ -159,20 +177,32 @@ impl BlockedI4 {
         self.scales[(row / self.block) * self.n + col]
     }
 
-    /// Dequantized weight, row-major `[K, N]`.
+    /// Zero point that applies to element `(row, col)` (0 when symmetric).
+    #[inline]
+    pub fn zero_point_at(&self, row: usize, col: usize) -> i8 {
+        self.zero_points.as_ref().map_or(0, |z| z[(row / self.block) * self.n + col] as i8)
+    }
+
+    /// Dequantized weight, row-major `[K, N]`: `(q - zero_point) * scale`.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.values.len());
         for r in 0..self.k {
             for c in 0..self.n {
-                out.push(f32::from(self.values[r * self.n + c]) * self.scale_at(r, c));
+                let q = self.values[r * self.n + c] - self.zero_point_at(r, c);
+                out.push(f32::from(q) * self.scale_at(r, c));
             }
         }
         out
     }
 
-    /// Values packed two per byte as ONNX stores int4 (low nibble first).
+    /// Codes packed two per byte as ONNX stores int4 / uint4 (low nibble first).
     pub fn packed(&self) -> Vec<u8> {
         pack_int4(&self.values)
+    }
+
+    /// Zero points packed two per byte (uint4), when asymmetric.
+    pub fn packed_zero_points(&self) -> Option<Vec<u8>> {
+        self.zero_points.as_ref().map(|z| pack_int4(&z.iter().map(|&v| v as i8).collect::<Vec<_>>()))
     }
 }
 
@@ -203,27 +233,44 @@ pub const INT4_CLIP_RATIOS: [f32; 21] = {
 /// [`INT4_CLIP_RATIOS`] `· amax / 7` with the least squared error over the block (an MSE clip search, as AWQ and
 /// llama.cpp do): never worse than plain `amax / 7`.
 pub fn quantize_blocked_i4(w: &[f32], k: usize, n: usize, block: usize) -> Result<BlockedI4> {
+    quantize_blocked(w, k, n, block, false)
+}
+
+/// Quantizes a row-major `[K, N]` weight to asymmetric uint4 (codes `[0, 15]`), one scale and one zero point per
+/// `block` rows of each column. The block's range `[min(lo, 0), max(hi, 0)]` (zero stays exactly representable)
+/// is shrunk by each of [`INT4_CLIP_RATIOS`] in turn and the pair with the least squared error is kept.
+pub fn quantize_blocked_u4(w: &[f32], k: usize, n: usize, block: usize) -> Result<BlockedI4> {
+    quantize_blocked(w, k, n, block, true)
+}
+
+fn quantize_blocked(w: &[f32], k: usize, n: usize, block: usize, asymmetric: bool) -> Result<BlockedI4> {
     validate_block_size(block)?;
     ensure_len("weight [K, N]", k * n, w.len())?;
     ensure_finite("weight", w)?;
     let nb = k.div_ceil(block);
     let mut scales = vec![1.0f32; nb * n];
+    let mut zps = vec![0u8; if asymmetric { nb * n } else { 0 }];
     let mut column = Vec::with_capacity(block);
     for b in 0..nb {
         let rows = b * block..((b + 1) * block).min(k);
         for c in 0..n {
             column.clear();
             column.extend(rows.clone().map(|r| w[r * n + c]));
-            scales[b * n + c] = best_i4_scale(&column)?;
+            if asymmetric {
+                (scales[b * n + c], zps[b * n + c]) = best_u4_params(&column);
+            } else {
+                scales[b * n + c] = best_i4_scale(&column)?;
+            }
         }
     }
     let mut values = Vec::with_capacity(w.len());
     for r in 0..k {
         for c in 0..n {
-            values.push(quantize_i4(w[r * n + c], scales[(r / block) * n + c]));
+            let i = (r / block) * n + c;
+            values.push(if asymmetric { quantize_u4(w[r * n + c], scales[i], zps[i]) as i8 } else { quantize_i4(w[r * n + c], scales[i]) });
         }
     }
-    Ok(BlockedI4 { k, n, block, scales, values })
+    Ok(BlockedI4 { k, n, block, scales, zero_points: asymmetric.then_some(zps), values })
 }
 
 /// The scale among [`INT4_CLIP_RATIOS`] with the least squared quantization error of `xs`.
@@ -239,6 +286,34 @@ fn best_i4_scale(xs: &[f32]) -> Result<f32> {
         }
     }
     Ok(best.1)
+}
+
+/// Scale and zero point of an asymmetric uint4 block: the range `[min(xs, 0), max(xs, 0)]` shrunk by the ratio
+/// among [`INT4_CLIP_RATIOS`] with the least squared error. An all-zero block gets scale 1, zero point 0.
+fn best_u4_params(xs: &[f32]) -> (f32, u8) {
+    let lo = xs.iter().fold(0.0f32, |m, &x| m.min(x));
+    let hi = xs.iter().fold(0.0f32, |m, &x| m.max(x));
+    if hi - lo == 0.0 {
+        return (1.0, 0);
+    }
+    let params = |r: f32| {
+        let s = ((hi - lo) * r / UINT4_QMAX).max(f32::MIN_POSITIVE);
+        let zp = (-lo * r / s).round_ties_even().clamp(0.0, UINT4_QMAX) as u8;
+        (s, zp)
+    };
+    let err = |(s, zp): (f32, u8)| {
+        xs.iter().map(|&x| (x - f32::from(quantize_u4(x, s, zp) as i8 - zp as i8) * s).powi(2)).sum::<f32>()
+    };
+    let first = params(1.0);
+    let mut best = (err(first), first);
+    for &r in &INT4_CLIP_RATIOS[1..] {
+        let p = params(r);
+        let e = err(p);
+        if e < best.0 {
+            best = (e, p);
+        }
+    }
+    best.1
 }
 
 /// Packs int4 values (each in `[-8, 7]`) two per byte: element `2i` in the low nibble of byte `i`, element
@@ -408,5 +483,57 @@ mod tests {
             }
             prop_assert_eq!(unpack_int4(&q.packed(), q.values.len()).unwrap(), q.values.clone());
         }
+
+        #[test]
+        fn u4_matches_reference(x in -1e3f32..1e3, scale in 1e-3f32..10.0, zp in 0u8..16) {
+            let want = (ref_quant(x, scale, -1000, 1000) + i32::from(zp)).clamp(0, 15);
+            prop_assert_eq!(i32::from(quantize_u4(x, scale, zp)), want);
+        }
+
+        #[test]
+        fn blocked_u4_error_bounded_and_zero_exact((k, n, block, w) in (1usize..300, 1usize..4, 0usize..3).prop_flat_map(|(k, n, b)|
+                (Just(k), Just(n), Just(INT4_BLOCK_SIZES[b]), prop::collection::vec(-1f32..3.0, k * n)))) {
+            let q = quantize_blocked_u4(&w, k, n, block).unwrap();
+            let zps = q.zero_points.clone().unwrap();
+            prop_assert_eq!((q.scales.len(), zps.len()), (k.div_ceil(block) * n, k.div_ceil(block) * n));
+            prop_assert!(zps.iter().all(|&z| z <= 15) && q.values.iter().all(|&v| (0..=15).contains(&v)));
+            let d = q.dequantize();
+            for b in 0..k.div_ceil(block) {
+                for c in 0..n {
+                    let rows: Vec<usize> = (b * block..((b + 1) * block).min(k)).collect();
+                    let (s, z) = (q.scale_at(rows[0], c), q.zero_point_at(rows[0], c));
+                    // Zero is a code: quantizing 0.0 gives the zero point back, which dequantizes to exactly 0.
+                    prop_assert_eq!(quantize_u4(0.0, s, z as u8) as i8, z);
+                    // Never worse than the unclipped min/max range, which bounds every element by half a step of it.
+                    let lo = rows.iter().fold(0f32, |m, &r| m.min(w[r * n + c]));
+                    let hi = rows.iter().fold(0f32, |m, &r| m.max(w[r * n + c]));
+                    let s_full = ((hi - lo) / UINT4_QMAX).max(f32::MIN_POSITIVE);
+                    let got_err: f32 = rows.iter().map(|&r| (w[r * n + c] - d[r * n + c]).powi(2)).sum();
+                    let bound = rows.len() as f32 * (s_full * 0.5 * (1.0 + 1e-4)).powi(2) + 1e-9;
+                    if hi > lo {
+                        prop_assert!(got_err <= bound, "block {} col {}: {} > {}", b, c, got_err, bound);
+                    }
+                }
+            }
+            let unpacked: Vec<i8> = q.packed().iter().flat_map(|b| [(b & 0xf) as i8, (b >> 4) as i8]).take(q.values.len()).collect();
+            prop_assert_eq!(unpacked, q.values.clone());
+        }
+    }
+
+    #[test]
+    fn blocked_u4_uses_the_whole_code_range_of_a_skewed_block() {
+        // One block of 0, 0.1, ..., 1.5: symmetric int4 has 8 codes for it (0..7), asymmetric all 16.
+        let w: Vec<f32> = (0..32).map(|i| (i % 16) as f32 * 0.1).collect();
+        let q = quantize_blocked_u4(&w, 32, 1, 32).unwrap();
+        assert_eq!(q.zero_points, Some(vec![0]));
+        assert!((q.scales[0] - 0.1).abs() < 1e-6, "{}", q.scales[0]);
+        for (x, y) in w.iter().zip(q.dequantize()) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+        let sym = quantize_blocked_i4(&w, 32, 1, 32).unwrap().dequantize();
+        assert!(w.iter().zip(&sym).any(|(x, y)| (x - y).abs() > 0.01), "symmetric cannot represent all 16 values");
+        // All-zero block: scale 1, zero point 0.
+        let z = quantize_blocked_u4(&[0.0; 32], 32, 1, 32).unwrap();
+        assert_eq!((z.scales.clone(), z.zero_points.clone(), z.dequantize()), (vec![1.0], Some(vec![0]), vec![0.0; 32]));
     }
 }

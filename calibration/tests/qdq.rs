@@ -7,7 +7,7 @@ use r1_calibration::calibrate::{model_targets, ActivationSink, ActivationSource,
 use r1_calibration::external::{ExternalDataReader, ExternalDataWriter, EXTERNAL_ALIGN};
 use r1_calibration::observer::CalibrationMethod;
 use r1_calibration::qdq::{add_observed_outputs, calibration_targets, quantize_model, rewrite_graph, QdqOptions, QuantScheme};
-use r1_calibration::quant::{quantize_blocked_i4, quantize_per_channel, quantize_with_scale};
+use r1_calibration::quant::{quantize_blocked_i4, quantize_blocked_u4, quantize_per_channel, quantize_with_scale};
 use r1_calibration::report::sqnr_db;
 use r1_calibration::smoothquant::{fold_into_norm, scale_weight_rows, smoothing_factors, weight_row_abs_max};
 use r1_proto::onnx::ModelProto;
@@ -133,7 +133,7 @@ fn weight_only_int8_and_int4() {
 
     // int4, block 32 on K = 96 (3 blocks) and K = 64 (2 blocks)
     let mut q4 = fp.clone();
-    rewrite_graph(&mut q4, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 32 })).unwrap();
+    rewrite_graph(&mut q4, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 32, asymmetric: false })).unwrap();
     let t = init(&q4, "w2_int4").unwrap();
     assert_eq!((t.dims.clone(), t.data_type, t.raw_data.as_ref().unwrap().len()), (vec![96, 40], Some(22), 96 * 40 / 2));
     assert_eq!(init(&q4, "w2_scale").unwrap().dims, vec![3, 40]);
@@ -148,10 +148,35 @@ fn weight_only_int8_and_int4() {
 
     // int4 needs opset 21
     let mut old = matmul_chain(17);
-    let e = rewrite_graph(&mut old, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 64 })).unwrap_err();
+    let e = rewrite_graph(&mut old, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 64, asymmetric: false })).unwrap_err();
     assert!(e.to_string().contains(">= 21") && e.to_string().contains("17"), "{e}");
-    let e = rewrite_graph(&mut old, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 48 })).unwrap_err();
+    let e = rewrite_graph(&mut old, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 48, asymmetric: false })).unwrap_err();
     assert!(e.to_string().contains("block_size"), "{e}");
+}
+
+#[test]
+fn asymmetric_int4_has_uint4_zero_points_and_beats_symmetric() {
+    let fp = matmul_chain(21);
+    let want = run(&fp, &reader(), &[("x", x())]);
+    let rewrite = |asymmetric| {
+        let mut q = fp.clone();
+        rewrite_graph(&mut q, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 32, asymmetric })).unwrap();
+        q
+    };
+    let (sym, asym) = (rewrite(false), rewrite(true));
+    let t = init(&asym, "w2_uint4").unwrap();
+    assert_eq!((t.dims.clone(), t.data_type, t.raw_data.as_ref().unwrap().len()), (vec![96, 40], Some(21), 96 * 40 / 2));
+    let zp = init(&asym, "w2_zero_point").unwrap();
+    assert_eq!((zp.dims.clone(), zp.data_type, zp.raw_data.as_ref().unwrap().len()), (vec![3, 40], Some(21), 3 * 40 / 2));
+    let dq = asym.graph.as_ref().unwrap().node.iter().find(|n| n.name.as_deref() == Some("w2/DequantizeLinear")).unwrap();
+    assert_eq!(dq.input, ["w2_uint4", "w2_scale", "w2_zero_point"]);
+    // The interpreter dequantizes from the graph's bytes, the reference from the crate's codes: same weights.
+    let got = run(&asym, &reader(), &[("x", x())]);
+    let w2 = quantize_blocked_u4(&weight(&fp, "w2"), 96, 40, 32).unwrap().dequantize();
+    assert_eq!(got["y"].data, mm(&got["h"].data, &w2, M, 96, 40));
+    let db = |m: &ModelProto| sqnr_db(&want["y"].data, &run(m, &reader(), &[("x", x())])["y"].data).unwrap().unwrap();
+    let (db_sym, db_asym) = (db(&sym), db(&asym));
+    assert!(db_asym > db_sym, "asymmetric {db_asym:.2} dB must beat symmetric {db_sym:.2} dB");
 }
 
 #[test]
@@ -248,7 +273,7 @@ fn external_data_in_and_out() {
     let want = run(&fp, &ExternalDataReader::new(src.path()), &[("x", x())]);
 
     let mut q = fp.clone();
-    let mut opts = QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 64 });
+    let mut opts = QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 64, asymmetric: false });
     opts.external_threshold = 256;
     // refusing to overwrite the source's own data file
     let e = quantize_model(&mut q.clone(), src.path(), src.path(), "model.onnx.data", &opts).unwrap_err().to_string();

@@ -260,6 +260,10 @@ pub struct CpuBuild {
     pub duration_ms: u64,
     /// Files written, relative to the artifact directory.
     pub files: Vec<String>,
+    /// A rewrite applied to the portable graph before ONNX Runtime optimized it (the exporter's int8-wo
+    /// lowering to `MatMulNBits`), as the exporter recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lowering: Option<serde_json::Value>,
 }
 
 /// Writes the ONNX Runtime-optimized CPU graph of `dir/model.onnx` into `out` (a folder that
@@ -267,9 +271,14 @@ pub struct CpuBuild {
 /// or more, `model.onnx.data`. File paths in the record are relative to `dir` as if `out` were
 /// `dir/engines/cpu`.
 pub fn optimize_cpu_graph(dir: &Path, out: &Path) -> Result<CpuBuild> {
+    optimize_cpu_graph_from(&dir.join(MODEL_FILE), out)
+}
+
+/// [`optimize_cpu_graph`] from another source graph (e.g. a lowered copy of `model.onnx`; its
+/// external data is resolved next to it).
+pub fn optimize_cpu_graph_from(model: &Path, out: &Path) -> Result<CpuBuild> {
     let env = crate::backend::ort::environment()?;
     std::fs::create_dir_all(out).map_err(|source| EngineError::Io { path: out.to_path_buf(), source })?;
-    let model = dir.join(MODEL_FILE);
     let optimized = out.join(MODEL_FILE);
     let start = Instant::now();
     let session = Session::builder(env)
@@ -307,6 +316,7 @@ pub fn optimize_cpu_graph(dir: &Path, out: &Path) -> Result<CpuBuild> {
         ort_version: ort_version(),
         duration_ms,
         files,
+        lowering: None,
     })
 }
 
@@ -458,6 +468,7 @@ mod tests {
             ort_version: "1.31.1".into(),
             duration_ms: 1,
             files: vec![CPU_GRAPH.into()],
+            lowering: None,
         };
         m.targets.insert("cpu".into(), serde_json::to_value(&record).unwrap());
         assert_eq!(preferred_cpu_graph(dir.path(), &m), None, "file missing");

@@ -170,6 +170,16 @@ pub struct FileEntry {
 }
 
 impl Manifest {
+    /// Whether the graph's INT4 weights carry zero points (an asymmetric `int4-wo` export, recorded by the exporter
+    /// in `quantization.scheme`): ONNX Runtime runs them, TensorRT's block-quantized INT4 does not.
+    pub fn int4_zero_points(&self) -> bool {
+        self.quantization
+            .as_ref()
+            .and_then(|q| q.pointer("/scheme/Int4WeightOnly/asymmetric"))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false)
+    }
+
     /// Reads and checks `DIR/manifest.json`. Does not verify file hashes (see [`Manifest::verify_files`]).
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);

@@ -205,6 +205,15 @@ pub fn tensorrt_options(target: &Target, manifest: &Manifest, settings: &TrtSett
             message: format!("{} (sm{}) cannot run `{precision}` with TensorRT", target.name, target.sm),
         });
     }
+    if manifest.int4_zero_points() {
+        return Err(EngineError::InvalidArgument {
+            name: "precision".into(),
+            message: format!(
+                "this `int4-wo` artifact has INT4 zero points (asymmetric), which TensorRT's block-quantized INT4 cannot take; re-export it for {} with --int4-scheme symmetric",
+                target.name
+            ),
+        });
+    }
     let (fp16, bf16, int8) = match precision {
         "fp16" | "int8-wo" | "int4-wo" => (true, false, false),
         "bf16" => (false, true, false),

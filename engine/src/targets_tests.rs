@@ -185,3 +185,19 @@ fn wrong_gpu_engine_is_refused_unless_hardware_compatible() {
     let e = check_engine_host(&same, None).unwrap_err().to_string();
     assert!(e.contains("no NVIDIA GPU was found"), "{e}");
 }
+
+#[test]
+fn int4_with_zero_points_is_refused_for_tensorrt_and_symmetric_int4_is_not() {
+    let int4 = |asymmetric: bool| {
+        let mut m = manifest("int4-wo");
+        m.quantization = Some(serde_json::json!({
+            "precision": "int4-wo",
+            "scheme": {"Int4WeightOnly": {"block_size": 32, "asymmetric": asymmetric}},
+        }));
+        m
+    };
+    assert!(!int4(false).int4_zero_points() && int4(true).int4_zero_points());
+    assert!(tensorrt_options(target("a100").unwrap(), &int4(false), &settings()).is_ok());
+    let e = tensorrt_options(target("a100").unwrap(), &int4(true), &settings()).unwrap_err().to_string();
+    assert!(e.contains("zero points") && e.contains("--int4-scheme symmetric") && e.contains("a100"), "{e}");
+}

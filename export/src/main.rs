@@ -220,7 +220,8 @@ fn run_export(args: ExportArgs) -> anyhow::Result<()> {
             export(&opts, &mut on_export).with_context(|| format!("exporting {}", checkpoint.display()))?
         }
         Some(q) => {
-            let qopts = args.quant.options(q)?;
+            let gpu_target = targets.iter().find(|t| !t.is_cpu()).map(|t| t.name);
+            let qopts = args.quant.options(q, gpu_target)?;
             let count_style = || {
                 indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())

@@ -1,7 +1,9 @@
 //! Per-target builds of an artifact (`r1-export --target ...` after an export, and
 //! `r1-export build OUT_DIR --target ...`), recorded in `manifest.json`.
 //!
-//! - `cpu`: the ONNX Runtime-optimized graph in `engines/cpu/` ([`r1_engine::build::optimize_cpu_graph`]).
+//! - `cpu`: the ONNX Runtime-optimized graph in `engines/cpu/` ([`r1_engine::build::optimize_cpu_graph`]); an
+//!   `int8-wo` graph is first lowered to wide-block, sibling-fused `MatMulNBits`
+//!   ([`r1_calibration::matmul_nbits`]) in a temporary copy.
 //! - a GPU target (`a100`, `h100`, ...): on a host with that GPU and ONNX Runtime's TensorRT EP, the
 //!   TensorRT engine in `engines/<target>/` ([`r1_engine::build::build_tensorrt`]); elsewhere, after an
 //!   export, the build plan (`built: false`, the exact `trt_*` options, profile, precision and the
@@ -19,7 +21,14 @@ use r1_engine::build::{self as eb, CpuBuild};
 use r1_engine::manifest::{Manifest, MANIFEST_FILE};
 use r1_engine::targets::{self, EngineBuild, Target};
 
+use prost::Message;
+use r1_calibration::matmul_nbits::{self, Lowering};
+use r1_engine::backend::MODEL_FILE;
+
 use crate::artifact::hash_file;
+
+/// External data file of the lowered temporary copy (the source graph of the CPU build).
+const CPU_LOWERED_DATA: &str = "model.onnx.data";
 use crate::error::{ExportError, Result};
 
 /// Which targets to build and how.
@@ -94,7 +103,7 @@ pub fn apply(dir: &Path, opts: &TargetOptions, mode: Mode) -> Result<Vec<Outcome
     let mut outcomes = Vec::with_capacity(list.len());
     for t in list {
         let outcome = if t.is_cpu() {
-            Outcome::Cpu(write_cpu_graph(dir)?)
+            Outcome::Cpu(write_cpu_graph(dir, &manifest)?)
         } else {
             gpu_target(dir, &manifest, t, opts.hardware_compatible, mode)?
         };
@@ -130,19 +139,31 @@ fn gpu_target(dir: &Path, manifest: &Manifest, t: &'static Target, hw: bool, mod
 
 /// Writes `engines/cpu/` through a temporary sibling folder, so an interrupted run never leaves a
 /// half-written graph where the manifest points.
-fn write_cpu_graph(dir: &Path) -> Result<CpuBuild> {
+fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
     let engines = dir.join(eb::ENGINES_DIR);
     let tmp = engines.join(format!(".cpu.tmp-{}", std::process::id()));
+    let lowered = engines.join(format!(".cpu-lowered.tmp-{}", std::process::id()));
     let final_dir = engines.join("cpu");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(ExportError::io(&tmp))?;
+    for d in [&tmp, &lowered] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).map_err(ExportError::io(d))?;
+        }
     }
-    let record = eb::optimize_cpu_graph(dir, &tmp);
+    let record = if manifest.precision == "int8-wo" {
+        lower_int8_weight_only(dir, &lowered).and_then(|lowering| {
+            let mut r = eb::optimize_cpu_graph_from(&lowered.join(MODEL_FILE), &tmp).map_err(engine_err(dir))?;
+            r.lowering = Some(serde_json::to_value(&lowering).map_err(|e| ExportError::Graph(e.to_string()))?);
+            Ok(r)
+        })
+    } else {
+        eb::optimize_cpu_graph(dir, &tmp).map_err(engine_err(dir))
+    };
+    let _ = std::fs::remove_dir_all(&lowered);
     let record = match record {
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(engine_err(dir)(e));
+            return Err(e);
         }
     };
     if final_dir.exists() {
@@ -150,6 +171,24 @@ fn write_cpu_graph(dir: &Path) -> Result<CpuBuild> {
     }
     std::fs::rename(&tmp, &final_dir).map_err(ExportError::io(&final_dir))?;
     Ok(record)
+}
+
+/// Writes `out/model.onnx` (+ `model.onnx.data`): the artifact's `int8-wo` graph with its weight-only MatMuls
+/// lowered to `MatMulNBits` ([`r1_calibration::matmul_nbits`]), for ONNX Runtime to optimize.
+fn lower_int8_weight_only(dir: &Path, out: &Path) -> Result<Lowering> {
+    std::fs::create_dir_all(out).map_err(ExportError::io(out))?;
+    let mut model = crate::quantize::read_model(&dir.join(MODEL_FILE))?;
+    let lowering = matmul_nbits::lower_int8_weight_only(
+        &mut model,
+        dir,
+        out,
+        CPU_LOWERED_DATA,
+        matmul_nbits::DEFAULT_BLOCK_SIZE,
+        1024,
+    )?;
+    let path = out.join(MODEL_FILE);
+    std::fs::write(&path, model.encode_to_vec()).map_err(ExportError::io(&path))?;
+    Ok(lowering)
 }
 
 /// Replaces the manifest's `engines/<target>/` file entries with the sha256 and size of `files`.

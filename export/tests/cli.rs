@@ -158,6 +158,28 @@ fn unknown_target_and_unsupported_precision_are_refused_before_exporting() {
 }
 
 #[test]
+fn int4_scheme_follows_the_targets() {
+    let scheme = |m: &serde_json::Value| m["quantization"]["scheme"]["Int4WeightOnly"]["asymmetric"].clone();
+    // No GPU target: asymmetric (zero points), what ONNX Runtime runs best.
+    let (_t1, out, o) = export_with("tiny-llama", &["--precision", "int4-wo"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(scheme(&manifest_json(&out)), true);
+    // A TensorRT target: symmetric, and the plan is accepted.
+    if gpu_less_host() {
+        let (_t2, out, o) = export_with("tiny-llama", &["--precision", "int4-wo", "--target", "a100"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let m = manifest_json(&out);
+        assert_eq!((scheme(&m), m["targets"]["a100"]["built"].clone()), (serde_json::json!(false), serde_json::json!(false)));
+    }
+    // Asking for zero points with a TensorRT target is refused before any work, naming the flag and the target.
+    let (_t3, out, o) = export_with("tiny-llama", &["--precision", "int4-wo", "--int4-scheme", "asymmetric", "--target", "a100"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--int4-scheme") && err.contains("a100") && err.contains("zero points"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
 fn help_teaches_targets_and_build() {
     let h = r1_export(&["--help".as_ref()]);
     let help = String::from_utf8_lossy(&h.stdout);

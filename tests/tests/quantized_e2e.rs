@@ -12,6 +12,7 @@ use r1_engine::eval::{self, EvalOptions, EvalReport};
 use r1_engine::text::{ChatTemplate, Tokenizer};
 use r1_engine::{BackendKind, Engine, EngineOptions, Manifest};
 use r1_export::quantize::{export_quantized, QuantPrecision, QuantizeOptions, CACHE_FILE, REPORT_FILE};
+use r1_export::target::{apply, Mode, TargetOptions};
 use r1_export::{export, ExportOptions, DEFAULT_OPSET};
 use r1_proto::onnx::ModelProto;
 
@@ -104,6 +105,25 @@ fn quantized_exports_answer_like_fp32() {
         for (g, w) in got.results.iter().zip(&want.results) {
             assert_eq!(g.got, w.got, "{} vs fp32 answer of {:?}", precision.name(), g.question);
         }
+    }
+
+    // The cpu target lowers int8-wo to MatMulNBits (256-row blocks, siblings fused behind a Split); ort then runs
+    // that graph, with the same answers.
+    let int8_wo = tmp.path().join("int8-wo");
+    let targets = TargetOptions { targets: vec!["cpu".into()], hardware_compatible: false };
+    apply(&int8_wo, &targets, Mode::AfterExport).unwrap();
+    let record = &Manifest::load(&int8_wo).unwrap().targets["cpu"]["lowering"];
+    let (nbits, matmuls) = (record["matmul_nbits"].as_u64().unwrap(), record["matmuls"].as_u64().unwrap());
+    assert_eq!(record["block_size"], 256);
+    assert_eq!(matmuls as usize, op_count(&int8_wo, "DequantizeLinear"), "every weight-only MatMul is lowered");
+    assert!(nbits < matmuls, "siblings fused: {nbits} MatMulNBits for {matmuls} MatMuls");
+    let cpu = ModelProto::decode(std::fs::read(int8_wo.join("engines/cpu/model.onnx")).unwrap().as_slice()).unwrap();
+    let cpu_ops: Vec<&str> = cpu.graph.as_ref().unwrap().node.iter().filter_map(|n| n.op_type.as_deref()).collect();
+    assert_eq!(cpu_ops.iter().filter(|o| **o == "MatMulNBits").count() as u64, nbits);
+    assert!(!cpu_ops.contains(&"DequantizeLinear"), "no weight is dequantized at run time");
+    let got = answers(&int8_wo, BackendKind::Ort).unwrap();
+    for (g, w) in got.results.iter().zip(&want.results) {
+        assert_eq!(g.got, w.got, "int8-wo cpu graph vs fp32 answer of {:?}", g.question);
     }
     // tract has no blocked (int4) DequantizeLinear: the error names the precision and the way out.
     let e = answers(&tmp.path().join("int4-wo"), BackendKind::Tract).unwrap_err();

@@ -1,7 +1,8 @@
 //! A deliberately small ONNX interpreter for the rewritten test graphs, written from the ONNX operator spec and
 //! independent of the crate's quantization code: MatMul (2-D), Add/Mul/Div (numpy broadcasting), Sqrt,
 //! ReduceMean (last axis), QuantizeLinear (int8, per-tensor) and DequantizeLinear (per-tensor, per-axis, blocked;
-//! int8 and packed int4 inputs).
+//! int8 and packed int4 / uint4 inputs, optional zero points), com.microsoft MatMulNBits (8 bits) and Split (last
+//! axis).
 #![allow(dead_code)]
 use r1_calibration::external::ExternalDataReader;
 use r1_proto::onnx::tensor_proto::DataType;
@@ -35,6 +36,10 @@ fn decode(t: &TensorProto, reader: &ExternalDataReader) -> T {
                 (if v >= 8 { v - 16 } else { v }) as f32
             })
             .collect()
+    } else if dt == DataType::Uint8 as i32 {
+        bytes.iter().map(|&b| f32::from(b)).collect()
+    } else if dt == DataType::Uint4 as i32 {
+        (0..n).map(|i| f32::from(if i % 2 == 0 { bytes[i / 2] & 0xf } else { bytes[i / 2] >> 4 })).collect()
     } else {
         panic!("eval: unsupported data type {dt} for {:?}", t.name)
     };
@@ -164,6 +169,39 @@ pub fn run(model: &ModelProto, reader: &ExternalDataReader, inputs: &[(&str, T)]
                     })
                     .collect();
                 T { shape: x.shape, data }
+            }
+            // com.microsoft MatMulNBits, 8 bits, as its spec reads: B is uint8 [N, blocks, block_size], scales
+            // [N * blocks], zero point 128 when absent; W[k][n] = (B[n][k / bs][k % bs] - zp) * scale[n * blocks + k / bs].
+            "MatMulNBits" => {
+                let (a, b, s) = (get(0), get(1), get(2));
+                assert_eq!(attr(node, "bits"), Some(8), "eval: 8-bit MatMulNBits only");
+                assert!(node.input.len() < 4 || node.input[3].is_empty(), "eval: MatMulNBits without zero points only");
+                let (k, n, bs) = (attr(node, "K").unwrap() as usize, attr(node, "N").unwrap() as usize, attr(node, "block_size").unwrap() as usize);
+                let nb = k.div_ceil(bs);
+                assert_eq!((b.shape.clone(), s.data.len()), (vec![n, nb, bs], n * nb));
+                let mut w = vec![0.0f32; k * n];
+                for r in 0..k {
+                    for c in 0..n {
+                        w[r * n + c] = (b.data[(c * nb + r / bs) * bs + r % bs] - 128.0) * s.data[c * nb + r / bs];
+                    }
+                }
+                matmul(&a, &T { shape: vec![k, n], data: w })
+            }
+            "Split" => {
+                let (x, sizes) = (get(0), get(1));
+                assert!(matches!(attr(node, "axis"), Some(-1)) || attr(node, "axis") == Some(x.shape.len() as i64 - 1));
+                let last = *x.shape.last().unwrap();
+                assert_eq!(sizes.data.iter().sum::<f32>() as usize, last);
+                let mut start = 0;
+                for (o, &sz) in node.output.iter().zip(&sizes.data) {
+                    let sz = sz as usize;
+                    let data = x.data.chunks(last).flat_map(|row| row[start..start + sz].to_vec()).collect();
+                    let mut shape = x.shape.clone();
+                    *shape.last_mut().unwrap() = sz;
+                    v.insert(o.clone(), T { shape, data });
+                    start += sz;
+                }
+                continue;
             }
             other => panic!("eval: op {other} not supported"),
         };

@@ -43,6 +43,12 @@ pub struct QuantArgs {
     #[arg(long, default_value_t = 32, value_name = "ROWS")]
     pub int4_block_size: usize,
 
+    /// INT4 codes: asymmetric (unsigned, one zero point per block; ONNX Runtime), symmetric (signed, no zero
+    /// point; TensorRT's block-quantized INT4 takes only this), or auto: symmetric when a GPU --target is given,
+    /// else asymmetric (more accurate: arith-r1 numbers in BENCHMARKS.md).
+    #[arg(long, default_value = "auto", value_name = "SCHEME", value_parser = ["auto", "asymmetric", "symmetric"])]
+    pub int4_scheme: String,
+
     /// Quantize the LM head: default no for int8 (widest activations), yes for int8-wo / int4-wo.
     #[arg(long, value_name = "BOOL")]
     pub quantize_lm_head: Option<bool>,
@@ -62,8 +68,29 @@ pub struct QuantArgs {
 }
 
 impl QuantArgs {
-    /// The options for `precision`; errors name the flag and the value given.
-    pub fn options(&self, precision: QuantPrecision) -> Result<QuantizeOptions> {
+    /// The options for `precision`; errors name the flag and the value given. `gpu_target` is a TensorRT target
+    /// among the export's `--target`s, if any (it decides `--int4-scheme auto`, and rules out `asymmetric`).
+    pub fn options(&self, precision: QuantPrecision, gpu_target: Option<&str>) -> Result<QuantizeOptions> {
+        let int4_asymmetric = match (self.int4_scheme.as_str(), gpu_target) {
+            ("symmetric", _) => false,
+            ("auto", g) => g.is_none(),
+            ("asymmetric", None) => true,
+            ("asymmetric", Some(t)) if precision == QuantPrecision::Int4WeightOnly => {
+                return Err(ExportError::InvalidOption {
+                    option: "--int4-scheme",
+                    message: format!(
+                        "`asymmetric` cannot be built for --target {t}: TensorRT's block-quantized INT4 takes no zero points; use symmetric (or auto)"
+                    ),
+                })
+            }
+            ("asymmetric", Some(_)) => true,
+            (other, _) => {
+                return Err(ExportError::InvalidOption {
+                    option: "--int4-scheme",
+                    message: format!("must be auto, asymmetric or symmetric, got `{other}`"),
+                })
+            }
+        };
         let method = self.calibration_method.parse().map_err(|e: CalibError| ExportError::InvalidOption {
             option: "--calibration-method",
             message: e.to_string(),
@@ -81,6 +108,7 @@ impl QuantArgs {
             seq_len: self.calibration_seq_len,
             eval_samples: self.report_samples,
             block_size: self.int4_block_size,
+            int4_asymmetric,
             quantize_lm_head: self.quantize_lm_head,
             backend,
             eval_problems: self.eval_problems.clone(),

@@ -84,14 +84,14 @@ impl QuantPrecision {
 
     /// The default-domain opset the quantized graph needs at least.
     pub fn min_opset(self) -> i64 {
-        self.scheme(32).min_opset()
+        self.scheme(32, false).min_opset()
     }
 
-    fn scheme(self, block_size: usize) -> QuantScheme {
+    fn scheme(self, block_size: usize, asymmetric: bool) -> QuantScheme {
         match self {
             QuantPrecision::Int8 => QuantScheme::W8A8,
             QuantPrecision::Int8WeightOnly => QuantScheme::Int8WeightOnly,
-            QuantPrecision::Int4WeightOnly => QuantScheme::Int4WeightOnly { block_size },
+            QuantPrecision::Int4WeightOnly => QuantScheme::Int4WeightOnly { block_size, asymmetric },
         }
     }
 }
@@ -116,6 +116,9 @@ pub struct QuantizeOptions {
     pub eval_samples: usize,
     /// INT4 rows per block: 32, 64 or 128.
     pub block_size: usize,
+    /// INT4 codes unsigned with a zero point per block (ONNX Runtime's `MatMulNBits` takes them) instead of
+    /// symmetric signed codes (what TensorRT's block-quantized INT4 takes). Measured on arith-r1 (BENCHMARKS.md).
+    pub int4_asymmetric: bool,
     /// Quantize the LM head too (default: no for `int8`, whose last hidden state has the widest activations;
     /// yes for the weight-only forms, where it is the largest single weight).
     pub quantize_lm_head: Option<bool>,
@@ -128,7 +131,7 @@ pub struct QuantizeOptions {
 }
 
 impl QuantizeOptions {
-    /// Defaults: MSE calibration, SmoothQuant 0.5, 64 samples × 256 tokens, 8 held-out samples, INT4 block 32.
+    /// Defaults: MSE calibration, SmoothQuant 0.5, 64 samples × 256 tokens, 8 held-out samples, INT4 block 32, asymmetric.
     ///
     /// MSE, not TensorRT's entropy method, by measurement on arith-r1 (BENCHMARKS.md): entropy clipped the
     /// widest MLP input to 9.4 dB SQNR and changed answers; MSE kept every layer above 30 dB.
@@ -142,6 +145,7 @@ impl QuantizeOptions {
             seq_len: dataset::DEFAULT_SEQ_LEN,
             eval_samples: 8,
             block_size: 32,
+            int4_asymmetric: true,
             quantize_lm_head: None,
             backend: BackendKind::Auto,
             eval_problems: None,
@@ -194,17 +198,23 @@ pub fn export_quantized(
     let fp32_opts = ExportOptions { out_dir: staging_dir.clone(), precision: crate::Precision::Fp32, ..opts.clone() };
     let fp32_manifest = export(&fp32_opts, &mut |p| progress(QuantProgress::Export(p)))?;
 
-    let tokenizer = Tokenizer::from_dir(&staging.0).map_err(|e| calib_input(format!("loading the tokenizer: {e}")))?;
-    let template = ChatTemplate::from_config(tokenizer.config(), None, false).ok();
-    let (calib, held_out) = match &q.calibration_data {
-        Some(path) => read_samples(path, q, &tokenizer, template.as_ref())?,
-        None => (Vec::new(), Vec::new()),
+    // The tokenizer is needed only to read text (calibration samples, eval problems): a weight-only export of a
+    // checkpoint without tokenizer files works.
+    let tokenizer = if q.calibration_data.is_some() || q.eval_problems.is_some() {
+        Some(Tokenizer::from_dir(&staging.0).map_err(|e| calib_input(format!("loading the tokenizer: {e}")))?)
+    } else {
+        None
+    };
+    let template = tokenizer.as_ref().and_then(|t| ChatTemplate::from_config(t.config(), None, false).ok());
+    let (calib, held_out) = match (&q.calibration_data, &tokenizer) {
+        (Some(path), Some(tokenizer)) => read_samples(path, q, tokenizer, template.as_ref())?,
+        _ => (Vec::new(), Vec::new()),
     };
 
     let mut model = read_model(&staging.0.join(MODEL_FILE))?;
     let original = model.clone();
     let reader = r1_calibration::external::ExternalDataReader::new(&staging.0);
-    let mut qopts = QdqOptions::new(q.precision.scheme(q.block_size));
+    let mut qopts = QdqOptions::new(q.precision.scheme(q.block_size, q.int4_asymmetric));
     if !q.quantize_lm_head.unwrap_or(q.precision != QuantPrecision::Int8) {
         qopts.exclude.insert(LM_HEAD_WEIGHT.to_string());
     }
@@ -282,7 +292,7 @@ pub fn export_quantized(
         .map_err(|e| ExportError::Graph(format!("manifest failed its own checks: {e}")))?;
     tmp.commit(&manifest)?;
 
-    if let Some(path) = &q.eval_problems {
+    if let (Some(path), Some(tokenizer)) = (&q.eval_problems, &tokenizer) {
         let problems = eval::load_problems(path).map_err(|e| calib_input(e.to_string()))?;
         let problems = &problems[..problems.len().min(q.eval_limit)];
         for (dir, name) in [(&staging.0, "fp32"), (&opts.out_dir, q.precision.name())] {
@@ -291,7 +301,7 @@ pub fn export_quantized(
             let template = template.as_ref().ok_or(ExportError::Calibration(CalibError::Source(
                 "the checkpoint has no chat template, so eval problems cannot be rendered".into(),
             )))?;
-            let r = eval::evaluate(&mut engine, &tokenizer, template, problems, &EvalOptions::default(), &mut |done, _, correct| {
+            let r = eval::evaluate(&mut engine, tokenizer, template, problems, &EvalOptions::default(), &mut |done, _, correct| {
                 progress(QuantProgress::EvalProgress { done, correct })
             })
             .map_err(|e| calib_input(e.to_string()))?;
@@ -345,7 +355,7 @@ fn calib_input(message: String) -> ExportError {
     ExportError::Calibration(CalibError::Source(message))
 }
 
-fn read_model(path: &Path) -> Result<ModelProto> {
+pub(crate) fn read_model(path: &Path) -> Result<ModelProto> {
     let bytes = std::fs::read(path).map_err(ExportError::io(path))?;
     ModelProto::decode(bytes.as_slice()).map_err(|e| ExportError::Graph(format!("{}: cannot decode: {e}", path.display())))
 }
@@ -398,7 +408,7 @@ fn quantization_json(
 ) -> serde_json::Value {
     serde_json::json!({
         "precision": q.precision.name(),
-        "scheme": q.precision.scheme(q.block_size),
+        "scheme": q.precision.scheme(q.block_size, q.int4_asymmetric),
         "method": (q.precision == QuantPrecision::Int8).then(|| q.method.to_string()),
         "smoothquant_alpha": if q.precision == QuantPrecision::Int8 { q.smoothquant_alpha } else { 0.0 },
         "calibration_samples": batches,
