@@ -24,7 +24,7 @@ BENCH="$(ls -t target/release/deps/decode-* 2>/dev/null | grep -v '\.d$' | head 
   || { echo "bench_server: build the release binaries and the decode bench first (see the header)" >&2; exit 2; }
 
 echo "== in-process engine: $ART"
-R1_BENCH_MODEL="$ART" R1_BENCH_BACKENDS=ort ${BANDWIDTH:+R1_BENCH_BANDWIDTH=$BANDWIDTH} "$BENCH" | tail -2
+env R1_BENCH_MODEL="$ART" R1_BENCH_BACKENDS=ort ${BANDWIDTH:+R1_BENCH_BANDWIDTH=$BANDWIDTH} "$BENCH" | tail -2
 
 echo "== r1-serve"
 target/release/r1-serve --model "$ART" --grpc-addr "127.0.0.1:$GRPC_PORT" --http-addr "127.0.0.1:$HTTP_PORT" \
