@@ -174,6 +174,31 @@ impl ExternalDataWriter {
     }
 }
 
+/// Moves every initializer whose payload is external or at least `threshold` bytes into `writer` (payloads read
+/// through `reader`); those that turn out smaller are inlined. Used when a rewritten model gets a new data file.
+pub fn rehome_initializers(
+    initializers: &mut [TensorProto],
+    reader: &ExternalDataReader,
+    writer: &mut ExternalDataWriter,
+    threshold: usize,
+) -> Result<()> {
+    for t in initializers.iter_mut() {
+        let big = element_count(t)?.saturating_mul(4) >= threshold || t.raw_data.as_ref().is_some_and(|r| r.len() >= threshold);
+        if is_external(t) || big {
+            let bytes = reader.tensor_bytes(t)?;
+            if bytes.len() >= threshold {
+                writer.write_tensor(t, &bytes)?;
+            } else {
+                t.data_location = None;
+                t.external_data.clear();
+                t.float_data.clear();
+                t.raw_data = Some(bytes);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@
 //! Only for CPU graphs: the portable `model.onnx` keeps standard ONNX (TensorRT and tract read it), and the W8A8
 //! form is left alone (a MatMul whose input comes from a `DequantizeLinear` is not weight-only).
 use crate::error::{CalibError, Result};
-use crate::external::{element_count, is_external, ExternalDataReader, ExternalDataWriter};
+use crate::external::{element_count, rehome_initializers, ExternalDataReader, ExternalDataWriter};
 use r1_proto::onnx::attribute_proto::AttributeType;
 use r1_proto::onnx::tensor_proto::DataType;
 use r1_proto::onnx::{AttributeProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
@@ -260,20 +260,7 @@ pub fn lower_int8_weight_only(
     let outputs: HashSet<String> = graph.output.iter().filter_map(|o| o.name.clone()).collect();
     graph.initializer.retain(|t| t.name.as_ref().is_some_and(|n| read.contains(n) || outputs.contains(n)));
     // Everything that stays moves to the new data file (the source's data file is not next to the lowered model).
-    for t in graph.initializer.iter_mut() {
-        let big = element_count(t)?.saturating_mul(4) >= external_threshold
-            || t.raw_data.as_ref().is_some_and(|r| r.len() >= external_threshold);
-        if is_external(t) || big {
-            let bytes = reader.tensor_bytes(t)?;
-            if bytes.len() >= external_threshold {
-                writer.write_tensor(t, &bytes)?;
-            } else {
-                t.data_location = None;
-                t.external_data.clear();
-                t.raw_data = Some(bytes);
-            }
-        }
-    }
+    rehome_initializers(&mut graph.initializer, &reader, &mut writer, external_threshold)?;
     graph.initializer.extend(new_inits);
     if lowering.matmul_nbits > 0 && !model.opset_import.iter().any(|o| o.domain.as_deref() == Some(MS_DOMAIN)) {
         model.opset_import.push(OperatorSetIdProto { domain: Some(MS_DOMAIN.into()), version: Some(1) });

@@ -18,7 +18,7 @@
 //! and per consuming MatMul `{a}_scale_for_{matmul}`, `{a}_zero_point_for_{matmul}`, `{a}_quantized_for_{matmul}`,
 //! `{a}_dequantized_for_{matmul}`.
 use crate::error::{CalibError, Result};
-use crate::external::{element_count, is_external, ExternalDataReader, ExternalDataWriter};
+use crate::external::{is_external, rehome_initializers, ExternalDataReader, ExternalDataWriter};
 use crate::quant::{quantize_blocked_i4, quantize_blocked_u4, quantize_per_channel, validate_block_size};
 use r1_proto::onnx::attribute_proto::AttributeType;
 use r1_proto::onnx::tensor_proto::DataType;
@@ -184,27 +184,9 @@ pub fn quantize_model(
     let mut writer = ExternalDataWriter::create(out_dir, data_location)?;
     let summary = rewrite_graph(model, &reader, opts)?;
     let graph = model.graph.as_mut().ok_or_else(|| CalibError::graph("model", "has no graph"))?;
-    for t in graph.initializer.iter_mut() {
-        let big = element_count(t)?.saturating_mul(4) >= opts.external_threshold
-            || t.raw_data.as_ref().is_some_and(|r| r.len() >= opts.external_threshold);
-        if is_external(t) || big {
-            let bytes = reader.tensor_bytes(t)?;
-            if bytes.len() >= opts.external_threshold {
-                writer.write_tensor(t, &bytes)?;
-            } else {
-                inline(t, bytes);
-            }
-        }
-    }
+    rehome_initializers(&mut graph.initializer, &reader, &mut writer, opts.external_threshold)?;
     writer.finish()?;
     Ok(summary)
-}
-
-fn inline(t: &mut TensorProto, bytes: Vec<u8>) {
-    t.data_location = None;
-    t.external_data.clear();
-    t.float_data.clear();
-    t.raw_data = Some(bytes);
 }
 
 /// Rewrites the graph in place (new initializers carry inline `raw_data`; externally stored source weights are
