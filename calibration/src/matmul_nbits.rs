@@ -168,8 +168,11 @@ pub fn lower_int8_weight_only(
         let mut scales = Vec::with_capacity(n_total * nb * 4);
         for c in group {
             let dq = &graph.node[c.dq];
-            let q = reader.tensor_bytes(init(&dq.input[0]).expect("checked above"))?;
-            let s = reader.tensor_f32(init(&dq.input[1]).expect("checked above"))?;
+            let weight = |i: usize| {
+                init(&dq.input[i]).ok_or_else(|| CalibError::graph(format!("DequantizeLinear input `{}`", dq.input[i]), "is not an initializer"))
+            };
+            let q = reader.tensor_bytes(weight(0)?)?;
+            let s = reader.tensor_f32(weight(1)?)?;
             for col in 0..c.n {
                 for row in 0..nb * block_size {
                     let v = if row < k { q[row * c.n + col] as i8 } else { 0 };
