@@ -294,7 +294,7 @@ pub fn optimize_cpu_graph_from(model: &Path, out: &Path) -> Result<CpuBuild> {
         .map_err(be)?
         .with_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         .map_err(be)?
-        .commit_from_file(&model)
+        .commit_from_file(model)
         .map_err(|e| be(format!("cannot optimize {}: {e}", model.display())))?;
     drop(session);
     let duration_ms = start.elapsed().as_millis() as u64;
