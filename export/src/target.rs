@@ -26,10 +26,10 @@ use r1_calibration::matmul_nbits::{self, Lowering};
 use r1_engine::backend::MODEL_FILE;
 
 use crate::artifact::hash_file;
+use crate::error::{ExportError, Result};
 
 /// External data file of the lowered temporary copy (the source graph of the CPU build).
 const CPU_LOWERED_DATA: &str = "model.onnx.data";
-use crate::error::{ExportError, Result};
 
 /// Which targets to build and how.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
