@@ -44,7 +44,8 @@ cargo test --workspace --locked
 echo "== OpenAI Python client (PyPI openai, pinned) against r1-serve on arith-r1"
 "$R1_HOME/venv/bin/python" tests/openai_client.py
 
-echo "== soak (short): 200 GenerateStream requests at concurrency 16; zero errors, RSS growth bounded"
+echo "== soak (short): 64 warm-up + 200 GenerateStream requests at concurrency 16; zero errors, RSS floor flat"
+"$R1_HOME/venv/bin/python" scripts/test_soak.py
 "$R1_HOME/venv/bin/python" scripts/soak.py --short
 
 echo "== onnx.checker.check_model(full_check=True) on ${#dirs[@]} exported graphs"
