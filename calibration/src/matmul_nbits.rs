@@ -9,8 +9,9 @@
 //! lowering picks a long block and leaves out the zero points (MatMulNBits' default zero point for 8 bits is 128,
 //! so codes are stored as `q + 128`). The numbers are the same weights: only the kernel's layout changes.
 //!
-//! Only for CPU graphs: the portable `model.onnx` keeps standard ONNX (TensorRT and tract read it), and the W8A8
-//! form is left alone (a MatMul whose input comes from a `DequantizeLinear` is not weight-only).
+//! Only for CPU graphs: the portable `model.onnx` keeps standard ONNX (TensorRT and tract read it), and W8A8
+//! MatMuls are left alone (a MatMul whose input comes from a `DequantizeLinear` is not weight-only); in an `int8`
+//! (W8A8) graph only its weight-only MatMuls, the LM head by default, are lowered.
 use crate::error::{CalibError, Result};
 use crate::external::{element_count, rehome_initializers, ExternalDataReader, ExternalDataWriter};
 use r1_proto::onnx::attribute_proto::AttributeType;

@@ -9,6 +9,7 @@
 //!   unsigned form its x86 integer kernels need, and then fuses `MatMulIntegerToFloat`, when the Q has a single DQ
 //!   consumer (checked with `scripts/check_qdq.py`: with a shared Q neither projection was fused). The pairs also
 //!   get their own scale / zero-point initializers, or ORT's common-subexpression elimination merges them back.
+//!   MatMuls named in [`QdqOptions::weight_only`] get only the weight part (the LM head by default in `r1-export`).
 //! - [`QuantScheme::Int8WeightOnly`]: only the weight part of W8A8.
 //! - [`QuantScheme::Int4WeightOnly`]: int4 initializer `[K, N]` + scales `[ceil(K/B), N]`, opset 21
 //!   `DequantizeLinear(axis = 0, block_size = B)`, no zero point (symmetric); or, `asymmetric`, a uint4
@@ -64,14 +65,25 @@ pub struct QdqOptions {
     pub activation_scales: HashMap<String, f32>,
     /// MatMul node names or weight names to leave in fp32 (e.g. the LM head).
     pub exclude: HashSet<String>,
+    /// MatMul node names or weight names whose weight is quantized but whose input activation stays float under
+    /// [`QuantScheme::W8A8`] (int8 weight-only there; e.g. the LM head, whose input has the widest range). No
+    /// activation scale is needed for them. The other schemes are weight-only already.
+    pub weight_only: HashSet<String>,
     /// Initializers of at least this many bytes go to the external data file (when one is written).
     pub external_threshold: usize,
 }
 
 impl QdqOptions {
-    /// Options for `scheme` with no activation scales, no exclusions and a 1 KiB external-data threshold.
+    /// Options for `scheme` with no activation scales, no exclusions, no weight-only exceptions and a 1 KiB
+    /// external-data threshold.
     pub fn new(scheme: QuantScheme) -> Self {
-        QdqOptions { scheme, activation_scales: HashMap::new(), exclude: HashSet::new(), external_threshold: 1024 }
+        QdqOptions {
+            scheme,
+            activation_scales: HashMap::new(),
+            exclude: HashSet::new(),
+            weight_only: HashSet::new(),
+            external_threshold: 1024,
+        }
     }
 }
 
@@ -90,6 +102,8 @@ pub struct QuantizedMatMul {
     pub n: usize,
     /// The MatMul's output (compare it with the fp32 graph's for per-layer SQNR).
     pub output: String,
+    /// Whether input `A` was quantized too (W8A8), or only the weight.
+    pub activation_quantized: bool,
 }
 
 /// What [`rewrite_graph`] did.
@@ -212,13 +226,14 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
             summary.skipped.push((name, "excluded".into()));
             continue;
         }
-        if opts.scheme == QuantScheme::W8A8 && !opts.activation_scales.contains_key(&a) {
+        let quantize_a = opts.scheme == QuantScheme::W8A8 && !opts.weight_only.contains(&name) && !opts.weight_only.contains(&w);
+        if quantize_a && !opts.activation_scales.contains_key(&a) {
             return Err(CalibError::graph(
                 format!("MatMul `{name}`"),
                 format!("no activation scale for input `{a}` (calibration did not observe it)"),
             ));
         }
-        targets.insert(idx, (name, a, w));
+        targets.insert(idx, (name, a, w, quantize_a));
     }
 
     let init_index: HashMap<String, usize> =
@@ -228,7 +243,7 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
     let mut nodes = Vec::with_capacity(graph.node.len() + 3 * targets.len());
     let old_nodes = std::mem::take(&mut graph.node);
     for (idx, mut node) in old_nodes.into_iter().enumerate() {
-        let Some((name, a, w)) = targets.get(&idx) else {
+        let Some((name, a, w, quantize_a)) = targets.get(&idx) else {
             nodes.push(node);
             continue;
         };
@@ -277,7 +292,7 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
             weight_dq.insert(w.clone(), dq_out);
         }
         node.input[1] = weight_dq[w].clone();
-        if opts.scheme == QuantScheme::W8A8 {
+        if *quantize_a {
             // Scale and zero point are per consumer too (same values): with shared initializers ONNX Runtime's
             // common-subexpression elimination merges the Q nodes again and the fusion is lost.
             let (scale_name, zp_name) = (format!("{a}_scale_for_{name}"), format!("{a}_zero_point_for_{name}"));
@@ -305,7 +320,15 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
             node.input[0] = dq_out;
         }
         let output = node.output.first().cloned().unwrap_or_default();
-        summary.quantized.push(QuantizedMatMul { node: name.clone(), activation: a.clone(), weight: w.clone(), k, n, output });
+        summary.quantized.push(QuantizedMatMul {
+            node: name.clone(),
+            activation: a.clone(),
+            weight: w.clone(),
+            k,
+            n,
+            output,
+            activation_quantized: *quantize_a,
+        });
         nodes.push(node);
     }
     graph.node = nodes;

@@ -79,7 +79,7 @@ fn separate_inputs_stay_separate_and_padding_is_exact() {
 }
 
 #[test]
-fn w8a8_and_fp32_graphs_are_left_alone_and_bad_block_sizes_are_refused() {
+fn w8a8_and_fp32_matmuls_are_left_alone_and_bad_block_sizes_are_refused() {
     let fp = matmul_chain(17);
     let x = T { shape: vec![M, 64], data: input_x() };
     let (lowered, l, got, want) = lower(&fp, x.clone(), 256);
@@ -91,8 +91,20 @@ fn w8a8_and_fp32_graphs_are_left_alone_and_bad_block_sizes_are_refused() {
     let mut opts = QdqOptions::new(QuantScheme::W8A8);
     opts.activation_scales = [("x", 0.05f32), ("h", 0.5)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     rewrite_graph(&mut w8a8, &ExternalDataReader::new("."), &opts).unwrap();
-    let (lowered, l, _, _) = lower(&w8a8, x, 256);
+    let (lowered, l, _, _) = lower(&w8a8, x.clone(), 256);
     assert_eq!((l.matmul_nbits, ops(&lowered)), (0, ops(&w8a8)));
+    // ... except a weight-only MatMul inside a W8A8 graph (r1-export's default LM head): only that one is lowered.
+    let mut head_wo = fp.clone();
+    opts.weight_only.insert("w2".into());
+    rewrite_graph(&mut head_wo, &ExternalDataReader::new("."), &opts).unwrap();
+    let (lowered, l, got, want) = lower(&head_wo, x, 256);
+    assert_eq!((l.matmul_nbits, l.matmuls), (1, 1));
+    let o = ops(&lowered);
+    assert_eq!(o.iter().filter(|o| *o == "MatMulNBits").count(), 1);
+    assert_eq!(o.iter().filter(|o| *o == "MatMul").count(), 1, "the W8A8 MatMul stays: {o:?}");
+    assert_eq!(o.iter().filter(|o| *o == "QuantizeLinear").count(), 1, "{o:?}");
+    assert_eq!(attr(&lowered, "MatMulNBits", "K"), vec![96]);
+    assert_eq!(got["y"], want["y"]);
     let out = tempfile::tempdir().unwrap();
     let e = lower_int8_weight_only(&mut int8_wo(&fp), std::path::Path::new("."), out.path(), "d", 48, 1024).unwrap_err();
     assert!(e.to_string().contains("block_size") && e.to_string().contains("48"), "{e}");

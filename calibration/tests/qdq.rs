@@ -180,6 +180,35 @@ fn asymmetric_int4_has_uint4_zero_points_and_beats_symmetric() {
 }
 
 #[test]
+fn w8a8_weight_only_exception_keeps_its_input_float() {
+    // mm2 (the LM head's role): int8 weight, no Q/DQ on its input, and it needs no activation scale.
+    let fp = matmul_chain(17);
+    let mut opts = calibrate(&fp);
+    opts.activation_scales.remove("h");
+    opts.weight_only.insert("w2".into());
+    let mut q = fp.clone();
+    let summary = rewrite_graph(&mut q, &reader(), &opts).unwrap();
+    let flags: Vec<_> = summary.quantized.iter().map(|m| (m.node.as_str(), m.activation_quantized)).collect();
+    assert_eq!(flags, vec![("mm1", true), ("mm2", false)]);
+    assert_eq!((count(&q, "QuantizeLinear"), count(&q, "DequantizeLinear")), (1, 3));
+    let g = q.graph.as_ref().unwrap();
+    let mm2 = g.node.iter().find(|n| n.name.as_deref() == Some("mm2")).unwrap();
+    assert_eq!(mm2.input, vec!["h", "w2_dequantized"], "float input, int8 weight");
+    assert!(init(&q, "w2_int8").is_some() && init(&q, "w2").is_none());
+    // numerics: W8A8 first MatMul, weight-only second
+    let got = run(&q, &reader(), &[("x", x())]);
+    let xq = quantize_with_scale(&input_x(), opts.activation_scales["x"]).dequantize();
+    let w1 = quantize_per_channel(&weight(&fp, "w1"), 64, 96).unwrap().dequantize();
+    let h = mm(&xq, &w1, M, 64, 96);
+    let w2 = quantize_per_channel(&weight(&fp, "w2"), 96, 40).unwrap().dequantize();
+    assert_eq!(got["y"].data, mm(&h, &w2, M, 96, 40));
+    // without the exception the missing scale is an error naming the MatMul and its input
+    opts.weight_only.clear();
+    let e = rewrite_graph(&mut fp.clone(), &reader(), &opts).unwrap_err().to_string();
+    assert!(e.contains("`mm2`") && e.contains("`h`"), "{e}");
+}
+
+#[test]
 fn exclusions_and_missing_scales() {
     let fp = matmul_chain(17);
     let mut opts = QdqOptions::new(QuantScheme::Int8WeightOnly);

@@ -1,9 +1,9 @@
 //! Per-target builds of an artifact (`r1-export --target ...` after an export, and
 //! `r1-export build OUT_DIR --target ...`), recorded in `manifest.json`.
 //!
-//! - `cpu`: the ONNX Runtime-optimized graph in `engines/cpu/` ([`r1_engine::build::optimize_cpu_graph`]); an
-//!   `int8-wo` graph is first lowered to wide-block, sibling-fused `MatMulNBits`
-//!   ([`r1_calibration::matmul_nbits`]) in a temporary copy.
+//! - `cpu`: the ONNX Runtime-optimized graph in `engines/cpu/` ([`r1_engine::build::optimize_cpu_graph`]); the
+//!   weight-only int8 MatMuls of an `int8-wo` graph (and the LM head of an `int8` one) are first lowered to
+//!   wide-block, sibling-fused `MatMulNBits` ([`r1_calibration::matmul_nbits`]) in a temporary copy.
 //! - a GPU target (`a100`, `h100`, ...): on a host with that GPU and ONNX Runtime's TensorRT EP, the
 //!   TensorRT engine in `engines/<target>/` ([`r1_engine::build::build_tensorrt`]); elsewhere, after an
 //!   export, the build plan (`built: false`, the exact `trt_*` options, profile, precision and the
@@ -149,7 +149,8 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
             std::fs::remove_dir_all(d).map_err(ExportError::io(d))?;
         }
     }
-    let record = if manifest.precision == "int8-wo" {
+    // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
+    let record = if matches!(manifest.precision.as_str(), "int8-wo" | "int8") {
         lower_int8_weight_only(dir, &lowered).and_then(|lowering| {
             let mut r = eb::optimize_cpu_graph_from(&lowered.join(MODEL_FILE), &tmp).map_err(engine_err(dir))?;
             r.lowering = Some(serde_json::to_value(&lowering).map_err(|e| ExportError::Graph(e.to_string()))?);
@@ -173,7 +174,7 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
     Ok(record)
 }
 
-/// Writes `out/model.onnx` (+ `model.onnx.data`): the artifact's `int8-wo` graph with its weight-only MatMuls
+/// Writes `out/model.onnx` (+ `model.onnx.data`): the artifact's `int8-wo` / `int8` graph with its weight-only MatMuls
 /// lowered to `MatMulNBits` ([`r1_calibration::matmul_nbits`]), for ONNX Runtime to optimize.
 fn lower_int8_weight_only(dir: &Path, out: &Path) -> Result<Lowering> {
     std::fs::create_dir_all(out).map_err(ExportError::io(out))?;

@@ -180,6 +180,18 @@ fn int4_scheme_follows_the_targets() {
 }
 
 #[test]
+fn quantize_lm_head_takes_three_modes() {
+    let (_t1, out, o) = export_with("tiny-llama", &["--precision", "int8-wo", "--quantize-lm-head", "float"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(manifest_json(&out)["quantization"]["lm_head"], "float");
+    let (_t2, out, o) = export_with("tiny-llama", &["--precision", "int8-wo", "--quantize-lm-head", "maybe"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--quantize-lm-head") && err.contains("`maybe`") && err.contains("weights"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
 fn help_teaches_targets_and_build() {
     let h = r1_export(&["--help".as_ref()]);
     let help = String::from_utf8_lossy(&h.stdout);

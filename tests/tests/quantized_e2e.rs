@@ -93,6 +93,18 @@ fn quantized_exports_answer_like_fp32() {
     for (g, w) in got.results.iter().zip(&want.results) {
         assert_eq!(g.got, w.got, "int8 vs fp32 answer of {:?}: {:?} vs {:?}", g.question, g.completion, w.completion);
     }
+    // The LM head is int8 weight-only by default (its input, the last hidden state, stays float); the cpu target
+    // lowers it, and only it, to MatMulNBits next to the W8A8 integer GEMMs.
+    assert_eq!(q["lm_head"], "weights", "{q}");
+    assert_eq!(op_count(&int8, "QuantizeLinear") as u64, q["quantized_matmuls"].as_u64().unwrap() - 1, "no Q on the head's input");
+    let targets = TargetOptions { targets: vec!["cpu".into()], hardware_compatible: false };
+    apply(&int8, &targets, Mode::AfterExport).unwrap();
+    let record = &Manifest::load(&int8).unwrap().targets["cpu"]["lowering"];
+    assert_eq!((record["matmul_nbits"].clone(), record["matmuls"].clone()), (serde_json::json!(1), serde_json::json!(1)), "{record}");
+    let got = answers(&int8, BackendKind::Ort).unwrap();
+    for (g, w) in got.results.iter().zip(&want.results) {
+        assert_eq!(g.got, w.got, "int8 cpu graph vs fp32 answer of {:?}", g.question);
+    }
 
     // Weight-only forms need no calibration data.
     for precision in [QuantPrecision::Int8WeightOnly, QuantPrecision::Int4WeightOnly] {
@@ -110,7 +122,6 @@ fn quantized_exports_answer_like_fp32() {
     // The cpu target lowers int8-wo to MatMulNBits (256-row blocks, siblings fused behind a Split); ort then runs
     // that graph, with the same answers.
     let int8_wo = tmp.path().join("int8-wo");
-    let targets = TargetOptions { targets: vec!["cpu".into()], hardware_compatible: false };
     apply(&int8_wo, &targets, Mode::AfterExport).unwrap();
     let record = &Manifest::load(&int8_wo).unwrap().targets["cpu"]["lowering"];
     let (nbits, matmuls) = (record["matmul_nbits"].as_u64().unwrap(), record["matmuls"].as_u64().unwrap());

@@ -49,9 +49,12 @@ pub struct QuantArgs {
     #[arg(long, default_value = "auto", value_name = "SCHEME", value_parser = ["auto", "asymmetric", "symmetric"])]
     pub int4_scheme: String,
 
-    /// Quantize the LM head: default no for int8 (widest activations), yes for int8-wo / int4-wo.
-    #[arg(long, value_name = "BOOL")]
-    pub quantize_lm_head: Option<bool>,
+    /// The LM head (the largest single weight): weights (default: its weight quantized, its input kept float;
+    /// for int8 that is an int8 weight-only MatMul, since the last hidden state has the widest activations),
+    /// all (quantized like every other MatMul; for int8 the input too), or float (left in fp32).
+    /// true / false are accepted for all / float.
+    #[arg(long, default_value = "weights", value_name = "MODE")]
+    pub quantize_lm_head: String,
 
     /// Engine that runs the fp32 graph for calibration and the report: auto (ort, else tract), ort, tract.
     #[arg(long, default_value = "auto", value_name = "BACKEND")]
@@ -109,7 +112,10 @@ impl QuantArgs {
             eval_samples: self.report_samples,
             block_size: self.int4_block_size,
             int4_asymmetric,
-            quantize_lm_head: self.quantize_lm_head,
+            lm_head: self
+                .quantize_lm_head
+                .parse()
+                .map_err(|message| ExportError::InvalidOption { option: "--quantize-lm-head", message })?,
             backend,
             eval_problems: self.eval_problems.clone(),
             eval_limit: self.eval_limit.unwrap_or(usize::MAX),

@@ -119,9 +119,9 @@ pub struct QuantizeOptions {
     /// INT4 codes unsigned with a zero point per block (ONNX Runtime's `MatMulNBits` takes them) instead of
     /// symmetric signed codes (what TensorRT's block-quantized INT4 takes). Measured on arith-r1 (BENCHMARKS.md).
     pub int4_asymmetric: bool,
-    /// Quantize the LM head too (default: no for `int8`, whose last hidden state has the widest activations;
-    /// yes for the weight-only forms, where it is the largest single weight).
-    pub quantize_lm_head: Option<bool>,
+    /// How the LM head is quantized (default [`LmHead::Weights`]: it is the largest single weight, and its input,
+    /// the last hidden state, has the widest activations, so `int8` keeps that input float).
+    pub lm_head: LmHead,
     /// Backend that runs the fp32 graph during calibration and the report (`auto`: ort, else tract).
     pub backend: BackendKind,
     /// Problems in the `r1-eval` JSONL format to score the fp32 and the quantized artifact on.
@@ -146,10 +146,46 @@ impl QuantizeOptions {
             eval_samples: 8,
             block_size: 32,
             int4_asymmetric: true,
-            quantize_lm_head: None,
+            lm_head: LmHead::Weights,
             backend: BackendKind::Auto,
             eval_problems: None,
             eval_limit: usize::MAX,
+        }
+    }
+}
+
+/// How the LM head (`lm_head.weight`, or the tied embedding stored under that name) is quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LmHead {
+    /// Left in fp32.
+    Float,
+    /// Its weight in the precision's weight form; its input activation stays float (for `int8`: an int8
+    /// weight-only MatMul, which `--target cpu` lowers to `MatMulNBits`). The same as `All` for the weight-only
+    /// precisions.
+    Weights,
+    /// Like every other MatMul (for `int8`: the input activation is quantized per tensor too).
+    All,
+}
+
+impl LmHead {
+    /// The CLI / manifest spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            LmHead::Float => "float",
+            LmHead::Weights => "weights",
+            LmHead::All => "all",
+        }
+    }
+}
+
+impl std::str::FromStr for LmHead {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "float" | "false" | "no" => Ok(LmHead::Float),
+            "weights" => Ok(LmHead::Weights),
+            "all" | "true" | "yes" => Ok(LmHead::All),
+            other => Err(format!("must be float, weights or all, got `{other}`")),
         }
     }
 }
@@ -215,8 +251,14 @@ pub fn export_quantized(
     let original = model.clone();
     let reader = r1_calibration::external::ExternalDataReader::new(&staging.0);
     let mut qopts = QdqOptions::new(q.precision.scheme(q.block_size, q.int4_asymmetric));
-    if !q.quantize_lm_head.unwrap_or(q.precision != QuantPrecision::Int8) {
-        qopts.exclude.insert(LM_HEAD_WEIGHT.to_string());
+    match q.lm_head {
+        LmHead::Float => {
+            qopts.exclude.insert(LM_HEAD_WEIGHT.to_string());
+        }
+        LmHead::Weights => {
+            qopts.weight_only.insert(LM_HEAD_WEIGHT.to_string());
+        }
+        LmHead::All => {}
     }
     let mut cal_json = serde_json::Value::Null;
     let mut cache = None;
@@ -414,6 +456,7 @@ fn quantization_json(
         "calibration_samples": batches,
         "calibration_tokens": calib.iter().take(batches).map(Vec::len).sum::<usize>(),
         "quantized_matmuls": summary.quantized.len(),
+        "lm_head": q.lm_head.name(),
         "skipped_matmuls": summary.skipped,
         "report": REPORT_FILE,
         "trt_calibration_cache": (q.precision == QuantPrecision::Int8).then_some(CACHE_FILE),
