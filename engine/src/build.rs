@@ -264,6 +264,10 @@ pub struct CpuBuild {
     /// lowering to `MatMulNBits`), as the exporter recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lowering: Option<serde_json::Value>,
+    /// The graph returns `logits [batch, 1, vocab]`: each row's last fed position only (the exporter's
+    /// serving rewrite); `false` (and artifacts written before it existed): every position, as `model.onnx`.
+    #[serde(default)]
+    pub last_position_logits: bool,
 }
 
 /// Writes the ONNX Runtime-optimized CPU graph of `dir/model.onnx` into `out` (a folder that
@@ -317,7 +321,17 @@ pub fn optimize_cpu_graph_from(model: &Path, out: &Path) -> Result<CpuBuild> {
         duration_ms,
         files,
         lowering: None,
+        last_position_logits: false,
     })
+}
+
+/// Whether the manifest's `cpu` record says its graph returns last-position logits only.
+pub fn cpu_graph_has_last_position_logits(manifest: &Manifest) -> bool {
+    manifest
+        .targets
+        .get("cpu")
+        .and_then(|r| serde_json::from_value::<CpuBuild>(r.clone()).ok())
+        .is_some_and(|r| r.last_position_logits)
 }
 
 /// The graph the ort backend should open on CPU: [`CPU_GRAPH`] when the manifest records it as

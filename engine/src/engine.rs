@@ -283,10 +283,13 @@ impl Engine {
         drop(kept);
         let (b, s, past) = (plan.rows.len(), plan.seq_len, plan.past_len);
         let vocab = self.manifest.model.vocab_size;
-        if logits.dim() != (b, s, vocab) {
+        // A serving graph may return each row's last fed position only (`Backend::last_position_logits`).
+        let last_only = self.backend.last_position_logits();
+        let positions = if last_only { 1 } else { s };
+        if logits.dim() != (b, positions, vocab) {
             return Err(EngineError::Shape {
                 name: "logits".into(),
-                expected: format!("[{b}, {s}, {vocab}]"),
+                expected: format!("[{b}, {positions}, {vocab}]"),
                 got: format!("{:?}", logits.shape()),
             });
         }
@@ -298,7 +301,7 @@ impl Engine {
             // Only this step's new positions are copied to the host cache.
             seq.cache.append_from(&keys, &values, row, past, r.feed)?;
             if r.completes {
-                let logits = logits.slice(ndarray::s![row, r.feed - 1, ..]).to_vec();
+                let logits = logits.slice(ndarray::s![row, if last_only { 0 } else { r.feed - 1 }, ..]).to_vec();
                 results.push(StepLogits { seq: r.id, logits });
             }
         }

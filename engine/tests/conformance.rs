@@ -142,6 +142,9 @@ impl Backend for Flaky {
         }
         self.inner.run(input)
     }
+    fn last_position_logits(&self) -> bool {
+        self.inner.last_position_logits()
+    }
 }
 
 /// Forwards to a backend and counts the steps fed from a kept present; with `host_only` it hides that ability, so the
@@ -161,6 +164,9 @@ impl Backend for Counting {
     }
     fn can_feed_kept(&self) -> bool {
         !self.host_only && self.inner.can_feed_kept()
+    }
+    fn last_position_logits(&self) -> bool {
+        self.inner.last_position_logits()
     }
     fn run_keep(&mut self, input: &StepInput, past: Option<&KeptPresent>) -> r1_engine::Result<(ndarray::Array3<f32>, KeptPresent)> {
         if past.is_some() {

@@ -1,9 +1,10 @@
 //! Per-target builds of an artifact (`r1-export --target ...` after an export, and
 //! `r1-export build OUT_DIR --target ...`), recorded in `manifest.json`.
 //!
-//! - `cpu`: the ONNX Runtime-optimized graph in `engines/cpu/` ([`r1_engine::build::optimize_cpu_graph`]); the
-//!   weight-only int8 MatMuls of an `int8-wo` graph (and the LM head of an `int8` one) are first lowered to
-//!   wide-block, sibling-fused `MatMulNBits` ([`r1_calibration::matmul_nbits`]) in a temporary copy.
+//! - `cpu`: the ONNX Runtime-optimized serving graph in `engines/cpu/` ([`r1_engine::build::optimize_cpu_graph`]):
+//!   first, in a temporary copy, the LM head is moved to each row's last fed position ([`crate::onnx::last_logits`])
+//!   and the weight-only int8 MatMuls of an `int8-wo` graph (and the LM head of an `int8` one) are lowered to
+//!   wide-block, sibling-fused `MatMulNBits` ([`r1_calibration::matmul_nbits`]).
 //! - a GPU target (`a100`, `h100`, ...): on a host with that GPU and ONNX Runtime's TensorRT EP, the
 //!   TensorRT engine in `engines/<target>/` ([`r1_engine::build::build_tensorrt`]); elsewhere, after an
 //!   export, the build plan (`built: false`, the exact `trt_*` options, profile, precision and the
@@ -139,27 +140,30 @@ fn gpu_target(dir: &Path, manifest: &Manifest, t: &'static Target, hw: bool, mod
 
 /// Writes `engines/cpu/` through a temporary sibling folder, so an interrupted run never leaves a
 /// half-written graph where the manifest points.
+///
+/// The graph ONNX Runtime optimizes is the portable one rewritten for serving: the LM head on each row's last
+/// fed position only ([`crate::onnx::last_logits`]), and, for `int8-wo` / `int8`, weight-only int8 MatMuls
+/// lowered to `MatMulNBits` ([`r1_calibration::matmul_nbits`]).
 fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
     let engines = dir.join(eb::ENGINES_DIR);
     let tmp = engines.join(format!(".cpu.tmp-{}", std::process::id()));
     let lowered = engines.join(format!(".cpu-lowered.tmp-{}", std::process::id()));
+    // Beside model.onnx, so that its external-data paths resolve when nothing is lowered.
+    let rewritten = dir.join(format!(".model.cpu-source.tmp-{}.onnx", std::process::id()));
     let final_dir = engines.join("cpu");
     for d in [&tmp, &lowered] {
         if d.exists() {
             std::fs::remove_dir_all(d).map_err(ExportError::io(d))?;
         }
     }
-    // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
-    let record = if matches!(manifest.precision.as_str(), "int8-wo" | "int8") {
-        lower_int8_weight_only(dir, &lowered).and_then(|lowering| {
-            let mut r = eb::optimize_cpu_graph_from(&lowered.join(MODEL_FILE), &tmp).map_err(engine_err(dir))?;
-            r.lowering = Some(serde_json::to_value(&lowering).map_err(|e| ExportError::Graph(e.to_string()))?);
-            Ok(r)
-        })
-    } else {
-        eb::optimize_cpu_graph(dir, &tmp).map_err(engine_err(dir))
-    };
+    let record = serving_source(dir, manifest, &lowered, &rewritten).and_then(|(source, lowering)| {
+        let mut r = eb::optimize_cpu_graph_from(&source, &tmp).map_err(engine_err(dir))?;
+        r.lowering = lowering.map(|l| serde_json::to_value(&l)).transpose().map_err(|e| ExportError::Graph(e.to_string()))?;
+        r.last_position_logits = true;
+        Ok(r)
+    });
     let _ = std::fs::remove_dir_all(&lowered);
+    let _ = std::fs::remove_file(&rewritten);
     let record = match record {
         Ok(r) => r,
         Err(e) => {
@@ -174,22 +178,29 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
     Ok(record)
 }
 
-/// Writes `out/model.onnx` (+ `model.onnx.data`): the artifact's `int8-wo` / `int8` graph with its weight-only MatMuls
-/// lowered to `MatMulNBits` ([`r1_calibration::matmul_nbits`]), for ONNX Runtime to optimize.
-fn lower_int8_weight_only(dir: &Path, out: &Path) -> Result<Lowering> {
-    std::fs::create_dir_all(out).map_err(ExportError::io(out))?;
+/// Writes the serving form of the artifact's graph and returns its path (and the lowering, when one was done):
+/// `int8-wo` / `int8` graphs go to `lowered/model.onnx` (+ `model.onnx.data`, the weights rewritten), the others
+/// to `rewritten`, a graph-only file beside `model.onnx` that reads the artifact's own weight file.
+fn serving_source(dir: &Path, manifest: &Manifest, lowered: &Path, rewritten: &Path) -> Result<(std::path::PathBuf, Option<Lowering>)> {
     let mut model = crate::quantize::read_model(&dir.join(MODEL_FILE))?;
-    let lowering = matmul_nbits::lower_int8_weight_only(
-        &mut model,
-        dir,
-        out,
-        CPU_LOWERED_DATA,
-        matmul_nbits::DEFAULT_BLOCK_SIZE,
-        1024,
-    )?;
-    let path = out.join(MODEL_FILE);
+    // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
+    let lowering = if matches!(manifest.precision.as_str(), "int8-wo" | "int8") {
+        std::fs::create_dir_all(lowered).map_err(ExportError::io(lowered))?;
+        Some(matmul_nbits::lower_int8_weight_only(
+            &mut model,
+            dir,
+            lowered,
+            CPU_LOWERED_DATA,
+            matmul_nbits::DEFAULT_BLOCK_SIZE,
+            1024,
+        )?)
+    } else {
+        None
+    };
+    crate::onnx::last_logits::gather_last_position_logits(&mut model, manifest.model.hidden_size)?;
+    let path = if lowering.is_some() { lowered.join(MODEL_FILE) } else { rewritten.to_path_buf() };
     std::fs::write(&path, model.encode_to_vec()).map_err(ExportError::io(&path))?;
-    Ok(lowering)
+    Ok((path, lowering))
 }
 
 /// Replaces the manifest's `engines/<target>/` file entries with the sha256 and size of `files`.

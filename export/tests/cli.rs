@@ -205,26 +205,33 @@ fn help_teaches_targets_and_build() {
     }
 }
 
-/// Logits after a prefill of `ids` and after one decode step, on ort CPU.
-fn two_steps(dir: &Path, ids: &[u32]) -> [Vec<f32>; 2] {
+/// Logits after one batched prefill of two prompts of different lengths (the shorter row is padded) and after one
+/// decode step of both, on ort CPU: `[prefill a, prefill b, decode a, decode b]`.
+fn two_steps(dir: &Path, ids: &[u32]) -> Vec<Vec<f32>> {
     let backend_options = BackendOptions { execution_provider: ExecutionProviderKind::Cpu, ..BackendOptions::default() };
     let opts = EngineOptions { backend: BackendKind::Ort, backend_options, ..EngineOptions::default() };
     let mut e = Engine::load(dir, &opts).unwrap();
-    let id = e.add_sequence(ids, 2).unwrap();
-    let first = e.step(&[StepWork::all(id)]).unwrap().remove(0).logits;
-    e.push_token(id, 7).unwrap();
-    let second = e.step(&[StepWork::all(id)]).unwrap().remove(0).logits;
-    [first, second]
+    let a = e.add_sequence(ids, 2).unwrap();
+    let b = e.add_sequence(&ids[..ids.len() / 2], 2).unwrap();
+    let mut out: Vec<Vec<f32>> = e.step(&[StepWork::all(a), StepWork::all(b)]).unwrap().into_iter().map(|r| r.logits).collect();
+    e.push_token(a, 7).unwrap();
+    e.push_token(b, 9).unwrap();
+    out.extend(e.step(&[StepWork::all(a), StepWork::all(b)]).unwrap().into_iter().map(|r| r.logits));
+    assert_eq!(out.len(), 4);
+    out
 }
 
 /// Makes `dir` an artifact of its own: `files` copied in from `from` (renamed `(src, dst)`), and a
-/// manifest whose `files` lists exactly them.
-fn artifact_view(from: &Path, dir: &Path, m: &Manifest, files: &[(&str, &str)]) {
+/// manifest whose `files` lists exactly them (and whose `cpu` target record is kept only with `keep_cpu`).
+fn artifact_view(from: &Path, dir: &Path, m: &Manifest, files: &[(&str, &str)], keep_cpu: bool) {
     std::fs::create_dir_all(dir).unwrap();
     let mut m = m.clone();
-    m.targets.remove("cpu");
+    if !keep_cpu {
+        m.targets.remove("cpu");
+    }
     m.files.clear();
     for (src, dst) in files {
+        std::fs::create_dir_all(dir.join(dst).parent().unwrap()).unwrap();
         std::fs::copy(from.join(src), dir.join(dst)).unwrap();
         m.files.insert(dst.to_string(), r1_export::artifact::hash_file(&dir.join(dst)).unwrap());
     }
@@ -269,23 +276,32 @@ fn cpu_target_writes_an_optimized_graph_with_the_portable_graphs_logits() {
     let fused = contrib_ops(&out.join("engines/cpu/model.onnx"));
     assert!(!fused.is_empty(), "no com.microsoft op in the optimized graph");
 
-    // Same logits. Each graph is opened as an artifact of its own, so that which file the engine
-    // prefers cannot make both sides the same graph.
+    // The serving graph returns each row's last fed position only; the portable one every position.
+    assert_eq!(rec["last_position_logits"], true);
+    use prost::Message;
+    let cpu = r1_proto::onnx::ModelProto::decode(std::fs::read(out.join("engines/cpu/model.onnx")).unwrap().as_slice()).unwrap();
+    let logits_dims = |m: &r1_proto::onnx::ModelProto| format!("{:?}", m.graph.as_ref().unwrap().output.iter().find(|o| o.name.as_deref() == Some("logits")));
+    assert!(logits_dims(&cpu).contains("DimValue(1)"), "{}", logits_dims(&cpu));
+
+    // Same logits for a batch of two prompts of different lengths, prefill and decode. Each graph is opened as
+    // an artifact of its own (only the portable graph; only the serving graph with its record), so that which
+    // file the engine prefers cannot make both sides the same graph.
     let root = out.parent().unwrap();
     let data = |d: &str| if d.ends_with("model.onnx.data") { "model.onnx.data" } else { "model.onnx" };
     let portable: Vec<(&str, &str)> = ["model.onnx", "model.onnx.data"].iter().map(|f| (*f, data(f))).collect();
-    let optimized: Vec<(&str, &str)> = files.iter().map(|f| (f.as_str(), data(f))).collect();
-    artifact_view(&out, &root.join("portable"), &m, &portable);
-    artifact_view(&out, &root.join("optimized"), &m, &optimized);
+    let serving: Vec<(&str, &str)> = files.iter().map(|f| (f.as_str(), f.as_str())).collect();
+    artifact_view(&out, &root.join("portable"), &m, &portable, false);
+    artifact_view(&out, &root.join("optimized"), &m, &serving, true);
     let ids = [3u32, 14, 15, 92, 65, 35];
-    let [a1, a2] = two_steps(&root.join("portable"), &ids);
-    let [b1, b2] = two_steps(&root.join("optimized"), &ids);
-    for (a, b) in [(&a1, &b1), (&a2, &b2)] {
+    let a = two_steps(&root.join("portable"), &ids);
+    let b = two_steps(&root.join("optimized"), &ids);
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
         assert_eq!(a.len(), b.len());
         let scale = a.iter().fold(0f32, |s, v| s.max(v.abs()));
         let diff = a.iter().zip(b.iter()).fold(0f32, |d, (x, y)| d.max((x - y).abs()));
-        assert!(scale > 0.0 && diff <= 1e-4 * scale.max(1.0), "max |diff| {diff} (logit scale {scale})");
+        assert!(scale > 0.0 && diff <= 1e-4 * scale.max(1.0), "logits {i}: max |diff| {diff} (logit scale {scale})");
     }
+    assert_ne!(a[0], a[1], "the two rows are different prompts");
 
     // `build --target cpu` again replaces the graph and keeps the manifest consistent.
     let b = r1_export(&["build".as_ref(), out.as_os_str(), "--target".as_ref(), "cpu".as_ref()]);

@@ -130,6 +130,12 @@ pub trait Backend: Send {
         false
     }
 
+    /// Whether the graph returns `logits [batch, 1, vocab]`, each row's last fed position only (a serving graph
+    /// written by `r1-export --target cpu`), instead of every position. The engine only reads last positions.
+    fn last_position_logits(&self) -> bool {
+        false
+    }
+
     /// One forward pass returning the graph outputs named in `names` as float32, in that order. For tools that
     /// run a copy of the graph with intermediate tensors added as outputs (INT8 calibration, per-layer error
     /// reports); serving uses [`Backend::run`].

@@ -54,6 +54,8 @@ pub struct OrtBackend {
     /// dtype of `logits` and of `present.*`.
     logits_dtype: DType,
     present_dtype: DType,
+    /// The graph gathers each row's last fed position before the LM head ([`Backend::last_position_logits`]).
+    last_position_logits: bool,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -191,6 +193,7 @@ impl OrtBackend {
             inputs: manifest.inputs.iter().map(|t| (t.name.clone(), t.dtype)).collect(),
             logits_dtype: dtype_of("logits", DType::Float32),
             present_dtype: dtype_of(&Manifest::present_key_name(0), manifest.kv_cache.dtype),
+            last_position_logits: preferred.is_some() && crate::build::cpu_graph_has_last_position_logits(manifest),
         })
     }
 }
@@ -266,6 +269,10 @@ impl Backend for OrtBackend {
 
     fn can_feed_kept(&self) -> bool {
         self.f32_cache()
+    }
+
+    fn last_position_logits(&self) -> bool {
+        self.last_position_logits
     }
 
     fn run_keep(&mut self, input: &StepInput, past: Option<&KeptPresent>) -> Result<(Array3<f32>, KeptPresent)> {

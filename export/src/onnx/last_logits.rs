@@ -1,0 +1,144 @@
+//! Serving-graph rewrite: the LM head runs on each row's last fed position only.
+//!
+//! The portable graph returns `logits [batch, sequence, vocab]` for every position (the golden files and the
+//! calibration report compare all of them). A server only samples from the last position of each sequence, and
+//! during a prefill the LM head is the largest MatMul of the step (vocabulary × hidden per position: 15% of the
+//! 1.5B shape's MACs per token) and its output the largest tensor (16 prompts × 16 tokens × 151,936 × 4 bytes =
+//! 156 MB). This rewrite gathers, before the LM head, the hidden state of each row's last real position, so the
+//! graph returns `logits [batch, 1, vocab]`.
+//!
+//! Which position is last is read from the graph's own `attention_mask`: the engine lays a step out with each row's
+//! new tokens first and padding after them, so the last fed position of a row is the number of ones in the mask's
+//! last `sequence` columns, minus one. No input is added, so every caller of the graph feeds it as before; only
+//! the meaning of the `logits` output changes, which the artifact records (`targets.cpu.last_position_logits`)
+//! and the engine reads.
+//!
+//! Where the head's input is quantized (`--quantize-lm-head all`: `QuantizeLinear → DequantizeLinear → MatMul`)
+//! the gather goes before the `QuantizeLinear`, so ONNX Runtime still fuses the integer GEMM.
+use r1_proto::onnx::tensor_proto::DataType;
+use r1_proto::onnx::type_proto::Value as TypeValue;
+use r1_proto::onnx::{tensor_shape_proto, GraphProto, ModelProto, NodeProto, TensorProto};
+
+use crate::error::{ExportError, Result};
+
+/// Prefix of every node and tensor this rewrite adds.
+const PREFIX: &str = "/last_position_logits";
+
+fn op(n: &NodeProto) -> &str {
+    n.op_type.as_deref().unwrap_or_default()
+}
+
+fn producer<'a>(g: &'a GraphProto, tensor: &str) -> Option<(usize, &'a NodeProto)> {
+    g.node.iter().enumerate().find(|(_, n)| n.output.iter().any(|o| o == tensor))
+}
+
+fn graph_err(message: String) -> ExportError {
+    ExportError::Graph(format!("last-position logits: {message}"))
+}
+
+fn i64_tensor(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Int64 as i32),
+        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+fn node(name: &str, op_type: &str, inputs: &[&str], output: &str) -> NodeProto {
+    NodeProto {
+        name: Some(format!("{PREFIX}/{name}")),
+        op_type: Some(op_type.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    }
+}
+
+/// Whether `model`'s `logits` output is already declared `[batch, 1, vocab]` by this rewrite.
+pub fn has_last_position_logits(model: &ModelProto) -> bool {
+    model.graph.as_ref().is_some_and(|g| g.node.iter().any(|n| n.name.as_deref().is_some_and(|s| s.starts_with(PREFIX))))
+}
+
+/// Rewrites `model` in place (see the module docs). `hidden` is the LM head's input width. A graph rewritten
+/// before is left as it is. Errors name what the graph lacks (no `logits` output, no `input_ids` /
+/// `attention_mask` input, a `logits` not computed by a MatMul).
+pub fn gather_last_position_logits(model: &mut ModelProto, hidden: usize) -> Result<()> {
+    if has_last_position_logits(model) {
+        return Ok(());
+    }
+    let g = model.graph.as_mut().ok_or_else(|| graph_err("the model has no graph".into()))?;
+    for input in ["input_ids", "attention_mask"] {
+        if !g.input.iter().any(|i| i.name.as_deref() == Some(input)) {
+            return Err(graph_err(format!("the graph has no `{input}` input")));
+        }
+    }
+    if !g.output.iter().any(|o| o.name.as_deref() == Some("logits")) {
+        return Err(graph_err("the graph has no `logits` output".into()));
+    }
+    // logits <- [Cast <-] MatMul | MatMulNBits (A, ...)
+    let (mut head, mut head_node) = producer(g, "logits").ok_or_else(|| graph_err("no node computes `logits`".into()))?;
+    if op(head_node) == "Cast" {
+        let a = head_node.input.first().cloned().unwrap_or_default();
+        (head, head_node) = producer(g, &a).ok_or_else(|| graph_err(format!("no node computes `{a}`")))?;
+    }
+    if !matches!(op(head_node), "MatMul" | "MatMulNBits") {
+        return Err(graph_err(format!("`logits` comes from a {} node, not the LM head's MatMul", op(head_node))));
+    }
+    // The node whose input 0 is the head's float input: the MatMul itself, or the QuantizeLinear before its DQ.
+    let mut target = head;
+    let a = g.node[head].input.first().cloned().unwrap_or_default();
+    if let Some((dq, dq_node)) = producer(g, &a).filter(|(_, n)| op(n) == "DequantizeLinear") {
+        let q_out = dq_node.input.first().cloned().unwrap_or_default();
+        match producer(g, &q_out) {
+            Some((q, q_node)) if op(q_node) == "QuantizeLinear" => target = q,
+            _ => return Err(graph_err(format!("the LM head's input `{a}` is dequantized from `{q_out}`, not quantized in the graph (node {dq})"))),
+        }
+    }
+    let hidden_in = g.node[target].input[0].clone();
+    let t = |s: &str| format!("{PREFIX}/{s}");
+    g.initializer.extend([
+        i64_tensor(&t("one"), &[1], &[1]),
+        i64_tensor(&t("zero"), &[], &[0]),
+        i64_tensor(&t("end"), &[1], &[i64::MAX]),
+        i64_tensor(&t("axis1"), &[1], &[1]),
+        i64_tensor(&t("axis2"), &[1], &[2]),
+        i64_tensor(&t("gather_shape"), &[3], &[1, 1, hidden as i64]),
+    ]);
+    let gathered = t("hidden");
+    let new_nodes = vec![
+        node("Shape", "Shape", &["input_ids"], &t("ids_shape")),
+        node("SeqLen", "Gather", &[&t("ids_shape"), &t("one")], &t("seq_len")),
+        node("NegSeqLen", "Neg", &[&t("seq_len")], &t("neg_seq_len")),
+        // The mask's last `sequence` columns: 1 for each token fed to this step.
+        node("NewMask", "Slice", &["attention_mask", &t("neg_seq_len"), &t("end"), &t("axis1")], &t("new_mask")),
+        node("Fed", "ReduceSum", &[&t("new_mask"), &t("axis1")], &t("fed")),
+        node("LastIndex", "Sub", &[&t("fed"), &t("one")], &t("last_raw")),
+        node("NotNegative", "Max", &[&t("last_raw"), &t("zero")], &t("last")),
+        node("Unsqueeze", "Unsqueeze", &[&t("last"), &t("axis2")], &t("last3")),
+        node("Expand", "Expand", &[&t("last3"), &t("gather_shape")], &t("index")),
+        NodeProto {
+            attribute: vec![r1_proto::onnx::AttributeProto {
+                name: Some("axis".into()),
+                r#type: Some(r1_proto::onnx::attribute_proto::AttributeType::Int as i32),
+                i: Some(1),
+                ..Default::default()
+            }],
+            ..node("GatherElements", "GatherElements", &[&hidden_in, &t("index")], &gathered)
+        },
+    ];
+    g.node[target].input[0] = gathered;
+    // Keep the graph topologically sorted: the new nodes go right before the node that reads their output.
+    let tail = g.node.split_off(target);
+    g.node.extend(new_nodes);
+    g.node.extend(tail);
+    // The declared output shape: [batch, 1, vocab].
+    let logits = g.output.iter_mut().find(|o| o.name.as_deref() == Some("logits")).expect("checked above");
+    if let Some(TypeValue::TensorType(tt)) = logits.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        if let Some(dim) = tt.shape.as_mut().and_then(|s| s.dim.get_mut(1)) {
+            dim.value = Some(tensor_shape_proto::dimension::Value::DimValue(1));
+        }
+    }
+    Ok(())
+}
