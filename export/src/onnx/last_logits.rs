@@ -142,3 +142,82 @@ pub fn gather_last_position_logits(model: &mut ModelProto, hidden: usize) -> Res
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use r1_proto::onnx::{TypeProto, ValueInfoProto};
+
+    fn value(name: &str) -> ValueInfoProto {
+        ValueInfoProto { name: Some(name.into()), r#type: Some(TypeProto::default()), ..Default::default() }
+    }
+
+    /// input_ids, attention_mask, h → [QuantizeLinear → DequantizeLinear →] MatMul(h, W) → logits.
+    fn head(inputs: &[&str], quantized: bool) -> ModelProto {
+        let mut nodes = Vec::new();
+        let mut a = "h".to_string();
+        if quantized {
+            nodes.push(NodeProto { op_type: Some("QuantizeLinear".into()), input: vec!["h".into(), "s".into()], output: vec!["hq".into()], ..Default::default() });
+            nodes.push(NodeProto { op_type: Some("DequantizeLinear".into()), input: vec!["hq".into(), "s".into()], output: vec!["hdq".into()], ..Default::default() });
+            a = "hdq".into();
+        }
+        nodes.push(NodeProto { name: Some("/lm_head/MatMul".into()), op_type: Some("MatMul".into()), input: vec![a, "W".into()], output: vec!["logits".into()], ..Default::default() });
+        ModelProto {
+            graph: Some(GraphProto {
+                node: nodes,
+                input: inputs.iter().map(|n| value(n)).collect(),
+                output: vec![value("logits")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn node_named<'a>(m: &'a ModelProto, op_type: &str) -> &'a NodeProto {
+        m.graph.as_ref().unwrap().node.iter().find(|n| op(n) == op_type).unwrap()
+    }
+
+    #[test]
+    fn gathers_before_the_head_in_order_and_only_once() {
+        let mut m = head(&["input_ids", "attention_mask", "h"], false);
+        gather_last_position_logits(&mut m, 8).unwrap();
+        let g = m.graph.as_ref().unwrap();
+        let ops: Vec<&str> = g.node.iter().map(op).collect();
+        assert_eq!(ops.last(), Some(&"MatMul"));
+        assert_eq!(node_named(&m, "MatMul").input[0], format!("{PREFIX}/hidden"));
+        assert_eq!(node_named(&m, "GatherElements").input[0], "h");
+        assert_eq!(node_named(&m, "Slice").input[0], "attention_mask");
+        // every input of every node is produced earlier (or is a graph input / initializer)
+        let mut known: Vec<String> = g.input.iter().filter_map(|i| i.name.clone()).collect();
+        known.extend(g.initializer.iter().filter_map(|t| t.name.clone()));
+        known.push("W".into());
+        for n in &g.node {
+            for i in &n.input {
+                assert!(known.contains(i), "{i} read before it is made");
+            }
+            known.extend(n.output.iter().cloned());
+        }
+        let before = m.clone();
+        gather_last_position_logits(&mut m, 8).unwrap();
+        assert_eq!(m, before, "a rewritten graph is left as it is");
+        assert!(has_last_position_logits(&m));
+    }
+
+    #[test]
+    fn a_quantized_head_input_is_gathered_before_its_quantize() {
+        let mut m = head(&["input_ids", "attention_mask", "h"], true);
+        gather_last_position_logits(&mut m, 8).unwrap();
+        assert_eq!(node_named(&m, "QuantizeLinear").input[0], format!("{PREFIX}/hidden"));
+        assert_eq!(node_named(&m, "MatMul").input[0], "hdq", "DequantizeLinear → MatMul stays fusable");
+    }
+
+    #[test]
+    fn missing_pieces_are_named() {
+        let e = gather_last_position_logits(&mut head(&["input_ids", "h"], false), 8).unwrap_err().to_string();
+        assert!(e.contains("`attention_mask`"), "{e}");
+        let mut m = head(&["input_ids", "attention_mask", "h"], false);
+        m.graph.as_mut().unwrap().node[0].op_type = Some("Gemm".into());
+        let e = gather_last_position_logits(&mut m, 8).unwrap_err().to_string();
+        assert!(e.contains("Gemm") && e.contains("LM head"), "{e}");
+    }
+}
