@@ -483,9 +483,15 @@ mod tests {
             duration_ms: 1,
             files: vec![CPU_GRAPH.into()],
             lowering: None,
+            last_position_logits: false,
         };
         m.targets.insert("cpu".into(), serde_json::to_value(&record).unwrap());
         assert_eq!(preferred_cpu_graph(dir.path(), &m), None, "file missing");
+        // Records written before the serving rewrite have no `last_position_logits`: every position.
+        assert!(!cpu_graph_has_last_position_logits(&m));
+        let mut newer = m.clone();
+        newer.targets.insert("cpu".into(), serde_json::to_value(CpuBuild { last_position_logits: true, ..record.clone() }).unwrap());
+        assert!(cpu_graph_has_last_position_logits(&newer));
         std::fs::create_dir_all(dir.path().join("engines/cpu/sub")).unwrap();
         std::fs::write(dir.path().join(CPU_GRAPH), b"x").unwrap();
         std::fs::write(dir.path().join("engines/cpu/sub/y"), b"y").unwrap();

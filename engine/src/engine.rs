@@ -147,7 +147,11 @@ impl Engine {
         let geometry = KvGeometry::from(&manifest.kv_cache);
         // The host cache is float32 whatever the graph dtype; account for what is actually held.
         let host_bytes_per_token = (manifest.kv_cache.computed_bytes_per_token() / manifest.kv_cache.dtype.size()).saturating_mul(4);
-        let budget = KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), host_bytes_per_token as u64);
+        // A backend that takes its own present back as the next step's past keeps the running batch's cache a
+        // second time (the runtime's present, float32) next to the host caches: the budget counts both copies.
+        let copies = if backend.can_feed_kept() { 2 } else { 1 };
+        let bytes_per_token = host_bytes_per_token.saturating_mul(copies) as u64;
+        let budget = KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), bytes_per_token);
         Engine { dir: dir.to_path_buf(), manifest, backend, geometry, budget, seqs: HashMap::new(), next_id: 0, kept: None }
     }
 

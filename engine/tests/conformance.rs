@@ -280,10 +280,12 @@ fn invalid_work_is_rejected_before_running() {
 fn kv_budget_admission_reserve_and_release() {
     let dir = fixture("tiny");
     let manifest = Manifest::load(&dir).unwrap();
-    // Host cache is f32: 2 layers x (2x16 + 2x16) x 4 bytes = 512 bytes per token.
-    let per_token = 512u64;
+    // Host cache is f32: 2 layers x (2x16 + 2x16) x 4 bytes = 512 bytes per token; tract feeds its own present back
+    // as the next past, so the running batch's cache is held twice and the budget counts 1024 bytes per token.
     let b = backend::load(&dir, &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
-    let mut e = Engine::from_backend(&dir, manifest, b, Some(per_token * 20));
+    assert!(b.can_feed_kept());
+    let per_token = 2 * 512u64;
+    let mut e = Engine::from_backend(&dir, manifest.clone(), b, Some(per_token * 20));
     assert_eq!(e.kv_budget().bytes_per_token(), per_token);
     assert!(e.can_admit(20));
     assert!(!e.can_admit(21));
@@ -301,6 +303,11 @@ fn kv_budget_admission_reserve_and_release() {
     let out = e.step(&[StepWork::all(b)]).unwrap();
     e.push_token(b, r1_engine::engine::argmax(&out[0].logits)).unwrap();
     assert_eq!(e.kv_budget().reserved_bytes(), 2 * per_token);
+    // A backend that does not keep its present (hidden here) is budgeted for the host caches alone.
+    let inner = backend::load(&dir, &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
+    let host_only = Counting { inner, host_only: true, fed_kept: Arc::new(AtomicUsize::new(0)) };
+    let e = Engine::from_backend(&dir, manifest, Box::new(host_only), Some(512 * 20));
+    assert_eq!(e.kv_budget().bytes_per_token(), 512);
 }
 
 #[test]

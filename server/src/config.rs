@@ -138,7 +138,8 @@ pub struct ServeArgs {
     /// `max_tokens` of requests that do not set it.
     #[arg(long, env = "R1_DEFAULT_MAX_TOKENS", default_value_t = 512)]
     pub default_max_tokens: u32,
-    /// KV cache budget in MiB (default: the engine's).
+    /// KV cache budget in MiB (default: the engine's, 2048): float32 host caches, counted twice per position on
+    /// backends that also keep the running batch's cache in the runtime (ort CPU and tract with float32 caches).
     #[arg(long, env = "R1_KV_CACHE_MIB")]
     pub kv_cache_mib: Option<u64>,
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before cancelling them.
