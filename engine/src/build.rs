@@ -8,9 +8,9 @@
 //! GPU, [`tensorrt_plan`] records what such a build will use, and [`build_command`] is the command
 //! that runs it on the GPU host.
 //!
-//! The CPU graph ([`optimize_cpu_graph`]) is `model.onnx` after ONNX Runtime's *extended* graph
-//! optimizations (constant folding, redundant-node elimination, fusions into ONNX Runtime contrib
-//! ops), serialized to `engines/cpu/model.onnx` + `model.onnx.data`. Not *all*: the layout level
+//! The CPU graph ([`optimize_cpu_graph`]) is `model.onnx` (as the exporter rewrites it for serving) after
+//! ONNX Runtime's *extended* graph optimizations (constant folding, redundant-node elimination, fusions into
+//! ONNX Runtime contrib ops), serialized to `engines/cpu/model.onnx` + `model.onnx.data`. Not *all*: the layout level
 //! adds NCHWc transforms chosen for the CPU it runs on, and ONNX Runtime warns that a graph saved
 //! with it "should only be used in the same environment the model was optimized in". The
 //! optimized graph needs ONNX Runtime (contrib ops); tract keeps using the portable `model.onnx`.
@@ -270,17 +270,11 @@ pub struct CpuBuild {
     pub last_position_logits: bool,
 }
 
-/// Writes the ONNX Runtime-optimized CPU graph of `dir/model.onnx` into `out` (a folder that
-/// becomes `engines/cpu/`; created if missing): `model.onnx` plus, for every initializer of 1 KiB
-/// or more, `model.onnx.data`. File paths in the record are relative to `dir` as if `out` were
-/// `dir/engines/cpu`.
-pub fn optimize_cpu_graph(dir: &Path, out: &Path) -> Result<CpuBuild> {
-    optimize_cpu_graph_from(&dir.join(MODEL_FILE), out)
-}
-
-/// [`optimize_cpu_graph`] from another source graph (e.g. a lowered copy of `model.onnx`; its
-/// external data is resolved next to it).
-pub fn optimize_cpu_graph_from(model: &Path, out: &Path) -> Result<CpuBuild> {
+/// Writes the ONNX Runtime-optimized CPU graph of `model` (an artifact's `model.onnx`, or the exporter's serving
+/// copy of it; its external data is resolved next to it) into `out` (a folder that becomes `engines/cpu/`; created
+/// if missing): `model.onnx` plus, for every initializer of 1 KiB or more, `model.onnx.data`. File paths in the
+/// record are relative to the artifact directory as if `out` were `dir/engines/cpu`.
+pub fn optimize_cpu_graph(model: &Path, out: &Path) -> Result<CpuBuild> {
     let env = crate::backend::ort::environment()?;
     std::fs::create_dir_all(out).map_err(|source| EngineError::Io { path: out.to_path_buf(), source })?;
     let optimized = out.join(MODEL_FILE);

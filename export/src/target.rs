@@ -157,7 +157,7 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
         }
     }
     let record = serving_source(dir, manifest, &lowered, &rewritten).and_then(|(source, lowering)| {
-        let mut r = eb::optimize_cpu_graph_from(&source, &tmp).map_err(engine_err(dir))?;
+        let mut r = eb::optimize_cpu_graph(&source, &tmp).map_err(engine_err(dir))?;
         r.lowering = lowering.map(|l| serde_json::to_value(&l)).transpose().map_err(|e| ExportError::Graph(e.to_string()))?;
         r.last_position_logits = true;
         Ok(r)

@@ -15,10 +15,10 @@
 //!
 //! Where the head's input is quantized (`--quantize-lm-head all`: `QuantizeLinear → DequantizeLinear → MatMul`)
 //! the gather goes before the `QuantizeLinear`, so ONNX Runtime still fuses the integer GEMM.
-use r1_proto::onnx::tensor_proto::DataType;
 use r1_proto::onnx::type_proto::Value as TypeValue;
 use r1_proto::onnx::{tensor_shape_proto, GraphProto, ModelProto, NodeProto, TensorProto};
 
+use super::{attr_i, inline_tensor, ElemType};
 use crate::error::{ExportError, Result};
 
 /// Prefix of every node and tensor this rewrite adds.
@@ -37,13 +37,7 @@ fn graph_err(message: String) -> ExportError {
 }
 
 fn i64_tensor(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Int64 as i32),
-        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        ..Default::default()
-    }
+    inline_tensor(name, ElemType::I64, dims, v.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
 
 fn node(name: &str, op_type: &str, inputs: &[&str], output: &str) -> NodeProto {
@@ -119,12 +113,7 @@ pub fn gather_last_position_logits(model: &mut ModelProto, hidden: usize) -> Res
         node("Unsqueeze", "Unsqueeze", &[&t("last"), &t("axis2")], &t("last3")),
         node("Expand", "Expand", &[&t("last3"), &t("gather_shape")], &t("index")),
         NodeProto {
-            attribute: vec![r1_proto::onnx::AttributeProto {
-                name: Some("axis".into()),
-                r#type: Some(r1_proto::onnx::attribute_proto::AttributeType::Int as i32),
-                i: Some(1),
-                ..Default::default()
-            }],
+            attribute: vec![attr_i("axis", 1)],
             ..node("GatherElements", "GatherElements", &[&hidden_in, &t("index")], &gathered)
         },
     ];
