@@ -15,7 +15,9 @@ VmRSS from /proc/PID/status, then checks and reports:
   floor of 350 MiB with spikes to 476 MiB, returning to 350 MiB); a leak raises the floor, a spike does not. The
   measured pass follows a warm-up pass (--warmup, 4 x concurrency requests; not sampled) so the allocators have seen
   every batch shape. The baseline window starts at --baseline-s (120 s: "the second minute"); a measured pass
-  shorter than baseline-s + 2 windows (e.g. --short) compares the floors of its first and last quarters;
+  shorter than baseline-s + 2 windows (e.g. --short) compares the floors of its first and last quarters, and
+  when that exceeds the limit, fails only if the floor is still rising over its last two quarters (by more than a
+  quarter of the limit): a leak grows all the time, the allocator's one-off steps (~+5%) do not;
 * requests/s and request-latency p50/p99 (r1-bench's figures; TTFT and inter-token latency too).
 
 Full run: python3 scripts/soak.py            (256 warm-up + 2,000 requests at concurrency 64; minutes)
@@ -219,6 +221,16 @@ def rss_verdict(samples, baseline_s, max_growth, window_s):
     base = rss_floor(samples, at, at + window)
     end = rss_floor(samples, duration - window, duration)
     growth = (end - base) / base
+    ok = growth <= max_growth
+    if not ok and at == 0.0:
+        # A short pass cannot tell a leak from the allocator's one-off steps (~+5% each, seen here one run in
+        # five) by two windows alone. A leak grows all the time: over the last two quarters a linear leak of
+        # more than max_growth over the pass still grows by more than a third of it. One-off steps earlier on
+        # are forgiven; growth that is still going on at the end is not.
+        third = rss_floor(samples, duration - 2 * window, duration - window)
+        late = (end - third) / third
+        rule += f"; still growing over the last two quarters: {100 * late:+.2f}%"
+        ok = late <= max_growth / 4
     fig = {
         "rss_rule": rule,
         "rss_baseline_floor_mib": round(base / 1024, 1),
@@ -228,7 +240,7 @@ def rss_verdict(samples, baseline_s, max_growth, window_s):
         "rss_growth_pct": round(100 * growth, 2),
         "rss_samples": len(samples),
     }
-    return growth <= max_growth, fig
+    return ok, fig
 
 
 def main():

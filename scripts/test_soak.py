@@ -41,6 +41,18 @@ class RssVerdict(unittest.TestCase):
         self.assertFalse(ok, fig)
         self.assertGreater(fig["rss_growth_pct"], 10)
 
+    def test_a_one_off_step_early_in_a_short_run_passes_but_a_late_one_fails(self):
+        # The allocator grows once by 12% in the second quarter, then stays: not a leak.
+        step = [(t, kib + (42 * MIB if t >= 4.0 else 0)) for t, kib in series(11, 350, spike_mib=120)]
+        ok, fig = soak.rss_verdict(step, 120, 0.10, 10)
+        self.assertTrue(ok, fig)
+        self.assertGreater(fig["rss_growth_pct"], 10)
+        self.assertIn("still growing", fig["rss_rule"])
+        # The same step in the third quarter: growth still going on over the last two quarters is a failure.
+        late = [(t, kib + (42 * MIB if t >= 7.0 else 0)) for t, kib in series(11, 350)]
+        ok, fig = soak.rss_verdict(late, 120, 0.10, 10)
+        self.assertFalse(ok, fig)
+
     def test_long_runs_take_the_baseline_window_at_baseline_s(self):
         # Growth before 120 s (warm-up) is not counted; a leak after it is.
         warm = [(t, kib + (0 if t >= 120 else -100 * MIB)) for t, kib in series(300, 400)]
