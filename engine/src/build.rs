@@ -166,6 +166,16 @@ pub fn check_build_host(target: &Target, hardware_compatible: bool) -> Result<Lo
     if !tensorrt_ep_available()? {
         return Err(no_tensorrt_ep(&gpu));
     }
+    if let Some(missing) = targets::missing_tensorrt_library() {
+        return Err(EngineError::Unavailable {
+            what: format!("TensorRT for the `{}` build", target.name),
+            message: format!(
+                "GPU `{}` found and ONNX Runtime has the TensorRT provider, but {}",
+                gpu.name,
+                crate::backend::ort::tensorrt_missing_hint(&missing)
+            ),
+        });
+    }
     Ok(gpu)
 }
 

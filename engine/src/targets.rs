@@ -346,6 +346,31 @@ pub fn detect_local_gpu() -> Option<LocalGpu> {
     None
 }
 
+/// The TensorRT libraries ONNX Runtime 1.31's TensorRT provider links against (TensorRT 10).
+pub const TENSORRT_LIBRARIES: [&str; 2] = ["libnvinfer.so.10", "libnvonnxparser.so.10"];
+
+/// The first of [`TENSORRT_LIBRARIES`] the dynamic loader cannot open on this host, with the loader's reason; `None`
+/// when all load. ONNX Runtime reports its TensorRT provider as available whenever `onnxruntime-gpu` ships it, with
+/// or without TensorRT installed, so this is what tells whether a TensorRT session can start.
+pub fn missing_tensorrt_library() -> Option<String> {
+    missing_library(&TENSORRT_LIBRARIES)
+}
+
+/// The first of `names` that `dlopen` cannot open, with the loader's message (the library is closed again).
+pub fn missing_library(names: &[&str]) -> Option<String> {
+    names.iter().find_map(|name| {
+        // SAFETY: loading a shared library runs its initializers; these are NVIDIA's TensorRT libraries, which
+        // ONNX Runtime's provider would load into this process anyway.
+        match unsafe { libloading::Library::new(*name) } {
+            Ok(_) => None,
+            Err(e) => {
+                let reason = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+                Some(format!("{name} ({reason})"))
+            }
+        }
+    })
+}
+
 /// Parses the first line of `nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader`.
 pub fn parse_nvidia_smi(out: &str) -> Option<LocalGpu> {
     let line = out.lines().map(str::trim).find(|l| !l.is_empty())?;

@@ -201,3 +201,11 @@ fn int4_with_zero_points_is_refused_for_tensorrt_and_symmetric_int4_is_not() {
     let e = tensorrt_options(target("a100").unwrap(), &int4(true), &settings()).unwrap_err().to_string();
     assert!(e.contains("zero points") && e.contains("--int4-scheme symmetric") && e.contains("a100"), "{e}");
 }
+
+#[test]
+fn missing_library_names_the_library_the_loader_cannot_open() {
+    let missing = missing_library(&["libc.so.6", "libr1-no-such-library.so.10"]).expect("the second cannot load");
+    assert!(missing.starts_with("libr1-no-such-library.so.10 ("), "{missing}");
+    assert_eq!(missing_library(&["libc.so.6"]), None);
+    assert_eq!(TENSORRT_LIBRARIES, ["libnvinfer.so.10", "libnvonnxparser.so.10"]);
+}

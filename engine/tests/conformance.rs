@@ -49,7 +49,14 @@ const FIXTURES: [&str; 2] = ["tiny", "tiny-kv16"];
 
 #[test]
 fn backends_report_their_names() {
-    assert_eq!(engine("tiny", BackendKind::Ort).backend_name(), "ort-cpu");
+    // ort runs on the CPU provider unless this host has a GPU and an ONNX Runtime with a GPU provider
+    // (scripts/gpu_check.sh runs this suite there: then ort-cuda or ort-tensorrt).
+    let ort = engine("tiny", BackendKind::Ort).backend_name();
+    if r1_engine::targets::detect_local_gpu().is_none() {
+        assert_eq!(ort, "ort-cpu");
+    } else {
+        assert!(["ort-cpu", "ort-cuda", "ort-tensorrt"].contains(&ort), "{ort}");
+    }
     assert_eq!(engine("tiny", BackendKind::Tract).backend_name(), "tract");
 }
 
@@ -312,11 +319,15 @@ fn kv_budget_admission_reserve_and_release() {
 
 #[test]
 fn auto_backend_finds_onnx_runtime_here() {
-    // This host has the onnxruntime wheel (or .r1/lib, or ORT_DYLIB_PATH) and no GPU: auto = ort on CPU.
+    // This host has the onnxruntime wheel (or .r1/lib, or ORT_DYLIB_PATH). Without a GPU auto = ort on CPU; on a
+    // GPU host (scripts/gpu_check.sh) ort on whichever provider its ONNX Runtime and TensorRT install allow.
     let dir = fixture("tiny");
     let manifest = Manifest::load(&dir).unwrap();
     let b = backend::load(&dir, &manifest, BackendKind::Auto, &BackendOptions::default()).unwrap();
-    assert_eq!(b.name(), "ort-cpu");
+    match r1_engine::targets::detect_local_gpu() {
+        None => assert_eq!(b.name(), "ort-cpu"),
+        Some(gpu) => assert!(b.name().starts_with("ort-"), "{} on {}", b.name(), gpu.name),
+    }
 }
 
 #[test]

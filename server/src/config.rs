@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
+use r1_engine::ExecutionProviderKind;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +76,10 @@ pub struct GenerateArgs {
     /// Backend: auto, ort or tract.
     #[arg(long, env = "R1_BACKEND", default_value = "auto")]
     pub backend: String,
+    /// ONNX Runtime execution provider (ort backend): auto (TensorRT when a GPU and TensorRT are present, else CUDA
+    /// on a GPU, else CPU), cpu, cuda or tensorrt (cuda and tensorrt fail at start, naming what is missing).
+    #[arg(long, env = "R1_EXECUTION_PROVIDER", default_value = "auto")]
+    pub execution_provider: String,
     /// Treat the prompt as raw text instead of a user chat message.
     #[arg(long)]
     pub raw: bool,
@@ -111,6 +116,10 @@ pub struct ServeArgs {
     /// Backend: auto, ort or tract.
     #[arg(long, env = "R1_BACKEND", default_value = "auto")]
     pub backend: String,
+    /// ONNX Runtime execution provider (ort backend): auto (TensorRT when a GPU and TensorRT are present, else CUDA
+    /// on a GPU, else CPU), cpu, cuda or tensorrt (cuda and tensorrt fail at start, naming what is missing).
+    #[arg(long, env = "R1_EXECUTION_PROVIDER", default_value = "auto")]
+    pub execution_provider: String,
     /// gRPC listen address.
     #[arg(long, env = "R1_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
@@ -242,6 +251,7 @@ impl ServeArgs {
         if !matches!(self.backend.as_str(), "auto" | "ort" | "tract") {
             return bad("--backend", format!("must be auto, ort or tract, got {:?}", self.backend));
         }
+        let execution_provider = parse_execution_provider(&self.backend, &self.execution_provider)?;
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("--log-format", format!("must be text or json, got {:?}", self.log_format));
         }
@@ -276,6 +286,7 @@ impl ServeArgs {
             model,
             model_id,
             backend: self.backend.clone(),
+            execution_provider,
             grpc_addr: self.grpc_addr,
             http_addr: self.http_addr,
             kv_cache_bytes: self.kv_cache_mib.map(|m| m << 20),
@@ -291,6 +302,21 @@ impl ServeArgs {
             },
         })
     }
+}
+
+/// Checks `--execution-provider` against `--backend` (tract has no execution providers).
+pub fn parse_execution_provider(backend: &str, value: &str) -> Result<ExecutionProviderKind, ConfigError> {
+    let kind: ExecutionProviderKind = value.parse().map_err(|_| ConfigError::Invalid {
+        name: "--execution-provider",
+        message: format!("must be auto, cpu, cuda or tensorrt, got {value:?}"),
+    })?;
+    if backend == "tract" && matches!(kind, ExecutionProviderKind::Cuda | ExecutionProviderKind::TensorRt) {
+        return Err(ConfigError::Invalid {
+            name: "--execution-provider",
+            message: format!("{value} needs --backend ort or auto (tract runs on the CPU only), got --backend tract"),
+        });
+    }
+    Ok(kind)
 }
 
 impl ServeArgs {
@@ -355,6 +381,8 @@ pub struct ServerConfig {
     pub model_id: String,
     /// `auto`, `ort` or `tract`.
     pub backend: String,
+    /// ONNX Runtime execution provider.
+    pub execution_provider: ExecutionProviderKind,
     /// gRPC listen address.
     pub grpc_addr: SocketAddr,
     /// HTTP listen address.
@@ -420,8 +448,17 @@ mod tests {
         assert!(a.validate().unwrap_err().to_string().contains("--model"));
         let (a, _) = args(&["--model", model, "--backend", "gpu"]);
         assert!(a.validate().unwrap_err().to_string().contains("\"gpu\""));
+        let (a, _) = args(&["--model", model, "--execution-provider", "gpu"]);
+        let err = a.validate().unwrap_err().to_string();
+        assert!(err.contains("--execution-provider") && err.contains("cuda") && err.contains("\"gpu\""), "{err}");
+        let (a, _) = args(&["--model", model, "--backend", "tract", "--execution-provider", "tensorrt"]);
+        let err = a.validate().unwrap_err().to_string();
+        assert!(err.contains("--execution-provider") && err.contains("--backend tract"), "{err}");
+        let (a, _) = args(&["--model", model, "--execution-provider", "cuda"]);
+        assert_eq!(a.validate().expect("cuda is a valid provider").execution_provider, ExecutionProviderKind::Cuda);
         let (a, _) = args(&["--model", model]);
         let cfg = a.validate().expect("defaults are valid");
+        assert_eq!(cfg.execution_provider, ExecutionProviderKind::Auto);
         assert_eq!(cfg.scheduler.max_batch_size, 16);
         assert!(cfg.security.tls.is_none() && cfg.security.api_keys.is_empty() && !cfg.skip_integrity_check);
         assert_eq!((cfg.security.max_request_bytes, cfg.security.max_prompt_bytes), (1 << 20, 512 << 10));

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use r1_engine::sampling::{FinishReason as EngineFinish, Sampler, StopChecker, StopParams};
 use r1_engine::text::{ChatMessage, ChatTemplate, IncrementalDetokenizer, ReasoningSplitter, RenderOptions, Tokenizer};
-use r1_engine::{BackendKind, Engine, EngineOptions, SequenceId, StepWork};
+use r1_engine::{BackendKind, BackendOptions, Engine, EngineOptions, ExecutionProviderKind, SequenceId, StepWork};
 
 use crate::model::{Emitted, Frontend, Model, ModelDescription, ModelError, ModelFinish, PromptInput, SeqId, SeqParams, Work};
 
@@ -110,10 +110,17 @@ impl std::fmt::Debug for EngineModel {
 }
 
 impl EngineModel {
-    /// Opens an artifact directory with `backend` (`auto`, `ort`, `tract`) and an optional KV budget in bytes.
-    pub fn load(dir: &Path, backend: &str, kv_budget_bytes: Option<u64>) -> Result<Self, ModelError> {
+    /// Opens an artifact directory with `backend` (`auto`, `ort`, `tract`) on `execution_provider` (ort) and an
+    /// optional KV budget in bytes.
+    pub fn load(
+        dir: &Path,
+        backend: &str,
+        execution_provider: ExecutionProviderKind,
+        kv_budget_bytes: Option<u64>,
+    ) -> Result<Self, ModelError> {
         let kind: BackendKind = backend.parse().map_err(engine_err)?;
-        let opts = EngineOptions { backend: kind, kv_budget_bytes, ..Default::default() };
+        let backend_options = BackendOptions { execution_provider, ..Default::default() };
+        let opts = EngineOptions { backend: kind, backend_options, kv_budget_bytes };
         let engine = Engine::load(dir, &opts).map_err(engine_err)?;
         let text = Arc::new(EngineText::load(dir)?);
         Ok(EngineModel { engine, text, seqs: HashMap::new(), next: 0 })

@@ -29,11 +29,12 @@ fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     rt.block_on(async move {
         let grpc = tokio::net::TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding --grpc-addr {}", cfg.grpc_addr))?;
         let http = tokio::net::TcpListener::bind(cfg.http_addr).await.with_context(|| format!("binding --http-addr {}", cfg.http_addr))?;
-        let (dir, backend, kv, skip) = (cfg.model.clone(), cfg.backend.clone(), cfg.kv_cache_bytes, cfg.skip_integrity_check);
+        let (dir, backend, ep, kv, skip) =
+            (cfg.model.clone(), cfg.backend.clone(), cfg.execution_provider, cfg.kv_cache_bytes, cfg.skip_integrity_check);
         // Runs on a blocking thread while health says NOT_SERVING: verify the files, then load them.
         let load: Loader = Box::new(move || {
             verify_artifact(&dir, skip)?;
-            EngineModel::load(&dir, &backend, kv).map(|m| Box::new(m) as Box<dyn Model>)
+            EngineModel::load(&dir, &backend, ep, kv).map(|m| Box::new(m) as Box<dyn Model>)
         });
         let opts = ServeOptions { model_id: cfg.model_id, limits: cfg.limits, scheduler: cfg.scheduler, drain_timeout: cfg.drain_timeout };
         run_with(Listeners { grpc, http }, opts, cfg.security, Arc::new(Metrics::new()), load, shutdown_signal()).await?;
@@ -99,7 +100,9 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     } else {
         eprintln!("artifact verified against manifest.json sha256 sums in {:.2}s", t0.elapsed().as_secs_f64());
     }
-    let mut model = EngineModel::load(&args.model, &args.backend, None).with_context(|| format!("loading {}", args.model.display()))?;
+    let ep = r1_serve::config::parse_execution_provider(&args.backend, &args.execution_provider)?;
+    let mut model =
+        EngineModel::load(&args.model, &args.backend, ep, None).with_context(|| format!("loading {}", args.model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let input = if args.raw {
         PromptInput::Text(args.prompt.clone())

@@ -37,10 +37,14 @@ fn every_golden_case_matches_transformers_on_ort_and_tract() {
                 }
             };
             for kind in BACKENDS {
-                let label = format!("{name} {} {kind:?}", precision.name());
+                let mut label = format!("{name} {} {kind:?}", precision.name());
                 let run = backend::load(&out, &m, kind, &BackendOptions::default())
                     .map_err(anyhow::Error::from)
-                    .and_then(|mut be| run_golden(be.as_mut(), &m, &g));
+                    .and_then(|mut be| {
+                        // The backend's own name says which execution provider ran (ort-cpu, ort-cuda, ...).
+                        label = format!("{name} {} {}", precision.name(), be.name());
+                        run_golden(be.as_mut(), &m, &g)
+                    });
                 match run {
                     Err(e) => failures.push(format!("{label}: {e:#}")),
                     Ok(r) => {

@@ -191,6 +191,17 @@ pub enum ExecutionProviderKind {
     TensorRt,
 }
 
+impl std::fmt::Display for ExecutionProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExecutionProviderKind::Auto => "auto",
+            ExecutionProviderKind::Cpu => "cpu",
+            ExecutionProviderKind::Cuda => "cuda",
+            ExecutionProviderKind::TensorRt => "tensorrt",
+        })
+    }
+}
+
 impl std::str::FromStr for ExecutionProviderKind {
     type Err = EngineError;
     fn from_str(s: &str) -> Result<Self> {

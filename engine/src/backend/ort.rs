@@ -81,14 +81,25 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
     }
     let Some(gpu) = gpu else {
         return Err(EngineError::Unavailable {
-            what: format!("{:?} execution provider", opts.execution_provider),
+            what: format!("`{}` execution provider", opts.execution_provider),
             message: "no NVIDIA GPU was found (nvidia-smi, /proc/driver/nvidia/gpus); use --execution-provider cpu or --backend tract".into(),
         });
     };
     let trt_available = ep::TensorRT::is_available().unwrap_or(false);
     let cuda_available = ep::CUDA::is_available().unwrap_or(false);
     let want_trt = matches!(opts.execution_provider, ExecutionProviderKind::TensorRt | ExecutionProviderKind::Auto);
-    if want_trt && trt_available {
+    // onnxruntime-gpu always lists its TensorRT provider; TensorRT itself may still be missing.
+    let trt_missing = if want_trt && trt_available { targets::missing_tensorrt_library() } else { None };
+    if let Some(missing) = &trt_missing {
+        if matches!(opts.execution_provider, ExecutionProviderKind::TensorRt) {
+            return Err(EngineError::Unavailable {
+                what: "TensorRT execution provider".into(),
+                message: format!("GPU `{}` found and this ONNX Runtime has the TensorRT provider, but {}", gpu.name, tensorrt_missing_hint(missing)),
+            });
+        }
+        tracing::warn!(gpu = %gpu.name, "TensorRT is not installed ({missing}); running on the CUDA provider instead");
+    }
+    if want_trt && trt_available && trt_missing.is_none() {
         let target = match &opts.target {
             Some(t) => targets::target(t)?,
             None => targets::target_for_gpu_name(&gpu.name).ok_or_else(|| EngineError::Unavailable {
@@ -115,7 +126,7 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
             trt = trt.with_arbitrary_config(k, v);
         }
         let mut trt = trt.build();
-        let mut cuda = ep::CUDA::default().build();
+        let mut cuda = cuda_provider().build();
         if explicit {
             trt = trt.error_on_failure();
             cuda = cuda.error_on_failure();
@@ -132,7 +143,7 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
         });
     }
     if cuda_available {
-        let mut cuda = ep::CUDA::default().build();
+        let mut cuda = cuda_provider().build();
         if explicit {
             cuda = cuda.error_on_failure();
         }
@@ -146,6 +157,22 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
     }
     tracing::info!(gpu = %gpu.name, "no GPU execution provider in this ONNX Runtime; using CPU");
     Ok(cpu)
+}
+
+/// ONNX Runtime's CUDA provider as r1 configures it. TF32 is off: ONNX Runtime 1.31 otherwise runs float32 MatMuls
+/// on TF32 tensor cores (10-bit mantissa), and an fp32 artifact must compute in fp32 — measured on an H100, the
+/// golden suite's fp32 logits were 0.9–2.1e-3 off transformers' with TF32 and ~1e-6 (as on CPU) without.
+/// fp16 artifacts are unaffected (their MatMuls are fp16).
+fn cuda_provider() -> ep::CUDA {
+    ep::CUDA::default().with_tf32(false)
+}
+
+/// What to tell a user whose host lacks TensorRT's libraries (`missing` from [`targets::missing_tensorrt_library`]).
+pub fn tensorrt_missing_hint(missing: &str) -> String {
+    format!(
+        "TensorRT's library {missing} cannot be loaded: install TensorRT 10 for CUDA 13 (NVIDIA's tensorrt wheels or \
+         tarball) and put its lib directory on LD_LIBRARY_PATH"
+    )
 }
 
 impl OrtBackend {

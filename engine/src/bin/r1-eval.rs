@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use r1_engine::eval::{self, EvalOptions};
 use r1_engine::text::{ChatTemplate, Tokenizer};
-use r1_engine::{BackendKind, BackendOptions, Engine, EngineOptions};
+use r1_engine::{BackendKind, BackendOptions, Engine, EngineOptions, ExecutionProviderKind};
 
 const AFTER_HELP: &str = "\
 What it does:
@@ -42,6 +42,9 @@ struct Cli {
     /// auto (ort when ONNX Runtime is found, else tract), ort or tract.
     #[arg(long, env = "R1_BACKEND", default_value = "auto")]
     backend: String,
+    /// ONNX Runtime execution provider: auto (TensorRT, else CUDA on a GPU, else CPU), cpu, cuda or tensorrt.
+    #[arg(long, env = "R1_EXECUTION_PROVIDER", default_value = "auto")]
+    execution_provider: String,
     /// Evaluate only the first N problems.
     #[arg(long, env = "R1_EVAL_LIMIT")]
     limit: Option<usize>,
@@ -68,6 +71,8 @@ fn main() -> anyhow::Result<()> {
         bail!("--max-new-tokens must be at least 1, got 0");
     }
     let backend: BackendKind = cli.backend.parse().with_context(|| format!("--backend {}", cli.backend))?;
+    let execution_provider: ExecutionProviderKind =
+        cli.execution_provider.parse().with_context(|| format!("--execution-provider {}", cli.execution_provider))?;
     let mut problems = eval::load_problems(&cli.data)?;
     if let Some(n) = cli.limit {
         problems.truncate(n);
@@ -79,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     let template = ChatTemplate::from_config(tokenizer.config(), None, false).map_err(|_| eval::EvalError::NoChatTemplate)?;
     let opts = EngineOptions {
         backend,
-        backend_options: BackendOptions { intra_threads: cli.threads, ..Default::default() },
+        backend_options: BackendOptions { intra_threads: cli.threads, execution_provider, ..Default::default() },
         ..Default::default()
     };
     let mut engine = Engine::load(&cli.model, &opts).with_context(|| format!("loading {}", cli.model.display()))?;

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# GPU checks on a host with an NVIDIA GPU: what CI (no GPU) cannot run. Prints a log; exits non-zero on the first
+# failed check.
+#
+#   ORT_DYLIB_PATH=/path/to/onnxruntime-gpu/capi/libonnxruntime.so.1.31.1 scripts/gpu_check.sh OUT_DIR
+#
+# ORT_DYLIB_PATH must be the library of the `onnxruntime-gpu` 1.31.1 wheel (CUDA 13 build), with its
+# libonnxruntime_providers_{shared,cuda[,tensorrt]}.so beside it, and CUDA 13's cuBLAS / cuDNN 9 / cudart / cuRAND on
+# the loader path (LD_LIBRARY_PATH). BIN (default target/release) holds r1-export, r1-fixture, r1-serve, r1-bench and
+# r1-eval; TESTS (default: the newest cargo-built binaries under target/debug/deps) holds the `golden` and
+# `conformance` test binaries. STEPS (default "1 2 3 4 5") picks the checks to run. Checks, in order:
+#   1. the GPU is seen (nvidia-smi) and r1-export maps it to its TensorRT target;
+#   2. `r1-export --target <that target>` on a golden fixture: builds the TensorRT engine when TensorRT is installed,
+#      else fails with the error that names what is missing (both are reported; only a panic or a silent success
+#      without an engine fails the check);
+#   3. the golden suite (transformers' logits, fp32 and fp16) with ONNX Runtime on the GPU (auto picks CUDA when
+#      TensorRT is absent) and tract, and the engine conformance suite;
+#   4. arith-r1 through r1-eval on the GPU (accuracy equal to the CPU figure in BENCHMARKS.md);
+#   5. r1-serve on the GPU (`--execution-provider cuda`) under r1-bench at concurrency 1 and 16 on the 1.5B shape
+#      (random weights from r1-fixture), fp16, written to OUT_DIR/bench-*.json.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
+BIN="${BIN:-$ROOT/target/release}"
+cd "$ROOT"
+mkdir -p "$OUT"
+: "${ORT_DYLIB_PATH:?set ORT_DYLIB_PATH to the libonnxruntime.so of onnxruntime-gpu}"
+export ORT_DYLIB_PATH R1_HOME="${R1_HOME:-$ROOT/.r1}"
+newest() { ls -t "${TESTS:-$ROOT/target/debug/deps}"/"$1"-* 2>/dev/null | grep -v '\.d$' | head -1; }
+step() { echo; echo "== $*"; }
+want() { [[ " ${STEPS:-1 2 3 4 5} " == *" $1 "* ]]; }
+failed=()
+
+step "1. GPU"
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
+gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+fixture=tests/fixtures/golden/qwen2_gqa2_bf16
+
+if want 2; then
+step "2. TensorRT build for this GPU (r1-export --target)"
+case "$gpu" in
+  *H100*) target=h100 ;; *H200*) target=h200 ;; *A100*) target=a100 ;; *L40S*) target=l40s ;; *L4*) target=l4 ;;
+  *) target=h100 ;;
+esac
+rm -rf "$OUT/trt"
+set +e
+"$BIN/r1-export" "$fixture" -o "$OUT/trt" --precision fp16 --target "$target" --quiet >"$OUT/trt.log" 2>&1
+rc=$?
+set -e
+cat "$OUT/trt.log"
+if [ $rc -eq 0 ] && [ -d "$OUT/trt/engines/$target" ]; then
+  echo "TensorRT engine built for $target"
+elif grep -q "panicked" "$OUT/trt.log"; then
+  echo "gpu_check: r1-export panicked" >&2; exit 1
+else
+  echo "(exit $rc: no TensorRT on this host, reported above)"
+  # Serving with the TensorRT provider asked for by name must fail the same way, naming what is missing.
+  rm -rf "$OUT/plain-fp16"
+  "$BIN/r1-export" tests/fixtures/arith-r1 -o "$OUT/plain-fp16" --precision fp16 --quiet
+  if "$BIN/r1-serve" generate --model "$OUT/plain-fp16" --execution-provider tensorrt --max-tokens 4 "Hi" \
+    >"$OUT/trt-serve.log" 2>&1; then
+    failed+=("r1-serve --execution-provider tensorrt ran without TensorRT")
+  fi
+  cat "$OUT/trt-serve.log"
+fi
+fi
+
+if want 3; then
+step "3. golden suite and engine conformance on the GPU"
+export R1_CONFORMANCE_ARTIFACT="$OUT/conformance-fp32"
+rm -rf "$R1_CONFORMANCE_ARTIFACT"
+"$BIN/r1-export" "$fixture" -o "$R1_CONFORMANCE_ARTIFACT" --precision fp32 --quiet
+"$(newest golden)" --test-threads 1 --nocapture 2>&1 | tee "$OUT/golden.log" || failed+=("golden suite")
+"$(newest conformance)" --test-threads 1 2>&1 | tee "$OUT/conformance.log" || failed+=("conformance suite")
+fi
+
+if want 4; then
+step "4. arith-r1 on the GPU (r1-eval)"
+rm -rf "$OUT/arith-fp32"
+"$BIN/r1-export" tests/fixtures/arith-r1 -o "$OUT/arith-fp32" --precision fp32 --quiet
+"$BIN/r1-eval" --model "$OUT/arith-fp32" --data tests/fixtures/arith-r1/heldout.jsonl --execution-provider cuda \
+  --json-out "$OUT/arith-eval-cuda.json" 2>&1 | tail -5 || failed+=("arith-r1 eval")
+fi
+
+if want 5; then
+step "5. r1-serve on the GPU under r1-bench, 1.5B shape (random weights), fp16"
+ck="${CHECKPOINT_1_5B:-/tmp/r1-gpu-1.5b-ck}"
+[ -f "$ck/config.json" ] || "$BIN/r1-fixture" --preset r1-distill-qwen-1.5b -o "$ck"
+# The served artifact needs a tokenizer: the real R1 one (scripts/setup.sh puts it under $R1_HOME/tokenizer).
+[ -f "$ck/tokenizer.json" ] || cp "$R1_HOME"/tokenizer/tokenizer.json "$R1_HOME"/tokenizer/tokenizer_config.json "$ck"/
+art="${ARTIFACT_1_5B:-/tmp/r1-gpu-1.5b-fp16}"
+[ -f "$art/manifest.json" ] || "$BIN/r1-export" "$ck" -o "$art" --precision fp16 --quiet
+"$BIN/r1-serve" --model "$art" --grpc-addr 127.0.0.1:50251 --http-addr 127.0.0.1:8281 --execution-provider cuda \
+  --max-batch-size 16 --max-concurrent-requests 64 --skip-integrity-check --log warn &
+server=$!
+trap 'kill -TERM $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 300); do
+  curl -sf http://127.0.0.1:8281/health >/dev/null 2>&1 && break
+  kill -0 $server 2>/dev/null || { echo "gpu_check: r1-serve exited while loading" >&2; exit 1; }
+  sleep 1
+done
+for c in 1 16; do
+  n=$((c * 4))
+  echo "-- concurrency $c, $n requests, prompt 16, max_tokens 64"
+  "$BIN/r1-bench" --addr http://127.0.0.1:50251 -n "$n" -c "$c" --prompt-tokens 16 --max-tokens 64 --json \
+    | tee "$OUT/bench-c$c.json"
+done
+kill -TERM $server && wait $server || true
+trap - EXIT
+fi
+echo
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'gpu_check: FAILED: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
+echo "gpu_check: every check passed"
