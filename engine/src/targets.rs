@@ -356,13 +356,18 @@ pub fn missing_tensorrt_library() -> Option<String> {
     missing_library(&TENSORRT_LIBRARIES)
 }
 
-/// The first of `names` that `dlopen` cannot open, with the loader's message (the library is closed again).
+/// The first of `names` that `dlopen` cannot open, with the loader's message. A library that loads stays loaded (its
+/// handle is leaked on purpose): the provider that needs it opens it next, and TensorRT's ~1 GB libnvinfer would
+/// otherwise be mapped and initialized twice.
 pub fn missing_library(names: &[&str]) -> Option<String> {
     names.iter().find_map(|name| {
         // SAFETY: loading a shared library runs its initializers; these are NVIDIA's TensorRT libraries, which
         // ONNX Runtime's provider would load into this process anyway.
         match unsafe { libloading::Library::new(*name) } {
-            Ok(_) => None,
+            Ok(lib) => {
+                std::mem::forget(lib);
+                None
+            }
             Err(e) => {
                 let reason = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
                 Some(format!("{name} ({reason})"))
