@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
-use r1_engine::ExecutionProviderKind;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use r1_engine::ExecutionProviderKind;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::ApiKeys;
