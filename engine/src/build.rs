@@ -157,6 +157,20 @@ pub fn no_tensorrt_ep(gpu: &LocalGpu) -> EngineError {
     }
 }
 
+/// The error for a GPU host whose ONNX Runtime has the TensorRT EP but not TensorRT itself: `missing` is the library
+/// the loader could not open, with its reason ([`targets::missing_tensorrt_library`]).
+pub fn tensorrt_not_installed(gpu: &LocalGpu, missing: &str) -> EngineError {
+    EngineError::Unavailable {
+        what: "TensorRT execution provider".into(),
+        message: format!(
+            "GPU `{}` found and ONNX Runtime has the TensorRT provider, but TensorRT's library {missing} cannot be \
+             loaded: install TensorRT 10 for CUDA 13 (NVIDIA's tensorrt wheels or tarball) and put its lib directory \
+             on LD_LIBRARY_PATH",
+            gpu.name
+        ),
+    }
+}
+
 /// Checks everything a TensorRT build of `target` needs on this host: the GPU, then ONNX Runtime
 /// with its TensorRT EP. Returns the GPU on success.
 pub fn check_build_host(target: &Target, hardware_compatible: bool) -> Result<LocalGpu> {
@@ -167,14 +181,7 @@ pub fn check_build_host(target: &Target, hardware_compatible: bool) -> Result<Lo
         return Err(no_tensorrt_ep(&gpu));
     }
     if let Some(missing) = targets::missing_tensorrt_library() {
-        return Err(EngineError::Unavailable {
-            what: format!("TensorRT for the `{}` build", target.name),
-            message: format!(
-                "GPU `{}` found and ONNX Runtime has the TensorRT provider, but {}",
-                gpu.name,
-                crate::backend::ort::tensorrt_missing_hint(&missing)
-            ),
-        });
+        return Err(tensorrt_not_installed(&gpu, &missing));
     }
     Ok(gpu)
 }

@@ -92,10 +92,7 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
     let trt_missing = if want_trt && trt_available { targets::missing_tensorrt_library() } else { None };
     if let Some(missing) = &trt_missing {
         if matches!(opts.execution_provider, ExecutionProviderKind::TensorRt) {
-            return Err(EngineError::Unavailable {
-                what: "TensorRT execution provider".into(),
-                message: format!("GPU `{}` found and this ONNX Runtime has the TensorRT provider, but {}", gpu.name, tensorrt_missing_hint(missing)),
-            });
+            return Err(crate::build::tensorrt_not_installed(&gpu, missing));
         }
         tracing::warn!(gpu = %gpu.name, "TensorRT is not installed ({missing}); running on the CUDA provider instead");
     }
@@ -134,13 +131,7 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
         return Ok(EpChoice { providers: vec![trt, cuda], name: "ort-tensorrt" });
     }
     if matches!(opts.execution_provider, ExecutionProviderKind::TensorRt) {
-        return Err(EngineError::Unavailable {
-            what: "TensorRT execution provider".into(),
-            message: format!(
-                "GPU `{}` found, but this ONNX Runtime has no TensorRT provider (install onnxruntime-gpu and the tensorrt wheels)",
-                gpu.name
-            ),
-        });
+        return Err(crate::build::no_tensorrt_ep(&gpu));
     }
     if cuda_available {
         let mut cuda = cuda_provider().build();
@@ -165,14 +156,6 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
 /// fp16 artifacts are unaffected (their MatMuls are fp16).
 fn cuda_provider() -> ep::CUDA {
     ep::CUDA::default().with_tf32(false)
-}
-
-/// What to tell a user whose host lacks TensorRT's libraries (`missing` from [`targets::missing_tensorrt_library`]).
-pub fn tensorrt_missing_hint(missing: &str) -> String {
-    format!(
-        "TensorRT's library {missing} cannot be loaded: install TensorRT 10 for CUDA 13 (NVIDIA's tensorrt wheels or \
-         tarball) and put its lib directory on LD_LIBRARY_PATH"
-    )
 }
 
 impl OrtBackend {
