@@ -20,8 +20,15 @@ export R1_HOME="$ROOT/.r1"
 # Incremental compilation state is only useful to edit-compile loops; in a one-shot run it costs GBs of disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
-echo "== build (r1-export, r1-fixture, r1-serve, r1-bench, r1-eval)"
-cargo build --workspace --bins --locked
+echo "== build (r1-export, r1-fixture, r1-serve, r1-bench, r1-eval and every test binary)"
+# One build for binaries and tests: `cargo build --bins` resolves dependency features without the dev-dependencies,
+# so it would compile a second copy of every shared dependency (~1 GB of target/ and minutes on 2 cores). Building
+# the tests also builds and uplifts each package's binaries to target/debug/ (every package with a binary has
+# integration tests), which the export step below uses.
+cargo test --workspace --locked --no-run
+for bin in r1-export r1-fixture r1-serve r1-bench r1-eval; do
+  [ -x "target/debug/$bin" ] || { echo "error: target/debug/$bin was not built by 'cargo test --no-run'" >&2; exit 1; }
+done
 
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
