@@ -42,8 +42,10 @@ for case in tests/fixtures/golden/*/; do
     dirs+=("$out/$name-$precision")
   done
 done
-# The engine's conformance suite also runs batched-vs-single on a real exported artifact.
+# The engine's conformance suite also runs batched-vs-single on a real exported artifact, with its CPU serving graph
+# (last-position logits, attention fused into GroupQueryAttention) so that ONNX Runtime runs the graph r1-serve runs.
 export R1_CONFORMANCE_ARTIFACT="$out/qwen2_gqa2_bf16-fp32"
+target/debug/r1-export build "$R1_CONFORMANCE_ARTIFACT" --target cpu
 
 echo "== cargo test (workspace)"
 cargo test --workspace --locked

@@ -285,6 +285,11 @@ pub struct CpuBuild {
     /// serving rewrite); `false` (and artifacts written before it existed): every position, as `model.onnx`.
     #[serde(default)]
     pub last_position_logits: bool,
+    /// Each layer's attention is ONNX Runtime's `GroupQueryAttention` (the exporter's serving rewrite), whose CPU
+    /// kernel takes more than one new token per row only for rows without a past, or one row at a time: the
+    /// engine splits such steps (`false`, and artifacts written before it existed: the portable attention).
+    #[serde(default)]
+    pub fused_attention: bool,
 }
 
 /// Writes the ONNX Runtime-optimized CPU graph of `model` (an artifact's `model.onnx`, or the exporter's serving
@@ -333,22 +338,29 @@ pub fn optimize_cpu_graph(model: &Path, out: &Path) -> Result<CpuBuild> {
         files,
         lowering: None,
         last_position_logits: false,
+        fused_attention: false,
     })
+}
+
+/// The manifest's `cpu` build record, when there is one that parses.
+fn cpu_record(manifest: &Manifest) -> Option<CpuBuild> {
+    serde_json::from_value(manifest.targets.get("cpu")?.clone()).ok()
+}
+
+/// Whether the manifest's `cpu` record says its graph's attention is fused (see [`CpuBuild::fused_attention`]).
+pub fn cpu_graph_has_fused_attention(manifest: &Manifest) -> bool {
+    cpu_record(manifest).is_some_and(|r| r.fused_attention)
 }
 
 /// Whether the manifest's `cpu` record says its graph returns last-position logits only.
 pub fn cpu_graph_has_last_position_logits(manifest: &Manifest) -> bool {
-    manifest
-        .targets
-        .get("cpu")
-        .and_then(|r| serde_json::from_value::<CpuBuild>(r.clone()).ok())
-        .is_some_and(|r| r.last_position_logits)
+    cpu_record(manifest).is_some_and(|r| r.last_position_logits)
 }
 
 /// The graph the ort backend should open on CPU: [`CPU_GRAPH`] when the manifest records it as
 /// built and the file exists, else `None` (use the portable `model.onnx`).
 pub fn preferred_cpu_graph(dir: &Path, manifest: &Manifest) -> Option<&'static str> {
-    let record: CpuBuild = serde_json::from_value(manifest.targets.get("cpu")?.clone()).ok()?;
+    let record = cpu_record(manifest)?;
     (record.built && record.graph == CPU_GRAPH && dir.join(CPU_GRAPH).is_file()).then_some(CPU_GRAPH)
 }
 
@@ -495,6 +507,7 @@ mod tests {
             files: vec![CPU_GRAPH.into()],
             lowering: None,
             last_position_logits: false,
+            fused_attention: false,
         };
         m.targets.insert("cpu".into(), serde_json::to_value(&record).unwrap());
         assert_eq!(preferred_cpu_graph(dir.path(), &m), None, "file missing");
@@ -503,6 +516,9 @@ mod tests {
         let mut newer = m.clone();
         newer.targets.insert("cpu".into(), serde_json::to_value(CpuBuild { last_position_logits: true, ..record.clone() }).unwrap());
         assert!(cpu_graph_has_last_position_logits(&newer));
+        assert!(!cpu_graph_has_fused_attention(&newer), "records written before the attention rewrite: not fused");
+        newer.targets.insert("cpu".into(), serde_json::to_value(CpuBuild { fused_attention: true, ..record.clone() }).unwrap());
+        assert!(cpu_graph_has_fused_attention(&newer));
         std::fs::create_dir_all(dir.path().join("engines/cpu/sub")).unwrap();
         std::fs::write(dir.path().join(CPU_GRAPH), b"x").unwrap();
         std::fs::write(dir.path().join("engines/cpu/sub/y"), b"y").unwrap();

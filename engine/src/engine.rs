@@ -273,23 +273,42 @@ impl Engine {
     /// One forward pass over `work` (distinct sequences, each with pending tokens). Returns the
     /// last-position logits of every sequence whose pending tokens were all fed, in `work` order.
     /// On error no sequence changes.
+    ///
+    /// When the backend cannot batch prefill chunks that have a past ([`Backend::batches_chunks_with_past`]), the
+    /// step runs as several passes: the decode rows together, the first chunks (no past) together, and each later
+    /// chunk alone. Every pass runs and is checked before any cache changes.
     pub fn step(&mut self, work: &[StepWork]) -> Result<Vec<StepLogits>> {
         let plan = self.plan(work)?;
-        // Same rows in the same order as the step that left `kept`: its present is this step's past, fed back as it
-        // is (no copy of the caches into the step). Otherwise the host caches are gathered into a padded batch.
-        let kept = self.kept.take().filter(|k| {
+        let passes = if self.backend.batches_chunks_with_past() { vec![plan] } else { split_chunks_with_past(plan) };
+        let mut outputs = Vec::with_capacity(passes.len());
+        for pass in passes {
+            let out = self.run_pass(&pass)?;
+            outputs.push((pass, out));
+        }
+        let mut results = Vec::new();
+        for (pass, (logits, present)) in outputs {
+            results.extend(self.apply_pass(&pass, &logits, present)?);
+        }
+        // Back to `work` order (a split step returns pass by pass).
+        results.sort_by_key(|r| work.iter().position(|w| w.seq == r.seq));
+        Ok(results)
+    }
+
+    /// Runs one pass and checks its outputs' shapes; changes no sequence. Feeds the kept present back as the past
+    /// when it holds the same rows in the same order, else gathers the host caches into a padded batch.
+    fn run_pass(&mut self, plan: &Plan) -> Result<(ndarray::Array3<f32>, KeptPresent)> {
+        let kept = self.kept.take_if(|k| {
             self.backend.can_feed_kept()
                 && k.rows.len() == plan.rows.len()
                 && k.rows.iter().zip(&plan.rows).all(|(id, r)| *id == r.id)
         });
-        let input = self.assemble(&plan, kept.is_none());
+        let input = self.assemble(plan, kept.is_none());
         let (logits, present) = self.backend.run_keep(&input, kept.as_ref().map(|k| &k.present))?;
         drop(kept);
         let (b, s, past) = (plan.rows.len(), plan.seq_len, plan.past_len);
         let vocab = self.manifest.model.vocab_size;
         // A serving graph may return each row's last fed position only (`Backend::last_position_logits`).
-        let last_only = self.backend.last_position_logits();
-        let positions = if last_only { 1 } else { s };
+        let positions = if self.backend.last_position_logits() { 1 } else { s };
         if logits.dim() != (b, positions, vocab) {
             return Err(EngineError::Shape {
                 name: "logits".into(),
@@ -299,6 +318,15 @@ impl Engine {
         }
         let (keys, values) = present.views()?;
         self.check_present(&keys, &values, b, past + s)?;
+        drop((keys, values));
+        Ok((logits, present))
+    }
+
+    /// Appends a checked pass's new positions to the host caches and returns the logits of the rows it completed.
+    fn apply_pass(&mut self, plan: &Plan, logits: &ndarray::Array3<f32>, present: KeptPresent) -> Result<Vec<StepLogits>> {
+        let last_only = self.backend.last_position_logits();
+        let past = plan.past_len;
+        let (keys, values) = present.views()?;
         let mut results = Vec::new();
         for (row, r) in plan.rows.iter().enumerate() {
             let seq = self.seqs.get_mut(&r.id).ok_or(EngineError::UnknownSequence { id: r.id.0 })?;
@@ -342,9 +370,7 @@ impl Engine {
             let feed = pending.min(w.max_tokens);
             rows.push(PlanRow { id: w.seq, past: seq.cache.len(), feed, completes: feed == pending });
         }
-        let past_len = rows.iter().map(|r| r.past).max().unwrap_or(0);
-        let seq_len = rows.iter().map(|r| r.feed).max().unwrap_or(0);
-        Ok(Plan { rows, past_len, seq_len })
+        Ok(Plan::new(rows))
     }
 
     /// The step's inputs; the past is gathered from the host caches only when `with_past` (else it is left empty:
@@ -535,4 +561,32 @@ struct Plan {
     rows: Vec<PlanRow>,
     past_len: usize,
     seq_len: usize,
+}
+
+impl Plan {
+    fn new(rows: Vec<PlanRow>) -> Plan {
+        let past_len = rows.iter().map(|r| r.past).max().unwrap_or(0);
+        let seq_len = rows.iter().map(|r| r.feed).max().unwrap_or(0);
+        Plan { rows, past_len, seq_len }
+    }
+}
+
+/// Splits a step for a backend that cannot batch prefill chunks with a past: one pass for the rows that feed one
+/// token, one for the chunks without a past, and one per chunk with a past, in that order (rows keep their order
+/// within a pass). A plan that needs no split comes back as it is.
+fn split_chunks_with_past(plan: Plan) -> Vec<Plan> {
+    // The kernel's limit: several rows, more than one new token, and a past.
+    if plan.rows.len() == 1 || plan.seq_len == 1 || plan.past_len == 0 {
+        return vec![plan];
+    }
+    let (decode, chunks): (Vec<PlanRow>, Vec<PlanRow>) = plan.rows.into_iter().partition(|r| r.feed == 1);
+    let (first, later): (Vec<PlanRow>, Vec<PlanRow>) = chunks.into_iter().partition(|r| r.past == 0);
+    let mut passes = Vec::new();
+    for rows in [decode, first] {
+        if !rows.is_empty() {
+            passes.push(Plan::new(rows));
+        }
+    }
+    passes.extend(later.into_iter().map(|r| Plan::new(vec![r])));
+    passes
 }

@@ -258,6 +258,92 @@ fn a_failed_step_leaves_every_sequence_unchanged() {
     assert_eq!(r1_engine::engine::argmax(&out[1].logits), w1[0]);
 }
 
+/// Forwards to a backend under the limit of ONNX Runtime's CPU `GroupQueryAttention` (the fused serving graph): a
+/// pass with several rows, more than one new token and a past is refused, as the kernel refuses it. Counts passes,
+/// and fails the `fail_at`-th one (fault injection in the middle of a split step).
+struct OneChunkWithPast {
+    inner: Box<dyn Backend>,
+    passes: Arc<AtomicUsize>,
+    fail_at: Option<usize>,
+}
+
+impl Backend for OneChunkWithPast {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn run(&mut self, input: &StepInput) -> r1_engine::Result<StepOutput> {
+        let (b, s) = input.input_ids.dim();
+        let past = input.attention_mask.ncols() - s;
+        let n = self.passes.fetch_add(1, Ordering::SeqCst) + 1;
+        if b > 1 && s > 1 && past > 0 {
+            return Err(EngineError::Backend { backend: "one-chunk", message: format!("{b} rows of {s} tokens with a past of {past}") });
+        }
+        if self.fail_at == Some(n) {
+            return Err(EngineError::Backend { backend: "one-chunk", message: "injected failure".into() });
+        }
+        self.inner.run(input)
+    }
+    fn last_position_logits(&self) -> bool {
+        self.inner.last_position_logits()
+    }
+    fn batches_chunks_with_past(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn steps_split_for_a_backend_that_cannot_batch_chunks_with_a_past() {
+    // The fused serving graph's limit: the engine runs decode rows together, first chunks together and each later
+    // chunk alone, and the generations stay equal to single-sequence ones (both backends, both fixtures).
+    for fx in FIXTURES {
+        let exp = expected(fx);
+        let prompts: Vec<Vec<u32>> = exp.cases.iter().map(|(p, _)| p.clone()).collect();
+        for kind in KINDS {
+            let mut plain = engine(fx, kind);
+            let singles: Vec<Vec<u32>> = prompts.iter().map(|p| plain.generate_greedy(p, exp.new_tokens, &[]).unwrap()).collect();
+            let (manifest, inner) = open_backend(fx, kind);
+            let passes = Arc::new(AtomicUsize::new(0));
+            let wrapped = OneChunkWithPast { inner, passes: passes.clone(), fail_at: None };
+            let mut e = Engine::from_backend(&fixture(fx), manifest, Box::new(wrapped), None);
+            for chunk in [usize::MAX, 3, 1] {
+                let batched = e
+                    .generate_batch_with(&prompts, exp.new_tokens, &[], chunk, |l| Ok(r1_engine::engine::argmax(l)))
+                    .unwrap();
+                assert_eq!(batched, singles, "{fx} {kind:?} chunk {chunk}");
+            }
+            assert!(passes.load(Ordering::SeqCst) > 0);
+        }
+    }
+}
+
+#[test]
+fn a_split_step_that_fails_in_its_second_pass_leaves_every_sequence_unchanged() {
+    let exp = expected("tiny");
+    let (p0, w0) = &exp.cases[1];
+    let (p1, _) = &exp.cases[2];
+    assert!(p1.len() >= 3, "case 2 needs a prompt of 3+ tokens to be chunked");
+    let (manifest, inner) = open_backend("tiny", BackendKind::Tract);
+    let passes = Arc::new(AtomicUsize::new(0));
+    // Pass 1: a's prefill and b's first chunk; pass 2 (a decodes) runs; pass 3 (b's second chunk) fails.
+    let wrapped = OneChunkWithPast { inner, passes: passes.clone(), fail_at: Some(3) };
+    let mut e = Engine::from_backend(&fixture("tiny"), manifest, Box::new(wrapped), None);
+    let a = e.add_sequence(p0, 4).unwrap();
+    let b = e.add_sequence(p1, 4).unwrap();
+    let first = e.step(&[StepWork::all(a), StepWork::chunk(b, 1)]).unwrap();
+    assert_eq!(first.len(), 1, "only a completes its prompt");
+    e.push_token(a, r1_engine::engine::argmax(&first[0].logits)).unwrap();
+    let state = |e: &Engine| [a, b].map(|s| (e.cached_tokens(s).unwrap(), e.pending_tokens(s).unwrap()));
+    let before = state(&e);
+    let err = e.step(&[StepWork::all(a), StepWork::chunk(b, 2)]).unwrap_err();
+    assert_eq!(err.kind(), "backend");
+    assert_eq!(passes.load(Ordering::SeqCst), 3, "the step was split into two passes");
+    assert_eq!(state(&e), before, "no sequence changed although the first pass had run");
+    // The same step now succeeds, and a continues exactly like the reference.
+    let out = e.step(&[StepWork::all(a), StepWork::chunk(b, 2)]).unwrap();
+    assert_eq!(out[0].seq, a);
+    assert_eq!(r1_engine::engine::argmax(&out[0].logits), w0[1]);
+}
+
 #[test]
 fn invalid_work_is_rejected_before_running() {
     let mut e = engine("tiny", BackendKind::Tract);

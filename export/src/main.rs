@@ -40,9 +40,10 @@ What you get in OUT_DIR:
   manifest.json                  family, resolved config, precision, opset, I/O names and shapes,
                                  KV-cache layout and bytes per token, sha256 of every file,
                                  per-target builds or build plans (`targets`)
-  engines/cpu/                   with --target cpu: model.onnx (+ model.onnx.data) after ONNX
-                                 Runtime's extended graph optimizations (portable across CPUs;
-                                 needs ONNX Runtime, tract uses the portable graph)
+  engines/cpu/                   with --target cpu: model.onnx (+ model.onnx.data), a serving graph
+                                 (last-position logits, attention fused into GroupQueryAttention)
+                                 after ONNX Runtime's extended graph optimizations (portable across
+                                 CPUs; needs ONNX Runtime, tract uses the portable graph)
   engines/<gpu>/                 with a GPU target built on its GPU: TensorRT engine, timing cache
                                  and model_ctx.onnx (EP-context model pointing at the engine)
 

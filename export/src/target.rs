@@ -156,10 +156,11 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
             std::fs::remove_dir_all(d).map_err(ExportError::io(d))?;
         }
     }
-    let record = serving_source(dir, manifest, &lowered, &rewritten).and_then(|(source, lowering)| {
+    let record = serving_source(dir, manifest, &lowered, &rewritten).and_then(|(source, lowering, fused)| {
         let mut r = eb::optimize_cpu_graph(&source, &tmp).map_err(engine_err(dir))?;
         r.lowering = lowering.map(|l| serde_json::to_value(&l)).transpose().map_err(|e| ExportError::Graph(e.to_string()))?;
         r.last_position_logits = true;
+        r.fused_attention = fused;
         Ok(r)
     });
     let _ = std::fs::remove_dir_all(&lowered);
@@ -178,10 +179,16 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
     Ok(record)
 }
 
-/// Writes the serving form of the artifact's graph and returns its path (and the lowering, when one was done):
-/// `int8-wo` / `int8` graphs go to `lowered/model.onnx` (+ `model.onnx.data`, the weights rewritten), the others
-/// to `rewritten`, a graph-only file beside `model.onnx` that reads the artifact's own weight file.
-fn serving_source(dir: &Path, manifest: &Manifest, lowered: &Path, rewritten: &Path) -> Result<(std::path::PathBuf, Option<Lowering>)> {
+/// Writes the serving form of the artifact's graph and returns its path, the lowering (when one was done) and
+/// whether attention was fused: `int8-wo` / `int8` graphs go to `lowered/model.onnx` (+ `model.onnx.data`, the
+/// weights rewritten), the others to `rewritten`, a graph-only file beside `model.onnx` that reads the artifact's
+/// own weight file.
+fn serving_source(
+    dir: &Path,
+    manifest: &Manifest,
+    lowered: &Path,
+    rewritten: &Path,
+) -> Result<(std::path::PathBuf, Option<Lowering>, bool)> {
     let mut model = crate::quantize::read_model(&dir.join(MODEL_FILE))?;
     // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
     let lowering = if matches!(manifest.precision.as_str(), "int8-wo" | "int8") {
@@ -198,9 +205,32 @@ fn serving_source(dir: &Path, manifest: &Manifest, lowered: &Path, rewritten: &P
         None
     };
     crate::onnx::last_logits::gather_last_position_logits(&mut model, manifest.model.hidden_size)?;
+    let fused = match attention_shape(manifest) {
+        Some(shape) => {
+            let dtype = crate::onnx::ElemType::from(manifest.kv_cache.dtype);
+            crate::onnx::fused_attention::fuse_attention(&mut model, &shape, dtype)? > 0
+        }
+        None => false,
+    };
     let path = if lowering.is_some() { lowered.join(MODEL_FILE) } else { rewritten.to_path_buf() };
     std::fs::write(&path, model.encode_to_vec()).map_err(ExportError::io(&path))?;
-    Ok((path, lowering))
+    Ok((path, lowering, fused))
+}
+
+/// The attention shape of a dense-family artifact (Llama, Qwen2, Qwen3: the graphs
+/// [`crate::onnx::fused_attention`] rewrites), read from its manifest's `config`; `None` for other families.
+fn attention_shape(manifest: &Manifest) -> Option<crate::onnx::fused_attention::AttentionShape> {
+    if !matches!(manifest.family.as_str(), "llama" | "qwen2" | "qwen3") {
+        return None;
+    }
+    let get = |key: &str| manifest.config.get(key).and_then(serde_json::Value::as_u64).map(|v| v as usize);
+    Some(crate::onnx::fused_attention::AttentionShape {
+        num_layers: get("num_layers")?,
+        num_heads: get("num_heads")?,
+        num_kv_heads: get("num_kv_heads")?,
+        head_dim: get("head_dim")?,
+        max_positions: manifest.model.max_position_embeddings,
+    })
 }
 
 /// Replaces the manifest's `engines/<target>/` file entries with the sha256 and size of `files`.

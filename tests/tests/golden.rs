@@ -112,3 +112,75 @@ fn left_padded_batch_equals_each_prompt_alone() {
         }
     }
 }
+
+/// The serving graph `r1-export --target cpu` writes for ONNX Runtime (last-position logits; each layer's attention
+/// fused into `GroupQueryAttention` where the kernel takes the head size) matches transformers too, driven through
+/// the engine the way the server drives it: row 0's prompt prefilled in chunks of 2 while the other rows already
+/// decode (steps the engine splits into passes for the fused kernel), every row teacher-forced with the reference's
+/// decode tokens.
+#[test]
+fn serving_graph_matches_transformers_through_the_engine() {
+    use r1_engine::{Engine, EngineOptions, StepWork};
+    use r1_export::target::{self, Mode, TargetOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<_> = golden_cases()
+        .into_iter()
+        .filter(|c| !c.file_name().unwrap().to_string_lossy().starts_with("deepseek"))
+        .collect();
+    let mut fused_cases = 0;
+    let mut failures = Vec::new();
+    let mut report = Vec::new();
+    for case in &cases {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let g = Golden::load(case).unwrap();
+        for precision in [Precision::Fp32, Precision::Fp16] {
+            let out = tmp.path().join(format!("{name}-{}", precision.name()));
+            let m = export_case(case, &out, precision).unwrap();
+            target::apply(&out, &TargetOptions { targets: vec!["cpu".into()], hardware_compatible: false }, Mode::AfterExport)
+                .unwrap();
+            let m2 = r1_engine::Manifest::load(&out).unwrap();
+            let fused = r1_engine::build::cpu_graph_has_fused_attention(&m2);
+            let head_dim = m.config["head_dim"].as_u64().unwrap() as usize;
+            assert_eq!(fused, head_dim % 16 == 0, "{name}: fused attention recorded {fused} for head_dim {head_dim}");
+            fused_cases += usize::from(fused);
+            let opts = EngineOptions { backend: BackendKind::Ort, ..Default::default() };
+            let mut e = Engine::load(&out, &opts).unwrap();
+            let (b, p) = g.input_ids.dim();
+            let n = g.decode_input_ids.ncols();
+            let mut seqs = Vec::new();
+            for r in 0..b {
+                let prompt: Vec<u32> = (0..p).filter(|&t| g.attention_mask[[r, t]] == 1).map(|t| g.input_ids[[r, t]] as u32).collect();
+                seqs.push(e.add_sequence(&prompt, n + 1).unwrap());
+            }
+            // next[r]: how many reference logits row r has matched (0 = the prompt's last position).
+            let mut next = vec![0usize; b];
+            let mut err = 0f32;
+            while next.iter().any(|&k| k <= n) {
+                let work: Vec<StepWork> = (0..b)
+                    .filter(|&r| next[r] <= n)
+                    .map(|r| if r == 0 { StepWork::chunk(seqs[r], 2) } else { StepWork::all(seqs[r]) })
+                    .collect();
+                for res in e.step(&work).unwrap() {
+                    let r = seqs.iter().position(|s| *s == res.seq).unwrap();
+                    let k = next[r];
+                    let want = if k == 0 { g.prefill_logits.slice(s![r, p - 1, ..]) } else { g.decode_logits.slice(s![r, k - 1, ..]) };
+                    let got = ndarray::Array3::from_shape_vec((1, 1, res.logits.len()), res.logits).unwrap();
+                    let want = want.to_owned().into_shape_with_order((1, 1, got.len())).unwrap();
+                    err = err.max(rel_err(&got, &want, |_, _| true).unwrap());
+                    if k < n {
+                        e.push_token(res.seq, g.decode_input_ids[[r, k]] as u32).unwrap();
+                    }
+                    next[r] += 1;
+                }
+            }
+            let label = format!("{name} {} {} (fused attention: {fused})", precision.name(), e.backend_name());
+            report.push(format!("{label}: rel err {err:.2e}"));
+            if !(err <= tolerance(precision)) {
+                failures.push(format!("{label}: relative logit error {err:.3e} exceeds {:.0e}", tolerance(precision)));
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(fused_cases >= 2 * 3, "expected at least 3 dense cases with a fusable head size, fused {fused_cases} exports");
+}

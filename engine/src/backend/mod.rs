@@ -136,6 +136,14 @@ pub trait Backend: Send {
         false
     }
 
+    /// Whether one forward pass may hold several rows that each feed more than one token and have a past (a
+    /// prefill chunk after the first). `false` for a serving graph whose attention is ONNX Runtime's
+    /// `GroupQueryAttention` (`targets.cpu.fused_attention`), whose CPU kernel refuses it: the engine then runs
+    /// such rows one per pass.
+    fn batches_chunks_with_past(&self) -> bool {
+        true
+    }
+
     /// One forward pass returning the graph outputs named in `names` as float32, in that order. For tools that
     /// run a copy of the graph with intermediate tensors added as outputs (INT8 calibration, per-layer error
     /// reports); serving uses [`Backend::run`].

@@ -56,6 +56,7 @@ pub struct OrtBackend {
     present_dtype: DType,
     /// The graph gathers each row's last fed position before the LM head ([`Backend::last_position_logits`]).
     last_position_logits: bool,
+    fused_attention: bool,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -204,6 +205,7 @@ impl OrtBackend {
             logits_dtype: dtype_of("logits", DType::Float32),
             present_dtype: dtype_of(&Manifest::present_key_name(0), manifest.kv_cache.dtype),
             last_position_logits: preferred.is_some() && crate::build::cpu_graph_has_last_position_logits(manifest),
+            fused_attention: preferred.is_some() && crate::build::cpu_graph_has_fused_attention(manifest),
         })
     }
 }
@@ -283,6 +285,10 @@ impl Backend for OrtBackend {
 
     fn last_position_logits(&self) -> bool {
         self.last_position_logits
+    }
+
+    fn batches_chunks_with_past(&self) -> bool {
+        !self.fused_attention
     }
 
     fn run_keep(&mut self, input: &StepInput, past: Option<&KeptPresent>) -> Result<(Array3<f32>, KeptPresent)> {

@@ -10,6 +10,7 @@
 
 mod builder;
 mod external;
+pub mod fused_attention;
 pub mod last_logits;
 mod ops;
 

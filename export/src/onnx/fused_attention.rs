@@ -1,0 +1,377 @@
+//! Serving-graph rewrite for ONNX Runtime on CPU: each dense layer's attention becomes one
+//! `com.microsoft.GroupQueryAttention` node.
+//!
+//! The portable graph spells attention out in basic opset-17 ops: per layer, the q/k heads' transposes, rotary
+//! (`Split → Neg → Concat → Mul × 2 → Add`, for q and for k), the cache `Concat`s, the key transpose, the grouped
+//! score `MatMul`, mask `Add`, `Softmax`, the context `MatMul` and three reshapes/transposes back: ~30 nodes per
+//! layer, each a separate kernel launch over a small tensor during decode. ONNX Runtime's contrib
+//! `GroupQueryAttention` does all of it in one kernel (rotary from `position_ids` and cos/sin tables, the cache
+//! append, grouped attention without repeating the KV heads), and its CPU kernel is what ONNX Runtime GenAI runs.
+//!
+//! What the rewrite keeps exact: the KV cache contract (`past_key_values.{i}.*` in, `present.{i}.*` out, keys
+//! stored after rotary, `[batch, kv_heads, total, head_dim]`), the engine's left-padded pasts and right-padded
+//! new tokens (the graph's own mask goes in as `attention_bias`, and every row is declared full length,
+//! `seqlens_k = total − 1`, so the kernel's causal mask sees the same positions the mask does), and the rotary
+//! angles (`position_ids × inv_freq`, with the graph's own `inv_freq`).
+//!
+//! What it changes: ONNX Runtime's CPU kernel refuses a step with more than one row when the rows bring more than
+//! one new token each *and* have a past (`batch_size must be 1 when sequence_length > 1 and past context is
+//! given`). The artifact records `targets.cpu.fused_attention`, and the engine then runs such rows one at a time
+//! (decode rows, and first chunks without a past, still run batched).
+//!
+//! Only the dense families (Llama, Qwen2, Qwen3) are rewritten; other graphs (DeepSeek-V3's MLA) are left as
+//! they are.
+use std::collections::{HashMap, HashSet};
+
+use r1_proto::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+
+use super::{attr_f, attr_i, inline_tensor, ElemType};
+use crate::error::{ExportError, Result};
+
+/// Prefix of every node and tensor this rewrite adds.
+const PREFIX: &str = "/fused_attention";
+/// ONNX Runtime's contrib-op domain.
+const MS_DOMAIN: &str = "com.microsoft";
+/// The portable graph's rotary inputs (see `arch::common::Ctx::rotary`).
+const ROTARY_FREQS: &str = "/model/rotary_emb/freqs/Mul";
+/// Present only when the rotary tables are scaled (`Ctx::rotary` with `scale != 1`), which the fused form lacks.
+const ROTARY_SCALE: &str = "/model/rotary_emb/Cos/Scale";
+/// The portable graph's additive attention mask `[batch, 1, sequence, total]` (see `Ctx::attention_mask`).
+const MASK_WHERE: &str = "/model/attn_mask/Where";
+
+/// The attention shape of a dense decoder, from the artifact's manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Per-head size (rotary covers all of it in the dense families).
+    pub head_dim: usize,
+    /// Rows of the cos/sin tables: the longest position the artifact serves.
+    pub max_positions: usize,
+}
+
+fn graph_err(message: String) -> ExportError {
+    ExportError::Graph(format!("fused attention: {message}"))
+}
+
+fn node(name: &str, op_type: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        name: Some(name.into()),
+        op_type: Some(op_type.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn i64_tensor(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
+    inline_tensor(name, ElemType::I64, dims, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// Whether `model` already holds this rewrite's nodes.
+pub fn has_fused_attention(model: &ModelProto) -> bool {
+    model.graph.as_ref().is_some_and(|g| g.node.iter().any(|n| n.name.as_deref().is_some_and(|s| s.starts_with(PREFIX))))
+}
+
+/// The float32 values of initializer `name` (inline data only: the graph's small constants).
+fn f32_initializer(g: &GraphProto, name: &str) -> Option<Vec<f32>> {
+    let t = g.initializer.iter().find(|t| t.name.as_deref() == Some(name))?;
+    if t.data_type != Some(ElemType::F32.onnx_code()) {
+        return None;
+    }
+    match &t.raw_data {
+        Some(raw) if raw.len() % 4 == 0 => Some(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        _ if !t.float_data.is_empty() => Some(t.float_data.clone()),
+        _ => None,
+    }
+}
+
+/// The cos and sin tables `[max_positions, inv_freq.len()]`, angle `position × inv_freq` rounded to float32 as
+/// the portable graph computes it, cos/sin evaluated in float64 and stored as `dtype`.
+fn rotary_tables(inv_freq: &[f32], max_positions: usize, dtype: ElemType) -> Result<(Vec<u8>, Vec<u8>)> {
+    let mut cos = Vec::with_capacity(max_positions * inv_freq.len());
+    let mut sin = Vec::with_capacity(max_positions * inv_freq.len());
+    for p in 0..max_positions {
+        for f in inv_freq {
+            let angle = f64::from(p as f32 * f);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    Ok((dtype.encode_f32(&cos)?, dtype.encode_f32(&sin)?))
+}
+
+/// ONNX Runtime's CPU `GroupQueryAttention` takes head sizes that are a multiple of this only.
+pub const HEAD_DIM_MULTIPLE: usize = 16;
+
+/// Rewrites `model` in place (see the module docs) and returns the number of layers fused. `dtype` is the graph's
+/// activation type (float32 or float16). Returns 0 and leaves the graph as it is when it was rewritten before or
+/// when the kernel cannot take the shape (a head size that is not a multiple of [`HEAD_DIM_MULTIPLE`]: the
+/// portable attention stays, which is correct, only slower). Errors name the node or tensor of the portable graph
+/// that is missing.
+pub fn fuse_attention(model: &mut ModelProto, shape: &AttentionShape, dtype: ElemType) -> Result<usize> {
+    if has_fused_attention(model) || shape.head_dim % HEAD_DIM_MULTIPLE != 0 {
+        return Ok(0);
+    }
+    let (nh, nkv, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+    if nkv == 0 || nh % nkv != 0 || d % 2 != 0 {
+        return Err(graph_err(format!("{nh} heads over {nkv} kv heads of size {d} cannot be grouped")));
+    }
+    let g = model.graph.as_mut().ok_or_else(|| graph_err("the model has no graph".into()))?;
+    for input in ["attention_mask", "position_ids"] {
+        if !g.input.iter().any(|i| i.name.as_deref() == Some(input)) {
+            return Err(graph_err(format!("the graph has no `{input}` input")));
+        }
+    }
+    let by_name: HashMap<String, usize> =
+        g.node.iter().enumerate().filter_map(|(i, n)| n.name.clone().map(|s| (s, i))).collect();
+    let find = |name: &str| -> Result<&NodeProto> {
+        by_name.get(name).map(|&i| &g.node[i]).ok_or_else(|| graph_err(format!("the graph has no node `{name}`")))
+    };
+    let first_input = |name: &str| -> Result<String> {
+        find(name)?.input.first().cloned().ok_or_else(|| graph_err(format!("node `{name}` has no input")))
+    };
+    // The rotary angles' inverse frequencies: `freqs = positions × inv_freq`.
+    if by_name.contains_key(ROTARY_SCALE) {
+        return Err(graph_err(format!("`{ROTARY_SCALE}`: scaled cos/sin tables are not fused")));
+    }
+    let freqs = find(ROTARY_FREQS)?;
+    let inv_freq = freqs
+        .input
+        .iter()
+        .find_map(|i| f32_initializer(g, i))
+        .ok_or_else(|| graph_err(format!("`{ROTARY_FREQS}` reads no float32 inv_freq initializer")))?;
+    if inv_freq.len() * 2 != d {
+        return Err(graph_err(format!("rotary covers {} of head_dim {d}; only full-width rotary is fused", inv_freq.len() * 2)));
+    }
+    // The additive mask: rebuilt in the graph's type from the same boolean (`blocked`), since float16 cannot hold
+    // float32's lowest value.
+    let mask = find(MASK_WHERE)?;
+    let blocked = mask.input.first().cloned().ok_or_else(|| graph_err(format!("`{MASK_WHERE}` has no condition")))?;
+    let lowest = if dtype == ElemType::F16 { -65504.0f32 } else { f32::MIN };
+
+    // Every layer's tensors, looked up before anything changes.
+    struct Layer {
+        q: String,
+        k: String,
+        v: String,
+        out: String,
+    }
+    let mut layers = Vec::with_capacity(shape.num_layers);
+    for i in 0..shape.num_layers {
+        let a = format!("/model/layers.{i}/self_attn");
+        layers.push(Layer {
+            // The heads in `[batch, sequence, heads, head_dim]` (after Qwen3's per-head norms), before the transpose.
+            q: first_input(&format!("{a}/q_heads/Transpose"))?,
+            k: first_input(&format!("{a}/k_heads/Transpose"))?,
+            v: first_input(&format!("{a}/v_heads/Transpose"))?,
+            out: find(&format!("{a}/attn/merge_heads/Reshape"))?
+                .output
+                .first()
+                .cloned()
+                .ok_or_else(|| graph_err(format!("`{a}/attn/merge_heads/Reshape` has no output")))?,
+        });
+    }
+
+    let t = |s: &str| format!("{PREFIX}/{s}");
+    let (cos, sin) = rotary_tables(&inv_freq, shape.max_positions, dtype)?;
+    let half = (d / 2) as i64;
+    g.initializer.extend([
+        inline_tensor(&t("cos_cache"), dtype, &[shape.max_positions as i64, half], cos),
+        inline_tensor(&t("sin_cache"), dtype, &[shape.max_positions as i64, half], sin),
+        inline_tensor(&t("lowest"), dtype, &[], dtype.encode_f32(&[lowest])?),
+        inline_tensor(&t("zero_f"), dtype, &[], dtype.encode_f32(&[0.0])?),
+        i64_tensor(&t("zero"), &[1], &[0]),
+        i64_tensor(&t("one"), &[], &[1]),
+        i64_tensor(&t("heads_3d"), &[3], &[0, 0, -1]),
+    ]);
+    let mut new_nodes = vec![
+        node(&t("mask/Where"), "Where", &[&blocked, &t("lowest"), &t("zero_f")], &[&t("bias")]),
+        node(&t("total/Shape"), "Shape", &["attention_mask"], &[&t("mask_shape")]),
+        NodeProto { attribute: vec![attr_i("axis", 0)], ..node(&t("total/Gather"), "Gather", &[&t("mask_shape"), &t("one")], &[&t("total64")]) },
+        NodeProto {
+            attribute: vec![attr_i("to", ElemType::I32.onnx_code() as i64)],
+            ..node(&t("total/Cast"), "Cast", &[&t("total64")], &[&t("total")])
+        },
+        // Every row is declared full length: padding is masked by `bias`, not by the kernel's lengths.
+        node(&t("seqlens/Sub"), "Sub", &[&t("total64"), &t("one")], &[&t("last64")]),
+        NodeProto { attribute: vec![attr_i("axis", 0)], ..node(&t("batch/Gather"), "Gather", &[&t("mask_shape"), &t("zero")], &[&t("batch")]) },
+        node(&t("seqlens/Expand"), "Expand", &[&t("last64"), &t("batch")], &[&t("seqlens64")]),
+        NodeProto {
+            attribute: vec![attr_i("to", ElemType::I32.onnx_code() as i64)],
+            ..node(&t("seqlens/Cast"), "Cast", &[&t("seqlens64")], &[&t("seqlens")])
+        },
+    ];
+    let mut replaced: HashSet<String> = HashSet::new();
+    for (i, l) in layers.iter().enumerate() {
+        let p = format!("{PREFIX}/layers.{i}");
+        let mut in3 = Vec::new();
+        for (name, x) in [("q", &l.q), ("k", &l.k), ("v", &l.v)] {
+            let out = format!("{p}/{name}_3d");
+            new_nodes.push(node(&format!("{p}/{name}/Reshape"), "Reshape", &[x, &t("heads_3d")], &[&out]));
+            in3.push(out);
+        }
+        let (pk, pv) = (format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value"));
+        let (ok, ov) = (format!("present.{i}.key"), format!("present.{i}.value"));
+        for io in [&pk, &pv] {
+            if !g.input.iter().any(|x| x.name.as_ref() == Some(io)) {
+                return Err(graph_err(format!("the graph has no `{io}` input")));
+            }
+        }
+        new_nodes.push(NodeProto {
+            domain: Some(MS_DOMAIN.into()),
+            attribute: vec![
+                attr_i("num_heads", nh as i64),
+                attr_i("kv_num_heads", nkv as i64),
+                attr_i("do_rotary", 1),
+                attr_i("rotary_interleaved", 0),
+                attr_f("scale", 1.0 / (d as f32).sqrt()),
+            ],
+            ..node(
+                &format!("{p}/GroupQueryAttention"),
+                "GroupQueryAttention",
+                &[
+                    &in3[0],
+                    &in3[1],
+                    &in3[2],
+                    &pk,
+                    &pv,
+                    &t("seqlens"),
+                    &t("total"),
+                    &t("cos_cache"),
+                    &t("sin_cache"),
+                    "position_ids",
+                    &t("bias"),
+                ],
+                &[&l.out, &ok, &ov],
+            )
+        });
+        replaced.extend([l.out.clone(), ok, ov]);
+    }
+    // The old producers of the replaced tensors go; what only fed them goes with them.
+    g.node.retain(|n| !n.output.iter().any(|o| replaced.contains(o)));
+    g.node.extend(new_nodes);
+    topological_sort(g)?;
+    remove_dead_nodes(g);
+    if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some(MS_DOMAIN)) {
+        model.opset_import.push(OperatorSetIdProto { domain: Some(MS_DOMAIN.into()), version: Some(1) });
+    }
+    Ok(layers.len())
+}
+
+/// Orders `g.node` so every node comes after the producers of its inputs (stable: nodes already in order keep
+/// their relative order). Fails naming a tensor nothing produces.
+fn topological_sort(g: &mut GraphProto) -> Result<()> {
+    let mut known: HashSet<String> = g.input.iter().filter_map(|i| i.name.clone()).collect();
+    known.extend(g.initializer.iter().filter_map(|t| t.name.clone()));
+    known.insert(String::new());
+    let mut pending = std::mem::take(&mut g.node);
+    let mut sorted = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let before = pending.len();
+        let mut rest = Vec::new();
+        for n in pending {
+            if n.input.iter().all(|i| known.contains(i)) {
+                known.extend(n.output.iter().cloned());
+                sorted.push(n);
+            } else {
+                rest.push(n);
+            }
+        }
+        if rest.len() == before {
+            let missing = rest[0].input.iter().find(|i| !known.contains(*i)).cloned().unwrap_or_default();
+            return Err(graph_err(format!("node `{}` reads `{missing}`, which nothing produces", rest[0].name.as_deref().unwrap_or("?"))));
+        }
+        pending = rest;
+    }
+    g.node = sorted;
+    Ok(())
+}
+
+/// Drops nodes none of whose outputs is read (by a later node or as a graph output), and then initializers
+/// nothing reads. `g.node` must be topologically sorted.
+fn remove_dead_nodes(g: &mut GraphProto) {
+    let mut live: HashSet<String> = g.output.iter().filter_map(|o| o.name.clone()).collect();
+    let mut keep = vec![false; g.node.len()];
+    for (i, n) in g.node.iter().enumerate().rev() {
+        if n.output.iter().any(|o| live.contains(o)) {
+            keep[i] = true;
+            live.extend(n.input.iter().cloned());
+        }
+    }
+    let mut it = keep.into_iter();
+    g.node.retain(|_| it.next().unwrap_or(false));
+    g.initializer.retain(|t| t.name.as_ref().is_some_and(|n| live.contains(n)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotary_tables_hold_position_times_inv_freq() {
+        let (cos, sin) = rotary_tables(&[1.0, 0.5], 3, ElemType::F32).unwrap();
+        let cos: Vec<f32> = bytemuck::cast_slice(&cos).to_vec();
+        let sin: Vec<f32> = bytemuck::cast_slice(&sin).to_vec();
+        assert_eq!(cos.len(), 6);
+        for p in 0..3 {
+            for (j, f) in [1.0f32, 0.5].iter().enumerate() {
+                assert!((cos[p * 2 + j] - (p as f32 * f).cos()).abs() < 1e-7);
+                assert!((sin[p * 2 + j] - (p as f32 * f).sin()).abs() < 1e-7);
+            }
+        }
+    }
+
+    fn graph_with_inputs(inputs: &[&str]) -> ModelProto {
+        let value = |n: &str| r1_proto::onnx::ValueInfoProto { name: Some(n.into()), ..Default::default() };
+        ModelProto {
+            graph: Some(GraphProto { input: inputs.iter().map(|n| value(n)).collect(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_unfusable_head_size_is_left_alone_and_a_missing_piece_is_named() {
+        let shape = AttentionShape { num_layers: 1, num_heads: 4, num_kv_heads: 2, head_dim: 8, max_positions: 16 };
+        let mut m = graph_with_inputs(&["attention_mask", "position_ids"]);
+        let before = m.clone();
+        assert_eq!(fuse_attention(&mut m, &shape, ElemType::F32).unwrap(), 0);
+        assert_eq!(m, before, "head_dim 8 is not a multiple of {HEAD_DIM_MULTIPLE}: nothing changes");
+        let shape = AttentionShape { head_dim: 32, ..shape };
+        let err = fuse_attention(&mut m, &shape, ElemType::F32).unwrap_err().to_string();
+        assert!(err.contains(ROTARY_FREQS), "{err}");
+        let mut m = graph_with_inputs(&["attention_mask"]);
+        let err = fuse_attention(&mut m, &shape, ElemType::F32).unwrap_err().to_string();
+        assert!(err.contains("no `position_ids` input"), "{err}");
+        let bad = AttentionShape { num_kv_heads: 3, ..shape };
+        let err = fuse_attention(&mut m, &bad, ElemType::F32).unwrap_err().to_string();
+        assert!(err.contains("4 heads over 3 kv heads"), "{err}");
+    }
+
+    #[test]
+    fn sort_and_dead_node_removal() {
+        let mut g = GraphProto {
+            node: vec![
+                node("b", "Neg", &["a1"], &["b1"]),
+                node("a", "Neg", &["x"], &["a1"]),
+                node("dead", "Neg", &["x"], &["d1"]),
+            ],
+            input: vec![r1_proto::onnx::ValueInfoProto { name: Some("x".into()), ..Default::default() }],
+            output: vec![r1_proto::onnx::ValueInfoProto { name: Some("b1".into()), ..Default::default() }],
+            initializer: vec![i64_tensor("unused", &[], &[1])],
+            ..Default::default()
+        };
+        topological_sort(&mut g).unwrap();
+        remove_dead_nodes(&mut g);
+        let names: Vec<&str> = g.node.iter().map(|n| n.name.as_deref().unwrap()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(g.initializer.is_empty());
+        g.node.push(node("c", "Neg", &["nowhere"], &["c1"]));
+        let err = topological_sort(&mut g).unwrap_err().to_string();
+        assert!(err.contains("`c` reads `nowhere`"), "{err}");
+    }
+}
