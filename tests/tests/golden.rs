@@ -68,14 +68,15 @@ fn every_golden_case_matches_transformers_on_ort_and_tract() {
     assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
 }
 
+/// The golden cases of the dense families (the DeepseekV3 suite covers its own family).
+fn dense_cases() -> Vec<std::path::PathBuf> {
+    golden_cases().into_iter().filter(|c| !c.file_name().unwrap().to_string_lossy().starts_with("deepseek")).collect()
+}
+
 #[test]
 fn left_padded_batch_equals_each_prompt_alone() {
     let tmp = tempfile::tempdir().unwrap();
-    // Dense cases only (the DeepseekV3 suite covers its own family).
-    let cases: Vec<_> = golden_cases()
-        .into_iter()
-        .filter(|c| !c.file_name().unwrap().to_string_lossy().starts_with("deepseek"))
-        .collect();
+    let cases = dense_cases();
     assert!(!cases.is_empty());
     for case in cases {
         let name = case.file_name().unwrap().to_string_lossy().to_string();
@@ -123,10 +124,7 @@ fn serving_graph_matches_transformers_through_the_engine() {
     use r1_engine::{Engine, EngineOptions, StepWork};
     use r1_export::target::{self, Mode, TargetOptions};
     let tmp = tempfile::tempdir().unwrap();
-    let cases: Vec<_> = golden_cases()
-        .into_iter()
-        .filter(|c| !c.file_name().unwrap().to_string_lossy().starts_with("deepseek"))
-        .collect();
+    let cases = dense_cases();
     let mut fused_cases = 0;
     let mut failures = Vec::new();
     let mut report = Vec::new();
