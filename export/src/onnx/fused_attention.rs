@@ -114,11 +114,11 @@ pub const HEAD_DIM_MULTIPLE: usize = 16;
 /// portable attention stays, which is correct, only slower). Errors name the node or tensor of the portable graph
 /// that is missing.
 pub fn fuse_attention(model: &mut ModelProto, shape: &AttentionShape, dtype: ElemType) -> Result<usize> {
-    if has_fused_attention(model) || shape.head_dim % HEAD_DIM_MULTIPLE != 0 {
+    if has_fused_attention(model) || !shape.head_dim.is_multiple_of(HEAD_DIM_MULTIPLE) {
         return Ok(0);
     }
     let (nh, nkv, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
-    if nkv == 0 || nh % nkv != 0 || d % 2 != 0 {
+    if nkv == 0 || !nh.is_multiple_of(nkv) || !d.is_multiple_of(2) {
         return Err(graph_err(format!("{nh} heads over {nkv} kv heads of size {d} cannot be grouped")));
     }
     let g = model.graph.as_mut().ok_or_else(|| graph_err("the model has no graph".into()))?;
