@@ -110,8 +110,8 @@ pub const HEAD_DIM_MULTIPLE: usize = 16;
 
 /// Rewrites `model` in place (see the module docs) and returns the number of layers fused. `dtype` is the graph's
 /// activation type (float32 or float16). Returns 0 and leaves the graph as it is when it was rewritten before or
-/// when the kernel cannot take the shape (a head size that is not a multiple of [`HEAD_DIM_MULTIPLE`]: the
-/// portable attention stays, which is correct, only slower). Errors name the node or tensor of the portable graph
+/// when the kernel cannot take the graph (a head size that is not a multiple of [`HEAD_DIM_MULTIPLE`], or scaled
+/// cos/sin tables: the portable attention stays, which is correct, only slower). Errors name the node or tensor of the portable graph
 /// that is missing.
 pub fn fuse_attention(model: &mut ModelProto, shape: &AttentionShape, dtype: ElemType) -> Result<usize> {
     if has_fused_attention(model) || !shape.head_dim.is_multiple_of(HEAD_DIM_MULTIPLE) {
@@ -137,7 +137,8 @@ pub fn fuse_attention(model: &mut ModelProto, shape: &AttentionShape, dtype: Ele
     };
     // The rotary angles' inverse frequencies: `freqs = positions × inv_freq`.
     if by_name.contains_key(ROTARY_SCALE) {
-        return Err(graph_err(format!("`{ROTARY_SCALE}`: scaled cos/sin tables are not fused")));
+        // Scaled cos/sin tables (yarn's mscale): the kernel has no such factor, so the portable attention stays.
+        return Ok(0);
     }
     let freqs = find(ROTARY_FREQS)?;
     let inv_freq = freqs
