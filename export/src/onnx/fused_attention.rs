@@ -345,6 +345,11 @@ mod tests {
         let shape = AttentionShape { head_dim: 32, ..shape };
         let err = fuse_attention(&mut m, &shape, ElemType::F32).unwrap_err().to_string();
         assert!(err.contains(ROTARY_FREQS), "{err}");
+        let mut scaled = graph_with_inputs(&["attention_mask", "position_ids"]);
+        scaled.graph.as_mut().unwrap().node.push(node(ROTARY_SCALE, "Mul", &["c", "s"], &["cs"]));
+        let before = scaled.clone();
+        assert_eq!(fuse_attention(&mut scaled, &shape, ElemType::F32).unwrap(), 0, "scaled cos/sin tables are not fused");
+        assert_eq!(scaled, before);
         let mut m = graph_with_inputs(&["attention_mask"]);
         let err = fuse_attention(&mut m, &shape, ElemType::F32).unwrap_err().to_string();
         assert!(err.contains("no `position_ids` input"), "{err}");
