@@ -280,6 +280,7 @@ impl Engine {
     pub fn step(&mut self, work: &[StepWork]) -> Result<Vec<StepLogits>> {
         let plan = self.plan(work)?;
         let passes = if self.backend.batches_chunks_with_past() { vec![plan] } else { split_chunks_with_past(plan) };
+        let split = passes.len() > 1;
         let mut outputs = Vec::with_capacity(passes.len());
         for pass in passes {
             let out = self.run_pass(&pass)?;
@@ -289,8 +290,10 @@ impl Engine {
         for (pass, (logits, present)) in outputs {
             results.extend(self.apply_pass(&pass, &logits, present)?);
         }
-        // Back to `work` order (a split step returns pass by pass).
-        results.sort_by_key(|r| work.iter().position(|w| w.seq == r.seq));
+        if split {
+            // Back to `work` order (a split step returns pass by pass).
+            results.sort_by_key(|r| work.iter().position(|w| w.seq == r.seq));
+        }
         Ok(results)
     }
 

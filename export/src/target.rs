@@ -205,10 +205,13 @@ fn serving_source(
         None
     };
     crate::onnx::last_logits::gather_last_position_logits(&mut model, manifest.model.hidden_size)?;
+    // The lowered graph's external data lives in `lowered`, the others' beside `model.onnx`.
+    let data_dir = if lowering.is_some() { lowered } else { dir };
     let fused = match attention_shape(manifest) {
         Some(shape) => {
             let dtype = crate::onnx::ElemType::from(manifest.kv_cache.dtype);
-            crate::onnx::fused_attention::fuse_attention(&mut model, &shape, dtype)? > 0
+            let data = r1_calibration::external::ExternalDataReader::new(data_dir);
+            crate::onnx::fused_attention::fuse_attention(&mut model, &shape, dtype, &data)? > 0
         }
         None => false,
     };
@@ -220,7 +223,7 @@ fn serving_source(
 /// The attention shape of a dense-family artifact (Llama, Qwen2, Qwen3: the graphs
 /// [`crate::onnx::fused_attention`] rewrites), read from its manifest's `config`; `None` for other families.
 fn attention_shape(manifest: &Manifest) -> Option<crate::onnx::fused_attention::AttentionShape> {
-    if !matches!(manifest.family.as_str(), "llama" | "qwen2" | "qwen3") {
+    if !crate::arch::DENSE_FAMILIES.contains(&manifest.family.as_str()) {
         return None;
     }
     let get = |key: &str| manifest.config.get(key).and_then(serde_json::Value::as_u64).map(|v| v as usize);

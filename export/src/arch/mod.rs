@@ -31,6 +31,13 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "DeepseekV3ForCausalLM",
 ];
 
+/// Manifest family names of the dense decoders built by `dense.rs` (graphs with per-head KV caches and the
+/// portable attention that the CPU serving rewrite can fuse).
+pub const DENSE_FAMILIES: [&str; 3] = [QWEN2, LLAMA, QWEN3];
+const QWEN2: &str = "qwen2";
+const LLAMA: &str = "llama";
+const QWEN3: &str = "qwen3";
+
 /// A validated model family, ready to build its graph.
 pub trait Family {
     /// Manifest family name (`qwen2`, `llama`, `qwen3`, `deepseek_v3`).
@@ -199,9 +206,9 @@ pub fn from_config(path: &Path, config: &Value) -> Result<Box<dyn Family>> {
         Ok(Box::new(Dense { family, architecture: arch.to_string(), spec }))
     };
     match arch {
-        "Qwen2ForCausalLM" => dense("qwen2", parse_struct::<qwen2::Qwen2Config>(path, config)?.resolve(path)?),
-        "LlamaForCausalLM" => dense("llama", parse_struct::<llama::LlamaConfig>(path, config)?.resolve(path)?),
-        "Qwen3ForCausalLM" => dense("qwen3", parse_struct::<qwen3::Qwen3Config>(path, config)?.resolve(path)?),
+        "Qwen2ForCausalLM" => dense(QWEN2, parse_struct::<qwen2::Qwen2Config>(path, config)?.resolve(path)?),
+        "LlamaForCausalLM" => dense(LLAMA, parse_struct::<llama::LlamaConfig>(path, config)?.resolve(path)?),
+        "Qwen3ForCausalLM" => dense(QWEN3, parse_struct::<qwen3::Qwen3Config>(path, config)?.resolve(path)?),
         "DeepseekV3ForCausalLM" => Ok(Box::new(deepseek_v3::DeepseekV3::from_config(path, config, arch)?)),
         other => Err(ExportError::UnknownArchitecture {
             path: path.to_path_buf(),

@@ -75,6 +75,23 @@ pub fn inline_tensor(name: &str, elem: ElemType, dims: &[i64], raw: Vec<u8>) -> 
     }
 }
 
+/// An int64 tensor proto with inline data, for the small shape and index constants of graph rewrites.
+pub fn i64_tensor(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
+    inline_tensor(name, ElemType::I64, dims, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// A default-domain node without attributes, for graph rewrites that edit a `ModelProto` directly (the builder
+/// makes its own nodes).
+pub fn rewrite_node(name: &str, op_type: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        name: Some(name.into()),
+        op_type: Some(op_type.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
 fn value_info(spec: &TensorSpec) -> ValueInfoProto {
     let elem = ElemType::from(spec.dtype);
     let dim = spec

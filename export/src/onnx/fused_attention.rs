@@ -23,15 +23,15 @@
 //! they are.
 use std::collections::{HashMap, HashSet};
 
-use r1_proto::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+use r1_calibration::external::ExternalDataReader;
+use r1_calibration::matmul_nbits::MS_DOMAIN;
+use r1_proto::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 
-use super::{attr_f, attr_i, inline_tensor, ElemType};
+use super::{attr_f, attr_i, i64_tensor, inline_tensor, rewrite_node as node, ElemType};
 use crate::error::{ExportError, Result};
 
 /// Prefix of every node and tensor this rewrite adds.
 const PREFIX: &str = "/fused_attention";
-/// ONNX Runtime's contrib-op domain.
-const MS_DOMAIN: &str = "com.microsoft";
 /// The portable graph's rotary inputs (see `arch::common::Ctx::rotary`).
 const ROTARY_FREQS: &str = "/model/rotary_emb/freqs/Mul";
 /// Present only when the rotary tables are scaled (`Ctx::rotary` with `scale != 1`), which the fused form lacks.
@@ -58,36 +58,15 @@ fn graph_err(message: String) -> ExportError {
     ExportError::Graph(format!("fused attention: {message}"))
 }
 
-fn node(name: &str, op_type: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-    NodeProto {
-        name: Some(name.into()),
-        op_type: Some(op_type.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-fn i64_tensor(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
-    inline_tensor(name, ElemType::I64, dims, v.iter().flat_map(|x| x.to_le_bytes()).collect())
-}
-
 /// Whether `model` already holds this rewrite's nodes.
 pub fn has_fused_attention(model: &ModelProto) -> bool {
     model.graph.as_ref().is_some_and(|g| g.node.iter().any(|n| n.name.as_deref().is_some_and(|s| s.starts_with(PREFIX))))
 }
 
-/// The float32 values of initializer `name` (inline data only: the graph's small constants).
-fn f32_initializer(g: &GraphProto, name: &str) -> Option<Vec<f32>> {
+/// The float32 values of initializer `name`, when the graph has one of that name and type.
+fn f32_initializer(g: &GraphProto, name: &str, data: &ExternalDataReader) -> Option<Vec<f32>> {
     let t = g.initializer.iter().find(|t| t.name.as_deref() == Some(name))?;
-    if t.data_type != Some(ElemType::F32.onnx_code()) {
-        return None;
-    }
-    match &t.raw_data {
-        Some(raw) if raw.len() % 4 == 0 => Some(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        _ if !t.float_data.is_empty() => Some(t.float_data.clone()),
-        _ => None,
-    }
+    data.tensor_f32(t).ok()
 }
 
 /// The cos and sin tables `[max_positions, inv_freq.len()]`, angle `position × inv_freq` rounded to float32 as
@@ -109,11 +88,16 @@ fn rotary_tables(inv_freq: &[f32], max_positions: usize, dtype: ElemType) -> Res
 pub const HEAD_DIM_MULTIPLE: usize = 16;
 
 /// Rewrites `model` in place (see the module docs) and returns the number of layers fused. `dtype` is the graph's
-/// activation type (float32 or float16). Returns 0 and leaves the graph as it is when it was rewritten before or
+/// activation type (float32 or float16); `data` reads the graph's initializers (the rotary `inv_freq`). Returns 0 and leaves the graph as it is when it was rewritten before or
 /// when the kernel cannot take the graph (a head size that is not a multiple of [`HEAD_DIM_MULTIPLE`], or scaled
 /// cos/sin tables: the portable attention stays, which is correct, only slower). Errors name the node or tensor of the portable graph
 /// that is missing.
-pub fn fuse_attention(model: &mut ModelProto, shape: &AttentionShape, dtype: ElemType) -> Result<usize> {
+pub fn fuse_attention(
+    model: &mut ModelProto,
+    shape: &AttentionShape,
+    dtype: ElemType,
+    data: &ExternalDataReader,
+) -> Result<usize> {
     if has_fused_attention(model) || !shape.head_dim.is_multiple_of(HEAD_DIM_MULTIPLE) {
         return Ok(0);
     }
@@ -144,7 +128,7 @@ pub fn fuse_attention(model: &mut ModelProto, shape: &AttentionShape, dtype: Ele
     let inv_freq = freqs
         .input
         .iter()
-        .find_map(|i| f32_initializer(g, i))
+        .find_map(|i| f32_initializer(g, i, data))
         .ok_or_else(|| graph_err(format!("`{ROTARY_FREQS}` reads no float32 inv_freq initializer")))?;
     if inv_freq.len() * 2 != d {
         return Err(graph_err(format!("rotary covers {} of head_dim {d}; only full-width rotary is fused", inv_freq.len() * 2)));
@@ -327,6 +311,10 @@ mod tests {
         }
     }
 
+    fn reader() -> ExternalDataReader {
+        ExternalDataReader::new(std::env::temp_dir())
+    }
+
     fn graph_with_inputs(inputs: &[&str]) -> ModelProto {
         let value = |n: &str| r1_proto::onnx::ValueInfoProto { name: Some(n.into()), ..Default::default() };
         ModelProto {
@@ -340,21 +328,21 @@ mod tests {
         let shape = AttentionShape { num_layers: 1, num_heads: 4, num_kv_heads: 2, head_dim: 8, max_positions: 16 };
         let mut m = graph_with_inputs(&["attention_mask", "position_ids"]);
         let before = m.clone();
-        assert_eq!(fuse_attention(&mut m, &shape, ElemType::F32).unwrap(), 0);
+        assert_eq!(fuse_attention(&mut m, &shape, ElemType::F32, &reader()).unwrap(), 0);
         assert_eq!(m, before, "head_dim 8 is not a multiple of {HEAD_DIM_MULTIPLE}: nothing changes");
         let shape = AttentionShape { head_dim: 32, ..shape };
-        let err = fuse_attention(&mut m, &shape, ElemType::F32).unwrap_err().to_string();
+        let err = fuse_attention(&mut m, &shape, ElemType::F32, &reader()).unwrap_err().to_string();
         assert!(err.contains(ROTARY_FREQS), "{err}");
         let mut scaled = graph_with_inputs(&["attention_mask", "position_ids"]);
         scaled.graph.as_mut().unwrap().node.push(node(ROTARY_SCALE, "Mul", &["c", "s"], &["cs"]));
         let before = scaled.clone();
-        assert_eq!(fuse_attention(&mut scaled, &shape, ElemType::F32).unwrap(), 0, "scaled cos/sin tables are not fused");
+        assert_eq!(fuse_attention(&mut scaled, &shape, ElemType::F32, &reader()).unwrap(), 0, "scaled cos/sin tables are not fused");
         assert_eq!(scaled, before);
         let mut m = graph_with_inputs(&["attention_mask"]);
-        let err = fuse_attention(&mut m, &shape, ElemType::F32).unwrap_err().to_string();
+        let err = fuse_attention(&mut m, &shape, ElemType::F32, &reader()).unwrap_err().to_string();
         assert!(err.contains("no `position_ids` input"), "{err}");
         let bad = AttentionShape { num_kv_heads: 3, ..shape };
-        let err = fuse_attention(&mut m, &bad, ElemType::F32).unwrap_err().to_string();
+        let err = fuse_attention(&mut m, &bad, ElemType::F32, &reader()).unwrap_err().to_string();
         assert!(err.contains("4 heads over 3 kv heads"), "{err}");
     }
 

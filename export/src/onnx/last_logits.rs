@@ -16,9 +16,9 @@
 //! Where the head's input is quantized (`--quantize-lm-head all`: `QuantizeLinear → DequantizeLinear → MatMul`)
 //! the gather goes before the `QuantizeLinear`, so ONNX Runtime still fuses the integer GEMM.
 use r1_proto::onnx::type_proto::Value as TypeValue;
-use r1_proto::onnx::{tensor_shape_proto, GraphProto, ModelProto, NodeProto, TensorProto};
+use r1_proto::onnx::{tensor_shape_proto, GraphProto, ModelProto, NodeProto};
 
-use super::{attr_i, inline_tensor, ElemType};
+use super::{attr_i, i64_tensor, rewrite_node};
 use crate::error::{ExportError, Result};
 
 /// Prefix of every node and tensor this rewrite adds.
@@ -36,18 +36,8 @@ fn graph_err(message: String) -> ExportError {
     ExportError::Graph(format!("last-position logits: {message}"))
 }
 
-fn i64_tensor(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
-    inline_tensor(name, ElemType::I64, dims, v.iter().flat_map(|x| x.to_le_bytes()).collect())
-}
-
 fn node(name: &str, op_type: &str, inputs: &[&str], output: &str) -> NodeProto {
-    NodeProto {
-        name: Some(format!("{PREFIX}/{name}")),
-        op_type: Some(op_type.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        ..Default::default()
-    }
+    rewrite_node(&format!("{PREFIX}/{name}"), op_type, inputs, &[output])
 }
 
 /// Whether `model`'s `logits` output is already declared `[batch, 1, vocab]` by this rewrite.

@@ -15,7 +15,8 @@ pub mod last_logits;
 mod ops;
 
 pub use builder::{
-    attr_f, attr_i, attr_ints, attr_s, attr_t, inline_tensor, ir_version_for_opset, Attr, GraphBuilder, OPSET_RANGE,
+    attr_f, attr_i, attr_ints, attr_s, attr_t, i64_tensor, inline_tensor, ir_version_for_opset, rewrite_node, Attr,
+    GraphBuilder, OPSET_RANGE,
 };
 pub use external::{ExternalDataWriter, ExternalSpan, ExternalSummary, EXTERNAL_ALIGN};
 
