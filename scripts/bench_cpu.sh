@@ -17,7 +17,8 @@
 #   6. a markdown table (WORK_DIR/table.md) and the raw JSON lines (WORK_DIR/results.jsonl)
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # ROOT, R1_HOME, r1_target_dir
+REL="$(r1_target_dir)/release"
 BUILD=1
 if [ "${1:-}" = "--no-build" ]; then BUILD=0; shift; fi
 WORK="${1:-/tmp/r1-bench-cpu}"
@@ -33,20 +34,20 @@ if [ "$BUILD" = 1 ]; then
   cargo build --release --workspace --bins --locked --quiet
   cargo bench --workspace --bench decode --no-run --locked --quiet 2>/dev/null
 fi
-BENCH="$(ls -t target/release/deps/decode-* | grep -v '\.d$' | head -1)"
+BENCH="$(ls -t "$REL"/deps/decode-* | grep -v '\.d$' | head -1)"
 
 mkdir -p "$WORK"
 if [ ! -f "$CK/config.json" ]; then
   say "making the random 1.5B-shape checkpoint"
-  target/release/r1-fixture --preset r1-distill-qwen-1.5b -o "$CK"
+  "$REL"/r1-fixture --preset r1-distill-qwen-1.5b -o "$CK"
 fi
-cp -n .r1/tokenizer/tokenizer.json .r1/tokenizer/tokenizer_config.json "$CK/"
+cp -n "$R1_HOME"/tokenizer/tokenizer.json "$R1_HOME"/tokenizer/tokenizer_config.json "$CK/"
 
 for p in int4-wo int8-wo; do
   if [ ! -f "$WORK/r1-$p/manifest.json" ]; then
     say "r1-export --precision $p"
     /usr/bin/time -f "r1-export $p: %e s, peak RSS %M KB" \
-      target/release/r1-export "$CK" -o "$WORK/r1-$p" --precision "$p" --target cpu --report-samples 2 --quiet
+      "$REL"/r1-export "$CK" -o "$WORK/r1-$p" --precision "$p" --target cpu --report-samples 2 --quiet
   fi
 done
 for p in int4 int8; do

@@ -12,22 +12,23 @@
 # cargo bench --workspace --bench decode --no-run --locked). Prints one JSON report per concurrency level.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # ROOT, R1_HOME, r1_target_dir
+REL="$(r1_target_dir)/release"
 ART="${1:?usage: scripts/bench_server.sh ARTIFACT [GENAI_MODEL_DIR]}"
 GENAI="${2:-}"
 GRPC_PORT="${GRPC_PORT:-50151}"
 HTTP_PORT="${HTTP_PORT:-8181}"
 cd "$ROOT"
 [ -f "$ART/manifest.json" ] || { echo "bench_server: $ART has no manifest.json (not an r1-export output)" >&2; exit 2; }
-BENCH="$(ls -t target/release/deps/decode-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"
-[ -x target/release/r1-serve ] && [ -x target/release/r1-bench ] && [ -n "$BENCH" ] \
+BENCH="$(ls -t "$REL"/deps/decode-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"
+[ -x "$REL/r1-serve" ] && [ -x "$REL/r1-bench" ] && [ -n "$BENCH" ] \
   || { echo "bench_server: build the release binaries and the decode bench first (see the header)" >&2; exit 2; }
 
 echo "== in-process engine: $ART"
 env R1_BENCH_MODEL="$ART" R1_BENCH_BACKENDS=ort ${BANDWIDTH:+R1_BENCH_BANDWIDTH=$BANDWIDTH} "$BENCH" | tail -2
 
 echo "== r1-serve"
-target/release/r1-serve --model "$ART" --grpc-addr "127.0.0.1:$GRPC_PORT" --http-addr "127.0.0.1:$HTTP_PORT" \
+"$REL"/r1-serve --model "$ART" --grpc-addr "127.0.0.1:$GRPC_PORT" --http-addr "127.0.0.1:$HTTP_PORT" \
   --max-batch-size 16 --max-concurrent-requests 64 --skip-integrity-check --log warn &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null || true' EXIT
@@ -39,7 +40,7 @@ done
 for c in ${CONCURRENCY:-1 8 16}; do
   n=$((c * 2)); [ "$c" = 1 ] && n=4
   echo "-- concurrency $c, $n requests, prompt ${PROMPT:-16}, max_tokens ${MAX_TOKENS:-64}"
-  target/release/r1-bench --addr "http://127.0.0.1:$GRPC_PORT" -n "$n" -c "$c" \
+  "$REL"/r1-bench --addr "http://127.0.0.1:$GRPC_PORT" -n "$n" -c "$c" \
     --prompt-tokens "${PROMPT:-16}" --max-tokens "${MAX_TOKENS:-64}" --json
 done
 kill -TERM $SERVER && wait $SERVER || true

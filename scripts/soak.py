@@ -2,7 +2,7 @@
 """Bounded load/soak of r1-serve on loopback (issue #8): N GenerateStream requests at concurrency C, with the
 server's resident memory sampled every half second.
 
-Starts target/debug/r1-serve (or --serve-bin) on an artifact (--model, or tests/fixtures/arith-r1 exported into a
+Starts <cargo target dir>/debug/r1-serve (or --serve-bin) on an artifact (--model, or tests/fixtures/arith-r1 exported into a
 temporary directory with r1-export), waits for GET /health, runs r1-bench against the gRPC port while sampling
 VmRSS from /proc/PID/status, then checks and reports:
 
@@ -78,12 +78,23 @@ def rss_kib(pid):
     return None
 
 
+def cargo_bin_dir(profile="debug"):
+    """<target dir>/<profile> of this workspace as cargo reports it (honours CARGO_TARGET_DIR and .cargo/config.toml);
+    <repo>/target/<profile> when cargo cannot be asked."""
+    try:
+        meta = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+        return os.path.join(json.loads(meta)["target_directory"], profile)
+    except (OSError, subprocess.CalledProcessError, ValueError, KeyError):
+        return os.path.join(ROOT, "target", profile)
+
+
 class Server:
     """r1-serve on two free loopback ports, exporting arith-r1 first when no model is given."""
 
     def __init__(self, serve_bin=None, export_bin=None, model=None, backend="ort", extra_args=(), log_path=None):
-        self.serve_bin = serve_bin or os.path.join(ROOT, "target", "debug", "r1-serve")
-        self.export_bin = export_bin or os.path.join(ROOT, "target", "debug", "r1-export")
+        self.serve_bin = serve_bin or os.path.join(cargo_bin_dir(), "r1-serve")
+        self.export_bin = export_bin or os.path.join(cargo_bin_dir(), "r1-export")
         self.model = model
         self.backend = backend
         self.extra_args = list(extra_args)
@@ -253,9 +264,9 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     ap.add_argument("--model", help="artifact directory (default: export tests/fixtures/arith-r1 to a temp dir)")
     ap.add_argument("--backend", default="ort", help="r1-serve --backend (default ort)")
-    ap.add_argument("--serve-bin", help="r1-serve binary (default target/debug/r1-serve)")
-    ap.add_argument("--bench-bin", help="r1-bench binary (default target/debug/r1-bench)")
-    ap.add_argument("--export-bin", help="r1-export binary (default target/debug/r1-export)")
+    ap.add_argument("--serve-bin", help="r1-serve binary (default <cargo target dir>/debug/r1-serve)")
+    ap.add_argument("--bench-bin", help="r1-bench binary (default <cargo target dir>/debug/r1-bench)")
+    ap.add_argument("--export-bin", help="r1-export binary (default <cargo target dir>/debug/r1-export)")
     ap.add_argument("--warmup", type=int, help="requests run before RSS sampling starts (default 4 x concurrency)")
     ap.add_argument("--baseline-s", type=float, default=120.0, help="start of the RSS baseline window in seconds (default 120)")
     ap.add_argument("--rss-window-s", type=float, default=10.0, help="width of the RSS floor windows (default 10 s)")
@@ -265,7 +276,7 @@ def main():
     requests = a.requests or (200 if a.short else 2000)
     concurrency = a.concurrency or (16 if a.short else 64)
     warmup = a.warmup if a.warmup is not None else 4 * concurrency
-    bench_bin = a.bench_bin or os.path.join(ROOT, "target", "debug", "r1-bench")
+    bench_bin = a.bench_bin or os.path.join(cargo_bin_dir(), "r1-bench")
     if not os.access(bench_bin, os.X_OK):
         print(f"soak: {bench_bin} is not an executable: build it with `cargo build --workspace --bins --locked`", file=sys.stderr)
         return 2

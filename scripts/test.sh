@@ -3,20 +3,27 @@
 #
 # 1. scripts/setup.sh --test-tools : ONNX Runtime library (pinned PyPI wheel, sha256-checked), the R1 tokenizer,
 #    and a Python venv with the ONNX checker, all under .r1/ (ignored by git)
-# 2. build the binaries and export every golden fixture (fp32 + fp16) with r1-export
+# 2. build the binaries (in cargo's target directory: CARGO_TARGET_DIR is honoured) and export every golden fixture
+#    (fp32 + fp16) with r1-export; then the fresh-machine check: the binaries load ONNX Runtime from $R1_HOME/lib
+#    with R1_ORT_PYTHON_FALLBACK=off (the whole suite runs so), from / with R1_HOME set and from the repo without it
 # 3. cargo test over the whole workspace (golden numerics on ort and tract, export errors, engine conformance on
 #    an exported artifact, arith-r1 end to end, server over real sockets, calibration property tests, ...)
 # 4. the OpenAI Python client and a short soak against r1-serve on the arith-r1 fixture
 # 5. onnx.checker.check_model(full_check=True) on every exported golden graph
 # 6. deploy/ checks: kubernetes-validate, hadolint, collector config and dashboard cross-checks
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # ROOT, R1_HOME (default $ROOT/.r1), r1_target_dir
 cd "$ROOT"
 
 command -v cargo >/dev/null || { echo "error: cargo not found: install Rust (https://rustup.rs) and run again" >&2; exit 1; }
 
 bash scripts/setup.sh --test-tools
-export R1_HOME="$ROOT/.r1"
+# The whole suite runs on the project-local ONNX Runtime only: no ORT_DYLIB_PATH, and no fallback to an onnxruntime
+# Python package a machine may have lying around (which once hid a broken set-up from CI).
+unset ORT_DYLIB_PATH
+export R1_ORT_PYTHON_FALLBACK=off
+TARGET="$(r1_target_dir)"
+BIN="$TARGET/debug"
 # Incremental compilation state is only useful to edit-compile loops; in a one-shot run it costs GBs of disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
@@ -27,7 +34,7 @@ echo "== build (r1-export, r1-fixture, r1-serve, r1-bench, r1-eval and every tes
 # integration tests), which the export step below uses.
 cargo test --workspace --locked --no-run
 for bin in r1-export r1-fixture r1-serve r1-bench r1-eval; do
-  [ -x "target/debug/$bin" ] || { echo "error: target/debug/$bin was not built by 'cargo test --no-run'" >&2; exit 1; }
+  [ -x "$BIN/$bin" ] || { echo "error: $BIN/$bin was not built by 'cargo test --no-run'" >&2; exit 1; }
 done
 
 out="$(mktemp -d)"
@@ -38,24 +45,36 @@ for case in tests/fixtures/golden/*/; do
   [ -f "$case/config.json" ] || continue
   name="$(basename "$case")"
   for precision in fp32 fp16; do
-    target/debug/r1-export "$case" -o "$out/$name-$precision" --precision "$precision" --quiet
+    "$BIN/r1-export" "$case" -o "$out/$name-$precision" --precision "$precision" --quiet
     dirs+=("$out/$name-$precision")
   done
 done
 # The engine's conformance suite also runs batched-vs-single on a real exported artifact, with its CPU serving graph
 # (last-position logits, attention fused into GroupQueryAttention) so that ONNX Runtime runs the graph r1-serve runs.
 export R1_CONFORMANCE_ARTIFACT="$out/qwen2_gqa2_bf16-fp32"
-target/debug/r1-export build "$R1_CONFORMANCE_ARTIFACT" --target cpu
+"$BIN/r1-export" build "$R1_CONFORMANCE_ARTIFACT" --target cpu
+
+echo "== fresh-machine path: the binaries find \$R1_HOME/lib with the Python fallback off, from any directory"
+# R1_HOME set (as the scripts set it), run from / so that no walk up from the current directory can help; then
+# R1_HOME unset, run from the repository (the walk finds .r1/lib). Each must load ONNX Runtime and generate.
+fresh="$out/arith-r1-fp32"
+"$BIN/r1-export" tests/fixtures/arith-r1 -o "$fresh" --quiet
+(cd / && "$BIN/r1-serve" generate --model "$fresh" --backend ort --max-tokens 2 "What is 1+1?" >/dev/null) \
+  || { echo "error: r1-serve did not find ONNX Runtime under R1_HOME=$R1_HOME (R1_ORT_PYTHON_FALLBACK=off)" >&2; exit 1; }
+if [ "$R1_HOME" = "$ROOT/.r1" ]; then
+  (unset R1_HOME; "$BIN/r1-serve" generate --model "$fresh" --backend ort --max-tokens 2 "What is 1+1?" >/dev/null) \
+    || { echo "error: r1-serve did not find $ROOT/.r1/lib with R1_HOME unset (R1_ORT_PYTHON_FALLBACK=off)" >&2; exit 1; }
+fi
 
 echo "== cargo test (workspace)"
 cargo test --workspace --locked
 
 echo "== OpenAI Python client (PyPI openai, pinned) against r1-serve on arith-r1"
-"$R1_HOME/venv/bin/python" tests/openai_client.py
+"$R1_HOME/venv/bin/python" tests/openai_client.py --serve-bin "$BIN/r1-serve" --export-bin "$BIN/r1-export"
 
 echo "== soak (short): 64 warm-up + 200 GenerateStream requests at concurrency 16; zero errors, RSS floor flat"
 "$R1_HOME/venv/bin/python" scripts/test_soak.py
-"$R1_HOME/venv/bin/python" scripts/soak.py --short
+"$R1_HOME/venv/bin/python" scripts/soak.py --short --serve-bin "$BIN/r1-serve" --export-bin "$BIN/r1-export" --bench-bin "$BIN/r1-bench"
 
 echo "== onnx.checker.check_model(full_check=True) on ${#dirs[@]} exported graphs"
 "$R1_HOME/venv/bin/python" tests/fixtures/check_onnx.py "${dirs[@]}"

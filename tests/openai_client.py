@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One OpenAI-API conversation with the official `openai` Python client against r1-serve (issue #6).
 
-Starts target/debug/r1-serve on tests/fixtures/arith-r1 (exported to a temporary directory with r1-export; or
+Starts <cargo target dir>/debug/r1-serve on tests/fixtures/arith-r1 (exported to a temporary directory with r1-export; or
 --model), then through `openai.OpenAI(base_url=http://127.0.0.1:PORT/v1)`:
 
 1. models.list() names the served model;
@@ -125,8 +125,8 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="artifact directory (default: export tests/fixtures/arith-r1)")
-    ap.add_argument("--serve-bin", help="r1-serve binary (default target/debug/r1-serve)")
-    ap.add_argument("--export-bin", help="r1-export binary (default target/debug/r1-export)")
+    ap.add_argument("--serve-bin", help="r1-serve binary (default <cargo target dir>/debug/r1-serve)")
+    ap.add_argument("--export-bin", help="r1-export binary (default <cargo target dir>/debug/r1-export)")
     a = ap.parse_args()
     try:
         with Server(a.serve_bin, a.export_bin, a.model) as srv:

@@ -2,12 +2,15 @@
 //!
 //! Search order, first hit wins:
 //! 1. `ORT_DYLIB_PATH` (a file; when set but missing, that is the error — no silent fallback);
-//! 2. the project-local copy `scripts/setup.sh` installs: `<root>/.r1/lib/libonnxruntime.so.1.31.1`,
-//!    `<root>` from `R1_HOME`, else the first ancestor of the current directory, then of the
-//!    executable's directory, that holds `.r1/lib`;
+//! 2. the project-local copy `scripts/setup.sh` installs: `$R1_HOME/lib/libonnxruntime.so.1.31.1`.
+//!    `R1_HOME` is the r1 home folder itself (the scripts' `.r1/`, holding `lib/`, `tokenizer/`, `venv/`);
+//!    when it is not set, the first `.r1` folder holding `lib/` found walking up from the current
+//!    directory, then from the executable's directory;
 //! 3. the `onnxruntime` Python package: `<site>/onnxruntime/capi/libonnxruntime.so.*`, site
 //!    directories found from the usual prefixes (virtualenv, user, pyenv, system) without running
-//!    Python, then from `python3 -c 'import site; ...'`.
+//!    Python, then from `python3 -c 'import site; ...'`. `R1_ORT_PYTHON_FALLBACK=off` skips this step,
+//!    so that a machine's leftover Python packages cannot hide a broken project-local set-up
+//!    (`scripts/test.sh` runs with it off).
 //!
 //! When nothing is found, one error lists every place tried and the command that fixes it.
 
@@ -21,15 +24,27 @@ use crate::error::{EngineError, Result};
 pub const ORT_VERSION: &str = "1.31.1";
 /// File name of the project-local copy.
 pub const ORT_LIB_FILE: &str = "libonnxruntime.so.1.31.1";
+/// The r1 home folder (what `scripts/setup.sh` fills: `lib/`, `tokenizer/`, `venv/`); default `<repo>/.r1`.
+pub const R1_HOME_VAR: &str = "R1_HOME";
+/// Name of the r1 home folder looked for when `R1_HOME` is not set.
+pub const R1_HOME_DIR: &str = ".r1";
+/// `off` (or `0`, `false`, `no`) turns the search of Python site directories off.
+pub const PYTHON_FALLBACK_VAR: &str = "R1_ORT_PYTHON_FALLBACK";
 /// The command that installs the project-local copy.
 pub const FIX_COMMAND: &str = "scripts/setup.sh";
+/// How the library is found, for the `--help` of every binary that loads it.
+pub const LIBRARY_HELP: &str = "\
+ONNX Runtime library (ort backend): ORT_DYLIB_PATH when set; else $R1_HOME/lib/libonnxruntime.so.1.31.1,
+where R1_HOME is the r1 home folder that scripts/setup.sh fills (lib/, tokenizer/), by default the
+nearest .r1/ above the current directory or the executable; else an onnxruntime Python package
+(R1_ORT_PYTHON_FALLBACK=off skips that). --backend tract needs no native library.";
 
 /// Where the library was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LibrarySource {
     /// `ORT_DYLIB_PATH`.
     EnvVar,
-    /// `<root>/.r1/lib`.
+    /// `$R1_HOME/lib` (by default `<repo>/.r1/lib`).
     ProjectLocal,
     /// An `onnxruntime` Python package.
     PythonPackage,
@@ -39,7 +54,7 @@ impl fmt::Display for LibrarySource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             LibrarySource::EnvVar => "ORT_DYLIB_PATH",
-            LibrarySource::ProjectLocal => "the project-local copy (.r1/lib)",
+            LibrarySource::ProjectLocal => "the project-local copy ($R1_HOME/lib)",
             LibrarySource::PythonPackage => "the onnxruntime Python package",
         })
     }
@@ -55,11 +70,11 @@ pub struct OrtLibrary {
 }
 
 /// Inputs of the search, separated from the process environment so tests can drive it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SearchContext {
     /// Value of `ORT_DYLIB_PATH`.
     pub ort_dylib_path: Option<OsString>,
-    /// Value of `R1_HOME`.
+    /// Value of `R1_HOME`: the r1 home folder itself (holding `lib/`).
     pub r1_home: Option<PathBuf>,
     /// Current directory.
     pub cwd: Option<PathBuf>,
@@ -69,18 +84,48 @@ pub struct SearchContext {
     pub site_dirs: Vec<PathBuf>,
     /// Whether to ask `python3` for more site directories when the others have no library.
     pub ask_python: bool,
+    /// Whether Python site directories are searched at all (`R1_ORT_PYTHON_FALLBACK`, on by default).
+    pub python_fallback: bool,
+}
+
+impl Default for SearchContext {
+    fn default() -> Self {
+        SearchContext {
+            ort_dylib_path: None,
+            r1_home: None,
+            cwd: None,
+            exe_dir: None,
+            site_dirs: Vec::new(),
+            ask_python: false,
+            python_fallback: true,
+        }
+    }
 }
 
 impl SearchContext {
     /// The context of this process: its environment, directories and the usual site prefixes.
     pub fn from_process() -> Self {
+        let mut ctx = SearchContext::from_vars(|k| std::env::var_os(k));
+        ctx.cwd = std::env::current_dir().ok();
+        ctx.exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+        if ctx.python_fallback {
+            ctx.site_dirs = static_site_dirs();
+            ctx.ask_python = true;
+        }
+        ctx
+    }
+
+    /// The part of the context read from environment variables (`var` looks one up; empty counts as unset).
+    pub fn from_vars(var: impl Fn(&str) -> Option<OsString>) -> Self {
+        let get = |k: &str| var(k).filter(|v| !v.is_empty());
+        let fallback = get(PYTHON_FALLBACK_VAR)
+            .map(|v| !matches!(v.to_string_lossy().trim().to_ascii_lowercase().as_str(), "off" | "0" | "false" | "no"))
+            .unwrap_or(true);
         SearchContext {
-            ort_dylib_path: std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()),
-            r1_home: std::env::var_os("R1_HOME").filter(|v| !v.is_empty()).map(PathBuf::from),
-            cwd: std::env::current_dir().ok(),
-            exe_dir: std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)),
-            site_dirs: static_site_dirs(),
-            ask_python: true,
+            ort_dylib_path: get("ORT_DYLIB_PATH"),
+            r1_home: get(R1_HOME_VAR).map(PathBuf::from),
+            python_fallback: fallback,
+            ..SearchContext::default()
         }
     }
 }
@@ -108,21 +153,24 @@ pub fn discover_with(ctx: &SearchContext) -> Result<OrtLibrary> {
     }
     tried.push("ORT_DYLIB_PATH (not set)".into());
 
-    for root in project_roots(ctx) {
-        let candidate = root.join(".r1").join("lib").join(ORT_LIB_FILE);
+    for home in r1_homes(ctx) {
+        let candidate = home.join("lib").join(ORT_LIB_FILE);
         if candidate.is_file() {
             return Ok(OrtLibrary { path: candidate, source: LibrarySource::ProjectLocal });
         }
-        tried.push(candidate.display().to_string());
+        let how = if ctx.r1_home.is_some() { "$R1_HOME/lib" } else { "R1_HOME not set" };
+        tried.push(format!("{} ({how})", candidate.display()));
     }
     if ctx.r1_home.is_none() && ctx.cwd.is_none() && ctx.exe_dir.is_none() {
         tried.push("<repo>/.r1/lib (R1_HOME not set, no current or executable directory)".into());
     }
 
-    if let Some(found) = search_sites(&ctx.site_dirs, &mut tried) {
+    if !ctx.python_fallback {
+        tried.push(format!("Python site directories (skipped: {PYTHON_FALLBACK_VAR} is off)"));
+    } else if let Some(found) = search_sites(&ctx.site_dirs, &mut tried) {
         return Ok(found);
     }
-    if ctx.ask_python {
+    if ctx.python_fallback && ctx.ask_python {
         let extra: Vec<PathBuf> = python_site_dirs().into_iter().filter(|d| !ctx.site_dirs.contains(d)).collect();
         if extra.is_empty() {
             tried.push("python3 site directories (python3 not runnable or none found)".into());
@@ -135,32 +183,31 @@ pub fn discover_with(ctx: &SearchContext) -> Result<OrtLibrary> {
         what: "ONNX Runtime library".into(),
         message: format!(
             "libonnxruntime.so ({ORT_VERSION}) was not found; tried, in order: {}. Fix: run `{FIX_COMMAND}` \
-             (installs it to .r1/lib), or set ORT_DYLIB_PATH to the library, or `pip install onnxruntime=={ORT_VERSION}`; \
+             (installs it to $R1_HOME/lib, by default <repo>/.r1/lib), or set ORT_DYLIB_PATH to the library, or `pip install onnxruntime=={ORT_VERSION}`; \
              or use `--backend tract`, which needs no native library",
             tried.join("; ")
         ),
     })
 }
 
-/// Directories that may hold `.r1/lib`, in search order, without duplicates.
-fn project_roots(ctx: &SearchContext) -> Vec<PathBuf> {
-    let mut roots: Vec<PathBuf> = Vec::new();
-    let mut push = |p: PathBuf| {
-        if !roots.contains(&p) {
-            roots.push(p);
-        }
-    };
+/// The r1 home folders that may hold `lib/`, in search order, without duplicates: `R1_HOME` alone when it is set,
+/// else the first `.r1` with a `lib/` above the current directory, then above the executable's directory (where
+/// none is found, `<start>/.r1`, so the error names where it was expected).
+fn r1_homes(ctx: &SearchContext) -> Vec<PathBuf> {
     if let Some(home) = &ctx.r1_home {
-        push(home.clone());
-        return roots;
+        return vec![home.clone()];
     }
+    let mut homes: Vec<PathBuf> = Vec::new();
     for start in [&ctx.cwd, &ctx.exe_dir].into_iter().flatten() {
-        match start.ancestors().find(|a| a.join(".r1").join("lib").is_dir()) {
-            Some(found) => push(found.to_path_buf()),
-            None => push(start.clone()),
+        let home = match start.ancestors().find(|a| a.join(R1_HOME_DIR).join("lib").is_dir()) {
+            Some(found) => found.join(R1_HOME_DIR),
+            None => start.join(R1_HOME_DIR),
+        };
+        if !homes.contains(&home) {
+            homes.push(home);
         }
     }
-    roots
+    homes
 }
 
 fn search_sites(sites: &[PathBuf], tried: &mut Vec<String>) -> Option<OrtLibrary> {
@@ -263,7 +310,7 @@ mod tests {
     }
 
     fn ctx() -> SearchContext {
-        SearchContext { ask_python: false, ..SearchContext::default() }
+        SearchContext::default()
     }
 
     #[test]
@@ -301,13 +348,67 @@ mod tests {
     }
 
     #[test]
-    fn r1_home_is_used_instead_of_walking() {
+    fn r1_home_is_the_home_folder_itself_and_is_used_instead_of_walking() {
         let t = tempfile::tempdir().unwrap();
-        let home_lib = t.path().join("home/.r1/lib").join(ORT_LIB_FILE);
+        // What scripts/setup.sh makes with R1_HOME=<dir>: <dir>/lib/libonnxruntime.so.1.31.1.
+        let home_lib = t.path().join("custom-home/lib").join(ORT_LIB_FILE);
         touch(&home_lib);
         touch(&t.path().join("repo/.r1/lib").join(ORT_LIB_FILE));
-        let c = SearchContext { r1_home: Some(t.path().join("home")), cwd: Some(t.path().join("repo")), ..ctx() };
-        assert_eq!(discover_with(&c).unwrap().path, home_lib);
+        let c = SearchContext { r1_home: Some(t.path().join("custom-home")), cwd: Some(t.path().join("repo")), ..ctx() };
+        assert_eq!(discover_with(&c).unwrap(), OrtLibrary { path: home_lib, source: LibrarySource::ProjectLocal });
+    }
+
+    #[test]
+    fn r1_home_set_to_the_scripts_default_finds_its_lib() {
+        // scripts/test.sh and demo.sh export R1_HOME=<repo>/.r1; the library is <repo>/.r1/lib/..., never .r1/.r1/lib.
+        let t = tempfile::tempdir().unwrap();
+        let lib = t.path().join("repo/.r1/lib").join(ORT_LIB_FILE);
+        touch(&lib);
+        let c = SearchContext { r1_home: Some(t.path().join("repo/.r1")), cwd: Some(t.path().join("elsewhere")), ..ctx() };
+        assert_eq!(discover_with(&c).unwrap().path, lib);
+    }
+
+    #[test]
+    fn r1_home_without_the_library_names_home_lib_and_does_not_walk() {
+        let t = tempfile::tempdir().unwrap();
+        touch(&t.path().join("repo/.r1/lib").join(ORT_LIB_FILE));
+        let home = t.path().join("empty-home");
+        let c = SearchContext { r1_home: Some(home.clone()), cwd: Some(t.path().join("repo")), ..ctx() };
+        let msg = discover_with(&c).unwrap_err().to_string();
+        assert!(msg.contains(&home.join("lib").join(ORT_LIB_FILE).display().to_string()), "{msg}");
+        assert!(!msg.contains(".r1/.r1"), "{msg}");
+    }
+
+    #[test]
+    fn environment_variables_are_read_as_documented() {
+        let from = |pairs: &[(&str, &str)]| {
+            let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            SearchContext::from_vars(move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| OsString::from(v)))
+        };
+        let unset = from(&[]);
+        assert_eq!((unset.r1_home, unset.ort_dylib_path, unset.python_fallback), (None, None, true));
+        let set = from(&[("R1_HOME", "/opt/r1-home"), ("ORT_DYLIB_PATH", "/x/lib.so")]);
+        assert_eq!(set.r1_home, Some(PathBuf::from("/opt/r1-home")));
+        assert_eq!(set.ort_dylib_path, Some(OsString::from("/x/lib.so")));
+        let empty = from(&[("R1_HOME", ""), ("ORT_DYLIB_PATH", "")]);
+        assert_eq!((empty.r1_home, empty.ort_dylib_path), (None, None));
+        for off in ["off", "0", "false", "NO"] {
+            assert!(!from(&[(PYTHON_FALLBACK_VAR, off)]).python_fallback, "{off}");
+        }
+        assert!(from(&[(PYTHON_FALLBACK_VAR, "on")]).python_fallback);
+    }
+
+    #[test]
+    fn python_fallback_off_skips_site_packages_and_says_so() {
+        let t = tempfile::tempdir().unwrap();
+        let site = t.path().join("site");
+        touch(&site.join("onnxruntime/capi/libonnxruntime.so.1.31.1"));
+        let on = SearchContext { cwd: Some(t.path().join("repo")), site_dirs: vec![site.clone()], ..ctx() };
+        assert_eq!(discover_with(&on).unwrap().source, LibrarySource::PythonPackage);
+        let off = SearchContext { python_fallback: false, ask_python: true, ..on };
+        let msg = discover_with(&off).unwrap_err().to_string();
+        assert!(msg.contains("R1_ORT_PYTHON_FALLBACK is off"), "{msg}");
+        assert!(!msg.contains(&site.display().to_string()), "site directories must not be searched: {msg}");
     }
 
     #[test]

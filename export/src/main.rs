@@ -89,7 +89,7 @@ Without the GPU or the provider it fails and says what was found and what is nee
     name = "r1-export",
     version,
     about,
-    after_help = AFTER_HELP,
+    after_help = format!("{AFTER_HELP}\n\n{}", r1_engine::ort_lib::LIBRARY_HELP),
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]

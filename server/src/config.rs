@@ -24,7 +24,7 @@ pub const MAX_BATCH_SIZE_LIMIT: usize = 256;
 
 /// `r1-serve`: serve an exported artifact over gRPC and OpenAI-compatible HTTP.
 #[derive(Debug, Parser)]
-#[command(name = "r1-serve", version, about, args_conflicts_with_subcommands = true)]
+#[command(name = "r1-serve", version, about, args_conflicts_with_subcommands = true, after_help = r1_engine::ort_lib::LIBRARY_HELP)]
 pub struct Cli {
     /// `generate`: run the engine in-process on one prompt; no subcommand: serve.
     #[command(subcommand)]
@@ -261,6 +261,12 @@ impl ServeArgs {
         if !(self.drain_timeout_secs.is_finite() && (0.0..=3600.0).contains(&self.drain_timeout_secs)) {
             return bad("--drain-timeout-secs", format!("must be between 0 and 3600, got {}", self.drain_timeout_secs));
         }
+        if let Some(e) = &self.otlp_endpoint {
+            let scheme_ok = e.starts_with("http://") || e.starts_with("https://");
+            if !scheme_ok || e.parse::<axum::http::Uri>().map_or(true, |u| u.host().is_none()) {
+                return bad("--otlp-endpoint", format!("must be an http:// or https:// URL of an OTLP/gRPC receiver, e.g. http://127.0.0.1:4317, got {e:?}"));
+            }
+        }
         if let Some(0) = self.kv_cache_mib {
             return bad("--kv-cache-mib", "must be at least 1, got 0".into());
         }
@@ -454,6 +460,13 @@ mod tests {
         let (a, _) = args(&["--model", model, "--backend", "tract", "--execution-provider", "tensorrt"]);
         let err = a.validate().unwrap_err().to_string();
         assert!(err.contains("--execution-provider") && err.contains("--backend tract"), "{err}");
+        for endpoint in ["127.0.0.1:4317", "grpc://collector:4317", "http://"] {
+            let (a, _) = args(&["--model", model, "--otlp-endpoint", endpoint]);
+            let err = a.validate().unwrap_err().to_string();
+            assert!(err.contains("--otlp-endpoint") && err.contains(&format!("{endpoint:?}")), "{err}");
+        }
+        let (a, _) = args(&["--model", model, "--otlp-endpoint", "http://otel-collector.observability:4317"]);
+        assert!(a.validate().expect("a valid endpoint").telemetry.otlp_endpoint.is_some());
         let (a, _) = args(&["--model", model, "--execution-provider", "cuda"]);
         assert_eq!(a.validate().expect("cuda is a valid provider").execution_provider, ExecutionProviderKind::Cuda);
         let (a, _) = args(&["--model", model]);

@@ -24,8 +24,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
-    let _telemetry = r1_serve::telemetry::init(&cfg.telemetry)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    // The OTLP exporter's gRPC channel spawns its connection task on the runtime, so it is built inside it; the guard
+    // is declared after `rt` and so dropped (flushing the last spans) while the runtime still runs.
+    let _telemetry = {
+        let _in_runtime = rt.enter();
+        r1_serve::telemetry::init(&cfg.telemetry)?
+    };
     rt.block_on(async move {
         let grpc = tokio::net::TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding --grpc-addr {}", cfg.grpc_addr))?;
         let http = tokio::net::TcpListener::bind(cfg.http_addr).await.with_context(|| format!("binding --http-addr {}", cfg.http_addr))?;

@@ -65,6 +65,9 @@ where
 }
 
 /// Installs the global subscriber: filter, fmt (text or JSON), and OTLP export when an endpoint is configured.
+///
+/// With an endpoint it must run inside a Tokio runtime (`Runtime::enter`): the exporter's gRPC channel spawns its
+/// connection task there. Outside one it returns [`TelemetryError::Otlp`] instead of panicking.
 pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_new(&cfg.filter)
@@ -77,6 +80,12 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
     let provider = match &cfg.otlp_endpoint {
         Some(endpoint) => {
             use opentelemetry_otlp::WithExportConfig;
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(TelemetryError::Otlp {
+                    endpoint: endpoint.clone(),
+                    message: "telemetry::init must be called inside a Tokio runtime when exporting over OTLP/gRPC".into(),
+                });
+            }
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint.clone())
@@ -174,4 +183,17 @@ pub fn request_span(method: &'static str, request_id: &str, carrier: &Carrier<'_
         let _ = span.set_parent(cx);
     }
     span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn otlp_outside_a_runtime_is_an_error_not_a_panic() {
+        let cfg = TelemetryConfig { otlp_endpoint: Some("http://127.0.0.1:4317".into()), json: false, filter: "info".into() };
+        let err = init(&cfg).expect_err("no runtime here");
+        assert!(matches!(err, TelemetryError::Otlp { .. }), "{err}");
+        assert!(err.to_string().contains("http://127.0.0.1:4317") && err.to_string().contains("Tokio runtime"), "{err}");
+    }
 }

@@ -31,7 +31,7 @@ Examples:
 
 /// Greedy held-out accuracy of an exported r1 artifact.
 #[derive(Debug, Parser)]
-#[command(name = "r1-eval", version, about, after_help = AFTER_HELP)]
+#[command(name = "r1-eval", version, about, after_help = format!("{AFTER_HELP}\n\n{}", r1_engine::ort_lib::LIBRARY_HELP))]
 struct Cli {
     /// Artifact directory written by r1-export (manifest.json, model.onnx, tokenizer files).
     #[arg(long, env = "R1_EVAL_MODEL")]
