@@ -12,10 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // ONNX: messages only.
     let onnx = protox::compile(["onnx/onnx.proto"], [root])?;
-    tonic_prost_build::configure()
-        .build_client(false)
-        .build_server(false)
-        .compile_fds(onnx)?;
+    tonic_prost_build::configure().build_client(false).build_server(false).compile_fds(onnx)?;
 
     // r1.v1 service protos (every .proto under r1/v1), with client and server stubs.
     let mut api: Vec<String> = std::fs::read_dir(root.join("r1/v1"))?

@@ -8,7 +8,7 @@
 # libonnxruntime_providers_{shared,cuda[,tensorrt]}.so beside it, and CUDA 13's cuBLAS / cuDNN 9 / cudart / cuRAND on
 # the loader path (LD_LIBRARY_PATH). BIN (default <cargo target dir>/release) holds r1-export, r1-fixture, r1-serve, r1-bench and
 # r1-eval; TESTS (default: the newest cargo-built binaries under <cargo target dir>/debug/deps) holds the `golden` and
-# `conformance` test binaries. STEPS (default "1 2 3 4 5") picks the checks to run. Checks, in order:
+# `conformance` and `exported_conformance` test binaries. STEPS (default "1 2 3 4 5") picks the checks to run. Checks, in order:
 #   1. the GPU is seen (nvidia-smi) and r1-export maps it to its TensorRT target;
 #   2. `r1-export --target <that target>` on a golden fixture: builds the TensorRT engine when TensorRT is installed,
 #      else fails with the error that names what is missing (both are reported; only a panic or a silent success
@@ -67,11 +67,9 @@ fi
 
 if want 3; then
 step "3. golden suite and engine conformance on the GPU"
-export R1_CONFORMANCE_ARTIFACT="$OUT/conformance-fp32"
-rm -rf "$R1_CONFORMANCE_ARTIFACT"
-"$BIN/r1-export" "$fixture" -o "$R1_CONFORMANCE_ARTIFACT" --precision fp32 --quiet
 "$(newest golden)" --test-threads 1 --nocapture 2>&1 | tee "$OUT/golden.log" || failed+=("golden suite")
 "$(newest conformance)" --test-threads 1 2>&1 | tee "$OUT/conformance.log" || failed+=("conformance suite")
+"$(newest exported_conformance)" --test-threads 1 2>&1 | tee -a "$OUT/conformance.log" || failed+=("exported-artifact conformance")
 fi
 
 if want 4; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs the whole r1 test suite (what CI runs: .ci/run calls this script).
 #
+# 0. cargo fmt --check; after the build, cargo clippy --workspace --all-targets -D warnings
 # 1. scripts/setup.sh --test-tools : ONNX Runtime library (pinned PyPI wheel, sha256-checked), the R1 tokenizer,
 #    and a Python venv with the ONNX checker, all under .r1/ (ignored by git)
 # 2. build the binaries (in cargo's target directory: CARGO_TARGET_DIR is honoured) and export every golden fixture
@@ -16,6 +17,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # ROOT, R1_HOME (default $ROOT/
 cd "$ROOT"
 
 command -v cargo >/dev/null || { echo "error: cargo not found: install Rust (https://rustup.rs) and run again" >&2; exit 1; }
+
+echo "== cargo fmt --check (rustfmt.toml)"
+cargo fmt --all --check
 
 bash scripts/setup.sh --test-tools
 # The whole suite runs on the project-local ONNX Runtime only: no ORT_DYLIB_PATH, and no fallback to an onnxruntime
@@ -37,6 +41,9 @@ for bin in r1-export r1-fixture r1-serve r1-bench r1-eval; do
   [ -x "$BIN/$bin" ] || { echo "error: $BIN/$bin was not built by 'cargo test --no-run'" >&2; exit 1; }
 done
 
+echo "== cargo clippy (every target, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 echo "== export every golden case at fp32 and fp16 (artifacts for the graph checker and the conformance suite)"
@@ -49,10 +56,8 @@ for case in tests/fixtures/golden/*/; do
     dirs+=("$out/$name-$precision")
   done
 done
-# The engine's conformance suite also runs batched-vs-single on a real exported artifact, with its CPU serving graph
-# (last-position logits, attention fused into GroupQueryAttention) so that ONNX Runtime runs the graph r1-serve runs.
-export R1_CONFORMANCE_ARTIFACT="$out/qwen2_gqa2_bf16-fp32"
-"$BIN/r1-export" build "$R1_CONFORMANCE_ARTIFACT" --target cpu
+# The CPU serving graph of one exported case, built from the command line (the graph checker below reads it too).
+"$BIN/r1-export" build "$out/qwen2_gqa2_bf16-fp32" --target cpu
 
 echo "== fresh-machine path: the binaries find \$R1_HOME/lib with the Python fallback off, from any directory"
 # R1_HOME set (as the scripts set it), run from / so that no walk up from the current directory can help; then

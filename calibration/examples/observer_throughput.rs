@@ -14,7 +14,11 @@ fn main() -> r1_calibration::Result<()> {
             s ^= s >> 7;
             s ^= s << 17;
             let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-            if i % hidden == 7 { u * 200.0 } else { u * 4.0 }
+            if i % hidden == 7 {
+                u * 200.0
+            } else {
+                u * 4.0
+            }
         })
         .collect();
     let mut obs = TensorObserver::new();
@@ -32,7 +36,12 @@ fn main() -> r1_calibration::Result<()> {
     let n = (tokens * hidden * batches) as f64;
     println!("histogram observe: {:.2} ns/value ({:.0} M values/s)", hist_s / n * 1e9, n / hist_s / 1e6);
     println!("channel-max observe: {:.2} ns/value", ch_s / n * 1e9);
-    for m in [CalibrationMethod::Max, CalibrationMethod::Percentile { percentile: 99.99 }, CalibrationMethod::Entropy, CalibrationMethod::Mse] {
+    for m in [
+        CalibrationMethod::Max,
+        CalibrationMethod::Percentile { percentile: 99.99 },
+        CalibrationMethod::Entropy,
+        CalibrationMethod::Mse,
+    ] {
         let t = Instant::now();
         let a = obs.amax(m, "x")?;
         println!("{m:>18}: amax {a:9.4} resolved in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);

@@ -39,7 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("x.bin"), f32_bytes(&x.data))?;
     let mut written = Vec::new();
     for (family, fp) in [("chain", matmul_chain(21)), ("rmsnorm", rmsnorm_qk(21))] {
-        let output = fp.graph.as_ref().and_then(|g| g.output.first()).and_then(|o| o.name.clone()).ok_or("no output")?;
+        let output =
+            fp.graph.as_ref().and_then(|g| g.output.first()).and_then(|o| o.name.clone()).ok_or("no output")?;
         let schemes = [
             ("fp32", None),
             ("w8a8", Some(w8a8_options(&fp, &reader, &x)?)),

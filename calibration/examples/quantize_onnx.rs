@@ -29,7 +29,8 @@ impl ActivationSource for DirSource {
         }
         for (name, files) in &self.files {
             let Some(path) = files.get(b) else { continue };
-            let bytes = std::fs::read(path).map_err(|source| CalibError::Io { op: "reading", path: path.clone(), source })?;
+            let bytes =
+                std::fs::read(path).map_err(|source| CalibError::Io { op: "reading", path: path.clone(), source })?;
             let v: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             sink(name, &v)?;
         }

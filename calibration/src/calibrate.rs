@@ -5,15 +5,15 @@
 //! outputs ([`crate::qdq::add_observed_outputs`] on [`crate::qdq::calibration_targets`]), and hands every observed
 //! tensor to a sink as `(name, values)`. Activations are consumed batch by batch and never stored.
 use crate::error::{CalibError, Result};
-use crate::observer::{CalibrationMethod, ChannelMaxObserver, TensorObserver};
 use crate::external::ExternalDataReader;
-use crate::qdq::{add_observed_outputs, calibration_targets};
 use crate::external::ExternalDataWriter;
-use crate::smooth_graph::{apply_smoothquant, apply_smoothquant_spilled, SmoothSummary};
-use std::path::Path;
+use crate::observer::{CalibrationMethod, ChannelMaxObserver, TensorObserver};
+use crate::qdq::{add_observed_outputs, calibration_targets};
 use crate::quant::{scale_from_amax, INT8_QMAX};
+use crate::smooth_graph::{apply_smoothquant, apply_smoothquant_spilled, SmoothSummary};
 use r1_proto::onnx::ModelProto;
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 /// Receives one observed tensor of the current batch: `(tensor name, values row-major)`.
 pub type ActivationSink<'a> = dyn FnMut(&str, &[f32]) -> Result<()> + 'a;
@@ -39,7 +39,10 @@ pub fn model_targets(model: &ModelProto) -> Vec<Target> {
     let graph = model.graph.as_ref();
     let k_of = |a: &str| -> Option<usize> {
         let g = graph?;
-        let node = g.node.iter().find(|n| n.op_type.as_deref() == Some("MatMul") && n.input.first().map(String::as_str) == Some(a))?;
+        let node = g
+            .node
+            .iter()
+            .find(|n| n.op_type.as_deref() == Some("MatMul") && n.input.first().map(String::as_str) == Some(a))?;
         let w = g.initializer.iter().find(|t| t.name.as_deref() == node.input.get(1).map(String::as_str))?;
         usize::try_from(*w.dims.first()?).ok()
     };
@@ -61,7 +64,11 @@ impl Calibrator {
         let mut c = Calibrator { order: Vec::new(), tensors: HashMap::new(), channels: HashMap::new(), batches: 0 };
         for t in targets {
             if c.tensors.insert(t.name.clone(), TensorObserver::new()).is_some() {
-                return Err(CalibError::invalid("calibration targets", "unique tensor names", format!("`{}` twice", t.name)));
+                return Err(CalibError::invalid(
+                    "calibration targets",
+                    "unique tensor names",
+                    format!("`{}` twice", t.name),
+                ));
             }
             if let Some(k) = t.channels {
                 c.channels.insert(t.name.clone(), ChannelMaxObserver::new(k));

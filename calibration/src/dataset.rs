@@ -73,7 +73,11 @@ pub fn load_samples(path: &Path, max_samples: usize, render: RenderFn<'_>) -> Re
         }
     }
     if out.is_empty() {
-        return Err(CalibError::Dataset { path: path.to_path_buf(), line: 0, problem: "no samples (file is empty or blank)".into() });
+        return Err(CalibError::Dataset {
+            path: path.to_path_buf(),
+            line: 0,
+            problem: "no samples (file is empty or blank)".into(),
+        });
     }
     Ok(out)
 }

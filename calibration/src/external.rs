@@ -101,16 +101,19 @@ impl ExternalDataReader {
         let offset = parse("offset")?.unwrap_or(0);
         let length = parse("length")?;
         let mut f = File::open(&path).map_err(|source| CalibError::Io { op: "opening", path: path.clone(), source })?;
-        let file_len = f.metadata().map_err(|source| CalibError::Io { op: "reading", path: path.clone(), source })?.len();
+        let file_len =
+            f.metadata().map_err(|source| CalibError::Io { op: "reading", path: path.clone(), source })?.len();
         let length = length.unwrap_or(file_len.saturating_sub(offset));
         let end = offset.saturating_add(length);
         if end > file_len {
             return Err(bad(&path, format!("range {offset}..{end} is past the end of the file ({file_len} bytes)")));
         }
         let mut buf = vec![0u8; length as usize];
-        f.seek(SeekFrom::Start(offset))
-            .and_then(|_| f.read_exact(&mut buf))
-            .map_err(|source| CalibError::Io { op: "reading", path: path.clone(), source })?;
+        f.seek(SeekFrom::Start(offset)).and_then(|_| f.read_exact(&mut buf)).map_err(|source| CalibError::Io {
+            op: "reading",
+            path: path.clone(),
+            source,
+        })?;
         Ok(buf)
     }
 }
@@ -131,7 +134,8 @@ impl ExternalDataWriter {
             return Err(CalibError::invalid("external data location", "a plain file name", location));
         }
         let path = dir.join(location);
-        let file = File::create(&path).map_err(|source| CalibError::Io { op: "creating", path: path.clone(), source })?;
+        let file =
+            File::create(&path).map_err(|source| CalibError::Io { op: "creating", path: path.clone(), source })?;
         Ok(ExternalDataWriter { file: BufWriter::new(file), path, location: location.to_string(), pos: 0 })
     }
 
@@ -141,7 +145,11 @@ impl ExternalDataWriter {
         let io = |source| CalibError::Io { op: "writing", path: self.path.clone(), source };
         self.file.write_all(&vec![0u8; pad as usize]).map_err(io)?;
         let offset = self.pos + pad;
-        self.file.write_all(bytes).map_err(|source| CalibError::Io { op: "writing", path: self.path.clone(), source })?;
+        self.file.write_all(bytes).map_err(|source| CalibError::Io {
+            op: "writing",
+            path: self.path.clone(),
+            source,
+        })?;
         self.pos = offset + bytes.len() as u64;
         let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
         t.raw_data = None;
@@ -183,7 +191,8 @@ pub fn rehome_initializers(
     threshold: usize,
 ) -> Result<()> {
     for t in initializers.iter_mut() {
-        let big = element_count(t)?.saturating_mul(4) >= threshold || t.raw_data.as_ref().is_some_and(|r| r.len() >= threshold);
+        let big = element_count(t)?.saturating_mul(4) >= threshold
+            || t.raw_data.as_ref().is_some_and(|r| r.len() >= threshold);
         if is_external(t) || big {
             let bytes = reader.tensor_bytes(t)?;
             if bytes.len() >= threshold {

@@ -56,7 +56,12 @@ fn attr_i(node: &NodeProto, name: &str) -> Option<i64> {
 }
 
 fn int_attr(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
 }
 
 fn is_default_domain(n: &NodeProto) -> bool {
@@ -114,7 +119,10 @@ pub fn lower_int8_weight_only(
             continue;
         }
         let (Some(w), Some(s)) = (init(&dq.input[0]), dq.input.get(1).and_then(|s| init(s))) else { continue };
-        if w.data_type != Some(DataType::Int8 as i32) || w.dims.len() != 2 || s.data_type != Some(DataType::Float as i32) {
+        if w.data_type != Some(DataType::Int8 as i32)
+            || w.dims.len() != 2
+            || s.data_type != Some(DataType::Float as i32)
+        {
             continue;
         }
         let (k, n) = (w.dims[0] as usize, w.dims[1] as usize);
@@ -170,7 +178,9 @@ pub fn lower_int8_weight_only(
         for c in group {
             let dq = &graph.node[c.dq];
             let weight = |i: usize| {
-                init(&dq.input[i]).ok_or_else(|| CalibError::graph(format!("DequantizeLinear input `{}`", dq.input[i]), "is not an initializer"))
+                init(&dq.input[i]).ok_or_else(|| {
+                    CalibError::graph(format!("DequantizeLinear input `{}`", dq.input[i]), "is not an initializer")
+                })
             };
             let q = reader.tensor_bytes(weight(0)?)?;
             let s = reader.tensor_f32(weight(1)?)?;

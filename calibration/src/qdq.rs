@@ -123,10 +123,14 @@ fn weight_matmuls(graph: &GraphProto) -> Vec<(usize, String, String)> {
         .node
         .iter()
         .enumerate()
-        .filter(|(_, n)| n.op_type.as_deref() == Some("MatMul") && matches!(n.domain.as_deref(), None | Some("") | Some("ai.onnx")))
+        .filter(|(_, n)| {
+            n.op_type.as_deref() == Some("MatMul") && matches!(n.domain.as_deref(), None | Some("") | Some("ai.onnx"))
+        })
         .filter(|(_, n)| n.input.len() == 2)
         .filter(|(_, n)| {
-            inits.get(n.input[1].as_str()).is_some_and(|t| t.dims.len() == 2 && t.data_type == Some(DataType::Float as i32))
+            inits
+                .get(n.input[1].as_str())
+                .is_some_and(|t| t.dims.len() == 2 && t.data_type == Some(DataType::Float as i32))
         })
         .map(|(i, n)| (i, n.input[0].clone(), n.input[1].clone()))
         .collect()
@@ -136,12 +140,7 @@ fn weight_matmuls(graph: &GraphProto) -> Vec<(usize, String, String)> {
 /// deduplicated, in graph order.
 pub fn calibration_targets(model: &ModelProto) -> Vec<String> {
     let mut seen = HashSet::new();
-    model
-        .graph
-        .iter()
-        .flat_map(weight_matmuls)
-        .filter_map(|(_, a, _)| seen.insert(a.clone()).then_some(a))
-        .collect()
+    model.graph.iter().flat_map(weight_matmuls).filter_map(|(_, a, _)| seen.insert(a.clone()).then_some(a)).collect()
 }
 
 /// Adds `names` as FLOAT graph outputs (the copy of the graph the calibration run executes: runtimes can only
@@ -186,7 +185,8 @@ pub fn quantize_model(
     let target = out_dir.join(data_location);
     let same = |a: &Path, b: &Path| a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y);
     for t in model.graph.iter().flat_map(|g| g.initializer.iter()).filter(|t| is_external(t)) {
-        let loc = t.external_data.iter().find(|e| e.key.as_deref() == Some("location")).and_then(|e| e.value.as_deref());
+        let loc =
+            t.external_data.iter().find(|e| e.key.as_deref() == Some("location")).and_then(|e| e.value.as_deref());
         if let Some(loc) = loc.filter(|l| same(&model_dir.join(l), &target)) {
             return Err(CalibError::invalid(
                 "external data location",
@@ -213,7 +213,11 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
     if opset < opts.scheme.min_opset() {
         return Err(CalibError::graph(
             "opset_import",
-            format!("{:?} needs default-domain opset >= {}, model declares {opset}", opts.scheme, opts.scheme.min_opset()),
+            format!(
+                "{:?} needs default-domain opset >= {}, model declares {opset}",
+                opts.scheme,
+                opts.scheme.min_opset()
+            ),
         ));
     }
     let graph = model.graph.as_mut().ok_or_else(|| CalibError::graph("model", "has no graph"))?;
@@ -226,7 +230,8 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
             summary.skipped.push((name, "excluded".into()));
             continue;
         }
-        let quantize_a = opts.scheme == QuantScheme::W8A8 && !opts.weight_only.contains(&name) && !opts.weight_only.contains(&w);
+        let quantize_a =
+            opts.scheme == QuantScheme::W8A8 && !opts.weight_only.contains(&name) && !opts.weight_only.contains(&w);
         if quantize_a && !opts.activation_scales.contains_key(&a) {
             return Err(CalibError::graph(
                 format!("MatMul `{name}`"),
@@ -350,10 +355,17 @@ fn skipped_non_float(graph: &GraphProto, summary: &mut RewriteSummary) {
     for (idx, n) in graph.node.iter().enumerate().filter(|(_, n)| n.op_type.as_deref() == Some("MatMul")) {
         let Some(t) = n.input.get(1).and_then(|w| inits.get(w.as_str())) else { continue };
         if t.dims.len() != 2 || t.data_type != Some(DataType::Float as i32) {
-            let dt = t.data_type.and_then(|d| DataType::try_from(d).ok()).map_or("unknown".into(), |d| d.as_str_name().to_string());
+            let dt = t
+                .data_type
+                .and_then(|d| DataType::try_from(d).ok())
+                .map_or("unknown".into(), |d| d.as_str_name().to_string());
             summary.skipped.push((
                 node_name(n, idx),
-                format!("weight `{}` is {dt} with {} dims; only 2-D FLOAT weights are quantized", n.input[1], t.dims.len()),
+                format!(
+                    "weight `{}` is {dt} with {} dims; only 2-D FLOAT weights are quantized",
+                    n.input[1],
+                    t.dims.len()
+                ),
             ));
         }
     }
@@ -373,7 +385,10 @@ fn quantized_weight_name(w: &str, scheme: QuantScheme) -> String {
 
 fn dim(t: &TensorProto, i: usize) -> Result<usize> {
     usize::try_from(t.dims[i]).map_err(|_| {
-        CalibError::graph(format!("weight `{}`", t.name.as_deref().unwrap_or_default()), format!("bad dims {:?}", t.dims))
+        CalibError::graph(
+            format!("weight `{}`", t.name.as_deref().unwrap_or_default()),
+            format!("bad dims {:?}", t.dims),
+        )
     })
 }
 
@@ -408,5 +423,10 @@ fn f32_tensor(name: &str, dims: &[usize], v: &[f32]) -> TensorProto {
 }
 
 fn int_attr(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
 }

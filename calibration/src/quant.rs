@@ -267,7 +267,11 @@ fn quantize_blocked(w: &[f32], k: usize, n: usize, block: usize, asymmetric: boo
     for r in 0..k {
         for c in 0..n {
             let i = (r / block) * n + c;
-            values.push(if asymmetric { quantize_u4(w[r * n + c], scales[i], zps[i]) as i8 } else { quantize_i4(w[r * n + c], scales[i]) });
+            values.push(if asymmetric {
+                quantize_u4(w[r * n + c], scales[i], zps[i]) as i8
+            } else {
+                quantize_i4(w[r * n + c], scales[i])
+            });
         }
     }
     Ok(BlockedI4 { k, n, block, scales, zero_points: asymmetric.then_some(zps), values })
@@ -534,6 +538,9 @@ mod tests {
         assert!(w.iter().zip(&sym).any(|(x, y)| (x - y).abs() > 0.01), "symmetric cannot represent all 16 values");
         // All-zero block: scale 1, zero point 0.
         let z = quantize_blocked_u4(&[0.0; 32], 32, 1, 32).unwrap();
-        assert_eq!((z.scales.clone(), z.zero_points.clone(), z.dequantize()), (vec![1.0], Some(vec![0]), vec![0.0; 32]));
+        assert_eq!(
+            (z.scales.clone(), z.zero_points.clone(), z.dequantize()),
+            (vec![1.0], Some(vec![0]), vec![0.0; 32])
+        );
     }
 }

@@ -181,7 +181,11 @@ impl QualityReport {
 
     /// Writes `report.json` to `path`.
     pub fn write(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.to_json()?).map_err(|source| CalibError::Io { op: "writing", path: path.into(), source })
+        std::fs::write(path, self.to_json()?).map_err(|source| CalibError::Io {
+            op: "writing",
+            path: path.into(),
+            source,
+        })
     }
 
     /// Lowest per-layer SQNR (the layer to look at first).

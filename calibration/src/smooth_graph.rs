@@ -114,7 +114,9 @@ fn smooth(
             let ok = c.op_type.as_deref() == Some("MatMul")
                 && is_default_domain(c.domain.as_deref())
                 && c.input[0] == a
-                && init.is_some_and(|t| t.data_type == Some(DataType::Float as i32) && t.dims.len() == 2 && t.dims[0] == k);
+                && init.is_some_and(|t| {
+                    t.data_type == Some(DataType::Float as i32) && t.dims.len() == 2 && t.dims[0] == k
+                });
             if !ok {
                 reason = Some(format!(
                     "also read by {} node `{}`",
@@ -135,8 +137,12 @@ fn smooth(
         }
         let producer = graph.node.iter().find(|n| n.output.contains(&a));
         let gamma = producer
-            .filter(|p| p.op_type.as_deref() == Some("Mul") && is_default_domain(p.domain.as_deref()) && p.input.len() == 2)
-            .and_then(|p| p.input.iter().find_map(|i| float_init(i, &[k]).filter(|_| uses.get(i.as_str()) == Some(&1))));
+            .filter(|p| {
+                p.op_type.as_deref() == Some("Mul") && is_default_domain(p.domain.as_deref()) && p.input.len() == 2
+            })
+            .and_then(|p| {
+                p.input.iter().find_map(|i| float_init(i, &[k]).filter(|_| uses.get(i.as_str()) == Some(&1)))
+            });
         match (reason, gamma) {
             (Some(r), _) => summary.skipped.push((a, r)),
             (None, None) => summary.skipped.push((a, "not produced by a per-channel weight Mul (RMSNorm)".into())),

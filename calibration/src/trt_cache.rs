@@ -53,7 +53,11 @@ impl CalibrationCache {
             .iter()
             .map(|(n, a)| {
                 if n.is_empty() || n.contains('\n') {
-                    return Err(CalibError::invalid("cache tensor name", "non-empty, without newlines", format!("{n:?}")));
+                    return Err(CalibError::invalid(
+                        "cache tensor name",
+                        "non-empty, without newlines",
+                        format!("{n:?}"),
+                    ));
                 }
                 Ok((n.clone(), scale_from_amax(*a, INT8_QMAX)?))
             })
@@ -96,8 +100,9 @@ impl CalibrationCache {
                 continue;
             }
             let bad = |problem: String| CalibError::CacheFormat { line: i + 1, problem };
-            let (name, hex) =
-                line.rsplit_once(": ").ok_or_else(|| bad(format!("expected `<tensor>: <8 hex digits>`, got {line:?}")))?;
+            let (name, hex) = line
+                .rsplit_once(": ")
+                .ok_or_else(|| bad(format!("expected `<tensor>: <8 hex digits>`, got {line:?}")))?;
             if hex.len() != 8 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(bad(format!("scale of `{name}` must be 8 hex digits, got {hex:?}")));
             }

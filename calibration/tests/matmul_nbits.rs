@@ -25,7 +25,8 @@ fn int8_wo(fp: &ModelProto) -> ModelProto {
 fn lower(m: &ModelProto, x: T, block: usize) -> (ModelProto, Lowering, HashMap<String, T>, HashMap<String, T>) {
     let out = tempfile::tempdir().unwrap();
     let mut lowered = m.clone();
-    let l = lower_int8_weight_only(&mut lowered, std::path::Path::new("."), out.path(), "lowered.data", block, 1024).unwrap();
+    let l = lower_int8_weight_only(&mut lowered, std::path::Path::new("."), out.path(), "lowered.data", block, 1024)
+        .unwrap();
     let got = run(&lowered, &ExternalDataReader::new(out.path()), &[("x", x.clone())]);
     let want = run(m, &ExternalDataReader::new("."), &[("x", x)]);
     (lowered, l, got, want)
@@ -57,7 +58,10 @@ fn siblings_reading_one_input_become_one_matmul_nbits_and_a_split() {
     let g = lowered.graph.as_ref().unwrap();
     let b = g.initializer.iter().find(|t| t.name.as_deref().is_some_and(|n| n.ends_with("MatMulNBits.B"))).unwrap();
     assert_eq!(b.dims, vec![128, 1, 256], "K = 64 padded to one 256-row block");
-    assert!(!g.initializer.iter().any(|t| t.name.as_deref().is_some_and(|n| n.ends_with("_int8"))), "int8 weights dropped");
+    assert!(
+        !g.initializer.iter().any(|t| t.name.as_deref().is_some_and(|n| n.ends_with("_int8"))),
+        "int8 weights dropped"
+    );
     for name in ["q", "kk", "out"] {
         assert_eq!(got[name], want[name], "{name}");
     }
@@ -106,6 +110,7 @@ fn w8a8_and_fp32_matmuls_are_left_alone_and_bad_block_sizes_are_refused() {
     assert_eq!(attr(&lowered, "MatMulNBits", "K"), vec![96]);
     assert_eq!(got["y"], want["y"]);
     let out = tempfile::tempdir().unwrap();
-    let e = lower_int8_weight_only(&mut int8_wo(&fp), std::path::Path::new("."), out.path(), "d", 48, 1024).unwrap_err();
+    let e =
+        lower_int8_weight_only(&mut int8_wo(&fp), std::path::Path::new("."), out.path(), "d", 48, 1024).unwrap_err();
     assert!(e.to_string().contains("block_size") && e.to_string().contains("48"), "{e}");
 }

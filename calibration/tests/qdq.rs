@@ -3,15 +3,17 @@
 mod common;
 use common::eval::{run, T};
 use common::models::*;
+use prost::Message;
 use r1_calibration::calibrate::{model_targets, ActivationSink, ActivationSource, Calibrator};
 use r1_calibration::external::{ExternalDataReader, ExternalDataWriter, EXTERNAL_ALIGN};
 use r1_calibration::observer::CalibrationMethod;
-use r1_calibration::qdq::{add_observed_outputs, calibration_targets, quantize_model, rewrite_graph, QdqOptions, QuantScheme};
+use r1_calibration::qdq::{
+    add_observed_outputs, calibration_targets, quantize_model, rewrite_graph, QdqOptions, QuantScheme,
+};
 use r1_calibration::quant::{quantize_blocked_i4, quantize_blocked_u4, quantize_per_channel, quantize_with_scale};
 use r1_calibration::report::sqnr_db;
 use r1_calibration::smoothquant::{fold_into_norm, scale_weight_rows, smoothing_factors, weight_row_abs_max};
 use r1_proto::onnx::ModelProto;
-use prost::Message;
 
 fn reader() -> ExternalDataReader {
     ExternalDataReader::new(".")
@@ -133,9 +135,17 @@ fn weight_only_int8_and_int4() {
 
     // int4, block 32 on K = 96 (3 blocks) and K = 64 (2 blocks)
     let mut q4 = fp.clone();
-    rewrite_graph(&mut q4, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 32, asymmetric: false })).unwrap();
+    rewrite_graph(
+        &mut q4,
+        &reader(),
+        &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 32, asymmetric: false }),
+    )
+    .unwrap();
     let t = init(&q4, "w2_int4").unwrap();
-    assert_eq!((t.dims.clone(), t.data_type, t.raw_data.as_ref().unwrap().len()), (vec![96, 40], Some(22), 96 * 40 / 2));
+    assert_eq!(
+        (t.dims.clone(), t.data_type, t.raw_data.as_ref().unwrap().len()),
+        (vec![96, 40], Some(22), 96 * 40 / 2)
+    );
     assert_eq!(init(&q4, "w2_scale").unwrap().dims, vec![3, 40]);
     let dq = q4.graph.as_ref().unwrap().node.iter().find(|n| n.name.as_deref() == Some("w2/DequantizeLinear")).unwrap();
     let a = |n: &str| dq.attribute.iter().find(|a| a.name.as_deref() == Some(n)).and_then(|a| a.i);
@@ -148,9 +158,19 @@ fn weight_only_int8_and_int4() {
 
     // int4 needs opset 21
     let mut old = matmul_chain(17);
-    let e = rewrite_graph(&mut old, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 64, asymmetric: false })).unwrap_err();
+    let e = rewrite_graph(
+        &mut old,
+        &reader(),
+        &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 64, asymmetric: false }),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains(">= 21") && e.to_string().contains("17"), "{e}");
-    let e = rewrite_graph(&mut old, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 48, asymmetric: false })).unwrap_err();
+    let e = rewrite_graph(
+        &mut old,
+        &reader(),
+        &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 48, asymmetric: false }),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("block_size"), "{e}");
 }
 
@@ -160,15 +180,23 @@ fn asymmetric_int4_has_uint4_zero_points_and_beats_symmetric() {
     let want = run(&fp, &reader(), &[("x", x())]);
     let rewrite = |asymmetric| {
         let mut q = fp.clone();
-        rewrite_graph(&mut q, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 32, asymmetric })).unwrap();
+        rewrite_graph(&mut q, &reader(), &QdqOptions::new(QuantScheme::Int4WeightOnly { block_size: 32, asymmetric }))
+            .unwrap();
         q
     };
     let (sym, asym) = (rewrite(false), rewrite(true));
     let t = init(&asym, "w2_uint4").unwrap();
-    assert_eq!((t.dims.clone(), t.data_type, t.raw_data.as_ref().unwrap().len()), (vec![96, 40], Some(21), 96 * 40 / 2));
+    assert_eq!(
+        (t.dims.clone(), t.data_type, t.raw_data.as_ref().unwrap().len()),
+        (vec![96, 40], Some(21), 96 * 40 / 2)
+    );
     let zp = init(&asym, "w2_zero_point").unwrap();
-    assert_eq!((zp.dims.clone(), zp.data_type, zp.raw_data.as_ref().unwrap().len()), (vec![3, 40], Some(21), 3 * 40 / 2));
-    let dq = asym.graph.as_ref().unwrap().node.iter().find(|n| n.name.as_deref() == Some("w2/DequantizeLinear")).unwrap();
+    assert_eq!(
+        (zp.dims.clone(), zp.data_type, zp.raw_data.as_ref().unwrap().len()),
+        (vec![3, 40], Some(21), 3 * 40 / 2)
+    );
+    let dq =
+        asym.graph.as_ref().unwrap().node.iter().find(|n| n.name.as_deref() == Some("w2/DequantizeLinear")).unwrap();
     assert_eq!(dq.input, ["w2_uint4", "w2_scale", "w2_zero_point"]);
     // The interpreter dequantizes from the graph's bytes, the reference from the crate's codes: same weights.
     let got = run(&asym, &reader(), &[("x", x())]);
@@ -280,7 +308,9 @@ fn rmsnorm_pattern_with_smoothquant() {
         assert_eq!(count(&q, op), 1);
     }
     let g = q.graph.as_ref().unwrap();
-    for n in g.node.iter().filter(|n| matches!(n.op_type.as_deref(), Some("Mul" | "Add" | "Div" | "Sqrt" | "ReduceMean"))) {
+    for n in
+        g.node.iter().filter(|n| matches!(n.op_type.as_deref(), Some("Mul" | "Add" | "Div" | "Sqrt" | "ReduceMean")))
+    {
         assert!(n.input.iter().all(|i| !i.contains("quantized")), "Q/DQ reached {:?}", n.name);
     }
     let qout = run(&q, &reader(), &[("x", x())]);
@@ -315,7 +345,8 @@ fn external_data_in_and_out() {
     for t in &g.initializer {
         let size = t.raw_data.as_ref().map_or(0, |r| r.len());
         if t.data_location == Some(1) {
-            let kv = |k: &str| t.external_data.iter().find(|e| e.key.as_deref() == Some(k)).unwrap().value.clone().unwrap();
+            let kv =
+                |k: &str| t.external_data.iter().find(|e| e.key.as_deref() == Some(k)).unwrap().value.clone().unwrap();
             assert_eq!(kv("location"), "model.int4.onnx.data");
             assert_eq!(kv("offset").parse::<u64>().unwrap() % EXTERNAL_ALIGN, 0);
         } else {
@@ -352,7 +383,10 @@ fn smoothquant_on_the_graph() {
     let mut sm = fp.clone();
     let s = apply_smoothquant(&mut sm, &reader(), &ch, 0.5).unwrap();
     assert_eq!(s.smoothed.len(), 1);
-    assert_eq!((s.smoothed[0].norm_weight.as_str(), s.smoothed[0].weights.clone()), ("gamma", vec!["wq".to_string(), "wk".to_string()]));
+    assert_eq!(
+        (s.smoothed[0].norm_weight.as_str(), s.smoothed[0].weights.clone()),
+        ("gamma", vec!["wq".to_string(), "wk".to_string()])
+    );
     assert!(s.smoothed[0].factor_range.1 > 2.0 * s.smoothed[0].factor_range.0, "outlier channels get larger factors");
     assert_ne!(weight(&sm, "gamma"), weight(&fp, "gamma"));
     let got = run(&sm, &reader(), &[("x", x())]);
@@ -366,7 +400,8 @@ fn smoothquant_on_the_graph() {
 
     // chain: `x` has no producer, `h` is also read by the residual Add
     let mut chain = matmul_chain(17);
-    let ch: HashMap<String, Vec<f32>> = [("x".to_string(), vec![1.0; 64]), ("h".to_string(), vec![1.0; 96])].into_iter().collect();
+    let ch: HashMap<String, Vec<f32>> =
+        [("x".to_string(), vec![1.0; 64]), ("h".to_string(), vec![1.0; 96])].into_iter().collect();
     let s = apply_smoothquant(&mut chain, &reader(), &ch, 0.5).unwrap();
     assert!(s.smoothed.is_empty());
     assert!(s.skipped[0].1.contains("not produced by"), "{:?}", s.skipped);
@@ -389,7 +424,11 @@ fn w8a8_driver_with_smoothquant() {
         };
         let cfg = W8A8Config { method: CalibrationMethod::Max, alpha, max_batches: 8 };
         let cal = calibrate_w8a8(&mut m, &reader(), &mut factory, cfg, None, &mut |_| {}).unwrap();
-        assert_eq!(built, if alpha > 0.0 { vec![3, 3] } else { vec![3] }, "one pass per model copy, `normed` added as output");
+        assert_eq!(
+            built,
+            if alpha > 0.0 { vec![3, 3] } else { vec![3] },
+            "one pass per model copy, `normed` added as output"
+        );
         assert_eq!(cal.batches, 2);
         assert_eq!(cal.smooth.smoothed.len(), usize::from(alpha > 0.0));
         let mut opts = QdqOptions::new(QuantScheme::W8A8);

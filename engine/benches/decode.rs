@@ -133,7 +133,9 @@ fn weight_bytes_per_token(dir: &std::path::Path) -> Option<u64> {
     for init in &graph.initializer {
         let name = init.name();
         let uses: Vec<_> = graph.node.iter().filter(|n| n.input.iter().any(|i| i == name)).collect();
-        if !uses.is_empty() && uses.iter().all(|n| n.op_type() == "Gather" && n.input.first().map(String::as_str) == Some(name)) {
+        if !uses.is_empty()
+            && uses.iter().all(|n| n.op_type() == "Gather" && n.input.first().map(String::as_str) == Some(name))
+        {
             gathered_only.insert(name.to_string());
         }
     }
@@ -207,7 +209,10 @@ fn main() {
                         "bandwidth_gb_s": bandwidth / 1e9, "weight_bytes_per_token": weight_bytes,
                         "roofline_tok_s": roofline,
                     });
-                    let appended = std::fs::OpenOptions::new().create(true).append(true).open(&path)
+                    let appended = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
                         .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
                     if let Err(err) = appended {
                         eprintln!("cannot append to {path}: {err}");

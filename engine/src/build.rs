@@ -83,7 +83,12 @@ fn relative_settings(target: &Target, hardware_compatible: bool) -> TrtSettings 
 /// The build plan of `target` for `manifest`'s graph (`built: false`): the exact `trt_*` options,
 /// the profile and precision, and the command that runs it on the GPU host. `out_dir` only appears
 /// in the command.
-pub fn tensorrt_plan(out_dir: &Path, manifest: &Manifest, target: &Target, hardware_compatible: bool) -> Result<EngineBuild> {
+pub fn tensorrt_plan(
+    out_dir: &Path,
+    manifest: &Manifest,
+    target: &Target,
+    hardware_compatible: bool,
+) -> Result<EngineBuild> {
     let options = targets::tensorrt_options(target, manifest, &relative_settings(target, hardware_compatible))?;
     Ok(EngineBuild {
         target: target.name.to_string(),
@@ -133,7 +138,8 @@ pub fn check_build_gpu(target: &Target, gpu: Option<&LocalGpu>, hardware_compati
     } else {
         String::new()
     };
-    let here = targets::target_for_gpu_name(&gpu.name).map_or(String::new(), |t| format!("; build `--target {}` here", t.name));
+    let here = targets::target_for_gpu_name(&gpu.name)
+        .map_or(String::new(), |t| format!("; build `--target {}` here", t.name));
     Err(EngineError::Unavailable {
         what,
         message: format!("it needs {needed}, but this host has `{}` (sm{sm}){here}{hint}", gpu.name),
@@ -189,7 +195,12 @@ pub fn check_build_host(target: &Target, hardware_compatible: bool) -> Result<Lo
 /// Builds the TensorRT engine of `target` for the artifact in `dir` on this host's GPU, into
 /// `dir/engines/<target>/` (emptied first). Every node must run on TensorRT (an EP-context model
 /// requires it), so CPU fallback is disabled and a graph TensorRT cannot take fails the build.
-pub fn build_tensorrt(dir: &Path, manifest: &Manifest, target: &Target, hardware_compatible: bool) -> Result<EngineBuild> {
+pub fn build_tensorrt(
+    dir: &Path,
+    manifest: &Manifest,
+    target: &Target,
+    hardware_compatible: bool,
+) -> Result<EngineBuild> {
     let gpu = check_build_host(target, hardware_compatible)?;
     let env = crate::backend::ort::environment()?;
     let cache_dir = dir.join(ENGINES_DIR).join(target.name);
@@ -378,7 +389,8 @@ pub fn list_files(root: &Path, at: &Path) -> Result<Vec<String>> {
                 stack.push(path);
             } else if ft.is_file() {
                 if let Ok(rel) = path.strip_prefix(root) {
-                    let parts: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+                    let parts: Vec<String> =
+                        rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
                     out.push(parts.join("/"));
                 }
             }
@@ -394,7 +406,8 @@ mod tests {
     use crate::targets::target;
 
     fn manifest(precision: &str) -> Manifest {
-        let mut m: Manifest = serde_json::from_str(include_str!("../tests/fixtures/tiny/manifest.json")).expect("fixture");
+        let mut m: Manifest =
+            serde_json::from_str(include_str!("../tests/fixtures/tiny/manifest.json")).expect("fixture");
         m.precision = precision.into();
         m
     }
@@ -413,7 +426,10 @@ mod tests {
         assert_eq!(j["hardware_compatible"], false);
         assert_eq!(j["precision"], "fp16");
         assert_eq!(j["command"], "r1-export build /data/art --target a100");
-        assert_eq!(j["profile"], serde_json::json!({"batch": [1, 8, 64], "sequence": [1, 1, 2048], "past": [0, 1024, 8192]}));
+        assert_eq!(
+            j["profile"],
+            serde_json::json!({"batch": [1, 8, 64], "sequence": [1, 1, 2048], "past": [0, 1024, 8192]})
+        );
         let o = &j["options"];
         assert_eq!(o["trt_engine_cache_path"], "engines/a100");
         assert_eq!(o["trt_timing_cache_path"], "engines/a100");
@@ -462,20 +478,32 @@ mod tests {
         let e = check_build_gpu(a100, None, false).unwrap_err();
         assert_eq!(e.kind(), "unavailable");
         let m = e.to_string();
-        assert!(m.contains("`a100` TensorRT build") && m.contains("NVIDIA A100 (sm80)") && m.contains("no NVIDIA GPU was found"), "{m}");
+        assert!(
+            m.contains("`a100` TensorRT build")
+                && m.contains("NVIDIA A100 (sm80)")
+                && m.contains("no NVIDIA GPU was found"),
+            "{m}"
+        );
         let m = check_build_gpu(a100, Some(&gpu("Tesla T4", 75)), true).unwrap_err().to_string();
-        assert!(m.contains("`Tesla T4` (sm75)") && m.contains("--target t4") && !m.contains("--hardware-compatible"), "{m}");
+        assert!(
+            m.contains("`Tesla T4` (sm75)") && m.contains("--target t4") && !m.contains("--hardware-compatible"),
+            "{m}"
+        );
         let h100 = gpu("NVIDIA H100 80GB HBM3", 90);
         let m = check_build_gpu(a100, Some(&h100), false).unwrap_err().to_string();
         assert!(m.contains("sm90") && m.contains("--hardware-compatible"), "{m}");
         check_build_gpu(a100, Some(&h100), true).unwrap();
         check_build_gpu(a100, Some(&gpu("NVIDIA A100-SXM4-80GB", 80)), false).unwrap();
         check_build_gpu(target("h200").unwrap(), Some(&h100), false).unwrap();
-        let m = check_build_gpu(a100, Some(&LocalGpu { name: "Mystery".into(), sm: None }), false).unwrap_err().to_string();
+        let m =
+            check_build_gpu(a100, Some(&LocalGpu { name: "Mystery".into(), sm: None }), false).unwrap_err().to_string();
         assert!(m.contains("`Mystery`") && m.contains("unknown"), "{m}");
         assert_eq!(check_build_gpu(target("cpu").unwrap(), None, false).unwrap_err().kind(), "invalid_argument");
         let m = no_tensorrt_ep(&h100).to_string();
-        assert!(m.contains("TensorRT execution provider is not available") && m.contains("NVIDIA H100 80GB HBM3"), "{m}");
+        assert!(
+            m.contains("TensorRT execution provider is not available") && m.contains("NVIDIA H100 80GB HBM3"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -514,10 +542,15 @@ mod tests {
         // Records written before the serving rewrite have no `last_position_logits`: every position.
         assert!(!cpu_graph_has_last_position_logits(&m));
         let mut newer = m.clone();
-        newer.targets.insert("cpu".into(), serde_json::to_value(CpuBuild { last_position_logits: true, ..record.clone() }).unwrap());
+        newer.targets.insert(
+            "cpu".into(),
+            serde_json::to_value(CpuBuild { last_position_logits: true, ..record.clone() }).unwrap(),
+        );
         assert!(cpu_graph_has_last_position_logits(&newer));
         assert!(!cpu_graph_has_fused_attention(&newer), "records written before the attention rewrite: not fused");
-        newer.targets.insert("cpu".into(), serde_json::to_value(CpuBuild { fused_attention: true, ..record.clone() }).unwrap());
+        newer
+            .targets
+            .insert("cpu".into(), serde_json::to_value(CpuBuild { fused_attention: true, ..record.clone() }).unwrap());
         assert!(cpu_graph_has_fused_attention(&newer));
         std::fs::create_dir_all(dir.path().join("engines/cpu/sub")).unwrap();
         std::fs::write(dir.path().join(CPU_GRAPH), b"x").unwrap();

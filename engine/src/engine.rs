@@ -143,16 +143,31 @@ impl Engine {
     }
 
     /// Wraps an already opened backend (tests, benches, custom backends).
-    pub fn from_backend(dir: &Path, manifest: Manifest, backend: Box<dyn Backend>, kv_budget_bytes: Option<u64>) -> Engine {
+    pub fn from_backend(
+        dir: &Path,
+        manifest: Manifest,
+        backend: Box<dyn Backend>,
+        kv_budget_bytes: Option<u64>,
+    ) -> Engine {
         let geometry = KvGeometry::from(&manifest.kv_cache);
         // The host cache is float32 whatever the graph dtype; account for what is actually held.
-        let host_bytes_per_token = (manifest.kv_cache.computed_bytes_per_token() / manifest.kv_cache.dtype.size()).saturating_mul(4);
+        let host_bytes_per_token =
+            (manifest.kv_cache.computed_bytes_per_token() / manifest.kv_cache.dtype.size()).saturating_mul(4);
         // A backend that takes its own present back as the next step's past keeps the running batch's cache a
         // second time (the runtime's present, float32) next to the host caches: the budget counts both copies.
         let copies = if backend.can_feed_kept() { 2 } else { 1 };
         let bytes_per_token = host_bytes_per_token.saturating_mul(copies) as u64;
         let budget = KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), bytes_per_token);
-        Engine { dir: dir.to_path_buf(), manifest, backend, geometry, budget, seqs: HashMap::new(), next_id: 0, kept: None }
+        Engine {
+            dir: dir.to_path_buf(),
+            manifest,
+            backend,
+            geometry,
+            budget,
+            seqs: HashMap::new(),
+            next_id: 0,
+            kept: None,
+        }
     }
 
     /// The artifact's manifest.
@@ -189,7 +204,10 @@ impl Engine {
     /// of KV budget (its cache is preallocated to that size).
     pub fn add_sequence(&mut self, prompt: &[u32], max_new_tokens: usize) -> Result<SequenceId> {
         if prompt.is_empty() {
-            return Err(EngineError::InvalidArgument { name: "prompt".into(), message: "must hold at least 1 token, got 0".into() });
+            return Err(EngineError::InvalidArgument {
+                name: "prompt".into(),
+                message: "must hold at least 1 token, got 0".into(),
+            });
         }
         let vocab = self.manifest.model.vocab_size;
         if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
@@ -326,7 +344,12 @@ impl Engine {
     }
 
     /// Appends a checked pass's new positions to the host caches and returns the logits of the rows it completed.
-    fn apply_pass(&mut self, plan: &Plan, logits: &ndarray::Array3<f32>, present: KeptPresent) -> Result<Vec<StepLogits>> {
+    fn apply_pass(
+        &mut self,
+        plan: &Plan,
+        logits: &ndarray::Array3<f32>,
+        present: KeptPresent,
+    ) -> Result<Vec<StepLogits>> {
         let last_only = self.backend.last_position_logits();
         let past = plan.past_len;
         let (keys, values) = present.views()?;
@@ -349,7 +372,10 @@ impl Engine {
 
     fn plan(&self, work: &[StepWork]) -> Result<Plan> {
         if work.is_empty() {
-            return Err(EngineError::InvalidArgument { name: "work".into(), message: "must name at least 1 sequence, got 0".into() });
+            return Err(EngineError::InvalidArgument {
+                name: "work".into(),
+                message: "must name at least 1 sequence, got 0".into(),
+            });
         }
         let mut rows = Vec::with_capacity(work.len());
         for (i, w) in work.iter().enumerate() {
@@ -386,7 +412,8 @@ impl Engine {
         let mut position_ids = Array2::<i64>::zeros((b, s));
         let mut attention_mask = Array2::<i64>::zeros((b, p + s));
         let layers = if with_past { g.num_layers } else { 0 };
-        let mut keys: Vec<Array4<f32>> = (0..layers).map(|_| Array4::zeros((b, g.key_heads, p_kv, g.key_dim))).collect();
+        let mut keys: Vec<Array4<f32>> =
+            (0..layers).map(|_| Array4::zeros((b, g.key_heads, p_kv, g.key_dim))).collect();
         let mut values: Vec<Array4<f32>> =
             (0..layers).map(|_| Array4::zeros((b, g.value_heads, p_kv, g.value_dim))).collect();
         {
@@ -410,15 +437,18 @@ impl Engine {
                 }
             }
         }
-        let past = keys
-            .into_iter()
-            .zip(values)
-            .map(|(k, v)| KvPair { key: k.into_dyn(), value: v.into_dyn() })
-            .collect();
+        let past =
+            keys.into_iter().zip(values).map(|(k, v)| KvPair { key: k.into_dyn(), value: v.into_dyn() }).collect();
         StepInput { input_ids, attention_mask, position_ids, past }
     }
 
-    fn check_present(&self, keys: &[ArrayViewD<f32>], values: &[ArrayViewD<f32>], batch: usize, total: usize) -> Result<()> {
+    fn check_present(
+        &self,
+        keys: &[ArrayViewD<f32>],
+        values: &[ArrayViewD<f32>],
+        batch: usize,
+        total: usize,
+    ) -> Result<()> {
         let g = self.geometry;
         if keys.len() != g.num_layers || values.len() != g.num_layers {
             return Err(EngineError::Shape {
@@ -428,7 +458,8 @@ impl Engine {
             });
         }
         for (i, (k, v)) in keys.iter().zip(values).enumerate() {
-            for (what, t, heads, dim) in [("key", k, g.key_heads, g.key_dim), ("value", v, g.value_heads, g.value_dim)] {
+            for (what, t, heads, dim) in [("key", k, g.key_heads, g.key_dim), ("value", v, g.value_heads, g.value_dim)]
+            {
                 if t.shape() != [batch, heads, total, dim] {
                     return Err(EngineError::Shape {
                         name: format!("present.{i}.{what}"),
@@ -444,7 +475,13 @@ impl Engine {
     /// Generates up to `max_new_tokens` for one prompt, choosing each token with `pick` (given the
     /// last-position logits). Stops early after a token in `stop_ids` (which is included). The
     /// sequence is removed afterwards, also on error.
-    pub fn generate_with<F>(&mut self, prompt: &[u32], max_new_tokens: usize, stop_ids: &[u32], pick: F) -> Result<Vec<u32>>
+    pub fn generate_with<F>(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        stop_ids: &[u32],
+        pick: F,
+    ) -> Result<Vec<u32>>
     where
         F: FnMut(&[f32]) -> Result<u32>,
     {
@@ -462,7 +499,7 @@ impl Engine {
         max_new_tokens: usize,
         stop_ids: &[u32],
     ) -> Result<Vec<u32>> {
-        let mut sampler = crate::sampling::Sampler::new(params.clone())?;
+        let mut sampler = crate::sampling::Sampler::new(*params)?;
         let mut context = prompt.to_vec();
         self.generate_with(prompt, max_new_tokens, stop_ids, |logits| {
             let t = sampler.sample(logits, &context)?;

@@ -120,8 +120,9 @@ pub fn parse_problems(text: &str, source: &Path) -> Result<Vec<Problem>, EvalErr
             continue;
         }
         let err = |message: String| EvalError::Problem { path: source.to_path_buf(), line, message };
-        let raw: RawProblem = serde_json::from_str(trimmed)
-            .map_err(|e| err(format!("{e} (expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}], \"answer\": ...}})")))?;
+        let raw: RawProblem = serde_json::from_str(trimmed).map_err(|e| {
+            err(format!("{e} (expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}], \"answer\": ...}})"))
+        })?;
         if raw.messages.is_empty() {
             return Err(err("`messages` is empty; it needs at least one message".into()));
         }
@@ -232,7 +233,11 @@ impl EvalReport {
 
 /// Renders a conversation with the chat template (`add_generation_prompt = true`) and tokenizes it
 /// without adding special tokens (the template writes BOS itself), as the server does.
-pub fn encode_chat(tokenizer: &Tokenizer, template: &ChatTemplate, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+pub fn encode_chat(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    messages: &[ChatMessage],
+) -> Result<Vec<u32>, EngineError> {
     let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
     let rendered = template.render(messages, &opts)?;
     Ok(tokenizer.encode(&rendered, false)?)
@@ -260,7 +265,8 @@ pub fn evaluate(
     let mut correct = 0usize;
     let mut generated_tokens = 0usize;
     for chunk in problems.chunks(opts.batch) {
-        let engine_err = |p: &Problem, source: EngineError| EvalError::Engine { line: p.line, question: p.question(), source };
+        let engine_err =
+            |p: &Problem, source: EngineError| EvalError::Engine { line: p.line, question: p.question(), source };
         let mut prompts = Vec::with_capacity(chunk.len());
         for p in chunk {
             prompts.push(encode_chat(tokenizer, template, &p.messages).map_err(|e| engine_err(p, e))?);
@@ -321,10 +327,14 @@ mod tests {
         assert!(e.to_string().starts_with("set.jsonl:2: invalid problem"), "{e}");
         let e = parse_problems("{\"messages\":[],\"answer\":\"1\"}", Path::new("s.jsonl")).unwrap_err();
         assert!(e.to_string().contains("s.jsonl:1") && e.to_string().contains("`messages` is empty"), "{e}");
-        let e = parse_problems("{\"messages\":[{\"role\":\"user\",\"content\":\"a\"}],\"answer\":null}", Path::new("s.jsonl"))
-            .unwrap_err();
+        let e = parse_problems(
+            "{\"messages\":[{\"role\":\"user\",\"content\":\"a\"}],\"answer\":null}",
+            Path::new("s.jsonl"),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("`answer` must be a string or a number, got null"), "{e}");
-        let e = parse_problems("{\"messages\":[{\"role\":\"user\",\"content\":\"a\"}]}", Path::new("s.jsonl")).unwrap_err();
+        let e =
+            parse_problems("{\"messages\":[{\"role\":\"user\",\"content\":\"a\"}]}", Path::new("s.jsonl")).unwrap_err();
         assert!(e.to_string().contains("missing field `answer`"), "{e}");
     }
 
@@ -338,7 +348,14 @@ mod tests {
 
     #[test]
     fn summary_line_format() {
-        let r = EvalReport { backend: "ort-cpu".into(), correct: 483, total: 500, seconds: 12.34, generated_tokens: 0, results: vec![] };
+        let r = EvalReport {
+            backend: "ort-cpu".into(),
+            correct: 483,
+            total: 500,
+            seconds: 12.34,
+            generated_tokens: 0,
+            results: vec![],
+        };
         assert_eq!(r.summary(), "accuracy 483/500 = 96.6% (backend ort-cpu, 12.3 s)");
     }
 }

@@ -121,9 +121,8 @@ pub struct SequenceCache {
 impl SequenceCache {
     /// An empty cache with room for `capacity` positions before it has to grow.
     pub fn with_capacity(geometry: KvGeometry, capacity: usize) -> Self {
-        let keys = (0..geometry.num_layers)
-            .map(|_| HeadBuffer::new(geometry.key_heads, geometry.key_dim, capacity))
-            .collect();
+        let keys =
+            (0..geometry.num_layers).map(|_| HeadBuffer::new(geometry.key_heads, geometry.key_dim, capacity)).collect();
         let values = (0..geometry.num_layers)
             .map(|_| HeadBuffer::new(geometry.value_heads, geometry.value_dim, capacity))
             .collect();
@@ -304,10 +303,8 @@ mod tests {
     }
 
     fn present(batch: usize, heads: usize, t: usize, dim: usize, base: f32) -> ArrayD<f32> {
-        Array4::from_shape_fn((batch, heads, t, dim), |(b, h, p, d)| {
-            base + (b * 1000 + h * 100 + p * 10 + d) as f32
-        })
-        .into_dyn()
+        Array4::from_shape_fn((batch, heads, t, dim), |(b, h, p, d)| base + (b * 1000 + h * 100 + p * 10 + d) as f32)
+            .into_dyn()
     }
 
     #[test]

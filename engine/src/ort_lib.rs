@@ -319,7 +319,8 @@ mod tests {
         let env_lib = t.path().join("custom/libonnxruntime.so.1.31.1");
         touch(&env_lib);
         touch(&t.path().join("repo/.r1/lib").join(ORT_LIB_FILE));
-        let c = SearchContext { ort_dylib_path: Some(env_lib.clone().into()), cwd: Some(t.path().join("repo")), ..ctx() };
+        let c =
+            SearchContext { ort_dylib_path: Some(env_lib.clone().into()), cwd: Some(t.path().join("repo")), ..ctx() };
         let found = discover_with(&c).unwrap();
         assert_eq!(found, OrtLibrary { path: env_lib, source: LibrarySource::EnvVar });
     }
@@ -329,7 +330,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         touch(&t.path().join("repo/.r1/lib").join(ORT_LIB_FILE));
         let missing = t.path().join("nope.so");
-        let c = SearchContext { ort_dylib_path: Some(missing.clone().into()), cwd: Some(t.path().join("repo")), ..ctx() };
+        let c =
+            SearchContext { ort_dylib_path: Some(missing.clone().into()), cwd: Some(t.path().join("repo")), ..ctx() };
         let msg = discover_with(&c).unwrap_err().to_string();
         assert!(msg.contains(&missing.display().to_string()) && msg.contains(FIX_COMMAND), "{msg}");
     }
@@ -354,7 +356,8 @@ mod tests {
         let home_lib = t.path().join("custom-home/lib").join(ORT_LIB_FILE);
         touch(&home_lib);
         touch(&t.path().join("repo/.r1/lib").join(ORT_LIB_FILE));
-        let c = SearchContext { r1_home: Some(t.path().join("custom-home")), cwd: Some(t.path().join("repo")), ..ctx() };
+        let c =
+            SearchContext { r1_home: Some(t.path().join("custom-home")), cwd: Some(t.path().join("repo")), ..ctx() };
         assert_eq!(discover_with(&c).unwrap(), OrtLibrary { path: home_lib, source: LibrarySource::ProjectLocal });
     }
 
@@ -364,7 +367,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let lib = t.path().join("repo/.r1/lib").join(ORT_LIB_FILE);
         touch(&lib);
-        let c = SearchContext { r1_home: Some(t.path().join("repo/.r1")), cwd: Some(t.path().join("elsewhere")), ..ctx() };
+        let c =
+            SearchContext { r1_home: Some(t.path().join("repo/.r1")), cwd: Some(t.path().join("elsewhere")), ..ctx() };
         assert_eq!(discover_with(&c).unwrap().path, lib);
     }
 
@@ -429,7 +433,11 @@ mod tests {
         touch(&site.join("onnxruntime/capi/libonnxruntime.so.1.9.0"));
         touch(&site.join("onnxruntime/capi/libonnxruntime.so.1.31.1"));
         touch(&site.join("onnxruntime/capi/libonnxruntime_providers_shared.so"));
-        let c = SearchContext { cwd: Some(t.path().to_path_buf()), site_dirs: vec![t.path().join("empty"), site.clone()], ..ctx() };
+        let c = SearchContext {
+            cwd: Some(t.path().to_path_buf()),
+            site_dirs: vec![t.path().join("empty"), site.clone()],
+            ..ctx()
+        };
         let found = discover_with(&c).unwrap();
         assert_eq!(found.source, LibrarySource::PythonPackage);
         assert_eq!(found.path, site.join("onnxruntime/capi/libonnxruntime.so.1.31.1"));
@@ -451,7 +459,9 @@ mod tests {
         ];
         let mut last = 0;
         for needle in &order {
-            let at = msg[last..].find(needle.as_str()).unwrap_or_else(|| panic!("`{needle}` missing or out of order in: {msg}"));
+            let at = msg[last..]
+                .find(needle.as_str())
+                .unwrap_or_else(|| panic!("`{needle}` missing or out of order in: {msg}"));
             last += at + needle.len();
         }
     }

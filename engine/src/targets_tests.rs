@@ -103,9 +103,17 @@ fn a100_fp16_maps_to_documented_trt_options() {
     assert_eq!(get(&opts, "trt_ep_context_file_path"), "/art/engines/a100/model_ctx.onnx");
     assert_eq!(get(&opts, "trt_ep_context_embed_mode"), "0");
     // Every dynamic input, `name:AxB` in graph order; total = past + sequence.
-    let kv = |p: usize| (0..2).flat_map(move |i| ["key", "value"].map(move |k| format!("past_key_values.{i}.{k}:{}x2x{p}x16", "{b}"))).collect::<Vec<_>>();
+    let kv = |p: usize| {
+        (0..2)
+            .flat_map(move |i| ["key", "value"].map(move |k| format!("past_key_values.{i}.{k}:{}x2x{p}x16", "{b}")))
+            .collect::<Vec<_>>()
+    };
     let expect = |b: usize, s: usize, p: usize| {
-        let mut v = vec![format!("input_ids:{b}x{s}"), format!("attention_mask:{b}x{}", p + s), format!("position_ids:{b}x{s}")];
+        let mut v = vec![
+            format!("input_ids:{b}x{s}"),
+            format!("attention_mask:{b}x{}", p + s),
+            format!("position_ids:{b}x{s}"),
+        ];
         v.extend(kv(p).into_iter().map(|x| x.replace("{b}", &b.to_string())));
         v.join(",")
     };
@@ -118,7 +126,11 @@ fn a100_fp16_maps_to_documented_trt_options() {
 fn precision_flags_follow_the_manifest() {
     let flags = |t: &str, p: &str| {
         let o = tensorrt_options(target(t).unwrap(), &manifest(p), &settings()).unwrap();
-        (get(&o, "trt_fp16_enable").to_string(), get(&o, "trt_bf16_enable").to_string(), get(&o, "trt_int8_enable").to_string())
+        (
+            get(&o, "trt_fp16_enable").to_string(),
+            get(&o, "trt_bf16_enable").to_string(),
+            get(&o, "trt_int8_enable").to_string(),
+        )
     };
     let f = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
     assert_eq!(flags("a100", "fp32"), f("0", "0", "0"));
@@ -175,12 +187,27 @@ fn nvidia_smi_and_proc_parsing() {
 fn wrong_gpu_engine_is_refused_unless_hardware_compatible() {
     let a100 = LocalGpu { name: "NVIDIA A100-SXM4-80GB".into(), sm: Some(80) };
     let t4 = LocalGpu { name: "Tesla T4".into(), sm: Some(75) };
-    let built = |hw| EngineBuild { target: "h100".into(), sm: 90, hardware_compatible: hw, built: true, ..EngineBuild::default() };
+    let built = |hw| EngineBuild {
+        target: "h100".into(),
+        sm: 90,
+        hardware_compatible: hw,
+        built: true,
+        ..EngineBuild::default()
+    };
     let e = check_engine_host(&built(false), Some(&a100)).unwrap_err().to_string();
-    assert!(e.contains("`h100` (sm90)") && e.contains("NVIDIA A100-SXM4-80GB") && e.contains("--hardware-compatible"), "{e}");
+    assert!(
+        e.contains("`h100` (sm90)") && e.contains("NVIDIA A100-SXM4-80GB") && e.contains("--hardware-compatible"),
+        "{e}"
+    );
     check_engine_host(&built(true), Some(&a100)).unwrap();
     assert!(check_engine_host(&built(true), Some(&t4)).is_err(), "hardware compatibility needs sm80+");
-    let same = EngineBuild { target: "a100".into(), sm: 80, hardware_compatible: false, built: true, ..EngineBuild::default() };
+    let same = EngineBuild {
+        target: "a100".into(),
+        sm: 80,
+        hardware_compatible: false,
+        built: true,
+        ..EngineBuild::default()
+    };
     check_engine_host(&same, Some(&a100)).unwrap();
     let e = check_engine_host(&same, None).unwrap_err().to_string();
     assert!(e.contains("no NVIDIA GPU was found"), "{e}");

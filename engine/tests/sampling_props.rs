@@ -95,7 +95,7 @@ proptest! {
         let ctx: Vec<u32> = ctx.into_iter().filter(|&i| (i as usize) < logits.len()).collect();
         let (expected, margin) = reference(&logits, &ctx, &p);
         prop_assume!(margin > 1e-4);
-        let mut s = Sampler::new(p.clone()).unwrap();
+        let mut s = Sampler::new(p).unwrap();
         let got = s.candidates(&logits, &ctx).unwrap();
         let got_ids: Vec<u32> = got.iter().map(|c| c.id).collect();
         let exp_ids: Vec<u32> = expected.iter().map(|c| c.0).collect();
@@ -170,7 +170,9 @@ fn seeded_counts_follow_the_distribution() {
 #[test]
 fn repetition_penalty_lowers_seen_tokens() {
     let logits = [2.0f32, 2.0, -1.0, -1.0];
-    let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, temperature: 1.0, seed: Some(3), ..Default::default() }).unwrap();
+    let mut s =
+        Sampler::new(SamplingParams { repetition_penalty: 2.0, temperature: 1.0, seed: Some(3), ..Default::default() })
+            .unwrap();
     let c = s.candidates(&logits, &[0, 0, 2]).unwrap();
     // 2 → 1 and -1 → -2 for the seen ids, applied once however often they occur.
     let w = |l: f64| l.exp();

@@ -42,9 +42,8 @@ fn batch_composition_and_order_do_not_matter() {
     let reference: Vec<Vec<u32>> = (0..4).map(|seq| alone(seq, 100 + seq, 48)).collect();
     // The same four sequences batched with two extra ones, sampled in reversed order each step, and one of them
     // joining late (continuous batching): each keeps its own stream.
-    let mut samplers: Vec<(u64, Sampler, Vec<u32>)> = (0..6)
-        .map(|seq| (seq, Sampler::new(params(100 + seq)).unwrap(), Vec::new()))
-        .collect();
+    let mut samplers: Vec<(u64, Sampler, Vec<u32>)> =
+        (0..6).map(|seq| (seq, Sampler::new(params(100 + seq)).unwrap(), Vec::new())).collect();
     for step in 0..60u64 {
         for (seq, s, out) in samplers.iter_mut().rev() {
             if *seq == 2 && step < 12 {

@@ -40,7 +40,8 @@ fn r1_template_matches_transformers() {
             "r1" => ChatTemplate::from_config(tok.config(), None, false).unwrap(),
             other => ChatTemplate::from_source(other, doc["templates"][other].as_str().unwrap(), tok.config()).unwrap(),
         };
-        let messages_val = ordered.get_attr("cases").unwrap().get_item_by_index(i).unwrap().get_attr("messages").unwrap();
+        let messages_val =
+            ordered.get_attr("cases").unwrap().get_item_by_index(i).unwrap().get_attr("messages").unwrap();
         let messages: Vec<minijinja::Value> = messages_val.try_iter().unwrap().collect();
         let opts = RenderOptions {
             add_generation_prompt: case["add_generation_prompt"].as_bool().unwrap(),
@@ -69,10 +70,8 @@ fn r1_template_matches_transformers() {
 fn typed_messages_render_like_values() {
     let tok = tokenizer();
     let t = ChatTemplate::from_config(tok.config(), None, false).unwrap();
-    let msgs = vec![
-        ChatMessage::new("system", "You are a careful assistant."),
-        ChatMessage::new("user", "Name a prime."),
-    ];
+    let msgs =
+        vec![ChatMessage::new("system", "You are a careful assistant."), ChatMessage::new("user", "Name a prime.")];
     let out = t.render(&msgs, &RenderOptions { add_generation_prompt: true, ..Default::default() }).unwrap();
     assert_eq!(out, "<｜begin▁of▁sentence｜>You are a careful assistant.<｜User｜>Name a prime.<｜Assistant｜>");
     // content None is dropped like transformers does, and the R1 template then fails on it.
@@ -116,7 +115,8 @@ fn missing_files_are_named() {
 fn chat_template_jinja_file_is_used() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(r1_dir().join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
-    std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}[{{ m.role }}]{% endfor %}\n").unwrap();
+    std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}[{{ m.role }}]{% endfor %}\n")
+        .unwrap();
     let tok = Tokenizer::from_dir(dir.path()).unwrap();
     let t = ChatTemplate::from_config(tok.config(), None, false).unwrap();
     let out = t.render(&[ChatMessage::new("user", "x")], &RenderOptions::default()).unwrap();

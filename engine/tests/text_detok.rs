@@ -48,7 +48,10 @@ fn deltas_concatenate_to_full_decode() {
             let full = tok.decode(&ids, skip).unwrap();
             assert_eq!(deltas.concat(), full, "text {text:?} skip_special={skip}");
             if !full.contains('\u{FFFD}') {
-                assert!(deltas.iter().all(|d| !d.contains('\u{FFFD}')), "broken char streamed for {text:?}: {deltas:?}");
+                assert!(
+                    deltas.iter().all(|d| !d.contains('\u{FFFD}')),
+                    "broken char streamed for {text:?}: {deltas:?}"
+                );
             }
         }
     }

@@ -28,7 +28,12 @@ const CASES: &[(bool, &str, &str, &str)] = &[
     (true, "</think>\n\nDone.", "", "Done."),
     (true, "never closed\n", "never closed\n", ""),
     (true, "<think>\nredundant open\n</think>\nok", "redundant open", "ok"),
-    (false, "<think>\nuses </thin k> and <think> inside\n</think>\n\nend </think> kept", "uses </thin k> and <think> inside", "end </think> kept"),
+    (
+        false,
+        "<think>\nuses </thin k> and <think> inside\n</think>\n\nend </think> kept",
+        "uses </thin k> and <think> inside",
+        "end </think> kept",
+    ),
     (false, "<think>\n数学：１２×３＝３６ 🌍\n</think>\n\n答案是36。", "数学：１２×３＝３６ 🌍", "答案是36。"),
 ];
 

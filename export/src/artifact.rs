@@ -60,8 +60,10 @@ impl TempArtifact {
     /// Writes `manifest` into the temporary directory and renames it to `OUT_DIR`.
     pub fn commit(mut self, manifest: &Manifest) -> Result<PathBuf> {
         let path = self.tmp.join(MANIFEST_FILE);
-        let text = serde_json::to_string_pretty(manifest)
-            .map_err(|e| ExportError::Output { path: path.clone(), message: format!("cannot serialize manifest: {e}") })?;
+        let text = serde_json::to_string_pretty(manifest).map_err(|e| ExportError::Output {
+            path: path.clone(),
+            message: format!("cannot serialize manifest: {e}"),
+        })?;
         let mut f = File::create(&path).map_err(ExportError::io(&path))?;
         f.write_all(text.as_bytes()).map_err(ExportError::io(&path))?;
         f.write_all(b"\n").map_err(ExportError::io(&path))?;

@@ -237,7 +237,9 @@ fn run_export(args: ExportArgs) -> anyhow::Result<()> {
                 }
                 QuantProgress::Batch { done } => bar.set_position(done as u64),
                 QuantProgress::Rewriting => bar.set_message("writing the quantized graph"),
-                QuantProgress::Report { samples } => bar.set_message(format!("comparing with fp32 on {samples} held-out samples")),
+                QuantProgress::Report { samples } => {
+                    bar.set_message(format!("comparing with fp32 on {samples} held-out samples"))
+                }
                 QuantProgress::Eval { precision, problems } => {
                     bar.set_style(count_style());
                     bar.set_length(problems as u64);

@@ -71,7 +71,8 @@ pub enum Outcome {
 pub fn resolve(names: &[String]) -> Result<Vec<&'static Target>> {
     let mut out: Vec<&'static Target> = Vec::new();
     for n in names {
-        let t = targets::target(n.trim()).map_err(|e| ExportError::InvalidOption { option: "--target", message: e.to_string() })?;
+        let t = targets::target(n.trim())
+            .map_err(|e| ExportError::InvalidOption { option: "--target", message: e.to_string() })?;
         if !out.iter().any(|o| o.name == t.name) {
             out.push(t);
         }
@@ -85,7 +86,10 @@ pub fn check_precision(targets: &[&Target], precision: &str) -> Result<()> {
         if !t.supports(precision) {
             return Err(ExportError::InvalidOption {
                 option: "--precision",
-                message: format!("`{precision}` cannot run on {} (sm{}) with TensorRT; choose another precision or target", t.name, t.sm),
+                message: format!(
+                    "`{precision}` cannot run on {} (sm{}) with TensorRT; choose another precision or target",
+                    t.name, t.sm
+                ),
             });
         }
     }
@@ -113,7 +117,8 @@ pub fn apply(dir: &Path, opts: &TargetOptions, mode: Mode) -> Result<Vec<Outcome
             Outcome::Built(b) => (serde_json::to_value(b), b.files.clone()),
             Outcome::Planned { plan, .. } => (serde_json::to_value(plan), Vec::new()),
         };
-        let record = record.map_err(|e| ExportError::Graph(format!("cannot serialize the `{}` record: {e}", t.name)))?;
+        let record =
+            record.map_err(|e| ExportError::Graph(format!("cannot serialize the `{}` record: {e}", t.name)))?;
         set_target_files(dir, &mut manifest, t, &files)?;
         manifest.targets.insert(t.name.to_string(), record);
         write_manifest(dir, &manifest)?;
@@ -158,7 +163,8 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
     }
     let record = serving_source(dir, manifest, &lowered, &rewritten).and_then(|(source, lowering, fused)| {
         let mut r = eb::optimize_cpu_graph(&source, &tmp).map_err(engine_err(dir))?;
-        r.lowering = lowering.map(|l| serde_json::to_value(&l)).transpose().map_err(|e| ExportError::Graph(e.to_string()))?;
+        r.lowering =
+            lowering.map(|l| serde_json::to_value(&l)).transpose().map_err(|e| ExportError::Graph(e.to_string()))?;
         r.last_position_logits = true;
         r.fused_attention = fused;
         Ok(r)
@@ -249,9 +255,7 @@ fn set_target_files(dir: &Path, manifest: &mut Manifest, t: &Target, files: &[St
 /// Writes `dir/manifest.json` atomically: a temporary file in `dir`, fsync, rename over the old one.
 pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
     let path = dir.join(MANIFEST_FILE);
-    manifest
-        .check(&path)
-        .map_err(|e| ExportError::Graph(format!("manifest failed its own checks: {e}")))?;
+    manifest.check(&path).map_err(|e| ExportError::Graph(format!("manifest failed its own checks: {e}")))?;
     let text = serde_json::to_string_pretty(manifest)
         .map_err(|e| ExportError::Output { path: path.clone(), message: format!("cannot serialize manifest: {e}") })?;
     let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp-{}", std::process::id()));
@@ -293,7 +297,10 @@ mod tests {
         let t: Vec<_> = resolve(&names).unwrap().iter().map(|t| t.name).collect();
         assert_eq!(t, ["a100", "cpu"]);
         let e = resolve(&["v100".to_string()]).unwrap_err().to_string();
-        assert!(e.contains("`--target`") && e.contains("`v100`") && e.contains("a100, h100") && e.contains("cpu"), "{e}");
+        assert!(
+            e.contains("`--target`") && e.contains("`v100`") && e.contains("a100, h100") && e.contains("cpu"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -26,9 +26,11 @@ fn good_input_exports_and_help_has_examples() {
     write_checkpoint(&preset("tiny-qwen3").unwrap(), &ck).unwrap();
     let out = tmp.path().join("out");
     let bin = env!("CARGO_BIN_EXE_r1-export");
-    let o = std::process::Command::new(bin).arg(&ck).arg("-o").arg(&out).args(["--precision", "fp16"]).output().unwrap();
+    let o =
+        std::process::Command::new(bin).arg(&ck).arg("-o").arg(&out).args(["--precision", "fp16"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["precision"], "fp16");
     assert_eq!(m["kv_cache"]["dtype"], "float16");
     assert_eq!(m["outputs"][0]["dtype"], "float32");
@@ -116,7 +118,10 @@ fn gpu_target_without_gpu_records_the_plan_and_prints_the_build_command() {
     let berr = stderr(&b);
     assert_eq!(b.status.code(), Some(1), "{berr}");
     assert_eq!(berr.trim_end().lines().count(), 1, "{berr}");
-    assert!(berr.starts_with("error: ") && berr.contains("`a100` TensorRT build") && berr.contains("NVIDIA A100 (sm80)"), "{berr}");
+    assert!(
+        berr.starts_with("error: ") && berr.contains("`a100` TensorRT build") && berr.contains("NVIDIA A100 (sm80)"),
+        "{berr}"
+    );
     assert!(berr.contains("no NVIDIA GPU was found"), "{berr}");
     assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before);
 }
@@ -126,7 +131,10 @@ fn hardware_compatible_plan_and_several_targets() {
     if !gpu_less_host() {
         return;
     }
-    let (_tmp, out, o) = export_with("tiny-llama", &["--target", "h100,l4", "--target", "h100", "--hardware-compatible", "--precision", "fp32"]);
+    let (_tmp, out, o) = export_with(
+        "tiny-llama",
+        &["--target", "h100,l4", "--target", "h100", "--hardware-compatible", "--precision", "fp32"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let m = manifest_json(&out);
     assert_eq!(m["precision"], "fp32");
@@ -169,10 +177,14 @@ fn int4_scheme_follows_the_targets() {
         let (_t2, out, o) = export_with("tiny-llama", &["--precision", "int4-wo", "--target", "a100"]);
         assert!(o.status.success(), "{}", stderr(&o));
         let m = manifest_json(&out);
-        assert_eq!((scheme(&m), m["targets"]["a100"]["built"].clone()), (serde_json::json!(false), serde_json::json!(false)));
+        assert_eq!(
+            (scheme(&m), m["targets"]["a100"]["built"].clone()),
+            (serde_json::json!(false), serde_json::json!(false))
+        );
     }
     // Asking for zero points with a TensorRT target is refused before any work, naming the flag and the target.
-    let (_t3, out, o) = export_with("tiny-llama", &["--precision", "int4-wo", "--int4-scheme", "asymmetric", "--target", "a100"]);
+    let (_t3, out, o) =
+        export_with("tiny-llama", &["--precision", "int4-wo", "--int4-scheme", "asymmetric", "--target", "a100"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("--int4-scheme") && err.contains("a100") && err.contains("zero points"), "{err}");
@@ -195,7 +207,13 @@ fn quantize_lm_head_takes_three_modes() {
 fn help_teaches_targets_and_build() {
     let h = r1_export(&["--help".as_ref()]);
     let help = String::from_utf8_lossy(&h.stdout);
-    for want in ["--target a100", "r1-export build ./out --target a100", "--hardware-compatible", "engines/cpu/", "--target cpu"] {
+    for want in [
+        "--target a100",
+        "r1-export build ./out --target a100",
+        "--hardware-compatible",
+        "engines/cpu/",
+        "--target cpu",
+    ] {
         assert!(help.contains(want), "{want} missing from --help:\n{help}");
     }
     let h = r1_export(&["build".as_ref(), "--help".as_ref()]);
@@ -208,12 +226,14 @@ fn help_teaches_targets_and_build() {
 /// Logits after one batched prefill of two prompts of different lengths (the shorter row is padded) and after one
 /// decode step of both, on ort CPU: `[prefill a, prefill b, decode a, decode b]`.
 fn two_steps(dir: &Path, ids: &[u32]) -> Vec<Vec<f32>> {
-    let backend_options = BackendOptions { execution_provider: ExecutionProviderKind::Cpu, ..BackendOptions::default() };
+    let backend_options =
+        BackendOptions { execution_provider: ExecutionProviderKind::Cpu, ..BackendOptions::default() };
     let opts = EngineOptions { backend: BackendKind::Ort, backend_options, ..EngineOptions::default() };
     let mut e = Engine::load(dir, &opts).unwrap();
     let a = e.add_sequence(ids, 2).unwrap();
     let b = e.add_sequence(&ids[..ids.len() / 2], 2).unwrap();
-    let mut out: Vec<Vec<f32>> = e.step(&[StepWork::all(a), StepWork::all(b)]).unwrap().into_iter().map(|r| r.logits).collect();
+    let mut out: Vec<Vec<f32>> =
+        e.step(&[StepWork::all(a), StepWork::all(b)]).unwrap().into_iter().map(|r| r.logits).collect();
     e.push_token(a, 7).unwrap();
     e.push_token(b, 9).unwrap();
     out.extend(e.step(&[StepWork::all(a), StepWork::all(b)]).unwrap().into_iter().map(|r| r.logits));
@@ -279,8 +299,11 @@ fn cpu_target_writes_an_optimized_graph_with_the_portable_graphs_logits() {
     // The serving graph returns each row's last fed position only; the portable one every position.
     assert_eq!(rec["last_position_logits"], true);
     use prost::Message;
-    let cpu = r1_proto::onnx::ModelProto::decode(std::fs::read(out.join("engines/cpu/model.onnx")).unwrap().as_slice()).unwrap();
-    let logits_dims = |m: &r1_proto::onnx::ModelProto| format!("{:?}", m.graph.as_ref().unwrap().output.iter().find(|o| o.name.as_deref() == Some("logits")));
+    let cpu = r1_proto::onnx::ModelProto::decode(std::fs::read(out.join("engines/cpu/model.onnx")).unwrap().as_slice())
+        .unwrap();
+    let logits_dims = |m: &r1_proto::onnx::ModelProto| {
+        format!("{:?}", m.graph.as_ref().unwrap().output.iter().find(|o| o.name.as_deref() == Some("logits")))
+    };
     assert!(logits_dims(&cpu).contains("DimValue(1)"), "{}", logits_dims(&cpu));
 
     // Same logits for a batch of two prompts of different lengths, prefill and decode. Each graph is opened as
@@ -311,5 +334,8 @@ fn cpu_target_writes_an_optimized_graph_with_the_portable_graphs_logits() {
         assert_eq!(m2.files[f], r1_export::artifact::hash_file(&out.join(f)).unwrap(), "{f}");
     }
     assert_eq!(m2.files["model.onnx"], m.files["model.onnx"]);
-    assert!(!std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.')), "no temporary files left");
+    assert!(
+        !std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.')),
+        "no temporary files left"
+    );
 }

@@ -23,9 +23,12 @@ use r1_export::checkpoint::{self, Checkpoint};
 use r1_serve::model::PromptInput;
 use r1_serve::validate::{check_context, validate, Limits};
 
+/// A fuzz target body: true when the parser accepted the input.
+pub type FuzzBody = fn(&[u8]) -> bool;
+
 /// The targets by name, with their bodies (what `scripts/fuzz.sh` runs and the replay test walks). A body returns
 /// true when the parser accepted the input (so the replay test can check that each corpus reaches past the parser).
-pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] = &[
+pub const TARGETS: &[(&str, FuzzBody)] = &[
     ("config_qwen2", config_qwen2),
     ("config_llama", config_llama),
     ("config_qwen3", config_qwen3),
@@ -311,7 +314,8 @@ pub fn generate_request(data: &[u8]) -> bool {
         }
         PromptInput::Chat(turns) => {
             let Some(tmpl) = r1_template() else { return true };
-            let msgs: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
+            let msgs: Vec<ChatMessage> =
+                turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
             let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
             if let Ok(s) = tmpl.render(&msgs, &opts) {
                 let _ = check_context(s.len(), valid.max_tokens, &limits);

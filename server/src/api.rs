@@ -110,7 +110,12 @@ impl AppState {
             .map_err(|e| ServeError::Engine { kind: e.kind, message: e.message })?;
         check_context(prompt.len(), valid.max_tokens, limits)?;
         span.record("prompt_tokens", prompt.len());
-        let params = SeqParams { sampling: valid.sampling, max_tokens: valid.max_tokens as usize, stop: valid.stop, ignore_eos: valid.ignore_eos };
+        let params = SeqParams {
+            sampling: valid.sampling,
+            max_tokens: valid.max_tokens as usize,
+            stop: valid.stop,
+            ignore_eos: valid.ignore_eos,
+        };
         scheduler.submit(Submission { request_id, api, prompt, params, deadline, span })
     }
 }

@@ -10,7 +10,9 @@ use r1_proto::r1::v1::generation_client::GenerationClient;
 #[derive(Debug, thiserror::Error)]
 pub enum AskError {
     /// The server address could not be parsed or reached.
-    #[error("cannot connect to the r1-serve gRPC address {addr}: {source}; is the server running (r1-serve --grpc-addr …)?")]
+    #[error(
+        "cannot connect to the r1-serve gRPC address {addr}: {source}; is the server running (r1-serve --grpc-addr …)?"
+    )]
     Connect {
         /// Address given.
         addr: String,
@@ -74,7 +76,11 @@ pub async fn ask_with(
     let connect_err = |source| AskError::Connect { addr: addr.to_string(), source };
     let channel = match tls {
         Some(cfg) => crate::tls::tls_channel(addr, cfg).await.map_err(connect_err)?,
-        None => tonic::transport::Endpoint::from_shared(addr.to_string()).map_err(connect_err)?.connect().await.map_err(connect_err)?,
+        None => tonic::transport::Endpoint::from_shared(addr.to_string())
+            .map_err(connect_err)?
+            .connect()
+            .await
+            .map_err(connect_err)?,
     };
     let req = pb::GenerateRequest {
         messages: vec![pb::ChatMessage { role: "user".into(), content: question.into() }],

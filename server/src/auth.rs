@@ -243,7 +243,10 @@ mod tests {
         assert_eq!(keys.check_authorization(Some(format!("Bearer {K2}").as_bytes())), Ok(()));
         assert_eq!(keys.check_authorization(Some(format!("bearer {K1}").as_bytes())), Ok(()));
         assert_eq!(keys.check_authorization(None), Err("missing `authorization: Bearer <api key>`"));
-        assert_eq!(keys.check_authorization(Some(K1.as_bytes())), Err("the `authorization` value must be `Bearer <api key>`"));
+        assert_eq!(
+            keys.check_authorization(Some(K1.as_bytes())),
+            Err("the `authorization` value must be `Bearer <api key>`")
+        );
         assert_eq!(keys.check_authorization(Some(format!("Bearer {K1}x").as_bytes())), Err("invalid API key"));
         assert_eq!(keys.check_authorization(Some(b"Bearer ")), Err("invalid API key"));
         assert!(ApiKeys::default().add_env_list(" , ").is_err());

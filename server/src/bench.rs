@@ -89,7 +89,10 @@ struct One {
     prompt: u64,
 }
 
-async fn one(client: &mut GenerationClient<tonic::transport::Channel>, req: pb::GenerateRequest) -> Result<One, tonic::Status> {
+async fn one(
+    client: &mut GenerationClient<tonic::transport::Channel>,
+    req: pb::GenerateRequest,
+) -> Result<One, tonic::Status> {
     let t0 = Instant::now();
     let mut stream = client.generate_stream(req).await?.into_inner();
     let mut first = None;

@@ -228,7 +228,9 @@ impl ServeArgs {
         for (key, value) in file {
             let id = key.replace('-', "_");
             if id == "config" || !cmd.get_arguments().any(|a| a.get_id().as_str() == id) {
-                return Err(parse_err(format!("unknown setting `{key}` (keys are the long flag names, e.g. `max-batch-size`)")));
+                return Err(parse_err(format!(
+                    "unknown setting `{key}` (keys are the long flag names, e.g. `max-batch-size`)"
+                )));
             }
             let from_default = matches!(source_of(&id), None | Some(ValueSource::DefaultValue));
             if from_default {
@@ -245,7 +247,12 @@ impl ServeArgs {
         let bad = |name: &'static str, message: String| Err(ConfigError::Invalid { name, message });
         let model = match &self.model {
             Some(m) if m.join("manifest.json").is_file() => m.clone(),
-            Some(m) => return bad("--model", format!("must be an artifact directory holding manifest.json, got {}", m.display())),
+            Some(m) => {
+                return bad(
+                    "--model",
+                    format!("must be an artifact directory holding manifest.json, got {}", m.display()),
+                )
+            }
             None => return bad("--model", "is required (or R1_MODEL, or `model` in the config file)".into()),
         };
         if !matches!(self.backend.as_str(), "auto" | "ort" | "tract") {
@@ -336,7 +343,10 @@ impl ServeArgs {
                 Some(crate::tls::server_config(&files)?)
             }
             (None, None) if self.tls_client_ca.is_some() => {
-                return bad("--tls-client-ca", "needs --tls-cert and --tls-key (client certificates are checked during the TLS handshake)".into())
+                return bad(
+                    "--tls-client-ca",
+                    "needs --tls-cert and --tls-key (client certificates are checked during the TLS handshake)".into(),
+                )
             }
             (None, None) => None,
             (Some(_), None) => return bad("--tls-key", "is required with --tls-cert".into()),
@@ -350,12 +360,18 @@ impl ServeArgs {
             keys.add_env_list(v)?;
         }
         if !(1024..=1 << 30).contains(&self.max_request_bytes) {
-            return bad("--max-request-bytes", format!("must be between 1024 and {}, got {}", 1u64 << 30, self.max_request_bytes));
+            return bad(
+                "--max-request-bytes",
+                format!("must be between 1024 and {}, got {}", 1u64 << 30, self.max_request_bytes),
+            );
         }
         if self.max_prompt_bytes == 0 || self.max_prompt_bytes > self.max_request_bytes {
             return bad(
                 "--max-prompt-bytes",
-                format!("must be between 1 and --max-request-bytes {}, got {}", self.max_request_bytes, self.max_prompt_bytes),
+                format!(
+                    "must be between 1 and --max-request-bytes {}, got {}",
+                    self.max_request_bytes, self.max_prompt_bytes
+                ),
             );
         }
         Ok(Security {
@@ -500,7 +516,11 @@ mod tests {
         assert_eq!(s.api_keys.len(), 2);
         assert!(s.api_keys.matches(b"abcdefghijklmnop-1") && s.api_keys.matches(b"qrstuvwxyz012345-2"));
         let (a, m) = args(&[]);
-        let merged = a.merge_toml("skip-integrity-check = true\nmax-prompt-bytes = 4096\n", Path::new("x.toml"), |id| m.value_source(id)).expect("toml");
+        let merged = a
+            .merge_toml("skip-integrity-check = true\nmax-prompt-bytes = 4096\n", Path::new("x.toml"), |id| {
+                m.value_source(id)
+            })
+            .expect("toml");
         assert!(merged.skip_integrity_check);
         assert_eq!(merged.max_prompt_bytes, 4096);
     }

@@ -10,7 +10,9 @@ use r1_engine::sampling::{FinishReason as EngineFinish, Sampler, StopChecker, St
 use r1_engine::text::{ChatMessage, ChatTemplate, IncrementalDetokenizer, ReasoningSplitter, RenderOptions, Tokenizer};
 use r1_engine::{BackendKind, BackendOptions, Engine, EngineOptions, ExecutionProviderKind, SequenceId, StepWork};
 
-use crate::model::{Emitted, Frontend, Model, ModelDescription, ModelError, ModelFinish, PromptInput, SeqId, SeqParams, Work};
+use crate::model::{
+    Emitted, Frontend, Model, ModelDescription, ModelError, ModelFinish, PromptInput, SeqId, SeqParams, Work,
+};
 
 fn engine_err(e: r1_engine::EngineError) -> ModelError {
     ModelError::new(e.kind(), e.to_string())
@@ -72,11 +74,14 @@ impl Frontend for EngineText {
         match input {
             PromptInput::Text(t) => self.tokenizer.encode(t, true).map_err(text_err),
             PromptInput::Chat(turns) => {
-                let template = self
-                    .template
-                    .as_ref()
-                    .ok_or_else(|| ModelError::new("invalid_argument", "`messages` needs a chat template and this artifact has none; send `prompt`"))?;
-                let msgs: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
+                let template = self.template.as_ref().ok_or_else(|| {
+                    ModelError::new(
+                        "invalid_argument",
+                        "`messages` needs a chat template and this artifact has none; send `prompt`",
+                    )
+                })?;
+                let msgs: Vec<ChatMessage> =
+                    turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
                 let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
                 let rendered = template.render(&msgs, &opts).map_err(text_err)?;
                 // The template writes the BOS token itself.
@@ -183,7 +188,10 @@ impl Model for EngineModel {
         let mut by_engine_id = HashMap::with_capacity(work.len());
         let mut engine_work = Vec::with_capacity(work.len());
         for w in work {
-            let s = self.seqs.get(&w.seq).ok_or_else(|| ModelError::new("not_found", format!("unknown sequence {}", w.seq.0)))?;
+            let s = self
+                .seqs
+                .get(&w.seq)
+                .ok_or_else(|| ModelError::new("not_found", format!("unknown sequence {}", w.seq.0)))?;
             by_engine_id.insert(s.id, w.seq);
             engine_work.push(StepWork::chunk(s.id, w.tokens));
         }
@@ -193,7 +201,8 @@ impl Model for EngineModel {
         for r in results {
             let Some(&handle) = by_engine_id.get(&r.seq) else { continue };
             let Some(s) = self.seqs.get_mut(&handle) else { continue };
-            let token = s.sampler.sample(&r.logits, &s.context).map_err(|e| ModelError::new(e.kind(), e.to_string()))?;
+            let token =
+                s.sampler.sample(&r.logits, &s.context).map_err(|e| ModelError::new(e.kind(), e.to_string()))?;
             s.context.push(token);
             let delta = s.detok.push(tok, token).map_err(text_err)?;
             let mut released = s.stop.push(token, &delta);

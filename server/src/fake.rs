@@ -186,7 +186,11 @@ impl Model for FakeModel {
         if prompt.is_empty() || !self.can_admit(need) {
             return Err(ModelError::new(
                 "resource_exhausted",
-                format!("sequence needs {need} KV positions, {} of {} free", self.cfg.kv_capacity_tokens - self.reserved, self.cfg.kv_capacity_tokens),
+                format!(
+                    "sequence needs {need} KV positions, {} of {} free",
+                    self.cfg.kv_capacity_tokens - self.reserved,
+                    self.cfg.kv_capacity_tokens
+                ),
             ));
         }
         let id = SeqId(self.next_id);
@@ -218,7 +222,10 @@ impl Model for FakeModel {
         }
         // Validate everything first: a failed step changes no sequence.
         for w in work {
-            let s = self.seqs.get(&w.seq).ok_or_else(|| ModelError::new("not_found", format!("unknown sequence {}", w.seq.0)))?;
+            let s = self
+                .seqs
+                .get(&w.seq)
+                .ok_or_else(|| ModelError::new("not_found", format!("unknown sequence {}", w.seq.0)))?;
             let pending = if s.pending_decode { 1 } else { s.prompt.len() - s.fed };
             if w.tokens == 0 || w.tokens > pending {
                 return Err(ModelError::new(
@@ -231,7 +238,10 @@ impl Model for FakeModel {
             }
         }
         if self.faults.take() {
-            return Err(ModelError::new("backend", format!("injected step failure ({} sequences in the batch)", work.len())));
+            return Err(ModelError::new(
+                "backend",
+                format!("injected step failure ({} sequences in the batch)", work.len()),
+            ));
         }
         if let Ok(mut log) = self.log.lock() {
             log.push(StepRecord { work: work.iter().map(|w| (w.seq, w.tokens)).collect(), pad_to });
@@ -294,7 +304,11 @@ pub fn stop_scan(text: &str, stops: &[String]) -> (usize, bool) {
     let mut end = text.len();
     for st in stops {
         for k in (1..st.len()).rev() {
-            if text.len() >= k && st.is_char_boundary(k) && text.is_char_boundary(text.len() - k) && text.ends_with(&st[..k]) {
+            if text.len() >= k
+                && st.is_char_boundary(k)
+                && text.is_char_boundary(text.len() - k)
+                && text.ends_with(&st[..k])
+            {
                 end = end.min(text.len() - k);
                 break;
             }

@@ -112,7 +112,11 @@ impl pb::generation_server::Generation for GenerationService {
         let id = request_id(&carrier);
         let span = request_span("Generate", &id, &carrier);
         let deadline = deadline(req.metadata());
-        let rx = self.state.start(raw_request(req.into_inner()), "grpc", id.clone(), deadline, span.clone()).await.map_err(|e| status(&e))?;
+        let rx = self
+            .state
+            .start(raw_request(req.into_inner()), "grpc", id.clone(), deadline, span.clone())
+            .await
+            .map_err(|e| status(&e))?;
         let c = collect(rx, &span).await.map_err(|e| status(&e))?;
         let mut resp = Response::new(pb::GenerateResponse {
             text: c.text,
@@ -129,12 +133,19 @@ impl pb::generation_server::Generation for GenerationService {
 
     type GenerateStreamStream = StreamOf<pb::GenerateStreamResponse>;
 
-    async fn generate_stream(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStreamStream>, Status> {
+    async fn generate_stream(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let carrier = Carrier::Grpc(req.metadata());
         let id = request_id(&carrier);
         let span = request_span("GenerateStream", &id, &carrier);
         let deadline = deadline(req.metadata());
-        let rx = self.state.start(raw_request(req.into_inner()), "grpc", id.clone(), deadline, span.clone()).await.map_err(|e| status(&e))?;
+        let rx = self
+            .state
+            .start(raw_request(req.into_inner()), "grpc", id.clone(), deadline, span.clone())
+            .await
+            .map_err(|e| status(&e))?;
         // The span lives as long as the stream; dropping the stream (client left) closes the channel, and the
         // scheduler frees the sequence at its next iteration.
         let stream = UnboundedReceiverStream::new(rx).filter_map(move |ev| {

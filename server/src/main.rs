@@ -32,24 +32,40 @@ fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         r1_serve::telemetry::init(&cfg.telemetry)?
     };
     rt.block_on(async move {
-        let grpc = tokio::net::TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding --grpc-addr {}", cfg.grpc_addr))?;
-        let http = tokio::net::TcpListener::bind(cfg.http_addr).await.with_context(|| format!("binding --http-addr {}", cfg.http_addr))?;
-        let (dir, backend, ep, kv, skip) =
-            (cfg.model.clone(), cfg.backend.clone(), cfg.execution_provider, cfg.kv_cache_bytes, cfg.skip_integrity_check);
+        let grpc = tokio::net::TcpListener::bind(cfg.grpc_addr)
+            .await
+            .with_context(|| format!("binding --grpc-addr {}", cfg.grpc_addr))?;
+        let http = tokio::net::TcpListener::bind(cfg.http_addr)
+            .await
+            .with_context(|| format!("binding --http-addr {}", cfg.http_addr))?;
+        let (dir, backend, ep, kv, skip) = (
+            cfg.model.clone(),
+            cfg.backend.clone(),
+            cfg.execution_provider,
+            cfg.kv_cache_bytes,
+            cfg.skip_integrity_check,
+        );
         // Runs on a blocking thread while health says NOT_SERVING: verify the files, then load them.
         let load: Loader = Box::new(move || {
             verify_artifact(&dir, skip)?;
             EngineModel::load(&dir, &backend, ep, kv).map(|m| Box::new(m) as Box<dyn Model>)
         });
-        let opts = ServeOptions { model_id: cfg.model_id, limits: cfg.limits, scheduler: cfg.scheduler, drain_timeout: cfg.drain_timeout };
-        run_with(Listeners { grpc, http }, opts, cfg.security, Arc::new(Metrics::new()), load, shutdown_signal()).await?;
+        let opts = ServeOptions {
+            model_id: cfg.model_id,
+            limits: cfg.limits,
+            scheduler: cfg.scheduler,
+            drain_timeout: cfg.drain_timeout,
+        };
+        run_with(Listeners { grpc, http }, opts, cfg.security, Arc::new(Metrics::new()), load, shutdown_signal())
+            .await?;
         Ok::<(), anyhow::Error>(())
     })
 }
 
 /// `r1-serve ask`: one greedy GenerateStream call to a running server, printed for a person.
 fn ask(args: &AskArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")?;
     let tls = match &args.tls_ca {
         Some(ca) => {
             let id = args.tls_client_cert.as_deref().zip(args.tls_client_key.as_deref());
@@ -106,8 +122,8 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         eprintln!("artifact verified against manifest.json sha256 sums in {:.2}s", t0.elapsed().as_secs_f64());
     }
     let ep = r1_serve::config::parse_execution_provider(&args.backend, &args.execution_provider)?;
-    let mut model =
-        EngineModel::load(&args.model, &args.backend, ep, None).with_context(|| format!("loading {}", args.model.display()))?;
+    let mut model = EngineModel::load(&args.model, &args.backend, ep, None)
+        .with_context(|| format!("loading {}", args.model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let input = if args.raw {
         PromptInput::Text(args.prompt.clone())
@@ -115,7 +131,14 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         PromptInput::Chat(vec![ChatTurn { role: "user".into(), content: args.prompt.clone() }])
     };
     let prompt = model.frontend().encode(&input).context("tokenizing the prompt")?;
-    let sampling = Sampling { temperature: args.temperature, top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, seed: Some(args.seed) };
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_p: 1.0,
+        top_k: 0,
+        min_p: 0.0,
+        repetition_penalty: 1.0,
+        seed: Some(args.seed),
+    };
     let params = SeqParams { sampling, max_tokens: args.max_tokens as usize, stop: vec![], ignore_eos: false };
     let seq = model.add_sequence(&prompt, &params).context("adding the sequence")?;
     let t1 = Instant::now();

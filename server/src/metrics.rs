@@ -82,15 +82,31 @@ impl Metrics {
         registry.register("batch_size", "Sequences per model step", m.batch_size.clone());
         registry.register("batch_tokens", "Tokens fed per model step", m.batch_tokens.clone());
         registry.register("queue_time_seconds", "Seconds from arrival to admission", m.queue_seconds.clone());
-        registry.register("time_to_first_token_seconds", "Seconds from arrival to the first token", m.time_to_first_token.clone());
-        registry.register("inter_token_latency_seconds", "Seconds between tokens of a sequence", m.inter_token_latency.clone());
+        registry.register(
+            "time_to_first_token_seconds",
+            "Seconds from arrival to the first token",
+            m.time_to_first_token.clone(),
+        );
+        registry.register(
+            "inter_token_latency_seconds",
+            "Seconds between tokens of a sequence",
+            m.inter_token_latency.clone(),
+        );
         registry.register("step_duration_seconds", "Seconds per model step", m.step_seconds.clone());
         registry.register("generated_tokens", "Tokens generated", m.generated_tokens.clone());
         registry.register("prompt_tokens", "Prompt tokens admitted", m.prompt_tokens.clone());
         registry.register("step_errors", "Model steps that failed", m.step_errors.clone());
         registry.register("kv_cache_used_tokens", "KV cache positions reserved", m.kv_cache_used_tokens.clone());
-        registry.register("kv_cache_capacity_tokens", "KV cache capacity in positions", m.kv_cache_capacity_tokens.clone());
-        registry.register("kv_cache_usage_ratio", "KV cache positions reserved / capacity", m.kv_cache_usage_ratio.clone());
+        registry.register(
+            "kv_cache_capacity_tokens",
+            "KV cache capacity in positions",
+            m.kv_cache_capacity_tokens.clone(),
+        );
+        registry.register(
+            "kv_cache_usage_ratio",
+            "KV cache positions reserved / capacity",
+            m.kv_cache_usage_ratio.clone(),
+        );
         Metrics { registry, ..m }
     }
 

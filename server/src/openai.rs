@@ -83,17 +83,24 @@ pub struct CompletionBody {
 
 fn error_response(e: &ServeError) -> Response {
     let (code, kind) = match e {
-        ServeError::InvalidArgument { .. } | ServeError::TooLarge { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-        ServeError::Overloaded { .. } | ServeError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+        ServeError::InvalidArgument { .. } | ServeError::TooLarge { .. } => {
+            (StatusCode::BAD_REQUEST, "invalid_request_error")
+        }
+        ServeError::Overloaded { .. } | ServeError::QueueFull { .. } => {
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error")
+        }
         ServeError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
-        ServeError::Cancelled { .. } | ServeError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        ServeError::Cancelled { .. } | ServeError::Unavailable { .. } => {
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
         ServeError::Engine { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
     };
     let param = match e {
         ServeError::InvalidArgument { field, .. } => Value::String(field.clone()),
         _ => Value::Null,
     };
-    (code, Json(json!({"error": {"message": e.to_string(), "type": kind, "param": param, "code": e.kind()}}))).into_response()
+    (code, Json(json!({"error": {"message": e.to_string(), "type": kind, "param": param, "code": e.kind()}})))
+        .into_response()
 }
 
 fn finish_str(r: FinishReason) -> &'static str {
@@ -110,7 +117,10 @@ fn now_secs() -> u64 {
 
 fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeError> {
     if body.n.is_some_and(|n| n != 1) {
-        return Err(ServeError::invalid("n", format!("must be 1 (one choice per request), got {}", body.n.unwrap_or(0))));
+        return Err(ServeError::invalid(
+            "n",
+            format!("must be 1 (one choice per request), got {}", body.n.unwrap_or(0)),
+        ));
     }
     let (prompt, messages) = if chat {
         if body.prompt.is_some() {
@@ -151,12 +161,20 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, Json(body): Json<CompletionBody>) -> Response {
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(body): Json<CompletionBody>,
+) -> Response {
     complete(state, headers, body, true).await
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, Json(body): Json<CompletionBody>) -> Response {
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(body): Json<CompletionBody>,
+) -> Response {
     complete(state, headers, body, false).await
 }
 

@@ -123,7 +123,11 @@ fn spawn_serve(
     router: axum::Router,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, ServeError> {
-    fn spawn<L: Listener>(l: L, router: axum::Router, stop: impl Future<Output = ()> + Send + 'static) -> tokio::task::JoinHandle<std::io::Result<()>>
+    fn spawn<L: Listener>(
+        l: L,
+        router: axum::Router,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<std::io::Result<()>>
     where
         L::Addr: std::fmt::Debug,
     {
@@ -132,7 +136,8 @@ fn spawn_serve(
     }
     Ok(match tls {
         Some(cfg) => {
-            let l = crate::tls::TlsListener::new(tcp, cfg).map_err(|e| ServeError::Unavailable { reason: format!("TLS listener: {e}") })?;
+            let l = crate::tls::TlsListener::new(tcp, cfg)
+                .map_err(|e| ServeError::Unavailable { reason: format!("TLS listener: {e}") })?;
             spawn(l, router, stop)
         }
         None => {
@@ -169,11 +174,14 @@ pub async fn run_with(
         .max_decoding_message_size(security.max_request_bytes);
     // Health stays open (Kubernetes gRPC probes send no headers); Generation and reflection need a key when keys
     // are configured.
-    let grpc = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(generation, grpc_auth.clone()))
-        .add_service(health)
-        .add_service(tonic::service::interceptor::InterceptedService::new(reflection, grpc_auth))
-        .prepare()
-        .into_axum_router();
+    let grpc = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
+        generation,
+        grpc_auth.clone(),
+    ))
+    .add_service(health)
+    .add_service(tonic::service::interceptor::InterceptedService::new(reflection, grpc_auth))
+    .prepare()
+    .into_axum_router();
     let http_auth = HttpAuth { keys: security.api_keys.clone(), metrics: metrics.clone() };
     let http = crate::http::router_with(state.clone(), http_auth, security.max_request_bytes);
 
@@ -208,7 +216,8 @@ pub async fn run_with(
         let (scheduler, join) = Scheduler::spawn(model, opts.scheduler, metrics.clone())
             .map_err(|e| ServeError::Unavailable { reason: format!("cannot start the scheduler thread: {e}") })?;
         actor_thread = Some(join);
-        let limits = Limits { max_context_tokens: desc.max_context_tokens.min(u32::MAX as usize) as u32, ..opts.limits };
+        let limits =
+            Limits { max_context_tokens: desc.max_context_tokens.min(u32::MAX as usize) as u32, ..opts.limits };
         let _ = state.limits.set(limits);
         let _ = state.scheduler.set(scheduler);
         warm_up(&state).await?;
@@ -261,12 +270,15 @@ pub async fn run_with(
     // model's memory is freed and every request span is closed (exported) before `run_with` returns.
     if let (Some(s), Some(join)) = (state.scheduler.get(), actor_thread) {
         s.stop();
-        let joined = tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || join.join())).await;
+        let joined =
+            tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || join.join())).await;
         match joined {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(_))) => tracing::error!("the scheduler thread panicked"),
             Ok(Err(e)) => tracing::error!(error = %e, "could not wait for the scheduler thread"),
-            Err(_) => tracing::warn!("the scheduler thread did not stop within 10 s (a model step still running); leaving it"),
+            Err(_) => {
+                tracing::warn!("the scheduler thread did not stop within 10 s (a model step still running); leaving it")
+            }
         }
     }
     tracing::info!("stopped");

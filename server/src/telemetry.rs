@@ -83,7 +83,8 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
             if tokio::runtime::Handle::try_current().is_err() {
                 return Err(TelemetryError::Otlp {
                     endpoint: endpoint.clone(),
-                    message: "telemetry::init must be called inside a Tokio runtime when exporting over OTLP/gRPC".into(),
+                    message: "telemetry::init must be called inside a Tokio runtime when exporting over OTLP/gRPC"
+                        .into(),
                 });
             }
             let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -191,9 +192,13 @@ mod tests {
 
     #[test]
     fn otlp_outside_a_runtime_is_an_error_not_a_panic() {
-        let cfg = TelemetryConfig { otlp_endpoint: Some("http://127.0.0.1:4317".into()), json: false, filter: "info".into() };
+        let cfg =
+            TelemetryConfig { otlp_endpoint: Some("http://127.0.0.1:4317".into()), json: false, filter: "info".into() };
         let err = init(&cfg).expect_err("no runtime here");
         assert!(matches!(err, TelemetryError::Otlp { .. }), "{err}");
-        assert!(err.to_string().contains("http://127.0.0.1:4317") && err.to_string().contains("Tokio runtime"), "{err}");
+        assert!(
+            err.to_string().contains("http://127.0.0.1:4317") && err.to_string().contains("Tokio runtime"),
+            "{err}"
+        );
     }
 }

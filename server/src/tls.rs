@@ -102,7 +102,11 @@ pub fn load_key(flag: &'static str, path: &Path) -> Result<PrivateKeyDer<'static
 fn root_store(flag: &'static str, path: &Path) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for (i, c) in load_certs(flag, path)?.into_iter().enumerate() {
-        roots.add(c).map_err(|e| TlsError::Pem { flag, path: path.into(), message: format!("certificate #{i} is not a usable CA certificate: {e}") })?;
+        roots.add(c).map_err(|e| TlsError::Pem {
+            flag,
+            path: path.into(),
+            message: format!("certificate #{i} is not a usable CA certificate: {e}"),
+        })?;
     }
     Ok(roots)
 }
@@ -223,7 +227,10 @@ pub fn client_config(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Arc<
 /// A tonic channel to `url` (`https://host:port`) over TLS with `config`; the server name checked against the
 /// certificate is `url`'s host. TLS is done by this connector, so the endpoint is given to tonic as `http://`
 /// (tonic would otherwise insist on its own TLS layer whenever one of its `tls-*` features is enabled).
-pub async fn tls_channel(url: &str, config: Arc<rustls::ClientConfig>) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+pub async fn tls_channel(
+    url: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let plain = match url.strip_prefix("https://") {
         Some(rest) => format!("http://{rest}"),
         None => url.to_string(),

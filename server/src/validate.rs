@@ -34,7 +34,10 @@ impl Limits {
         if self.default_max_tokens == 0 || self.default_max_tokens > self.max_new_tokens {
             return Err(ConfigError::Invalid {
                 name: "--default-max-tokens",
-                message: format!("must be between 1 and --max-new-tokens {}, got {}", self.max_new_tokens, self.default_max_tokens),
+                message: format!(
+                    "must be between 1 and --max-new-tokens {}, got {}",
+                    self.max_new_tokens, self.default_max_tokens
+                ),
             });
         }
         Ok(())
@@ -107,8 +110,12 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
         (Some(_), false) => {
             return Err(ServeError::invalid("prompt", "and `messages` are both set; give exactly one of them"));
         }
-        (None, true) => return Err(ServeError::invalid("prompt", "and `messages` are both empty; give exactly one of them")),
-        (Some(p), true) if p.is_empty() => return Err(ServeError::invalid("prompt", "must not be empty, got an empty string")),
+        (None, true) => {
+            return Err(ServeError::invalid("prompt", "and `messages` are both empty; give exactly one of them"))
+        }
+        (Some(p), true) if p.is_empty() => {
+            return Err(ServeError::invalid("prompt", "must not be empty, got an empty string"))
+        }
         (Some(p), true) => PromptInput::Text(p),
         (None, false) => {
             for (i, m) in raw.messages.iter().enumerate() {
@@ -132,15 +139,32 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
     let p = raw.sampling_prefix;
     let s = raw.sampling;
     let sampling = Sampling {
-        temperature: range_f32(format!("{p}temperature"), s.temperature.unwrap_or(DEFAULT_TEMPERATURE), 0.0, true, 2.0, true)?,
+        temperature: range_f32(
+            format!("{p}temperature"),
+            s.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+            0.0,
+            true,
+            2.0,
+            true,
+        )?,
         top_p: range_f32(format!("{p}top_p"), s.top_p.unwrap_or(1.0), 0.0, false, 1.0, true)?,
         top_k: s.top_k.unwrap_or(0),
         min_p: range_f32(format!("{p}min_p"), s.min_p.unwrap_or(0.0), 0.0, true, 1.0, false)?,
-        repetition_penalty: range_f32(format!("{p}repetition_penalty"), s.repetition_penalty.unwrap_or(1.0), 0.0, false, 2.0, true)?,
+        repetition_penalty: range_f32(
+            format!("{p}repetition_penalty"),
+            s.repetition_penalty.unwrap_or(1.0),
+            0.0,
+            false,
+            2.0,
+            true,
+        )?,
         seed: s.seed,
     };
     if raw.stop.len() > MAX_STOP_SEQUENCES {
-        return Err(ServeError::invalid("stop", format!("must hold at most {MAX_STOP_SEQUENCES} strings, got {}", raw.stop.len())));
+        return Err(ServeError::invalid(
+            "stop",
+            format!("must hold at most {MAX_STOP_SEQUENCES} strings, got {}", raw.stop.len()),
+        ));
     }
     for (i, st) in raw.stop.iter().enumerate() {
         if st.is_empty() || st.len() > MAX_STOP_BYTES {
@@ -161,7 +185,10 @@ pub fn check_prompt_bytes(raw: &RawRequest, max_bytes: usize) -> Result<(), Serv
         None => ("messages", raw.messages.iter().map(|m| m.role.len() + m.content.len()).sum()),
     };
     if n > max_bytes {
-        return Err(ServeError::invalid(field, format!("must be at most {max_bytes} bytes (--max-prompt-bytes), got {n} bytes")));
+        return Err(ServeError::invalid(
+            field,
+            format!("must be at most {max_bytes} bytes (--max-prompt-bytes), got {n} bytes"),
+        ));
     }
     Ok(())
 }
@@ -213,7 +240,10 @@ mod tests {
         let v = validate(prompt("hi"), &LIMITS).expect("valid");
         assert_eq!(v.max_tokens, 16);
         assert_eq!(v.sampling.temperature, DEFAULT_TEMPERATURE);
-        assert_eq!((v.sampling.top_p, v.sampling.top_k, v.sampling.min_p, v.sampling.repetition_penalty), (1.0, 0, 0.0, 1.0));
+        assert_eq!(
+            (v.sampling.top_p, v.sampling.top_k, v.sampling.min_p, v.sampling.repetition_penalty),
+            (1.0, 0, 0.0, 1.0)
+        );
         assert_eq!(v.input, PromptInput::Text("hi".into()));
     }
 
@@ -224,13 +254,15 @@ mod tests {
         assert!(err(both).contains("both set"));
         assert!(err(RawRequest::default()).contains("both empty"));
         assert_eq!(err(prompt("")), "prompt: must not be empty, got an empty string");
-        let bad_role = RawRequest { messages: vec![ChatTurn { role: "robot".into(), content: "y".into() }], ..Default::default() };
+        let bad_role =
+            RawRequest { messages: vec![ChatTurn { role: "robot".into(), content: "y".into() }], ..Default::default() };
         assert_eq!(err(bad_role), "messages[0].role: must be one of system, user, assistant, got \"robot\"");
     }
 
     #[test]
     fn every_range_names_field_limit_value() {
-        let cases: Vec<(Box<dyn Fn(&mut RawRequest)>, &str)> = vec![
+        type Case = (Box<dyn Fn(&mut RawRequest)>, &'static str);
+        let cases: Vec<Case> = vec![
             (Box::new(|r| r.max_tokens = Some(0)), "max_tokens: must be between 1 and 100, got 0"),
             (Box::new(|r| r.max_tokens = Some(101)), "max_tokens: must be between 1 and 100, got 101"),
             (Box::new(|r| r.sampling.temperature = Some(-0.5)), "sampling.temperature: must be in [0, 2], got -0.5"),
@@ -238,9 +270,15 @@ mod tests {
             (Box::new(|r| r.sampling.top_p = Some(0.0)), "sampling.top_p: must be in (0, 1], got 0"),
             (Box::new(|r| r.sampling.top_p = Some(1.5)), "sampling.top_p: must be in (0, 1], got 1.5"),
             (Box::new(|r| r.sampling.min_p = Some(1.0)), "sampling.min_p: must be in [0, 1), got 1"),
-            (Box::new(|r| r.sampling.repetition_penalty = Some(0.0)), "sampling.repetition_penalty: must be in (0, 2], got 0"),
+            (
+                Box::new(|r| r.sampling.repetition_penalty = Some(0.0)),
+                "sampling.repetition_penalty: must be in (0, 2], got 0",
+            ),
             (Box::new(|r| r.stop = vec!["a".into(); 9]), "stop: must hold at most 8 strings, got 9"),
-            (Box::new(|r| r.stop = vec!["a".into(), String::new()]), "stop[1]: must be 1 to 256 bytes long, got 0 bytes"),
+            (
+                Box::new(|r| r.stop = vec!["a".into(), String::new()]),
+                "stop[1]: must be 1 to 256 bytes long, got 0 bytes",
+            ),
         ];
         for (mutate, want) in cases {
             let mut r = prompt("hi");
@@ -255,7 +293,10 @@ mod tests {
         let e = check_prompt_bytes(&prompt(&"a".repeat(11)), 10).unwrap_err().to_string();
         assert_eq!(e, "`prompt` must be at most 10 bytes (--max-prompt-bytes), got 11 bytes");
         let chat = RawRequest {
-            messages: vec![ChatTurn { role: "user".into(), content: "é".repeat(3) }, ChatTurn { role: "system".into(), content: "x".into() }],
+            messages: vec![
+                ChatTurn { role: "user".into(), content: "é".repeat(3) },
+                ChatTurn { role: "system".into(), content: "x".into() },
+            ],
             ..Default::default()
         };
         let e = check_prompt_bytes(&chat, 12).unwrap_err().to_string();

@@ -30,6 +30,11 @@ async fn bench_counts_every_token_and_batching_raises_throughput() {
     }
     eprintln!("fake model, 3 ms/step: c=1 {:.1} tok/s (ITL p50 {:.2} ms), c=16 {:.1} tok/s (TTFT p50 {:.2} ms, ITL p50 {:.2} ms)", serial.tokens_per_s, serial.itl_ms.p50, batched.tokens_per_s, batched.ttft_ms.p50, batched.itl_ms.p50);
     // With a fixed per-step cost, 16 concurrent requests share steps: far more tokens per second than one at a time.
-    assert!(batched.tokens_per_s > 4.0 * serial.tokens_per_s, "c=16 {:.1} tok/s vs c=1 {:.1} tok/s", batched.tokens_per_s, serial.tokens_per_s);
+    assert!(
+        batched.tokens_per_s > 4.0 * serial.tokens_per_s,
+        "c=16 {:.1} tok/s vs c=1 {:.1} tok/s",
+        batched.tokens_per_s,
+        serial.tokens_per_s
+    );
     srv.shutdown().await.expect("clean shutdown");
 }

@@ -49,7 +49,10 @@ async fn step_failure_mid_batch_fails_only_that_batch_and_serving_continues() {
         }
         streams.push(s);
     }
-    srv.wait_metrics("4 running, 2 queued", |t| metric(t, "r1_running_sequences") == Some(4.0) && metric(t, "r1_queue_depth") == Some(2.0)).await;
+    srv.wait_metrics("4 running, 2 queued", |t| {
+        metric(t, "r1_running_sequences") == Some(4.0) && metric(t, "r1_queue_depth") == Some(2.0)
+    })
+    .await;
     srv.faults.fail_next_steps(1);
 
     let mut results = Vec::new();
@@ -109,7 +112,10 @@ async fn disconnect_storm_frees_every_sequence() {
                 && metric(t, "r1_requests_total{api=\"grpc\",outcome=\"cancelled\"}") == Some(N as f64)
         })
         .await;
-    assert!(metric(&text, "r1_generated_tokens_total").unwrap_or(f64::MAX) < (N * 2000) as f64 / 10.0, "generation stopped early");
+    assert!(
+        metric(&text, "r1_generated_tokens_total").unwrap_or(f64::MAX) < (N * 2000) as f64 / 10.0,
+        "generation stopped early"
+    );
     // And the server is whole: a new request runs alone and matches the reference.
     let r = srv.client().await.generate(prompt_req("after the storm", 6)).await.expect("serving").into_inner();
     assert_eq!(r.token_ids, reference("after the storm", 6).2);
@@ -135,7 +141,8 @@ async fn kv_budget_queues_what_fits_later_and_rejects_what_never_fits() {
     let err = c.generate(prompt_req("ccccc", 300)).await.expect_err("too large");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("needs 305 KV cache positions, the cache holds 200"), "{}", err.message());
-    let (status, _, body) = http(srv.http_addr, "POST", "/v1/completions", Some(r#"{"prompt":"ccccc","max_tokens":300}"#)).await;
+    let (status, _, body) =
+        http(srv.http_addr, "POST", "/v1/completions", Some(r#"{"prompt":"ccccc","max_tokens":300}"#)).await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("305") && body.contains("200") && body.contains("too_large"), "{body}");
     assert_eq!(srv.health("").await, ServingStatus::Serving);
@@ -160,11 +167,18 @@ async fn shutdown_under_load_loses_no_accepted_request() {
         }));
     }
     // Every request accepted (8 running, the rest queued), then the signal.
-    srv.wait_metrics("all accepted", |t| metric(t, "r1_running_sequences") == Some(8.0) && metric(t, "r1_queue_depth") == Some((N - 8) as f64)).await;
+    srv.wait_metrics("all accepted", |t| {
+        metric(t, "r1_running_sequences") == Some(8.0) && metric(t, "r1_queue_depth") == Some((N - 8) as f64)
+    })
+    .await;
     srv.trigger_shutdown();
     // New work is refused while draining (or the listener is already closed).
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let late = tokio::time::timeout(Duration::from_secs(2), pb::generation_client::GenerationClient::connect(srv.grpc_url.clone())).await;
+    let late = tokio::time::timeout(
+        Duration::from_secs(2),
+        pb::generation_client::GenerationClient::connect(srv.grpc_url.clone()),
+    )
+    .await;
     if let Ok(Ok(mut late)) = late {
         let e = late.generate(prompt_req("late", 4)).await.expect_err("refused while draining");
         assert!(matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Cancelled), "{e:?}");

@@ -13,7 +13,10 @@ use r1_serve::validate::Limits;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-async fn stream_all(client: &mut pb::generation_client::GenerationClient<tonic::transport::Channel>, req: pb::GenerateRequest) -> (String, String, Vec<u32>, i32, Option<pb::Usage>) {
+async fn stream_all(
+    client: &mut pb::generation_client::GenerationClient<tonic::transport::Channel>,
+    req: pb::GenerateRequest,
+) -> (String, String, Vec<u32>, i32, Option<pb::Usage>) {
     let mut s = client.generate_stream(req).await.expect("stream starts").into_inner();
     let (mut r, mut t, mut ids, mut fin, mut usage) = (String::new(), String::new(), Vec::new(), 0, None);
     while let Some(m) = s.message().await.expect("stream message") {
@@ -106,7 +109,11 @@ async fn thirty_two_concurrent_streams_equal_their_single_outputs() {
     for (i, t) in tasks.into_iter().enumerate() {
         let (r, text, ids, fin, _) = t.await.expect("task");
         let s = &singles[i];
-        assert_eq!((r.as_str(), text.as_str(), &ids, fin), (s.reasoning.as_str(), s.text.as_str(), &s.token_ids, s.finish_reason), "stream {i}");
+        assert_eq!(
+            (r.as_str(), text.as_str(), &ids, fin),
+            (s.reasoning.as_str(), s.text.as_str(), &s.token_ids, s.finish_reason),
+            "stream {i}"
+        );
         assert_eq!(ids, reference(&prompts[i], 24).2, "stream {i} equals the reference");
     }
     let biggest = srv.steps.lock().expect("log").iter().map(|s| s.work.len()).max().unwrap_or(0);
@@ -148,7 +155,10 @@ async fn deadline_exceeded_frees_the_sequence() {
     let err = c.generate(req).await.expect_err("deadline");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(err.message().contains("deadline exceeded"), "{}", err.message());
-    srv.wait_metrics("freed", |t| metric(t, "r1_running_sequences") == Some(0.0) && metric(t, "r1_kv_cache_used_tokens") == Some(0.0)).await;
+    srv.wait_metrics("freed", |t| {
+        metric(t, "r1_running_sequences") == Some(0.0) && metric(t, "r1_kv_cache_used_tokens") == Some(0.0)
+    })
+    .await;
     srv.shutdown().await.expect("clean shutdown");
 }
 
@@ -164,7 +174,11 @@ async fn overload_is_rejected_with_resource_exhausted() {
     b.message().await.expect("b").expect("some");
     let err = c.generate(prompt_req("three", 5)).await.expect_err("overloaded");
     assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(err.message().contains("--max-concurrent-requests=2") && err.message().contains("2 requests"), "{}", err.message());
+    assert!(
+        err.message().contains("--max-concurrent-requests=2") && err.message().contains("2 requests"),
+        "{}",
+        err.message()
+    );
     drop((a, b));
     srv.wait_metrics("slots released", |t| metric(t, "r1_running_sequences") == Some(0.0)).await;
     // Capacity is back once the two clients left.
@@ -189,16 +203,29 @@ async fn every_invalid_argument_names_field_limit_and_value() {
     let base = || prompt_req("hello", 4);
     let sampling = |f: &dyn Fn(&mut pb::SamplingParams)| {
         let mut r = base();
-        let mut s = r.sampling.clone().unwrap_or_default();
+        let mut s = r.sampling.unwrap_or_default();
         f(&mut s);
         r.sampling = Some(s);
         r
     };
     let cases: Vec<(pb::GenerateRequest, &str)> = vec![
-        (pb::GenerateRequest { messages: vec![pb::ChatMessage { role: "user".into(), content: "x".into() }], ..base() }, "`prompt` and `messages` are both set"),
+        (
+            pb::GenerateRequest {
+                messages: vec![pb::ChatMessage { role: "user".into(), content: "x".into() }],
+                ..base()
+            },
+            "`prompt` and `messages` are both set",
+        ),
         (pb::GenerateRequest { prompt: None, ..base() }, "both empty"),
         (pb::GenerateRequest { prompt: Some(String::new()), ..base() }, "`prompt` must not be empty"),
-        (pb::GenerateRequest { prompt: None, messages: vec![pb::ChatMessage { role: "bot".into(), content: "x".into() }], ..base() }, "`messages[0].role` must be one of system, user, assistant, got \"bot\""),
+        (
+            pb::GenerateRequest {
+                prompt: None,
+                messages: vec![pb::ChatMessage { role: "bot".into(), content: "x".into() }],
+                ..base()
+            },
+            "`messages[0].role` must be one of system, user, assistant, got \"bot\"",
+        ),
         (pb::GenerateRequest { max_tokens: Some(0), ..base() }, "`max_tokens` must be between 1 and 40, got 0"),
         (pb::GenerateRequest { max_tokens: Some(41), ..base() }, "`max_tokens` must be between 1 and 40, got 41"),
         (sampling(&|s| s.temperature = Some(2.5)), "`sampling.temperature` must be in [0, 2], got 2.5"),
@@ -206,7 +233,10 @@ async fn every_invalid_argument_names_field_limit_and_value() {
         (sampling(&|s| s.min_p = Some(-0.1)), "`sampling.min_p` must be in [0, 1), got -0.1"),
         (sampling(&|s| s.repetition_penalty = Some(3.0)), "`sampling.repetition_penalty` must be in (0, 2], got 3"),
         (pb::GenerateRequest { stop: vec!["s".into(); 9], ..base() }, "`stop` must hold at most 8 strings, got 9"),
-        (pb::GenerateRequest { stop: vec!["x".repeat(300)], ..base() }, "`stop[0]` must be 1 to 256 bytes long, got 300 bytes"),
+        (
+            pb::GenerateRequest { stop: vec!["x".repeat(300)], ..base() },
+            "`stop[0]` must be 1 to 256 bytes long, got 300 bytes",
+        ),
         (prompt_req(&"p".repeat(70), 4), "`prompt` must be shorter than the context of 64 tokens, got 70 tokens"),
         (prompt_req(&"p".repeat(30), 40), "at most 34, got 40"),
     ];
@@ -254,7 +284,8 @@ async fn health_follows_loading_serving_and_draining() {
     // Watch health on an open stream, start a long request, then signal shutdown: health flips to NOT_SERVING and
     // the in-flight request still completes (drain) before run() returns Ok.
     let mut h = tonic_health::pb::health_client::HealthClient::new(channel(&srv.grpc_url).await);
-    let mut watch = h.watch(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("watch").into_inner();
+    let mut watch =
+        h.watch(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("watch").into_inner();
     assert_eq!(watch.message().await.expect("watch").map(|m| m.status), Some(ServingStatus::Serving as i32));
     let mut s = c.generate_stream(prompt_req("drain me", 60)).await.expect("stream").into_inner();
     s.message().await.expect("first").expect("some");
@@ -297,7 +328,10 @@ async fn reflection_lists_the_service() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut srv = start_ready(Setup::default()).await;
     let mut r = ServerReflectionClient::new(channel(&srv.grpc_url).await);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut resp = r.server_reflection_info(futures::stream::iter(vec![req])).await.expect("reflection").into_inner();
     let msg = resp.next().await.expect("one answer").expect("ok");
     let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("unexpected {msg:?}") };

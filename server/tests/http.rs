@@ -104,19 +104,31 @@ async fn openai_chat_completions_unary_and_streaming() {
 #[tokio::test]
 async fn openai_completions_and_errors() {
     let mut srv = start_ready(Setup::default()).await;
-    let (status, _, body) = http(srv.http_addr, "POST", "/v1/completions", Some(r#"{"prompt":"abc","max_tokens":6,"temperature":0}"#)).await;
+    let (status, _, body) =
+        http(srv.http_addr, "POST", "/v1/completions", Some(r#"{"prompt":"abc","max_tokens":6,"temperature":0}"#))
+            .await;
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("json");
     let (r, t, _) = reference("abc", 6);
-    assert_eq!((v["choices"][0]["text"].as_str(), v["choices"][0]["reasoning_content"].as_str()), (Some(t.as_str()), Some(r.as_str())));
+    assert_eq!(
+        (v["choices"][0]["text"].as_str(), v["choices"][0]["reasoning_content"].as_str()),
+        (Some(t.as_str()), Some(r.as_str()))
+    );
 
-    let (status, _, body) = http(srv.http_addr, "POST", "/v1/completions", Some(r#"{"prompt":"abc","temperature":9}"#)).await;
+    let (status, _, body) =
+        http(srv.http_addr, "POST", "/v1/completions", Some(r#"{"prompt":"abc","temperature":9}"#)).await;
     assert_eq!(status, 400);
     let v: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["error"]["param"], "temperature");
     assert_eq!(v["error"]["message"], "`temperature` must be in [0, 2], got 9");
 
-    let (status, _, _) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(r#"{"model":"gpt-4","messages":[{"role":"user","content":"x"}]}"#)).await;
+    let (status, _, _) = http(
+        srv.http_addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(r#"{"model":"gpt-4","messages":[{"role":"user","content":"x"}]}"#),
+    )
+    .await;
     assert_eq!(status, 404);
     srv.shutdown().await.expect("clean shutdown");
 }

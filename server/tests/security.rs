@@ -12,7 +12,10 @@ use r1_proto::r1::v1::generation_client::GenerationClient;
 use r1_serve::auth::ApiKeys;
 use r1_serve::server::Security;
 use r1_serve::tls::{client_config, server_config, TlsFiles};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
 use serde_json::Value;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -34,11 +37,15 @@ impl Pki {
             let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             p.distinguished_name.push(DnType::CommonName, cn);
-            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            p.key_usages =
+                vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
             CertifiedIssuer::self_signed(p, KeyPair::generate().expect("key")).expect("CA")
         };
         let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write pem");
-        let leaf = |issuer: &CertifiedIssuer<'static, KeyPair>, name: &str, sans: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let leaf = |issuer: &CertifiedIssuer<'static, KeyPair>,
+                    name: &str,
+                    sans: Vec<String>,
+                    usage: ExtendedKeyUsagePurpose| {
             let key = KeyPair::generate().expect("key");
             let mut p = CertificateParams::new(sans).expect("params");
             p.distinguished_name.push(DnType::CommonName, name);
@@ -57,18 +64,29 @@ impl Pki {
     }
 
     fn server_tls(&self, mutual: bool) -> Arc<rustls::ServerConfig> {
-        let files = TlsFiles { cert: self.path("server.pem"), key: self.path("server.key"), client_ca: mutual.then(|| self.path("ca.pem")) };
+        let files = TlsFiles {
+            cert: self.path("server.pem"),
+            key: self.path("server.key"),
+            client_ca: mutual.then(|| self.path("ca.pem")),
+        };
         server_config(&files).expect("server TLS config")
     }
 
     fn client_tls(&self, identity: Option<&str>) -> Arc<rustls::ClientConfig> {
         let id = identity.map(|n| (self.path(&format!("{n}.pem")), self.path(&format!("{n}.key"))));
-        client_config(&self.path("ca.pem"), id.as_ref().map(|(c, k)| (c.as_path(), k.as_path()))).expect("client TLS config")
+        client_config(&self.path("ca.pem"), id.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))
+            .expect("client TLS config")
     }
 }
 
 /// One HTTP/1.1 exchange over TLS: (status, head, body), or the error that ended it.
-async fn https(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String, String)> {
+async fn https(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String, String)> {
     let mut cfg = (*cfg).clone();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -90,12 +108,14 @@ async fn tls_serves_grpc_and_http_and_refuses_plain_text() {
     let r = srv.client().await.generate(prompt_req("secure", 5)).await.expect("generate over TLS").into_inner();
     assert_eq!(r.token_ids, reference("secure", 5).2);
     // HTTP over TLS.
-    let (status, _, body) = https(srv.http_addr, pki.client_tls(None), "POST", "/v1/completions", Some(COMPLETION)).await.expect("https");
+    let (status, _, body) =
+        https(srv.http_addr, pki.client_tls(None), "POST", "/v1/completions", Some(COMPLETION)).await.expect("https");
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["usage"]["completion_tokens"], 4);
     // `r1-serve ask` over TLS.
-    let r = r1_serve::ask::ask_with(&srv.grpc_url, "hi", 4, Some(pki.client_tls(None)), None).await.expect("ask over TLS");
+    let r =
+        r1_serve::ask::ask_with(&srv.grpc_url, "hi", 4, Some(pki.client_tls(None)), None).await.expect("ask over TLS");
     assert_eq!(r.completion_tokens, 4);
 
     // Plain-text clients get no service on either port.
@@ -122,13 +142,17 @@ async fn tls_serves_grpc_and_http_and_refuses_plain_text() {
 async fn client_certificate_required_when_a_client_ca_is_set() {
     let pki = Pki::new();
     let security = Security { tls: Some(pki.server_tls(true)), ..Default::default() };
-    let mut srv = start_ready(Setup { security, client_tls: Some(pki.client_tls(Some("client"))), ..Default::default() }).await;
+    let mut srv =
+        start_ready(Setup { security, client_tls: Some(pki.client_tls(Some("client"))), ..Default::default() }).await;
     let r = srv.client().await.generate(prompt_req("mutual", 3)).await.expect("client cert accepted").into_inner();
     assert_eq!(r.token_ids, reference("mutual", 3).2);
-    let (status, _, _) = https(srv.http_addr, pki.client_tls(Some("client")), "GET", "/health", None).await.expect("https with cert");
+    let (status, _, _) =
+        https(srv.http_addr, pki.client_tls(Some("client")), "GET", "/health", None).await.expect("https with cert");
     assert_eq!(status, 200);
 
-    for (who, cfg) in [("no certificate", pki.client_tls(None)), ("certificate from another CA", pki.client_tls(Some("stranger")))] {
+    for (who, cfg) in
+        [("no certificate", pki.client_tls(None)), ("certificate from another CA", pki.client_tls(Some("stranger")))]
+    {
         // With TLS 1.3 the client may finish its side of the handshake before the server refuses: the refusal shows
         // at connect or at the first call, never as a response.
         let grpc = async {
@@ -184,7 +208,10 @@ async fn api_keys_on_grpc_and_http_with_health_and_metrics_open() {
         use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
         use tonic_reflection::pb::v1::ServerReflectionRequest;
         let mut r = ServerReflectionClient::new(srv.channel().await);
-        let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
         let err = r.server_reflection_info(futures::stream::iter(vec![req])).await.expect_err("reflection needs a key");
         assert_eq!(err.code(), Code::Unauthenticated);
     }
@@ -193,21 +220,34 @@ async fn api_keys_on_grpc_and_http_with_health_and_metrics_open() {
     for path in ["/v1/completions", "/v1/models"] {
         let method = if path == "/v1/models" { "GET" } else { "POST" };
         let tcp = tokio::net::TcpStream::connect(srv.http_addr).await.expect("tcp");
-        let (status, head, body) = http_on(tcp, method, path, Some(COMPLETION), &[("Authorization", "Bearer nope-0123456789abcdef")]).await.expect("http");
+        let (status, head, body) =
+            http_on(tcp, method, path, Some(COMPLETION), &[("Authorization", "Bearer nope-0123456789abcdef")])
+                .await
+                .expect("http");
         assert_eq!(status, 401, "{path}: {body}");
         assert_eq!(header_of(&head, "www-authenticate"), "Bearer");
         let v: Value = serde_json::from_str(&body).expect("json");
-        assert_eq!((v["error"]["code"].as_str(), v["error"]["message"].as_str()), (Some("unauthenticated"), Some("invalid API key")));
+        assert_eq!(
+            (v["error"]["code"].as_str(), v["error"]["message"].as_str()),
+            (Some("unauthenticated"), Some("invalid API key"))
+        );
     }
-    let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"user","content":"x"}]}"#)).await;
+    let (status, _, body) =
+        http(srv.http_addr, "POST", "/v1/chat/completions", Some(r#"{"messages":[{"role":"user","content":"x"}]}"#))
+            .await;
     assert_eq!(status, 401, "{body}");
     let auth = format!("Bearer {KEY}");
-    let (status, _, body) = http_with(srv.http_addr, "POST", "/v1/completions", Some(COMPLETION), &[("Authorization", &auth)]).await;
+    let (status, _, body) =
+        http_with(srv.http_addr, "POST", "/v1/completions", Some(COMPLETION), &[("Authorization", &auth)]).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(http(srv.http_addr, "GET", "/health", None).await.0, 200);
     let (status, _, metrics) = http(srv.http_addr, "GET", "/metrics", None).await;
     assert_eq!(status, 200);
-    assert_eq!(metric(&metrics, "r1_requests_total{api=\"grpc\",outcome=\"unauthenticated\"}"), Some(5.0), "3 Generate + 1 ask + 1 reflection");
+    assert_eq!(
+        metric(&metrics, "r1_requests_total{api=\"grpc\",outcome=\"unauthenticated\"}"),
+        Some(5.0),
+        "3 Generate + 1 ask + 1 reflection"
+    );
     assert_eq!(metric(&metrics, "r1_requests_total{api=\"http\",outcome=\"unauthenticated\"}"), Some(3.0));
     srv.shutdown().await.expect("clean shutdown");
 }
@@ -265,9 +305,14 @@ fn fake_artifact() -> tempfile::TempDir {
     use sha2::Digest;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut files = serde_json::Map::new();
-    for (name, body) in [("model.onnx", vec![1u8; 4096]), ("model.onnx.data", vec![2u8; 100_000]), ("tokenizer.json", b"{}".to_vec())] {
+    for (name, body) in
+        [("model.onnx", vec![1u8; 4096]), ("model.onnx.data", vec![2u8; 100_000]), ("tokenizer.json", b"{}".to_vec())]
+    {
         std::fs::write(dir.path().join(name), &body).expect("write");
-        files.insert(name.into(), serde_json::json!({"sha256": hex::encode(sha2::Sha256::digest(&body)), "bytes": body.len()}));
+        files.insert(
+            name.into(),
+            serde_json::json!({"sha256": hex::encode(sha2::Sha256::digest(&body)), "bytes": body.len()}),
+        );
     }
     let io = |n: &str, d: &str| serde_json::json!({"name": n, "dtype": d, "shape": ["batch", "sequence"]});
     let manifest = serde_json::json!({
@@ -280,7 +325,8 @@ fn fake_artifact() -> tempfile::TempDir {
                      "dtype": "float32", "bytes_per_token": 16, "description": "test"},
         "files": files,
     });
-    std::fs::write(dir.path().join("manifest.json"), serde_json::to_string_pretty(&manifest).expect("json")).expect("write");
+    std::fs::write(dir.path().join("manifest.json"), serde_json::to_string_pretty(&manifest).expect("json"))
+        .expect("write");
     dir
 }
 
@@ -308,7 +354,11 @@ async fn tampered_artifact_is_refused_before_loading_unless_skipped() {
     let mut srv = serve_artifact(art.path(), false).await;
     // No shutdown signal: run() ends by itself with the loading error.
     let task = srv.task.take().expect("task");
-    let err = tokio::time::timeout(std::time::Duration::from_secs(20), task).await.expect("run returned").expect("no panic").expect_err("refused");
+    let err = tokio::time::timeout(std::time::Duration::from_secs(20), task)
+        .await
+        .expect("run returned")
+        .expect("no panic")
+        .expect_err("refused");
     let msg = err.to_string();
     assert!(msg.contains("integrity") && msg.contains("`model.onnx.data` has sha256"), "{msg}");
     assert!(msg.contains("manifest.json says"), "{msg}");
@@ -358,7 +408,10 @@ fn binary_refuses_tampered_artifacts_and_bad_security_files() {
     let e = run(&["--api-key-file", "/nonexistent/keys"], &[]);
     assert!(e.contains("--api-key-file /nonexistent/keys: cannot read the file"), "{e}");
     let e = run(&[], &[("R1_API_KEYS", "short")]);
-    assert!(e.contains("R1_API_KEYS, key 1: must be at least 16 bytes long, got 5 bytes") && !e.contains("short\""), "{e}");
+    assert!(
+        e.contains("R1_API_KEYS, key 1: must be at least 16 bytes long, got 5 bytes") && !e.contains("short\""),
+        "{e}"
+    );
     let e = run(&["--max-prompt-bytes", "2000000"], &[]);
     assert!(e.contains("--max-prompt-bytes") && e.contains("2000000"), "{e}");
     // With valid flags the tampered artifact is refused after the listeners start, before loading.

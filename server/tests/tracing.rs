@@ -27,7 +27,12 @@ async fn request_span_continues_the_incoming_traceparent() {
     let request = spans
         .iter()
         .find(|s| s.name == "Generate" && s.span_context.trace_id().to_string() == trace_id)
-        .unwrap_or_else(|| panic!("no Generate span in trace {trace_id}: {:?}", spans.iter().map(|s| s.name.to_string()).collect::<Vec<_>>()));
+        .unwrap_or_else(|| {
+            panic!(
+                "no Generate span in trace {trace_id}: {:?}",
+                spans.iter().map(|s| s.name.to_string()).collect::<Vec<_>>()
+            )
+        });
     assert_eq!(request.parent_span_id.to_string(), "00f067aa0ba902b7");
     let attr = |k: &str| request.attributes.iter().find(|kv| kv.key.as_str() == k).map(|kv| kv.value.to_string());
     assert_eq!(attr("request_id").as_deref(), Some("req-42"));

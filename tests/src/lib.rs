@@ -18,7 +18,9 @@ pub fn golden_dir() -> PathBuf {
 /// Every case directory (one holding `golden.safetensors`), sorted by name.
 pub fn golden_cases() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(golden_dir())
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("golden.safetensors").is_file()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("golden.safetensors").is_file()).collect()
+        })
         .unwrap_or_default();
     v.sort();
     v

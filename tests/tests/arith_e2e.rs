@@ -28,7 +28,8 @@ struct Expected {
 fn arith_r1_greedy_completions_match_transformers_on_ort_and_tract() {
     let expected_path = fixture().join("expected.jsonl");
     let text = std::fs::read_to_string(&expected_path).unwrap();
-    let expected: Vec<Expected> = text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let expected: Vec<Expected> =
+        text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
     let problems = eval::parse_problems(&text, &expected_path).unwrap();
     assert_eq!((problems.len(), expected.len()), (5, 5), "expected.jsonl holds 5 problems");
 
@@ -47,12 +48,17 @@ fn arith_r1_greedy_completions_match_transformers_on_ort_and_tract() {
         let opts = EngineOptions { backend: kind, ..Default::default() };
         let mut engine = Engine::load(&art, &opts).unwrap_or_else(|e| panic!("loading the artifact on {kind:?}: {e}"));
         let eval_opts = EvalOptions { batch, max_new_tokens: 64, ..Default::default() };
-        let report = eval::evaluate(&mut engine, &tokenizer, &template, &problems, &eval_opts, &mut |_, _, _| {}).unwrap();
+        let report =
+            eval::evaluate(&mut engine, &tokenizer, &template, &problems, &eval_opts, &mut |_, _, _| {}).unwrap();
         let backend = report.backend.clone();
         assert_eq!(report.total, 5);
         for (got, want) in report.results.iter().zip(&expected) {
             assert_eq!(got.prompt_token_ids, want.prompt_token_ids, "{backend}: prompt ids of {:?}", got.question);
-            assert_eq!(got.completion_token_ids, want.completion_token_ids, "{backend}: completion ids of {:?}", got.question);
+            assert_eq!(
+                got.completion_token_ids, want.completion_token_ids,
+                "{backend}: completion ids of {:?}",
+                got.question
+            );
             assert_eq!(got.completion, want.completion, "{backend}: completion text of {:?}", got.question);
             assert_eq!(got.finished_by_eos, want.finished_by_eos, "{backend}: {:?}", got.question);
             assert_eq!(got.got, want.answer, "{backend}: answer of {:?}", got.question);

@@ -63,9 +63,10 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
 fn referenced_metrics() -> BTreeMap<String, String> {
     let mut names = BTreeMap::new();
     let dash_path = deploy_dir().join("observability/grafana-dashboard.json");
-    let dash: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&dash_path).unwrap_or_else(|e| panic!("{}: {e}", dash_path.display())))
-            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", dash_path.display()));
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&dash_path).unwrap_or_else(|e| panic!("{}: {e}", dash_path.display())),
+    )
+    .unwrap_or_else(|e| panic!("{} is not JSON: {e}", dash_path.display()));
     let mut exprs = Vec::new();
     collect_exprs(&dash, &mut exprs);
     assert!(exprs.len() >= 5, "the dashboard has {} exprs; the parser lost them", exprs.len());
@@ -118,10 +119,17 @@ fn exported(text: &str) -> (BTreeSet<String>, BTreeMap<String, String>) {
 
 /// Why `name` is not properly exported, or `None` when it is. Histograms need `_bucket`, `_sum` and `_count`.
 fn missing(name: &str, series: &BTreeSet<String>, types: &BTreeMap<String, String>) -> Option<String> {
-    let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).filter(|b| types.get(*b).is_some_and(|t| t == "histogram"));
+    let base = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .filter(|b| types.get(*b).is_some_and(|t| t == "histogram"));
     let base = base.or_else(|| types.get(name).filter(|t| *t == "histogram").map(|_| name));
     if let Some(base) = base {
-        let absent: Vec<String> = ["_bucket", "_sum", "_count"].iter().map(|s| format!("{base}{s}")).filter(|s| !series.contains(s)).collect();
+        let absent: Vec<String> = ["_bucket", "_sum", "_count"]
+            .iter()
+            .map(|s| format!("{base}{s}"))
+            .filter(|s| !series.contains(s))
+            .collect();
         return (!absent.is_empty()).then(|| format!("histogram {base} lacks {absent:?}"));
     }
     (!series.contains(name)).then(|| "no such series".to_string())
@@ -136,7 +144,9 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let raw = String::from_utf8(raw).expect("utf8 response");
     let (head, body) = raw.split_once("\r\n\r\n").expect("end of headers");
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status code");
-    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked")
+    });
     if !chunked {
         return (status, body.to_string());
     }
@@ -212,11 +222,21 @@ async fn every_metric_the_dashboard_and_hpas_reference_is_exported() {
     let (series, types) = exported(&body);
     let problems: Vec<String> = referenced
         .iter()
-        .filter_map(|(name, from)| missing(name, &series, &types).map(|why| format!("{name} (referenced in {from}): {why}")))
+        .filter_map(|(name, from)| {
+            missing(name, &series, &types).map(|why| format!("{name} (referenced in {from}): {why}"))
+        })
         .collect();
-    assert!(problems.is_empty(), "metrics referenced in deploy/ but not exported:\n{}\n\n/metrics was:\n{body}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "metrics referenced in deploy/ but not exported:\n{}\n\n/metrics was:\n{body}",
+        problems.join("\n")
+    );
     println!("{} referenced r1_* metrics all exported: {:?}", referenced.len(), referenced.keys().collect::<Vec<_>>());
 
     let _ = tx.send(());
-    tokio::time::timeout(Duration::from_secs(20), task).await.expect("shutdown in time").expect("no panic").expect("clean shutdown");
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("shutdown in time")
+        .expect("no panic")
+        .expect("clean shutdown");
 }

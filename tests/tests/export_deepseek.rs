@@ -85,14 +85,19 @@ fn run_case(case: &Path, art: &Path, manifest: &Manifest, kind: BackendKind) -> 
             value: ArrayD::zeros(IxDyn(&[b, kv.value_heads, 0, kv.value_dim])),
         })
         .collect();
-    let out = be.run(&StepInput { input_ids: ids.clone(), attention_mask: mask.clone(), position_ids: pos.clone(), past }).unwrap();
+    let out = be
+        .run(&StepInput { input_ids: ids.clone(), attention_mask: mask.clone(), position_ids: pos.clone(), past })
+        .unwrap();
     let want = f32s(&g["prefill_logits"]);
     let mut worst = 0f32;
     // compare real (unpadded) positions only
     for r in 0..b {
         for s in 0..ids.ncols() {
             if mask[[r, s]] == 1 {
-                let e = rel_err(out.logits.slice(ndarray::s![r, s, ..]).into_dyn(), want.slice(ndarray::s![r, s, ..]).into_dyn());
+                let e = rel_err(
+                    out.logits.slice(ndarray::s![r, s, ..]).into_dyn(),
+                    want.slice(ndarray::s![r, s, ..]).into_dyn(),
+                );
                 worst = worst.max(e);
             }
         }
@@ -101,7 +106,11 @@ fn run_case(case: &Path, art: &Path, manifest: &Manifest, kind: BackendKind) -> 
     let want_steps = f32s(&g["decode_logits"]);
     let last = ids.ncols() - 1;
     for r in 0..b {
-        assert_eq!(argmax(out.logits.slice(ndarray::s![r, last, ..])), tokens[[r, 0]], "{case:?} prefill greedy row {r}");
+        assert_eq!(
+            argmax(out.logits.slice(ndarray::s![r, last, ..])),
+            tokens[[r, 0]],
+            "{case:?} prefill greedy row {r}"
+        );
     }
     let mut present = out.present;
     let mut cur_pos = pos.column(last).to_owned();
@@ -117,7 +126,10 @@ fn run_case(case: &Path, art: &Path, manifest: &Manifest, kind: BackendKind) -> 
             // Fed back as standard-layout arrays (the ort backend refuses strided ones).
             past: present
                 .into_iter()
-                .map(|p| KvPair { key: p.key.as_standard_layout().to_owned(), value: p.value.as_standard_layout().to_owned() })
+                .map(|p| KvPair {
+                    key: p.key.as_standard_layout().to_owned(),
+                    value: p.value.as_standard_layout().to_owned(),
+                })
                 .collect(),
         };
         let o = be.run(&step).unwrap();
@@ -161,7 +173,10 @@ fn deepseek_v3_golden_cases_match_transformers_on_tract_and_ort() {
         }
         for kind in [BackendKind::Tract, BackendKind::Ort] {
             let worst = run_case(&case, &art, &manifest, kind);
-            println!("{} {kind:?}: worst relative logit error {worst:.2e}", case.file_name().unwrap().to_string_lossy());
+            println!(
+                "{} {kind:?}: worst relative logit error {worst:.2e}",
+                case.file_name().unwrap().to_string_lossy()
+            );
             assert!(worst <= REL_TOL, "{case:?} on {kind:?}: relative error {worst} > {REL_TOL}");
         }
     }

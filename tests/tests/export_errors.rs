@@ -16,7 +16,7 @@ fn checkpoint() -> (tempfile::TempDir, PathBuf) {
 
 fn export_err(ck: &Path) -> String {
     let out = ck.parent().unwrap().join("out");
-    let e = export(&ExportOptions::new(ck, &out), &mut |_| {}).err().expect("export must fail");
+    let e = export(&ExportOptions::new(ck, &out), &mut |_| {}).expect_err("export must fail");
     assert!(!out.exists(), "a failed export left {}", out.display());
     e.to_string()
 }
@@ -112,7 +112,10 @@ fn missing_tensor() {
     bytes[at + key.len() - 1] = b'X';
     std::fs::write(&p, bytes).unwrap();
     let m = export_err(&ck);
-    assert!(m.contains("`model.layers.1.mlp.up_proj.weight`") && m.contains("not found") && m.contains("[128, 64]"), "{m}");
+    assert!(
+        m.contains("`model.layers.1.mlp.up_proj.weight`") && m.contains("not found") && m.contains("[128, 64]"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -121,7 +124,10 @@ fn wrong_shape() {
     edit_header(&ck, "model.layers.0.mlp.gate_proj.weight", |t| t["shape"] = serde_json::json!([64, 128]));
     let m = export_err(&ck);
     assert!(
-        m.contains("model.safetensors") && m.contains("`model.layers.0.mlp.gate_proj.weight`") && m.contains("[64, 128]") && m.contains("expected [128, 64]"),
+        m.contains("model.safetensors")
+            && m.contains("`model.layers.0.mlp.gate_proj.weight`")
+            && m.contains("[64, 128]")
+            && m.contains("expected [128, 64]"),
         "{m}"
     );
 }

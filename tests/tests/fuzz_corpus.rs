@@ -25,7 +25,12 @@ fn replay(target: &str, body: fn(&[u8]) -> bool) {
         .filter(|p| p.is_file())
         .collect();
     files.sort();
-    assert!(files.len() >= 5, "target {target}: expected at least 5 corpus files in {}, found {}", dir.display(), files.len());
+    assert!(
+        files.len() >= 5,
+        "target {target}: expected at least 5 corpus files in {}, found {}",
+        dir.display(),
+        files.len()
+    );
     let (mut accepted, mut rejected, mut panicked) = (0usize, 0usize, Vec::new());
     for f in &files {
         let data = std::fs::read(f).unwrap_or_else(|e| panic!("cannot read {}: {e}", f.display()));
@@ -37,7 +42,11 @@ fn replay(target: &str, body: fn(&[u8]) -> bool) {
     }
     assert!(panicked.is_empty(), "target {target}: {} corpus inputs panicked: {panicked:#?}", panicked.len());
     assert!(accepted > 0, "target {target}: none of the {} corpus inputs was accepted by the parser", files.len());
-    assert!(rejected > 0, "target {target}: every one of the {} corpus inputs was accepted (no error path covered)", files.len());
+    assert!(
+        rejected > 0,
+        "target {target}: every one of the {} corpus inputs was accepted (no error path covered)",
+        files.len()
+    );
     eprintln!("{target}: {} inputs replayed, {accepted} accepted, {rejected} rejected, 0 panics", files.len());
     mutation_smoke(target, body, &files);
 }
@@ -56,11 +65,16 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
     }
 }
 
-const EXTREMES: [&str; 8] = ["0", "-1", "4294967296", "18446744073709551616", "1e309", "-9223372036854775809", "65537", "NaN"];
+const EXTREMES: [&str; 8] =
+    ["0", "-1", "4294967296", "18446744073709551616", "1e309", "-9223372036854775809", "65537", "NaN"];
 
 /// One random edit of `data` (`other` is another corpus input, for splicing).
 fn mutate(rng: &mut Rng, data: &[u8], other: &[u8]) -> Vec<u8> {
@@ -97,7 +111,8 @@ fn mutate(rng: &mut Rng, data: &[u8], other: &[u8]) -> Vec<u8> {
             }
             5 => {
                 // Replace one ASCII number with an extreme value (sizes, offsets, ids in JSON and headers).
-                let starts: Vec<usize> = (0..len).filter(|&i| d[i].is_ascii_digit() && (i == 0 || !d[i - 1].is_ascii_digit())).collect();
+                let starts: Vec<usize> =
+                    (0..len).filter(|&i| d[i].is_ascii_digit() && (i == 0 || !d[i - 1].is_ascii_digit())).collect();
                 if !starts.is_empty() {
                     let s = starts[rng.below(starts.len())];
                     let e = (s..len).find(|&i| !d[i].is_ascii_digit()).unwrap_or(len);
@@ -137,7 +152,11 @@ fn mutation_smoke(target: &str, body: fn(&[u8]) -> bool, files: &[PathBuf]) {
     }
     std::panic::set_hook(hook);
     if let Some((from, m)) = failure {
-        panic!("target {target}: a mutant of {from} panicked; input ({} bytes): {:?}", m.len(), String::from_utf8_lossy(&m));
+        panic!(
+            "target {target}: a mutant of {from} panicked; input ({} bytes): {:?}",
+            m.len(),
+            String::from_utf8_lossy(&m)
+        );
     }
     eprintln!("{target}: {runs} mutants in {:.2?}, {accepted} accepted, 0 panics", started.elapsed());
 }
@@ -194,10 +213,16 @@ fn fixture_template_is_the_r1_template() {
     let template = |p: PathBuf| -> Option<String> {
         let text = std::fs::read_to_string(&p).ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        Some(v["chat_template"].as_str().unwrap_or_else(|| panic!("{} has no chat_template string", p.display())).to_string())
+        Some(
+            v["chat_template"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{} has no chat_template string", p.display()))
+                .to_string(),
+        )
     };
     let root = bodies::repo_root();
-    let fixture = template(root.join("tests/fixtures/arith-r1/tokenizer_config.json")).expect("fixture tokenizer_config.json");
+    let fixture =
+        template(root.join("tests/fixtures/arith-r1/tokenizer_config.json")).expect("fixture tokenizer_config.json");
     assert!(fixture.contains("<｜Assistant｜>"), "the fixture template is not the DeepSeek-R1 one");
     assert!(bodies::r1_template().is_some(), "the fixture template does not compile");
     let home = std::env::var_os("R1_HOME").map(PathBuf::from).unwrap_or_else(|| root.join(".r1"));

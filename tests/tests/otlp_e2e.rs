@@ -103,7 +103,11 @@ async fn r1_serve_exports_spans_of_the_callers_trace_to_an_otlp_receiver() {
         if let Some(status) = server.0.try_wait().expect("try_wait") {
             panic!("r1-serve exited during start ({status}); its log:\n{}", log_text());
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "r1-serve not serving within 120 s; log:\n{}", log_text());
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "r1-serve not serving within 120 s; log:\n{}",
+            log_text()
+        );
         if let Ok(ch) = tonic::transport::Endpoint::from_shared(grpc_url.clone()).expect("url").connect().await {
             let status = HealthClient::new(ch.clone()).check(HealthCheckRequest { service: String::new() }).await;
             if status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32) {
@@ -144,7 +148,9 @@ async fn r1_serve_exports_spans_of_the_callers_trace_to_an_otlp_receiver() {
     let mut spans = Vec::new();
     for rs in requests.iter().flat_map(|r| &r.resource_spans) {
         for kv in rs.resource.iter().flat_map(|r| &r.attributes) {
-            if let (true, Some(Value::StringValue(v))) = (kv.key == "service.name", kv.value.as_ref().and_then(|v| v.value.as_ref())) {
+            if let (true, Some(Value::StringValue(v))) =
+                (kv.key == "service.name", kv.value.as_ref().and_then(|v| v.value.as_ref()))
+            {
                 services.push(v.clone());
             }
         }
@@ -153,15 +159,20 @@ async fn r1_serve_exports_spans_of_the_callers_trace_to_an_otlp_receiver() {
     assert!(!spans.is_empty(), "the receiver got no spans; r1-serve log:\n{}", log_text());
     assert!(services.iter().all(|s| s == "r1-serve") && !services.is_empty(), "service.name: {services:?}");
     let in_trace: Vec<_> = spans.iter().filter(|s| hex(&s.trace_id) == trace_id).collect();
-    let generate = in_trace
-        .iter()
-        .find(|s| s.name == "Generate")
-        .unwrap_or_else(|| panic!("no Generate span in trace {trace_id}; got {:?}", spans.iter().map(|s| (&s.name, hex(&s.trace_id))).collect::<Vec<_>>()));
+    let generate = in_trace.iter().find(|s| s.name == "Generate").unwrap_or_else(|| {
+        panic!(
+            "no Generate span in trace {trace_id}; got {:?}",
+            spans.iter().map(|s| (&s.name, hex(&s.trace_id))).collect::<Vec<_>>()
+        )
+    });
     assert_eq!(hex(&generate.parent_span_id), caller_span, "the request span is a child of the caller's span");
     // The batch steps that served it link to the request span.
     let linked = spans
         .iter()
-        .filter(|s| s.name == "batch_step" && s.links.iter().any(|l| l.span_id == generate.span_id && hex(&l.trace_id) == trace_id))
+        .filter(|s| {
+            s.name == "batch_step"
+                && s.links.iter().any(|l| l.span_id == generate.span_id && hex(&l.trace_id) == trace_id)
+        })
         .count();
     assert!(linked >= 4, "prefill + 3 decodes link to the request span, got {linked}");
 }

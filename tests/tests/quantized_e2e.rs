@@ -25,7 +25,8 @@ fn answers(art: &Path, kind: BackendKind) -> Result<EvalReport, String> {
     let problems = eval::load_problems(&path).map_err(|e| e.to_string())?;
     let tokenizer = Tokenizer::from_dir(art).map_err(|e| e.to_string())?;
     let template = ChatTemplate::from_config(tokenizer.config(), None, false).map_err(|e| e.to_string())?;
-    let mut engine = Engine::load(art, &EngineOptions { backend: kind, ..Default::default() }).map_err(|e| e.to_string())?;
+    let mut engine =
+        Engine::load(art, &EngineOptions { backend: kind, ..Default::default() }).map_err(|e| e.to_string())?;
     let opts = EvalOptions { batch: 5, max_new_tokens: 64, ..Default::default() };
     eval::evaluate(&mut engine, &tokenizer, &template, &problems, &opts, &mut |_, _, _| {}).map_err(|e| e.to_string())
 }
@@ -96,11 +97,19 @@ fn quantized_exports_answer_like_fp32() {
     // The LM head is int8 weight-only by default (its input, the last hidden state, stays float); the cpu target
     // lowers it, and only it, to MatMulNBits next to the W8A8 integer GEMMs.
     assert_eq!(q["lm_head"], "weights", "{q}");
-    assert_eq!(op_count(&int8, "QuantizeLinear") as u64, q["quantized_matmuls"].as_u64().unwrap() - 1, "no Q on the head's input");
+    assert_eq!(
+        op_count(&int8, "QuantizeLinear") as u64,
+        q["quantized_matmuls"].as_u64().unwrap() - 1,
+        "no Q on the head's input"
+    );
     let targets = TargetOptions { targets: vec!["cpu".into()], hardware_compatible: false };
     apply(&int8, &targets, Mode::AfterExport).unwrap();
     let record = &Manifest::load(&int8).unwrap().targets["cpu"]["lowering"];
-    assert_eq!((record["matmul_nbits"].clone(), record["matmuls"].clone()), (serde_json::json!(1), serde_json::json!(1)), "{record}");
+    assert_eq!(
+        (record["matmul_nbits"].clone(), record["matmuls"].clone()),
+        (serde_json::json!(1), serde_json::json!(1)),
+        "{record}"
+    );
     let got = answers(&int8, BackendKind::Ort).unwrap();
     for (g, w) in got.results.iter().zip(&want.results) {
         assert_eq!(g.got, w.got, "int8 cpu graph vs fp32 answer of {:?}", g.question);

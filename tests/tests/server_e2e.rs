@@ -45,7 +45,10 @@ struct Message {
 fn load_expected() -> Vec<Expected> {
     let path = fixture().join("expected.jsonl");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("expected.jsonl line")).collect()
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("expected.jsonl line"))
+        .collect()
 }
 
 /// DeepSeek's split of `<think>\n{reasoning}\n</think>\n\n{answer}` into (reasoning, answer), written independently of
@@ -61,7 +64,11 @@ fn split_reference(completion: &str) -> (String, String) {
 
 fn request(e: &Expected) -> pb::GenerateRequest {
     pb::GenerateRequest {
-        messages: e.messages.iter().map(|m| pb::ChatMessage { role: m.role.clone(), content: m.content.clone() }).collect(),
+        messages: e
+            .messages
+            .iter()
+            .map(|m| pb::ChatMessage { role: m.role.clone(), content: m.content.clone() })
+            .collect(),
         max_tokens: Some(64),
         sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
         ..Default::default()
@@ -79,7 +86,9 @@ async fn start(artifact: PathBuf) -> Server {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind http");
     let grpc_url = format!("http://{}", grpc.local_addr().expect("grpc addr"));
-    let load: Loader = Box::new(move || EngineModel::load(&artifact, "ort", Default::default(), None).map(|m| Box::new(m) as Box<dyn Model>));
+    let load: Loader = Box::new(move || {
+        EngineModel::load(&artifact, "ort", Default::default(), None).map(|m| Box::new(m) as Box<dyn Model>)
+    });
     let opts = ServeOptions {
         model_id: "arith-r1".into(),
         limits: Limits { max_new_tokens: 256, default_max_tokens: 64, max_context_tokens: u32::MAX },
@@ -97,7 +106,12 @@ async fn start(artifact: PathBuf) -> Server {
             let r = task.await.expect("run did not panic");
             panic!("server stopped before serving: {r:?}");
         }
-        let status = health.check(HealthCheckRequest { service: String::new() }).await.expect("health check").into_inner().status;
+        let status = health
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
         if status == ServingStatus::Serving as i32 {
             return Server { grpc_url, shutdown: Some(tx), task };
         }
@@ -123,7 +137,10 @@ async fn arith_r1_over_grpc_matches_transformers_unary_concurrent_and_streamed()
     let client = GenerationClient::new(connect(&srv.grpc_url).await);
 
     let info = client.clone().model_info(pb::ModelInfoRequest {}).await.expect("model info").into_inner();
-    assert_eq!((info.model_id.as_str(), info.family.as_str(), info.precision.as_str()), ("arith-r1", "deepseek_v3", "fp32"));
+    assert_eq!(
+        (info.model_id.as_str(), info.family.as_str(), info.precision.as_str()),
+        ("arith-r1", "deepseek_v3", "fp32")
+    );
     assert!(info.backend.contains("ort"), "backend reported as {:?}", info.backend);
 
     // All 5 at once: they share batched steps in the scheduler and must still each equal the reference.
@@ -175,6 +192,9 @@ async fn arith_r1_over_grpc_matches_transformers_unary_concurrent_and_streamed()
     if let Some(tx) = srv.shutdown.take() {
         let _ = tx.send(());
     }
-    let done = tokio::time::timeout(Duration::from_secs(30), &mut srv.task).await.expect("shutdown in time").expect("no panic");
+    let done = tokio::time::timeout(Duration::from_secs(30), &mut srv.task)
+        .await
+        .expect("shutdown in time")
+        .expect("no panic");
     done.expect("clean shutdown");
 }

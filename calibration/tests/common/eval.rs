@@ -72,7 +72,18 @@ fn broadcast(a: &T, b: &T, f: impl Fn(f32, f32) -> f32) -> T {
     let r = a.shape.len().max(b.shape.len());
     let pad = |s: &[usize]| [vec![1; r - s.len()], s.to_vec()].concat();
     let (sa, sb) = (pad(&a.shape), pad(&b.shape));
-    let shape: Vec<usize> = sa.iter().zip(&sb).map(|(&x, &y)| if x == 1 { y } else { assert!(y == 1 || y == x); x }).collect();
+    let shape: Vec<usize> = sa
+        .iter()
+        .zip(&sb)
+        .map(|(&x, &y)| {
+            if x == 1 {
+                y
+            } else {
+                assert!(y == 1 || y == x);
+                x
+            }
+        })
+        .collect();
     let (ta, tb) = (strides(&sa), strides(&sb));
     let n: usize = shape.iter().product();
     let data = (0..n)
@@ -138,7 +149,11 @@ pub fn run(model: &ModelProto, reader: &ExternalDataReader, inputs: &[(&str, T)]
             "QuantizeLinear" => {
                 let (x, s, zp) = (get(0), get(1), get(2));
                 assert_eq!(s.data.len(), 1, "eval: per-tensor QuantizeLinear only");
-                let data = x.data.iter().map(|&a| ((a / s.data[0]).round_ties_even() + zp.data[0]).clamp(-128.0, 127.0)).collect();
+                let data = x
+                    .data
+                    .iter()
+                    .map(|&a| ((a / s.data[0]).round_ties_even() + zp.data[0]).clamp(-128.0, 127.0))
+                    .collect();
                 T { shape: x.shape, data }
             }
             "DequantizeLinear" => {
@@ -176,7 +191,11 @@ pub fn run(model: &ModelProto, reader: &ExternalDataReader, inputs: &[(&str, T)]
                 let (a, b, s) = (get(0), get(1), get(2));
                 assert_eq!(attr(node, "bits"), Some(8), "eval: 8-bit MatMulNBits only");
                 assert!(node.input.len() < 4 || node.input[3].is_empty(), "eval: MatMulNBits without zero points only");
-                let (k, n, bs) = (attr(node, "K").unwrap() as usize, attr(node, "N").unwrap() as usize, attr(node, "block_size").unwrap() as usize);
+                let (k, n, bs) = (
+                    attr(node, "K").unwrap() as usize,
+                    attr(node, "N").unwrap() as usize,
+                    attr(node, "block_size").unwrap() as usize,
+                );
                 let nb = k.div_ceil(bs);
                 assert_eq!((b.shape.clone(), s.data.len()), (vec![n, nb, bs], n * nb));
                 let mut w = vec![0.0f32; k * n];

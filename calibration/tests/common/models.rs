@@ -16,7 +16,11 @@ pub fn values(n: usize, seed: u64, amp: f32) -> Vec<f32> {
         .map(|i| {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let u = ((s >> 33) as f32) / (1u64 << 31) as f32 * 2.0 - 1.0;
-            if i % 17 == 3 { u * amp * 8.0 } else { u * amp }
+            if i % 17 == 3 {
+                u * amp * 8.0
+            } else {
+                u * amp
+            }
         })
         .collect()
 }
@@ -52,11 +56,17 @@ pub fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProt
 }
 
 pub fn int_attr(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
 }
 
 pub fn value_info(name: &str, dims: &[usize]) -> ValueInfoProto {
-    let dim = dims.iter().map(|&d| Dimension { value: Some(DimValue::DimValue(d as i64)), ..Default::default() }).collect();
+    let dim =
+        dims.iter().map(|&d| Dimension { value: Some(DimValue::DimValue(d as i64)), ..Default::default() }).collect();
     ValueInfoProto {
         name: Some(name.into()),
         r#type: Some(TypeProto {
@@ -128,7 +138,11 @@ pub fn rmsnorm_qk(opset: i64) -> ModelProto {
         initializer: vec![
             i64_init("axes", &[-1]),
             f32_init("eps", &[], &[1e-6]),
-            f32_init("gamma", &[k], &values(k, 5, 1.0).iter().map(|v| 1.0 + 0.5 * v.abs().min(1.0)).collect::<Vec<_>>()),
+            f32_init(
+                "gamma",
+                &[k],
+                &values(k, 5, 1.0).iter().map(|v| 1.0 + 0.5 * v.abs().min(1.0)).collect::<Vec<_>>(),
+            ),
             f32_init("wq", &[k, n], &values(k * n, 6, 0.1)),
             f32_init("wk", &[k, n], &values(k * n, 7, 0.1)),
         ],

@@ -72,11 +72,16 @@ impl std::fmt::Debug for KeptPresent {
     }
 }
 
+/// Per-layer views of keys and of values.
+pub type LayerViews<'a> = (Vec<ArrayViewD<'a, f32>>, Vec<ArrayViewD<'a, f32>>);
+
 impl KeptPresent {
     /// Views of every layer's key and value, `[batch, heads, past + seq, dim]` float32.
-    pub fn views(&self) -> Result<(Vec<ArrayViewD<'_, f32>>, Vec<ArrayViewD<'_, f32>>)> {
+    pub fn views(&self) -> Result<LayerViews<'_>> {
         match self {
-            KeptPresent::Host(pairs) => Ok((pairs.iter().map(|p| p.key.view()).collect(), pairs.iter().map(|p| p.value.view()).collect())),
+            KeptPresent::Host(pairs) => {
+                Ok((pairs.iter().map(|p| p.key.view()).collect(), pairs.iter().map(|p| p.value.view()).collect()))
+            }
             KeptPresent::Ort(values) => split_pairs("ort", values.iter().map(|v| v.try_extract_array::<f32>())),
             KeptPresent::Tract(values) => split_pairs("tract", values.iter().map(|v| v.to_plain_array_view::<f32>())),
         }
@@ -307,7 +312,11 @@ pub(crate) fn check_step_input(input: &StepInput, num_layers: usize) -> Result<(
 pub(crate) fn check_kept_step(input: &StepInput, kept: &KeptPresent, num_layers: usize) -> Result<()> {
     let bad = |name: &str, expected: String, got: String| EngineError::Shape { name: name.into(), expected, got };
     if !input.past.is_empty() {
-        return Err(bad("past_key_values", "empty (the past comes from the kept present)".into(), format!("{} layers", input.past.len())));
+        return Err(bad(
+            "past_key_values",
+            "empty (the past comes from the kept present)".into(),
+            format!("{} layers", input.past.len()),
+        ));
     }
     let (keys, _) = kept.views()?;
     if keys.len() != num_layers {

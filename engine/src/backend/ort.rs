@@ -10,15 +10,15 @@ use std::sync::OnceLock;
 
 use half::f16;
 use ndarray::{Array2, Array3, ArrayD, ArrayViewD};
-use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider, ExecutionProviderDispatch};
 use ort::environment::Environment;
+use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider, ExecutionProviderDispatch};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef};
 
 use super::{
-    check_kept_step, check_step_input, Backend, BackendOptions, ExecutionProviderKind, KeptPresent, KvPair, StepInput, StepOutput,
-    MODEL_FILE,
+    check_kept_step, check_step_input, Backend, BackendOptions, ExecutionProviderKind, KeptPresent, KvPair, StepInput,
+    StepOutput, MODEL_FILE,
 };
 use crate::error::{EngineError, Result};
 use crate::manifest::{DType, Manifest};
@@ -39,7 +39,11 @@ pub fn environment() -> Result<&'static Environment> {
         let lib = ort_lib::discover().map_err(|e| e.to_string())?;
         tracing::info!(path = %lib.path.display(), source = %lib.source, "loading ONNX Runtime");
         let builder = ort::init_from(&lib.path).map_err(|e| format!("cannot load {}: {e}", lib.path.display()))?;
-        builder.with_name("r1").with_telemetry(false).build().map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
+        builder
+            .with_name("r1")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
     });
     env.as_ref().map_err(|m| EngineError::Unavailable { what: "ONNX Runtime".into(), message: m.clone() })
 }
@@ -144,7 +148,10 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
     if explicit {
         return Err(EngineError::Unavailable {
             what: "CUDA execution provider".into(),
-            message: format!("GPU `{}` found, but this ONNX Runtime has no CUDA provider (install onnxruntime-gpu)", gpu.name),
+            message: format!(
+                "GPU `{}` found, but this ONNX Runtime has no CUDA provider (install onnxruntime-gpu)",
+                gpu.name
+            ),
         });
     }
     tracing::info!(gpu = %gpu.name, "no GPU execution provider in this ONNX Runtime; using CPU");
@@ -192,10 +199,10 @@ impl OrtBackend {
         if !choice.providers.is_empty() {
             builder = builder.with_execution_providers(&choice.providers).map_err(be)?;
         }
-        let session = builder.commit_from_file(&path).map_err(|e| be(format!("cannot load {}: {e}", path.display())))?;
-        let dtype_of = |name: &str, default: DType| {
-            manifest.outputs.iter().find(|t| t.name == name).map_or(default, |t| t.dtype)
-        };
+        let session =
+            builder.commit_from_file(&path).map_err(|e| be(format!("cannot load {}: {e}", path.display())))?;
+        let dtype_of =
+            |name: &str, default: DType| manifest.outputs.iter().find(|t| t.name == name).map_or(default, |t| t.dtype);
         tracing::info!(backend = choice.name, model = %path.display(), "ort session ready");
         Ok(OrtBackend {
             session,
@@ -248,9 +255,11 @@ impl OrtBackend {
 
 fn logits_of(outputs: &ort::session::SessionOutputs<'_>, dtype: DType) -> Result<Array3<f32>> {
     let v = outputs.get("logits").ok_or_else(|| be("graph returned no `logits`"))?;
-    float_output(v, dtype, "logits")?
-        .into_dimensionality::<ndarray::Ix3>()
-        .map_err(|e| EngineError::Shape { name: "logits".into(), expected: "rank 3".into(), got: e.to_string() })
+    float_output(v, dtype, "logits")?.into_dimensionality::<ndarray::Ix3>().map_err(|e| EngineError::Shape {
+        name: "logits".into(),
+        expected: "rank 3".into(),
+        got: e.to_string(),
+    })
 }
 
 fn present_on_host(outputs: &ort::session::SessionOutputs<'_>, layers: usize, dtype: DType) -> Result<Vec<KvPair>> {

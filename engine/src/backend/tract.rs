@@ -83,7 +83,8 @@ impl TractBackend {
                 "position_ids" => Feed::PositionIds,
                 other => match super::ort::parse_past_name(other) {
                     Some((layer, key)) => {
-                        let f16 = manifest.inputs.iter().find(|t| t.name == other).is_some_and(|t| t.dtype == DType::Float16);
+                        let f16 =
+                            manifest.inputs.iter().find(|t| t.name == other).is_some_and(|t| t.dtype == DType::Float16);
                         Feed::Past { layer, key, f16 }
                     }
                     None => return Err(be(format!("graph input `{other}` is not one the engine provides"))),
@@ -97,7 +98,12 @@ impl TractBackend {
             .iter()
             .map(|o| typed.outlet_label(*o).map(str::to_string).unwrap_or_else(|| typed.node(o.node).name.clone()))
             .collect();
-        let find = |n: &str| out_names.iter().position(|x| x == n).ok_or_else(|| be(format!("graph has no output `{n}` (outputs: {out_names:?})")));
+        let find = |n: &str| {
+            out_names
+                .iter()
+                .position(|x| x == n)
+                .ok_or_else(|| be(format!("graph has no output `{n}` (outputs: {out_names:?})")))
+        };
         let logits_at = find("logits")?;
         let num_layers = manifest.model.num_layers;
         let present_at = (0..num_layers)
@@ -115,7 +121,9 @@ fn to_f32(v: &TValue, what: &str) -> Result<ArrayD<f32>> {
     match v.datum_type() {
         DatumType::F32 => Ok(v.to_plain_array_view::<f32>().map_err(be)?.to_owned()),
         DatumType::F16 => Ok(v.to_plain_array_view::<f16>().map_err(be)?.mapv(f16::to_f32)),
-        other => Err(EngineError::Shape { name: what.into(), expected: "f32 or f16".into(), got: format!("{other:?}") }),
+        other => {
+            Err(EngineError::Shape { name: what.into(), expected: "f32 or f16".into(), got: format!("{other:?}") })
+        }
     }
 }
 
@@ -181,7 +189,11 @@ impl Backend for TractBackend {
         names
             .iter()
             .map(|n| {
-                let at = self.out_names.iter().position(|x| x == n).ok_or_else(|| be(format!("graph has no output `{n}`")))?;
+                let at = self
+                    .out_names
+                    .iter()
+                    .position(|x| x == n)
+                    .ok_or_else(|| be(format!("graph has no output `{n}`")))?;
                 to_f32(&outputs[at], n)
             })
             .collect()
@@ -200,7 +212,11 @@ impl TractBackend {
         for feed in &self.feeds {
             if let (Feed::Past { layer, key, .. }, Some(kept)) = (*feed, kept) {
                 let at = 2 * layer + usize::from(!key);
-                values.push(kept.get(at).ok_or_else(|| be(format!("kept present has no tensor for past layer {layer}")))?.clone());
+                values.push(
+                    kept.get(at)
+                        .ok_or_else(|| be(format!("kept present has no tensor for past layer {layer}")))?
+                        .clone(),
+                );
                 continue;
             }
             let t: Tensor = match *feed {
@@ -208,7 +224,8 @@ impl TractBackend {
                 Feed::AttentionMask => input.attention_mask.clone().into_dyn().into(),
                 Feed::PositionIds => input.position_ids.clone().into_dyn().into(),
                 Feed::Past { layer, key, f16: half } => {
-                    let p = input.past.get(layer).ok_or_else(|| be(format!("the step has no past for layer {layer}")))?;
+                    let p =
+                        input.past.get(layer).ok_or_else(|| be(format!("the step has no past for layer {layer}")))?;
                     let a = if key { &p.key } else { &p.value };
                     if half {
                         a.mapv(f16::from_f32).into()

@@ -80,8 +80,10 @@ fn main() -> anyhow::Result<()> {
     if problems.is_empty() {
         return Err(eval::EvalError::Empty { path: cli.data.clone() }.into());
     }
-    let tokenizer = Tokenizer::from_dir(&cli.model).with_context(|| format!("loading the tokenizer of {}", cli.model.display()))?;
-    let template = ChatTemplate::from_config(tokenizer.config(), None, false).map_err(|_| eval::EvalError::NoChatTemplate)?;
+    let tokenizer =
+        Tokenizer::from_dir(&cli.model).with_context(|| format!("loading the tokenizer of {}", cli.model.display()))?;
+    let template =
+        ChatTemplate::from_config(tokenizer.config(), None, false).map_err(|_| eval::EvalError::NoChatTemplate)?;
     let opts = EngineOptions {
         backend,
         backend_options: BackendOptions { intra_threads: cli.threads, execution_provider, ..Default::default() },
@@ -98,9 +100,10 @@ fn main() -> anyhow::Result<()> {
         cli.batch
     );
     let started = std::time::Instant::now();
-    let report = eval::evaluate(&mut engine, &tokenizer, &template, &problems, &eval_opts, &mut |done, total, correct| {
-        eprintln!("  {done}/{total} done, {correct} correct, {:.1} s", started.elapsed().as_secs_f64());
-    })?;
+    let report =
+        eval::evaluate(&mut engine, &tokenizer, &template, &problems, &eval_opts, &mut |done, total, correct| {
+            eprintln!("  {done}/{total} done, {correct} correct, {:.1} s", started.elapsed().as_secs_f64());
+        })?;
     if let Some(path) = &cli.json_out {
         let json = serde_json::to_string_pretty(&report).context("serializing the report")?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;

@@ -123,9 +123,12 @@ impl SamplingParams {
         if !(self.min_p.is_finite() && (0.0..=1.0).contains(&self.min_p)) {
             return Err(bad("min_p", "between 0.0 and 1.0", self.min_p));
         }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0)
-        {
-            return Err(bad("repetition_penalty", "greater than 0.0 and at most 10.0 (1 = off)", self.repetition_penalty));
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+            return Err(bad(
+                "repetition_penalty",
+                "greater than 0.0 and at most 10.0 (1 = off)",
+                self.repetition_penalty,
+            ));
         }
         Ok(())
     }

@@ -85,7 +85,8 @@ impl Sampler {
     /// generated so far); it is ignored when `repetition_penalty` is 1. Consumes exactly one random draw unless
     /// greedy.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Result<u32, SamplingError> {
-        let penalized = penalize(logits, context, self.params.repetition_penalty, &mut self.penalized_row, &mut self.ids);
+        let penalized =
+            penalize(logits, context, self.params.repetition_penalty, &mut self.penalized_row, &mut self.ids);
         let row: &[f32] = if penalized { &self.penalized_row } else { logits };
         let (max, argmax) = scan(row)?;
         if self.params.is_greedy() {
@@ -103,7 +104,8 @@ impl Sampler {
     /// The final candidate set for a row with probabilities (sorted by id), without drawing: what
     /// [`Sampler::sample`] draws from. Greedy gives the argmax with probability 1. For tests and debugging.
     pub fn candidates(&mut self, logits: &[f32], context: &[u32]) -> Result<Vec<Candidate>, SamplingError> {
-        let penalized = penalize(logits, context, self.params.repetition_penalty, &mut self.penalized_row, &mut self.ids);
+        let penalized =
+            penalize(logits, context, self.params.repetition_penalty, &mut self.penalized_row, &mut self.ids);
         let row: &[f32] = if penalized { &self.penalized_row } else { logits };
         let (max, argmax) = scan(row)?;
         if self.params.is_greedy() {

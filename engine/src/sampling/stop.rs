@@ -202,9 +202,15 @@ mod tests {
 
     #[test]
     fn eos_max_tokens_and_ignore_eos() {
-        assert_eq!(run(&mut checker(&[], 10, false), &[(5, "a"), (1, ""), (5, "b")]), ("a".into(), Some(FinishReason::Stop)));
+        assert_eq!(
+            run(&mut checker(&[], 10, false), &[(5, "a"), (1, ""), (5, "b")]),
+            ("a".into(), Some(FinishReason::Stop))
+        );
         assert_eq!(run(&mut checker(&[], 10, true), &[(5, "a"), (1, ""), (5, "b")]), ("ab".into(), None));
-        assert_eq!(run(&mut checker(&["zz"], 2, false), &[(5, "a"), (5, "z")]), ("az".into(), Some(FinishReason::Length)));
+        assert_eq!(
+            run(&mut checker(&["zz"], 2, false), &[(5, "a"), (5, "z")]),
+            ("az".into(), Some(FinishReason::Length))
+        );
         // EOS on the last allowed token is a stop, not a length finish.
         assert_eq!(run(&mut checker(&[], 2, false), &[(5, "a"), (1, "")]), ("a".into(), Some(FinishReason::Stop)));
     }

@@ -142,7 +142,8 @@ impl ChatTemplate {
             return Err(TextError::EmptyConversation);
         }
         let messages: Vec<Value> = messages.iter().map(normalize_message).collect();
-        let opt_list = |v: &Option<Vec<serde_json::Value>>| v.as_ref().map(Value::from_serialize).unwrap_or(Value::from(()));
+        let opt_list =
+            |v: &Option<Vec<serde_json::Value>>| v.as_ref().map(Value::from_serialize).unwrap_or(Value::from(()));
         let mut ctx: Vec<(&str, Value)> =
             self.special_tokens.iter().map(|(k, v)| (*k, Value::from(v.as_str()))).collect();
         ctx.push(("messages", Value::from(messages)));
@@ -348,7 +349,8 @@ mod tests {
         let t = template("{% for m in messages %}{{ m | tojson }}{{ 'content' in m }}{% endfor %}");
         let m = ChatMessage { content: None, reasoning_content: Some("r".into()), ..ChatMessage::new("assistant", "") };
         let out = t.render(&[m], &RenderOptions::default()).unwrap();
-        assert_eq!(out, r#"{"thinking": "r", "role": "assistant", "reasoning_content": "r"}False"#); // Python prints False
+        assert_eq!(out, r#"{"thinking": "r", "role": "assistant", "reasoning_content": "r"}False"#);
+        // Python prints False
     }
 
     #[test]

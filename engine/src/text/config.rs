@@ -135,16 +135,15 @@ impl GenerationConfig {
                     .ok_or_else(|| config_err(path, format!("`{key}` must be a number, got {v}"))),
             }
         };
-        let uint = |key: &str| -> Result<Option<u32>, TextError> {
-            match obj.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v
-                    .as_u64()
-                    .and_then(|u| u32::try_from(u).ok())
-                    .map(Some)
-                    .ok_or_else(|| config_err(path, format!("`{key}` must be an integer in 0..=4294967295, got {v}"))),
-            }
-        };
+        let uint =
+            |key: &str| -> Result<Option<u32>, TextError> {
+                match obj.get(key) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(v) => v.as_u64().and_then(|u| u32::try_from(u).ok()).map(Some).ok_or_else(|| {
+                        config_err(path, format!("`{key}` must be an integer in 0..=4294967295, got {v}"))
+                    }),
+                }
+            };
         let eos_token_ids = match obj.get("eos_token_id") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(items)) => {

@@ -30,18 +30,14 @@ impl IncrementalDetokenizer {
     /// be in the middle of the text (prompt text itself is never emitted).
     pub fn with_context(prompt: &[u32], skip_special_tokens: bool) -> Self {
         let tail = &prompt[prompt.len().saturating_sub(CONTEXT_IDS)..];
-        IncrementalDetokenizer {
-            ids: tail.to_vec(),
-            prefix_offset: 0,
-            read_offset: tail.len(),
-            skip_special_tokens,
-        }
+        IncrementalDetokenizer { ids: tail.to_vec(), prefix_offset: 0, read_offset: tail.len(), skip_special_tokens }
     }
 
     /// Adds one id and returns the text that became complete (often empty).
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, TextError> {
         self.ids.push(id);
-        let prefix_text = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
+        let prefix_text =
+            tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
         let new_text = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         if new_text.len() <= prefix_text.len() || new_text.ends_with('\u{FFFD}') {
             return Ok(String::new());
@@ -61,7 +57,8 @@ impl IncrementalDetokenizer {
 
     /// Returns whatever is still held back (an incomplete character decodes to U+FFFD here) and empties the state.
     pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String, TextError> {
-        let prefix_text = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
+        let prefix_text =
+            tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
         let new_text = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();

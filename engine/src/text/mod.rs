@@ -21,9 +21,7 @@ pub use chat::{prompt_opens_reasoning, ChatMessage, ChatTemplate, RenderOptions}
 pub use config::{GenerationConfig, TokenizerConfig};
 pub use detok::IncrementalDetokenizer;
 pub use reasoning::{ReasoningDelta, ReasoningSplitter, THINK_END, THINK_START};
-pub use tokenizer::{
-    Tokenizer, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
-};
+pub use tokenizer::{Tokenizer, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
 
 /// Errors of the text layer. [`TextError::kind`] is a stable label for metrics and status mapping.
 #[derive(Debug, thiserror::Error)]

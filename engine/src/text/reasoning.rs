@@ -60,11 +60,8 @@ impl ReasoningSplitter {
     /// `prompt_opened_reasoning`: the rendered prompt already ends with `<think>` (see
     /// [`crate::text::prompt_opens_reasoning`]).
     pub fn new(prompt_opened_reasoning: bool) -> Self {
-        let phase = if prompt_opened_reasoning {
-            Phase::Reasoning { fresh: true, redundant_open: true }
-        } else {
-            Phase::Start
-        };
+        let phase =
+            if prompt_opened_reasoning { Phase::Reasoning { fresh: true, redundant_open: true } } else { Phase::Start };
         ReasoningSplitter { phase, pending: String::new() }
     }
 

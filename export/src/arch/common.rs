@@ -22,8 +22,11 @@ pub struct Ctx<'a> {
     /// Element type of weights, activations and KV cache (`F32` or `F16`).
     pub dtype: ElemType,
     /// Called after each weight with its checkpoint key and byte size (progress bar).
-    pub progress: Box<dyn FnMut(&str, u64) + 'a>,
+    pub progress: ProgressFn<'a>,
 }
+
+/// Progress callback of a build: checkpoint key and byte size of each weight written.
+pub type ProgressFn<'a> = Box<dyn FnMut(&str, u64) + 'a>;
 
 /// Names of the three shared graph inputs.
 pub struct DecoderInputs {
@@ -126,7 +129,8 @@ impl<'a> Ctx<'a> {
         (value_heads, value_dim): (usize, usize),
     ) -> Result<(String, String)> {
         let dt = self.kv_dtype();
-        let shape = |h: usize, s: &str, d: usize| vec![sym("batch"), Dim::Fixed(h as i64), sym(s), Dim::Fixed(d as i64)];
+        let shape =
+            |h: usize, s: &str, d: usize| vec![sym("batch"), Dim::Fixed(h as i64), sym(s), Dim::Fixed(d as i64)];
         let pk = format!("past_key_values.{layer}.key");
         let pv = format!("past_key_values.{layer}.value");
         self.b.input(&pk, dt, shape(key_heads, "past_sequence", key_dim));
@@ -134,8 +138,20 @@ impl<'a> Ctx<'a> {
         let ok = format!("present.{layer}.key");
         let ov = format!("present.{layer}.value");
         let p = format!("/model/layers.{layer}/self_attn");
-        self.b.wire_to(&format!("{p}/key_cache/Concat"), "Concat", &[&pk, k], vec![crate::onnx::attr_i("axis", 2)], &[&ok])?;
-        self.b.wire_to(&format!("{p}/value_cache/Concat"), "Concat", &[&pv, v], vec![crate::onnx::attr_i("axis", 2)], &[&ov])?;
+        self.b.wire_to(
+            &format!("{p}/key_cache/Concat"),
+            "Concat",
+            &[&pk, k],
+            vec![crate::onnx::attr_i("axis", 2)],
+            &[&ok],
+        )?;
+        self.b.wire_to(
+            &format!("{p}/value_cache/Concat"),
+            "Concat",
+            &[&pv, v],
+            vec![crate::onnx::attr_i("axis", 2)],
+            &[&ov],
+        )?;
         self.b.output(&ok, dt, shape(key_heads, "total_sequence", key_dim));
         self.b.output(&ov, dt, shape(value_heads, "total_sequence", value_dim));
         Ok((ok, ov))
@@ -143,7 +159,15 @@ impl<'a> Ctx<'a> {
 
     /// `x @ W^T (+ bias)` for a checkpoint `Linear` at `hf_prefix` (`.weight`, optional `.bias`).
     /// Node names: `{node}/MatMul`, `{node}/Add`.
-    pub fn linear(&mut self, node: &str, x: &str, hf_prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Result<String> {
+    pub fn linear(
+        &mut self,
+        node: &str,
+        x: &str,
+        hf_prefix: &str,
+        in_f: usize,
+        out_f: usize,
+        bias: bool,
+    ) -> Result<String> {
         let w = self.matrix_t(&format!("{hf_prefix}.weight"), out_f, in_f)?;
         let y = self.b.matmul(&format!("{node}/MatMul"), x, &w)?;
         if !bias {
@@ -258,7 +282,9 @@ impl<'a> Ctx<'a> {
         scale: f32,
     ) -> Result<String> {
         if kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(ExportError::Graph(format!("{node}: {heads} heads cannot be grouped over {kv_heads} kv heads")));
+            return Err(ExportError::Graph(format!(
+                "{node}: {heads} heads cannot be grouped over {kv_heads} kv heads"
+            )));
         }
         let group = (heads / kv_heads) as i64;
         let dtype = self.dtype;
@@ -315,7 +341,13 @@ impl<'a> Ctx<'a> {
             "logits".to_string()
         } else {
             let y = self.b.matmul("/lm_head/MatMul", x, &w)?;
-            self.b.wire_to("/lm_head/Cast", "Cast", &[&y], vec![crate::onnx::attr_i("to", ElemType::F32.onnx_code() as i64)], &["logits"])?;
+            self.b.wire_to(
+                "/lm_head/Cast",
+                "Cast",
+                &[&y],
+                vec![crate::onnx::attr_i("to", ElemType::F32.onnx_code() as i64)],
+                &["logits"],
+            )?;
             "logits".to_string()
         };
         self.b.output(&out, DType::Float32, vec![sym("batch"), sym("sequence"), Dim::Fixed(vocab as i64)]);

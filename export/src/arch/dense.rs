@@ -83,8 +83,13 @@ impl DenseSpec {
         for i in 0..self.num_layers {
             let p = format!("/model/layers.{i}");
             let hf = format!("model.layers.{i}");
-            let normed =
-                ctx.rms_norm(&format!("{p}/input_layernorm"), &x, &format!("{hf}.input_layernorm.weight"), h, self.rms_norm_eps)?;
+            let normed = ctx.rms_norm(
+                &format!("{p}/input_layernorm"),
+                &x,
+                &format!("{hf}.input_layernorm.weight"),
+                h,
+                self.rms_norm_eps,
+            )?;
             let a = format!("{p}/self_attn");
             let ha = format!("{hf}.self_attn");
             let q = ctx.linear(&format!("{a}/q_proj"), &normed, &format!("{ha}.q_proj"), h, nh * d, self.qkv_bias)?;
@@ -94,14 +99,19 @@ impl DenseSpec {
                 // Qwen3: RMSNorm over head_dim of each head, before the heads are transposed.
                 let q4 = ctx.b.reshape(&format!("{a}/q_heads/Reshape"), &q, &[0, 0, nh as i64, d as i64])?;
                 let k4 = ctx.b.reshape(&format!("{a}/k_heads/Reshape"), &k, &[0, 0, nkv as i64, d as i64])?;
-                let qn = ctx.rms_norm(&format!("{a}/q_norm"), &q4, &format!("{ha}.q_norm.weight"), d, self.rms_norm_eps)?;
-                let kn = ctx.rms_norm(&format!("{a}/k_norm"), &k4, &format!("{ha}.k_norm.weight"), d, self.rms_norm_eps)?;
+                let qn =
+                    ctx.rms_norm(&format!("{a}/q_norm"), &q4, &format!("{ha}.q_norm.weight"), d, self.rms_norm_eps)?;
+                let kn =
+                    ctx.rms_norm(&format!("{a}/k_norm"), &k4, &format!("{ha}.k_norm.weight"), d, self.rms_norm_eps)?;
                 (
                     ctx.b.transpose(&format!("{a}/q_heads/Transpose"), &qn, &[0, 2, 1, 3])?,
                     ctx.b.transpose(&format!("{a}/k_heads/Transpose"), &kn, &[0, 2, 1, 3])?,
                 )
             } else {
-                (ctx.split_heads(&format!("{a}/q_heads"), &q, nh, d)?, ctx.split_heads(&format!("{a}/k_heads"), &k, nkv, d)?)
+                (
+                    ctx.split_heads(&format!("{a}/q_heads"), &q, nh, d)?,
+                    ctx.split_heads(&format!("{a}/k_heads"), &k, nkv, d)?,
+                )
             };
             let v = ctx.split_heads(&format!("{a}/v_heads"), &v, nkv, d)?;
             let q = ctx.apply_rotary(&format!("{a}/q_rotary"), &q, &rot)?;

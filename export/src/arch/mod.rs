@@ -6,12 +6,12 @@
 //! - `rope.rs`: rotary parameters and inverse frequencies.
 
 pub mod common;
+pub mod deepseek_v3;
 pub mod dense;
 pub mod llama;
 pub mod qwen2;
 pub mod qwen3;
 pub mod rope;
-pub mod deepseek_v3;
 
 use std::path::Path;
 
@@ -24,12 +24,8 @@ use common::Ctx;
 use dense::DenseSpec;
 
 /// `architectures[0]` values this exporter accepts.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "Qwen2ForCausalLM",
-    "LlamaForCausalLM",
-    "Qwen3ForCausalLM",
-    "DeepseekV3ForCausalLM",
-];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM", "DeepseekV3ForCausalLM"];
 
 /// Manifest family names of the dense decoders built by `dense.rs` (graphs with per-head KV caches and the
 /// portable attention that the CPU serving rewrite can fuse).
@@ -108,7 +104,6 @@ pub fn invalid(path: &Path, field: &'static str, message: String) -> ExportError
     ExportError::InvalidConfig { path: path.to_path_buf(), field, message }
 }
 
-
 /// Refuses `use_sliding_window: true` (Qwen2/Qwen3 configs): the graph implements full causal attention only.
 pub fn refuse_sliding_window(path: &Path, use_sliding_window: bool) -> Result<()> {
     if use_sliding_window {
@@ -122,7 +117,7 @@ pub fn refuse_sliding_window(path: &Path, use_sliding_window: bool) -> Result<()
 }
 /// `hidden / heads`, refusing sizes where the heads do not divide the hidden size.
 pub fn divide_hidden(path: &Path, hidden: usize, heads: usize) -> Result<usize> {
-    if heads == 0 || hidden % heads != 0 {
+    if heads == 0 || !hidden.is_multiple_of(heads) {
         return Err(invalid(
             path,
             "num_attention_heads",
@@ -139,9 +134,11 @@ pub fn divide_hidden(path: &Path, hidden: usize, heads: usize) -> Result<usize> 
 pub fn max_size(field: &str) -> usize {
     match field {
         "vocab_size" | "max_position_embeddings" => 1 << 24,
-        "num_hidden_layers" | "num_attention_heads" | "n_routed_experts" | "n_shared_experts" | "num_experts_per_tok" => {
-            1 << 16
-        }
+        "num_hidden_layers"
+        | "num_attention_heads"
+        | "n_routed_experts"
+        | "n_shared_experts"
+        | "num_experts_per_tok" => 1 << 16,
         _ => 1 << 20,
     }
 }
@@ -165,14 +162,14 @@ pub fn validate_dense(path: &Path, s: &DenseSpec, act: Option<&str>) -> Result<(
             return Err(invalid(path, field, format!("must be at most {}, got {v}", max_size(field))));
         }
     }
-    if s.num_heads % s.num_kv_heads != 0 {
+    if !s.num_heads.is_multiple_of(s.num_kv_heads) {
         return Err(invalid(
             path,
             "num_key_value_heads",
             format!("must divide num_attention_heads ({}), got {}", s.num_heads, s.num_kv_heads),
         ));
     }
-    if s.head_dim % 2 != 0 {
+    if !s.head_dim.is_multiple_of(2) {
         return Err(invalid(path, "head_dim", format!("must be even for rotary embeddings, got {}", s.head_dim)));
     }
     if !(s.rms_norm_eps > 0.0 && s.rms_norm_eps < 1.0) {
@@ -188,20 +185,13 @@ pub fn validate_dense(path: &Path, s: &DenseSpec, act: Option<&str>) -> Result<(
 
 /// Reads `architectures[0]` and parses + validates the matching family config.
 pub fn from_config(path: &Path, config: &Value) -> Result<Box<dyn Family>> {
-    let arch = config
-        .get("architectures")
-        .and_then(|a| a.get(0))
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            invalid(
-                path,
-                "architectures",
-                format!(
-                    "must be a non-empty list of strings, got {}",
-                    config.get("architectures").unwrap_or(&Value::Null)
-                ),
-            )
-        })?;
+    let arch = config.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str).ok_or_else(|| {
+        invalid(
+            path,
+            "architectures",
+            format!("must be a non-empty list of strings, got {}", config.get("architectures").unwrap_or(&Value::Null)),
+        )
+    })?;
     let dense = |family: &'static str, spec: DenseSpec| -> Result<Box<dyn Family>> {
         Ok(Box::new(Dense { family, architecture: arch.to_string(), spec }))
     };

@@ -54,7 +54,13 @@ fn num(path: &Path, obj: &Value, field: &'static str) -> Result<f64> {
 }
 
 /// Reads rotary settings from a family config's `rope_theta`, `rope_scaling` and `rope_parameters`.
-pub fn parse(path: &Path, rope_theta: Option<f64>, rope_scaling: Option<&Value>, rope_parameters: Option<&Value>, default_theta: f64) -> Result<Rope> {
+pub fn parse(
+    path: &Path,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<&Value>,
+    rope_parameters: Option<&Value>,
+    default_theta: f64,
+) -> Result<Rope> {
     // transformers 5 puts everything into `rope_parameters`; 4.x uses `rope_theta` + `rope_scaling`.
     let params = rope_parameters.filter(|v| !v.is_null()).or(rope_scaling.filter(|v| !v.is_null()));
     let theta = rope_parameters
@@ -98,7 +104,11 @@ pub fn parse(path: &Path, rope_theta: Option<f64>, rope_scaling: Option<&Value>,
         }
     };
     if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, .. } = &scaling {
-        if !(*high_freq_factor > *low_freq_factor) || *factor <= 0.0 {
+        if high_freq_factor.is_nan()
+            || low_freq_factor.is_nan()
+            || *high_freq_factor <= *low_freq_factor
+            || *factor <= 0.0
+        {
             return Err(ExportError::InvalidConfig {
                 path: path.to_path_buf(),
                 field: "rope_scaling",
@@ -121,8 +131,12 @@ impl Rope {
             RopeScaling::Default => inv,
             RopeScaling::Linear { factor } => inv.into_iter().map(|f| f / factor as f32).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                let (factor, low, high, old) =
-                    (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
+                let (factor, low, high, old) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                    original_max_position_embeddings as f32,
+                );
                 let low_wavelen = old / low;
                 let high_wavelen = old / high;
                 inv.into_iter()
@@ -168,7 +182,15 @@ mod tests {
 
     #[test]
     fn llama3_keeps_high_and_scales_low_frequencies() {
-        let r = Rope { theta: 500000.0, scaling: RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64.0 } };
+        let r = Rope {
+            theta: 500000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64.0,
+            },
+        };
         let plain = Rope { theta: 500000.0, scaling: RopeScaling::Default }.inv_freq(16);
         let s = r.inv_freq(16);
         assert_eq!(s[0], plain[0]);

@@ -9,11 +9,16 @@ use r1_export::fixture::{preset, write_checkpoint, FixtureDtype, PRESETS};
 
 /// Write a random-weight checkpoint (config.json, generation_config.json, model.safetensors).
 #[derive(Debug, Parser)]
-#[command(name = "r1-fixture", version, about, after_help = "\
+#[command(
+    name = "r1-fixture",
+    version,
+    about,
+    after_help = "\
 Examples:
   r1-fixture --preset r1-distill-qwen-1.5b -o /tmp/qwen-1.5b-random      # ~3.5 GB, bf16
   r1-fixture --preset tiny-llama --layers 4 --dtype f32 -o /tmp/tiny
-  r1-fixture --list")]
+  r1-fixture --list"
+)]
 struct Cli {
     /// Named shape (see --list).
     #[arg(long, default_value = "tiny-qwen2")]

@@ -116,8 +116,8 @@ pub fn convert_transposed(
             let rt_end = (rt + TILE).min(rows);
             for c in c0..c1 {
                 let out = &mut vals[(c - c0) * rows..(c - c0 + 1) * rows];
-                for r in rt..rt_end {
-                    out[r] = src.get(data, r * cols + c);
+                for (o, r) in out[rt..rt_end].iter_mut().zip(rt..rt_end) {
+                    *o = src.get(data, r * cols + c);
                 }
             }
         }

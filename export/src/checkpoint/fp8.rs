@@ -21,7 +21,9 @@ pub enum Fp8Error {
     #[error("FP8 block-scaled weight must be 2-D, got shape {0:?}")]
     NotMatrix(Vec<usize>),
     /// The scale tensor does not have one entry per block.
-    #[error("weight_scale_inv for a {rows}x{cols} weight with blocks {block:?} must have shape {expected:?}, got {got:?}")]
+    #[error(
+        "weight_scale_inv for a {rows}x{cols} weight with blocks {block:?} must have shape {expected:?}, got {got:?}"
+    )]
     ScaleShape {
         /// Weight rows.
         rows: usize,

@@ -100,7 +100,10 @@ pub fn read_config(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
     Ok((path, v))
 }
 
-fn open_shard(path: &Path) -> Result<(Shard, Vec<(String, Dtype, Vec<usize>, usize, usize)>)> {
+/// A tensor's header entry in a shard: name, dtype, shape, and the start and end of its bytes.
+type HeaderEntry = (String, Dtype, Vec<usize>, usize, usize);
+
+fn open_shard(path: &Path) -> Result<(Shard, Vec<HeaderEntry>)> {
     let file = File::open(path).map_err(ExportError::io(path))?;
     // SAFETY: the file is opened read-only and not modified by this process; a concurrent external
     // truncation would be a user error we cannot guard against (as for every mmap-based reader).
@@ -161,12 +164,15 @@ impl Checkpoint {
             names.sort();
             names.dedup();
             // Shards live in the checkpoint directory: a name that is absolute or climbs out of it is refused.
-            if let Some(bad) = names.iter().find(|n| {
-                Path::new(n.as_str()).components().any(|c| !matches!(c, std::path::Component::Normal(_)))
-            }) {
+            if let Some(bad) = names
+                .iter()
+                .find(|n| Path::new(n.as_str()).components().any(|c| !matches!(c, std::path::Component::Normal(_))))
+            {
                 return Err(ExportError::Json {
                     path: index_path.clone(),
-                    message: format!("`weight_map` names shard {bad:?}: must be a file name inside the checkpoint directory"),
+                    message: format!(
+                        "`weight_map` names shard {bad:?}: must be a file name inside the checkpoint directory"
+                    ),
                 });
             }
             names.into_iter().map(|n| dir.join(n)).collect()
@@ -184,7 +190,10 @@ impl Checkpoint {
         let mut entries = HashMap::new();
         for path in &files {
             if !path.is_file() {
-                return Err(ExportError::MissingFile { path: path.clone(), what: "a weight shard listed in the index" });
+                return Err(ExportError::MissingFile {
+                    path: path.clone(),
+                    what: "a weight shard listed in the index",
+                });
             }
             let (shard, list) = open_shard(path)?;
             let idx = shards.len();

@@ -40,15 +40,30 @@ pub type Attr = AttributeProto;
 
 /// Integer attribute.
 pub fn attr_i(name: &str, v: i64) -> Attr {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
 }
 /// Float attribute.
 pub fn attr_f(name: &str, v: f32) -> Attr {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Float as i32), f: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(v),
+        ..Default::default()
+    }
 }
 /// Integer-list attribute.
 pub fn attr_ints(name: &str, v: &[i64]) -> Attr {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Ints as i32), ints: v.to_vec(), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
 }
 /// String attribute.
 pub fn attr_s(name: &str, v: &str) -> Attr {
@@ -61,7 +76,12 @@ pub fn attr_s(name: &str, v: &str) -> Attr {
 }
 /// Tensor attribute (e.g. `ConstantOfShape`'s `value`).
 pub fn attr_t(name: &str, t: TensorProto) -> Attr {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Tensor as i32), t: Some(t), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Tensor as i32),
+        t: Some(t),
+        ..Default::default()
+    }
 }
 
 /// A tensor proto with inline raw data (little-endian), for small constants.
@@ -140,11 +160,7 @@ impl GraphBuilder {
         if !OPSET_RANGE.contains(&opset) {
             return Err(ExportError::InvalidOption {
                 option: "--opset",
-                message: format!(
-                    "must be between {} and {}, got {opset}",
-                    OPSET_RANGE.start(),
-                    OPSET_RANGE.end()
-                ),
+                message: format!("must be between {} and {}, got {opset}", OPSET_RANGE.start(), OPSET_RANGE.end()),
             });
         }
         Ok(GraphBuilder {

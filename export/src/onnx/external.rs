@@ -108,7 +108,8 @@ impl ExternalDataWriter {
             return Err(ExportError::Graph("external data: finish() while a tensor is open".into()));
         }
         self.file.flush().map_err(ExportError::io(&self.path))?;
-        let file = self.file.into_inner().map_err(|e| ExportError::Io { path: self.path.clone(), source: e.into_error() })?;
+        let file =
+            self.file.into_inner().map_err(|e| ExportError::Io { path: self.path.clone(), source: e.into_error() })?;
         file.sync_all().map_err(ExportError::io(&self.path))?;
         Ok(ExternalSummary { location: self.location, bytes: self.offset, sha256: hex::encode(self.hasher.finalize()) })
     }

@@ -60,7 +60,10 @@ fn graph_err(message: String) -> ExportError {
 
 /// Whether `model` already holds this rewrite's nodes.
 pub fn has_fused_attention(model: &ModelProto) -> bool {
-    model.graph.as_ref().is_some_and(|g| g.node.iter().any(|n| n.name.as_deref().is_some_and(|s| s.starts_with(PREFIX))))
+    model
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.node.iter().any(|n| n.name.as_deref().is_some_and(|s| s.starts_with(PREFIX))))
 }
 
 /// The float32 values of initializer `name`, when the graph has one of that name and type.
@@ -131,7 +134,10 @@ pub fn fuse_attention(
         .find_map(|i| f32_initializer(g, i, data))
         .ok_or_else(|| graph_err(format!("`{ROTARY_FREQS}` reads no float32 inv_freq initializer")))?;
     if inv_freq.len() * 2 != d {
-        return Err(graph_err(format!("rotary covers {} of head_dim {d}; only full-width rotary is fused", inv_freq.len() * 2)));
+        return Err(graph_err(format!(
+            "rotary covers {} of head_dim {d}; only full-width rotary is fused",
+            inv_freq.len() * 2
+        )));
     }
     // The additive mask: rebuilt in the graph's type from the same boolean (`blocked`), since float16 cannot hold
     // float32's lowest value.
@@ -177,14 +183,20 @@ pub fn fuse_attention(
     let mut new_nodes = vec![
         node(&t("mask/Where"), "Where", &[&blocked, &t("lowest"), &t("zero_f")], &[&t("bias")]),
         node(&t("total/Shape"), "Shape", &["attention_mask"], &[&t("mask_shape")]),
-        NodeProto { attribute: vec![attr_i("axis", 0)], ..node(&t("total/Gather"), "Gather", &[&t("mask_shape"), &t("one")], &[&t("total64")]) },
+        NodeProto {
+            attribute: vec![attr_i("axis", 0)],
+            ..node(&t("total/Gather"), "Gather", &[&t("mask_shape"), &t("one")], &[&t("total64")])
+        },
         NodeProto {
             attribute: vec![attr_i("to", ElemType::I32.onnx_code() as i64)],
             ..node(&t("total/Cast"), "Cast", &[&t("total64")], &[&t("total")])
         },
         // Every row is declared full length: padding is masked by `bias`, not by the kernel's lengths.
         node(&t("seqlens/Sub"), "Sub", &[&t("total64"), &t("one")], &[&t("last64")]),
-        NodeProto { attribute: vec![attr_i("axis", 0)], ..node(&t("batch/Gather"), "Gather", &[&t("mask_shape"), &t("zero")], &[&t("batch")]) },
+        NodeProto {
+            attribute: vec![attr_i("axis", 0)],
+            ..node(&t("batch/Gather"), "Gather", &[&t("mask_shape"), &t("zero")], &[&t("batch")])
+        },
         node(&t("seqlens/Expand"), "Expand", &[&t("last64"), &t("batch")], &[&t("seqlens64")]),
         NodeProto {
             attribute: vec![attr_i("to", ElemType::I32.onnx_code() as i64)],
@@ -269,7 +281,10 @@ fn topological_sort(g: &mut GraphProto) -> Result<()> {
         }
         if rest.len() == before {
             let missing = rest[0].input.iter().find(|i| !known.contains(*i)).cloned().unwrap_or_default();
-            return Err(graph_err(format!("node `{}` reads `{missing}`, which nothing produces", rest[0].name.as_deref().unwrap_or("?"))));
+            return Err(graph_err(format!(
+                "node `{}` reads `{missing}`, which nothing produces",
+                rest[0].name.as_deref().unwrap_or("?")
+            )));
         }
         pending = rest;
     }
@@ -336,7 +351,11 @@ mod tests {
         let mut scaled = graph_with_inputs(&["attention_mask", "position_ids"]);
         scaled.graph.as_mut().unwrap().node.push(node(ROTARY_SCALE, "Mul", &["c", "s"], &["cs"]));
         let before = scaled.clone();
-        assert_eq!(fuse_attention(&mut scaled, &shape, ElemType::F32, &reader()).unwrap(), 0, "scaled cos/sin tables are not fused");
+        assert_eq!(
+            fuse_attention(&mut scaled, &shape, ElemType::F32, &reader()).unwrap(),
+            0,
+            "scaled cos/sin tables are not fused"
+        );
         assert_eq!(scaled, before);
         let mut m = graph_with_inputs(&["attention_mask"]);
         let err = fuse_attention(&mut m, &shape, ElemType::F32, &reader()).unwrap_err().to_string();

@@ -42,7 +42,10 @@ fn node(name: &str, op_type: &str, inputs: &[&str], output: &str) -> NodeProto {
 
 /// Whether `model`'s `logits` output is already declared `[batch, 1, vocab]` by this rewrite.
 pub fn has_last_position_logits(model: &ModelProto) -> bool {
-    model.graph.as_ref().is_some_and(|g| g.node.iter().any(|n| n.name.as_deref().is_some_and(|s| s.starts_with(PREFIX))))
+    model
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.node.iter().any(|n| n.name.as_deref().is_some_and(|s| s.starts_with(PREFIX))))
 }
 
 /// Rewrites `model` in place (see the module docs). `hidden` is the LM head's input width. A graph rewritten
@@ -62,7 +65,8 @@ pub fn gather_last_position_logits(model: &mut ModelProto, hidden: usize) -> Res
         return Err(graph_err("the graph has no `logits` output".into()));
     }
     // logits <- [Cast <-] MatMul | MatMulNBits (A, ...)
-    let (mut head, mut head_node) = producer(g, "logits").ok_or_else(|| graph_err("no node computes `logits`".into()))?;
+    let (mut head, mut head_node) =
+        producer(g, "logits").ok_or_else(|| graph_err("no node computes `logits`".into()))?;
     if op(head_node) == "Cast" {
         let a = head_node.input.first().cloned().unwrap_or_default();
         (head, head_node) = producer(g, &a).ok_or_else(|| graph_err(format!("no node computes `{a}`")))?;
@@ -77,7 +81,11 @@ pub fn gather_last_position_logits(model: &mut ModelProto, hidden: usize) -> Res
         let q_out = dq_node.input.first().cloned().unwrap_or_default();
         match producer(g, &q_out) {
             Some((q, q_node)) if op(q_node) == "QuantizeLinear" => target = q,
-            _ => return Err(graph_err(format!("the LM head's input `{a}` is dequantized from `{q_out}`, not quantized in the graph (node {dq})"))),
+            _ => {
+                return Err(graph_err(format!(
+                    "the LM head's input `{a}` is dequantized from `{q_out}`, not quantized in the graph (node {dq})"
+                )))
+            }
         }
     }
     let hidden_in = g.node[target].input[0].clone();
@@ -136,11 +144,27 @@ mod tests {
         let mut nodes = Vec::new();
         let mut a = "h".to_string();
         if quantized {
-            nodes.push(NodeProto { op_type: Some("QuantizeLinear".into()), input: vec!["h".into(), "s".into()], output: vec!["hq".into()], ..Default::default() });
-            nodes.push(NodeProto { op_type: Some("DequantizeLinear".into()), input: vec!["hq".into(), "s".into()], output: vec!["hdq".into()], ..Default::default() });
+            nodes.push(NodeProto {
+                op_type: Some("QuantizeLinear".into()),
+                input: vec!["h".into(), "s".into()],
+                output: vec!["hq".into()],
+                ..Default::default()
+            });
+            nodes.push(NodeProto {
+                op_type: Some("DequantizeLinear".into()),
+                input: vec!["hq".into(), "s".into()],
+                output: vec!["hdq".into()],
+                ..Default::default()
+            });
             a = "hdq".into();
         }
-        nodes.push(NodeProto { name: Some("/lm_head/MatMul".into()), op_type: Some("MatMul".into()), input: vec![a, "W".into()], output: vec!["logits".into()], ..Default::default() });
+        nodes.push(NodeProto {
+            name: Some("/lm_head/MatMul".into()),
+            op_type: Some("MatMul".into()),
+            input: vec![a, "W".into()],
+            output: vec!["logits".into()],
+            ..Default::default()
+        });
         ModelProto {
             graph: Some(GraphProto {
                 node: nodes,

@@ -98,9 +98,8 @@ impl QuantArgs {
             option: "--calibration-method",
             message: e.to_string(),
         })?;
-        let backend = self.calibration_backend.parse().map_err(|e: r1_engine::EngineError| ExportError::InvalidOption {
-            option: "--calibration-backend",
-            message: e.to_string(),
+        let backend = self.calibration_backend.parse().map_err(|e: r1_engine::EngineError| {
+            ExportError::InvalidOption { option: "--calibration-backend", message: e.to_string() }
         })?;
         Ok(QuantizeOptions {
             precision,

@@ -36,9 +36,9 @@ use crate::error::{ExportError, Result};
 mod cli;
 mod runner;
 
+use crate::{artifact, export, ExportOptions, Progress, DATA_FILE, MODEL_FILE};
 pub use cli::QuantArgs;
 use runner::{compare, GraphRunner, SampleSource};
-use crate::{artifact, export, ExportOptions, Progress, DATA_FILE, MODEL_FILE};
 
 /// Directory of the calibration outputs inside an artifact.
 pub const CALIBRATION_DIR: &str = "calibration";
@@ -282,7 +282,8 @@ pub fn export_quantized(
         };
         batches = cal.batches;
         qopts.activation_scales = cal.scales.clone().into_iter().collect();
-        let algorithm = if q.method == CalibrationMethod::Max { CacheAlgorithm::MinMax } else { CacheAlgorithm::Entropy2 };
+        let algorithm =
+            if q.method == CalibrationMethod::Max { CacheAlgorithm::MinMax } else { CacheAlgorithm::Entropy2 };
         cache = Some(CalibrationCache::from_amax(TRT_CACHE_VERSION, algorithm, &cal.fp32_amax)?);
         cal_json = serde_json::json!({
             "amax": cal.amax.iter().cloned().collect::<BTreeMap<_, _>>(),
@@ -315,7 +316,8 @@ pub fn export_quantized(
     };
     if !held_out.is_empty() {
         progress(QuantProgress::Report { samples: held_out.len() });
-        let (layers, e2e) = compare(&staging.0, &original, tmp.path(), &model, &summary, &manifest, &held_out, q.backend)?;
+        let (layers, e2e) =
+            compare(&staging.0, &original, tmp.path(), &model, &summary, &manifest, &held_out, q.backend)?;
         report.layers = layers;
         report.end_to_end = e2e;
     }
@@ -343,11 +345,20 @@ pub fn export_quantized(
             let template = template.as_ref().ok_or(ExportError::Calibration(CalibError::Source(
                 "the checkpoint has no chat template, so eval problems cannot be rendered".into(),
             )))?;
-            let r = eval::evaluate(&mut engine, tokenizer, template, problems, &EvalOptions::default(), &mut |done, _, correct| {
-                progress(QuantProgress::EvalProgress { done, correct })
-            })
+            let r = eval::evaluate(
+                &mut engine,
+                tokenizer,
+                template,
+                problems,
+                &EvalOptions::default(),
+                &mut |done, _, correct| progress(QuantProgress::EvalProgress { done, correct }),
+            )
             .map_err(|e| calib_input(e.to_string()))?;
-            report.accuracy.push(AccuracyRow { precision: name.into(), correct: r.correct as u32, total: r.total as u32 });
+            report.accuracy.push(AccuracyRow {
+                precision: name.into(),
+                correct: r.correct as u32,
+                total: r.total as u32,
+            });
         }
         rewrite_report(&opts.out_dir, &mut manifest, &report)?;
     }
@@ -369,13 +380,19 @@ fn validate(opts: &ExportOptions, q: &QuantizeOptions) -> Result<()> {
         );
     }
     if q.precision == QuantPrecision::Int8 && q.calibration_data.is_none() {
-        return bad("--calibration-data", "is required for --precision int8 (activation ranges are calibrated); give a text or JSONL file".into());
+        return bad(
+            "--calibration-data",
+            "is required for --precision int8 (activation ranges are calibrated); give a text or JSONL file".into(),
+        );
     }
     if ![32, 64, 128].contains(&q.block_size) {
         return bad("--int4-block-size", format!("must be 32, 64 or 128, got {}", q.block_size));
     }
     if q.samples == 0 || q.seq_len == 0 {
-        return bad("--calibration-samples/--calibration-seq-len", format!("must be at least 1, got {} and {}", q.samples, q.seq_len));
+        return bad(
+            "--calibration-samples/--calibration-seq-len",
+            format!("must be at least 1, got {} and {}", q.samples, q.seq_len),
+        );
     }
     r1_calibration::smoothquant::validate_alpha(q.smoothquant_alpha)?;
     Ok(())
@@ -383,9 +400,10 @@ fn validate(opts: &ExportOptions, q: &QuantizeOptions) -> Result<()> {
 
 /// `<parent>/.<name>.<tag>-<pid>` beside `out`.
 fn sibling(out: &Path, tag: &str) -> Result<PathBuf> {
-    let name = out
-        .file_name()
-        .ok_or_else(|| ExportError::Output { path: out.to_path_buf(), message: "output path has no directory name".into() })?;
+    let name = out.file_name().ok_or_else(|| ExportError::Output {
+        path: out.to_path_buf(),
+        message: "output path has no directory name".into(),
+    })?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -399,8 +417,12 @@ fn calib_input(message: String) -> ExportError {
 
 pub(crate) fn read_model(path: &Path) -> Result<ModelProto> {
     let bytes = std::fs::read(path).map_err(ExportError::io(path))?;
-    ModelProto::decode(bytes.as_slice()).map_err(|e| ExportError::Graph(format!("{}: cannot decode: {e}", path.display())))
+    ModelProto::decode(bytes.as_slice())
+        .map_err(|e| ExportError::Graph(format!("{}: cannot decode: {e}", path.display())))
 }
+
+/// Token ids of the calibration samples and of the held-out samples.
+type SampleSplit = (Vec<Vec<u32>>, Vec<Vec<u32>>);
 
 /// Reads, renders and tokenizes samples; returns `(calibration, held_out)` token sequences (each ≤ `seq_len`).
 /// Held-out samples come after the calibration samples in the file; a file with a single sample uses it for both.
@@ -409,11 +431,17 @@ fn read_samples(
     q: &QuantizeOptions,
     tokenizer: &Tokenizer,
     template: Option<&ChatTemplate>,
-) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+) -> Result<SampleSplit> {
     let render = |messages: &[DataMessage]| -> r1_calibration::Result<String> {
-        let t = template.ok_or_else(|| CalibError::Source("JSONL `messages` need a chat template, and the checkpoint's tokenizer_config.json has none".into()))?;
-        let msgs: Vec<ChatMessage> = messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect();
-        t.render(&msgs, &RenderOptions::default()).map_err(|e| CalibError::Source(format!("rendering the chat template: {e}")))
+        let t = template.ok_or_else(|| {
+            CalibError::Source(
+                "JSONL `messages` need a chat template, and the checkpoint's tokenizer_config.json has none".into(),
+            )
+        })?;
+        let msgs: Vec<ChatMessage> =
+            messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect();
+        t.render(&msgs, &RenderOptions::default())
+            .map_err(|e| CalibError::Source(format!("rendering the chat template: {e}")))
     };
     let texts = dataset::load_samples(path, q.samples.saturating_add(q.eval_samples), &render)?;
     let mut seqs = Vec::with_capacity(texts.len());

@@ -25,7 +25,13 @@ pub(super) struct GraphRunner {
 
 impl GraphRunner {
     /// Writes `model` (already extended with extra outputs) as `dir/file` and opens it.
-    pub(super) fn open(dir: &Path, file: &str, model: &ModelProto, manifest: &Manifest, kind: BackendKind) -> Result<GraphRunner> {
+    pub(super) fn open(
+        dir: &Path,
+        file: &str,
+        model: &ModelProto,
+        manifest: &Manifest,
+        kind: BackendKind,
+    ) -> Result<GraphRunner> {
         let base: HashSet<&str> = manifest.outputs.iter().map(|t| t.name.as_str()).collect();
         let names = model
             .graph
@@ -49,7 +55,8 @@ impl GraphRunner {
             input_ids: Array2::from_shape_vec((1, n), ids.iter().map(|&t| i64::from(t)).collect())
                 .map_err(|e| ExportError::Graph(e.to_string()))?,
             attention_mask: Array2::ones((1, n)),
-            position_ids: Array2::from_shape_vec((1, n), (0..n as i64).collect()).map_err(|e| ExportError::Graph(e.to_string()))?,
+            position_ids: Array2::from_shape_vec((1, n), (0..n as i64).collect())
+                .map_err(|e| ExportError::Graph(e.to_string()))?,
             past: (0..kv.num_layers)
                 .map(|_| KvPair { key: empty(kv.key_heads, kv.key_dim), value: empty(kv.value_heads, kv.value_dim) })
                 .collect(),
@@ -76,7 +83,8 @@ impl ActivationSource for SampleSource<'_> {
     fn next_batch(&mut self, sink: &mut ActivationSink<'_>) -> r1_calibration::Result<bool> {
         let Some(ids) = self.samples.get(self.next) else { return Ok(false) };
         self.next += 1;
-        let outputs = self.runner.run(ids).map_err(|e| CalibError::Source(format!("calibration sample {}: {e}", self.next)))?;
+        let outputs =
+            self.runner.run(ids).map_err(|e| CalibError::Source(format!("calibration sample {}: {e}", self.next)))?;
         for (name, values) in outputs {
             if name != "logits" {
                 let flat: Vec<f32> = values.iter().copied().collect();

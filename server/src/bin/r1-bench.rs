@@ -54,12 +54,20 @@ async fn main() -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!("requests: {} ok, {} failed (concurrency {}, prompt ~{} tokens, max_tokens {})", r.ok, r.failed, a.concurrency, a.prompt_tokens, a.max_tokens);
+        println!(
+            "requests: {} ok, {} failed (concurrency {}, prompt ~{} tokens, max_tokens {})",
+            r.ok, r.failed, a.concurrency, a.prompt_tokens, a.max_tokens
+        );
         if let Some(e) = &r.first_error {
             println!("first error: {e}");
         }
-        println!("wall: {:.2} s, generated tokens: {}, throughput: {:.2} tokens/s, {:.2} requests/s", r.wall_s, r.generated_tokens, r.tokens_per_s, r.requests_per_s);
-        let p = |name: &str, v: &r1_serve::bench::Percentiles| println!("{name:<22} p50 {:>9.2} ms  p90 {:>9.2} ms  p99 {:>9.2} ms", v.p50, v.p90, v.p99);
+        println!(
+            "wall: {:.2} s, generated tokens: {}, throughput: {:.2} tokens/s, {:.2} requests/s",
+            r.wall_s, r.generated_tokens, r.tokens_per_s, r.requests_per_s
+        );
+        let p = |name: &str, v: &r1_serve::bench::Percentiles| {
+            println!("{name:<22} p50 {:>9.2} ms  p90 {:>9.2} ms  p99 {:>9.2} ms", v.p50, v.p90, v.p99)
+        };
         p("time to first token", &r.ttft_ms);
         p("inter-token latency", &r.itl_ms);
         p("request latency", &r.latency_ms);

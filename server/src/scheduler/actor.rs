@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc::UnboundedReceiver;
 use opentelemetry::trace::TraceContextExt;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::batcher::{Batcher, Gone, Plan};
@@ -24,7 +24,12 @@ pub(super) struct Actor {
 }
 
 impl Actor {
-    pub(super) fn new(model: Box<dyn Model>, cfg: SchedulerConfig, profiles: Vec<usize>, metrics: Arc<Metrics>) -> Self {
+    pub(super) fn new(
+        model: Box<dyn Model>,
+        cfg: SchedulerConfig,
+        profiles: Vec<usize>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let kv_capacity = model.describe().kv_capacity_tokens.max(1);
         Actor { model, batcher: Batcher::new(cfg, profiles), metrics, kv_capacity, stopping: false }
     }
@@ -51,7 +56,7 @@ impl Actor {
     fn command(&mut self, c: Command) {
         match c {
             Command::Submit(e) => {
-                if let Err(rejected) = self.batcher.push(e) {
+                if let Err(rejected) = self.batcher.push(*e) {
                     let (e, err) = *rejected;
                     self.fail(e, err);
                 }
@@ -124,9 +129,11 @@ impl Actor {
         loop {
             let model = &self.model;
             let mut took = false;
-            let admitted = self.batcher.take_admissible(|n| !took && model.can_admit(n) && {
-                took = true;
-                true
+            let admitted = self.batcher.take_admissible(|n| {
+                !took && model.can_admit(n) && {
+                    took = true;
+                    true
+                }
             });
             let Some(e) = admitted.into_iter().next() else { break };
             match self.model.add_sequence(&e.prompt, &e.params) {
@@ -209,7 +216,8 @@ impl Actor {
                 if let Some(a) = self.batcher.finish(em.seq) {
                     self.model.remove_sequence(a.seq);
                     let e = &a.entry;
-                    let prefill_ms = a.first_token.map(|t| t.duration_since(a.admitted).as_millis() as u64).unwrap_or(0);
+                    let prefill_ms =
+                        a.first_token.map(|t| t.duration_since(a.admitted).as_millis() as u64).unwrap_or(0);
                     tracing::info!(parent: &e.span, request_id = %e.request_id, reason = reason.as_str(), prompt_tokens = e.prompt.len(),
                         completion_tokens = a.generated, prefill_ms, "request finished");
                     self.finish(a.entry, reason, a.generated);

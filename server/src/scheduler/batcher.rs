@@ -192,7 +192,15 @@ impl Batcher {
 
     /// Starts a request that the model accepted as `seq`.
     pub fn start(&mut self, entry: Entry, seq: SeqId, now: Instant) {
-        self.running.push(Active { entry, seq, fed: 0, generated: 0, admitted: now, first_token: None, last_token: None });
+        self.running.push(Active {
+            entry,
+            seq,
+            fed: 0,
+            generated: 0,
+            admitted: now,
+            first_token: None,
+            last_token: None,
+        });
     }
 
     /// The next step: every decoding sequence, then prefill chunks within the token budget.
@@ -251,13 +259,20 @@ mod tests {
     use crate::scheduler::Permit;
 
     fn cfg(max_batch_size: usize, max_batch_tokens: usize, prefill_chunk: usize) -> SchedulerConfig {
-        SchedulerConfig { max_batch_size, max_batch_tokens, max_queue: 100, max_concurrent_requests: 100, prefill_chunk }
+        SchedulerConfig {
+            max_batch_size,
+            max_batch_tokens,
+            max_queue: 100,
+            max_concurrent_requests: 100,
+            prefill_chunk,
+        }
     }
 
     fn entry(prompt_len: usize, max_tokens: usize, counter: &Arc<AtomicUsize>) -> (Entry, UnboundedReceiver<Event>) {
         let (tx, rx) = unbounded_channel();
         counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let sampling = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, seed: None };
+        let sampling =
+            Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, seed: None };
         let e = Entry {
             request_id: format!("r{prompt_len}"),
             api: "grpc",

@@ -7,8 +7,8 @@
 //! overloaded server answers `RESOURCE_EXHAUSTED` without touching the actor; `--max-queue` is checked by the actor.
 //! A failed model step fails only the requests in that step; the loop keeps serving.
 
-pub mod batcher;
 mod actor;
+pub mod batcher;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,7 +37,13 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { max_batch_size: 16, max_batch_tokens: 2048, max_queue: 128, max_concurrent_requests: 256, prefill_chunk: 512 }
+        SchedulerConfig {
+            max_batch_size: 16,
+            max_batch_tokens: 2048,
+            max_queue: 128,
+            max_concurrent_requests: 256,
+            prefill_chunk: 512,
+        }
     }
 }
 
@@ -52,7 +58,10 @@ impl SchedulerConfig {
         if self.max_batch_tokens < self.max_batch_size {
             return bad(
                 "--max-batch-tokens",
-                format!("must be at least --max-batch-size {} (one decode token per sequence), got {}", self.max_batch_size, self.max_batch_tokens),
+                format!(
+                    "must be at least --max-batch-size {} (one decode token per sequence), got {}",
+                    self.max_batch_size, self.max_batch_tokens
+                ),
             );
         }
         if self.prefill_chunk == 0 {
@@ -161,7 +170,7 @@ pub struct Entry {
 }
 
 enum Command {
-    Submit(Entry),
+    Submit(Box<Entry>),
     CancelAll(String),
     /// Cancel what is left and end the actor thread (server shutdown, after the drain).
     Stop,
@@ -186,7 +195,11 @@ impl std::fmt::Debug for Scheduler {
 
 impl Scheduler {
     /// Starts the actor thread over `model`.
-    pub fn spawn(model: Box<dyn Model>, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> std::io::Result<(Scheduler, std::thread::JoinHandle<()>)> {
+    pub fn spawn(
+        model: Box<dyn Model>,
+        cfg: SchedulerConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Scheduler, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::unbounded_channel();
         let description = model.describe();
         let frontend = model.frontend();
@@ -251,7 +264,7 @@ impl Scheduler {
             permit,
         };
         self.tx
-            .send(Command::Submit(entry))
+            .send(Command::Submit(Box::new(entry)))
             .map_err(|_| ServeError::Unavailable { reason: "the scheduler has stopped".into() })?;
         Ok(rx)
     }

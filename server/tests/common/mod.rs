@@ -85,7 +85,12 @@ pub async fn start(setup: Setup) -> TestServer {
     });
     let metrics = Arc::new(Metrics::new());
     let (tx, rx) = oneshot::channel::<()>();
-    let opts = ServeOptions { model_id: "fake-r1".into(), limits: setup.limits, scheduler: setup.scheduler, drain_timeout: setup.drain };
+    let opts = ServeOptions {
+        model_id: "fake-r1".into(),
+        limits: setup.limits,
+        scheduler: setup.scheduler,
+        drain_timeout: setup.drain,
+    };
     let task = tokio::spawn(run_with(Listeners { grpc, http }, opts, setup.security, metrics.clone(), load, async {
         let _ = rx.await;
     }));
@@ -158,7 +163,9 @@ impl TestServer {
 
 /// Value of a metric line `name{labels} value` (exact prefix before the value).
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+    text.lines().find_map(|l| {
+        l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
+    })
 }
 
 pub fn prompt_req(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
@@ -194,7 +201,13 @@ pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: Op
 }
 
 /// [`http`] with extra request headers.
-pub async fn http_with(addr: std::net::SocketAddr, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> (u16, String, String) {
+pub async fn http_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     let s = tokio::net::TcpStream::connect(addr).await.expect("connect http");
     let (status, head, body) = http_on(s, method, path, body, headers).await.expect("HTTP exchange");
     let ctype = header_of(&head, "content-type");
@@ -204,7 +217,9 @@ pub async fn http_with(addr: std::net::SocketAddr, method: &str, path: &str, bod
 /// Value of a header in a response head ("" when absent).
 pub fn header_of(head: &str, name: &str) -> String {
     head.lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()))
+        .find_map(|l| {
+            l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_default()
 }
 
@@ -226,11 +241,17 @@ pub async fn http_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     s.write_all(req.as_bytes()).await?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await?;
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {:?}", String::from_utf8_lossy(&raw[..raw.len().min(64)])));
+    let bad = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{what}: {:?}", String::from_utf8_lossy(&raw[..raw.len().min(64)])),
+        )
+    };
     if !raw.starts_with(b"HTTP/1.1 ") {
         return Err(bad("not an HTTP response"));
     }
-    let raw = String::from_utf8(raw).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "response is not UTF-8"))?;
+    let raw = String::from_utf8(raw)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "response is not UTF-8"))?;
     let (head, rest) = raw.split_once("\r\n\r\n").expect("header end");
     let status: u16 = head.split_whitespace().nth(1).expect("status").parse().expect("number");
     let body = if header_of(head, "transfer-encoding").eq_ignore_ascii_case("chunked") {

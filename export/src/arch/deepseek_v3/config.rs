@@ -219,7 +219,10 @@ impl RawConfig {
             return Err(bad("moe_layer_freq", format!("must be 1, got {}", c.moe_layer_freq)));
         }
         if c.attention_bias {
-            return Err(bad("attention_bias", "must be false (DeepSeek-V3/R1 attention has no biases), got true".into()));
+            return Err(bad(
+                "attention_bias",
+                "must be false (DeepSeek-V3/R1 attention has no biases), got true".into(),
+            ));
         }
         if let Some(kv) = c.num_key_value_heads.filter(|kv| *kv != c.num_attention_heads) {
             return Err(bad(
@@ -227,13 +230,16 @@ impl RawConfig {
                 format!("must equal num_attention_heads ({}) for MLA, got {kv}", c.num_attention_heads),
             ));
         }
-        if c.qk_rope_head_dim % 2 != 0 {
+        if !c.qk_rope_head_dim.is_multiple_of(2) {
             return Err(bad("qk_rope_head_dim", format!("must be even, got {}", c.qk_rope_head_dim)));
         }
         let n_group = c.n_group.unwrap_or(1);
         let topk_group = c.topk_group.unwrap_or(n_group);
-        if n_group == 0 || c.n_routed_experts % n_group != 0 {
-            return Err(bad("n_group", format!("must divide n_routed_experts ({}), got {n_group}", c.n_routed_experts)));
+        if n_group == 0 || !c.n_routed_experts.is_multiple_of(n_group) {
+            return Err(bad(
+                "n_group",
+                format!("must divide n_routed_experts ({}), got {n_group}", c.n_routed_experts),
+            ));
         }
         if topk_group == 0 || topk_group > n_group {
             return Err(bad("topk_group", format!("must be between 1 and n_group ({n_group}), got {topk_group}")));
@@ -307,7 +313,6 @@ impl RawConfig {
     }
 }
 
-
 fn resolve_quant(path: &Path, q: &serde_json::Value) -> Result<Fp8Source> {
     let bad = |field: &'static str, message: String| invalid(path, field, message);
     let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("<missing>");
@@ -345,7 +350,7 @@ fn resolve_rope(path: &Path, c: &RawConfig) -> Result<(f64, RopeScaling)> {
         _ => None,
     };
     let theta = params.as_ref().and_then(|p| num(p, "rope_theta")).or(c.rope_theta).unwrap_or(10000.0);
-    if !(theta > 0.0) {
+    if theta.is_nan() || theta <= 0.0 {
         return Err(invalid(path, "rope_theta", format!("must be positive, got {theta}")));
     }
     let Some(p) = params else { return Ok((theta, RopeScaling::Default)) };
@@ -359,7 +364,7 @@ fn resolve_rope(path: &Path, c: &RawConfig) -> Result<(f64, RopeScaling)> {
                 .map(|v| v as usize)
                 .unwrap_or(c.max_position_embeddings);
             let factor = num(&p, "factor").unwrap_or(c.max_position_embeddings as f64 / original.max(1) as f64);
-            if !(factor > 0.0) || original == 0 {
+            if factor.is_nan() || factor <= 0.0 || original == 0 {
                 return Err(invalid(
                     path,
                     "rope_scaling",
@@ -529,7 +534,7 @@ mod tests {
         let (inv, att) = c.rope_inv_freq();
         assert_eq!(inv.len(), 32);
         assert_eq!(att, 1.0); // mscale == mscale_all_dim
-        // highest-frequency dims extrapolate (unchanged), lowest interpolate (divided by factor)
+                              // highest-frequency dims extrapolate (unchanged), lowest interpolate (divided by factor)
         assert_eq!(inv[0], 1.0);
         let last_plain = 1.0 / 10000f32.powf(62.0 / 64.0);
         assert!((inv[31] - last_plain / 40.0).abs() < 1e-12);
@@ -560,7 +565,11 @@ mod tests {
             ("attention_bias", serde_json::json!(true), "`attention_bias`"),
             ("qk_rope_head_dim", serde_json::json!(63), "`qk_rope_head_dim` must be even, got 63"),
             // Found by fuzzing (config_deepseek_v3): a 2^40 rotary dim made rope_inv_freq allocate 2 TiB.
-            ("qk_rope_head_dim", serde_json::json!(1u64 << 40), "`qk_rope_head_dim` must be at most 1048576, got 1099511627776"),
+            (
+                "qk_rope_head_dim",
+                serde_json::json!(1u64 << 40),
+                "`qk_rope_head_dim` must be at most 1048576, got 1099511627776",
+            ),
             ("num_hidden_layers", serde_json::json!(1u64 << 62), "`num_hidden_layers` must be at most 65536"),
             ("vocab_size", serde_json::json!((1u64 << 24) + 1), "`vocab_size` must be at most 16777216, got 16777217"),
             ("n_shared_experts", serde_json::json!(1u64 << 20), "`n_shared_experts` must be at most 65536"),

@@ -65,7 +65,13 @@ pub(super) fn attention(
     let (q_in, q_in_dim, q_key) = match cfg.q_lora_rank {
         Some(r) => {
             let qa = linear(ctx, cfg, &format!("{p}/q_a_proj"), x, &format!("{hf}.q_a_proj"), h, r)?;
-            let qn = ctx.rms_norm(&format!("{p}/q_a_layernorm"), &qa, &format!("{hf}.q_a_layernorm.weight"), r, LORA_NORM_EPS)?;
+            let qn = ctx.rms_norm(
+                &format!("{p}/q_a_layernorm"),
+                &qa,
+                &format!("{hf}.q_a_layernorm.weight"),
+                r,
+                LORA_NORM_EPS,
+            )?;
             (qn, r, format!("{hf}.q_b_proj.weight"))
         }
         None => (x.to_string(), h, format!("{hf}.q_proj.weight")),
@@ -90,7 +96,13 @@ pub(super) fn attention(
     let wkv = write_weight(ctx, &kv_key, &[h, rank + rope], &transpose(&wkv, rank + rope, h))?;
     let kv = ctx.b.matmul(&format!("{p}/kv_a_proj_with_mqa/MatMul"), x, &wkv)?;
     let kvs = ctx.b.split(&format!("{p}/kv_split"), &kv, &[rank as i64, rope as i64], -1)?;
-    let latent = ctx.rms_norm(&format!("{p}/kv_a_layernorm"), &kvs[0], &format!("{hf}.kv_a_layernorm.weight"), rank, LORA_NORM_EPS)?;
+    let latent = ctx.rms_norm(
+        &format!("{p}/kv_a_layernorm"),
+        &kvs[0],
+        &format!("{hf}.kv_a_layernorm.weight"),
+        rank,
+        LORA_NORM_EPS,
+    )?;
     let latent = ctx.b.unsqueeze(&format!("{p}/latent/Unsqueeze"), &latent, &[1])?; // [B,1,S,rank]
     let k_rot = ctx.b.unsqueeze(&format!("{p}/k_rot/Unsqueeze"), &kvs[1], &[1])?; // [B,1,S,rope]
     let k_rot = ctx.apply_rotary(&format!("{p}/k_rotary"), &k_rot, rot)?;

@@ -142,7 +142,13 @@ fn build(cfg: &DeepseekV3Config, ctx: &mut Ctx) -> Result<()> {
     for i in 0..cfg.num_hidden_layers {
         let p = format!("/model/layers.{i}");
         let hf = format!("model.layers.{i}");
-        let normed = ctx.rms_norm(&format!("{p}/input_layernorm"), &x, &format!("{hf}.input_layernorm.weight"), h, cfg.rms_norm_eps)?;
+        let normed = ctx.rms_norm(
+            &format!("{p}/input_layernorm"),
+            &x,
+            &format!("{hf}.input_layernorm.weight"),
+            h,
+            cfg.rms_norm_eps,
+        )?;
         let attn = mla::attention(ctx, cfg, i, &normed, &mask, &rot)?;
         x = ctx.b.add(&format!("{p}/attn_residual/Add"), &x, &attn)?;
         let normed = ctx.rms_norm(
@@ -168,7 +174,13 @@ fn build(cfg: &DeepseekV3Config, ctx: &mut Ctx) -> Result<()> {
 /// Reads a `[rows, cols]` weight as f32. FP8 e4m3 weights are dequantized with their `{key}_scale_inv`
 /// (one f32 per block of `config.quantization_config.weight_block_size`, partial edge blocks included);
 /// bf16/f16/f32 weights are converted. The tensor's pages are released afterwards.
-pub(crate) fn read_matrix(ck: &Checkpoint, fp8: Option<&Fp8Source>, key: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+pub(crate) fn read_matrix(
+    ck: &Checkpoint,
+    fp8: Option<&Fp8Source>,
+    key: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
     let t = ck.tensor(key, &[rows, cols])?;
     let out = if t.dtype == Dtype::F8_E4M3 {
         let Some(fp8) = fp8 else {
@@ -199,7 +211,13 @@ pub(crate) fn read_matrix(ck: &Checkpoint, fp8: Option<&Fp8Source>, key: &str, r
 }
 
 /// [`read_matrix`] with progress reporting.
-pub(crate) fn matrix_f32(ctx: &mut Ctx, cfg: &DeepseekV3Config, key: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+pub(crate) fn matrix_f32(
+    ctx: &mut Ctx,
+    cfg: &DeepseekV3Config,
+    key: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
     let m = read_matrix(ctx.ck, cfg.fp8.as_ref(), key, rows, cols)?;
     (ctx.progress)(key, (m.len() * 4) as u64);
     Ok(m)
@@ -230,7 +248,13 @@ pub(crate) fn write_weight(ctx: &mut Ctx, name: &str, dims: &[usize], values: &[
 
 /// A `Linear` weight (`[out, in]` in the checkpoint) written as `[in, out]`; FP8 sources are dequantized,
 /// others go through the shared streaming transposer.
-pub(crate) fn linear_weight(ctx: &mut Ctx, cfg: &DeepseekV3Config, key: &str, out_f: usize, in_f: usize) -> Result<String> {
+pub(crate) fn linear_weight(
+    ctx: &mut Ctx,
+    cfg: &DeepseekV3Config,
+    key: &str,
+    out_f: usize,
+    in_f: usize,
+) -> Result<String> {
     let is_fp8 = ctx.ck.tensor_any_shape(key).map(|t| t.dtype == Dtype::F8_E4M3).unwrap_or(false);
     if !is_fp8 {
         return ctx.matrix_t(key, out_f, in_f);
@@ -240,7 +264,15 @@ pub(crate) fn linear_weight(ctx: &mut Ctx, cfg: &DeepseekV3Config, key: &str, ou
 }
 
 /// `x @ W^T` for the checkpoint `Linear` `{hf}.weight`.
-pub(crate) fn linear(ctx: &mut Ctx, cfg: &DeepseekV3Config, node: &str, x: &str, hf: &str, in_f: usize, out_f: usize) -> Result<String> {
+pub(crate) fn linear(
+    ctx: &mut Ctx,
+    cfg: &DeepseekV3Config,
+    node: &str,
+    x: &str,
+    hf: &str,
+    in_f: usize,
+    out_f: usize,
+) -> Result<String> {
     let w = linear_weight(ctx, cfg, &format!("{hf}.weight"), out_f, in_f)?;
     ctx.b.matmul(&format!("{node}/MatMul"), x, &w)
 }

@@ -56,7 +56,12 @@ fn router(ctx: &mut Ctx, cfg: &DeepseekV3Config, layer: usize, x2: &str) -> Resu
         let two = b.const_i64s(&[2])?;
         let top2 = b.wire_n(&format!("{p}/group_top2/TopK"), "TopK", &[&grouped, &two], vec![attr_i("axis", -1)], 2)?;
         let last = b.const_i64s(&[-1])?;
-        let gscore = b.wire(&format!("{p}/group_score/ReduceSum"), "ReduceSum", &[&top2[0], &last], vec![attr_i("keepdims", 0)])?;
+        let gscore = b.wire(
+            &format!("{p}/group_score/ReduceSum"),
+            "ReduceSum",
+            &[&top2[0], &last],
+            vec![attr_i("keepdims", 0)],
+        )?;
         let gsel = top_k_mask(b, &format!("{p}/group_select"), &gscore, cfg.topk_group)?; // [N,G] bool
         let g3 = b.unsqueeze(&format!("{p}/group_mask/Unsqueeze"), &gsel, &[-1])?;
         let shape = b.const_i64s(&[1, cfg.n_group as i64, per])?;
@@ -97,7 +102,14 @@ fn top_k_mask(b: &mut crate::onnx::GraphBuilder, node: &str, x: &str, k: usize) 
 
 /// Stacks the `E` experts' `{proj}.weight` (`[out, in]` each) as `[E, in, out]` in the export dtype, streaming
 /// one expert at a time (each dequantized from FP8 when stored so).
-fn stacked_experts(ctx: &mut Ctx, cfg: &DeepseekV3Config, layer: usize, proj: &str, out_f: usize, in_f: usize) -> Result<String> {
+fn stacked_experts(
+    ctx: &mut Ctx,
+    cfg: &DeepseekV3Config,
+    layer: usize,
+    proj: &str,
+    out_f: usize,
+    in_f: usize,
+) -> Result<String> {
     let e = cfg.n_routed_experts;
     let hf = format!("model.layers.{layer}.mlp.experts");
     let dtype = ctx.dtype;
@@ -149,7 +161,8 @@ pub(super) fn moe(ctx: &mut Ctx, cfg: &DeepseekV3Config, layer: usize, x: &str) 
     }
     let weighted = b.mul(&format!("{p}/experts/weighted/Mul"), &d, &wt)?;
     let zero_axis = b.const_i64s(&[0])?;
-    let routed = b.wire(&format!("{p}/experts/ReduceSum"), "ReduceSum", &[&weighted, &zero_axis], vec![attr_i("keepdims", 0)])?;
+    let routed =
+        b.wire(&format!("{p}/experts/ReduceSum"), "ReduceSum", &[&weighted, &zero_axis], vec![attr_i("keepdims", 0)])?;
     let shape = b.unary(&format!("{p}/shape/Shape"), "Shape", x)?;
     let routed = b.wire(&format!("{p}/experts/Reshape"), "Reshape", &[&routed, &shape], vec![])?;
     if cfg.n_shared_experts == 0 {

@@ -1,10 +1,5 @@
-//! Cost of sampling one 129,280-wide row (R1's vocabulary). A measurement, not a pass/fail test: it is
-//! `#[ignore]`d and prints per-configuration medians. Run optimized:
-//!
-//! ```text
-//! cargo test -p r1-engine --config 'profile.dev.package.r1-engine.opt-level=3' \
-//!     --test sampling_bench -- --ignored --nocapture
-//! ```
+//! Cost of sampling one 129,280-wide row (R1's vocabulary): prints per-configuration medians. A measurement, not a
+//! test (`BENCHMARKS.md`, "Sampling"). Run it optimized: `cargo bench -p r1-engine --bench sampling`.
 
 use std::time::Instant;
 
@@ -24,7 +19,11 @@ fn row(seed: u64, peaked: bool) -> Vec<f32> {
     (0..VOCAB)
         .map(|i| {
             let noise = (next() + next() + next() + next() - 2.0) * 3.0;
-            if peaked && i % 4099 == 0 { noise + 12.0 } else { noise }
+            if peaked && i % 4099 == 0 {
+                noise + 12.0
+            } else {
+                noise
+            }
         })
         .collect()
 }
@@ -44,9 +43,7 @@ fn median_us(mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
-#[test]
-#[ignore = "measurement; run with --ignored --nocapture in an optimized build"]
-fn sample_one_row() {
+fn main() {
     let context: Vec<u32> = (0..2048u32).map(|i| i * 37 % VOCAB as u32).collect();
     let configs: Vec<(&str, SamplingParams, bool)> = vec![
         ("greedy", SamplingParams::greedy(), true),
@@ -55,7 +52,18 @@ fn sample_one_row() {
         ("t=0.6 top_p=0.95 flat row", SamplingParams { temperature: 0.6, top_p: 0.95, ..Default::default() }, false),
         ("top_k=50 top_p=0.9", SamplingParams { top_k: 50, top_p: 0.9, ..Default::default() }, true),
         ("min_p=0.05 top_p=0.95", SamplingParams { min_p: 0.05, top_p: 0.95, ..Default::default() }, false),
-        ("all + rep 1.1 (2048 ctx)", SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, min_p: 0.02, repetition_penalty: 1.1, seed: None }, true),
+        (
+            "all + rep 1.1 (2048 ctx)",
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 40,
+                top_p: 0.9,
+                min_p: 0.02,
+                repetition_penalty: 1.1,
+                seed: None,
+            },
+            true,
+        ),
     ];
     println!("sampling one row of {VOCAB} logits (median of 51):");
     for (name, params, peaked) in configs {

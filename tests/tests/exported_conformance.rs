@@ -1,0 +1,39 @@
+//! The engine's batched-vs-single conformance check on an artifact written by r1-export, on both backends: the
+//! `qwen2_gqa2_bf16` golden checkpoint exported at fp32 with `--target cpu`, so that ONNX Runtime runs the serving
+//! graph r1-serve runs (last-position logits, attention fused into GroupQueryAttention) and tract the portable one.
+//! The test makes its artifact itself (the engine's own conformance suite, `engine/tests/conformance.rs`, runs on
+//! in-memory fixtures and cannot depend on the exporter).
+
+use std::path::Path;
+
+use r1_engine::backend::{self, BackendKind, BackendOptions};
+use r1_engine::{Engine, Manifest};
+use r1_export::target::{apply, Mode, TargetOptions};
+use r1_export::{export, ExportOptions};
+
+#[test]
+fn exported_artifact_batched_greedy_equals_single() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("qwen2_gqa2_bf16-fp32");
+    let ck = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/golden/qwen2_gqa2_bf16");
+    export(&ExportOptions::new(&ck, &dir), &mut |_| {}).expect("export the golden checkpoint");
+    apply(&dir, &TargetOptions { targets: vec!["cpu".into()], hardware_compatible: false }, Mode::Build)
+        .expect("build --target cpu");
+    let manifest = Manifest::load(&dir).expect("manifest");
+    let vocab = manifest.model.vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = [7usize, 2, 11, 1, 5]
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| (0..n as u32).map(|i| (i * 31 + k as u32 * 17 + 3) % vocab).collect())
+        .collect();
+    for kind in [BackendKind::Ort, BackendKind::Tract] {
+        let b = backend::load(&dir, &manifest, kind, &BackendOptions::default()).expect("load");
+        let mut e = Engine::from_backend(&dir, manifest.clone(), b, None);
+        let singles: Vec<Vec<u32>> = prompts.iter().map(|p| e.generate_greedy(p, 8, &[]).expect("single")).collect();
+        for chunk in [usize::MAX, 3] {
+            let batched =
+                e.generate_batch_with(&prompts, 8, &[], chunk, |l| Ok(r1_engine::engine::argmax(l))).expect("batched");
+            assert_eq!(batched, singles, "{kind:?} chunk {chunk}");
+        }
+    }
+}
