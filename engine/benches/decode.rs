@@ -195,7 +195,7 @@ fn main() {
         };
         match run(&mut e) {
             Ok((b1, b8, pf)) => {
-                let precision = e.manifest().precision.clone();
+                let precision = e.manifest().precision;
                 let share = roofline.map_or("-".into(), |r| format!("{:.0}%", 100.0 * b1 / r));
                 println!(
                     "{:<10} {precision:>10} {b1:>16.2} {share:>10} {b8:>16.2} {:>7.2} {pf:>16.3}",

@@ -20,22 +20,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider};
+use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
-use serde::{Deserialize, Serialize};
 
-use crate::backend::MODEL_FILE;
 use crate::error::{EngineError, Result};
-use crate::manifest::Manifest;
-use crate::targets::{self, EngineBuild, LocalGpu, Target, TrtSettings, EP_CONTEXT_FILE};
+use crate::host;
+use crate::manifest::names::MODEL_FILE;
+pub use crate::manifest::names::{CPU_GRAPH, CPU_GRAPH_DATA, ENGINES_DIR};
+use crate::manifest::{CpuBuild, EngineBuild, Manifest};
+use crate::targets::{self, LocalGpu, Target, TrtSettings, EP_CONTEXT_FILE};
 
-/// Folder of per-target builds inside an artifact directory.
-pub const ENGINES_DIR: &str = "engines";
-/// The optimized CPU graph, relative to the artifact directory.
-pub const CPU_GRAPH: &str = "engines/cpu/model.onnx";
-/// External-data file of the optimized CPU graph, next to it.
-pub const CPU_GRAPH_DATA: &str = "model.onnx.data";
 /// ONNX Runtime graph optimization level of the CPU graph (see the module docs for why not `all`).
 pub const CPU_OPTIMIZATION_LEVEL: &str = "extended";
 /// Builder optimization level of TensorRT builds (TensorRT's default).
@@ -95,7 +90,7 @@ pub fn tensorrt_plan(
         sm: target.sm,
         hardware_compatible,
         built: false,
-        precision: manifest.precision.clone(),
+        precision: Some(manifest.precision),
         options: options.into_iter().collect(),
         profile: Some(target.profile.into()),
         command: Some(build_command(out_dir, target, hardware_compatible)),
@@ -146,48 +141,17 @@ pub fn check_build_gpu(target: &Target, gpu: Option<&LocalGpu>, hardware_compati
     })
 }
 
-/// Loads ONNX Runtime (if not yet) and tells whether it carries the TensorRT execution provider.
-pub fn tensorrt_ep_available() -> Result<bool> {
-    crate::backend::ort::environment()?;
-    ep::TensorRT::is_available().map_err(be)
-}
-
-/// The error for a GPU host whose ONNX Runtime lacks the TensorRT EP.
-pub fn no_tensorrt_ep(gpu: &LocalGpu) -> EngineError {
-    EngineError::Unavailable {
-        what: "TensorRT execution provider".into(),
-        message: format!(
-            "GPU `{}` found, but the ONNX Runtime library loaded has no TensorRT provider; install onnxruntime-gpu and the tensorrt wheels and point ORT_DYLIB_PATH at that libonnxruntime.so",
-            gpu.name
-        ),
-    }
-}
-
-/// The error for a GPU host whose ONNX Runtime has the TensorRT EP but not TensorRT itself: `missing` is the library
-/// the loader could not open, with its reason ([`targets::missing_tensorrt_library`]).
-pub fn tensorrt_not_installed(gpu: &LocalGpu, missing: &str) -> EngineError {
-    EngineError::Unavailable {
-        what: "TensorRT execution provider".into(),
-        message: format!(
-            "GPU `{}` found and ONNX Runtime has the TensorRT provider, but TensorRT's library {missing} cannot be \
-             loaded: install TensorRT 10 for CUDA 13 (NVIDIA's tensorrt wheels or tarball) and put its lib directory \
-             on LD_LIBRARY_PATH",
-            gpu.name
-        ),
-    }
-}
-
 /// Checks everything a TensorRT build of `target` needs on this host: the GPU, then ONNX Runtime
 /// with its TensorRT EP. Returns the GPU on success.
 pub fn check_build_host(target: &Target, hardware_compatible: bool) -> Result<LocalGpu> {
     let gpu = targets::detect_local_gpu();
     check_build_gpu(target, gpu.as_ref(), hardware_compatible)?;
     let gpu = gpu.ok_or_else(|| be("GPU vanished between checks"))?;
-    if !tensorrt_ep_available()? {
-        return Err(no_tensorrt_ep(&gpu));
+    if !host::tensorrt_ep_available()? {
+        return Err(host::no_tensorrt_ep(&gpu));
     }
     if let Some(missing) = targets::missing_tensorrt_library() {
-        return Err(tensorrt_not_installed(&gpu, &missing));
+        return Err(host::tensorrt_not_installed(&gpu, &missing));
     }
     Ok(gpu)
 }
@@ -202,7 +166,7 @@ pub fn build_tensorrt(
     hardware_compatible: bool,
 ) -> Result<EngineBuild> {
     let gpu = check_build_host(target, hardware_compatible)?;
-    let env = crate::backend::ort::environment()?;
+    let env = crate::host::environment()?;
     let cache_dir = dir.join(ENGINES_DIR).join(target.name);
     if cache_dir.exists() {
         std::fs::remove_dir_all(&cache_dir).map_err(|source| EngineError::Io { path: cache_dir.clone(), source })?;
@@ -269,46 +233,12 @@ pub fn parse_ort_build_info(info: &str) -> Option<String> {
     (v.contains('.')).then(|| v.to_string())
 }
 
-/// What the optimized CPU graph records about itself (`manifest.targets["cpu"]`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CpuBuild {
-    /// Always `cpu`.
-    pub target: String,
-    /// `true`: the graph exists.
-    pub built: bool,
-    /// The graph to load on ONNX Runtime CPU (relative path).
-    pub graph: String,
-    /// The portable graph it was made from.
-    pub source_graph: String,
-    /// ONNX Runtime graph optimization level used (`extended`).
-    pub optimization_level: String,
-    /// ONNX Runtime version that wrote it; the graph may use its contrib ops.
-    pub ort_version: String,
-    /// Wall time of the optimization, milliseconds.
-    pub duration_ms: u64,
-    /// Files written, relative to the artifact directory.
-    pub files: Vec<String>,
-    /// A rewrite applied to the portable graph before ONNX Runtime optimized it (the exporter's int8-wo
-    /// lowering to `MatMulNBits`), as the exporter recorded it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lowering: Option<serde_json::Value>,
-    /// The graph returns `logits [batch, 1, vocab]`: each row's last fed position only (the exporter's
-    /// serving rewrite); `false` (and artifacts written before it existed): every position, as `model.onnx`.
-    #[serde(default)]
-    pub last_position_logits: bool,
-    /// Each layer's attention is ONNX Runtime's `GroupQueryAttention` (the exporter's serving rewrite), whose CPU
-    /// kernel takes more than one new token per row only for rows without a past, or one row at a time: the
-    /// engine splits such steps (`false`, and artifacts written before it existed: the portable attention).
-    #[serde(default)]
-    pub fused_attention: bool,
-}
-
 /// Writes the ONNX Runtime-optimized CPU graph of `model` (an artifact's `model.onnx`, or the exporter's serving
 /// copy of it; its external data is resolved next to it) into `out` (a folder that becomes `engines/cpu/`; created
 /// if missing): `model.onnx` plus, for every initializer of 1 KiB or more, `model.onnx.data`. File paths in the
 /// record are relative to the artifact directory as if `out` were `dir/engines/cpu`.
 pub fn optimize_cpu_graph(model: &Path, out: &Path) -> Result<CpuBuild> {
-    let env = crate::backend::ort::environment()?;
+    let env = crate::host::environment()?;
     std::fs::create_dir_all(out).map_err(|source| EngineError::Io { path: out.to_path_buf(), source })?;
     let optimized = out.join(MODEL_FILE);
     let start = Instant::now();
@@ -353,28 +283,6 @@ pub fn optimize_cpu_graph(model: &Path, out: &Path) -> Result<CpuBuild> {
     })
 }
 
-/// The manifest's `cpu` build record, when there is one that parses.
-fn cpu_record(manifest: &Manifest) -> Option<CpuBuild> {
-    serde_json::from_value(manifest.targets.get("cpu")?.clone()).ok()
-}
-
-/// Whether the manifest's `cpu` record says its graph's attention is fused (see [`CpuBuild::fused_attention`]).
-pub fn cpu_graph_has_fused_attention(manifest: &Manifest) -> bool {
-    cpu_record(manifest).is_some_and(|r| r.fused_attention)
-}
-
-/// Whether the manifest's `cpu` record says its graph returns last-position logits only.
-pub fn cpu_graph_has_last_position_logits(manifest: &Manifest) -> bool {
-    cpu_record(manifest).is_some_and(|r| r.last_position_logits)
-}
-
-/// The graph the ort backend should open on CPU: [`CPU_GRAPH`] when the manifest records it as
-/// built and the file exists, else `None` (use the portable `model.onnx`).
-pub fn preferred_cpu_graph(dir: &Path, manifest: &Manifest) -> Option<&'static str> {
-    let record = cpu_record(manifest)?;
-    (record.built && record.graph == CPU_GRAPH && dir.join(CPU_GRAPH).is_file()).then_some(CPU_GRAPH)
-}
-
 /// Regular files under `root/..` `at`, as sorted `/`-separated paths relative to `root`.
 pub fn list_files(root: &Path, at: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
@@ -403,12 +311,13 @@ pub fn list_files(root: &Path, at: &Path) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::Targets;
     use crate::targets::target;
 
     fn manifest(precision: &str) -> Manifest {
         let mut m: Manifest =
             serde_json::from_str(include_str!("../tests/fixtures/tiny/manifest.json")).expect("fixture");
-        m.precision = precision.into();
+        m.precision = precision.parse().expect("a precision name");
         m
     }
 
@@ -452,8 +361,7 @@ mod tests {
         let plan = tensorrt_plan(Path::new("out dir"), &manifest("fp16"), target("h100").unwrap(), true).unwrap();
         assert_eq!(plan.command.as_deref(), Some("r1-export build 'out dir' --target h100 --hardware-compatible"));
         assert_eq!(plan.options["trt_engine_hw_compatible"], "1");
-        let e = tensorrt_plan(Path::new("o"), &manifest("bf16"), target("t4").unwrap(), false).unwrap_err().to_string();
-        assert!(e.contains("t4 (sm75) cannot run `bf16`"), "{e}");
+        tensorrt_plan(Path::new("o"), &manifest("int8"), target("t4").unwrap(), false).expect("t4 runs int8");
         assert!(tensorrt_plan(Path::new("o"), &manifest("fp32"), target("cpu").unwrap(), false).is_err());
     }
 
@@ -499,7 +407,7 @@ mod tests {
             check_build_gpu(a100, Some(&LocalGpu { name: "Mystery".into(), sm: None }), false).unwrap_err().to_string();
         assert!(m.contains("`Mystery`") && m.contains("unknown"), "{m}");
         assert_eq!(check_build_gpu(target("cpu").unwrap(), None, false).unwrap_err().kind(), "invalid_argument");
-        let m = no_tensorrt_ep(&h100).to_string();
+        let m = host::no_tensorrt_ep(&h100).to_string();
         assert!(
             m.contains("TensorRT execution provider is not available") && m.contains("NVIDIA H100 80GB HBM3"),
             "{m}"
@@ -522,8 +430,7 @@ mod tests {
     fn preferred_cpu_graph_needs_the_record_and_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let mut m = manifest("fp32");
-        m.targets.insert("cpu".into(), serde_json::json!({"graph": "model.onnx"}));
-        assert_eq!(preferred_cpu_graph(dir.path(), &m), None, "the default record names the portable graph");
+        assert_eq!(m.targets.cpu_graph(dir.path()), None, "no record: the portable graph");
         let record = CpuBuild {
             target: "cpu".into(),
             built: true,
@@ -537,25 +444,25 @@ mod tests {
             last_position_logits: false,
             fused_attention: false,
         };
-        m.targets.insert("cpu".into(), serde_json::to_value(&record).unwrap());
-        assert_eq!(preferred_cpu_graph(dir.path(), &m), None, "file missing");
-        // Records written before the serving rewrite have no `last_position_logits`: every position.
-        assert!(!cpu_graph_has_last_position_logits(&m));
+        m.targets.set_cpu(record.clone());
+        assert_eq!(m.targets.cpu_graph(dir.path()), None, "file missing");
+        // Records written before the serving rewrites have neither flag: every position, portable attention.
+        let mut old = serde_json::to_value(&record).unwrap();
+        old.as_object_mut().unwrap().retain(|k, _| k != "last_position_logits" && k != "fused_attention");
+        let old: Targets = serde_json::from_value(serde_json::json!({ "cpu": old })).unwrap();
+        let old = Manifest { targets: old, ..m.clone() };
+        let old_cpu = old.targets.cpu().unwrap();
+        assert!(!old_cpu.last_position_logits && !old_cpu.fused_attention);
         let mut newer = m.clone();
-        newer.targets.insert(
-            "cpu".into(),
-            serde_json::to_value(CpuBuild { last_position_logits: true, ..record.clone() }).unwrap(),
-        );
-        assert!(cpu_graph_has_last_position_logits(&newer));
-        assert!(!cpu_graph_has_fused_attention(&newer), "records written before the attention rewrite: not fused");
-        newer
-            .targets
-            .insert("cpu".into(), serde_json::to_value(CpuBuild { fused_attention: true, ..record.clone() }).unwrap());
-        assert!(cpu_graph_has_fused_attention(&newer));
+        newer.targets.set_cpu(CpuBuild { last_position_logits: true, ..record.clone() });
+        assert!(newer.targets.cpu().unwrap().last_position_logits);
+        assert!(!newer.targets.cpu().unwrap().fused_attention);
+        newer.targets.set_cpu(CpuBuild { fused_attention: true, ..record.clone() });
+        assert!(newer.targets.cpu().unwrap().fused_attention);
         std::fs::create_dir_all(dir.path().join("engines/cpu/sub")).unwrap();
         std::fs::write(dir.path().join(CPU_GRAPH), b"x").unwrap();
         std::fs::write(dir.path().join("engines/cpu/sub/y"), b"y").unwrap();
-        assert_eq!(preferred_cpu_graph(dir.path(), &m), Some(CPU_GRAPH));
+        assert_eq!(m.targets.cpu_graph(dir.path()), Some(CPU_GRAPH));
         let files = list_files(dir.path(), &dir.path().join("engines/cpu")).unwrap();
         assert_eq!(files, ["engines/cpu/model.onnx", "engines/cpu/sub/y"]);
     }

@@ -462,7 +462,7 @@ impl Engine {
             {
                 if t.shape() != [batch, heads, total, dim] {
                     return Err(EngineError::Shape {
-                        name: format!("present.{i}.{what}"),
+                        name: crate::manifest::names::present(i, what == "key"),
                         expected: format!("[{batch}, {heads}, {total}, {dim}]"),
                         got: format!("{:?}", t.shape()),
                     });

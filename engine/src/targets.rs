@@ -10,13 +10,12 @@
 //! [`detect_local_gpu`] reads `nvidia-smi` (or `/proc/driver/nvidia/gpus`) so an engine built for
 //! one GPU is refused on another unless it was built hardware-compatible ([`check_engine_host`]).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::error::{EngineError, Result};
-use crate::manifest::{Dim, Manifest};
+use crate::manifest::{Dim, EngineBuild, Manifest, Precision, ProfileRecord};
 
 /// min / opt / max of one profile axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -55,7 +54,7 @@ pub struct Target {
     pub int8: bool,
     pub fp8: bool,
     /// Precision `r1-export --target NAME` uses when none is given.
-    pub default_precision: &'static str,
+    pub default_precision: Precision,
     pub profile: Profile,
     /// TensorRT builder workspace (`trt_max_workspace_size`), bytes.
     pub workspace_bytes: u64,
@@ -67,15 +66,12 @@ impl Target {
         self.sm == 0
     }
 
-    /// Whether TensorRT can run an artifact of `precision` (manifest names) on this target.
-    pub fn supports(&self, precision: &str) -> bool {
+    /// Whether this target can run an artifact of `precision` (TensorRT on a GPU target).
+    pub fn supports(&self, precision: Precision) -> bool {
         match precision {
-            "fp32" | "int8-wo" | "int4-wo" => true,
-            "fp16" => self.fp16 || self.is_cpu(),
-            "bf16" => self.bf16,
-            "int8" => self.int8 || self.is_cpu(),
-            "fp8" => self.fp8,
-            _ => false,
+            Precision::Fp32 | Precision::Int8WeightOnly | Precision::Int4WeightOnly => true,
+            Precision::Fp16 => self.fp16 || self.is_cpu(),
+            Precision::Int8 => self.int8 || self.is_cpu(),
         }
     }
 }
@@ -95,7 +91,7 @@ pub const TARGETS: &[Target] = &[
         bf16: true,
         int8: true,
         fp8: false,
-        default_precision: "fp16",
+        default_precision: Precision::Fp16,
         profile: DATACENTER,
         workspace_bytes: 8 * GIB,
     },
@@ -107,7 +103,7 @@ pub const TARGETS: &[Target] = &[
         bf16: true,
         int8: true,
         fp8: true,
-        default_precision: "fp16",
+        default_precision: Precision::Fp16,
         profile: DATACENTER,
         workspace_bytes: 8 * GIB,
     },
@@ -119,7 +115,7 @@ pub const TARGETS: &[Target] = &[
         bf16: true,
         int8: true,
         fp8: true,
-        default_precision: "fp16",
+        default_precision: Precision::Fp16,
         profile: DATACENTER,
         workspace_bytes: 8 * GIB,
     },
@@ -131,7 +127,7 @@ pub const TARGETS: &[Target] = &[
         bf16: true,
         int8: true,
         fp8: true,
-        default_precision: "fp16",
+        default_precision: Precision::Fp16,
         profile: DATACENTER,
         workspace_bytes: 16 * GIB,
     },
@@ -143,7 +139,7 @@ pub const TARGETS: &[Target] = &[
         bf16: true,
         int8: true,
         fp8: true,
-        default_precision: "fp16",
+        default_precision: Precision::Fp16,
         profile: MIDRANGE,
         workspace_bytes: 4 * GIB,
     },
@@ -155,7 +151,7 @@ pub const TARGETS: &[Target] = &[
         bf16: true,
         int8: true,
         fp8: true,
-        default_precision: "fp16",
+        default_precision: Precision::Fp16,
         profile: SMALL,
         workspace_bytes: 2 * GIB,
     },
@@ -167,7 +163,7 @@ pub const TARGETS: &[Target] = &[
         bf16: true,
         int8: true,
         fp8: false,
-        default_precision: "fp16",
+        default_precision: Precision::Fp16,
         profile: MIDRANGE,
         workspace_bytes: 2 * GIB,
     },
@@ -179,7 +175,7 @@ pub const TARGETS: &[Target] = &[
         bf16: false,
         int8: true,
         fp8: false,
-        default_precision: "fp16",
+        default_precision: Precision::Fp16,
         profile: SMALL,
         workspace_bytes: GIB,
     },
@@ -191,7 +187,7 @@ pub const TARGETS: &[Target] = &[
         bf16: false,
         int8: true,
         fp8: false,
-        default_precision: "int8",
+        default_precision: Precision::Int8,
         profile: Profile { batch: r(1, 1, 64), sequence: r(1, 1, 2048), past: r(0, 512, 8192) },
         workspace_bytes: 0,
     },
@@ -297,7 +293,7 @@ pub fn tensorrt_options(target: &Target, manifest: &Manifest, settings: &TrtSett
             message: "TensorRT needs a GPU target, got `cpu`".into(),
         });
     }
-    let precision = manifest.precision.as_str();
+    let precision = manifest.precision;
     if !target.supports(precision) {
         return Err(EngineError::InvalidArgument {
             name: "precision".into(),
@@ -314,11 +310,10 @@ pub fn tensorrt_options(target: &Target, manifest: &Manifest, settings: &TrtSett
         });
     }
     let (fp16, bf16, int8) = match precision {
-        "fp16" | "int8-wo" | "int4-wo" => (true, false, false),
-        "bf16" => (false, true, false),
-        // Explicit QDQ graphs: INT8 (or FP8) layers come from the Q/DQ pairs; the rest runs fp16.
-        "int8" | "fp8" => (target.fp16, false, true),
-        _ => (false, false, false),
+        Precision::Fp16 | Precision::Int8WeightOnly | Precision::Int4WeightOnly => (true, false, false),
+        // Explicit QDQ graphs: INT8 layers come from the Q/DQ pairs; the rest runs fp16.
+        Precision::Int8 => (target.fp16, false, true),
+        Precision::Fp32 => (false, false, false),
     };
     let [min, opt, max] = profile_shapes(target, manifest)?;
     let b = |v: bool| if v { "1" } else { "0" }.to_string();
@@ -348,62 +343,50 @@ pub fn tensorrt_options(target: &Target, manifest: &Manifest, settings: &TrtSett
     Ok(o)
 }
 
-/// What a TensorRT build records about itself (an entry of `manifest.targets`), or, with
-/// `built: false`, the plan of a build still to run on a GPU host.
-///
-/// Paths inside (`options`, `files`, `ep_context_model`) are relative to the artifact directory, so
-/// the record stays true when the artifact is copied elsewhere. Every field after `built` is
-/// optional so that records written by older exporters still parse.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct EngineBuild {
-    /// Target name.
-    pub target: String,
-    /// Compute capability × 10 of the GPU it was built on (of the target, for a plan).
-    pub sm: u32,
-    /// Built with TensorRT hardware compatibility (Ampere+).
-    #[serde(default)]
-    pub hardware_compatible: bool,
-    /// `true` once the engine exists; `false` for a recorded build plan.
-    #[serde(default)]
-    pub built: bool,
-    /// Manifest precision the engine runs (`fp16`, `int8`, ...).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub precision: String,
-    /// The `trt_*` options given to ONNX Runtime's TensorRT EP, cache paths relative to the artifact.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub options: BTreeMap<String, String>,
-    /// The optimization profile (batch, sequence, past: min/opt/max) the options were made from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub profile: Option<ProfileRecord>,
-    /// GPU the engine was built on (`nvidia-smi` name); `None` for a plan.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gpu_name: Option<String>,
-    /// TensorRT library version that built it, when it could be determined.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tensorrt_version: Option<String>,
-    /// ONNX Runtime version that built it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ort_version: Option<String>,
-    /// Wall time of the build (session creation), milliseconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration_ms: Option<u64>,
-    /// Engine, timing-cache and context-model files, relative to the artifact directory.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub files: Vec<String>,
-    /// The EP-context model (relative path) that loads the engine without parsing the ONNX graph.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ep_context_model: Option<String>,
-    /// For a plan: the command that runs the build on a host with the GPU.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command: Option<String>,
-}
+/// Option keys whose values are paths, recorded relative to the artifact directory.
+const TRT_PATH_OPTIONS: [&str; 3] = ["trt_engine_cache_path", "trt_timing_cache_path", "trt_ep_context_file_path"];
 
-/// A target's [`Profile`] as recorded in the manifest (plain `[min, opt, max]` triples).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProfileRecord {
-    pub batch: [usize; 3],
-    pub sequence: [usize; 3],
-    pub past: [usize; 3],
+/// The TensorRT EP options a session opens `target`'s engine with, and the cache folder they name.
+///
+/// A built engine is opened with the options it was built with, as its record in `manifest.json` lists them
+/// (paths made absolute under `dir`, or under `cache_dir` when given): an engine built `--hardware-compatible` is
+/// opened asking for hardware compatibility, whatever `hardware_compatible` says here. Without a built record (a plan,
+/// or nothing: ONNX Runtime then builds the engine at first load), the options are computed from the target table
+/// with `hardware_compatible` (or the plan's setting, when it asked for it).
+pub fn session_tensorrt_options(
+    dir: &Path,
+    manifest: &Manifest,
+    target: &Target,
+    hardware_compatible: bool,
+    cache_dir: Option<&Path>,
+) -> Result<(PathBuf, Vec<(String, String)>)> {
+    let record = manifest.targets.tensorrt(target.name);
+    let cache = cache_dir.map(Path::to_path_buf).unwrap_or_else(|| dir.join("engines").join(target.name));
+    match record {
+        Some(b) if b.built && !b.options.is_empty() => {
+            let rel_cache = format!("engines/{}", target.name);
+            let options = b
+                .options
+                .iter()
+                .map(|(k, v)| {
+                    let v = if TRT_PATH_OPTIONS.contains(&k.as_str()) {
+                        let rest = v.strip_prefix(&rel_cache).unwrap_or(v).trim_start_matches('/');
+                        if rest.is_empty() { cache.clone() } else { cache.join(rest) }.display().to_string()
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), v)
+                })
+                .collect();
+            Ok((cache, options))
+        }
+        _ => {
+            let mut settings = TrtSettings::for_artifact(dir, target);
+            settings.cache_dir = cache.clone();
+            settings.hardware_compatible = hardware_compatible || record.is_some_and(|b| b.hardware_compatible);
+            Ok((cache, tensorrt_options(target, manifest, &settings)?))
+        }
+    }
 }
 
 impl From<Profile> for ProfileRecord {

@@ -6,7 +6,7 @@ use crate::manifest::Manifest;
 fn manifest(precision: &str) -> Manifest {
     let text = include_str!("../tests/fixtures/tiny/manifest.json");
     let mut m: Manifest = serde_json::from_str(text).expect("fixture manifest parses");
-    m.precision = precision.to_string();
+    m.precision = precision.parse().expect("a precision name");
     m
 }
 
@@ -134,18 +134,19 @@ fn precision_flags_follow_the_manifest() {
     };
     let f = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
     assert_eq!(flags("a100", "fp32"), f("0", "0", "0"));
-    assert_eq!(flags("a100", "bf16"), f("0", "1", "0"));
+    assert_eq!(flags("a100", "fp16"), f("1", "0", "0"));
     assert_eq!(flags("a100", "int8"), f("1", "0", "1"));
     assert_eq!(flags("t4", "int4-wo"), f("1", "0", "0"));
-    assert_eq!(flags("h100", "fp8"), f("1", "0", "1"));
+    assert_eq!(flags("t4", "int8-wo"), f("1", "0", "0"));
 }
 
 #[test]
-fn unsupported_precision_and_cpu_target_are_refused() {
-    let e = tensorrt_options(target("t4").unwrap(), &manifest("bf16"), &settings()).unwrap_err().to_string();
-    assert!(e.contains("t4 (sm75) cannot run `bf16`"), "{e}");
-    let e = tensorrt_options(target("a100").unwrap(), &manifest("fp8"), &settings()).unwrap_err().to_string();
-    assert!(e.contains("a100 (sm80) cannot run `fp8`"), "{e}");
+fn every_gpu_target_runs_every_precision_and_cpu_is_refused() {
+    for t in TARGETS.iter().filter(|t| !t.is_cpu()) {
+        for p in Precision::ALL {
+            assert!(t.supports(*p), "{} {p}", t.name);
+        }
+    }
     let e = tensorrt_options(target("cpu").unwrap(), &manifest("fp32"), &settings()).unwrap_err().to_string();
     assert!(e.contains("GPU target, got `cpu`"), "{e}");
 }
@@ -162,6 +163,41 @@ fn hardware_compatible_and_cache_settings_pass_through() {
     assert_eq!(get(&o, "trt_engine_hw_compatible"), "1");
     assert_eq!(get(&o, "trt_builder_optimization_level"), "5");
     assert!(o.iter().all(|(k, _)| k != "trt_dump_ep_context_model" && k != "trt_ep_context_embed_mode"));
+}
+
+#[test]
+fn a_built_engine_is_opened_with_the_options_it_was_built_with() {
+    let dir = Path::new("/srv/art");
+    let h100 = target("h100").unwrap();
+    let mut m = manifest("fp16");
+    // Built --hardware-compatible: the server asks for no hardware compatibility, the record wins.
+    let mut built = crate::build::tensorrt_plan(dir, &m, h100, true).unwrap();
+    built.built = true;
+    built.command = None;
+    m.targets.set_tensorrt(built.clone());
+    let (cache, o) = session_tensorrt_options(dir, &m, h100, false, None).unwrap();
+    assert_eq!(cache, dir.join("engines/h100"));
+    assert_eq!(get(&o, "trt_engine_hw_compatible"), "1");
+    assert_eq!(get(&o, "trt_engine_cache_path"), "/srv/art/engines/h100");
+    assert_eq!(get(&o, "trt_timing_cache_path"), "/srv/art/engines/h100");
+    assert_eq!(get(&o, "trt_ep_context_file_path"), "/srv/art/engines/h100/model_ctx.onnx");
+    assert_eq!(o.len(), built.options.len(), "exactly the recorded options");
+    for (k, v) in &built.options {
+        if !k.ends_with("_path") {
+            assert_eq!(get(&o, k), v, "{k}");
+        }
+    }
+    // A cache folder given at load moves every path with it.
+    let (_, o) = session_tensorrt_options(dir, &m, h100, false, Some(Path::new("/cache/h100"))).unwrap();
+    assert_eq!(get(&o, "trt_ep_context_file_path"), "/cache/h100/model_ctx.onnx");
+    // No built record: computed from the table and the flag (a plan's hardware compatibility is kept).
+    let m = manifest("fp16");
+    let (_, o) = session_tensorrt_options(dir, &m, h100, false, None).unwrap();
+    assert_eq!(get(&o, "trt_engine_hw_compatible"), "0");
+    let mut planned = m.clone();
+    planned.targets.set_tensorrt(crate::build::tensorrt_plan(dir, &m, h100, true).unwrap());
+    let (_, o) = session_tensorrt_options(dir, &planned, h100, false, None).unwrap();
+    assert_eq!(get(&o, "trt_engine_hw_compatible"), "1");
 }
 
 #[test]

@@ -66,7 +66,7 @@ fn reference(logits: &[f32], context: &[u32], p: &SamplingParams) -> (Vec<(u32, 
 
 fn params() -> impl Strategy<Value = SamplingParams> {
     (
-        prop_oneof![Just(0.0f32), 0.05f32..3.0],
+        prop_oneof![Just(0.0f32), 0.05f32..2.0],
         prop_oneof![Just(1.0f32), 0.05f32..1.0],
         prop_oneof![Just(0u32), 1u32..40],
         prop_oneof![Just(0.0f32), 0.0f32..0.5],
@@ -120,7 +120,7 @@ proptest! {
         let mut sorted = logits.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
         let kth = sorted[(k as usize).min(sorted.len()) - 1];
-        let mut s = Sampler::new(SamplingParams { top_k: k, temperature: 5.0, seed: Some(seed), ..Default::default() }).unwrap();
+        let mut s = Sampler::new(SamplingParams { top_k: k, temperature: 2.0, seed: Some(seed), ..Default::default() }).unwrap();
         for _ in 0..20 {
             let t = s.sample(&logits, &[]).unwrap();
             prop_assert!(logits[t as usize] >= kth, "sampled logit {} below k-th best {}", logits[t as usize], kth);

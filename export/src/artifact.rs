@@ -4,10 +4,10 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use r1_engine::manifest::{FileEntry, Manifest, MANIFEST_FILE};
+use r1_engine::manifest::{FileEntry, Manifest};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ExportError, Result};
@@ -57,17 +57,10 @@ impl TempArtifact {
         &self.tmp
     }
 
-    /// Writes `manifest` into the temporary directory and renames it to `OUT_DIR`.
+    /// Writes `manifest` into the temporary directory ([`Manifest::write_atomic`], which checks it first) and
+    /// renames the directory to `OUT_DIR`.
     pub fn commit(mut self, manifest: &Manifest) -> Result<PathBuf> {
-        let path = self.tmp.join(MANIFEST_FILE);
-        let text = serde_json::to_string_pretty(manifest).map_err(|e| ExportError::Output {
-            path: path.clone(),
-            message: format!("cannot serialize manifest: {e}"),
-        })?;
-        let mut f = File::create(&path).map_err(ExportError::io(&path))?;
-        f.write_all(text.as_bytes()).map_err(ExportError::io(&path))?;
-        f.write_all(b"\n").map_err(ExportError::io(&path))?;
-        f.sync_all().map_err(ExportError::io(&path))?;
+        manifest.write_atomic(&self.tmp)?;
         if self.out.is_dir() {
             // An empty directory: rename(2) replaces it.
             std::fs::remove_dir(&self.out).map_err(ExportError::io(&self.out))?;

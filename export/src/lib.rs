@@ -23,56 +23,26 @@ pub mod target;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use r1_engine::manifest::{ExporterInfo, Manifest, SourceInfo, MANIFEST_VERSION};
+pub use r1_engine::manifest::names::{DATA_FILE, MODEL_FILE};
+use r1_engine::manifest::{ExporterInfo, Manifest, SourceInfo, Targets, MANIFEST_VERSION};
+pub use r1_engine::manifest::{Family, Precision};
 
 pub use error::{ExportError, Result};
 use onnx::{ElemType, ExternalDataWriter, GraphBuilder};
 
-/// File name of the graph inside an artifact.
-pub const MODEL_FILE: &str = "model.onnx";
-/// File name of the external weights.
-pub const DATA_FILE: &str = "model.onnx.data";
 /// Default ONNX opset (see [`onnx`] for why 17).
 pub const DEFAULT_OPSET: i64 = 17;
 
-/// Precision of the exported weights, activations and KV cache. (`int8` variants come from
-/// r1-calibration in a later issue.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    /// float32 everywhere.
-    Fp32,
-    /// float16 weights, activations and KV cache; RMSNorm variance and softmax in float32; logits float32.
-    Fp16,
-}
-
-impl Precision {
-    /// Manifest name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Fp16 => "fp16",
-        }
-    }
-    /// Element type in the graph.
-    pub fn elem(self) -> ElemType {
-        match self {
-            Precision::Fp32 => ElemType::F32,
-            Precision::Fp16 => ElemType::F16,
-        }
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = ExportError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fp32" => Ok(Precision::Fp32),
-            "fp16" => Ok(Precision::Fp16),
-            other => Err(ExportError::InvalidOption {
-                option: "--precision",
-                message: format!("must be fp32, fp16, int8, int8-wo or int4-wo, got `{other}`"),
-            }),
-        }
+/// Element type of the graph's weights, activations and KV cache for a float `precision`: `export` writes fp32 or
+/// fp16 graphs; the quantized precisions are an fp32 export rewritten by [`quantize::export_quantized`].
+pub fn elem_type(precision: Precision) -> Result<ElemType> {
+    match precision {
+        Precision::Fp32 => Ok(ElemType::F32),
+        Precision::Fp16 => Ok(ElemType::F16),
+        p => Err(ExportError::InvalidOption {
+            option: "--precision",
+            message: format!("export() writes fp32 or fp16 graphs; `{p}` is an fp32 export quantized afterwards (quantize::export_quantized)"),
+        }),
     }
 }
 
@@ -141,7 +111,7 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
     progress(Progress::Start { total_bytes: ck.total_bytes() });
     let writer = ExternalDataWriter::create(tmp.path(), DATA_FILE)?;
     let builder = GraphBuilder::new(opts.opset, Some(writer))?;
-    let dtype = opts.precision.elem();
+    let dtype = elem_type(opts.precision)?;
     let (b, kv_dtype) = {
         let mut ctx = arch::common::Ctx {
             b: builder,
@@ -163,7 +133,7 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         opts.precision.name(),
         opts.opset
     );
-    let (model, data) = b.finish(family.family(), &doc)?;
+    let (model, data) = b.finish(family.family().name(), &doc)?;
     progress(Progress::Finishing);
 
     let model_path = tmp.path().join(MODEL_FILE);
@@ -181,9 +151,9 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
     let manifest = Manifest {
         format_version: MANIFEST_VERSION,
         exporter: ExporterInfo { name: "r1-export".into(), version: env!("CARGO_PKG_VERSION").into() },
-        family: family.family().into(),
+        family: family.family(),
         architecture: family.architecture().into(),
-        precision: opts.precision.name().into(),
+        precision: opts.precision,
         opset: opts.opset,
         source: SourceInfo { dtype: ck.dominant_dtype(), fp8_block_quantized: family.fp8_block_quantized(), notes },
         model: family.model_info(),
@@ -192,12 +162,9 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         outputs,
         kv_cache: family.kv_cache(kv_dtype),
         files,
-        targets: [("cpu".to_string(), serde_json::json!({ "graph": MODEL_FILE }))].into_iter().collect(),
+        targets: Targets::default(),
         quantization: None,
     };
-    manifest
-        .check(&opts.out_dir.join(r1_engine::manifest::MANIFEST_FILE))
-        .map_err(|e| ExportError::Graph(format!("manifest failed its own checks: {e}")))?;
     tmp.commit(&manifest)?;
     Ok(manifest)
 }

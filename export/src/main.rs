@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use r1_export::quantize::{export_quantized, QuantArgs, QuantPrecision, QuantProgress};
+use r1_export::quantize::{export_quantized, min_opset, QuantArgs, QuantProgress};
 use r1_export::target::{self, Mode, Outcome, TargetOptions};
 use r1_export::{export, ExportOptions, Precision, Progress};
 
@@ -180,18 +180,19 @@ fn run_export(args: ExportArgs) -> anyhow::Result<()> {
         anyhow::bail!("a checkpoint directory and -o OUT_DIR are required (see --help)");
     };
     let targets = target::resolve(&args.targets.targets)?;
-    let precision_name = args.precision.clone().unwrap_or_else(|| target::default_precision(&targets).to_string());
-    let quant = QuantPrecision::parse(&precision_name);
-    let precision: Precision = match quant {
-        Some(_) => Precision::Fp32,
-        None => precision_name.parse()?,
+    let requested = match &args.precision {
+        Some(name) => name
+            .parse::<Precision>()
+            .map_err(|e| r1_export::ExportError::InvalidOption { option: "--precision", message: e.to_string() })?,
+        None => target::default_precision(&targets),
     };
-    target::check_precision(&targets, &precision_name)?;
-    let default_opset = quant.map_or(r1_export::DEFAULT_OPSET, |q| r1_export::DEFAULT_OPSET.max(q.min_opset()));
+    let quant = requested.is_quantized().then_some(requested);
+    target::check_precision(&targets, requested)?;
+    let default_opset = r1_export::DEFAULT_OPSET.max(min_opset(requested));
     let opts = ExportOptions {
         checkpoint: checkpoint.clone(),
         out_dir: out.clone(),
-        precision,
+        precision: requested.float_base(),
         opset: args.opset.unwrap_or(default_opset),
         // The exporter writes the portable graph; targets are built on it below.
         target: "cpu".into(),
@@ -251,7 +252,7 @@ fn run_export(args: ExportArgs) -> anyhow::Result<()> {
                     bar.set_message(format!("{correct} correct so far"));
                 }
             })
-            .with_context(|| format!("exporting {} at {precision_name}", checkpoint.display()))?;
+            .with_context(|| format!("exporting {} at {requested}", checkpoint.display()))?;
             bar.finish_and_clear();
             eprint!("{}", report.table());
             manifest

@@ -14,17 +14,15 @@
 //! file, fsync, rename) and lists the sha256 of every file it names, so the artifact is consistent
 //! at every point a build can stop.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 
-use r1_engine::build::{self as eb, CpuBuild};
-use r1_engine::manifest::{Manifest, MANIFEST_FILE};
-use r1_engine::targets::{self, EngineBuild, Target};
+use r1_engine::build as eb;
+use r1_engine::manifest::names::MODEL_FILE;
+use r1_engine::manifest::{CpuBuild, EngineBuild, Manifest, Precision};
+use r1_engine::targets::{self, Target};
 
 use prost::Message;
 use r1_calibration::matmul_nbits::{self, Lowering};
-use r1_engine::backend::MODEL_FILE;
 
 use crate::artifact::hash_file;
 use crate::error::{ExportError, Result};
@@ -81,7 +79,7 @@ pub fn resolve(names: &[String]) -> Result<Vec<&'static Target>> {
 }
 
 /// Refuses a precision that a requested GPU target cannot run, before anything is exported.
-pub fn check_precision(targets: &[&Target], precision: &str) -> Result<()> {
+pub fn check_precision(targets: &[&Target], precision: Precision) -> Result<()> {
     for t in targets.iter().filter(|t| !t.is_cpu()) {
         if !t.supports(precision) {
             return Err(ExportError::InvalidOption {
@@ -112,16 +110,17 @@ pub fn apply(dir: &Path, opts: &TargetOptions, mode: Mode) -> Result<Vec<Outcome
         } else {
             gpu_target(dir, &manifest, t, opts.hardware_compatible, mode)?
         };
-        let (record, files) = match &outcome {
-            Outcome::Cpu(b) => (serde_json::to_value(b), b.files.clone()),
-            Outcome::Built(b) => (serde_json::to_value(b), b.files.clone()),
-            Outcome::Planned { plan, .. } => (serde_json::to_value(plan), Vec::new()),
+        let files = match &outcome {
+            Outcome::Cpu(b) => b.files.clone(),
+            Outcome::Built(b) => b.files.clone(),
+            Outcome::Planned { .. } => Vec::new(),
         };
-        let record =
-            record.map_err(|e| ExportError::Graph(format!("cannot serialize the `{}` record: {e}", t.name)))?;
         set_target_files(dir, &mut manifest, t, &files)?;
-        manifest.targets.insert(t.name.to_string(), record);
-        write_manifest(dir, &manifest)?;
+        match &outcome {
+            Outcome::Cpu(b) => manifest.targets.set_cpu(b.clone()),
+            Outcome::Built(b) | Outcome::Planned { plan: b, .. } => manifest.targets.set_tensorrt(b.clone()),
+        }
+        manifest.write_atomic(dir)?;
         outcomes.push(outcome);
     }
     Ok(outcomes)
@@ -197,7 +196,7 @@ fn serving_source(
 ) -> Result<(std::path::PathBuf, Option<Lowering>, bool)> {
     let mut model = crate::quantize::read_model(&dir.join(MODEL_FILE))?;
     // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
-    let lowering = if matches!(manifest.precision.as_str(), "int8-wo" | "int8") {
+    let lowering = if matches!(manifest.precision, Precision::Int8WeightOnly | Precision::Int8) {
         std::fs::create_dir_all(lowered).map_err(ExportError::io(lowered))?;
         Some(matmul_nbits::lower_int8_weight_only(
             &mut model,
@@ -229,7 +228,7 @@ fn serving_source(
 /// The attention shape of a dense-family artifact (Llama, Qwen2, Qwen3: the graphs
 /// [`crate::onnx::fused_attention`] rewrites), read from its manifest's `config`; `None` for other families.
 fn attention_shape(manifest: &Manifest) -> Option<crate::onnx::fused_attention::AttentionShape> {
-    if !crate::arch::DENSE_FAMILIES.contains(&manifest.family.as_str()) {
+    if !manifest.family.is_dense() {
         return None;
     }
     let get = |key: &str| manifest.config.get(key).and_then(serde_json::Value::as_u64).map(|v| v as usize);
@@ -252,38 +251,13 @@ fn set_target_files(dir: &Path, manifest: &mut Manifest, t: &Target, files: &[St
     Ok(())
 }
 
-/// Writes `dir/manifest.json` atomically: a temporary file in `dir`, fsync, rename over the old one.
-pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
-    let path = dir.join(MANIFEST_FILE);
-    manifest.check(&path).map_err(|e| ExportError::Graph(format!("manifest failed its own checks: {e}")))?;
-    let text = serde_json::to_string_pretty(manifest)
-        .map_err(|e| ExportError::Output { path: path.clone(), message: format!("cannot serialize manifest: {e}") })?;
-    let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(ExportError::Io { path: tmp, source: e });
-    }
-    std::fs::rename(&tmp, &path).map_err(ExportError::io(&path))?;
-    // Make the rename durable; not every filesystem lets a directory be fsynced, so best effort.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
 /// The precision an export uses when `--precision` is not given: the default precision shared by
 /// every requested GPU target when the exporter can write it, else `fp32`.
-pub fn default_precision(targets: &[&Target]) -> &'static str {
+pub fn default_precision(targets: &[&Target]) -> Precision {
     let mut gpu = targets.iter().filter(|t| !t.is_cpu()).map(|t| t.default_precision);
     match gpu.next() {
-        Some(first) if gpu.all(|p| p == first) && first.parse::<crate::Precision>().is_ok() => first,
-        _ => "fp32",
+        Some(first) if gpu.all(|p| p == first) && !first.is_quantized() => first,
+        _ => Precision::Fp32,
     }
 }
 
@@ -306,12 +280,11 @@ mod tests {
     #[test]
     fn precision_defaults_and_checks_follow_the_table() {
         let t = |n: &str| targets::target(n).unwrap();
-        assert_eq!(default_precision(&[t("a100")]), "fp16");
-        assert_eq!(default_precision(&[t("a100"), t("t4")]), "fp16");
-        assert_eq!(default_precision(&[t("cpu")]), "fp32", "cpu's int8 default needs calibration");
-        assert_eq!(default_precision(&[]), "fp32");
-        check_precision(&[t("a100"), t("cpu")], "fp16").unwrap();
-        let e = check_precision(&[t("t4")], "bf16").unwrap_err().to_string();
-        assert!(e.contains("`bf16` cannot run on t4 (sm75)"), "{e}");
+        assert_eq!(default_precision(&[t("a100")]), Precision::Fp16);
+        assert_eq!(default_precision(&[t("a100"), t("t4")]), Precision::Fp16);
+        assert_eq!(default_precision(&[t("cpu")]), Precision::Fp32, "cpu's int8 default needs calibration");
+        assert_eq!(default_precision(&[]), Precision::Fp32);
+        check_precision(&[t("a100"), t("cpu")], Precision::Fp16).unwrap();
+        check_precision(&[t("t4")], Precision::Int8).unwrap();
     }
 }

@@ -108,9 +108,9 @@ fn gpu_target_without_gpu_records_the_plan_and_prints_the_build_command() {
     assert_eq!(plan["options"]["trt_profile_opt_shapes"].as_str().unwrap().split(',').count(), 3 + 2 * 2);
     assert!(!out.join("engines").exists(), "a plan writes no engine files");
     // The plan parses as the engine's record type and the manifest stays loadable.
-    let parsed: r1_engine::targets::EngineBuild = serde_json::from_value(plan.clone()).unwrap();
+    let parsed: r1_engine::manifest::EngineBuild = serde_json::from_value(plan.clone()).unwrap();
     assert!(!parsed.built && !parsed.hardware_compatible);
-    Manifest::load(&out).unwrap();
+    assert_eq!(Manifest::load(&out).unwrap().targets.tensorrt("a100"), Some(&parsed));
 
     // `build` on this host fails, naming what is missing and what is needed, and changes nothing.
     let before = std::fs::read(out.join("manifest.json")).unwrap();
@@ -255,7 +255,7 @@ fn artifact_view(from: &Path, dir: &Path, m: &Manifest, files: &[(&str, &str)], 
         std::fs::copy(from.join(src), dir.join(dst)).unwrap();
         m.files.insert(dst.to_string(), r1_export::artifact::hash_file(&dir.join(dst)).unwrap());
     }
-    r1_export::target::write_manifest(dir, &m).unwrap();
+    m.write_atomic(dir).unwrap();
 }
 
 /// Op types of the graph's nodes outside the default ONNX domain.
@@ -277,19 +277,19 @@ fn cpu_target_writes_an_optimized_graph_with_the_portable_graphs_logits() {
     let (_tmp, out, o) = export_with("tiny-qwen2", &["--target", "cpu"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let m = Manifest::load(&out).unwrap();
-    let rec = &m.targets["cpu"];
-    assert_eq!(rec["graph"], "engines/cpu/model.onnx");
-    assert_eq!(rec["optimization_level"], "extended");
-    assert_eq!(rec["built"], true);
+    let rec = m.targets.cpu().expect("cpu record");
+    assert_eq!(rec.graph, "engines/cpu/model.onnx");
+    assert_eq!(rec.optimization_level, "extended");
+    assert!(rec.built);
     // Every file the record names is in manifest.files with its true sha256 and size.
-    let files: Vec<String> = serde_json::from_value(rec["files"].clone()).unwrap();
+    let files = rec.files.clone();
     assert!(files.contains(&"engines/cpu/model.onnx".to_string()), "{files:?}");
     for f in &files {
         assert_eq!(m.files[f], r1_export::artifact::hash_file(&out.join(f)).unwrap(), "{f}");
     }
     let on_disk = r1_engine::build::list_files(&out, &out.join("engines")).unwrap();
     assert_eq!(on_disk, files, "no stray files under engines/");
-    assert_eq!(r1_engine::build::preferred_cpu_graph(&out, &m), Some("engines/cpu/model.onnx"));
+    assert_eq!(m.targets.cpu_graph(&out), Some("engines/cpu/model.onnx"));
     // ONNX Runtime really rewrote the graph: the portable graph has standard ops only, the
     // optimized one fused some into contrib ops (SiLU's Sigmoid * Mul became QuickGelu here).
     assert_eq!(contrib_ops(&out.join("model.onnx")), Vec::<String>::new());
@@ -297,7 +297,7 @@ fn cpu_target_writes_an_optimized_graph_with_the_portable_graphs_logits() {
     assert!(!fused.is_empty(), "no com.microsoft op in the optimized graph");
 
     // The serving graph returns each row's last fed position only; the portable one every position.
-    assert_eq!(rec["last_position_logits"], true);
+    assert!(rec.last_position_logits);
     use prost::Message;
     let cpu = r1_proto::onnx::ModelProto::decode(std::fs::read(out.join("engines/cpu/model.onnx")).unwrap().as_slice())
         .unwrap();

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use prost::Message;
 use r1_engine::manifest::DType;
 use r1_engine::text::{prompt_opens_reasoning, ChatMessage, ChatTemplate, RenderOptions, TokenizerConfig};
-use r1_export::arch::{self, deepseek_v3::DeepseekV3, Family};
+use r1_export::arch::{self, deepseek_v3::DeepseekV3, FamilyGraph};
 use r1_export::checkpoint::{self, Checkpoint};
 use r1_serve::model::PromptInput;
 use r1_serve::validate::{check_context, validate, Limits};
@@ -94,7 +94,7 @@ fn config_value(data: &[u8], architecture: &str) -> Option<serde_json::Value> {
 }
 
 /// What the exporter reads from a validated family right after parsing (manifest fields, KV layout).
-fn touch_family(family: &dyn Family) {
+fn touch_family(family: &dyn FamilyGraph) {
     let _ = family.family();
     let _ = family.architecture();
     let _ = family.resolved_config();
@@ -232,12 +232,10 @@ pub fn manifest(data: &[u8]) -> bool {
         {
             let _ = m.kv_cache.computed_bytes_per_token();
             let _ = m.kv_cache.dtype.size();
-            for f in m.files.keys() {
-                let _ = r1_engine::Manifest::file_path(dir, f);
+            for (name, record) in m.targets.iter() {
+                let _ = (name.len(), record.files().len());
             }
-            for i in 0..m.model.num_layers.min(4) {
-                let _ = r1_engine::Manifest::past_key_name(i);
-            }
+            let _ = m.verify_files(dir);
         }
         true
     })

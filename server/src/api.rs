@@ -9,7 +9,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::ServeError;
 use crate::metrics::Metrics;
-use crate::model::SeqParams;
+use crate::model::{ModelError, SeqParams};
 use crate::scheduler::{Event, FinishReason, Scheduler, Submission};
 use crate::validate::{check_context, check_prompt_bytes, validate, Limits, RawRequest};
 
@@ -50,8 +50,8 @@ pub struct Collected {
 }
 
 impl AppState {
-    /// State before the model is loaded.
-    pub fn new(model_id: String, limits: Limits, metrics: Arc<Metrics>) -> Self {
+    /// State before the model is loaded; `max_prompt_bytes` is `--max-prompt-bytes`.
+    pub fn new(model_id: String, limits: Limits, metrics: Arc<Metrics>, max_prompt_bytes: usize) -> Self {
         AppState {
             scheduler: OnceLock::new(),
             limits: OnceLock::new(),
@@ -59,7 +59,7 @@ impl AppState {
             model_id,
             metrics,
             draining: AtomicBool::new(false),
-            max_prompt_bytes: crate::server::DEFAULT_MAX_PROMPT_BYTES,
+            max_prompt_bytes,
         }
     }
 
@@ -106,8 +106,7 @@ impl AppState {
         let input = valid.input.clone();
         let prompt = tokio::task::spawn_blocking(move || frontend.encode(&input))
             .await
-            .map_err(|e| ServeError::Engine { kind: "tokenizer".into(), message: e.to_string() })?
-            .map_err(|e| ServeError::Engine { kind: e.kind, message: e.message })?;
+            .map_err(|e| ServeError::from(ModelError::internal("tokenizer", e.to_string())))??;
         check_context(prompt.len(), valid.max_tokens, limits)?;
         span.record("prompt_tokens", prompt.len());
         let params = SeqParams {

@@ -15,12 +15,12 @@ use serde::{Deserialize, Serialize};
 use crate::auth::ApiKeys;
 use crate::error::ConfigError;
 use crate::scheduler::SchedulerConfig;
-use crate::server::Security;
+use crate::security::Security;
+pub use crate::telemetry::TelemetryConfig;
 use crate::tls::TlsFiles;
 use crate::validate::Limits;
 
-/// Largest batch any engine profile is built for; larger values are refused at start.
-pub const MAX_BATCH_SIZE_LIMIT: usize = 256;
+pub use crate::scheduler::MAX_BATCH_SIZE_LIMIT;
 
 /// `r1-serve`: serve an exported artifact over gRPC and OpenAI-compatible HTTP.
 #[derive(Debug, Parser)]
@@ -127,19 +127,19 @@ pub struct ServeArgs {
     #[arg(long, env = "R1_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
     /// Requests queued plus running above which new ones get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "R1_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
+    #[arg(long, env = "R1_MAX_CONCURRENT_REQUESTS", default_value_t = SchedulerConfig::DEFAULT.max_concurrent_requests)]
     pub max_concurrent_requests: usize,
     /// Requests waiting for a batch slot above which new ones get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "R1_MAX_QUEUE", default_value_t = 128)]
+    #[arg(long, env = "R1_MAX_QUEUE", default_value_t = SchedulerConfig::DEFAULT.max_queue)]
     pub max_queue: usize,
     /// Sequences stepped together at most.
-    #[arg(long, env = "R1_MAX_BATCH_SIZE", default_value_t = 16)]
+    #[arg(long, env = "R1_MAX_BATCH_SIZE", default_value_t = SchedulerConfig::DEFAULT.max_batch_size)]
     pub max_batch_size: usize,
     /// Tokens fed to the model in one step at most (decode tokens plus prefill chunks).
-    #[arg(long, env = "R1_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    #[arg(long, env = "R1_MAX_BATCH_TOKENS", default_value_t = SchedulerConfig::DEFAULT.max_batch_tokens)]
     pub max_batch_tokens: usize,
     /// Longest prefill chunk of one sequence in one step; longer prompts are prefilled over several steps.
-    #[arg(long, env = "R1_PREFILL_CHUNK", default_value_t = 512)]
+    #[arg(long, env = "R1_PREFILL_CHUNK", default_value_t = SchedulerConfig::DEFAULT.prefill_chunk)]
     pub prefill_chunk: usize,
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, env = "R1_MAX_NEW_TOKENS", default_value_t = 4096)]
@@ -182,11 +182,11 @@ pub struct ServeArgs {
     pub api_key_file: Option<PathBuf>,
     /// Largest gRPC request message (decoded) and HTTP request body, in bytes; larger ones are refused
     /// (gRPC OUT_OF_RANGE, HTTP 413).
-    #[arg(long, env = "R1_MAX_REQUEST_BYTES", default_value_t = crate::server::DEFAULT_MAX_REQUEST_BYTES)]
+    #[arg(long, env = "R1_MAX_REQUEST_BYTES", default_value_t = crate::security::DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
     /// Longest prompt in bytes (for chat: the sum of the messages' roles and contents), checked before
     /// tokenization; longer ones get INVALID_ARGUMENT / 400.
-    #[arg(long, env = "R1_MAX_PROMPT_BYTES", default_value_t = crate::server::DEFAULT_MAX_PROMPT_BYTES)]
+    #[arg(long, env = "R1_MAX_PROMPT_BYTES", default_value_t = crate::security::DEFAULT_MAX_PROMPT_BYTES)]
     pub max_prompt_bytes: usize,
     /// Do not verify the artifact's files against the sha256 sums in manifest.json before loading (verification is
     /// on by default; skipping it is logged as a warning).
@@ -381,17 +381,6 @@ impl ServeArgs {
             max_prompt_bytes: self.max_prompt_bytes,
         })
     }
-}
-
-/// Logging and tracing settings.
-#[derive(Debug, Clone, Default)]
-pub struct TelemetryConfig {
-    /// OTLP/gRPC endpoint, if traces are exported.
-    pub otlp_endpoint: Option<String>,
-    /// JSON log lines instead of text.
-    pub json: bool,
-    /// EnvFilter directives.
-    pub filter: String,
 }
 
 /// The validated server configuration.

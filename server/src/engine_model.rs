@@ -6,20 +6,30 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use r1_engine::sampling::{FinishReason as EngineFinish, Sampler, StopChecker, StopParams};
+use r1_engine::sampling::{Sampler, StopChecker, StopParams};
 use r1_engine::text::{ChatMessage, ChatTemplate, IncrementalDetokenizer, ReasoningSplitter, RenderOptions, Tokenizer};
 use r1_engine::{BackendKind, BackendOptions, Engine, EngineOptions, ExecutionProviderKind, SequenceId, StepWork};
 
 use crate::model::{
-    Emitted, Frontend, Model, ModelDescription, ModelError, ModelFinish, PromptInput, SeqId, SeqParams, Work,
+    Emitted, ErrorClass, Frontend, Model, ModelDescription, ModelError, PromptInput, SeqId, SeqParams, Work,
 };
 
+/// The engine's error as a model error, classed by whose fault it is.
 fn engine_err(e: r1_engine::EngineError) -> ModelError {
-    ModelError::new(e.kind(), e.to_string())
+    use r1_engine::EngineError as E;
+    let class = match &e {
+        E::InvalidArgument { .. } => ErrorClass::InvalidArgument,
+        E::Text(t) if t.is_invalid_input() => ErrorClass::InvalidArgument,
+        E::Sampling(r1_engine::sampling::SamplingError::InvalidParam { .. }) => ErrorClass::InvalidArgument,
+        E::KvBudget { .. } => ErrorClass::ResourceExhausted,
+        E::Unavailable { .. } => ErrorClass::Unavailable,
+        _ => ErrorClass::Internal,
+    };
+    ModelError::new(class, e.kind(), e.to_string())
 }
 
 fn text_err(e: r1_engine::text::TextError) -> ModelError {
-    ModelError::new(e.kind(), e.to_string())
+    engine_err(e.into())
 }
 
 /// Verifies the artifact's files against the sizes and sha256 sums in its `manifest.json` (unless `skip`, which is
@@ -34,7 +44,7 @@ pub fn verify_artifact(dir: &Path, skip: bool) -> Result<(), ModelError> {
     let manifest = r1_engine::Manifest::load(dir).map_err(engine_err)?;
     let report = manifest
         .verify_files(dir)
-        .map_err(|e| ModelError::new("integrity", format!("artifact {} refused: {e}", dir.display())))?;
+        .map_err(|e| ModelError::internal("integrity", format!("artifact {} refused: {e}", dir.display())))?;
     let secs = t0.elapsed().as_secs_f64();
     tracing::info!(
         files = report.files,
@@ -59,7 +69,13 @@ impl EngineText {
     /// Loads `tokenizer.json` and the configs from an artifact directory.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let tokenizer = Tokenizer::from_dir(dir).map_err(text_err)?;
-        let template = ChatTemplate::from_config(tokenizer.config(), None, false).ok();
+        // No template is fine (`prompt` still works); a template that does not compile is an artifact error, said at
+        // load instead of being reported later as absent.
+        let template = match ChatTemplate::from_config(tokenizer.config(), None, false) {
+            Ok(t) => Some(t),
+            Err(r1_engine::text::TextError::NoChatTemplate { .. }) => None,
+            Err(e) => return Err(text_err(e)),
+        };
         Ok(EngineText { tokenizer, template })
     }
 
@@ -75,8 +91,8 @@ impl Frontend for EngineText {
             PromptInput::Text(t) => self.tokenizer.encode(t, true).map_err(text_err),
             PromptInput::Chat(turns) => {
                 let template = self.template.as_ref().ok_or_else(|| {
-                    ModelError::new(
-                        "invalid_argument",
+                    ModelError::invalid(
+                        "no_chat_template",
                         "`messages` needs a chat template and this artifact has none; send `prompt`",
                     )
                 })?;
@@ -140,8 +156,8 @@ impl Model for EngineModel {
     fn describe(&self) -> ModelDescription {
         let m = self.engine.manifest();
         ModelDescription {
-            family: m.family.clone(),
-            precision: m.precision.clone(),
+            family: m.family.to_string(),
+            precision: m.precision.to_string(),
             backend: self.engine.backend_name().to_string(),
             max_context_tokens: m.model.max_position_embeddings,
             vocab_size: m.model.vocab_size,
@@ -159,7 +175,7 @@ impl Model for EngineModel {
     }
 
     fn add_sequence(&mut self, prompt: &[u32], params: &SeqParams) -> Result<SeqId, ModelError> {
-        let sampler = Sampler::new(params.sampling).map_err(|e| ModelError::new(e.kind(), e.to_string()))?;
+        let sampler = Sampler::new(params.sampling).map_err(|e| engine_err(e.into()))?;
         let tok = self.text.tokenizer();
         let stop = StopChecker::new(StopParams {
             max_tokens: params.max_tokens.min(u32::MAX as usize) as u32,
@@ -191,7 +207,7 @@ impl Model for EngineModel {
             let s = self
                 .seqs
                 .get(&w.seq)
-                .ok_or_else(|| ModelError::new("not_found", format!("unknown sequence {}", w.seq.0)))?;
+                .ok_or_else(|| ModelError::internal("not_found", format!("unknown sequence {}", w.seq.0)))?;
             by_engine_id.insert(s.id, w.seq);
             engine_work.push(StepWork::chunk(s.id, w.tokens));
         }
@@ -201,16 +217,11 @@ impl Model for EngineModel {
         for r in results {
             let Some(&handle) = by_engine_id.get(&r.seq) else { continue };
             let Some(s) = self.seqs.get_mut(&handle) else { continue };
-            let token =
-                s.sampler.sample(&r.logits, &s.context).map_err(|e| ModelError::new(e.kind(), e.to_string()))?;
+            let token = s.sampler.sample(&r.logits, &s.context).map_err(|e| engine_err(e.into()))?;
             s.context.push(token);
             let delta = s.detok.push(tok, token).map_err(text_err)?;
             let mut released = s.stop.push(token, &delta);
-            let finish = released.finish.map(|f| match f {
-                EngineFinish::Stop => ModelFinish::Eos,
-                EngineFinish::StopSequence => ModelFinish::StopSequence,
-                _ => ModelFinish::Length,
-            });
+            let finish = released.finish;
             let mut parts = s.split.push(&released.text);
             if finish.is_some() {
                 released.text = s.detok.finish(tok).map_err(text_err)?;
@@ -230,5 +241,30 @@ impl Model for EngineModel {
 
     fn kv_used_tokens(&self) -> usize {
         (self.engine.kv_budget().reserved_bytes() / self.bytes_per_token()) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use r1_engine::EngineError;
+
+    #[test]
+    fn engine_errors_are_classed_by_whose_fault_they_are() {
+        let class = |e: EngineError| engine_err(e).class;
+        let invalid = EngineError::InvalidArgument { name: "max_tokens".into(), message: "got 0".into() };
+        assert_eq!(class(invalid), ErrorClass::InvalidArgument);
+        assert_eq!(class(r1_engine::text::TextError::EmptyConversation.into()), ErrorClass::InvalidArgument);
+        let param = r1_engine::sampling::SamplingError::InvalidParam {
+            field: "top_p",
+            allowed: "(0, 1]".into(),
+            value: "2".into(),
+        };
+        assert_eq!(class(param.into()), ErrorClass::InvalidArgument);
+        let garbage = r1_engine::sampling::SamplingError::BadLogits { len: 3, problem: "NaN at 0".into() };
+        assert_eq!(class(garbage.into()), ErrorClass::Internal, "NaN logits are the model's fault");
+        let missing = EngineError::Unavailable { what: "ONNX Runtime".into(), message: "not found".into() };
+        assert_eq!(class(missing), ErrorClass::Unavailable);
+        assert_eq!(class(EngineError::Backend { backend: "ort", message: "x".into() }), ErrorClass::Internal);
     }
 }

@@ -1,6 +1,50 @@
 //! The server's error type. Messages name the thing, the limit and the value given; [`ServeError::kind`]
 //! is the stable label used for metrics (`outcome`) and, in [`crate::grpc`], for the gRPC status code.
 
+/// What kind of failure an error is, from the caller's side. It decides the status every API answers with: the one
+/// table is [`ErrorClass::grpc`] and [`ErrorClass::http`] (used by `grpc.rs` and `openai.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The request is wrong (a field out of range, `messages` to a model without a chat template, ...).
+    InvalidArgument,
+    /// Not now: a limit of the server is reached (queue, concurrency, KV cache).
+    ResourceExhausted,
+    /// The request's deadline passed.
+    DeadlineExceeded,
+    /// The server cancelled the request.
+    Cancelled,
+    /// The server cannot take work (loading, draining, a missing runtime library).
+    Unavailable,
+    /// A fault of the server or the model; the caller did nothing wrong.
+    Internal,
+}
+
+impl ErrorClass {
+    /// The gRPC status code.
+    pub fn grpc(self) -> tonic::Code {
+        match self {
+            ErrorClass::InvalidArgument => tonic::Code::InvalidArgument,
+            ErrorClass::ResourceExhausted => tonic::Code::ResourceExhausted,
+            ErrorClass::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+            ErrorClass::Cancelled => tonic::Code::Cancelled,
+            ErrorClass::Unavailable => tonic::Code::Unavailable,
+            ErrorClass::Internal => tonic::Code::Internal,
+        }
+    }
+
+    /// The HTTP status and the OpenAI error `type`.
+    pub fn http(self) -> (axum::http::StatusCode, &'static str) {
+        use axum::http::StatusCode;
+        match self {
+            ErrorClass::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            ErrorClass::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+            ErrorClass::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ErrorClass::Cancelled | ErrorClass::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ErrorClass::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+        }
+    }
+}
+
 /// Every error a request (or the server's start) can meet.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum ServeError {
@@ -50,11 +94,13 @@ pub enum ServeError {
         /// Total capacity of the cache in positions.
         capacity: usize,
     },
-    /// The engine failed a step that included this request (or failed to add or tokenize it).
-    #[error("engine error ({kind}): {message}")]
+    /// The model refused or failed this request: adding or tokenizing it, or a step that included it.
+    #[error("engine error ({label}): {message}")]
     Engine {
-        /// The engine's stable error kind.
-        kind: String,
+        /// Whose fault and what status it gets ([`crate::model::ModelError::class`]).
+        class: ErrorClass,
+        /// The engine's stable error label (`tokenizer`, `backend`, ...).
+        label: String,
         /// The engine's message.
         message: String,
     },
@@ -72,7 +118,19 @@ impl ServeError {
         ServeError::InvalidArgument { field: field.into(), message: message.into() }
     }
 
-    /// Stable, low-cardinality label for metrics and status mapping.
+    /// The class that decides the status code (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ServeError::InvalidArgument { .. } | ServeError::TooLarge { .. } => ErrorClass::InvalidArgument,
+            ServeError::Overloaded { .. } | ServeError::QueueFull { .. } => ErrorClass::ResourceExhausted,
+            ServeError::DeadlineExceeded { .. } => ErrorClass::DeadlineExceeded,
+            ServeError::Cancelled { .. } => ErrorClass::Cancelled,
+            ServeError::Unavailable { .. } => ErrorClass::Unavailable,
+            ServeError::Engine { class, .. } => *class,
+        }
+    }
+
+    /// Stable, low-cardinality label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
             ServeError::InvalidArgument { .. } => "invalid_argument",
@@ -80,6 +138,8 @@ impl ServeError {
             ServeError::TooLarge { .. } => "too_large",
             ServeError::DeadlineExceeded { .. } => "deadline_exceeded",
             ServeError::Cancelled { .. } => "cancelled",
+            ServeError::Engine { class: ErrorClass::InvalidArgument, .. } => "invalid_argument",
+            ServeError::Engine { class: ErrorClass::ResourceExhausted, .. } => "resource_exhausted",
             ServeError::Engine { .. } => "engine_error",
             ServeError::Unavailable { .. } => "unavailable",
         }
@@ -120,4 +180,52 @@ pub enum ConfigError {
         /// What is wrong, with the limit and the value.
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    #[test]
+    fn each_class_has_one_grpc_code_and_one_http_status() {
+        let table = [
+            (ErrorClass::InvalidArgument, tonic::Code::InvalidArgument, StatusCode::BAD_REQUEST),
+            (ErrorClass::ResourceExhausted, tonic::Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS),
+            (ErrorClass::DeadlineExceeded, tonic::Code::DeadlineExceeded, StatusCode::GATEWAY_TIMEOUT),
+            (ErrorClass::Cancelled, tonic::Code::Cancelled, StatusCode::SERVICE_UNAVAILABLE),
+            (ErrorClass::Unavailable, tonic::Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
+            (ErrorClass::Internal, tonic::Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+        ];
+        for (class, grpc, http) in table {
+            assert_eq!(class.grpc(), grpc, "{class:?}");
+            assert_eq!(class.http().0, http, "{class:?}");
+        }
+    }
+
+    #[test]
+    fn every_error_maps_to_its_class_and_a_model_error_keeps_the_models_class() {
+        let cases = [
+            (ServeError::invalid("max_tokens", "must be at least 1, got 0"), ErrorClass::InvalidArgument),
+            (ServeError::TooLarge { needed: 10, capacity: 5 }, ErrorClass::InvalidArgument),
+            (ServeError::Overloaded { limit: 1, in_flight: 1 }, ErrorClass::ResourceExhausted),
+            (ServeError::QueueFull { limit: 1, queued: 1 }, ErrorClass::ResourceExhausted),
+            (ServeError::DeadlineExceeded { elapsed_ms: 5, generated: 0 }, ErrorClass::DeadlineExceeded),
+            (ServeError::Cancelled { reason: "drain".into() }, ErrorClass::Cancelled),
+            (ServeError::Unavailable { reason: "loading".into() }, ErrorClass::Unavailable),
+        ];
+        for (e, class) in cases {
+            assert_eq!(e.class(), class, "{e}");
+        }
+        // A caller's mistake found by the model is INVALID_ARGUMENT / 400, not INTERNAL / 500.
+        let e: ServeError =
+            crate::model::ModelError::invalid("no_chat_template", "`messages` needs a chat template").into();
+        assert_eq!((e.class(), e.kind()), (ErrorClass::InvalidArgument, "invalid_argument"));
+        assert!(e.to_string().contains("no_chat_template") && e.to_string().contains("`messages`"), "{e}");
+        let e: ServeError = crate::model::ModelError::internal("backend", "step failed").into();
+        assert_eq!((e.class(), e.kind()), (ErrorClass::Internal, "engine_error"));
+        let e: ServeError =
+            crate::model::ModelError::new(ErrorClass::ResourceExhausted, "resource_exhausted", "KV budget").into();
+        assert_eq!((e.class().grpc(), e.kind()), (tonic::Code::ResourceExhausted, "resource_exhausted"));
+    }
 }

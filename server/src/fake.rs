@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::model::{
-    Emitted, Frontend, Model, ModelDescription, ModelError, ModelFinish, PromptInput, SeqId, SeqParams, Work,
+    Emitted, ErrorClass, FinishReason, Frontend, Model, ModelDescription, ModelError, PromptInput, SeqId, SeqParams,
+    Work,
 };
 
 /// Failures armed from outside the scheduler thread (tests): the next [`Faults::fail_next_steps`] steps fail.
@@ -185,6 +186,7 @@ impl Model for FakeModel {
         let need = prompt.len() + params.max_tokens;
         if prompt.is_empty() || !self.can_admit(need) {
             return Err(ModelError::new(
+                ErrorClass::ResourceExhausted,
                 "resource_exhausted",
                 format!(
                     "sequence needs {need} KV positions, {} of {} free",
@@ -225,20 +227,20 @@ impl Model for FakeModel {
             let s = self
                 .seqs
                 .get(&w.seq)
-                .ok_or_else(|| ModelError::new("not_found", format!("unknown sequence {}", w.seq.0)))?;
+                .ok_or_else(|| ModelError::internal("not_found", format!("unknown sequence {}", w.seq.0)))?;
             let pending = if s.pending_decode { 1 } else { s.prompt.len() - s.fed };
             if w.tokens == 0 || w.tokens > pending {
-                return Err(ModelError::new(
-                    "invalid_argument",
+                return Err(ModelError::internal(
+                    "protocol",
                     format!("sequence {} has {pending} pending tokens, work asked to feed {}", w.seq.0, w.tokens),
                 ));
             }
             if s.prompt.starts_with(&FakeFrontend.encode(&PromptInput::Text("FAIL".into()))?) {
-                return Err(ModelError::new("backend", format!("injected failure (sequence {})", w.seq.0)));
+                return Err(ModelError::internal("backend", format!("injected failure (sequence {})", w.seq.0)));
             }
         }
         if self.faults.take() {
-            return Err(ModelError::new(
+            return Err(ModelError::internal(
                 "backend",
                 format!("injected step failure ({} sequences in the batch)", work.len()),
             ));
@@ -266,7 +268,7 @@ impl Model for FakeModel {
             s.pending_decode = true;
             let mut e = Emitted { seq: w.seq, token, text: String::new(), reasoning: String::new(), finish: None };
             if eos {
-                e.finish = Some(ModelFinish::Eos);
+                e.finish = Some(FinishReason::Stop);
             } else {
                 let ch = ((token - 3) as u8 as char).to_string();
                 if n <= FAKE_THINK_TOKENS {
@@ -278,11 +280,16 @@ impl Model for FakeModel {
                     s.emitted = emit_to;
                     if stopped {
                         s.text.truncate(emit_to);
-                        e.finish = Some(ModelFinish::StopSequence);
+                        e.finish = Some(FinishReason::StopSequence);
                     }
                 }
-                if e.finish.is_none() && s.prompt.len() + n >= self.cfg.max_context_tokens {
-                    e.finish = Some(ModelFinish::Length);
+                // The model owns max_tokens (and the context limit): the last allowed token ends the sequence, and
+                // text held back for a possible stop string is released with it.
+                if e.finish.is_none() && (n >= s.params.max_tokens || s.prompt.len() + n >= self.cfg.max_context_tokens)
+                {
+                    e.finish = Some(FinishReason::Length);
+                    e.text.push_str(&s.text[s.emitted..]);
+                    s.emitted = s.text.len();
                 }
             }
             out.push(e);

@@ -19,15 +19,7 @@ use crate::validate::{RawRequest, RawSampling};
 
 /// The gRPC status for an error.
 pub fn status(e: &ServeError) -> Status {
-    let msg = e.to_string();
-    match e {
-        ServeError::InvalidArgument { .. } | ServeError::TooLarge { .. } => Status::invalid_argument(msg),
-        ServeError::Overloaded { .. } | ServeError::QueueFull { .. } => Status::resource_exhausted(msg),
-        ServeError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
-        ServeError::Cancelled { .. } => Status::cancelled(msg),
-        ServeError::Engine { .. } => Status::internal(msg),
-        ServeError::Unavailable { .. } => Status::unavailable(msg),
-    }
+    Status::new(e.class().grpc(), e.to_string())
 }
 
 /// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of H M S m u n).

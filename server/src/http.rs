@@ -19,7 +19,7 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 /// The HTTP router over shared state, without API keys and with the default body limit.
 pub fn router(state: Arc<AppState>) -> Router {
     let auth = HttpAuth { keys: Arc::default(), metrics: state.metrics.clone() };
-    router_with(state, auth, crate::server::DEFAULT_MAX_REQUEST_BYTES)
+    router_with(state, auth, crate::security::DEFAULT_MAX_REQUEST_BYTES)
 }
 
 /// The HTTP router: the OpenAI routes (`/v1/...`) need an API key when `auth` has keys; `/health` and `/metrics`

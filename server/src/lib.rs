@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod model;
 pub mod openai;
 pub mod scheduler;
+pub mod security;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+pub use crate::error::ErrorClass;
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatTurn {
@@ -36,9 +38,10 @@ pub use r1_engine::sampling::SamplingParams as Sampling;
 pub struct SeqParams {
     /// Sampling settings.
     pub sampling: Sampling,
-    /// Tokens to generate at most (the scheduler stops the sequence there).
+    /// Tokens to generate at most: the model ends the sequence with [`FinishReason::Length`] on the last one (the one
+    /// place `max_tokens` is enforced; the request validation only checks it against the server's limit).
     pub max_tokens: usize,
-    /// Stop strings (the model trims them from the text and reports [`ModelFinish::StopSequence`]).
+    /// Stop strings (the model trims them from the text and reports [`FinishReason::StopSequence`]).
     pub stop: Vec<String>,
     /// Do not finish on EOS.
     pub ignore_eos: bool,
@@ -57,16 +60,10 @@ pub struct Work {
     pub tokens: usize,
 }
 
-/// Why the model ended a sequence on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModelFinish {
-    /// End-of-sequence token.
-    Eos,
-    /// A stop string matched.
-    StopSequence,
-    /// `max_tokens` reached (when the model tracks it) or the context window is full.
-    Length,
-}
+/// Why a sequence ended: the engine's one enum, used by the model, the scheduler and both APIs. A model reports
+/// `Stop` (EOS), `StopSequence` or `Length` (it owns `max_tokens`: it ends the sequence on the last allowed token);
+/// `Cancelled` is the scheduler's.
+pub use r1_engine::sampling::FinishReason;
 
 /// A token produced for one sequence by a step.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,7 +77,7 @@ pub struct Emitted {
     /// New reasoning text.
     pub reasoning: String,
     /// Set when this token ends the sequence.
-    pub finish: Option<ModelFinish>,
+    pub finish: Option<FinishReason>,
 }
 
 /// Static description of a loaded model.
@@ -102,20 +99,39 @@ pub struct ModelDescription {
     pub kv_capacity_tokens: usize,
 }
 
-/// An error from a model: a stable kind and a message naming what failed.
+/// An error from a model: whose fault it is ([`ErrorClass`], which decides the status the caller gets), a stable
+/// label for logs and metrics, and a message naming what failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{kind}: {message}")]
+#[error("{label}: {message}")]
 pub struct ModelError {
-    /// Stable label (`backend`, `invalid_argument`, `tokenizer`, ...).
-    pub kind: String,
+    /// Whose fault and what status it gets.
+    pub class: ErrorClass,
+    /// Stable label (`backend`, `tokenizer`, `no_chat_template`, ...).
+    pub label: &'static str,
     /// What went wrong.
     pub message: String,
 }
 
+impl From<ModelError> for crate::error::ServeError {
+    fn from(e: ModelError) -> Self {
+        crate::error::ServeError::Engine { class: e.class, label: e.label.to_string(), message: e.message }
+    }
+}
+
 impl ModelError {
-    /// Builds an error.
-    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
-        ModelError { kind: kind.into(), message: message.into() }
+    /// An error of `class`.
+    pub fn new(class: ErrorClass, label: &'static str, message: impl Into<String>) -> Self {
+        ModelError { class, label, message: message.into() }
+    }
+
+    /// A fault of the model or the server ([`ErrorClass::Internal`]).
+    pub fn internal(label: &'static str, message: impl Into<String>) -> Self {
+        ModelError::new(ErrorClass::Internal, label, message)
+    }
+
+    /// A mistake of the caller ([`ErrorClass::InvalidArgument`]).
+    pub fn invalid(label: &'static str, message: impl Into<String>) -> Self {
+        ModelError::new(ErrorClass::InvalidArgument, label, message)
     }
 }
 

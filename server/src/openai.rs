@@ -82,19 +82,7 @@ pub struct CompletionBody {
 }
 
 fn error_response(e: &ServeError) -> Response {
-    let (code, kind) = match e {
-        ServeError::InvalidArgument { .. } | ServeError::TooLarge { .. } => {
-            (StatusCode::BAD_REQUEST, "invalid_request_error")
-        }
-        ServeError::Overloaded { .. } | ServeError::QueueFull { .. } => {
-            (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error")
-        }
-        ServeError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
-        ServeError::Cancelled { .. } | ServeError::Unavailable { .. } => {
-            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-        }
-        ServeError::Engine { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
-    };
+    let (code, kind) = e.class().http();
     let param = match e {
         ServeError::InvalidArgument { field, .. } => Value::String(field.clone()),
         _ => Value::Null,

@@ -19,12 +19,13 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::api::{collect, AppState};
-use crate::auth::{ApiKeys, GrpcAuth, HttpAuth};
+use crate::auth::{GrpcAuth, HttpAuth};
 use crate::error::ServeError;
 use crate::grpc::GenerationService;
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelError};
 use crate::scheduler::{Scheduler, SchedulerConfig};
+pub use crate::security::{Security, DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_REQUEST_BYTES};
 use crate::validate::{Limits, RawRequest, RawSampling};
 
 /// gRPC service name used in health checks.
@@ -50,36 +51,6 @@ pub struct ServeOptions {
     pub scheduler: SchedulerConfig,
     /// Time in-flight requests get after the shutdown signal.
     pub drain_timeout: Duration,
-}
-
-/// Default `--max-request-bytes`: largest gRPC message or HTTP body accepted.
-pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
-/// Default `--max-prompt-bytes`: longest prompt (or sum of chat message contents) accepted, checked before
-/// tokenization.
-pub const DEFAULT_MAX_PROMPT_BYTES: usize = 512 << 10;
-
-/// Transport security and size limits of both ports.
-#[derive(Debug, Clone)]
-pub struct Security {
-    /// TLS for both ports (client certificates required when the config has a client verifier).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// API keys; empty means no authentication.
-    pub api_keys: Arc<ApiKeys>,
-    /// Largest gRPC message (decoded) and HTTP body, in bytes.
-    pub max_request_bytes: usize,
-    /// Longest prompt in bytes, checked before tokenization.
-    pub max_prompt_bytes: usize,
-}
-
-impl Default for Security {
-    fn default() -> Self {
-        Security {
-            tls: None,
-            api_keys: Arc::default(),
-            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-            max_prompt_bytes: DEFAULT_MAX_PROMPT_BYTES,
-        }
-    }
 }
 
 /// Loads the model (runs on a blocking thread while the listeners already answer health checks).
@@ -159,31 +130,8 @@ pub async fn run_with(
     load: Loader,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let mut app = AppState::new(opts.model_id.clone(), opts.limits, metrics.clone());
-    app.max_prompt_bytes = security.max_prompt_bytes;
-    let state = Arc::new(app);
-    let (reporter, health) = tonic_health::server::health_reporter();
-    set_health(&reporter, ServingStatus::NotServing).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(r1_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Unavailable { reason: format!("reflection setup failed: {e}") })?;
-    let grpc_auth = GrpcAuth::new(security.api_keys.clone(), metrics.clone());
-    let generation = GenerationServer::new(GenerationService::new(state.clone()))
-        .max_decoding_message_size(security.max_request_bytes);
-    // Health stays open (Kubernetes gRPC probes send no headers); Generation and reflection need a key when keys
-    // are configured.
-    let grpc = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
-        generation,
-        grpc_auth.clone(),
-    ))
-    .add_service(health)
-    .add_service(tonic::service::interceptor::InterceptedService::new(reflection, grpc_auth))
-    .prepare()
-    .into_axum_router();
-    let http_auth = HttpAuth { keys: security.api_keys.clone(), metrics: metrics.clone() };
-    let http = crate::http::router_with(state.clone(), http_auth, security.max_request_bytes);
+    let state = Arc::new(AppState::new(opts.model_id.clone(), opts.limits, metrics.clone(), security.max_prompt_bytes));
+    let (reporter, grpc, http) = routers(&state, &security, &metrics).await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -191,8 +139,8 @@ pub async fn run_with(
     };
     let grpc_addr = listeners.grpc.local_addr().ok();
     let http_addr = listeners.http.local_addr().ok();
-    let mut grpc_task = spawn_serve(listeners.grpc, security.tls.clone(), grpc, signal(stop_rx.clone()))?;
-    let mut http_task = spawn_serve(listeners.http, security.tls.clone(), http, signal(stop_rx))?;
+    let grpc_task = spawn_serve(listeners.grpc, security.tls.clone(), grpc, signal(stop_rx.clone()))?;
+    let http_task = spawn_serve(listeners.http, security.tls.clone(), http, signal(stop_rx))?;
     tracing::info!(
         ?grpc_addr,
         ?http_addr,
@@ -210,8 +158,7 @@ pub async fn run_with(
         let t0 = Instant::now();
         let model = tokio::task::spawn_blocking(load)
             .await
-            .map_err(|e| ServeError::Engine { kind: "load".into(), message: e.to_string() })?
-            .map_err(|e| ServeError::Engine { kind: e.kind, message: e.message })?;
+            .map_err(|e| ServeError::from(ModelError::internal("load", e.to_string())))??;
         let desc = model.describe();
         let (scheduler, join) = Scheduler::spawn(model, opts.scheduler, metrics.clone())
             .map_err(|e| ServeError::Unavailable { reason: format!("cannot start the scheduler thread: {e}") })?;
@@ -241,12 +188,57 @@ pub async fn run_with(
         None => {}
     }
 
-    // Drain.
     tracing::info!(in_flight = state.scheduler.get().map(Scheduler::in_flight).unwrap_or(0), "shutting down: draining");
     state.draining.store(true, Ordering::Release);
     set_health(&reporter, ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(opts.drain_timeout, async {
+    drain(&state, opts.drain_timeout, grpc_task, http_task).await;
+    stop_actor(&state, actor_thread).await;
+    tracing::info!("stopped");
+    result
+}
+
+/// The gRPC router (Generation, health, reflection; API keys checked on all but health) and the HTTP router, with
+/// health reporting NOT_SERVING until the model is loaded.
+async fn routers(
+    state: &Arc<AppState>,
+    security: &Security,
+    metrics: &Arc<Metrics>,
+) -> Result<(HealthReporter, axum::Router, axum::Router), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(r1_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Unavailable { reason: format!("reflection setup failed: {e}") })?;
+    let grpc_auth = GrpcAuth::new(security.api_keys.clone(), metrics.clone());
+    let generation = GenerationServer::new(GenerationService::new(state.clone()))
+        .max_decoding_message_size(security.max_request_bytes);
+    // Health stays open (Kubernetes gRPC probes send no headers); Generation and reflection need a key when keys
+    // are configured.
+    let grpc = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
+        generation,
+        grpc_auth.clone(),
+    ))
+    .add_service(health)
+    .add_service(tonic::service::interceptor::InterceptedService::new(reflection, grpc_auth))
+    .prepare()
+    .into_axum_router();
+    let http_auth = HttpAuth { keys: security.api_keys.clone(), metrics: metrics.clone() };
+    let http = crate::http::router_with(state.clone(), http_auth, security.max_request_bytes);
+    Ok((reporter, grpc, http))
+}
+
+/// Waits up to `timeout` for both listeners to finish their in-flight requests; past it, cancels what is left, gives
+/// them 2 s more, then aborts them.
+async fn drain(
+    state: &AppState,
+    timeout: Duration,
+    mut grpc_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    mut http_task: tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let drained = tokio::time::timeout(timeout, async {
         let _ = (&mut grpc_task).await;
         let _ = (&mut http_task).await;
     })
@@ -266,8 +258,11 @@ pub async fn run_with(
             http_task.abort();
         }
     }
-    // Stop the actor thread and wait for it: it owns the model and every request's state, so once it has returned the
-    // model's memory is freed and every request span is closed (exported) before `run_with` returns.
+}
+
+/// Stops the actor thread and waits for it: it owns the model and every request's state, so once it has returned the
+/// model's memory is freed and every request span is closed (exported) before `run_with` returns.
+async fn stop_actor(state: &AppState, actor_thread: Option<std::thread::JoinHandle<()>>) {
     if let (Some(s), Some(join)) = (state.scheduler.get(), actor_thread) {
         s.stop();
         let joined =
@@ -281,6 +276,4 @@ pub async fn run_with(
             }
         }
     }
-    tracing::info!("stopped");
-    result
 }

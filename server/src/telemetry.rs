@@ -15,7 +15,16 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-use crate::config::TelemetryConfig;
+/// Logging and tracing settings.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint, if traces are exported.
+    pub otlp_endpoint: Option<String>,
+    /// JSON log lines instead of text.
+    pub json: bool,
+    /// EnvFilter directives.
+    pub filter: String,
+}
 
 /// Errors while setting telemetry up.
 #[derive(Debug, thiserror::Error)]

@@ -7,10 +7,8 @@ use crate::model::{ChatTurn, PromptInput, Sampling};
 
 /// Default temperature when a request does not set one (DeepSeek's recommendation for R1).
 pub const DEFAULT_TEMPERATURE: f32 = 0.6;
-/// Most stop strings one request may give.
-pub const MAX_STOP_SEQUENCES: usize = 8;
-/// Longest stop string, in bytes.
-pub const MAX_STOP_BYTES: usize = 256;
+use r1_engine::sampling::limits::{self, FloatRange};
+pub use r1_engine::sampling::limits::{MAX_STOP_SEQUENCES, MAX_STOP_SEQUENCE_BYTES as MAX_STOP_BYTES};
 /// Chat roles the template knows.
 pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
@@ -95,13 +93,12 @@ pub struct ValidRequest {
     pub ignore_eos: bool,
 }
 
-fn range_f32(field: String, v: f32, lo: f32, lo_incl: bool, hi: f32, hi_incl: bool) -> Result<f32, ServeError> {
-    let ok = v.is_finite() && (if lo_incl { v >= lo } else { v > lo }) && (if hi_incl { v <= hi } else { v < hi });
-    if ok {
+/// `v` when the engine's `range` allows it; otherwise an error naming the API's field, the range and the value.
+fn in_range(field: String, v: f32, range: FloatRange) -> Result<f32, ServeError> {
+    if range.contains(v) {
         return Ok(v);
     }
-    let (l, r) = (if lo_incl { "[" } else { "(" }, if hi_incl { "]" } else { ")" });
-    Err(ServeError::InvalidArgument { field, message: format!("must be in {l}{lo}, {hi}{r}, got {v}") })
+    Err(ServeError::InvalidArgument { field, message: format!("must be in {range}, got {v}") })
 }
 
 /// Checks a raw request against `limits` and applies defaults.
@@ -139,24 +136,18 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
     let p = raw.sampling_prefix;
     let s = raw.sampling;
     let sampling = Sampling {
-        temperature: range_f32(
+        temperature: in_range(
             format!("{p}temperature"),
             s.temperature.unwrap_or(DEFAULT_TEMPERATURE),
-            0.0,
-            true,
-            2.0,
-            true,
+            limits::TEMPERATURE,
         )?,
-        top_p: range_f32(format!("{p}top_p"), s.top_p.unwrap_or(1.0), 0.0, false, 1.0, true)?,
+        top_p: in_range(format!("{p}top_p"), s.top_p.unwrap_or(1.0), limits::TOP_P)?,
         top_k: s.top_k.unwrap_or(0),
-        min_p: range_f32(format!("{p}min_p"), s.min_p.unwrap_or(0.0), 0.0, true, 1.0, false)?,
-        repetition_penalty: range_f32(
+        min_p: in_range(format!("{p}min_p"), s.min_p.unwrap_or(0.0), limits::MIN_P)?,
+        repetition_penalty: in_range(
             format!("{p}repetition_penalty"),
             s.repetition_penalty.unwrap_or(1.0),
-            0.0,
-            false,
-            2.0,
-            true,
+            limits::REPETITION_PENALTY,
         )?,
         seed: s.seed,
     };

@@ -36,7 +36,7 @@ fn arith_r1_greedy_completions_match_transformers_on_ort_and_tract() {
     let tmp = tempfile::tempdir().unwrap();
     let art = tmp.path().join("arith-fp32");
     let manifest = export(&ExportOptions::new(fixture(), &art), &mut |_| {}).unwrap();
-    assert_eq!((manifest.family.as_str(), manifest.precision.as_str()), ("deepseek_v3", "fp32"));
+    assert_eq!((manifest.family.name(), manifest.precision.name()), ("deepseek_v3", "fp32"));
 
     let tokenizer = Tokenizer::from_dir(&art).unwrap();
     assert_eq!(tokenizer.eos_token_ids(), &[1], "EOS from generation_config.json");

@@ -155,7 +155,7 @@ fn deepseek_v3_golden_cases_match_transformers_on_tract_and_ort() {
         let tmp = tempfile::tempdir().unwrap();
         let art = tmp.path().join("artifact");
         let manifest = export(&ExportOptions::new(&case, &art), &mut |_| {}).unwrap();
-        assert_eq!(manifest.family, "deepseek_v3");
+        assert_eq!(manifest.family, r1_engine::manifest::Family::DeepseekV3);
         let kv = &manifest.kv_cache;
         let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(case.join("config.json")).unwrap()).unwrap();
         assert_eq!(kv.layout, "mla_latent");

@@ -11,9 +11,9 @@ use r1_calibration::trt_cache::CalibrationCache;
 use r1_engine::eval::{self, EvalOptions, EvalReport};
 use r1_engine::text::{ChatTemplate, Tokenizer};
 use r1_engine::{BackendKind, Engine, EngineOptions, Manifest};
-use r1_export::quantize::{export_quantized, QuantPrecision, QuantizeOptions, CACHE_FILE, REPORT_FILE};
+use r1_export::quantize::{export_quantized, QuantizeOptions, CACHE_FILE, REPORT_FILE};
 use r1_export::target::{apply, Mode, TargetOptions};
-use r1_export::{export, ExportOptions, DEFAULT_OPSET};
+use r1_export::{export, ExportOptions, Precision, DEFAULT_OPSET};
 use r1_proto::onnx::ModelProto;
 
 fn fixture() -> PathBuf {
@@ -36,9 +36,9 @@ fn op_count(art: &Path, op: &str) -> usize {
     m.graph.unwrap().node.iter().filter(|n| n.op_type.as_deref() == Some(op)).count()
 }
 
-fn quantize(out: &Path, precision: QuantPrecision, calibrate: bool) -> (Manifest, QualityReport) {
+fn quantize(out: &Path, precision: Precision, calibrate: bool) -> (Manifest, QualityReport) {
     let mut opts = ExportOptions::new(fixture(), out);
-    opts.opset = DEFAULT_OPSET.max(precision.min_opset());
+    opts.opset = DEFAULT_OPSET.max(r1_export::quantize::min_opset(precision));
     let mut q = QuantizeOptions::new(precision);
     if calibrate {
         q.calibration_data = Some(fixture().join("calibration.jsonl"));
@@ -51,7 +51,7 @@ fn quantize(out: &Path, precision: QuantPrecision, calibrate: bool) -> (Manifest
         }
     })
     .unwrap_or_else(|e| panic!("--precision {}: {e}", precision.name()));
-    assert_eq!(passes, if precision == QuantPrecision::Int8 { 2 } else { 0 }, "SmoothQuant: two calibration passes");
+    assert_eq!(passes, if precision == Precision::Int8 { 2 } else { 0 }, "SmoothQuant: two calibration passes");
     r
 }
 
@@ -65,8 +65,8 @@ fn quantized_exports_answer_like_fp32() {
 
     // int8: W8A8 QDQ, calibrated.
     let int8 = tmp.path().join("int8");
-    let (manifest, report) = quantize(&int8, QuantPrecision::Int8, true);
-    assert_eq!(manifest.precision, "int8");
+    let (manifest, report) = quantize(&int8, Precision::Int8, true);
+    assert_eq!(manifest.precision, Precision::Int8);
     assert!(op_count(&int8, "QuantizeLinear") > 0 && op_count(&int8, "DequantizeLinear") > 0);
     let q = manifest.quantization.as_ref().unwrap();
     assert_eq!(q["calibration_samples"], 64, "{q}");
@@ -104,7 +104,7 @@ fn quantized_exports_answer_like_fp32() {
     );
     let targets = TargetOptions { targets: vec!["cpu".into()], hardware_compatible: false };
     apply(&int8, &targets, Mode::AfterExport).unwrap();
-    let record = &Manifest::load(&int8).unwrap().targets["cpu"]["lowering"];
+    let record = Manifest::load(&int8).unwrap().targets.cpu().and_then(|c| c.lowering.clone()).expect("lowering");
     assert_eq!(
         (record["matmul_nbits"].clone(), record["matmuls"].clone()),
         (serde_json::json!(1), serde_json::json!(1)),
@@ -116,10 +116,10 @@ fn quantized_exports_answer_like_fp32() {
     }
 
     // Weight-only forms need no calibration data.
-    for precision in [QuantPrecision::Int8WeightOnly, QuantPrecision::Int4WeightOnly] {
+    for precision in [Precision::Int8WeightOnly, Precision::Int4WeightOnly] {
         let dir = tmp.path().join(precision.name());
         let (manifest, _) = quantize(&dir, precision, false);
-        assert_eq!(manifest.precision, precision.name());
+        assert_eq!(manifest.precision, precision);
         assert_eq!(op_count(&dir, "QuantizeLinear"), 0, "{}: weights only", precision.name());
         assert!(op_count(&dir, "DequantizeLinear") > 0);
         let got = answers(&dir, BackendKind::Ort).unwrap();
@@ -132,7 +132,7 @@ fn quantized_exports_answer_like_fp32() {
     // that graph, with the same answers.
     let int8_wo = tmp.path().join("int8-wo");
     apply(&int8_wo, &targets, Mode::AfterExport).unwrap();
-    let record = &Manifest::load(&int8_wo).unwrap().targets["cpu"]["lowering"];
+    let record = Manifest::load(&int8_wo).unwrap().targets.cpu().and_then(|c| c.lowering.clone()).expect("lowering");
     let (nbits, matmuls) = (record["matmul_nbits"].as_u64().unwrap(), record["matmuls"].as_u64().unwrap());
     assert_eq!(record["block_size"], 256);
     assert_eq!(matmuls as usize, op_count(&int8_wo, "DequantizeLinear"), "every weight-only MatMul is lowered");
@@ -154,11 +154,11 @@ fn quantized_exports_answer_like_fp32() {
 fn int8_without_calibration_data_is_refused_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("int8");
-    let q = QuantizeOptions::new(QuantPrecision::Int8);
+    let q = QuantizeOptions::new(Precision::Int8);
     let e = export_quantized(&ExportOptions::new(fixture(), &out), &q, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("--calibration-data") && e.contains("int8"), "{e}");
     assert!(!out.exists());
-    let mut q = QuantizeOptions::new(QuantPrecision::Int4WeightOnly);
+    let mut q = QuantizeOptions::new(Precision::Int4WeightOnly);
     q.block_size = 48;
     let e = export_quantized(&ExportOptions::new(fixture(), &out), &q, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("--opset") && e.contains("21") && e.contains("17"), "{e}");

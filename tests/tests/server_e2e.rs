@@ -131,7 +131,7 @@ async fn arith_r1_over_grpc_matches_transformers_unary_concurrent_and_streamed()
     let tmp = tempfile::tempdir().expect("tempdir");
     let art = tmp.path().join("arith-fp32");
     let manifest = export(&ExportOptions::new(fixture(), &art), &mut |_| {}).expect("export arith-r1");
-    assert_eq!((manifest.family.as_str(), manifest.precision.as_str()), ("deepseek_v3", "fp32"));
+    assert_eq!((manifest.family.name(), manifest.precision.name()), ("deepseek_v3", "fp32"));
 
     let mut srv = start(art).await;
     let client = GenerationClient::new(connect(&srv.grpc_url).await);

@@ -18,8 +18,7 @@ use ndarray::{Array2, Array3, ArrayD, ArrayViewD};
 use crate::error::{EngineError, Result};
 use crate::manifest::Manifest;
 
-/// File name of the portable decoder graph inside an artifact directory.
-pub const MODEL_FILE: &str = "model.onnx";
+pub use crate::manifest::names::MODEL_FILE;
 
 /// One layer's cache: `key` and `value`, each `[batch, heads, past_len, dim]`, float32 on the host.
 #[derive(Debug, Clone)]

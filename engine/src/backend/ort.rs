@@ -6,11 +6,9 @@
 //! TensorRT options come from the target table ([`crate::targets::tensorrt_options`]).
 
 use std::path::Path;
-use std::sync::OnceLock;
 
 use half::f16;
 use ndarray::{Array2, Array3, ArrayD, ArrayViewD};
-use ort::environment::Environment;
 use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider, ExecutionProviderDispatch};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
@@ -21,9 +19,8 @@ use super::{
     StepOutput, MODEL_FILE,
 };
 use crate::error::{EngineError, Result};
-use crate::manifest::{DType, Manifest};
-use crate::ort_lib;
-use crate::targets::{self, EngineBuild, TrtSettings};
+use crate::manifest::{names, DType, Manifest};
+use crate::targets;
 
 const NAME: &str = "ort";
 
@@ -31,22 +28,7 @@ fn be(message: impl std::fmt::Display) -> EngineError {
     EngineError::Backend { backend: NAME, message: message.to_string() }
 }
 
-static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
-
-/// The process-wide ONNX Runtime environment, loading the library on first use.
-pub fn environment() -> Result<&'static Environment> {
-    let env = ENV.get_or_init(|| {
-        let lib = ort_lib::discover().map_err(|e| e.to_string())?;
-        tracing::info!(path = %lib.path.display(), source = %lib.source, "loading ONNX Runtime");
-        let builder = ort::init_from(&lib.path).map_err(|e| format!("cannot load {}: {e}", lib.path.display()))?;
-        builder
-            .with_name("r1")
-            .with_telemetry(false)
-            .build()
-            .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
-    });
-    env.as_ref().map_err(|m| EngineError::Unavailable { what: "ONNX Runtime".into(), message: m.clone() })
-}
+pub use crate::host::environment;
 
 /// An ONNX Runtime session over the artifact's graph.
 pub struct OrtBackend {
@@ -97,7 +79,7 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
     let trt_missing = if want_trt && trt_available { targets::missing_tensorrt_library() } else { None };
     if let Some(missing) = &trt_missing {
         if matches!(opts.execution_provider, ExecutionProviderKind::TensorRt) {
-            return Err(crate::build::tensorrt_not_installed(&gpu, missing));
+            return Err(crate::host::tensorrt_not_installed(&gpu, missing));
         }
         tracing::warn!(gpu = %gpu.name, "TensorRT is not installed ({missing}); running on the CUDA provider instead");
     }
@@ -109,22 +91,19 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
                 message: format!("GPU `{}` is not in the target table; pass --target", gpu.name),
             })?,
         };
-        if let Some(record) = manifest.targets.get(target.name) {
-            if let Ok(build) = serde_json::from_value::<EngineBuild>(record.clone()) {
-                if build.built {
-                    targets::check_engine_host(&build, Some(&gpu))?;
-                }
-            }
+        if let Some(build) = manifest.targets.tensorrt(target.name).filter(|b| b.built) {
+            targets::check_engine_host(build, Some(&gpu))?;
         }
-        let mut settings = TrtSettings::for_artifact(dir, target);
-        if let Some(d) = &opts.engine_cache_dir {
-            settings.cache_dir = d.clone();
-        }
-        settings.hardware_compatible = opts.hardware_compatible;
-        std::fs::create_dir_all(&settings.cache_dir)
-            .map_err(|source| EngineError::Io { path: settings.cache_dir.clone(), source })?;
+        let (cache_dir, options) = targets::session_tensorrt_options(
+            dir,
+            manifest,
+            target,
+            opts.hardware_compatible,
+            opts.engine_cache_dir.as_deref(),
+        )?;
+        std::fs::create_dir_all(&cache_dir).map_err(|source| EngineError::Io { path: cache_dir.clone(), source })?;
         let mut trt = ep::TensorRT::default();
-        for (k, v) in targets::tensorrt_options(target, manifest, &settings)? {
+        for (k, v) in options {
             trt = trt.with_arbitrary_config(k, v);
         }
         let mut trt = trt.build();
@@ -136,7 +115,7 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
         return Ok(EpChoice { providers: vec![trt, cuda], name: "ort-tensorrt" });
     }
     if matches!(opts.execution_provider, ExecutionProviderKind::TensorRt) {
-        return Err(crate::build::no_tensorrt_ep(&gpu));
+        return Err(crate::host::no_tensorrt_ep(&gpu));
     }
     if cuda_available {
         let mut cuda = cuda_provider().build();
@@ -178,11 +157,8 @@ impl OrtBackend {
         let choice = choose_providers(dir, manifest, opts)?;
         // `r1-export --target cpu` leaves an ONNX Runtime-optimized graph (contrib ops: ort CPU only); prefer it for
         // the decoder on CPU. Its extended rewrites are already applied, so loading it at level 1 saves the re-run.
-        let preferred = if graph == MODEL_FILE && choice.providers.is_empty() {
-            crate::build::preferred_cpu_graph(dir, manifest)
-        } else {
-            None
-        };
+        let preferred =
+            if graph == MODEL_FILE && choice.providers.is_empty() { manifest.targets.cpu_graph(dir) } else { None };
         let graph = preferred.unwrap_or(graph);
         let path = dir.join(graph);
         if !path.is_file() {
@@ -210,9 +186,9 @@ impl OrtBackend {
             num_layers: manifest.model.num_layers,
             inputs: manifest.inputs.iter().map(|t| (t.name.clone(), t.dtype)).collect(),
             logits_dtype: dtype_of("logits", DType::Float32),
-            present_dtype: dtype_of(&Manifest::present_key_name(0), manifest.kv_cache.dtype),
-            last_position_logits: preferred.is_some() && crate::build::cpu_graph_has_last_position_logits(manifest),
-            fused_attention: preferred.is_some() && crate::build::cpu_graph_has_fused_attention(manifest),
+            present_dtype: dtype_of(&names::present_key(0), manifest.kv_cache.dtype),
+            last_position_logits: preferred.is_some() && manifest.targets.cpu().is_some_and(|c| c.last_position_logits),
+            fused_attention: preferred.is_some() && manifest.targets.cpu().is_some_and(|c| c.fused_attention),
         })
     }
 }
@@ -249,7 +225,7 @@ impl OrtBackend {
     /// Whether the graph's past inputs and present outputs are float32, so a step's present can be fed back as is.
     fn f32_cache(&self) -> bool {
         self.present_dtype == DType::Float32
-            && self.inputs.iter().filter(|(n, _)| parse_past_name(n).is_some()).all(|(_, d)| *d == DType::Float32)
+            && self.inputs.iter().filter(|(n, _)| names::parse_past(n).is_some()).all(|(_, d)| *d == DType::Float32)
     }
 }
 
@@ -265,8 +241,8 @@ fn logits_of(outputs: &ort::session::SessionOutputs<'_>, dtype: DType) -> Result
 fn present_on_host(outputs: &ort::session::SessionOutputs<'_>, layers: usize, dtype: DType) -> Result<Vec<KvPair>> {
     (0..layers)
         .map(|i| {
-            let kn = Manifest::present_key_name(i);
-            let vn = Manifest::present_value_name(i);
+            let kn = names::present_key(i);
+            let vn = names::present_value(i);
             let k = outputs.get(&kn).ok_or_else(|| be(format!("graph returned no `{kn}`")))?;
             let v = outputs.get(&vn).ok_or_else(|| be(format!("graph returned no `{vn}`")))?;
             Ok(KvPair { key: float_output(k, dtype, &kn)?, value: float_output(v, dtype, &vn)? })
@@ -323,7 +299,7 @@ impl Backend for OrtBackend {
         // Shared with ONNX Runtime (reference-counted): nothing is copied.
         let mut kept = Vec::with_capacity(2 * layers);
         for i in 0..layers {
-            for name in [Manifest::present_key_name(i), Manifest::present_value_name(i)] {
+            for name in [names::present_key(i), names::present_value(i)] {
                 kept.push(outputs.remove(&name).ok_or_else(|| be(format!("graph returned no `{name}`")))?);
             }
         }
@@ -357,10 +333,10 @@ fn feeds<'a>(
     let mut feeds: Vec<(String, SessionInputValue<'a>)> = Vec::with_capacity(inputs.len());
     for (name, dtype) in inputs {
         let value: SessionInputValue<'_> = match name.as_str() {
-            "input_ids" => int_input(&input.input_ids)?,
-            "attention_mask" => int_input(&input.attention_mask)?,
-            "position_ids" => int_input(&input.position_ids)?,
-            other => match (parse_past_name(other), kept) {
+            names::INPUT_IDS => int_input(&input.input_ids)?,
+            names::ATTENTION_MASK => int_input(&input.attention_mask)?,
+            names::POSITION_IDS => int_input(&input.position_ids)?,
+            other => match (names::parse_past(other), kept) {
                 (Some((layer, is_key)), Some(values)) if 2 * layer + 1 < values.len() => {
                     SessionInputValue::from(&values[2 * layer + usize::from(!is_key)])
                 }
@@ -380,16 +356,4 @@ fn feeds<'a>(
         feeds.push((name.clone(), value));
     }
     Ok(feeds)
-}
-
-/// `past_key_values.{i}.key` → `(i, true)`, `.value` → `(i, false)`.
-pub(crate) fn parse_past_name(name: &str) -> Option<(usize, bool)> {
-    let rest = name.strip_prefix("past_key_values.")?;
-    let (layer, kind) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    match kind {
-        "key" => Some((layer, true)),
-        "value" => Some((layer, false)),
-        _ => None,
-    }
 }

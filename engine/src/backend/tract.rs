@@ -14,7 +14,7 @@ use tract_onnx::prelude::*;
 
 use super::{check_kept_step, check_step_input, Backend, KeptPresent, KvPair, StepInput, StepOutput, MODEL_FILE};
 use crate::error::{EngineError, Result};
-use crate::manifest::{DType, Manifest};
+use crate::manifest::{names, DType, Manifest, Precision};
 
 const NAME: &str = "tract";
 
@@ -59,10 +59,10 @@ impl TractBackend {
 
     /// Loads, optimizes and plans the graph file `graph` of the artifact directory (see [`super::load_graph`]).
     pub fn load_file(dir: &Path, graph: &str, manifest: &Manifest) -> Result<TractBackend> {
-        if let Some(p) = ["bf16", "fp8", "int4"].iter().find(|p| manifest.precision.starts_with(**p)) {
+        if manifest.precision == Precision::Int4WeightOnly {
             return Err(EngineError::Unavailable {
                 what: "tract backend".into(),
-                message: format!("tract cannot run `{}` graphs ({p} tensors); use --backend ort", manifest.precision),
+                message: format!("tract cannot run `{}` graphs (int4 tensors); use --backend ort", manifest.precision),
             });
         }
         let path = dir.join(graph);
@@ -78,10 +78,10 @@ impl TractBackend {
         for outlet in typed.input_outlets().map_err(be)? {
             let name = typed.node(outlet.node).name.as_str();
             let feed = match name {
-                "input_ids" => Feed::InputIds,
-                "attention_mask" => Feed::AttentionMask,
-                "position_ids" => Feed::PositionIds,
-                other => match super::ort::parse_past_name(other) {
+                names::INPUT_IDS => Feed::InputIds,
+                names::ATTENTION_MASK => Feed::AttentionMask,
+                names::POSITION_IDS => Feed::PositionIds,
+                other => match names::parse_past(other) {
                     Some((layer, key)) => {
                         let f16 =
                             manifest.inputs.iter().find(|t| t.name == other).is_some_and(|t| t.dtype == DType::Float16);
@@ -107,12 +107,16 @@ impl TractBackend {
         let logits_at = find("logits")?;
         let num_layers = manifest.model.num_layers;
         let present_at = (0..num_layers)
-            .map(|i| Ok((find(&Manifest::present_key_name(i))?, find(&Manifest::present_value_name(i))?)))
+            .map(|i| Ok((find(&names::present_key(i))?, find(&names::present_value(i))?)))
             .collect::<Result<Vec<_>>>()?;
         let plan = typed.into_runnable().map_err(be)?;
         tracing::info!(model = %path.display(), secs = started.elapsed().as_secs_f32(), "tract plan ready");
         let f32_cache = feeds.iter().all(|f| !matches!(f, Feed::Past { f16: true, .. }))
-            && manifest.outputs.iter().filter(|t| t.name.starts_with("present.")).all(|t| t.dtype == DType::Float32);
+            && manifest
+                .outputs
+                .iter()
+                .filter(|t| names::parse_present(&t.name).is_some())
+                .all(|t| t.dtype == DType::Float32);
         Ok(TractBackend { plan, feeds, logits_at, present_at, out_names, num_layers, f32_cache })
     }
 }
@@ -145,8 +149,8 @@ impl Backend for TractBackend {
             .enumerate()
             .map(|(i, &(k, v))| {
                 Ok(KvPair {
-                    key: to_f32(&outputs[k], &Manifest::present_key_name(i))?,
-                    value: to_f32(&outputs[v], &Manifest::present_value_name(i))?,
+                    key: to_f32(&outputs[k], &names::present_key(i))?,
+                    value: to_f32(&outputs[v], &names::present_value(i))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

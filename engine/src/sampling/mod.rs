@@ -7,6 +7,7 @@
 //! * [`StopParams`] + [`StopChecker`]: EOS ids, `ignore_eos`, max tokens, and stop sequences matched on the
 //!   detokenized text with hold-back, so a partial stop sequence is never streamed. [`FinishReason`] says why.
 
+pub mod limits;
 mod sampler;
 mod stop;
 
@@ -15,10 +16,7 @@ pub use stop::{FinishReason, StopChecker, StopOutcome};
 
 use crate::text::GenerationConfig;
 
-/// Most stop sequences one request may give.
-pub const MAX_STOP_SEQUENCES: usize = 16;
-/// Longest stop sequence, in bytes.
-pub const MAX_STOP_SEQUENCE_BYTES: usize = 256;
+pub use limits::{MAX_STOP_SEQUENCES, MAX_STOP_SEQUENCE_BYTES};
 
 /// Errors of sampling and stop handling. [`SamplingError::kind`] is a stable label.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -29,7 +27,7 @@ pub enum SamplingError {
         /// The parameter's name as the API spells it.
         field: &'static str,
         /// The allowed range, in words.
-        allowed: &'static str,
+        allowed: String,
         /// The value given.
         value: String,
     },
@@ -60,7 +58,7 @@ impl SamplingError {
 /// How to pick the next token. `Default` is plain sampling at temperature 1 with every filter off.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy (argmax); otherwise logits are divided by it. Allowed: 0.0..=100.0.
+    /// 0 means greedy (argmax); otherwise logits are divided by it. Allowed: [`limits::TEMPERATURE`].
     pub temperature: f32,
     /// Nucleus: keep the fewest most likely tokens whose probability sums to at least `top_p`. 1 = off.
     /// Allowed: (0.0, 1.0].
@@ -70,7 +68,7 @@ pub struct SamplingParams {
     /// Drop tokens less likely than `min_p` × the most likely one's probability. 0 = off. Allowed: 0.0..=1.0.
     pub min_p: f32,
     /// HF/CTRL repetition penalty on every token already in the context: positive logits are divided by it,
-    /// negative ones multiplied. 1 = off. Allowed: (0.0, 10.0].
+    /// negative ones multiplied. 1 = off. Allowed: [`limits::REPETITION_PENALTY`].
     pub repetition_penalty: f32,
     /// Seed of the sequence's random stream; `None` draws one from the OS (see [`Sampler::seed`]).
     pub seed: Option<u64>,
@@ -113,22 +111,19 @@ impl SamplingParams {
 
     /// Checks every field; the error names the field, the allowed range and the value.
     pub fn validate(&self) -> Result<(), SamplingError> {
-        let bad = |field, allowed, value: f32| SamplingError::InvalidParam { field, allowed, value: value.to_string() };
-        if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
-            return Err(bad("temperature", "between 0.0 and 100.0 (0 = greedy)", self.temperature));
-        }
-        if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(bad("top_p", "greater than 0.0 and at most 1.0", self.top_p));
-        }
-        if !(self.min_p.is_finite() && (0.0..=1.0).contains(&self.min_p)) {
-            return Err(bad("min_p", "between 0.0 and 1.0", self.min_p));
-        }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
-            return Err(bad(
-                "repetition_penalty",
-                "greater than 0.0 and at most 10.0 (1 = off)",
-                self.repetition_penalty,
-            ));
+        for (field, range, value) in [
+            ("temperature", limits::TEMPERATURE, self.temperature),
+            ("top_p", limits::TOP_P, self.top_p),
+            ("min_p", limits::MIN_P, self.min_p),
+            ("repetition_penalty", limits::REPETITION_PENALTY, self.repetition_penalty),
+        ] {
+            if !range.contains(value) {
+                return Err(SamplingError::InvalidParam {
+                    field,
+                    allowed: format!("in {range}"),
+                    value: value.to_string(),
+                });
+            }
         }
         Ok(())
     }
@@ -154,14 +149,14 @@ impl StopParams {
         if self.max_tokens == 0 {
             return Err(SamplingError::InvalidParam {
                 field: "max_tokens",
-                allowed: "at least 1",
+                allowed: "at least 1".into(),
                 value: self.max_tokens.to_string(),
             });
         }
         if self.stop.len() > MAX_STOP_SEQUENCES {
             return Err(SamplingError::InvalidParam {
                 field: "stop",
-                allowed: "at most 16 sequences",
+                allowed: format!("at most {MAX_STOP_SEQUENCES} sequences"),
                 value: format!("{} sequences", self.stop.len()),
             });
         }
@@ -169,7 +164,7 @@ impl StopParams {
             if s.is_empty() || s.len() > MAX_STOP_SEQUENCE_BYTES {
                 return Err(SamplingError::InvalidParam {
                     field: "stop[]",
-                    allowed: "a string of 1 to 256 bytes",
+                    allowed: format!("a string of 1 to {MAX_STOP_SEQUENCE_BYTES} bytes"),
                     value: format!("stop[{i}] of {} bytes", s.len()),
                 });
             }

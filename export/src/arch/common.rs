@@ -6,7 +6,7 @@
 //! `[batch, heads, seq, head_dim]`; KV cache `[batch, kv_heads, past + seq, head_dim]` (keys after
 //! rotary). Weights of `Linear` layers are stored transposed (`[in, out]`) under their checkpoint key.
 
-use r1_engine::manifest::{DType, Dim};
+use r1_engine::manifest::{names, DType, Dim};
 
 use crate::checkpoint::convert::{convert, convert_transposed, to_f32_vec};
 use crate::checkpoint::Checkpoint;
@@ -111,9 +111,9 @@ impl<'a> Ctx<'a> {
     pub fn declare_inputs(&mut self) -> DecoderInputs {
         let b = &mut self.b;
         DecoderInputs {
-            input_ids: b.input("input_ids", DType::Int64, vec![sym("batch"), sym("sequence")]),
-            attention_mask: b.input("attention_mask", DType::Int64, vec![sym("batch"), sym("total_sequence")]),
-            position_ids: b.input("position_ids", DType::Int64, vec![sym("batch"), sym("sequence")]),
+            input_ids: b.input(names::INPUT_IDS, DType::Int64, vec![sym("batch"), sym("sequence")]),
+            attention_mask: b.input(names::ATTENTION_MASK, DType::Int64, vec![sym("batch"), sym("total_sequence")]),
+            position_ids: b.input(names::POSITION_IDS, DType::Int64, vec![sym("batch"), sym("sequence")]),
         }
     }
 
@@ -131,12 +131,10 @@ impl<'a> Ctx<'a> {
         let dt = self.kv_dtype();
         let shape =
             |h: usize, s: &str, d: usize| vec![sym("batch"), Dim::Fixed(h as i64), sym(s), Dim::Fixed(d as i64)];
-        let pk = format!("past_key_values.{layer}.key");
-        let pv = format!("past_key_values.{layer}.value");
+        let (pk, pv) = (names::past_key(layer), names::past_value(layer));
         self.b.input(&pk, dt, shape(key_heads, "past_sequence", key_dim));
         self.b.input(&pv, dt, shape(value_heads, "past_sequence", value_dim));
-        let ok = format!("present.{layer}.key");
-        let ov = format!("present.{layer}.value");
+        let (ok, ov) = (names::present_key(layer), names::present_value(layer));
         let p = format!("/model/layers.{layer}/self_attn");
         self.b.wire_to(
             &format!("{p}/key_cache/Concat"),

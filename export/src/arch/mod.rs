@@ -15,7 +15,7 @@ pub mod rope;
 
 use std::path::Path;
 
-use r1_engine::manifest::{DType, KvCacheInfo, ModelInfo};
+use r1_engine::manifest::{DType, Family, KvCacheInfo, ModelInfo};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -27,17 +27,10 @@ use dense::DenseSpec;
 pub const SUPPORTED_ARCHITECTURES: &[&str] =
     &["Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM", "DeepseekV3ForCausalLM"];
 
-/// Manifest family names of the dense decoders built by `dense.rs` (graphs with per-head KV caches and the
-/// portable attention that the CPU serving rewrite can fuse).
-pub const DENSE_FAMILIES: [&str; 3] = [QWEN2, LLAMA, QWEN3];
-const QWEN2: &str = "qwen2";
-const LLAMA: &str = "llama";
-const QWEN3: &str = "qwen3";
-
 /// A validated model family, ready to build its graph.
-pub trait Family {
-    /// Manifest family name (`qwen2`, `llama`, `qwen3`, `deepseek_v3`).
-    fn family(&self) -> &'static str;
+pub trait FamilyGraph {
+    /// The family.
+    fn family(&self) -> Family;
     /// `architectures[0]` of the checkpoint.
     fn architecture(&self) -> &str;
     /// The resolved config, for the manifest.
@@ -60,7 +53,7 @@ pub trait Family {
 
 /// A dense family (Llama, Qwen2, Qwen3).
 pub struct Dense {
-    family: &'static str,
+    family: Family,
     architecture: String,
     spec: DenseSpec,
 }
@@ -72,8 +65,8 @@ impl Dense {
     }
 }
 
-impl Family for Dense {
-    fn family(&self) -> &'static str {
+impl FamilyGraph for Dense {
+    fn family(&self) -> Family {
         self.family
     }
     fn architecture(&self) -> &str {
@@ -184,7 +177,7 @@ pub fn validate_dense(path: &Path, s: &DenseSpec, act: Option<&str>) -> Result<(
 }
 
 /// Reads `architectures[0]` and parses + validates the matching family config.
-pub fn from_config(path: &Path, config: &Value) -> Result<Box<dyn Family>> {
+pub fn from_config(path: &Path, config: &Value) -> Result<Box<dyn FamilyGraph>> {
     let arch = config.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str).ok_or_else(|| {
         invalid(
             path,
@@ -192,13 +185,13 @@ pub fn from_config(path: &Path, config: &Value) -> Result<Box<dyn Family>> {
             format!("must be a non-empty list of strings, got {}", config.get("architectures").unwrap_or(&Value::Null)),
         )
     })?;
-    let dense = |family: &'static str, spec: DenseSpec| -> Result<Box<dyn Family>> {
+    let dense = |family: Family, spec: DenseSpec| -> Result<Box<dyn FamilyGraph>> {
         Ok(Box::new(Dense { family, architecture: arch.to_string(), spec }))
     };
     match arch {
-        "Qwen2ForCausalLM" => dense(QWEN2, parse_struct::<qwen2::Qwen2Config>(path, config)?.resolve(path)?),
-        "LlamaForCausalLM" => dense(LLAMA, parse_struct::<llama::LlamaConfig>(path, config)?.resolve(path)?),
-        "Qwen3ForCausalLM" => dense(QWEN3, parse_struct::<qwen3::Qwen3Config>(path, config)?.resolve(path)?),
+        "Qwen2ForCausalLM" => dense(Family::Qwen2, parse_struct::<qwen2::Qwen2Config>(path, config)?.resolve(path)?),
+        "LlamaForCausalLM" => dense(Family::Llama, parse_struct::<llama::LlamaConfig>(path, config)?.resolve(path)?),
+        "Qwen3ForCausalLM" => dense(Family::Qwen3, parse_struct::<qwen3::Qwen3Config>(path, config)?.resolve(path)?),
         "DeepseekV3ForCausalLM" => Ok(Box::new(deepseek_v3::DeepseekV3::from_config(path, config, arch)?)),
         other => Err(ExportError::UnknownArchitecture {
             path: path.to_path_buf(),

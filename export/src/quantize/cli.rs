@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use r1_calibration::dataset;
 use r1_calibration::CalibError;
 
-use super::{QuantPrecision, QuantizeOptions};
+use super::QuantizeOptions;
 use crate::error::{ExportError, Result};
+use r1_engine::manifest::Precision;
 
 /// The `r1-export` flags of the quantized precisions (flattened into the CLI).
 #[derive(Debug, Clone, clap::Args)]
@@ -73,12 +74,12 @@ pub struct QuantArgs {
 impl QuantArgs {
     /// The options for `precision`; errors name the flag and the value given. `gpu_target` is a TensorRT target
     /// among the export's `--target`s, if any (it decides `--int4-scheme auto`, and rules out `asymmetric`).
-    pub fn options(&self, precision: QuantPrecision, gpu_target: Option<&str>) -> Result<QuantizeOptions> {
+    pub fn options(&self, precision: Precision, gpu_target: Option<&str>) -> Result<QuantizeOptions> {
         let int4_asymmetric = match (self.int4_scheme.as_str(), gpu_target) {
             ("symmetric", _) => false,
             ("auto", g) => g.is_none(),
             ("asymmetric", None) => true,
-            ("asymmetric", Some(t)) if precision == QuantPrecision::Int4WeightOnly => {
+            ("asymmetric", Some(t)) if precision == Precision::Int4WeightOnly => {
                 return Err(ExportError::InvalidOption {
                     option: "--int4-scheme",
                     message: format!(

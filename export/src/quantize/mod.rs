@@ -26,7 +26,7 @@ use r1_calibration::trt_cache::{CacheAlgorithm, CalibrationCache};
 use r1_calibration::CalibError;
 use r1_engine::backend::BackendKind;
 use r1_engine::eval::{self, EvalOptions};
-use r1_engine::manifest::{Manifest, MANIFEST_FILE};
+use r1_engine::manifest::{Manifest, Precision};
 use r1_engine::text::{ChatMessage, ChatTemplate, RenderOptions, Tokenizer};
 use r1_engine::{Engine, EngineOptions};
 use r1_proto::onnx::ModelProto;
@@ -51,56 +51,26 @@ pub const TRT_CACHE_VERSION: &str = "100300";
 /// Name of the LM head weight in every exported graph.
 const LM_HEAD_WEIGHT: &str = "lm_head.weight";
 
-/// A quantized precision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuantPrecision {
-    /// INT8 weights and activations (W8A8 QDQ, calibrated).
-    Int8,
-    /// INT8 weights, fp32 activations.
-    Int8WeightOnly,
-    /// Blocked INT4 weights (opset 21), fp32 activations.
-    Int4WeightOnly,
+/// The quantization scheme of a quantized `precision`; `None` for fp32 and fp16.
+pub fn scheme(precision: Precision, block_size: usize, asymmetric: bool) -> Option<QuantScheme> {
+    match precision {
+        Precision::Int8 => Some(QuantScheme::W8A8),
+        Precision::Int8WeightOnly => Some(QuantScheme::Int8WeightOnly),
+        Precision::Int4WeightOnly => Some(QuantScheme::Int4WeightOnly { block_size, asymmetric }),
+        Precision::Fp32 | Precision::Fp16 => None,
+    }
 }
 
-impl QuantPrecision {
-    /// Manifest name.
-    pub fn name(self) -> &'static str {
-        match self {
-            QuantPrecision::Int8 => "int8",
-            QuantPrecision::Int8WeightOnly => "int8-wo",
-            QuantPrecision::Int4WeightOnly => "int4-wo",
-        }
-    }
-
-    /// Parses `int8`, `int8-wo`, `int4-wo`; `None` for anything else (fp32, fp16, typos are the caller's).
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "int8" => Some(QuantPrecision::Int8),
-            "int8-wo" => Some(QuantPrecision::Int8WeightOnly),
-            "int4-wo" => Some(QuantPrecision::Int4WeightOnly),
-            _ => None,
-        }
-    }
-
-    /// The default-domain opset the quantized graph needs at least.
-    pub fn min_opset(self) -> i64 {
-        self.scheme(32, false).min_opset()
-    }
-
-    fn scheme(self, block_size: usize, asymmetric: bool) -> QuantScheme {
-        match self {
-            QuantPrecision::Int8 => QuantScheme::W8A8,
-            QuantPrecision::Int8WeightOnly => QuantScheme::Int8WeightOnly,
-            QuantPrecision::Int4WeightOnly => QuantScheme::Int4WeightOnly { block_size, asymmetric },
-        }
-    }
+/// The default-domain opset a graph of `precision` needs at least (blocked INT4 needs 21).
+pub fn min_opset(precision: Precision) -> i64 {
+    scheme(precision, 32, false).map_or(crate::DEFAULT_OPSET, |s| s.min_opset())
 }
 
 /// How to calibrate, quantize and report.
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
     /// The quantized form.
-    pub precision: QuantPrecision,
+    pub precision: Precision,
     /// Calibration text (one sample per line) or JSONL (`text` or `messages`). Required for `int8`; for the
     /// weight-only forms it only feeds the quality report.
     pub calibration_data: Option<PathBuf>,
@@ -135,7 +105,7 @@ impl QuantizeOptions {
     ///
     /// MSE, not TensorRT's entropy method, by measurement on arith-r1 (BENCHMARKS.md): entropy clipped the
     /// widest MLP input to 9.4 dB SQNR and changed answers; MSE kept every layer above 30 dB.
-    pub fn new(precision: QuantPrecision) -> Self {
+    pub fn new(precision: Precision) -> Self {
         QuantizeOptions {
             precision,
             calibration_data: None,
@@ -151,6 +121,14 @@ impl QuantizeOptions {
             eval_problems: None,
             eval_limit: usize::MAX,
         }
+    }
+
+    /// The quantization scheme of [`QuantizeOptions::precision`]; an error naming the flag when it is fp32 or fp16.
+    pub fn scheme(&self) -> Result<QuantScheme> {
+        scheme(self.precision, self.block_size, self.int4_asymmetric).ok_or_else(|| ExportError::InvalidOption {
+            option: "--precision",
+            message: format!("quantization needs int8, int8-wo or int4-wo, got `{}`", self.precision),
+        })
     }
 }
 
@@ -250,7 +228,7 @@ pub fn export_quantized(
     let mut model = read_model(&staging.0.join(MODEL_FILE))?;
     let original = model.clone();
     let reader = r1_calibration::external::ExternalDataReader::new(&staging.0);
-    let mut qopts = QdqOptions::new(q.precision.scheme(q.block_size, q.int4_asymmetric));
+    let mut qopts = QdqOptions::new(q.scheme()?);
     match q.lm_head {
         LmHead::Float => {
             qopts.exclude.insert(LM_HEAD_WEIGHT.to_string());
@@ -263,7 +241,7 @@ pub fn export_quantized(
     let mut cal_json = serde_json::Value::Null;
     let mut cache = None;
     let mut batches = 0;
-    if q.precision == QuantPrecision::Int8 {
+    if q.precision == Precision::Int8 {
         let passes = if q.smoothquant_alpha > 0.0 { 2 } else { 1 };
         let mut pass = 0;
         // Both the pass factory and the per-batch callback report progress.
@@ -304,11 +282,11 @@ pub fn export_quantized(
     }
 
     let mut manifest = fp32_manifest.clone();
-    manifest.precision = q.precision.name().into();
+    manifest.precision = q.precision;
     let mut report = QualityReport {
         precision: q.precision.name().into(),
-        method: (q.precision == QuantPrecision::Int8).then(|| q.method.to_string()),
-        smoothquant_alpha: if q.precision == QuantPrecision::Int8 { q.smoothquant_alpha } else { 0.0 },
+        method: (q.precision == Precision::Int8).then(|| q.method.to_string()),
+        smoothquant_alpha: if q.precision == Precision::Int8 { q.smoothquant_alpha } else { 0.0 },
         samples: batches,
         layers: Vec::new(),
         end_to_end: None,
@@ -331,9 +309,6 @@ pub fn export_quantized(
         }
     }
     manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json, &report));
-    manifest
-        .check(&opts.out_dir.join(MANIFEST_FILE))
-        .map_err(|e| ExportError::Graph(format!("manifest failed its own checks: {e}")))?;
     tmp.commit(&manifest)?;
 
     if let (Some(path), Some(tokenizer)) = (&q.eval_problems, &tokenizer) {
@@ -368,18 +343,19 @@ pub fn export_quantized(
 
 fn validate(opts: &ExportOptions, q: &QuantizeOptions) -> Result<()> {
     let bad = |option: &'static str, message: String| Err(ExportError::InvalidOption { option, message });
-    if opts.opset < q.precision.min_opset() {
+    q.scheme()?;
+    if opts.opset < min_opset(q.precision) {
         return bad(
             "--opset",
             format!(
                 "must be at least {} for --precision {} (DequantizeLinear with block_size), got {}",
-                q.precision.min_opset(),
+                min_opset(q.precision),
                 q.precision.name(),
                 opts.opset
             ),
         );
     }
-    if q.precision == QuantPrecision::Int8 && q.calibration_data.is_none() {
+    if q.precision == Precision::Int8 && q.calibration_data.is_none() {
         return bad(
             "--calibration-data",
             "is required for --precision int8 (activation ranges are calibrated); give a text or JSONL file".into(),
@@ -478,16 +454,16 @@ fn quantization_json(
 ) -> serde_json::Value {
     serde_json::json!({
         "precision": q.precision.name(),
-        "scheme": q.precision.scheme(q.block_size, q.int4_asymmetric),
-        "method": (q.precision == QuantPrecision::Int8).then(|| q.method.to_string()),
-        "smoothquant_alpha": if q.precision == QuantPrecision::Int8 { q.smoothquant_alpha } else { 0.0 },
+        "scheme": scheme(q.precision, q.block_size, q.int4_asymmetric),
+        "method": (q.precision == Precision::Int8).then(|| q.method.to_string()),
+        "smoothquant_alpha": if q.precision == Precision::Int8 { q.smoothquant_alpha } else { 0.0 },
         "calibration_samples": batches,
         "calibration_tokens": calib.iter().take(batches).map(Vec::len).sum::<usize>(),
         "quantized_matmuls": summary.quantized.len(),
         "lm_head": q.lm_head.name(),
         "skipped_matmuls": summary.skipped,
         "report": REPORT_FILE,
-        "trt_calibration_cache": (q.precision == QuantPrecision::Int8).then_some(CACHE_FILE),
+        "trt_calibration_cache": (q.precision == Precision::Int8).then_some(CACHE_FILE),
         "end_to_end": report.end_to_end,
         "calibration": calibration,
     })
@@ -497,11 +473,5 @@ fn quantization_json(
 fn rewrite_report(dir: &Path, manifest: &mut Manifest, report: &QualityReport) -> Result<()> {
     report.write(&dir.join(REPORT_FILE))?;
     manifest.files.insert(REPORT_FILE.into(), artifact::hash_file(&dir.join(REPORT_FILE))?);
-    let path = dir.join(MANIFEST_FILE);
-    let tmp = dir.join(".manifest.json.tmp");
-    let text = serde_json::to_string_pretty(manifest)
-        .map_err(|e| ExportError::Output { path: path.clone(), message: format!("cannot serialize manifest: {e}") })?;
-    std::fs::write(&tmp, text + "\n").map_err(ExportError::io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(ExportError::io(&path))?;
-    Ok(())
+    Ok(manifest.write_atomic(dir)?)
 }

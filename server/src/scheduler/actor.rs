@@ -12,7 +12,7 @@ use super::batcher::{Batcher, Gone, Plan};
 use super::{Command, Delta, Entry, Event, FinishReason, Finished, SchedulerConfig};
 use crate::error::ServeError;
 use crate::metrics::Metrics;
-use crate::model::{Model, ModelFinish};
+use crate::model::{Model, ModelError};
 
 pub(super) struct Actor {
     model: Box<dyn Model>,
@@ -79,8 +79,15 @@ impl Actor {
             self.finish(e, FinishReason::Cancelled, 0);
         }
         for a in std::mem::take(&mut self.batcher.running) {
-            self.model.remove_sequence(a.seq);
             self.finish(a.entry, FinishReason::Cancelled, a.generated);
+        }
+        self.release();
+    }
+
+    /// Frees in the model every sequence whose lease was dropped (see `batcher::SeqLease`).
+    fn release(&mut self) {
+        for seq in self.batcher.take_released() {
+            self.model.remove_sequence(seq);
         }
     }
 
@@ -109,9 +116,6 @@ impl Actor {
     fn iteration(&mut self) {
         let now = Instant::now();
         for r in self.batcher.prune(now) {
-            if let Some(seq) = r.seq {
-                self.model.remove_sequence(seq);
-            }
             match r.why {
                 Gone::ClientLeft => {
                     tracing::info!(parent: &r.entry.span, request_id = %r.entry.request_id, generated = r.generated, "client left; sequence freed");
@@ -123,6 +127,7 @@ impl Actor {
                 }
             }
         }
+        self.release();
         // Admit one request at a time, so that `can_admit` sees the KV reserved by the ones admitted just before
         // (asking for a whole batch at once let two requests that only fit one after the other both in, and the
         // second then failed in add_sequence instead of waiting).
@@ -144,7 +149,7 @@ impl Actor {
                     let _ = e.tx.send(Event::Admitted { queue_time });
                     self.batcher.start(e, seq, now);
                 }
-                Err(err) => self.fail(e, ServeError::Engine { kind: err.kind, message: err.message }),
+                Err(err) => self.fail(e, err.into()),
             }
         }
         let plan = self.batcher.plan();
@@ -185,16 +190,16 @@ impl Actor {
                 self.metrics.step_errors.inc();
                 for w in &plan.work {
                     if let Some(a) = self.batcher.finish(w.seq) {
-                        self.model.remove_sequence(a.seq);
-                        self.fail(a.entry, ServeError::Engine { kind: err.kind.clone(), message: err.message.clone() });
+                        self.fail(a.entry, err.clone().into());
                     }
                 }
+                self.release();
                 return;
             }
         };
         self.batcher.advance(&plan);
         for em in emitted {
-            let Some(a) = self.batcher.running.iter_mut().find(|a| a.seq == em.seq) else { continue };
+            let Some(a) = self.batcher.running.iter_mut().find(|a| a.seq() == em.seq) else { continue };
             a.generated += 1;
             match a.last_token {
                 None => self.metrics.time_to_first_token.observe(now.duration_since(a.entry.enqueued).as_secs_f64()),
@@ -205,16 +210,20 @@ impl Actor {
             self.metrics.generated_tokens.inc();
             let delta = Delta { token_ids: vec![em.token], text: em.text, reasoning: em.reasoning };
             let _ = a.entry.tx.send(Event::Delta(delta));
-            let reason = match em.finish {
-                Some(ModelFinish::Eos) => Some(FinishReason::Stop),
-                Some(ModelFinish::StopSequence) => Some(FinishReason::StopSequence),
-                Some(ModelFinish::Length) => Some(FinishReason::Length),
-                None if a.generated >= a.entry.params.max_tokens => Some(FinishReason::Length),
-                None => None,
-            };
-            if let Some(reason) = reason {
+            if em.finish.is_none() && a.generated >= a.entry.params.max_tokens {
+                // The model owns `max_tokens` (see `SeqParams::max_tokens`); one that goes past it is broken, and the
+                // request fails saying so rather than being cut silently.
+                let message = format!(
+                    "the model emitted token {} of a request with max_tokens {}",
+                    a.generated, a.entry.params.max_tokens
+                );
                 if let Some(a) = self.batcher.finish(em.seq) {
-                    self.model.remove_sequence(a.seq);
+                    self.fail(a.entry, ModelError::internal("protocol", message).into());
+                }
+                continue;
+            }
+            if let Some(reason) = em.finish {
+                if let Some(a) = self.batcher.finish(em.seq) {
                     let e = &a.entry;
                     let prefill_ms =
                         a.first_token.map(|t| t.duration_since(a.admitted).as_millis() as u64).unwrap_or(0);
@@ -224,6 +233,7 @@ impl Actor {
                 }
             }
         }
+        self.release();
     }
 }
 

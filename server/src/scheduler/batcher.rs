@@ -10,6 +10,7 @@
 //! - the step's batch size is aligned up to the engine's nearest optimization profile (`pad_to`).
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -18,15 +19,53 @@ use super::{Entry, Event, SchedulerConfig};
 use crate::error::ServeError;
 use crate::model::{SeqId, Work};
 
+/// A running request's hold on its model sequence (and so on its KV cache). Dropping it, however the request
+/// ends (finished, failed, cancelled, client gone, deadline), queues the sequence for release; the actor frees every
+/// queued sequence in the model ([`Batcher::take_released`]) before it admits or steps again. No path that ends a
+/// request can keep its cache.
+#[derive(Debug)]
+pub struct SeqLease {
+    seq: SeqId,
+    released: Arc<Mutex<Vec<SeqId>>>,
+}
+
+impl SeqLease {
+    /// The model sequence.
+    pub fn seq(&self) -> SeqId {
+        self.seq
+    }
+}
+
+impl Drop for SeqLease {
+    fn drop(&mut self) {
+        // A poisoned lock only means another holder panicked; the list itself is still valid.
+        let mut released = self.released.lock().unwrap_or_else(|p| p.into_inner());
+        released.push(self.seq);
+    }
+}
+
+/// Where a running request is. (Before: queued, an [`Entry`] in [`Batcher::queue`]; after: finished with a
+/// [`super::FinishReason`] or failed, removed from [`Batcher::running`] and its lease dropped.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Feeding its prompt, `fed` tokens of it so far.
+    Prefilling {
+        /// Prompt tokens fed.
+        fed: usize,
+    },
+    /// Generating, one token a step.
+    Decoding,
+}
+
 /// A request that holds a sequence in the model.
 #[derive(Debug)]
 pub struct Active {
     /// The request.
     pub entry: Entry,
-    /// Its sequence in the model.
-    pub seq: SeqId,
-    /// Prompt tokens fed so far.
-    pub fed: usize,
+    /// Its sequence in the model, released when this is dropped.
+    pub lease: SeqLease,
+    /// Prefilling or decoding.
+    pub phase: Phase,
     /// Tokens generated so far.
     pub generated: usize,
     /// When it left the queue.
@@ -38,9 +77,22 @@ pub struct Active {
 }
 
 impl Active {
+    /// Its model sequence.
+    pub fn seq(&self) -> SeqId {
+        self.lease.seq
+    }
+
     /// Still feeding its prompt.
     pub fn prefilling(&self) -> bool {
-        self.fed < self.entry.prompt.len()
+        matches!(self.phase, Phase::Prefilling { .. })
+    }
+
+    /// Prompt tokens still to feed.
+    pub fn prompt_left(&self) -> usize {
+        match self.phase {
+            Phase::Prefilling { fed } => self.entry.prompt.len() - fed,
+            Phase::Decoding => 0,
+        }
     }
 }
 
@@ -53,7 +105,7 @@ pub enum Gone {
     Deadline,
 }
 
-/// A request removed by [`Batcher::prune`]: `seq` is set when it held a model sequence that must be freed.
+/// A request removed by [`Batcher::prune`]: `seq` is set when it held a model sequence (released with its lease).
 #[derive(Debug)]
 pub struct Removed {
     /// The request.
@@ -93,6 +145,8 @@ pub struct Batcher {
     pub queue: VecDeque<Entry>,
     /// Requests holding a sequence, in admission order.
     pub running: Vec<Active>,
+    /// Sequences whose lease was dropped and that the model has not freed yet.
+    released: Arc<Mutex<Vec<SeqId>>>,
 }
 
 impl Batcher {
@@ -101,7 +155,7 @@ impl Batcher {
         if let Some(&largest) = profiles.iter().max() {
             cfg.max_batch_size = cfg.max_batch_size.min(largest);
         }
-        Batcher { cfg, profiles, queue: VecDeque::new(), running: Vec::new() }
+        Batcher { cfg, profiles, queue: VecDeque::new(), running: Vec::new(), released: Arc::default() }
     }
 
     /// The effective configuration.
@@ -150,7 +204,7 @@ impl Batcher {
             match why(&a.entry.tx, a.entry.deadline) {
                 Some(w) => {
                     let a = self.running.remove(i);
-                    removed.push(Removed { seq: Some(a.seq), why: w, generated: a.generated, entry: a.entry });
+                    removed.push(Removed { seq: Some(a.seq()), why: w, generated: a.generated, entry: a.entry });
                 }
                 None => i += 1,
             }
@@ -163,7 +217,7 @@ impl Batcher {
         let mut budget = self.cfg.max_batch_tokens.saturating_sub(decoding);
         let mut used = decoding;
         for a in self.running.iter().filter(|a| a.prefilling()) {
-            let chunk = (a.entry.prompt.len() - a.fed).min(self.cfg.prefill_chunk).min(budget);
+            let chunk = a.prompt_left().min(self.cfg.prefill_chunk).min(budget);
             budget -= chunk;
             used += chunk;
         }
@@ -192,10 +246,11 @@ impl Batcher {
 
     /// Starts a request that the model accepted as `seq`.
     pub fn start(&mut self, entry: Entry, seq: SeqId, now: Instant) {
+        let lease = SeqLease { seq, released: self.released.clone() };
         self.running.push(Active {
             entry,
-            seq,
-            fed: 0,
+            lease,
+            phase: Phase::Prefilling { fed: 0 },
             generated: 0,
             admitted: now,
             first_token: None,
@@ -208,7 +263,7 @@ impl Batcher {
         let mut plan = Plan { work: Vec::new(), rows: Vec::new(), pad_to: 0, tokens: 0 };
         for (i, a) in self.running.iter().enumerate() {
             if !a.prefilling() {
-                plan.work.push(Work { seq: a.seq, tokens: 1 });
+                plan.work.push(Work { seq: a.seq(), tokens: 1 });
                 plan.rows.push(i);
                 plan.tokens += 1;
             }
@@ -218,9 +273,9 @@ impl Batcher {
             if !a.prefilling() || budget == 0 {
                 continue;
             }
-            let chunk = (a.entry.prompt.len() - a.fed).min(self.cfg.prefill_chunk).min(budget);
+            let chunk = a.prompt_left().min(self.cfg.prefill_chunk).min(budget);
             budget -= chunk;
-            plan.work.push(Work { seq: a.seq, tokens: chunk });
+            plan.work.push(Work { seq: a.seq(), tokens: chunk });
             plan.rows.push(i);
             plan.tokens += chunk;
         }
@@ -232,16 +287,22 @@ impl Batcher {
     pub fn advance(&mut self, plan: &Plan) {
         for (w, &row) in plan.work.iter().zip(&plan.rows) {
             if let Some(a) = self.running.get_mut(row) {
-                if a.prefilling() {
-                    a.fed += w.tokens;
+                if let Phase::Prefilling { fed } = a.phase {
+                    let fed = fed + w.tokens;
+                    a.phase = if fed >= a.entry.prompt.len() { Phase::Decoding } else { Phase::Prefilling { fed } };
                 }
             }
         }
     }
 
+    /// Sequences released since the last call (their leases were dropped): the actor frees them in the model.
+    pub fn take_released(&self) -> Vec<SeqId> {
+        std::mem::take(&mut *self.released.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Removes and returns the running request holding `seq`.
     pub fn finish(&mut self, seq: SeqId) -> Option<Active> {
-        let i = self.running.iter().position(|a| a.seq == seq)?;
+        let i = self.running.iter().position(|a| a.seq() == seq)?;
         Some(self.running.remove(i))
     }
 }

@@ -20,6 +20,9 @@ use crate::error::{ConfigError, ServeError};
 use crate::metrics::Metrics;
 use crate::model::{Frontend, Model, ModelDescription, SeqParams};
 
+/// Largest batch any engine profile is built for; larger values are refused at start.
+pub const MAX_BATCH_SIZE_LIMIT: usize = 256;
+
 /// Batching and admission settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -35,15 +38,20 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
 }
 
+impl SchedulerConfig {
+    /// The defaults (also the flags' defaults in `config.rs`, which reads them from here).
+    pub const DEFAULT: SchedulerConfig = SchedulerConfig {
+        max_batch_size: 16,
+        max_batch_tokens: 2048,
+        max_queue: 128,
+        max_concurrent_requests: 256,
+        prefill_chunk: 512,
+    };
+}
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig {
-            max_batch_size: 16,
-            max_batch_tokens: 2048,
-            max_queue: 128,
-            max_concurrent_requests: 256,
-            prefill_chunk: 512,
-        }
+        SchedulerConfig::DEFAULT
     }
 }
 
@@ -51,7 +59,7 @@ impl SchedulerConfig {
     /// Checks ranges and consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |name, message| Err(ConfigError::Invalid { name, message });
-        let max = crate::config::MAX_BATCH_SIZE_LIMIT;
+        let max = MAX_BATCH_SIZE_LIMIT;
         if self.max_batch_size == 0 || self.max_batch_size > max {
             return bad("--max-batch-size", format!("must be between 1 and {max}, got {}", self.max_batch_size));
         }

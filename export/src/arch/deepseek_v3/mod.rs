@@ -21,7 +21,7 @@ use safetensors::Dtype;
 use serde_json::Value;
 
 use super::common::Ctx;
-use super::{parse_struct, Family};
+use super::{parse_struct, FamilyGraph};
 use crate::checkpoint::convert::to_f32_vec;
 use crate::checkpoint::fp8::{dequantize, BlockLayout, Fp8Error};
 use crate::checkpoint::Checkpoint;
@@ -77,9 +77,9 @@ pub fn latent_kv_cache(cfg: &DeepseekV3Config, dtype: DType) -> KvCacheInfo {
     kv
 }
 
-impl Family for DeepseekV3 {
-    fn family(&self) -> &'static str {
-        "deepseek_v3"
+impl FamilyGraph for DeepseekV3 {
+    fn family(&self) -> r1_engine::manifest::Family {
+        r1_engine::manifest::Family::DeepseekV3
     }
     fn architecture(&self) -> &str {
         &self.architecture

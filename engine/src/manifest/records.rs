@@ -1,0 +1,288 @@
+//! `manifest.targets`: what each per-target build recorded about itself, typed. The `cpu` entry is a [`CpuBuild`],
+//! every other entry a TensorRT [`EngineBuild`] (a built engine, or with `built: false` the plan of one). An entry
+//! that does not parse as the record its name stands for is an error naming the key, never a silent skip.
+
+use std::collections::BTreeMap;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::kinds::Precision;
+
+/// The key of the CPU serving graph's record.
+pub const CPU_TARGET: &str = "cpu";
+
+/// What the optimized CPU graph records about itself (`manifest.targets.cpu`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuBuild {
+    /// Always `cpu`.
+    pub target: String,
+    /// `true`: the graph exists.
+    pub built: bool,
+    /// The graph to load on ONNX Runtime CPU (relative path).
+    pub graph: String,
+    /// The portable graph it was made from.
+    pub source_graph: String,
+    /// ONNX Runtime graph optimization level used (`extended`).
+    pub optimization_level: String,
+    /// ONNX Runtime version that wrote it; the graph may use its contrib ops.
+    pub ort_version: String,
+    /// Wall time of the optimization, milliseconds.
+    pub duration_ms: u64,
+    /// Files written, relative to the artifact directory.
+    pub files: Vec<String>,
+    /// A rewrite applied to the portable graph before ONNX Runtime optimized it (the exporter's int8-wo
+    /// lowering to `MatMulNBits`), as the exporter recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lowering: Option<serde_json::Value>,
+    /// The graph returns `logits [batch, 1, vocab]`: each row's last fed position only (the exporter's
+    /// serving rewrite); `false` (and artifacts written before it existed): every position, as `model.onnx`.
+    #[serde(default)]
+    pub last_position_logits: bool,
+    /// Each layer's attention is ONNX Runtime's `GroupQueryAttention` (the exporter's serving rewrite), whose CPU
+    /// kernel takes more than one new token per row only for rows without a past, or one row at a time: the
+    /// engine splits such steps (`false`, and artifacts written before it existed: the portable attention).
+    #[serde(default)]
+    pub fused_attention: bool,
+}
+
+/// What a TensorRT build records about itself (an entry of `manifest.targets`), or, with
+/// `built: false`, the plan of a build still to run on a GPU host.
+///
+/// Paths inside (`options`, `files`, `ep_context_model`) are relative to the artifact directory, so
+/// the record stays true when the artifact is copied elsewhere. Every field after `built` is
+/// optional so that records written by older exporters still parse.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EngineBuild {
+    /// Target name.
+    pub target: String,
+    /// Compute capability × 10 of the GPU it was built on (of the target, for a plan).
+    pub sm: u32,
+    /// Built with TensorRT hardware compatibility (Ampere+).
+    #[serde(default)]
+    pub hardware_compatible: bool,
+    /// `true` once the engine exists; `false` for a recorded build plan.
+    #[serde(default)]
+    pub built: bool,
+    /// Precision the engine runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
+    /// The `trt_*` options given to ONNX Runtime's TensorRT EP, cache paths relative to the artifact. The engine
+    /// opens a built engine with exactly these (see `targets::session_tensorrt_options`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+    /// The optimization profile (batch, sequence, past: min/opt/max) the options were made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileRecord>,
+    /// GPU the engine was built on (`nvidia-smi` name); `None` for a plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_name: Option<String>,
+    /// TensorRT library version that built it, when it could be determined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorrt_version: Option<String>,
+    /// ONNX Runtime version that built it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ort_version: Option<String>,
+    /// Wall time of the build (session creation), milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Engine, timing-cache and context-model files, relative to the artifact directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// The EP-context model (relative path) that loads the engine without parsing the ONNX graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ep_context_model: Option<String>,
+    /// For a plan: the command that runs the build on a host with the GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+}
+
+/// A target's optimization profile as recorded in the manifest (plain `[min, opt, max]` triples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    /// Sequences per step.
+    pub batch: [usize; 3],
+    /// New tokens per sequence per step.
+    pub sequence: [usize; 3],
+    /// Cached positions per sequence.
+    pub past: [usize; 3],
+}
+
+/// One entry of `manifest.targets`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum TargetRecord {
+    /// `targets.cpu`: the ONNX Runtime-optimized CPU serving graph.
+    Cpu(CpuBuild),
+    /// `targets.<gpu target>`: a TensorRT engine, or its plan.
+    TensorRt(EngineBuild),
+}
+
+impl TargetRecord {
+    /// Files the build wrote, relative to the artifact directory (none for a plan).
+    pub fn files(&self) -> &[String] {
+        match self {
+            TargetRecord::Cpu(b) => &b.files,
+            TargetRecord::TensorRt(b) => &b.files,
+        }
+    }
+}
+
+/// `manifest.targets`: the records by target name, each parsed as the record its name stands for.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[serde(transparent)]
+pub struct Targets(BTreeMap<String, TargetRecord>);
+
+impl Targets {
+    /// The `cpu` record, when the CPU serving graph was built.
+    pub fn cpu(&self) -> Option<&CpuBuild> {
+        match self.0.get(CPU_TARGET) {
+            Some(TargetRecord::Cpu(b)) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The graph the ort backend should open on CPU: the serving graph ([`super::names::CPU_GRAPH`]) when the `cpu`
+    /// record says it was built and the file is in `dir`; `None`: the portable `model.onnx`.
+    pub fn cpu_graph(&self, dir: &std::path::Path) -> Option<&'static str> {
+        let cpu_graph = super::names::CPU_GRAPH;
+        let record = self.cpu()?;
+        (record.built && record.graph == cpu_graph && dir.join(cpu_graph).is_file()).then_some(cpu_graph)
+    }
+
+    /// The TensorRT record (built or planned) of GPU target `name`.
+    pub fn tensorrt(&self, name: &str) -> Option<&EngineBuild> {
+        match self.0.get(name) {
+            Some(TargetRecord::TensorRt(b)) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The record of `name`, whatever its kind.
+    pub fn get(&self, name: &str) -> Option<&TargetRecord> {
+        self.0.get(name)
+    }
+
+    /// Records the CPU serving graph (replacing an earlier record).
+    pub fn set_cpu(&mut self, build: CpuBuild) {
+        self.0.insert(CPU_TARGET.to_string(), TargetRecord::Cpu(build));
+    }
+
+    /// Records a TensorRT build or plan under its target name (replacing an earlier record).
+    pub fn set_tensorrt(&mut self, build: EngineBuild) {
+        self.0.insert(build.target.clone(), TargetRecord::TensorRt(build));
+    }
+
+    /// Removes the record of `name`.
+    pub fn remove(&mut self, name: &str) -> Option<TargetRecord> {
+        self.0.remove(name)
+    }
+
+    /// Target names and records, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &TargetRecord)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Whether no target was built or planned.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// `{"graph": "model.onnx"}`: what exporters before the typed records wrote under `targets.cpu` for an artifact
+/// without a CPU build (meaning "the portable graph"). Read as no record, so those artifacts still load; nothing
+/// writes it any more.
+fn is_legacy_cpu_placeholder(value: &serde_json::Value) -> bool {
+    value.as_object().is_some_and(|o| o.len() == 1 && o.get("graph").and_then(|g| g.as_str()) == Some("model.onnx"))
+}
+
+impl<'de> Deserialize<'de> for Targets {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = BTreeMap::<String, serde_json::Value>::deserialize(deserializer)?;
+        let mut out = BTreeMap::new();
+        for (name, value) in raw {
+            if name == CPU_TARGET && is_legacy_cpu_placeholder(&value) {
+                continue;
+            }
+            let record = if name == CPU_TARGET {
+                serde_json::from_value::<CpuBuild>(value).map(TargetRecord::Cpu)
+            } else {
+                serde_json::from_value::<EngineBuild>(value).map(TargetRecord::TensorRt)
+            }
+            .map_err(|e| D::Error::custom(format!("`targets.{name}`: {e}")))?;
+            if let TargetRecord::TensorRt(b) = &record {
+                if b.target != name {
+                    return Err(D::Error::custom(format!(
+                        "`targets.{name}`: the record says `target: {}`; a TensorRT record is stored under its own target name",
+                        b.target
+                    )));
+                }
+            }
+            out.insert(name, record);
+        }
+        Ok(Targets(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu() -> CpuBuild {
+        CpuBuild {
+            target: "cpu".into(),
+            built: true,
+            graph: "engines/cpu/model.onnx".into(),
+            source_graph: "model.onnx".into(),
+            optimization_level: "extended".into(),
+            ort_version: "1.31.1".into(),
+            duration_ms: 12,
+            files: vec!["engines/cpu/model.onnx".into()],
+            lowering: None,
+            last_position_logits: true,
+            fused_attention: true,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_by_kind() {
+        let mut t = Targets::default();
+        t.set_cpu(cpu());
+        let plan = EngineBuild {
+            target: "a100".into(),
+            sm: 80,
+            hardware_compatible: true,
+            precision: Some(Precision::Fp16),
+            ..EngineBuild::default()
+        };
+        t.set_tensorrt(plan.clone());
+        let json = serde_json::to_value(&t).unwrap();
+        assert_eq!(json["cpu"]["graph"], "engines/cpu/model.onnx");
+        assert_eq!(json["a100"]["precision"], "fp16");
+        let back: Targets = serde_json::from_value(json).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.cpu(), Some(&cpu()));
+        assert_eq!(back.tensorrt("a100"), Some(&plan));
+        assert_eq!(back.tensorrt("cpu"), None);
+    }
+
+    #[test]
+    fn the_placeholder_of_older_exporters_reads_as_no_record() {
+        let old = serde_json::json!({"cpu": {"graph": "model.onnx"}});
+        let t: Targets = serde_json::from_value(old).unwrap();
+        assert!(t.is_empty() && t.cpu().is_none());
+    }
+
+    #[test]
+    fn an_entry_that_is_not_its_record_is_an_error_naming_the_key() {
+        let partial = serde_json::json!({"cpu": {"graph": "engines/cpu/model.onnx", "built": true}});
+        let e = serde_json::from_value::<Targets>(partial).unwrap_err().to_string();
+        assert!(e.contains("`targets.cpu`") && e.contains("missing field"), "{e}");
+        let bad_precision = serde_json::json!({"h100": {"target": "h100", "sm": 90, "precision": "fp4"}});
+        let e = serde_json::from_value::<Targets>(bad_precision).unwrap_err().to_string();
+        assert!(e.contains("`targets.h100`") && e.contains("fp4"), "{e}");
+        let misfiled = serde_json::json!({"h100": {"target": "a100", "sm": 80}});
+        let e = serde_json::from_value::<Targets>(misfiled).unwrap_err().to_string();
+        assert!(e.contains("`targets.h100`") && e.contains("target: a100"), "{e}");
+    }
+}
