@@ -175,6 +175,61 @@ fn parse_target(s: &str) -> Result<String, String> {
     r1_engine::targets::target(s.trim()).map(|t| t.name.to_string()).map_err(|e| e.to_string())
 }
 
+/// A progress bar on stderr when it is a terminal and `--quiet` is not given; hidden otherwise.
+fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::hidden();
+    if !quiet && std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(bar_style("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}"));
+    }
+    bar
+}
+
+fn bar_style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+}
+
+/// Shows the weight conversion: bytes read, the tensor being written.
+fn show_export_progress(bar: &indicatif::ProgressBar, p: Progress) {
+    match p {
+        Progress::Start { total_bytes } => bar.set_length(total_bytes),
+        Progress::Tensor { name, bytes } => {
+            bar.inc(bytes);
+            bar.set_message(name.to_string());
+        }
+        Progress::Finishing => bar.set_message("writing model.onnx and manifest.json"),
+    }
+}
+
+/// Shows a quantized export: the fp32 export, the calibration passes, the rewrite, the report and the evaluation.
+fn show_quant_progress(bar: &indicatif::ProgressBar, p: QuantProgress) {
+    let count_style = || bar_style("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}");
+    match p {
+        QuantProgress::Export(p) => show_export_progress(bar, p),
+        QuantProgress::Pass { pass, passes, batches } => {
+            bar.set_style(count_style());
+            bar.set_length(batches as u64);
+            bar.set_position(0);
+            bar.set_message(format!("calibration pass {pass}/{passes} (samples)"));
+        }
+        QuantProgress::Batch { done } => bar.set_position(done as u64),
+        QuantProgress::Rewriting => bar.set_message("writing the quantized graph"),
+        QuantProgress::Report { samples } => {
+            bar.set_message(format!("comparing with fp32 on {samples} held-out samples"))
+        }
+        QuantProgress::Eval { precision, problems } => {
+            bar.set_style(count_style());
+            bar.set_length(problems as u64);
+            bar.set_position(0);
+            bar.set_message(format!("scoring {precision}"));
+        }
+        QuantProgress::EvalProgress { done, correct } => {
+            bar.set_position(done as u64);
+            bar.set_message(format!("{correct} correct so far"));
+        }
+    }
+}
+
 fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     let (Some(checkpoint), Some(out)) = (args.checkpoint.clone(), args.out.clone()) else {
         anyhow::bail!("a checkpoint directory and -o OUT_DIR are required (see --help)");
@@ -197,62 +252,16 @@ fn run_export(args: ExportArgs) -> anyhow::Result<()> {
         // The exporter writes the portable graph; targets are built on it below.
         target: "cpu".into(),
     };
-    let show = !args.quiet && std::io::stderr().is_terminal();
-    let bar = indicatif::ProgressBar::hidden();
-    let bytes_style = || {
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-    };
-    if show {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(bytes_style());
-    }
-    let on_export = |p: Progress| match p {
-        Progress::Start { total_bytes } => bar.set_length(total_bytes),
-        Progress::Tensor { name, bytes } => {
-            bar.inc(bytes);
-            bar.set_message(name.to_string());
-        }
-        Progress::Finishing => bar.set_message("writing model.onnx and manifest.json"),
-    };
+    let bar = progress_bar(args.quiet);
     let start = std::time::Instant::now();
     let manifest = match quant {
-        None => {
-            let mut on_export = on_export;
-            export(&opts, &mut on_export).with_context(|| format!("exporting {}", checkpoint.display()))?
-        }
+        None => export(&opts, &mut |p| show_export_progress(&bar, p))
+            .with_context(|| format!("exporting {}", checkpoint.display()))?,
         Some(q) => {
             let gpu_target = targets.iter().find(|t| !t.is_cpu()).map(|t| t.name);
             let qopts = args.quant.options(q, gpu_target)?;
-            let count_style = || {
-                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            };
-            let (manifest, report) = export_quantized(&opts, &qopts, &mut |p| match p {
-                QuantProgress::Export(p) => on_export(p),
-                QuantProgress::Pass { pass, passes, batches } => {
-                    bar.set_style(count_style());
-                    bar.set_length(batches as u64);
-                    bar.set_position(0);
-                    bar.set_message(format!("calibration pass {pass}/{passes} (samples)"));
-                }
-                QuantProgress::Batch { done } => bar.set_position(done as u64),
-                QuantProgress::Rewriting => bar.set_message("writing the quantized graph"),
-                QuantProgress::Report { samples } => {
-                    bar.set_message(format!("comparing with fp32 on {samples} held-out samples"))
-                }
-                QuantProgress::Eval { precision, problems } => {
-                    bar.set_style(count_style());
-                    bar.set_length(problems as u64);
-                    bar.set_position(0);
-                    bar.set_message(format!("scoring {precision}"));
-                }
-                QuantProgress::EvalProgress { done, correct } => {
-                    bar.set_position(done as u64);
-                    bar.set_message(format!("{correct} correct so far"));
-                }
-            })
-            .with_context(|| format!("exporting {} at {requested}", checkpoint.display()))?;
+            let (manifest, report) = export_quantized(&opts, &qopts, &mut |p| show_quant_progress(&bar, p))
+                .with_context(|| format!("exporting {} at {requested}", checkpoint.display()))?;
             bar.finish_and_clear();
             eprint!("{}", report.table());
             manifest

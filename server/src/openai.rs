@@ -14,6 +14,7 @@ use axum::Json;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::api::{collect, record_finish, AppState};
@@ -187,29 +188,51 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
         Ok(rx) => rx,
         Err(e) => return error_response(&e),
     };
-    let (id, object, model, created) = if chat {
-        (format!("chatcmpl-{rid}"), "chat.completion", state.model_id.clone(), now_secs())
-    } else {
-        (format!("cmpl-{rid}"), "text_completion", state.model_id.clone(), now_secs())
+    let head = Head {
+        id: if chat { format!("chatcmpl-{rid}") } else { format!("cmpl-{rid}") },
+        created: now_secs(),
+        model: state.model_id.clone(),
+        chat,
     };
-    if !body.stream {
-        return match collect(rx, &span).await {
-            Err(e) => error_response(&e),
-            Ok(c) => {
-                let choice = if chat {
-                    json!({"index": 0, "message": {"role": "assistant", "content": c.text, "reasoning_content": c.reasoning},
-                           "finish_reason": finish_str(c.finish_reason)})
-                } else {
-                    json!({"index": 0, "text": c.text, "reasoning_content": c.reasoning, "finish_reason": finish_str(c.finish_reason)})
-                };
-                let usage = json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                                   "total_tokens": c.prompt_tokens + c.completion_tokens});
-                Json(json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage}))
-                    .into_response()
-            }
-        };
+    if body.stream {
+        stream_response(rx, span, head)
+    } else {
+        whole_response(rx, &span, head).await
     }
+}
+
+/// What every response object of one request repeats.
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+    chat: bool,
+}
+
+/// The non-streaming response: one JSON object with the whole message and the usage.
+async fn whole_response(rx: UnboundedReceiver<Event>, span: &tracing::Span, head: Head) -> Response {
+    let c = match collect(rx, span).await {
+        Err(e) => return error_response(&e),
+        Ok(c) => c,
+    };
+    let choice = if head.chat {
+        json!({"index": 0, "message": {"role": "assistant", "content": c.text, "reasoning_content": c.reasoning},
+               "finish_reason": finish_str(c.finish_reason)})
+    } else {
+        json!({"index": 0, "text": c.text, "reasoning_content": c.reasoning, "finish_reason": finish_str(c.finish_reason)})
+    };
+    let usage = json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                       "total_tokens": c.prompt_tokens + c.completion_tokens});
+    let object = if head.chat { "chat.completion" } else { "text_completion" };
+    Json(json!({"id": head.id, "object": object, "created": head.created, "model": head.model, "choices": [choice], "usage": usage}))
+        .into_response()
+}
+
+/// The streaming response: server-sent events, one chunk per token, the finish reason and usage last, then `[DONE]`.
+fn stream_response(rx: UnboundedReceiver<Event>, span: tracing::Span, head: Head) -> Response {
+    let chat = head.chat;
     let chunk_object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let (id, created, model) = (head.id, head.created, head.model);
     let chunk = move |choice: Value, usage: Value| {
         let v = json!({"id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice], "usage": usage});
         SseEvent::default().data(v.to_string())

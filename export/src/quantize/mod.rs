@@ -212,14 +212,7 @@ pub fn export_quantized(
     let fp32_opts = ExportOptions { out_dir: staging_dir.clone(), precision: crate::Precision::Fp32, ..opts.clone() };
     let fp32_manifest = export(&fp32_opts, &mut |p| progress(QuantProgress::Export(p)))?;
 
-    // The tokenizer is needed only to read text (calibration samples, eval problems): a weight-only export of a
-    // checkpoint without tokenizer files works.
-    let tokenizer = if q.calibration_data.is_some() || q.eval_problems.is_some() {
-        Some(Tokenizer::from_dir(&staging.0).map_err(|e| calib_input(format!("loading the tokenizer: {e}")))?)
-    } else {
-        None
-    };
-    let template = tokenizer.as_ref().and_then(|t| ChatTemplate::from_config(t.config(), None, false).ok());
+    let (tokenizer, template) = text_of(&staging.0, q)?;
     let (calib, held_out) = match (&q.calibration_data, &tokenizer) {
         (Some(path), Some(tokenizer)) => read_samples(path, q, tokenizer, template.as_ref())?,
         _ => (Vec::new(), Vec::new()),
@@ -228,46 +221,20 @@ pub fn export_quantized(
     let mut model = read_model(&staging.0.join(MODEL_FILE))?;
     let original = model.clone();
     let reader = r1_calibration::external::ExternalDataReader::new(&staging.0);
-    let mut qopts = QdqOptions::new(q.scheme()?);
-    match q.lm_head {
-        LmHead::Float => {
-            qopts.exclude.insert(LM_HEAD_WEIGHT.to_string());
-        }
-        LmHead::Weights => {
-            qopts.weight_only.insert(LM_HEAD_WEIGHT.to_string());
-        }
-        LmHead::All => {}
+    let mut qopts = qdq_options(q)?;
+    let cal = if q.precision == Precision::Int8 {
+        Some(calibrate_int8(&mut model, &reader, &staging.0, &fp32_manifest, q, &calib, progress)?)
+    } else {
+        None
+    };
+    let batches = cal.as_ref().map_or(0, |c| c.batches);
+    if let Some(c) = &cal {
+        qopts.activation_scales = c.scales.clone();
     }
-    let mut cal_json = serde_json::Value::Null;
-    let mut cache = None;
-    let mut batches = 0;
-    if q.precision == Precision::Int8 {
-        let passes = if q.smoothquant_alpha > 0.0 { 2 } else { 1 };
-        let mut pass = 0;
-        // Both the pass factory and the per-batch callback report progress.
-        let shared = std::cell::RefCell::new(&mut *progress);
-        let mut make_source = |copy: &ModelProto| -> r1_calibration::Result<Box<dyn ActivationSource + '_>> {
-            pass += 1;
-            (shared.borrow_mut())(QuantProgress::Pass { pass, passes, batches: calib.len() });
-            let runner = GraphRunner::open(&staging.0, "calibration.onnx", copy, &fp32_manifest, q.backend)
-                .map_err(|e| CalibError::Source(e.to_string()))?;
-            Ok(Box::new(SampleSource { runner, samples: &calib, next: 0 }))
-        };
-        let cfg = W8A8Config { method: q.method, alpha: q.smoothquant_alpha, max_batches: calib.len() };
-        let cal = {
-            let mut batch_progress = |done: usize| (shared.borrow_mut())(QuantProgress::Batch { done });
-            calibrate_w8a8(&mut model, &reader, &mut make_source, cfg, Some(&staging.0), &mut batch_progress)?
-        };
-        batches = cal.batches;
-        qopts.activation_scales = cal.scales.clone().into_iter().collect();
-        let algorithm =
-            if q.method == CalibrationMethod::Max { CacheAlgorithm::MinMax } else { CacheAlgorithm::Entropy2 };
-        cache = Some(CalibrationCache::from_amax(TRT_CACHE_VERSION, algorithm, &cal.fp32_amax)?);
-        cal_json = serde_json::json!({
-            "amax": cal.amax.iter().cloned().collect::<BTreeMap<_, _>>(),
-            "smoothquant": cal.smooth,
-        });
-    }
+    let (cache, cal_json) = match cal {
+        Some(c) => (Some(c.cache), c.json),
+        None => (None, serde_json::Value::Null),
+    };
 
     progress(QuantProgress::Rewriting);
     let tmp = artifact::TempArtifact::create(&opts.out_dir)?;
@@ -301,44 +268,137 @@ pub fn export_quantized(
     }
     report.write(&tmp.path().join(REPORT_FILE))?;
 
-    manifest.files = artifact::copy_checkpoint_files(&opts.checkpoint, tmp.path())?;
-    for rel in [MODEL_FILE, DATA_FILE, REPORT_FILE, CACHE_FILE] {
-        let p = tmp.path().join(rel);
-        if p.is_file() {
-            manifest.files.insert(rel.into(), artifact::hash_file(&p)?);
-        }
-    }
+    manifest.files = artifact_files(&opts.checkpoint, tmp.path())?;
     manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json, &report));
     tmp.commit(&manifest)?;
 
     if let (Some(path), Some(tokenizer)) = (&q.eval_problems, &tokenizer) {
-        let problems = eval::load_problems(path).map_err(|e| calib_input(e.to_string()))?;
-        let problems = &problems[..problems.len().min(q.eval_limit)];
-        for (dir, name) in [(&staging.0, "fp32"), (&opts.out_dir, q.precision.name())] {
-            progress(QuantProgress::Eval { precision: name, problems: problems.len() });
-            let mut engine = Engine::load(dir, &EngineOptions { backend: q.backend, ..Default::default() })?;
-            let template = template.as_ref().ok_or(ExportError::Calibration(CalibError::Source(
-                "the checkpoint has no chat template, so eval problems cannot be rendered".into(),
-            )))?;
-            let r = eval::evaluate(
-                &mut engine,
-                tokenizer,
-                template,
-                problems,
-                &EvalOptions::default(),
-                &mut |done, _, correct| progress(QuantProgress::EvalProgress { done, correct }),
-            )
-            .map_err(|e| calib_input(e.to_string()))?;
-            report.accuracy.push(AccuracyRow {
-                precision: name.into(),
-                correct: r.correct as u32,
-                total: r.total as u32,
-            });
-        }
+        let dirs = [(staging.0.as_path(), "fp32"), (opts.out_dir.as_path(), q.precision.name())];
+        report.accuracy = evaluate_accuracy(path, &dirs, q, tokenizer, template.as_ref(), progress)?;
         rewrite_report(&opts.out_dir, &mut manifest, &report)?;
     }
     drop(staging);
     Ok((manifest, report))
+}
+
+/// The tokenizer and chat template of the exported checkpoint, when samples or eval problems need text. They are
+/// needed only to read text, so a weight-only export of a checkpoint without tokenizer files works. No template is
+/// fine for plain-text samples; one that does not compile is an error, not "no template".
+fn text_of(dir: &Path, q: &QuantizeOptions) -> Result<(Option<Tokenizer>, Option<ChatTemplate>)> {
+    if q.calibration_data.is_none() && q.eval_problems.is_none() {
+        return Ok((None, None));
+    }
+    let tokenizer = Tokenizer::from_dir(dir).map_err(|e| calib_input(format!("loading the tokenizer: {e}")))?;
+    let template = match ChatTemplate::from_config(tokenizer.config(), None, false) {
+        Ok(t) => Some(t),
+        Err(r1_engine::text::TextError::NoChatTemplate { .. }) => None,
+        Err(e) => return Err(calib_input(format!("the checkpoint's chat template: {e}"))),
+    };
+    Ok((Some(tokenizer), template))
+}
+
+/// The files of the quantized artifact in `dir` with their sha256: the checkpoint's text files (copied in), the
+/// graph and its weights, the report and the TensorRT cache when written.
+fn artifact_files(checkpoint: &Path, dir: &Path) -> Result<BTreeMap<String, r1_engine::manifest::FileEntry>> {
+    let mut files = artifact::copy_checkpoint_files(checkpoint, dir)?;
+    for rel in [MODEL_FILE, DATA_FILE, REPORT_FILE, CACHE_FILE] {
+        let p = dir.join(rel);
+        if p.is_file() {
+            files.insert(rel.into(), artifact::hash_file(&p)?);
+        }
+    }
+    Ok(files)
+}
+
+/// The QDQ rewrite options of `q`: its scheme, and the LM head excluded, weight-only or fully quantized.
+fn qdq_options(q: &QuantizeOptions) -> Result<QdqOptions> {
+    let mut qopts = QdqOptions::new(q.scheme()?);
+    match q.lm_head {
+        LmHead::Float => {
+            qopts.exclude.insert(LM_HEAD_WEIGHT.to_string());
+        }
+        LmHead::Weights => {
+            qopts.weight_only.insert(LM_HEAD_WEIGHT.to_string());
+        }
+        LmHead::All => {}
+    }
+    Ok(qopts)
+}
+
+/// What W8A8 calibration produced: activation scales for the rewrite, the TensorRT cache, and the manifest's record.
+struct Int8Calibration {
+    batches: usize,
+    scales: std::collections::HashMap<String, f32>,
+    cache: CalibrationCache,
+    json: serde_json::Value,
+}
+
+/// Runs the fp32 graph over the calibration samples (two passes with SmoothQuant, whose scales are folded into
+/// `model`) and derives the activation scales.
+fn calibrate_int8(
+    model: &mut ModelProto,
+    reader: &r1_calibration::external::ExternalDataReader,
+    staging: &Path,
+    fp32_manifest: &Manifest,
+    q: &QuantizeOptions,
+    calib: &[Vec<u32>],
+    progress: &mut dyn FnMut(QuantProgress<'_>),
+) -> Result<Int8Calibration> {
+    let passes = if q.smoothquant_alpha > 0.0 { 2 } else { 1 };
+    let mut pass = 0;
+    // Both the pass factory and the per-batch callback report progress.
+    let shared = std::cell::RefCell::new(progress);
+    let mut make_source = |copy: &ModelProto| -> r1_calibration::Result<Box<dyn ActivationSource + '_>> {
+        pass += 1;
+        (shared.borrow_mut())(QuantProgress::Pass { pass, passes, batches: calib.len() });
+        let runner = GraphRunner::open(staging, "calibration.onnx", copy, fp32_manifest, q.backend)
+            .map_err(|e| CalibError::Source(e.to_string()))?;
+        Ok(Box::new(SampleSource { runner, samples: calib, next: 0 }))
+    };
+    let cfg = W8A8Config { method: q.method, alpha: q.smoothquant_alpha, max_batches: calib.len() };
+    let cal = {
+        let mut batch_progress = |done: usize| (shared.borrow_mut())(QuantProgress::Batch { done });
+        calibrate_w8a8(model, reader, &mut make_source, cfg, Some(staging), &mut batch_progress)?
+    };
+    let algorithm = if q.method == CalibrationMethod::Max { CacheAlgorithm::MinMax } else { CacheAlgorithm::Entropy2 };
+    let cache = CalibrationCache::from_amax(TRT_CACHE_VERSION, algorithm, &cal.fp32_amax)?;
+    let json = serde_json::json!({
+        "amax": cal.amax.iter().cloned().collect::<BTreeMap<_, _>>(),
+        "smoothquant": cal.smooth,
+    });
+    Ok(Int8Calibration { batches: cal.batches, scales: cal.scales.into_iter().collect(), cache, json })
+}
+
+/// Greedy accuracy on the eval problems of every artifact in `dirs` (fp32 first, then the quantized one).
+fn evaluate_accuracy(
+    problems_file: &Path,
+    dirs: &[(&Path, &'static str)],
+    q: &QuantizeOptions,
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    progress: &mut dyn FnMut(QuantProgress<'_>),
+) -> Result<Vec<AccuracyRow>> {
+    let problems = eval::load_problems(problems_file).map_err(|e| calib_input(e.to_string()))?;
+    let problems = &problems[..problems.len().min(q.eval_limit)];
+    let template = template.ok_or(ExportError::Calibration(CalibError::Source(
+        "the checkpoint has no chat template, so eval problems cannot be rendered".into(),
+    )))?;
+    let mut rows = Vec::new();
+    for (dir, name) in dirs {
+        progress(QuantProgress::Eval { precision: name, problems: problems.len() });
+        let mut engine = Engine::load(dir, &EngineOptions { backend: q.backend, ..Default::default() })?;
+        let r = eval::evaluate(
+            &mut engine,
+            tokenizer,
+            template,
+            problems,
+            &EvalOptions::default(),
+            &mut |done, _, correct| progress(QuantProgress::EvalProgress { done, correct }),
+        )
+        .map_err(|e| calib_input(e.to_string()))?;
+        rows.push(AccuracyRow { precision: (*name).into(), correct: r.correct as u32, total: r.total as u32 });
+    }
+    Ok(rows)
 }
 
 fn validate(opts: &ExportOptions, q: &QuantizeOptions) -> Result<()> {
