@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use r1_engine::backend::BackendKind;
-use r1_engine::engine::argmax;
+use r1_engine::generate::argmax;
 use r1_engine::{Engine, EngineOptions, StepWork};
 
 fn env_usize(name: &str, default: usize) -> usize {

@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::{argmax, Engine};
+use crate::engine::Engine;
+use crate::generate::argmax;
 use crate::text::{ChatMessage, ChatTemplate, RenderOptions, Tokenizer, THINK_END};
 use crate::EngineError;
 

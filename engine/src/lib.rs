@@ -12,6 +12,7 @@ pub mod build;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod host;
 pub mod kv;
 pub mod manifest;

@@ -89,7 +89,7 @@ fn batched_greedy_equals_single_generations() {
             // Whole prompts at once, and 3-token prefill chunks mixed with other rows' decode steps.
             for chunk in [usize::MAX, 3, 1] {
                 let batched = e
-                    .generate_batch_with(&prompts, exp.new_tokens, &[], chunk, |l| Ok(r1_engine::engine::argmax(l)))
+                    .generate_batch_with(&prompts, exp.new_tokens, &[], chunk, |l| Ok(r1_engine::generate::argmax(l)))
                     .unwrap();
                 assert_eq!(batched, singles, "{fx} {kind:?} chunk {chunk}");
             }
@@ -224,7 +224,7 @@ fn feeding_the_kept_present_back_equals_gathering_the_host_caches() {
             let mut run = |e: &mut Engine, ids: &[r1_engine::SequenceId]| {
                 let work: Vec<_> = ids.iter().map(|&id| StepWork::all(id)).collect();
                 for r in e.step(&work).unwrap() {
-                    e.push_token(r.seq, r1_engine::engine::argmax(&r.logits)).unwrap();
+                    e.push_token(r.seq, r1_engine::generate::argmax(&r.logits)).unwrap();
                     log.push(r.logits);
                 }
             };
@@ -259,7 +259,7 @@ fn a_failed_step_leaves_every_sequence_unchanged() {
     let b = e.add_sequence(p1, 4).unwrap();
     // a: prefill fully, then one decode token pending; b: prefill pending.
     let first = e.step(&[StepWork::all(a)]).unwrap();
-    e.push_token(a, r1_engine::engine::argmax(&first[0].logits)).unwrap();
+    e.push_token(a, r1_engine::generate::argmax(&first[0].logits)).unwrap();
     let before = (
         e.cached_tokens(a).unwrap(),
         e.pending_tokens(a).unwrap(),
@@ -279,9 +279,9 @@ fn a_failed_step_leaves_every_sequence_unchanged() {
     // The same batch now succeeds and continues exactly like the reference.
     let out = e.step(&[StepWork::all(a), StepWork::all(b)]).unwrap();
     assert_eq!(first[0].seq, a);
-    assert_eq!(r1_engine::engine::argmax(&first[0].logits), w0[0]);
-    assert_eq!(r1_engine::engine::argmax(&out[0].logits), w0[1]);
-    assert_eq!(r1_engine::engine::argmax(&out[1].logits), w1[0]);
+    assert_eq!(r1_engine::generate::argmax(&first[0].logits), w0[0]);
+    assert_eq!(r1_engine::generate::argmax(&out[0].logits), w0[1]);
+    assert_eq!(r1_engine::generate::argmax(&out[1].logits), w1[0]);
 }
 
 /// Forwards to a backend under the limit of ONNX Runtime's CPU `GroupQueryAttention` (the fused serving graph): a
@@ -337,7 +337,7 @@ fn steps_split_for_a_backend_that_cannot_batch_chunks_with_a_past() {
             let mut e = Engine::from_backend(&fixture(fx), manifest, Box::new(wrapped), None);
             for chunk in [usize::MAX, 3, 1] {
                 let batched = e
-                    .generate_batch_with(&prompts, exp.new_tokens, &[], chunk, |l| Ok(r1_engine::engine::argmax(l)))
+                    .generate_batch_with(&prompts, exp.new_tokens, &[], chunk, |l| Ok(r1_engine::generate::argmax(l)))
                     .unwrap();
                 assert_eq!(batched, singles, "{fx} {kind:?} chunk {chunk}");
             }
@@ -361,7 +361,7 @@ fn a_split_step_that_fails_in_its_second_pass_leaves_every_sequence_unchanged() 
     let b = e.add_sequence(p1, 4).unwrap();
     let first = e.step(&[StepWork::all(a), StepWork::chunk(b, 1)]).unwrap();
     assert_eq!(first.len(), 1, "only a completes its prompt");
-    e.push_token(a, r1_engine::engine::argmax(&first[0].logits)).unwrap();
+    e.push_token(a, r1_engine::generate::argmax(&first[0].logits)).unwrap();
     let state = |e: &Engine| [a, b].map(|s| (e.cached_tokens(s).unwrap(), e.pending_tokens(s).unwrap()));
     let before = state(&e);
     let err = e.step(&[StepWork::all(a), StepWork::chunk(b, 2)]).unwrap_err();
@@ -371,7 +371,7 @@ fn a_split_step_that_fails_in_its_second_pass_leaves_every_sequence_unchanged() 
     // The same step now succeeds, and a continues exactly like the reference.
     let out = e.step(&[StepWork::all(a), StepWork::chunk(b, 2)]).unwrap();
     assert_eq!(out[0].seq, a);
-    assert_eq!(r1_engine::engine::argmax(&out[0].logits), w0[1]);
+    assert_eq!(r1_engine::generate::argmax(&out[0].logits), w0[1]);
 }
 
 #[test]
@@ -424,7 +424,7 @@ fn kv_budget_admission_reserve_and_release() {
     // Outgrowing the reservation takes one more token at a time from the budget.
     let b = e.add_sequence(&[1], 0).unwrap();
     let out = e.step(&[StepWork::all(b)]).unwrap();
-    e.push_token(b, r1_engine::engine::argmax(&out[0].logits)).unwrap();
+    e.push_token(b, r1_engine::generate::argmax(&out[0].logits)).unwrap();
     assert_eq!(e.kv_budget().reserved_bytes(), 2 * per_token);
     // A backend that does not keep its present (hidden here) is budgeted for the host caches alone.
     let inner = backend::load(&dir, &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();

@@ -31,8 +31,9 @@ fn exported_artifact_batched_greedy_equals_single() {
         let mut e = Engine::from_backend(&dir, manifest.clone(), b, None);
         let singles: Vec<Vec<u32>> = prompts.iter().map(|p| e.generate_greedy(p, 8, &[]).expect("single")).collect();
         for chunk in [usize::MAX, 3] {
-            let batched =
-                e.generate_batch_with(&prompts, 8, &[], chunk, |l| Ok(r1_engine::engine::argmax(l))).expect("batched");
+            let batched = e
+                .generate_batch_with(&prompts, 8, &[], chunk, |l| Ok(r1_engine::generate::argmax(l)))
+                .expect("batched");
             assert_eq!(batched, singles, "{kind:?} chunk {chunk}");
         }
     }
