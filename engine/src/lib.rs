@@ -5,10 +5,10 @@
 //!
 //! Modules: [`manifest`] (artifact contract), [`backend`] (ort / tract forward pass), [`ort_lib`]
 //! (finding ONNX Runtime), [`targets`] (GPU target table, TensorRT options), [`kv`] (KV caches and
-//! budget), [`engine`] (batched step over sequences).
+//! budget), [`engine`] (batched step over sequences), [`host`] (the ONNX Runtime environment, TensorRT probes).
+//! Per-target builds (TensorRT engines, the CPU serving graph) are export-time work and live in `r1-export`.
 
 pub mod backend;
-pub mod build;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -165,15 +165,33 @@ fn hardware_compatible_and_cache_settings_pass_through() {
     assert!(o.iter().all(|(k, _)| k != "trt_dump_ep_context_model" && k != "trt_ep_context_embed_mode"));
 }
 
+/// A build plan as the exporter records it: options with cache paths relative to the artifact.
+fn plan(m: &Manifest, t: &Target, hardware_compatible: bool) -> EngineBuild {
+    let settings = TrtSettings {
+        cache_dir: PathBuf::from(format!("engines/{}", t.name)),
+        hardware_compatible,
+        dump_ep_context_model: true,
+        builder_optimization_level: 3,
+    };
+    let options = tensorrt_options(t, m, &settings).unwrap().into_iter().collect();
+    EngineBuild {
+        target: t.name.into(),
+        sm: t.sm,
+        hardware_compatible,
+        precision: Some(m.precision),
+        options,
+        ..EngineBuild::default()
+    }
+}
+
 #[test]
 fn a_built_engine_is_opened_with_the_options_it_was_built_with() {
     let dir = Path::new("/srv/art");
     let h100 = target("h100").unwrap();
     let mut m = manifest("fp16");
     // Built --hardware-compatible: the server asks for no hardware compatibility, the record wins.
-    let mut built = crate::build::tensorrt_plan(dir, &m, h100, true).unwrap();
+    let mut built = plan(&m, h100, true);
     built.built = true;
-    built.command = None;
     m.targets.set_tensorrt(built.clone());
     let (cache, o) = session_tensorrt_options(dir, &m, h100, false, None).unwrap();
     assert_eq!(cache, dir.join("engines/h100"));
@@ -195,7 +213,7 @@ fn a_built_engine_is_opened_with_the_options_it_was_built_with() {
     let (_, o) = session_tensorrt_options(dir, &m, h100, false, None).unwrap();
     assert_eq!(get(&o, "trt_engine_hw_compatible"), "0");
     let mut planned = m.clone();
-    planned.targets.set_tensorrt(crate::build::tensorrt_plan(dir, &m, h100, true).unwrap());
+    planned.targets.set_tensorrt(plan(&m, h100, true));
     let (_, o) = session_tensorrt_options(dir, &planned, h100, false, None).unwrap();
     assert_eq!(get(&o, "trt_engine_hw_compatible"), "1");
 }

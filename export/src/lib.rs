@@ -14,6 +14,7 @@
 pub mod arch;
 pub mod artifact;
 pub mod checkpoint;
+pub mod engines;
 pub mod error;
 pub mod fixture;
 pub mod onnx;

@@ -304,7 +304,7 @@ fn run_targets(dir: &Path, args: &TargetArgs, mode: Mode) -> anyhow::Result<()> 
                 b.tensorrt_version.as_deref().unwrap_or("version unknown"),
                 b.ort_version.as_deref().unwrap_or("?"),
                 b.duration_ms.unwrap_or(0) as f64 / 1e3,
-                dir.join(r1_engine::build::ENGINES_DIR).join(&b.target).display()
+                dir.join(r1_engine::manifest::names::ENGINES_DIR).join(&b.target).display()
             ),
             Outcome::Planned { plan, reason } => eprintln!(
                 "{}: not built here ({reason}).\n{}: build plan recorded in manifest.json; to build the engine, run on a host with that GPU:\n  {}",

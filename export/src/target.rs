@@ -1,12 +1,12 @@
 //! Per-target builds of an artifact (`r1-export --target ...` after an export, and
 //! `r1-export build OUT_DIR --target ...`), recorded in `manifest.json`.
 //!
-//! - `cpu`: the ONNX Runtime-optimized serving graph in `engines/cpu/` ([`r1_engine::build::optimize_cpu_graph`]):
+//! - `cpu`: the ONNX Runtime-optimized serving graph in `engines/cpu/` ([`crate::engines::optimize_cpu_graph`]):
 //!   first, in a temporary copy, the LM head is moved to each row's last fed position ([`crate::onnx::last_logits`])
 //!   and the weight-only int8 MatMuls of an `int8-wo` graph (and the LM head of an `int8` one) are lowered to
 //!   wide-block, sibling-fused `MatMulNBits` ([`r1_calibration::matmul_nbits`]).
 //! - a GPU target (`a100`, `h100`, ...): on a host with that GPU and ONNX Runtime's TensorRT EP, the
-//!   TensorRT engine in `engines/<target>/` ([`r1_engine::build::build_tensorrt`]); elsewhere, after an
+//!   TensorRT engine in `engines/<target>/` ([`crate::engines::build_tensorrt`]); elsewhere, after an
 //!   export, the build plan (`built: false`, the exact `trt_*` options, profile, precision and the
 //!   command to run on the GPU host). `r1-export build` never plans: it builds or fails saying why.
 //!
@@ -16,7 +16,7 @@
 
 use std::path::Path;
 
-use r1_engine::build as eb;
+use crate::engines as eb;
 use r1_engine::manifest::names::MODEL_FILE;
 use r1_engine::manifest::{CpuBuild, EngineBuild, Manifest, Precision};
 use r1_engine::targets::{self, Target};

@@ -287,7 +287,7 @@ fn cpu_target_writes_an_optimized_graph_with_the_portable_graphs_logits() {
     for f in &files {
         assert_eq!(m.files[f], r1_export::artifact::hash_file(&out.join(f)).unwrap(), "{f}");
     }
-    let on_disk = r1_engine::build::list_files(&out, &out.join("engines")).unwrap();
+    let on_disk = r1_export::engines::list_files(&out, &out.join("engines")).unwrap();
     assert_eq!(on_disk, files, "no stray files under engines/");
     assert_eq!(m.targets.cpu_graph(&out), Some("engines/cpu/model.onnx"));
     // ONNX Runtime really rewrote the graph: the portable graph has standard ops only, the

@@ -24,12 +24,12 @@ use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 
-use crate::error::{EngineError, Result};
-use crate::host;
-use crate::manifest::names::MODEL_FILE;
-pub use crate::manifest::names::{CPU_GRAPH, CPU_GRAPH_DATA, ENGINES_DIR};
-use crate::manifest::{CpuBuild, EngineBuild, Manifest};
-use crate::targets::{self, LocalGpu, Target, TrtSettings, EP_CONTEXT_FILE};
+use r1_engine::host;
+use r1_engine::manifest::names::MODEL_FILE;
+pub use r1_engine::manifest::names::{CPU_GRAPH, CPU_GRAPH_DATA, ENGINES_DIR};
+use r1_engine::manifest::{CpuBuild, EngineBuild, Manifest};
+use r1_engine::targets::{self, LocalGpu, Target, TrtSettings, EP_CONTEXT_FILE};
+use r1_engine::{EngineError, Result};
 
 /// ONNX Runtime graph optimization level of the CPU graph (see the module docs for why not `all`).
 pub const CPU_OPTIMIZATION_LEVEL: &str = "extended";
@@ -166,7 +166,7 @@ pub fn build_tensorrt(
     hardware_compatible: bool,
 ) -> Result<EngineBuild> {
     let gpu = check_build_host(target, hardware_compatible)?;
-    let env = crate::host::environment()?;
+    let env = host::environment()?;
     let cache_dir = dir.join(ENGINES_DIR).join(target.name);
     if cache_dir.exists() {
         std::fs::remove_dir_all(&cache_dir).map_err(|source| EngineError::Io { path: cache_dir.clone(), source })?;
@@ -222,7 +222,7 @@ pub fn parse_tensorrt_version(maps: &str) -> Option<String> {
 /// Version of the ONNX Runtime library in use: from its build info (`git-branch=rel-1.31.1`), else
 /// the version this crate expects.
 pub fn ort_version() -> String {
-    parse_ort_build_info(ort::info()).unwrap_or_else(|| crate::ort_lib::ORT_VERSION.to_string())
+    parse_ort_build_info(ort::info()).unwrap_or_else(|| r1_engine::ort_lib::ORT_VERSION.to_string())
 }
 
 /// `1.31.1` from ONNX Runtime's build info string (`... git-branch=rel-1.31.1, ...`).
@@ -238,7 +238,7 @@ pub fn parse_ort_build_info(info: &str) -> Option<String> {
 /// if missing): `model.onnx` plus, for every initializer of 1 KiB or more, `model.onnx.data`. File paths in the
 /// record are relative to the artifact directory as if `out` were `dir/engines/cpu`.
 pub fn optimize_cpu_graph(model: &Path, out: &Path) -> Result<CpuBuild> {
-    let env = crate::host::environment()?;
+    let env = host::environment()?;
     std::fs::create_dir_all(out).map_err(|source| EngineError::Io { path: out.to_path_buf(), source })?;
     let optimized = out.join(MODEL_FILE);
     let start = Instant::now();
@@ -311,12 +311,12 @@ pub fn list_files(root: &Path, at: &Path) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Targets;
-    use crate::targets::target;
+    use r1_engine::manifest::Targets;
+    use r1_engine::targets::target;
 
     fn manifest(precision: &str) -> Manifest {
         let mut m: Manifest =
-            serde_json::from_str(include_str!("../tests/fixtures/tiny/manifest.json")).expect("fixture");
+            serde_json::from_str(include_str!("../../engine/tests/fixtures/tiny/manifest.json")).expect("fixture");
         m.precision = precision.parse().expect("a precision name");
         m
     }
