@@ -206,6 +206,27 @@ pub fn quantize_model(
 /// Rewrites the graph in place (new initializers carry inline `raw_data`; externally stored source weights are
 /// read through `reader`). Quantized fp32 weights are removed unless another node still reads them.
 pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: &QdqOptions) -> Result<RewriteSummary> {
+    check_scheme(model, opts)?;
+    let graph = model.graph.as_mut().ok_or_else(|| CalibError::graph("model", "has no graph"))?;
+    let mut summary = RewriteSummary::default();
+    skipped_non_float(graph, &mut summary);
+    let targets = select_targets(graph, opts, &mut summary)?;
+    let (new_inits, weight_dq) = rewrite_nodes(graph, &targets, reader, opts, &mut summary)?;
+    remove_replaced_weights(graph, &weight_dq);
+    graph.initializer.extend(new_inits);
+    Ok(summary)
+}
+
+/// A MatMul to rewrite: its name, activation input `A`, weight initializer `B`, and whether `A` is quantized too.
+struct Target {
+    name: String,
+    a: String,
+    w: String,
+    quantize_a: bool,
+}
+
+/// Refuses an invalid int4 block size, or a model whose default-domain opset is below what the scheme needs.
+fn check_scheme(model: &ModelProto, opts: &QdqOptions) -> Result<()> {
     if let QuantScheme::Int4WeightOnly { block_size, .. } = opts.scheme {
         validate_block_size(block_size)?;
     }
@@ -220,10 +241,17 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
             ),
         ));
     }
-    let graph = model.graph.as_mut().ok_or_else(|| CalibError::graph("model", "has no graph"))?;
-    let mut summary = RewriteSummary::default();
+    Ok(())
+}
+
+/// The MatMuls to rewrite by node index, recording the excluded ones in `summary`; fails on a W8A8 input that
+/// has no activation scale.
+fn select_targets(
+    graph: &GraphProto,
+    opts: &QdqOptions,
+    summary: &mut RewriteSummary,
+) -> Result<HashMap<usize, Target>> {
     let mut targets = HashMap::new();
-    skipped_non_float(graph, &mut summary);
     for (idx, a, w) in weight_matmuls(graph) {
         let name = node_name(&graph.node[idx], idx);
         if opts.exclude.contains(&name) || opts.exclude.contains(&w) {
@@ -238,9 +266,21 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
                 format!("no activation scale for input `{a}` (calibration did not observe it)"),
             ));
         }
-        targets.insert(idx, (name, a, w, quantize_a));
+        targets.insert(idx, Target { name, a, w, quantize_a });
     }
+    Ok(targets)
+}
 
+/// Rewrites the target MatMuls in graph order: each weight's `DequantizeLinear` goes before its first reader,
+/// each W8A8 input's `Q → DQ` pair before its MatMul. Returns the new initializers and, per quantized weight, the
+/// `DequantizeLinear` output that replaces it.
+fn rewrite_nodes(
+    graph: &mut GraphProto,
+    targets: &HashMap<usize, Target>,
+    reader: &ExternalDataReader,
+    opts: &QdqOptions,
+    summary: &mut RewriteSummary,
+) -> Result<(Vec<TensorProto>, HashMap<String, String>)> {
     let init_index: HashMap<String, usize> =
         graph.initializer.iter().enumerate().filter_map(|(i, t)| t.name.clone().map(|n| (n, i))).collect();
     let mut new_inits: Vec<TensorProto> = Vec::new();
@@ -248,7 +288,7 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
     let mut nodes = Vec::with_capacity(graph.node.len() + 3 * targets.len());
     let old_nodes = std::mem::take(&mut graph.node);
     for (idx, mut node) in old_nodes.into_iter().enumerate() {
-        let Some((name, a, w, quantize_a)) = targets.get(&idx) else {
+        let Some(Target { name, a, w, quantize_a }) = targets.get(&idx) else {
             nodes.push(node);
             continue;
         };
@@ -256,73 +296,13 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
         let (k, n) = (dim(src, 0)?, dim(src, 1)?);
         if !weight_dq.contains_key(w) {
             let values = reader.tensor_f32(src)?;
-            let dq_out = format!("{w}_dequantized");
-            let (q_name, scale_name) = (quantized_weight_name(w, opts.scheme), format!("{w}_scale"));
-            let mut dq = NodeProto {
-                name: Some(format!("{w}/DequantizeLinear")),
-                op_type: Some("DequantizeLinear".into()),
-                input: vec![q_name.clone(), scale_name.clone()],
-                output: vec![dq_out.clone()],
-                ..Default::default()
-            };
-            match opts.scheme {
-                QuantScheme::W8A8 | QuantScheme::Int8WeightOnly => {
-                    let q = quantize_per_channel(&values, k, n)?;
-                    new_inits.push(int8_tensor(&q_name, &[k, n], &q.values));
-                    new_inits.push(f32_tensor(&scale_name, &[n], &q.scales));
-                    let zp = format!("{w}_zero_point");
-                    new_inits.push(int8_tensor(&zp, &[n], &vec![0; n]));
-                    dq.input.push(zp);
-                    dq.attribute.push(int_attr("axis", 1));
-                }
-                QuantScheme::Int4WeightOnly { block_size, asymmetric } => {
-                    let q = if asymmetric {
-                        quantize_blocked_u4(&values, k, n, block_size)?
-                    } else {
-                        quantize_blocked_i4(&values, k, n, block_size)?
-                    };
-                    let int4_type = if asymmetric { DataType::Uint4 } else { DataType::Int4 };
-                    new_inits.push(int4_tensor(&q_name, &[k, n], int4_type, q.packed()));
-                    new_inits.push(f32_tensor(&scale_name, &[q.num_blocks(), n], &q.scales));
-                    if let Some(zp) = q.packed_zero_points() {
-                        let zp_name = format!("{w}_zero_point");
-                        new_inits.push(int4_tensor(&zp_name, &[q.num_blocks(), n], DataType::Uint4, zp));
-                        dq.input.push(zp_name);
-                    }
-                    dq.attribute.push(int_attr("axis", 0));
-                    dq.attribute.push(int_attr("block_size", block_size as i64));
-                }
-            }
+            let dq = dequantized_weight(w, &values, k, n, opts.scheme, &mut new_inits)?;
+            weight_dq.insert(w.clone(), dq.output[0].clone());
             nodes.push(dq);
-            weight_dq.insert(w.clone(), dq_out);
         }
         node.input[1] = weight_dq[w].clone();
         if *quantize_a {
-            // Scale and zero point are per consumer too (same values): with shared initializers ONNX Runtime's
-            // common-subexpression elimination merges the Q nodes again and the fusion is lost.
-            let (scale_name, zp_name) = (format!("{a}_scale_for_{name}"), format!("{a}_zero_point_for_{name}"));
-            let scale = opts.activation_scales[a];
-            if !(scale.is_finite() && scale > 0.0) {
-                return Err(CalibError::invalid(format!("activation scale of `{a}`"), "finite and > 0", scale));
-            }
-            new_inits.push(f32_tensor(&scale_name, &[], &[scale]));
-            new_inits.push(int8_tensor(&zp_name, &[], &[0]));
-            let (q_out, dq_out) = (format!("{a}_quantized_for_{name}"), format!("{a}_dequantized_for_{name}"));
-            nodes.push(NodeProto {
-                name: Some(format!("{name}/input/QuantizeLinear")),
-                op_type: Some("QuantizeLinear".into()),
-                input: vec![a.clone(), scale_name.clone(), zp_name.clone()],
-                output: vec![q_out.clone()],
-                ..Default::default()
-            });
-            nodes.push(NodeProto {
-                name: Some(format!("{name}/input/DequantizeLinear")),
-                op_type: Some("DequantizeLinear".into()),
-                input: vec![q_out, scale_name, zp_name],
-                output: vec![dq_out.clone()],
-                ..Default::default()
-            });
-            node.input[0] = dq_out;
+            node.input[0] = quantized_activation(a, name, opts.activation_scales[a], &mut new_inits, &mut nodes)?;
         }
         let output = node.output.first().cloned().unwrap_or_default();
         summary.quantized.push(QuantizedMatMul {
@@ -337,6 +317,97 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
         nodes.push(node);
     }
     graph.node = nodes;
+    Ok((new_inits, weight_dq))
+}
+
+/// Quantizes weight `w` (`values`, `[k, n]`) per `scheme` into `new_inits` and returns the `DequantizeLinear` that
+/// reads it back as `{w}_dequantized`.
+fn dequantized_weight(
+    w: &str,
+    values: &[f32],
+    k: usize,
+    n: usize,
+    scheme: QuantScheme,
+    new_inits: &mut Vec<TensorProto>,
+) -> Result<NodeProto> {
+    let dq_out = format!("{w}_dequantized");
+    let (q_name, scale_name) = (quantized_weight_name(w, scheme), format!("{w}_scale"));
+    let mut dq = NodeProto {
+        name: Some(format!("{w}/DequantizeLinear")),
+        op_type: Some("DequantizeLinear".into()),
+        input: vec![q_name.clone(), scale_name.clone()],
+        output: vec![dq_out],
+        ..Default::default()
+    };
+    match scheme {
+        QuantScheme::W8A8 | QuantScheme::Int8WeightOnly => {
+            let q = quantize_per_channel(values, k, n)?;
+            new_inits.push(int8_tensor(&q_name, &[k, n], &q.values));
+            new_inits.push(f32_tensor(&scale_name, &[n], &q.scales));
+            let zp = format!("{w}_zero_point");
+            new_inits.push(int8_tensor(&zp, &[n], &vec![0; n]));
+            dq.input.push(zp);
+            dq.attribute.push(int_attr("axis", 1));
+        }
+        QuantScheme::Int4WeightOnly { block_size, asymmetric } => {
+            let q = if asymmetric {
+                quantize_blocked_u4(values, k, n, block_size)?
+            } else {
+                quantize_blocked_i4(values, k, n, block_size)?
+            };
+            let int4_type = if asymmetric { DataType::Uint4 } else { DataType::Int4 };
+            new_inits.push(int4_tensor(&q_name, &[k, n], int4_type, q.packed()));
+            new_inits.push(f32_tensor(&scale_name, &[q.num_blocks(), n], &q.scales));
+            if let Some(zp) = q.packed_zero_points() {
+                let zp_name = format!("{w}_zero_point");
+                new_inits.push(int4_tensor(&zp_name, &[q.num_blocks(), n], DataType::Uint4, zp));
+                dq.input.push(zp_name);
+            }
+            dq.attribute.push(int_attr("axis", 0));
+            dq.attribute.push(int_attr("block_size", block_size as i64));
+        }
+    }
+    Ok(dq)
+}
+
+/// Appends MatMul `name`'s own `QuantizeLinear → DequantizeLinear` pair on input `a` (per-tensor `scale`, zero
+/// point 0) to `nodes`, its initializers to `new_inits`, and returns the dequantized tensor's name.
+fn quantized_activation(
+    a: &str,
+    name: &str,
+    scale: f32,
+    new_inits: &mut Vec<TensorProto>,
+    nodes: &mut Vec<NodeProto>,
+) -> Result<String> {
+    // Scale and zero point are per consumer too (same values): with shared initializers ONNX Runtime's
+    // common-subexpression elimination merges the Q nodes again and the fusion is lost.
+    let (scale_name, zp_name) = (format!("{a}_scale_for_{name}"), format!("{a}_zero_point_for_{name}"));
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(CalibError::invalid(format!("activation scale of `{a}`"), "finite and > 0", scale));
+    }
+    new_inits.push(f32_tensor(&scale_name, &[], &[scale]));
+    new_inits.push(int8_tensor(&zp_name, &[], &[0]));
+    let (q_out, dq_out) = (format!("{a}_quantized_for_{name}"), format!("{a}_dequantized_for_{name}"));
+    nodes.push(NodeProto {
+        name: Some(format!("{name}/input/QuantizeLinear")),
+        op_type: Some("QuantizeLinear".into()),
+        input: vec![a.to_string(), scale_name.clone(), zp_name.clone()],
+        output: vec![q_out.clone()],
+        ..Default::default()
+    });
+    nodes.push(NodeProto {
+        name: Some(format!("{name}/input/DequantizeLinear")),
+        op_type: Some("DequantizeLinear".into()),
+        input: vec![q_out, scale_name, zp_name],
+        output: vec![dq_out.clone()],
+        ..Default::default()
+    });
+    Ok(dq_out)
+}
+
+/// Drops the fp32 weights that were quantized (the keys of `weight_dq`) unless a node or graph output still
+/// reads them.
+fn remove_replaced_weights(graph: &mut GraphProto, weight_dq: &HashMap<String, String>) {
     let still_read: HashSet<&str> = graph.node.iter().flat_map(|n| n.input.iter().map(String::as_str)).collect();
     let outputs: HashSet<&str> = graph.output.iter().filter_map(|o| o.name.as_deref()).collect();
     let replaced: HashSet<&String> = weight_dq.keys().collect();
@@ -344,8 +415,6 @@ pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: 
         let n = t.name.as_deref().unwrap_or_default();
         !replaced.contains(&n.to_string()) || still_read.contains(n) || outputs.contains(n)
     });
-    graph.initializer.extend(new_inits);
-    Ok(summary)
 }
 
 /// MatMuls whose weight is an initializer this rewrite cannot take (not 2-D FLOAT, e.g. an fp16 graph).

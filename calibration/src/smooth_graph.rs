@@ -11,7 +11,7 @@ use crate::external::{ExternalDataReader, ExternalDataWriter};
 use crate::qdq::calibration_targets;
 use crate::smoothquant::{fold_into_norm, scale_weight_rows, smoothing_factors, validate_alpha, weight_row_abs_max};
 use r1_proto::onnx::tensor_proto::DataType;
-use r1_proto::onnx::{ModelProto, TensorProto};
+use r1_proto::onnx::{GraphProto, ModelProto, TensorProto};
 use serde::Serialize;
 use std::collections::HashMap;
 
@@ -68,6 +68,7 @@ pub fn apply_smoothquant_spilled(
     smooth(model, reader, channel_max, alpha, Some(spill))
 }
 
+/// [`apply_smoothquant`], writing rescaled weights to `spill` when one is given (see [`apply_smoothquant_spilled`]).
 fn smooth(
     model: &mut ModelProto,
     reader: &ExternalDataReader,
@@ -82,104 +83,157 @@ fn smooth(
     }
     let targets = calibration_targets(model);
     let Some(graph) = model.graph.as_mut() else { return Ok(summary) };
-    let init_idx: HashMap<String, usize> =
-        graph.initializer.iter().enumerate().filter_map(|(i, t)| t.name.clone().map(|n| (n, i))).collect();
-    let mut uses: HashMap<&str, usize> = HashMap::new();
-    for n in &graph.node {
-        for i in &n.input {
-            *uses.entry(i.as_str()).or_default() += 1;
-        }
-    }
-    let is_output = |name: &str| graph.output.iter().any(|o| o.name.as_deref() == Some(name));
-    let float_init = |name: &str, dims: &[i64]| -> Option<usize> {
-        let &i = init_idx.get(name)?;
-        let t = &graph.initializer[i];
-        (t.data_type == Some(DataType::Float as i32) && t.dims == dims).then_some(i)
-    };
-
     // plan first (immutable), apply after
+    let plans = make_plans(graph, targets, channel_max, &mut summary);
+    for plan in plans {
+        let smoothed = apply_plan(graph, reader, channel_max, alpha, spill.as_deref_mut(), plan)?;
+        summary.smoothed.push(smoothed);
+    }
+    Ok(summary)
+}
+
+/// Lookups over the graph being planned: initializers by name and how many node inputs read each tensor.
+struct GraphIndex<'g> {
+    graph: &'g GraphProto,
+    init_idx: HashMap<String, usize>,
+    uses: HashMap<&'g str, usize>,
+}
+
+impl<'g> GraphIndex<'g> {
+    /// Indexes `graph`.
+    fn new(graph: &'g GraphProto) -> Self {
+        let init_idx: HashMap<String, usize> =
+            graph.initializer.iter().enumerate().filter_map(|(i, t)| t.name.clone().map(|n| (n, i))).collect();
+        let mut uses: HashMap<&str, usize> = HashMap::new();
+        for n in &graph.node {
+            for i in &n.input {
+                *uses.entry(i.as_str()).or_default() += 1;
+            }
+        }
+        GraphIndex { graph, init_idx, uses }
+    }
+
+    /// Whether `name` is a graph output.
+    fn is_output(&self, name: &str) -> bool {
+        self.graph.output.iter().any(|o| o.name.as_deref() == Some(name))
+    }
+
+    /// Index of the FLOAT initializer `name` when it has shape `dims`.
+    fn float_init(&self, name: &str, dims: &[i64]) -> Option<usize> {
+        let &i = self.init_idx.get(name)?;
+        let t = &self.graph.initializer[i];
+        (t.data_type == Some(DataType::Float as i32) && t.dims == dims).then_some(i)
+    }
+}
+
+/// The plans for the targets that can be smoothed, in order; the others go to `summary.skipped` with the reason.
+fn make_plans(
+    graph: &GraphProto,
+    targets: Vec<String>,
+    channel_max: &HashMap<String, Vec<f32>>,
+    summary: &mut SmoothSummary,
+) -> Vec<Plan> {
+    let ix = GraphIndex::new(graph);
     let mut plans: Vec<Plan> = Vec::new();
     for a in targets {
         let Some(ch) = channel_max.get(&a) else {
             summary.skipped.push((a, "no per-channel maxima observed".into()));
             continue;
         };
-        let k = ch.len() as i64;
-        let consumers: Vec<_> = graph.node.iter().filter(|n| n.input.contains(&a)).collect();
-        let mut weights = Vec::new();
-        let mut reason = None;
-        for c in &consumers {
-            let w = c.input.get(1).map(String::as_str).unwrap_or_default();
-            let init = init_idx.get(w).map(|&i| &graph.initializer[i]);
-            let ok = c.op_type.as_deref() == Some("MatMul")
-                && is_default_domain(c.domain.as_deref())
-                && c.input[0] == a
-                && init.is_some_and(|t| {
-                    t.data_type == Some(DataType::Float as i32) && t.dims.len() == 2 && t.dims[0] == k
-                });
-            if !ok {
-                reason = Some(format!(
-                    "also read by {} node `{}`",
-                    c.op_type.as_deref().unwrap_or("?"),
-                    c.name.as_deref().unwrap_or("?")
-                ));
-                break;
-            }
-            if uses.get(w).copied() != Some(1) {
-                reason = Some(format!("weight `{w}` is shared with other nodes"));
-                break;
-            }
-            let t = &graph.initializer[init_idx[w]];
-            weights.push((init_idx[w], t.dims[1] as usize));
-        }
-        if reason.is_none() && is_output(&a) {
-            reason = Some("is a graph output".into());
-        }
-        let producer = graph.node.iter().find(|n| n.output.contains(&a));
-        let gamma = producer
-            .filter(|p| {
-                p.op_type.as_deref() == Some("Mul") && is_default_domain(p.domain.as_deref()) && p.input.len() == 2
-            })
-            .and_then(|p| {
-                p.input.iter().find_map(|i| float_init(i, &[k]).filter(|_| uses.get(i.as_str()) == Some(&1)))
-            });
-        match (reason, gamma) {
-            (Some(r), _) => summary.skipped.push((a, r)),
-            (None, None) => summary.skipped.push((a, "not produced by a per-channel weight Mul (RMSNorm)".into())),
-            (None, Some(g)) => plans.push((a, g, weights)),
+        match plan_input(&ix, &a, ch.len() as i64) {
+            Ok((g, weights)) => plans.push((a, g, weights)),
+            Err(r) => summary.skipped.push((a, r)),
         }
     }
+    plans
+}
 
-    for (a, g, weights) in plans {
-        let k = channel_max[&a].len();
-        let mats: Vec<(Vec<f32>, usize)> =
-            weights.iter().map(|&(i, n)| Ok((reader.tensor_f32(&graph.initializer[i])?, n))).collect::<Result<_>>()?;
-        let views: Vec<(&[f32], usize)> = mats.iter().map(|(w, n)| (w.as_slice(), *n)).collect();
-        let s = smoothing_factors(&channel_max[&a], &weight_row_abs_max(&views, k)?, alpha)?;
-        let mut gamma = reader.tensor_f32(&graph.initializer[g])?;
-        fold_into_norm(&mut gamma, &s)?;
-        set_f32(&mut graph.initializer[g], &gamma);
-        let mut names = Vec::new();
-        for ((i, n), (mut w, _)) in weights.into_iter().zip(mats) {
-            scale_weight_rows(&mut w, k, n, &s)?;
-            match spill.as_deref_mut() {
-                Some(writer) => {
-                    let bytes: Vec<u8> = w.iter().flat_map(|f| f.to_le_bytes()).collect();
-                    writer.write_tensor(&mut graph.initializer[i], &bytes)?;
-                }
-                None => set_f32(&mut graph.initializer[i], &w),
-            }
-            names.push(graph.initializer[i].name.clone().unwrap_or_default());
-        }
-        let range = s.iter().fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-        summary.smoothed.push(SmoothedInput {
-            activation: a,
-            norm_weight: graph.initializer[g].name.clone().unwrap_or_default(),
-            weights: names,
-            factor_range: range,
-        });
+/// The norm weight and the `(weight, N)` pairs that absorb the `k` factors of input `a`, or why `a` is skipped.
+fn plan_input(ix: &GraphIndex, a: &str, k: i64) -> std::result::Result<(usize, Vec<(usize, usize)>), String> {
+    let weights = foldable_weights(ix, a, k)?;
+    if ix.is_output(a) {
+        return Err("is a graph output".into());
     }
-    Ok(summary)
+    let gamma = norm_weight(ix, a, k).ok_or("not produced by a per-channel weight Mul (RMSNorm)")?;
+    Ok((gamma, weights))
+}
+
+/// `(weight initializer index, N)` of every node reading `a`, or the reason when one of them is not a MatMul
+/// with an unshared `[k, N]` FLOAT weight of its own.
+fn foldable_weights(ix: &GraphIndex, a: &str, k: i64) -> std::result::Result<Vec<(usize, usize)>, String> {
+    let graph = ix.graph;
+    let consumers: Vec<_> = graph.node.iter().filter(|n| n.input.iter().any(|i| i == a)).collect();
+    let mut weights = Vec::new();
+    for c in &consumers {
+        let w = c.input.get(1).map(String::as_str).unwrap_or_default();
+        let init = ix.init_idx.get(w).map(|&i| &graph.initializer[i]);
+        let ok = c.op_type.as_deref() == Some("MatMul")
+            && is_default_domain(c.domain.as_deref())
+            && c.input[0] == a
+            && init.is_some_and(|t| t.data_type == Some(DataType::Float as i32) && t.dims.len() == 2 && t.dims[0] == k);
+        if !ok {
+            return Err(format!(
+                "also read by {} node `{}`",
+                c.op_type.as_deref().unwrap_or("?"),
+                c.name.as_deref().unwrap_or("?")
+            ));
+        }
+        if ix.uses.get(w).copied() != Some(1) {
+            return Err(format!("weight `{w}` is shared with other nodes"));
+        }
+        let t = &graph.initializer[ix.init_idx[w]];
+        weights.push((ix.init_idx[w], t.dims[1] as usize));
+    }
+    Ok(weights)
+}
+
+/// The per-channel weight of the `Mul` producing `a`: a FLOAT `[k]` initializer that nothing else reads.
+fn norm_weight(ix: &GraphIndex, a: &str, k: i64) -> Option<usize> {
+    let producer = ix.graph.node.iter().find(|n| n.output.iter().any(|o| o == a));
+    producer
+        .filter(|p| p.op_type.as_deref() == Some("Mul") && is_default_domain(p.domain.as_deref()) && p.input.len() == 2)
+        .and_then(|p| {
+            p.input.iter().find_map(|i| ix.float_init(i, &[k]).filter(|_| ix.uses.get(i.as_str()) == Some(&1)))
+        })
+}
+
+/// Computes the factors of one plan and folds `1/s` into its norm weight and `s` into its MatMul weights (written
+/// to `spill` when given, inline otherwise).
+fn apply_plan(
+    graph: &mut GraphProto,
+    reader: &ExternalDataReader,
+    channel_max: &HashMap<String, Vec<f32>>,
+    alpha: f32,
+    mut spill: Option<&mut ExternalDataWriter>,
+    (a, g, weights): Plan,
+) -> Result<SmoothedInput> {
+    let k = channel_max[&a].len();
+    let mats: Vec<(Vec<f32>, usize)> =
+        weights.iter().map(|&(i, n)| Ok((reader.tensor_f32(&graph.initializer[i])?, n))).collect::<Result<_>>()?;
+    let views: Vec<(&[f32], usize)> = mats.iter().map(|(w, n)| (w.as_slice(), *n)).collect();
+    let s = smoothing_factors(&channel_max[&a], &weight_row_abs_max(&views, k)?, alpha)?;
+    let mut gamma = reader.tensor_f32(&graph.initializer[g])?;
+    fold_into_norm(&mut gamma, &s)?;
+    set_f32(&mut graph.initializer[g], &gamma);
+    let mut names = Vec::new();
+    for ((i, n), (mut w, _)) in weights.into_iter().zip(mats) {
+        scale_weight_rows(&mut w, k, n, &s)?;
+        match spill.as_deref_mut() {
+            Some(writer) => {
+                let bytes: Vec<u8> = w.iter().flat_map(|f| f.to_le_bytes()).collect();
+                writer.write_tensor(&mut graph.initializer[i], &bytes)?;
+            }
+            None => set_f32(&mut graph.initializer[i], &w),
+        }
+        names.push(graph.initializer[i].name.clone().unwrap_or_default());
+    }
+    let range = s.iter().fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    Ok(SmoothedInput {
+        activation: a,
+        norm_weight: graph.initializer[g].name.clone().unwrap_or_default(),
+        weights: names,
+        factor_range: range,
+    })
 }
 
 fn set_f32(t: &mut TensorProto, v: &[f32]) {

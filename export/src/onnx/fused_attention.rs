@@ -25,6 +25,7 @@ use std::collections::{HashMap, HashSet};
 
 use r1_calibration::external::ExternalDataReader;
 use r1_calibration::matmul_nbits::MS_DOMAIN;
+use r1_engine::manifest::names;
 use r1_proto::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 
 use super::{attr_f, attr_i, i64_tensor, inline_tensor, rewrite_node as node, ElemType};
@@ -114,20 +115,85 @@ pub fn fuse_attention(
             return Err(graph_err(format!("the graph has no `{input}` input")));
         }
     }
-    let by_name: HashMap<String, usize> =
-        g.node.iter().enumerate().filter_map(|(i, n)| n.name.clone().map(|s| (s, i))).collect();
-    let find = |name: &str| -> Result<&NodeProto> {
-        by_name.get(name).map(|&i| &g.node[i]).ok_or_else(|| graph_err(format!("the graph has no node `{name}`")))
-    };
-    let first_input = |name: &str| -> Result<String> {
-        find(name)?.input.first().cloned().ok_or_else(|| graph_err(format!("node `{name}` has no input")))
-    };
-    // The rotary angles' inverse frequencies: `freqs = positions × inv_freq`.
-    if by_name.contains_key(ROTARY_SCALE) {
-        // Scaled cos/sin tables (yarn's mscale): the kernel has no such factor, so the portable attention stays.
-        return Ok(0);
+    let Some(plan) = plan_fusion(g, shape, data)? else { return Ok(0) };
+    add_shared_initializers(g, shape, dtype, &plan.inv_freq)?;
+    let mut new_nodes = shared_nodes(&plan.blocked);
+    let mut replaced: HashSet<String> = HashSet::new();
+    for (i, l) in plan.layers.iter().enumerate() {
+        replaced.extend(fuse_layer(g, shape, i, l, &mut new_nodes)?);
     }
-    let freqs = find(ROTARY_FREQS)?;
+    // The old producers of the replaced tensors go; what only fed them goes with them.
+    g.node.retain(|n| !n.output.iter().any(|o| replaced.contains(o)));
+    g.node.extend(new_nodes);
+    topological_sort(g)?;
+    remove_dead_nodes(g);
+    if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some(MS_DOMAIN)) {
+        model.opset_import.push(OperatorSetIdProto { domain: Some(MS_DOMAIN.into()), version: Some(1) });
+    }
+    Ok(plan.layers.len())
+}
+
+/// `s` under this rewrite's [`PREFIX`].
+fn t(s: &str) -> String {
+    format!("{PREFIX}/{s}")
+}
+
+/// The portable graph's nodes by name.
+struct NodeIndex<'g> {
+    g: &'g GraphProto,
+    by_name: HashMap<String, usize>,
+}
+
+impl<'g> NodeIndex<'g> {
+    /// Indexes `g`'s nodes by name.
+    fn new(g: &'g GraphProto) -> Self {
+        let by_name = g.node.iter().enumerate().filter_map(|(i, n)| n.name.clone().map(|s| (s, i))).collect();
+        NodeIndex { g, by_name }
+    }
+
+    /// The node named `name`, or an error naming it.
+    fn find(&self, name: &str) -> Result<&'g NodeProto> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.g.node[i])
+            .ok_or_else(|| graph_err(format!("the graph has no node `{name}`")))
+    }
+
+    /// The first input of node `name`.
+    fn first_input(&self, name: &str) -> Result<String> {
+        self.find(name)?.input.first().cloned().ok_or_else(|| graph_err(format!("node `{name}` has no input")))
+    }
+}
+
+/// One layer's tensors in the portable graph.
+struct Layer {
+    q: String,
+    k: String,
+    v: String,
+    /// The merged attention output, which the fused node produces instead.
+    out: String,
+}
+
+/// What the rewrite reads from the portable graph.
+struct Plan {
+    /// The rotary angles' inverse frequencies.
+    inv_freq: Vec<f32>,
+    /// The mask's boolean condition.
+    blocked: String,
+    layers: Vec<Layer>,
+}
+
+/// Looks up the rotary `inv_freq`, the mask's condition and every layer's tensors before anything changes;
+/// `None` when the cos/sin tables are scaled.
+fn plan_fusion(g: &GraphProto, shape: &AttentionShape, data: &ExternalDataReader) -> Result<Option<Plan>> {
+    let d = shape.head_dim;
+    let ix = NodeIndex::new(g);
+    // The rotary angles' inverse frequencies: `freqs = positions × inv_freq`.
+    if ix.by_name.contains_key(ROTARY_SCALE) {
+        // Scaled cos/sin tables (yarn's mscale): the kernel has no such factor, so the portable attention stays.
+        return Ok(None);
+    }
+    let freqs = ix.find(ROTARY_FREQS)?;
     let inv_freq = freqs
         .input
         .iter()
@@ -141,36 +207,39 @@ pub fn fuse_attention(
     }
     // The additive mask: rebuilt in the graph's type from the same boolean (`blocked`), since float16 cannot hold
     // float32's lowest value.
-    let mask = find(MASK_WHERE)?;
+    let mask = ix.find(MASK_WHERE)?;
     let blocked = mask.input.first().cloned().ok_or_else(|| graph_err(format!("`{MASK_WHERE}` has no condition")))?;
+    let layers = (0..shape.num_layers).map(|i| layer_tensors(&ix, i)).collect::<Result<Vec<_>>>()?;
+    Ok(Some(Plan { inv_freq, blocked, layers }))
+}
+
+/// Layer `i`'s q/k/v heads and merged attention output.
+fn layer_tensors(ix: &NodeIndex, i: usize) -> Result<Layer> {
+    let a = format!("/model/layers.{i}/self_attn");
+    Ok(Layer {
+        // The heads in `[batch, sequence, heads, head_dim]` (after Qwen3's per-head norms), before the transpose.
+        q: ix.first_input(&format!("{a}/q_heads/Transpose"))?,
+        k: ix.first_input(&format!("{a}/k_heads/Transpose"))?,
+        v: ix.first_input(&format!("{a}/v_heads/Transpose"))?,
+        out: ix
+            .find(&format!("{a}/attn/merge_heads/Reshape"))?
+            .output
+            .first()
+            .cloned()
+            .ok_or_else(|| graph_err(format!("`{a}/attn/merge_heads/Reshape` has no output")))?,
+    })
+}
+
+/// Adds the initializers all layers share: the cos/sin caches, the mask's fill values and the index constants.
+fn add_shared_initializers(
+    g: &mut GraphProto,
+    shape: &AttentionShape,
+    dtype: ElemType,
+    inv_freq: &[f32],
+) -> Result<()> {
     let lowest = if dtype == ElemType::F16 { -65504.0f32 } else { f32::MIN };
-
-    // Every layer's tensors, looked up before anything changes.
-    struct Layer {
-        q: String,
-        k: String,
-        v: String,
-        out: String,
-    }
-    let mut layers = Vec::with_capacity(shape.num_layers);
-    for i in 0..shape.num_layers {
-        let a = format!("/model/layers.{i}/self_attn");
-        layers.push(Layer {
-            // The heads in `[batch, sequence, heads, head_dim]` (after Qwen3's per-head norms), before the transpose.
-            q: first_input(&format!("{a}/q_heads/Transpose"))?,
-            k: first_input(&format!("{a}/k_heads/Transpose"))?,
-            v: first_input(&format!("{a}/v_heads/Transpose"))?,
-            out: find(&format!("{a}/attn/merge_heads/Reshape"))?
-                .output
-                .first()
-                .cloned()
-                .ok_or_else(|| graph_err(format!("`{a}/attn/merge_heads/Reshape` has no output")))?,
-        });
-    }
-
-    let t = |s: &str| format!("{PREFIX}/{s}");
-    let (cos, sin) = rotary_tables(&inv_freq, shape.max_positions, dtype)?;
-    let half = (d / 2) as i64;
+    let (cos, sin) = rotary_tables(inv_freq, shape.max_positions, dtype)?;
+    let half = (shape.head_dim / 2) as i64;
     g.initializer.extend([
         inline_tensor(&t("cos_cache"), dtype, &[shape.max_positions as i64, half], cos),
         inline_tensor(&t("sin_cache"), dtype, &[shape.max_positions as i64, half], sin),
@@ -180,8 +249,14 @@ pub fn fuse_attention(
         i64_tensor(&t("one"), &[], &[1]),
         i64_tensor(&t("heads_3d"), &[3], &[0, 0, -1]),
     ]);
-    let mut new_nodes = vec![
-        node(&t("mask/Where"), "Where", &[&blocked, &t("lowest"), &t("zero_f")], &[&t("bias")]),
+    Ok(())
+}
+
+/// The nodes all layers share: the additive `bias` from the mask's condition `blocked`, the `total` length and
+/// the per-row `seqlens`.
+fn shared_nodes(blocked: &str) -> Vec<NodeProto> {
+    vec![
+        node(&t("mask/Where"), "Where", &[blocked, &t("lowest"), &t("zero_f")], &[&t("bias")]),
         node(&t("total/Shape"), "Shape", &["attention_mask"], &[&t("mask_shape")]),
         NodeProto {
             attribute: vec![attr_i("axis", 0)],
@@ -202,62 +277,62 @@ pub fn fuse_attention(
             attribute: vec![attr_i("to", ElemType::I32.onnx_code() as i64)],
             ..node(&t("seqlens/Cast"), "Cast", &[&t("seqlens64")], &[&t("seqlens")])
         },
-    ];
-    let mut replaced: HashSet<String> = HashSet::new();
-    for (i, l) in layers.iter().enumerate() {
-        let p = format!("{PREFIX}/layers.{i}");
-        let mut in3 = Vec::new();
-        for (name, x) in [("q", &l.q), ("k", &l.k), ("v", &l.v)] {
-            let out = format!("{p}/{name}_3d");
-            new_nodes.push(node(&format!("{p}/{name}/Reshape"), "Reshape", &[x, &t("heads_3d")], &[&out]));
-            in3.push(out);
+    ]
+}
+
+/// Appends layer `i`'s q/k/v reshapes and its `GroupQueryAttention` to `new_nodes`; returns the tensors the fused
+/// node produces in place of the portable graph's (the attention output and the layer's present key and value).
+fn fuse_layer(
+    g: &GraphProto,
+    shape: &AttentionShape,
+    i: usize,
+    l: &Layer,
+    new_nodes: &mut Vec<NodeProto>,
+) -> Result<[String; 3]> {
+    let (nh, nkv, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+    let p = format!("{PREFIX}/layers.{i}");
+    let mut in3 = Vec::new();
+    for (name, x) in [("q", &l.q), ("k", &l.k), ("v", &l.v)] {
+        let out = format!("{p}/{name}_3d");
+        new_nodes.push(node(&format!("{p}/{name}/Reshape"), "Reshape", &[x, &t("heads_3d")], &[&out]));
+        in3.push(out);
+    }
+    let (pk, pv) = (names::past_key(i), names::past_value(i));
+    let (ok, ov) = (names::present_key(i), names::present_value(i));
+    for io in [&pk, &pv] {
+        if !g.input.iter().any(|x| x.name.as_ref() == Some(io)) {
+            return Err(graph_err(format!("the graph has no `{io}` input")));
         }
-        let (pk, pv) = (format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value"));
-        let (ok, ov) = (format!("present.{i}.key"), format!("present.{i}.value"));
-        for io in [&pk, &pv] {
-            if !g.input.iter().any(|x| x.name.as_ref() == Some(io)) {
-                return Err(graph_err(format!("the graph has no `{io}` input")));
-            }
-        }
-        new_nodes.push(NodeProto {
-            domain: Some(MS_DOMAIN.into()),
-            attribute: vec![
-                attr_i("num_heads", nh as i64),
-                attr_i("kv_num_heads", nkv as i64),
-                attr_i("do_rotary", 1),
-                attr_i("rotary_interleaved", 0),
-                attr_f("scale", 1.0 / (d as f32).sqrt()),
+    }
+    new_nodes.push(NodeProto {
+        domain: Some(MS_DOMAIN.into()),
+        attribute: vec![
+            attr_i("num_heads", nh as i64),
+            attr_i("kv_num_heads", nkv as i64),
+            attr_i("do_rotary", 1),
+            attr_i("rotary_interleaved", 0),
+            attr_f("scale", 1.0 / (d as f32).sqrt()),
+        ],
+        ..node(
+            &format!("{p}/GroupQueryAttention"),
+            "GroupQueryAttention",
+            &[
+                &in3[0],
+                &in3[1],
+                &in3[2],
+                &pk,
+                &pv,
+                &t("seqlens"),
+                &t("total"),
+                &t("cos_cache"),
+                &t("sin_cache"),
+                "position_ids",
+                &t("bias"),
             ],
-            ..node(
-                &format!("{p}/GroupQueryAttention"),
-                "GroupQueryAttention",
-                &[
-                    &in3[0],
-                    &in3[1],
-                    &in3[2],
-                    &pk,
-                    &pv,
-                    &t("seqlens"),
-                    &t("total"),
-                    &t("cos_cache"),
-                    &t("sin_cache"),
-                    "position_ids",
-                    &t("bias"),
-                ],
-                &[&l.out, &ok, &ov],
-            )
-        });
-        replaced.extend([l.out.clone(), ok, ov]);
-    }
-    // The old producers of the replaced tensors go; what only fed them goes with them.
-    g.node.retain(|n| !n.output.iter().any(|o| replaced.contains(o)));
-    g.node.extend(new_nodes);
-    topological_sort(g)?;
-    remove_dead_nodes(g);
-    if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some(MS_DOMAIN)) {
-        model.opset_import.push(OperatorSetIdProto { domain: Some(MS_DOMAIN.into()), version: Some(1) });
-    }
-    Ok(layers.len())
+            &[&l.out, &ok, &ov],
+        )
+    });
+    Ok([l.out.clone(), ok, ov])
 }
 
 /// Orders `g.node` so every node comes after the producers of its inputs (stable: nodes already in order keep

@@ -159,6 +159,20 @@ fn num(v: &serde_json::Value, key: &str) -> Option<f64> {
 impl RawConfig {
     /// Validates and resolves. Errors name config.json, the key, what is supported and the value found.
     pub fn resolve(self, path: &Path) -> Result<DeepseekV3Config> {
+        self.check_sizes(path)?;
+        self.check_supported(path)?;
+        let groups = self.resolve_groups(path)?;
+        self.check_scalars(path)?;
+        let rope = resolve_rope(path, &self)?;
+        let fp8 = match &self.quantization_config {
+            None => None,
+            Some(q) => Some(resolve_quant(path, q)?),
+        };
+        Ok(self.into_config(groups, rope, fp8))
+    }
+
+    /// Refuses a size of 0, or one above its [`max_size`].
+    fn check_sizes(&self, path: &Path) -> Result<()> {
         let c = self;
         let bad = |field: &'static str, message: String| invalid(path, field, message);
         for (k, v) in [
@@ -203,6 +217,13 @@ impl RawConfig {
                 return Err(bad(k, format!("must be at most {max}, got {v}")));
             }
         }
+        Ok(())
+    }
+
+    /// Refuses the activation, routing, attention and rotary variants the graph does not implement.
+    fn check_supported(&self, path: &Path) -> Result<()> {
+        let c = self;
+        let bad = |field: &'static str, message: String| invalid(path, field, message);
         if c.hidden_act != "silu" {
             return Err(bad("hidden_act", format!("must be \"silu\", got {:?}", c.hidden_act)));
         }
@@ -233,6 +254,13 @@ impl RawConfig {
         if !c.qk_rope_head_dim.is_multiple_of(2) {
             return Err(bad("qk_rope_head_dim", format!("must be even, got {}", c.qk_rope_head_dim)));
         }
+        Ok(())
+    }
+
+    /// `(n_group, topk_group)` with their defaults, checked against the expert counts.
+    fn resolve_groups(&self, path: &Path) -> Result<(usize, usize)> {
+        let c = self;
+        let bad = |field: &'static str, message: String| invalid(path, field, message);
         let n_group = c.n_group.unwrap_or(1);
         let topk_group = c.topk_group.unwrap_or(n_group);
         if n_group == 0 || !c.n_routed_experts.is_multiple_of(n_group) {
@@ -264,6 +292,13 @@ impl RawConfig {
                 ),
             ));
         }
+        Ok((n_group, topk_group))
+    }
+
+    /// Checks `first_k_dense_replace`, `rms_norm_eps` and `routed_scaling_factor`.
+    fn check_scalars(&self, path: &Path) -> Result<()> {
+        let c = self;
+        let bad = |field: &'static str, message: String| invalid(path, field, message);
         if c.first_k_dense_replace > c.num_hidden_layers {
             return Err(bad(
                 "first_k_dense_replace",
@@ -276,12 +311,18 @@ impl RawConfig {
         if !c.routed_scaling_factor.is_finite() {
             return Err(bad("routed_scaling_factor", format!("must be finite, got {}", c.routed_scaling_factor)));
         }
-        let (rope_theta, rope_scaling) = resolve_rope(path, &c)?;
-        let fp8 = match &c.quantization_config {
-            None => None,
-            Some(q) => Some(resolve_quant(path, q)?),
-        };
-        Ok(DeepseekV3Config {
+        Ok(())
+    }
+
+    /// The validated config, from the checked raw values and the resolved groups, rotary and FP8 source.
+    fn into_config(
+        self,
+        (n_group, topk_group): (usize, usize),
+        (rope_theta, rope_scaling): (f64, RopeScaling),
+        fp8: Option<Fp8Source>,
+    ) -> DeepseekV3Config {
+        let c = self;
+        DeepseekV3Config {
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
@@ -309,7 +350,7 @@ impl RawConfig {
             rope_interleave: c.rope_interleave,
             num_nextn_predict_layers: c.num_nextn_predict_layers,
             fp8,
-        })
+        }
     }
 }
 

@@ -54,14 +54,58 @@ pub(super) fn attention(
     mask: &AttentionMask,
     rot: &Rotary,
 ) -> Result<String> {
-    let p = format!("/model/layers.{layer}/self_attn");
-    let hf = format!("model.layers.{layer}.self_attn");
-    let (h, heads) = (cfg.hidden_size, cfg.num_attention_heads);
-    let (nope, rope, vd, rank) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
-    let qk = nope + rope;
-    let order = cfg.rope_interleave.then(|| deinterleave_order(rope));
+    let m = MlaLayer::new(cfg, layer);
+    let (q_nope, q_rot) = query(ctx, &m, x, rot)?;
+    let (cache_latent, cache_rope) = compressed_kv(ctx, &m, x, rot)?;
+    let (w_uk, w_uv) = absorbed_kv_b(ctx, &m)?;
+    let probs = attention_probs(ctx, &m, (&q_nope, &q_rot), &w_uk, (&cache_latent, &cache_rope), mask)?;
+    attention_output(ctx, &m, &probs, &cache_latent, &w_uv)
+}
 
-    // --- query ---
+/// One layer's node and weight name prefixes and attention sizes, shared by the steps of [`attention`].
+struct MlaLayer<'c> {
+    cfg: &'c DeepseekV3Config,
+    layer: usize,
+    /// Node name prefix.
+    p: String,
+    /// Checkpoint weight name prefix.
+    hf: String,
+    h: usize,
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    vd: usize,
+    rank: usize,
+    qk: usize,
+    /// Rope row order that de-interleaves the rotary pairs (`rope_interleave`).
+    order: Option<Vec<usize>>,
+}
+
+impl<'c> MlaLayer<'c> {
+    /// Names and sizes of layer `layer` of `cfg`.
+    fn new(cfg: &'c DeepseekV3Config, layer: usize) -> Self {
+        let (nope, rope) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim);
+        MlaLayer {
+            cfg,
+            layer,
+            p: format!("/model/layers.{layer}/self_attn"),
+            hf: format!("model.layers.{layer}.self_attn"),
+            h: cfg.hidden_size,
+            heads: cfg.num_attention_heads,
+            nope,
+            rope,
+            vd: cfg.v_head_dim,
+            rank: cfg.kv_lora_rank,
+            qk: nope + rope,
+            order: cfg.rope_interleave.then(|| deinterleave_order(rope)),
+        }
+    }
+}
+
+/// The query heads `[B,H,S,nope+rope]` split into the nope part and the rotated rope part.
+fn query(ctx: &mut Ctx, m: &MlaLayer, x: &str, rot: &Rotary) -> Result<(String, String)> {
+    let (cfg, p, hf) = (m.cfg, &m.p, &m.hf);
+    let (h, heads, nope, rope, qk) = (m.h, m.heads, m.nope, m.rope, m.qk);
     let (q_in, q_in_dim, q_key) = match cfg.q_lora_rank {
         Some(r) => {
             let qa = linear(ctx, cfg, &format!("{p}/q_a_proj"), x, &format!("{hf}.q_a_proj"), h, r)?;
@@ -77,7 +121,7 @@ pub(super) fn attention(
         None => (x.to_string(), h, format!("{hf}.q_proj.weight")),
     };
     let mut wq = matrix_f32(ctx, cfg, &q_key, heads * qk, q_in_dim)?;
-    if let Some(order) = &order {
+    if let Some(order) = &m.order {
         permute_rows(&mut wq, q_in_dim, qk, nope, order);
     }
     let wq = write_weight(ctx, &q_key, &[q_in_dim, heads * qk], &transpose(&wq, heads * qk, q_in_dim))?;
@@ -86,11 +130,16 @@ pub(super) fn attention(
     let q = ctx.split_heads(&format!("{p}/q_heads"), &q, heads, qk)?;
     let qs = ctx.b.split(&format!("{p}/q_split"), &q, &[nope as i64, rope as i64], -1)?;
     let q_rot = ctx.apply_rotary(&format!("{p}/q_rotary"), &qs[1], rot)?;
+    Ok((qs[0].clone(), q_rot))
+}
 
-    // --- compressed kv ---
+/// The compressed kv: the normed latent and the rotated rope key, appended to the layer's cache; returns the
+/// cache's `[B,1,T,rank]` latents and `[B,1,T,rope]` rope keys.
+fn compressed_kv(ctx: &mut Ctx, m: &MlaLayer, x: &str, rot: &Rotary) -> Result<(String, String)> {
+    let (p, hf, h, rank, rope) = (&m.p, &m.hf, m.h, m.rank, m.rope);
     let kv_key = format!("{hf}.kv_a_proj_with_mqa.weight");
-    let mut wkv = matrix_f32(ctx, cfg, &kv_key, rank + rope, h)?;
-    if let Some(order) = &order {
+    let mut wkv = matrix_f32(ctx, m.cfg, &kv_key, rank + rope, h)?;
+    if let Some(order) = &m.order {
         permute_rows(&mut wkv, h, rank + rope, rank, order);
     }
     let wkv = write_weight(ctx, &kv_key, &[h, rank + rope], &transpose(&wkv, rank + rope, h))?;
@@ -106,11 +155,14 @@ pub(super) fn attention(
     let latent = ctx.b.unsqueeze(&format!("{p}/latent/Unsqueeze"), &latent, &[1])?; // [B,1,S,rank]
     let k_rot = ctx.b.unsqueeze(&format!("{p}/k_rot/Unsqueeze"), &kvs[1], &[1])?; // [B,1,S,rope]
     let k_rot = ctx.apply_rotary(&format!("{p}/k_rotary"), &k_rot, rot)?;
-    let (cache_latent, cache_rope) = ctx.kv_cache(layer, &latent, &k_rot, (1, rank), (1, rope))?;
+    ctx.kv_cache(m.layer, &latent, &k_rot, (1, rank), (1, rope))
+}
 
-    // --- kv_b_proj, absorbed: W_uk [H, nope, rank] on the query side, W_uv [H, rank, v] on the output side ---
+/// kv_b_proj, absorbed: writes W_uk [H, nope, rank] (query side) and W_uv [H, rank, v] (output side).
+fn absorbed_kv_b(ctx: &mut Ctx, m: &MlaLayer) -> Result<(String, String)> {
+    let (hf, heads, nope, vd, rank) = (&m.hf, m.heads, m.nope, m.vd, m.rank);
     let kvb_key = format!("{hf}.kv_b_proj.weight");
-    let wkvb = matrix_f32(ctx, cfg, &kvb_key, heads * (nope + vd), rank)?;
+    let wkvb = matrix_f32(ctx, m.cfg, &kvb_key, heads * (nope + vd), rank)?;
     let mut w_uk = Vec::with_capacity(heads * nope * rank);
     let mut w_uv = Vec::with_capacity(heads * rank * vd);
     for hd in 0..heads {
@@ -121,30 +173,50 @@ pub(super) fn attention(
     drop(wkvb);
     let w_uk = write_weight(ctx, &format!("{hf}.kv_b_proj.w_uk"), &[heads, nope, rank], &w_uk)?;
     let w_uv = write_weight(ctx, &format!("{hf}.kv_b_proj.w_uv"), &[heads, rank, vd], &w_uv)?;
+    Ok((w_uk, w_uv))
+}
 
+/// The attention probabilities `[B,H,S,T]`: latent and rope scores, scaled, masked, softmax in float32 (cast
+/// back to the graph's type).
+fn attention_probs(
+    ctx: &mut Ctx,
+    m: &MlaLayer,
+    (q_nope, q_rot): (&str, &str),
+    w_uk: &str,
+    (cache_latent, cache_rope): (&str, &str),
+    mask: &AttentionMask,
+) -> Result<String> {
+    let p = &m.p;
     let dtype = ctx.dtype;
     let b = &mut ctx.b;
-    let q_lat = b.matmul(&format!("{p}/q_absorb/MatMul"), &qs[0], &w_uk)?; // [B,H,S,rank]
-    let lat_t = b.transpose(&format!("{p}/latent_t/Transpose"), &cache_latent, &[0, 1, 3, 2])?; // [B,1,rank,T]
-    let rope_t = b.transpose(&format!("{p}/rope_t/Transpose"), &cache_rope, &[0, 1, 3, 2])?; // [B,1,rope,T]
+    let q_lat = b.matmul(&format!("{p}/q_absorb/MatMul"), q_nope, w_uk)?; // [B,H,S,rank]
+    let lat_t = b.transpose(&format!("{p}/latent_t/Transpose"), cache_latent, &[0, 1, 3, 2])?; // [B,1,rank,T]
+    let rope_t = b.transpose(&format!("{p}/rope_t/Transpose"), cache_rope, &[0, 1, 3, 2])?; // [B,1,rope,T]
     let s_nope = b.matmul(&format!("{p}/scores_nope/MatMul"), &q_lat, &lat_t)?;
-    let s_rope = b.matmul(&format!("{p}/scores_rope/MatMul"), &q_rot, &rope_t)?;
+    let s_rope = b.matmul(&format!("{p}/scores_rope/MatMul"), q_rot, &rope_t)?;
     let mut scores = b.add(&format!("{p}/scores/Add"), &s_nope, &s_rope)?;
     if dtype != ElemType::F32 {
         scores = b.cast(&format!("{p}/scores/Cast"), &scores, ElemType::F32)?;
     }
-    let scale = b.const_scalar(ElemType::F32, cfg.softmax_scale() as f32)?;
+    let scale = b.const_scalar(ElemType::F32, m.cfg.softmax_scale() as f32)?;
     let scaled = b.mul(&format!("{p}/scores/Scale"), &scores, &scale)?;
     let masked = b.add(&format!("{p}/mask/Add"), &scaled, &mask.d4)?;
     let mut probs = b.softmax(&format!("{p}/Softmax"), &masked, -1)?;
     if dtype != ElemType::F32 {
         probs = b.cast(&format!("{p}/probs/Cast"), &probs, dtype)?;
     }
-    let ctx_lat = b.matmul(&format!("{p}/context_latent/MatMul"), &probs, &cache_latent)?; // [B,H,S,rank]
-    let ctx_v = b.matmul(&format!("{p}/v_absorb/MatMul"), &ctx_lat, &w_uv)?; // [B,H,S,v]
+    Ok(probs)
+}
+
+/// The context `probs · c · W_uv`, heads merged and through o_proj: `[B, S, hidden]`.
+fn attention_output(ctx: &mut Ctx, m: &MlaLayer, probs: &str, cache_latent: &str, w_uv: &str) -> Result<String> {
+    let (p, hf, h, heads, vd) = (&m.p, &m.hf, m.h, m.heads, m.vd);
+    let b = &mut ctx.b;
+    let ctx_lat = b.matmul(&format!("{p}/context_latent/MatMul"), probs, cache_latent)?; // [B,H,S,rank]
+    let ctx_v = b.matmul(&format!("{p}/v_absorb/MatMul"), &ctx_lat, w_uv)?; // [B,H,S,v]
     let ctx_v = b.transpose(&format!("{p}/context/Transpose"), &ctx_v, &[0, 2, 1, 3])?;
     let merged = b.reshape(&format!("{p}/merge_heads/Reshape"), &ctx_v, &[0, 0, (heads * vd) as i64])?;
-    linear(ctx, cfg, &format!("{p}/o_proj"), &merged, &format!("{hf}.o_proj"), heads * vd, h)
+    linear(ctx, m.cfg, &format!("{p}/o_proj"), &merged, &format!("{hf}.o_proj"), heads * vd, h)
 }
 
 #[cfg(test)]
