@@ -44,7 +44,8 @@ pub struct Message {
     pub content: String,
 }
 
-/// Body of `/v1/chat/completions` and `/v1/completions` (fields of both; unknown fields are ignored).
+/// Body of `/v1/chat/completions` and `/v1/completions` (fields of both). Every other field lands in `other` and is
+/// checked by [`refuse_unhonoured`]: no field is silently ignored.
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct CompletionBody {
     /// Model id; must match the served one when given.
@@ -80,6 +81,42 @@ pub struct CompletionBody {
     pub ignore_eos: bool,
     /// Number of choices; only 1 is supported.
     pub n: Option<u32>,
+    /// Every other field of the request.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// Fields that do not change the output (bookkeeping for the caller), accepted as they are.
+const NO_EFFECT_FIELDS: [&str; 5] = ["user", "metadata", "store", "service_tier", "stream_options"];
+
+/// Refuses, naming it, any field this server would otherwise ignore: OpenAI fields it does not implement yet are
+/// accepted only at the value that asks for nothing (`logprobs: false`, `presence_penalty: 0`, `tools: []`,
+/// `response_format: {"type": "text"}`, ...); unknown fields are refused. (`stream_options.include_usage` is honoured:
+/// the last streamed chunk always carries `usage`.)
+fn refuse_unhonoured(other: &serde_json::Map<String, Value>) -> Result<(), ServeError> {
+    for (field, v) in other {
+        let neutral = match field.as_str() {
+            f if NO_EFFECT_FIELDS.contains(&f) => true,
+            "logprobs" => v.is_null() || v == &Value::Bool(false),
+            "top_logprobs" => v.is_null() || v.as_u64() == Some(0),
+            "presence_penalty" | "frequency_penalty" => v.is_null() || v.as_f64() == Some(0.0),
+            "logit_bias" => v.is_null() || v.as_object().is_some_and(|m| m.is_empty()),
+            "tools" | "functions" => v.is_null() || v.as_array().is_some_and(|a| a.is_empty()),
+            "tool_choice" | "function_call" => v.is_null() || v.as_str() == Some("none"),
+            "parallel_tool_calls" => true,
+            "response_format" => v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"),
+            _ => {
+                return Err(ServeError::invalid(field.clone(), "is not a field this server knows; remove it"));
+            }
+        };
+        if !neutral {
+            return Err(ServeError::invalid(
+                field.clone(),
+                format!("is not supported by this server yet (it would be ignored), got {v}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn error_response(e: &ServeError) -> Response {
@@ -105,6 +142,7 @@ fn now_secs() -> u64 {
 }
 
 fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeError> {
+    refuse_unhonoured(&body.other)?;
     if body.n.is_some_and(|n| n != 1) {
         return Err(ServeError::invalid(
             "n",

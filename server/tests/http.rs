@@ -132,3 +132,28 @@ async fn openai_completions_and_errors() {
     assert_eq!(status, 404);
     srv.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn openai_fields_the_server_would_ignore_are_refused_by_name() {
+    let mut srv = start_ready(Setup::default()).await;
+    let chat = |extra: &str| format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"max_tokens":2{extra}}}"#);
+    // Asking for something not implemented: 400 naming the field and the value, never a silent no-op.
+    for (extra, field) in [
+        (r#","logprobs":true"#, "logprobs"),
+        (r#","response_format":{"type":"json_object"}"#, "response_format"),
+        (r#","tools":[{"type":"function","function":{"name":"f"}}]"#, "tools"),
+        (r#","presence_penalty":0.5"#, "presence_penalty"),
+        (r#","frequency_penalty":-1"#, "frequency_penalty"),
+        (r#","best_of":3"#, "best_of"),
+    ] {
+        let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(&chat(extra))).await;
+        assert_eq!(status, 400, "{extra}: {body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["error"]["param"], field, "{body}");
+    }
+    // The same fields at the value that asks for nothing, and bookkeeping fields, are accepted.
+    let neutral = r#","logprobs":false,"presence_penalty":0,"frequency_penalty":0.0,"tools":[],"tool_choice":"none","response_format":{"type":"text"},"user":"u-1","stream_options":{"include_usage":true}"#;
+    let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(&chat(neutral))).await;
+    assert_eq!(status, 200, "{body}");
+    srv.shutdown().await.expect("clean shutdown");
+}
