@@ -304,7 +304,12 @@ pub fn chat_template(data: &[u8]) -> bool {
 /// template as the server renders it. Returns true when validation accepted the request.
 pub fn generate_request(data: &[u8]) -> bool {
     let Ok(req) = r1_proto::r1::v1::GenerateRequest::decode(data) else { return false };
-    let limits = Limits { max_new_tokens: 4096, default_max_tokens: 512, max_context_tokens: 4096 };
+    let limits = Limits {
+        max_new_tokens: 4096,
+        default_max_tokens: 512,
+        max_context_tokens: 4096,
+        sampling_defaults: Default::default(),
+    };
     let Ok(valid) = validate(r1_serve::grpc::raw_request(req), &limits) else { return false };
     match &valid.input {
         PromptInput::Text(t) => {

@@ -289,6 +289,7 @@ impl ServeArgs {
             max_new_tokens: self.max_new_tokens,
             default_max_tokens: self.default_max_tokens,
             max_context_tokens: u32::MAX,
+            sampling_defaults: Default::default(),
         };
         limits.validate()?;
         let security = self.security(std::env::var("R1_API_KEYS").ok().as_deref())?;

@@ -163,6 +163,7 @@ impl Model for EngineModel {
             vocab_size: m.model.vocab_size,
             batch_profiles: Vec::new(),
             kv_capacity_tokens: (self.engine.kv_budget().budget_bytes() / self.bytes_per_token()) as usize,
+            generation: self.text.tokenizer().generation_config().clone(),
         }
     }
 

@@ -171,6 +171,7 @@ impl Model for FakeModel {
             vocab_size: 259,
             batch_profiles: self.cfg.batch_profiles.clone(),
             kv_capacity_tokens: self.cfg.kv_capacity_tokens,
+            generation: Default::default(),
         }
     }
 

@@ -97,6 +97,9 @@ pub struct ModelDescription {
     pub batch_profiles: Vec<usize>,
     /// KV cache capacity in token positions (for the whole batch).
     pub kv_capacity_tokens: usize,
+    /// The checkpoint's `generation_config.json`: its sampling fields are the defaults of requests that do not set
+    /// them (see `validate::Limits::with_generation_config`).
+    pub generation: r1_engine::text::GenerationConfig,
 }
 
 /// An error from a model: whose fault it is ([`ErrorClass`], which decides the status the caller gets), a stable

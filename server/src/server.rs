@@ -164,7 +164,8 @@ pub async fn run_with(
             .map_err(|e| ServeError::Unavailable { reason: format!("cannot start the scheduler thread: {e}") })?;
         actor_thread = Some(join);
         let limits =
-            Limits { max_context_tokens: desc.max_context_tokens.min(u32::MAX as usize) as u32, ..opts.limits };
+            Limits { max_context_tokens: desc.max_context_tokens.min(u32::MAX as usize) as u32, ..opts.limits }
+                .with_generation_config(&desc.generation);
         let _ = state.limits.set(limits);
         let _ = state.scheduler.set(scheduler);
         warm_up(&state).await?;

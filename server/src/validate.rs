@@ -21,9 +21,69 @@ pub struct Limits {
     pub default_max_tokens: u32,
     /// Prompt plus output tokens at most (the model's context).
     pub max_context_tokens: u32,
+    /// Sampling fields a request leaves unset take these (the server's, then the checkpoint's
+    /// `generation_config.json` once the model is loaded).
+    pub sampling_defaults: SamplingDefaults,
+}
+
+/// Defaults of the sampling fields of a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingDefaults {
+    /// `temperature`.
+    pub temperature: f32,
+    /// `top_p`.
+    pub top_p: f32,
+    /// `top_k` (0 = off).
+    pub top_k: u32,
+    /// `min_p`.
+    pub min_p: f32,
+    /// `repetition_penalty`.
+    pub repetition_penalty: f32,
+}
+
+impl SamplingDefaults {
+    /// The server's own: DeepSeek's recommended temperature for R1, every filter off.
+    pub const SERVER: SamplingDefaults = SamplingDefaults {
+        temperature: DEFAULT_TEMPERATURE,
+        top_p: 1.0,
+        top_k: 0,
+        min_p: 0.0,
+        repetition_penalty: 1.0,
+    };
+}
+
+impl Default for SamplingDefaults {
+    fn default() -> Self {
+        SamplingDefaults::SERVER
+    }
 }
 
 impl Limits {
+    /// These limits with the sampling defaults a checkpoint's `generation_config.json` sets (R1's releases: temperature
+    /// 0.6, top_p 0.95; `do_sample: false` means greedy). A value outside the allowed range is left out, with a
+    /// warning naming it; fields the file does not set keep the server's defaults.
+    pub fn with_generation_config(mut self, g: &r1_engine::text::GenerationConfig) -> Limits {
+        let d = &mut self.sampling_defaults;
+        let take = |name: &str, v: Option<f32>, range: FloatRange, slot: &mut f32| match v {
+            Some(v) if range.contains(v) => *slot = v,
+            Some(v) => {
+                tracing::warn!(field = name, value = v, allowed = %range, "generation_config.json default out of range; ignored")
+            }
+            None => {}
+        };
+        take("temperature", g.temperature, limits::TEMPERATURE, &mut d.temperature);
+        take("top_p", g.top_p, limits::TOP_P, &mut d.top_p);
+        take("min_p", g.min_p, limits::MIN_P, &mut d.min_p);
+        take("repetition_penalty", g.repetition_penalty, limits::REPETITION_PENALTY, &mut d.repetition_penalty);
+        if let Some(k) = g.top_k {
+            d.top_k = k;
+        }
+        if g.do_sample == Some(false) {
+            d.temperature = 0.0;
+        }
+        self
+    }
+
     /// Checks that the limits are consistent.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_new_tokens == 0 {
@@ -138,15 +198,15 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
     let sampling = Sampling {
         temperature: in_range(
             format!("{p}temperature"),
-            s.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+            s.temperature.unwrap_or(limits.sampling_defaults.temperature),
             limits::TEMPERATURE,
         )?,
-        top_p: in_range(format!("{p}top_p"), s.top_p.unwrap_or(1.0), limits::TOP_P)?,
-        top_k: s.top_k.unwrap_or(0),
-        min_p: in_range(format!("{p}min_p"), s.min_p.unwrap_or(0.0), limits::MIN_P)?,
+        top_p: in_range(format!("{p}top_p"), s.top_p.unwrap_or(limits.sampling_defaults.top_p), limits::TOP_P)?,
+        top_k: s.top_k.unwrap_or(limits.sampling_defaults.top_k),
+        min_p: in_range(format!("{p}min_p"), s.min_p.unwrap_or(limits.sampling_defaults.min_p), limits::MIN_P)?,
         repetition_penalty: in_range(
             format!("{p}repetition_penalty"),
-            s.repetition_penalty.unwrap_or(1.0),
+            s.repetition_penalty.unwrap_or(limits.sampling_defaults.repetition_penalty),
             limits::REPETITION_PENALTY,
         )?,
         seed: s.seed,
@@ -213,7 +273,12 @@ pub fn check_context(prompt_tokens: usize, max_tokens: u32, limits: &Limits) -> 
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_new_tokens: 100, default_max_tokens: 16, max_context_tokens: 64 };
+    const LIMITS: Limits = Limits {
+        max_new_tokens: 100,
+        default_max_tokens: 16,
+        max_context_tokens: 64,
+        sampling_defaults: SamplingDefaults::SERVER,
+    };
 
     fn prompt(p: &str) -> RawRequest {
         RawRequest { prompt: Some(p.into()), sampling_prefix: "sampling.", ..Default::default() }
@@ -236,6 +301,28 @@ mod tests {
             (1.0, 0, 0.0, 1.0)
         );
         assert_eq!(v.input, PromptInput::Text("hi".into()));
+    }
+
+    #[test]
+    fn the_checkpoints_generation_config_sets_the_defaults_and_requests_still_win() {
+        use r1_engine::text::GenerationConfig;
+        // R1's release: temperature 0.6, top_p 0.95.
+        let r1 = GenerationConfig { temperature: Some(0.6), top_p: Some(0.95), ..Default::default() };
+        let limits = LIMITS.with_generation_config(&r1);
+        let v = validate(prompt("hi"), &limits).expect("valid");
+        assert_eq!((v.sampling.temperature, v.sampling.top_p), (0.6, 0.95));
+        let mut raw = prompt("hi");
+        raw.sampling.top_p = Some(0.5);
+        raw.sampling.temperature = Some(0.0);
+        let v = validate(raw, &limits).expect("valid");
+        assert_eq!((v.sampling.temperature, v.sampling.top_p), (0.0, 0.5), "the request's own values win");
+        // do_sample false: greedy by default.
+        let greedy = GenerationConfig { do_sample: Some(false), temperature: Some(0.7), ..Default::default() };
+        assert_eq!(LIMITS.with_generation_config(&greedy).sampling_defaults.temperature, 0.0);
+        // A default outside the allowed range is left out; the server's stays.
+        let bad = GenerationConfig { temperature: Some(7.0), top_p: Some(0.0), top_k: Some(40), ..Default::default() };
+        let d = LIMITS.with_generation_config(&bad).sampling_defaults;
+        assert_eq!((d.temperature, d.top_p, d.top_k), (DEFAULT_TEMPERATURE, 1.0, 40));
     }
 
     #[test]

@@ -197,7 +197,12 @@ async fn overload_is_rejected_with_resource_exhausted() {
 #[tokio::test]
 async fn every_invalid_argument_names_field_limit_and_value() {
     let fake = FakeConfig { max_context_tokens: 64, ..Default::default() };
-    let limits = Limits { max_new_tokens: 40, default_max_tokens: 8, max_context_tokens: u32::MAX };
+    let limits = Limits {
+        max_new_tokens: 40,
+        default_max_tokens: 8,
+        max_context_tokens: u32::MAX,
+        sampling_defaults: Default::default(),
+    };
     let mut srv = start_ready(Setup { fake, limits, ..Default::default() }).await;
     let mut c = srv.client().await;
     let base = || prompt_req("hello", 4);

@@ -187,7 +187,12 @@ async fn every_metric_the_dashboard_and_hpas_reference_is_exported() {
     let load: Loader = Box::new(move || Ok(Box::new(model) as Box<dyn Model>));
     let opts = ServeOptions {
         model_id: "fake-r1".into(),
-        limits: Limits { max_new_tokens: 64, default_max_tokens: 8, max_context_tokens: u32::MAX },
+        limits: Limits {
+            max_new_tokens: 64,
+            default_max_tokens: 8,
+            max_context_tokens: u32::MAX,
+            sampling_defaults: Default::default(),
+        },
         scheduler: SchedulerConfig::default(),
         drain_timeout: Duration::from_secs(5),
     };

@@ -91,7 +91,12 @@ async fn start(artifact: PathBuf) -> Server {
     });
     let opts = ServeOptions {
         model_id: "arith-r1".into(),
-        limits: Limits { max_new_tokens: 256, default_max_tokens: 64, max_context_tokens: u32::MAX },
+        limits: Limits {
+            max_new_tokens: 256,
+            default_max_tokens: 64,
+            max_context_tokens: u32::MAX,
+            sampling_defaults: Default::default(),
+        },
         scheduler: SchedulerConfig::default(),
         drain_timeout: Duration::from_secs(10),
     };

@@ -52,7 +52,12 @@ impl Default for Setup {
         Setup {
             fake: FakeConfig::default(),
             scheduler: SchedulerConfig::default(),
-            limits: Limits { max_new_tokens: 2048, default_max_tokens: 16, max_context_tokens: u32::MAX },
+            limits: Limits {
+                max_new_tokens: 2048,
+                default_max_tokens: 16,
+                max_context_tokens: u32::MAX,
+                sampling_defaults: Default::default(),
+            },
             drain: Duration::from_secs(5),
             gate: None,
             security: Security::default(),
