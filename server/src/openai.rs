@@ -39,9 +39,52 @@ pub enum Stop {
 pub struct Message {
     /// Role.
     pub role: String,
-    /// Text.
+    /// Text: a string, or a list of content parts (`{"type": "text", "text": ...}`, joined in order).
     #[serde(default)]
-    pub content: String,
+    pub content: Content,
+}
+
+/// `content` as OpenAI accepts it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Content parts; only `text` parts are supported.
+    Parts(Vec<serde_json::Map<String, Value>>),
+}
+
+impl Default for Content {
+    fn default() -> Self {
+        Content::Text(String::new())
+    }
+}
+
+impl Content {
+    /// The message text; a part that is not text is refused, naming the message, the part and its type.
+    fn text(&self, message: usize) -> Result<String, ServeError> {
+        match self {
+            Content::Text(t) => Ok(t.clone()),
+            Content::Parts(parts) => {
+                let mut out = String::new();
+                for (i, p) in parts.iter().enumerate() {
+                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => out.push_str(t),
+                        (kind, _) => {
+                            return Err(ServeError::invalid(
+                                format!("messages[{message}].content[{i}]"),
+                                format!(
+                                    "must be a text part {{\"type\": \"text\", \"text\": ...}}; this model reads text only, got type {}",
+                                    kind.map_or("(none)".to_string(), |k| format!("{k:?}"))
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
 }
 
 /// Body of `/v1/chat/completions` and `/v1/completions` (fields of both). Every other field lands in `other` and is
@@ -153,7 +196,13 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
         if body.prompt.is_some() {
             return Err(ServeError::invalid("prompt", "is not accepted by /v1/chat/completions; use `messages`"));
         }
-        (None, body.messages.iter().map(|m| ChatTurn { role: m.role.clone(), content: m.content.clone() }).collect())
+        let turns = body
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Ok(ChatTurn { role: m.role.clone(), content: m.content.text(i)? }))
+            .collect::<Result<Vec<_>, ServeError>>()?;
+        (None, turns)
     } else {
         if !body.messages.is_empty() {
             return Err(ServeError::invalid("messages", "is not accepted by /v1/completions; use `prompt`"));

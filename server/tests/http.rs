@@ -151,6 +151,18 @@ async fn openai_fields_the_server_would_ignore_are_refused_by_name() {
         let v: Value = serde_json::from_str(&body).expect("json");
         assert_eq!(v["error"]["param"], field, "{body}");
     }
+    // Content given as a list of text parts is read; a non-text part is refused by position.
+    let parts = r#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"bc"}]}],"max_tokens":3,"temperature":0}"#;
+    let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(parts)).await;
+    assert_eq!(status, 200, "{body}");
+    let plain = r#"{"messages":[{"role":"user","content":"abc"}],"max_tokens":3,"temperature":0}"#;
+    let (_, _, plain_body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(plain)).await;
+    let text = |b: &str| serde_json::from_str::<Value>(b).expect("json")["choices"][0]["message"].clone();
+    assert_eq!(text(&body), text(&plain_body), "parts joined equal the plain string");
+    let image = r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#;
+    let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(image)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("messages[0].content[0]") && body.contains("image_url"), "{body}");
     // The same fields at the value that asks for nothing, and bookkeeping fields, are accepted.
     let neutral = r#","logprobs":false,"presence_penalty":0,"frequency_penalty":0.0,"tools":[],"tool_choice":"none","response_format":{"type":"text"},"user":"u-1","stream_options":{"include_usage":true}"#;
     let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(&chat(neutral))).await;
