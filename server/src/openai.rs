@@ -271,7 +271,7 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
             return error_response(&e);
         }
     };
-    let rx = match state.start(raw, "http", rid.clone(), None, span.clone()).await {
+    let rx = match state.start(raw, "http", rid.clone(), http_deadline(&headers), span.clone()).await {
         Ok(rx) => rx,
         Err(e) => return error_response(&e),
     };
@@ -286,6 +286,21 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
     } else {
         whole_response(rx, &span, head).await
     }
+}
+
+/// Request headers that carry the caller's time budget in seconds: `x-request-timeout`, or `x-stainless-timeout`,
+/// which the official OpenAI SDKs send with their client timeout.
+const TIMEOUT_HEADERS: [&str; 2] = ["x-request-timeout", "x-stainless-timeout"];
+
+/// The request's deadline from its timeout header (see [`TIMEOUT_HEADERS`]), with the same margin as `grpc-timeout`
+/// (a fifth, at most 50 ms), so the server's 504 arrives before the client gives up. No header: no deadline.
+fn http_deadline(headers: &HeaderMap) -> Option<std::time::Instant> {
+    let secs: f64 = TIMEOUT_HEADERS.iter().find_map(|h| headers.get(*h)?.to_str().ok()?.trim().parse().ok())?;
+    if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+        return None;
+    }
+    let d = std::time::Duration::from_secs_f64(secs);
+    Some(std::time::Instant::now() + d - (d / 5).min(std::time::Duration::from_millis(50)))
 }
 
 /// What every response object of one request repeats.

@@ -134,6 +134,30 @@ async fn openai_completions_and_errors() {
 }
 
 #[tokio::test]
+async fn http_requests_get_the_deadline_their_timeout_header_gives() {
+    let fake = r1_serve::fake::FakeConfig { step_delay: std::time::Duration::from_millis(20), ..Default::default() };
+    let mut srv = start_ready(Setup { fake, ..Default::default() }).await;
+    let body = r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":200,"ignore_eos":true}"#;
+    // 200 tokens at 20 ms a step need ~4 s; a 0.3 s budget ends in a 504 naming the deadline.
+    for header in ["x-request-timeout", "x-stainless-timeout"] {
+        let t0 = std::time::Instant::now();
+        let (status, _, resp) =
+            http_with(srv.http_addr, "POST", "/v1/chat/completions", Some(body), &[(header, "0.3")]).await;
+        assert_eq!(status, 504, "{header}: {resp}");
+        assert!(resp.contains("deadline"), "{resp}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(2), "{header}: took {:?}", t0.elapsed());
+    }
+    // Without a header, or with a budget that is long enough, it completes.
+    let short = r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":3}"#;
+    let (status, _, _) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(short)).await;
+    assert_eq!(status, 200);
+    let (status, _, _) =
+        http_with(srv.http_addr, "POST", "/v1/chat/completions", Some(short), &[("x-request-timeout", "30")]).await;
+    assert_eq!(status, 200);
+    srv.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn openai_fields_the_server_would_ignore_are_refused_by_name() {
     let mut srv = start_ready(Setup::default()).await;
     let chat = |extra: &str| format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"max_tokens":2{extra}}}"#);
