@@ -15,6 +15,7 @@ pub mod integrity;
 pub mod kinds;
 pub mod names;
 pub mod records;
+pub mod target_table;
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -204,6 +204,12 @@ impl<'de> Deserialize<'de> for Targets {
             if name == CPU_TARGET && is_legacy_cpu_placeholder(&value) {
                 continue;
             }
+            if super::target_table::target(&name).is_err() {
+                return Err(D::Error::custom(format!(
+                    "`targets.{name}`: not a target r1 builds for (one of {})",
+                    super::target_table::TARGETS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
+                )));
+            }
             let record = if name == CPU_TARGET {
                 serde_json::from_value::<CpuBuild>(value).map(TargetRecord::Cpu)
             } else {
@@ -281,6 +287,9 @@ mod tests {
         let bad_precision = serde_json::json!({"h100": {"target": "h100", "sm": 90, "precision": "fp4"}});
         let e = serde_json::from_value::<Targets>(bad_precision).unwrap_err().to_string();
         assert!(e.contains("`targets.h100`") && e.contains("fp4"), "{e}");
+        let unknown = serde_json::json!({"v100": {"target": "v100", "sm": 70}});
+        let e = serde_json::from_value::<Targets>(unknown).unwrap_err().to_string();
+        assert!(e.contains("`targets.v100`") && e.contains("a100, h100"), "{e}");
         let misfiled = serde_json::json!({"h100": {"target": "a100", "sm": 80}});
         let e = serde_json::from_value::<Targets>(misfiled).unwrap_err().to_string();
         assert!(e.contains("`targets.h100`") && e.contains("target: a100"), "{e}");
