@@ -271,7 +271,7 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
             return error_response(&e);
         }
     };
-    let rx = match state.start(raw, "http", rid.clone(), http_deadline(&headers), span.clone()).await {
+    let rx = match state.start(raw, "http", rid.clone(), http_deadline(&headers, body.stream), span.clone()).await {
         Ok(rx) => rx,
         Err(e) => return error_response(&e),
     };
@@ -288,14 +288,14 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
     }
 }
 
-/// Request headers that carry the caller's time budget in seconds: `x-request-timeout`, or `x-stainless-timeout`,
-/// which the official OpenAI SDKs send with their client timeout.
-const TIMEOUT_HEADERS: [&str; 2] = ["x-request-timeout", "x-stainless-timeout"];
-
-/// The request's deadline from its timeout header (see [`TIMEOUT_HEADERS`]), with the same margin as `grpc-timeout`
-/// (a fifth, at most 50 ms), so the server's 504 arrives before the client gives up. No header: no deadline.
-fn http_deadline(headers: &HeaderMap) -> Option<std::time::Instant> {
-    let secs: f64 = TIMEOUT_HEADERS.iter().find_map(|h| headers.get(*h)?.to_str().ok()?.trim().parse().ok())?;
+/// The request's deadline, with the same margin as `grpc-timeout` (a fifth, at most 50 ms) so the server's 504 arrives
+/// before the client gives up: from `x-request-timeout` (seconds), else, for a non-streaming request, from
+/// `x-stainless-read-timeout`, the read timeout the official OpenAI SDKs send (a non-streaming response is one read;
+/// a stream's read timeout bounds the gap between chunks, not the whole request). No header: no deadline.
+fn http_deadline(headers: &HeaderMap, stream: bool) -> Option<std::time::Instant> {
+    let seconds = |h: &str| headers.get(h)?.to_str().ok()?.trim().parse::<f64>().ok();
+    let secs =
+        seconds("x-request-timeout").or_else(|| if stream { None } else { seconds("x-stainless-read-timeout") })?;
     if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
         return None;
     }

@@ -139,7 +139,7 @@ async fn http_requests_get_the_deadline_their_timeout_header_gives() {
     let mut srv = start_ready(Setup { fake, ..Default::default() }).await;
     let body = r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":200,"ignore_eos":true}"#;
     // 200 tokens at 20 ms a step need ~4 s; a 0.3 s budget ends in a 504 naming the deadline.
-    for header in ["x-request-timeout", "x-stainless-timeout"] {
+    for header in ["x-request-timeout", "x-stainless-read-timeout"] {
         let t0 = std::time::Instant::now();
         let (status, _, resp) =
             http_with(srv.http_addr, "POST", "/v1/chat/completions", Some(body), &[(header, "0.3")]).await;
@@ -147,6 +147,14 @@ async fn http_requests_get_the_deadline_their_timeout_header_gives() {
         assert!(resp.contains("deadline"), "{resp}");
         assert!(t0.elapsed() < std::time::Duration::from_secs(2), "{header}: took {:?}", t0.elapsed());
     }
+    // The SDK's read timeout does not bound a stream (it bounds the gap between chunks): a streamed request with a
+    // 0.3 s read timeout runs to its end.
+    let stream = r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":30,"ignore_eos":true,"stream":true}"#;
+    let (status, _, resp) =
+        http_with(srv.http_addr, "POST", "/v1/chat/completions", Some(stream), &[("x-stainless-read-timeout", "0.3")])
+            .await;
+    assert_eq!(status, 200);
+    assert!(resp.contains("\"finish_reason\":\"length\"") && !resp.contains("deadline"), "{resp}");
     // Without a header, or with a budget that is long enough, it completes.
     let short = r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":3}"#;
     let (status, _, _) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(short)).await;
