@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{EngineError, Result};
-use crate::manifest::{Dim, EngineBuild, Manifest, Precision, ProfileRecord};
+use crate::manifest::{names, Dim, EngineBuild, Manifest, Precision, ProfileRecord};
 
 pub use crate::manifest::target_table::{target, target_for_gpu_name, DimRange, Profile, Target, TARGETS};
 
@@ -35,7 +35,7 @@ impl TrtSettings {
     /// EP-context model on, level 3, not hardware-compatible.
     pub fn for_artifact(dir: &Path, target: &Target) -> Self {
         TrtSettings {
-            cache_dir: dir.join("engines").join(target.name),
+            cache_dir: dir.join(names::engine_dir(target.name)),
             hardware_compatible: false,
             dump_ep_context_model: true,
             builder_optimization_level: 3,
@@ -163,10 +163,10 @@ pub fn session_tensorrt_options(
     cache_dir: Option<&Path>,
 ) -> Result<(PathBuf, Vec<(String, String)>)> {
     let record = manifest.targets.tensorrt(target.name);
-    let cache = cache_dir.map(Path::to_path_buf).unwrap_or_else(|| dir.join("engines").join(target.name));
+    let cache = cache_dir.map(Path::to_path_buf).unwrap_or_else(|| dir.join(names::engine_dir(target.name)));
     match record {
         Some(b) if b.built && !b.options.is_empty() => {
-            let rel_cache = format!("engines/{}", target.name);
+            let rel_cache = names::engine_dir(target.name);
             let options = b
                 .options
                 .iter()

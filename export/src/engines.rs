@@ -40,11 +40,6 @@ fn be(message: impl std::fmt::Display) -> EngineError {
     EngineError::Backend { backend: "ort", message: message.to_string() }
 }
 
-/// `engines/<target>`, relative to the artifact directory (always `/`-separated).
-pub fn engine_dir_rel(target: &Target) -> String {
-    format!("{ENGINES_DIR}/{}", target.name)
-}
-
 /// The command that finishes a planned build on a host with the target's GPU.
 pub fn build_command(out_dir: &Path, target: &Target, hardware_compatible: bool) -> String {
     let mut cmd = format!("r1-export build {} --target {}", shell_quote(&out_dir.display().to_string()), target.name);
@@ -68,7 +63,7 @@ pub fn shell_quote(s: &str) -> String {
 /// manifest records, true wherever the artifact is copied.
 fn relative_settings(target: &Target, hardware_compatible: bool) -> TrtSettings {
     TrtSettings {
-        cache_dir: PathBuf::from(engine_dir_rel(target)),
+        cache_dir: PathBuf::from(r1_engine::manifest::names::engine_dir(target.name)),
         hardware_compatible,
         dump_ep_context_model: true,
         builder_optimization_level: TRT_BUILDER_OPTIMIZATION_LEVEL,
@@ -194,7 +189,7 @@ pub fn build_tensorrt(
     if files.is_empty() {
         return Err(be(format!("TensorRT EP created a session but wrote nothing to {}", cache_dir.display())));
     }
-    let ctx = format!("{}/{EP_CONTEXT_FILE}", engine_dir_rel(target));
+    let ctx = format!("{}/{EP_CONTEXT_FILE}", r1_engine::manifest::names::engine_dir(target.name));
     let mut record = tensorrt_plan(dir, manifest, target, hardware_compatible)?;
     record.sm = gpu.sm.unwrap_or(target.sm);
     record.built = true;

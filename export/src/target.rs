@@ -243,7 +243,7 @@ fn attention_shape(manifest: &Manifest) -> Option<crate::onnx::fused_attention::
 
 /// Replaces the manifest's `engines/<target>/` file entries with the sha256 and size of `files`.
 fn set_target_files(dir: &Path, manifest: &mut Manifest, t: &Target, files: &[String]) -> Result<()> {
-    let prefix = format!("{}/", eb::engine_dir_rel(t));
+    let prefix = format!("{}/", r1_engine::manifest::names::engine_dir(t.name));
     manifest.files.retain(|k, _| !k.starts_with(&prefix));
     for rel in files {
         manifest.files.insert(rel.clone(), hash_file(&dir.join(rel))?);

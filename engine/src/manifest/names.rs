@@ -12,6 +12,11 @@ pub const MODEL_FILE: &str = "model.onnx";
 pub const DATA_FILE: &str = "model.onnx.data";
 /// Folder of per-target builds.
 pub const ENGINES_DIR: &str = "engines";
+/// `engines/<target>`: a target's build folder, relative to the artifact directory (always `/`-separated).
+pub fn engine_dir(target: &str) -> String {
+    format!("{ENGINES_DIR}/{target}")
+}
+
 /// The ONNX Runtime-optimized CPU serving graph, relative to the artifact directory.
 pub const CPU_GRAPH: &str = "engines/cpu/model.onnx";
 /// External-data file of the CPU serving graph, next to it.
