@@ -19,14 +19,14 @@
 //! **Invariant:** a failed step changes no sequence: inputs are validated first, the backend runs,
 //! outputs are validated, and only then are caches appended.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, Array4, ArrayViewD};
 
 use crate::backend::{self, Backend, BackendKind, BackendOptions, KeptPresent, KvPair, StepInput};
 use crate::error::{EngineError, Result};
-use crate::kv::{KvBudget, KvGeometry, SequenceCache};
+use crate::kv::{KvBudget, KvGeometry, KvPool};
 use crate::manifest::Manifest;
 
 /// Default KV budget when [`EngineOptions::kv_budget_bytes`] is `None`: 2 GiB.
@@ -44,6 +44,8 @@ pub struct EngineOptions {
     pub backend_options: BackendOptions,
     /// KV cache budget in bytes; `None` means [`DEFAULT_KV_BUDGET_BYTES`].
     pub kv_budget_bytes: Option<u64>,
+    /// Slots and budget blocks of the KV pool.
+    pub pool: PoolOptions,
 }
 
 /// Handle of a sequence held by an [`Engine`]. Never reused within one engine.
@@ -90,15 +92,47 @@ pub struct StepLogits {
 struct Sequence {
     /// Every token of the sequence: fed ones first, then pending ones.
     tokens: Vec<u32>,
-    cache: SequenceCache,
-    /// Positions reserved in the budget for this sequence.
-    reserved: usize,
+    /// Its slot in the pool; `None` before its first step and while preempted.
+    slot: Option<usize>,
+    /// Positions held in its slot.
+    cached: usize,
+    /// Budget blocks held (prompt blocks from admission on, then what its positions occupy).
+    blocks: usize,
+    /// Positions it had cached when it was preempted: the next step that feeds it recomputes them first.
+    recompute: usize,
 }
 
 impl Sequence {
     fn pending(&self) -> usize {
-        self.tokens.len() - self.cache.len()
+        self.tokens.len() - self.cached
     }
+}
+
+/// How many sequences the pool holds and how the budget counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolOptions {
+    /// Slots: sequences that can hold a cache at once (`r1-serve --max-batch-size`).
+    pub slots: usize,
+    /// Positions per budget block (`r1-serve --kv-block-tokens`).
+    pub block_tokens: usize,
+}
+
+/// Slots unless told otherwise.
+pub const DEFAULT_SLOTS: usize = 64;
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions { slots: DEFAULT_SLOTS, block_tokens: crate::kv::DEFAULT_BLOCK_TOKENS }
+    }
+}
+
+/// What the pool has done so far (for `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Sequences whose cache was freed to make room (recomputed later).
+    pub preemptions: u64,
+    /// Positions recomputed after a preemption.
+    pub recomputed_tokens: u64,
 }
 
 /// An opened artifact that steps batches of sequences. See the module docs for the protocol.
@@ -106,10 +140,13 @@ pub struct Engine {
     dir: PathBuf,
     manifest: Manifest,
     backend: Box<dyn Backend>,
-    geometry: KvGeometry,
     budget: KvBudget,
-    seqs: HashMap<SequenceId, Sequence>,
+    pool: KvPool,
+    /// The backend appends new positions into the pool itself ([`Backend::steps_in_place`]).
+    in_place: bool,
+    seqs: BTreeMap<SequenceId, Sequence>,
     next_id: u64,
+    stats: PoolStats,
     /// The last step's present, kept in the backend's memory, and the rows it holds (in order). The next step feeds it
     /// back as its past when it runs the same rows in the same order, instead of gathering the host caches.
     kept: Option<Kept>,
@@ -139,35 +176,52 @@ impl Engine {
     pub fn load(dir: &Path, opts: &EngineOptions) -> Result<Engine> {
         let manifest = Manifest::load(dir)?;
         let backend = backend::load(dir, &manifest, opts.backend, &opts.backend_options)?;
-        Ok(Engine::from_backend(dir, manifest, backend, opts.kv_budget_bytes))
+        Engine::with_pool(dir, manifest, backend, opts.kv_budget_bytes, opts.pool)
     }
 
-    /// Wraps an already opened backend (tests, benches, custom backends).
+    /// Wraps an already opened backend (tests, benches, custom backends) with the default pool.
     pub fn from_backend(
         dir: &Path,
         manifest: Manifest,
         backend: Box<dyn Backend>,
         kv_budget_bytes: Option<u64>,
-    ) -> Engine {
+    ) -> Result<Engine> {
+        Engine::with_pool(dir, manifest, backend, kv_budget_bytes, PoolOptions::default())
+    }
+
+    /// Wraps an already opened backend with a pool of `pool.slots` sequences at full context length each (address
+    /// space only: memory is committed as sequences write) and a budget of `kv_budget_bytes`.
+    pub fn with_pool(
+        dir: &Path,
+        manifest: Manifest,
+        backend: Box<dyn Backend>,
+        kv_budget_bytes: Option<u64>,
+        pool: PoolOptions,
+    ) -> Result<Engine> {
         let geometry = KvGeometry::from(&manifest.kv_cache);
-        // The host cache is float32 whatever the graph dtype; account for what is actually held.
-        let host_bytes_per_token =
+        // The pool is float32 whatever the graph dtype; account for what is actually held.
+        let pool_bytes_per_token =
             (manifest.kv_cache.computed_bytes_per_token() / manifest.kv_cache.dtype.size()).saturating_mul(4);
+        let in_place = backend.steps_in_place();
         // A backend that takes its own present back as the next step's past keeps the running batch's cache a
-        // second time (the runtime's present, float32) next to the host caches: the budget counts both copies.
-        let copies = if backend.can_feed_kept() { 2 } else { 1 };
-        let bytes_per_token = host_bytes_per_token.saturating_mul(copies) as u64;
-        let budget = KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), bytes_per_token);
-        Engine {
+        // second time (the runtime's present, float32) next to the pool: the budget counts both copies.
+        let copies = if !in_place && backend.can_feed_kept() { 2 } else { 1 };
+        let bytes_per_token = pool_bytes_per_token.saturating_mul(copies) as u64;
+        let budget =
+            KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), bytes_per_token, pool.block_tokens);
+        let kv_pool = KvPool::new(geometry, pool.slots.max(1), manifest.model.max_position_embeddings)?;
+        Ok(Engine {
             dir: dir.to_path_buf(),
             manifest,
             backend,
-            geometry,
             budget,
-            seqs: HashMap::new(),
+            pool: kv_pool,
+            in_place,
+            seqs: BTreeMap::new(),
             next_id: 0,
+            stats: PoolStats::default(),
             kept: None,
-        }
+        })
     }
 
     /// The artifact's manifest.
@@ -185,14 +239,33 @@ impl Engine {
         self.backend.name()
     }
 
-    /// The KV budget (bytes per token, reserved, free).
+    /// The KV budget (bytes per token, blocks used and free).
     pub fn kv_budget(&self) -> &KvBudget {
         &self.budget
     }
 
-    /// Whether a sequence of `tokens` positions (prompt + max new tokens) fits the KV budget now.
-    pub fn can_admit(&self, tokens: usize) -> bool {
-        tokens <= self.manifest.model.max_position_embeddings && self.budget.can_admit(tokens)
+    /// The pool (slots, bytes copied).
+    pub fn kv_pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    /// Preemptions and recomputed positions so far.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.stats
+    }
+
+    /// Whether a new sequence of `prompt_tokens` that may generate `max_new_tokens` should be admitted now: it fits
+    /// the context, a slot is free, no preempted sequence is waiting for room, and its prompt's blocks are free with
+    /// one block of headroom per running sequence (so that admitting it does not preempt them at once). Its
+    /// `max_new_tokens` reserve nothing: sequences take blocks as they grow.
+    pub fn can_admit(&self, prompt_tokens: usize, max_new_tokens: usize) -> bool {
+        let total = prompt_tokens.saturating_add(max_new_tokens);
+        let running = self.seqs.len();
+        total <= self.manifest.model.max_position_embeddings
+            && self.budget.blocks_for(total) <= self.budget.total_blocks()
+            && running < self.pool.slots()
+            && !self.seqs.values().any(|s| s.recompute > 0)
+            && self.budget.has_free(self.budget.blocks_for(prompt_tokens).saturating_add(running))
     }
 
     /// Number of sequences held.
@@ -200,8 +273,8 @@ impl Engine {
         self.seqs.len()
     }
 
-    /// Adds a sequence with `prompt` pending and reserves `prompt.len() + max_new_tokens` positions
-    /// of KV budget (its cache is preallocated to that size).
+    /// Adds a sequence with `prompt` pending and takes its prompt's blocks of the budget. `max_new_tokens` is only
+    /// checked against the context length (and the whole budget): generated positions take blocks as they come.
     pub fn add_sequence(&mut self, prompt: &[u32], max_new_tokens: usize) -> Result<SequenceId> {
         if prompt.is_empty() {
             return Err(EngineError::InvalidArgument {
@@ -224,16 +297,24 @@ impl Engine {
                 message: format!("must be at most max_position_embeddings {limit}, got {total}"),
             });
         }
-        self.budget.reserve(total)?;
+        if self.budget.blocks_for(total) > self.budget.total_blocks() {
+            // It could never run to the end, even alone.
+            return Err(EngineError::KvBudget {
+                requested_bytes: self.budget.bytes_per_token().saturating_mul(total as u64),
+                free_bytes: self.budget.free_bytes(),
+                budget_bytes: self.budget.budget_bytes(),
+            });
+        }
+        let blocks = self.budget.blocks_for(prompt.len());
+        self.budget.take(blocks)?;
         let id = SequenceId(self.next_id);
         self.next_id += 1;
-        let cache = SequenceCache::with_capacity(self.geometry, total);
-        self.seqs.insert(id, Sequence { tokens: prompt.to_vec(), cache, reserved: total });
+        self.seqs.insert(id, Sequence { tokens: prompt.to_vec(), slot: None, cached: 0, blocks, recompute: 0 });
         Ok(id)
     }
 
-    /// Appends a sampled token; it is fed by the next step that includes this sequence.
-    /// Grows the reservation by one position when the sequence outgrows it (if the budget allows).
+    /// Appends a sampled token; it is fed by the next step that includes this sequence (which takes a block for it
+    /// when it needs one).
     pub fn push_token(&mut self, id: SequenceId, token: u32) -> Result<()> {
         let vocab = self.manifest.model.vocab_size;
         let limit = self.manifest.model.max_position_embeddings;
@@ -251,10 +332,6 @@ impl Engine {
                 message: format!("must be at most max_position_embeddings {limit}, got {new_len}"),
             });
         }
-        if new_len > seq.reserved {
-            self.budget.reserve(1)?;
-            seq.reserved += 1;
-        }
         seq.tokens.push(token);
         Ok(())
     }
@@ -264,27 +341,62 @@ impl Engine {
         self.seqs.get(&id).map(|s| s.tokens.as_slice()).ok_or(EngineError::UnknownSequence { id: id.0 })
     }
 
-    /// Tokens of a sequence not yet fed to the model.
+    /// Tokens of a sequence not yet fed to the model (after a preemption: all of them).
     pub fn pending_tokens(&self, id: SequenceId) -> Result<usize> {
         self.seqs.get(&id).map(Sequence::pending).ok_or(EngineError::UnknownSequence { id: id.0 })
     }
 
     /// Positions held in a sequence's KV cache.
     pub fn cached_tokens(&self, id: SequenceId) -> Result<usize> {
-        self.seqs.get(&id).map(|s| s.cache.len()).ok_or(EngineError::UnknownSequence { id: id.0 })
+        self.seqs.get(&id).map(|s| s.cached).ok_or(EngineError::UnknownSequence { id: id.0 })
     }
 
-    /// Frees a sequence's cache and its budget reservation. Returns false if it was not held.
+    /// Frees a sequence's cache and its blocks. Returns false if it was not held.
     pub fn remove_sequence(&mut self, id: SequenceId) -> bool {
+        if !self.seqs.contains_key(&id) {
+            return false;
+        }
+        self.release_cache(id);
+        if let Some(seq) = self.seqs.remove(&id) {
+            self.budget.give_back(seq.blocks);
+        }
+        true
+    }
+
+    /// Frees `id`'s slot (compacting the pool when the backend steps in place, so that running slots stay
+    /// `0 .. n`) and forgets a kept present that holds it. Its blocks stay with it.
+    fn release_cache(&mut self, id: SequenceId) {
         if self.kept.as_ref().is_some_and(|k| k.rows.contains(&id)) {
             self.kept = None;
         }
-        match self.seqs.remove(&id) {
-            Some(seq) => {
-                self.budget.release(seq.reserved);
-                true
+        let Some(slot) = self.seqs.get_mut(&id).and_then(|s| s.slot.take()) else { return };
+        self.pool.free(slot);
+        if !self.in_place {
+            return;
+        }
+        // Move the sequence in the highest used slot down into the hole (one copy of its cache).
+        let last = self.seqs.iter().filter_map(|(sid, s)| s.slot.map(|sl| (sl, *sid))).max();
+        if let Some((from, sid)) = last.filter(|(from, _)| *from > slot) {
+            if self.pool.move_slot(from, slot).is_ok() {
+                if let Some(s) = self.seqs.get_mut(&sid) {
+                    s.slot = Some(slot);
+                }
             }
-            None => false,
+        }
+    }
+
+    /// Frees a sequence's cache and blocks to make room; its tokens stay, and the next step that feeds it recomputes
+    /// the positions it had before feeding anything new.
+    fn preempt(&mut self, id: SequenceId) {
+        let holds = self.seqs.get(&id).is_some_and(|s| s.blocks > 0 || s.slot.is_some());
+        self.release_cache(id);
+        if let Some(seq) = self.seqs.get_mut(&id).filter(|_| holds) {
+            self.budget.give_back(seq.blocks);
+            seq.recompute += seq.cached;
+            seq.cached = 0;
+            seq.blocks = 0;
+            self.stats.preemptions += 1;
+            tracing::info!(sequence = id.0, positions = seq.recompute, "KV pool full: sequence preempted (recomputed later)");
         }
     }
 
@@ -292,17 +404,30 @@ impl Engine {
     /// last-position logits of every sequence whose pending tokens were all fed, in `work` order.
     /// On error no sequence changes.
     ///
+    /// Before running, the step takes the budget blocks and pool slots its rows grow into; when they are short it
+    /// preempts the youngest sequences (the step's own rows included: such a row returns nothing this step) until
+    /// the rest fits. A preempted sequence named in a later step first recomputes what it had cached, in that step.
+    ///
     /// When the backend cannot batch prefill chunks that have a past ([`Backend::batches_chunks_with_past`]), the
     /// step runs as several passes: the decode rows together, the first chunks (no past) together, and each later
-    /// chunk alone. Every pass runs and is checked before any cache changes.
+    /// chunk alone; a backend that steps in place also splits a pass where its rows' slots are not consecutive.
+    /// Every pass runs and is checked before any sequence changes.
     pub fn step(&mut self, work: &[StepWork]) -> Result<Vec<StepLogits>> {
         let plan = self.plan(work)?;
-        let passes = if self.backend.batches_chunks_with_past() { vec![plan] } else { split_chunks_with_past(plan) };
+        let Some(plan) = self.make_room(plan)? else { return Ok(Vec::new()) };
+        let mut passes = if self.backend.batches_chunks_with_past() { vec![plan] } else { split_chunks_with_past(plan) };
+        if self.in_place {
+            passes = passes.into_iter().flat_map(|p| self.split_by_slot(p)).collect();
+        }
         let split = passes.len() > 1;
         let mut outputs = Vec::with_capacity(passes.len());
         for pass in passes {
-            let out = self.run_pass(&pass)?;
-            outputs.push((pass, out));
+            let out = if self.in_place { self.run_pass_in_place(&pass).map(|l| (l, None)) } else {
+                self.run_pass(&pass).map(|(l, p)| (l, Some(p)))
+            };
+            // On error nothing has changed: passes write only beyond each slot's valid positions, which advance
+            // in `apply_pass` (blocks and slots taken for the step stay with their sequences).
+            outputs.push((pass, out?));
         }
         let mut results = Vec::new();
         for (pass, (logits, present)) in outputs {
@@ -315,10 +440,89 @@ impl Engine {
         Ok(results)
     }
 
+    /// Blocks and slots for the plan's rows; preempts the youngest sequences while they are short. Returns the plan
+    /// without its preempted rows (`None` when none is left). Gives every row a slot.
+    fn make_room(&mut self, mut plan: Plan) -> Result<Option<Plan>> {
+        loop {
+            let need: usize = plan
+                .rows
+                .iter()
+                .map(|r| self.budget.blocks_for(r.past + r.feed).saturating_sub(self.seqs[&r.id].blocks))
+                .sum();
+            let slots_needed = plan.rows.iter().filter(|r| self.seqs[&r.id].slot.is_none()).count();
+            let slots_free = self.pool.slots() - self.pool.used_slots();
+            if self.budget.has_free(need) && slots_needed <= slots_free {
+                break;
+            }
+            // The youngest sequence that holds anything, or is in the plan.
+            let victim = self
+                .seqs
+                .iter()
+                .rev()
+                .find(|(id, s)| s.blocks > 0 || s.slot.is_some() || plan.rows.iter().any(|r| r.id == **id))
+                .map(|(id, _)| *id);
+            let Some(victim) = victim else {
+                return Err(EngineError::KvBudget {
+                    requested_bytes: self.budget.block_bytes().saturating_mul(need as u64),
+                    free_bytes: self.budget.free_bytes(),
+                    budget_bytes: self.budget.budget_bytes(),
+                });
+            };
+            self.preempt(victim);
+            plan.rows.retain(|r| r.id != victim);
+            if plan.rows.is_empty() {
+                return Ok(None);
+            }
+            plan = Plan::new(plan.rows);
+        }
+        for r in &plan.rows {
+            let need = self.budget.blocks_for(r.past + r.feed).saturating_sub(self.seqs[&r.id].blocks);
+            self.budget.take(need)?;
+            let seq = self.seqs.get_mut(&r.id).ok_or(EngineError::UnknownSequence { id: r.id.0 })?;
+            seq.blocks += need;
+            if seq.slot.is_none() {
+                seq.slot = self.pool.alloc();
+            }
+        }
+        Ok(Some(plan))
+    }
+
+    /// Splits a pass into runs of rows whose slots are consecutive (ordered by slot), for in-place stepping.
+    fn split_by_slot(&self, plan: Plan) -> Vec<Plan> {
+        let mut rows = plan.rows;
+        rows.sort_by_key(|r| self.seqs[&r.id].slot);
+        let mut out: Vec<Vec<PlanRow>> = Vec::new();
+        let mut prev: Option<usize> = None;
+        for r in rows {
+            let slot = self.seqs[&r.id].slot;
+            match (out.last_mut(), prev, slot) {
+                (Some(run), Some(p), Some(s)) if s == p + 1 => run.push(r),
+                _ => out.push(vec![r]),
+            }
+            prev = slot;
+        }
+        out.into_iter().map(Plan::new).collect()
+    }
+
+    /// Runs one in-place pass (its rows' slots are consecutive) and checks the logits; the pool's valid lengths do
+    /// not change until [`Engine::apply_pass`].
+    fn run_pass_in_place(&mut self, plan: &Plan) -> Result<ndarray::Array3<f32>> {
+        let first = plan.rows.first().and_then(|r| self.seqs[&r.id].slot).ok_or_else(|| EngineError::Shape {
+            name: "pass".into(),
+            expected: "rows that hold slots".into(),
+            got: "a row without one".into(),
+        })?;
+        let input = self.assemble(plan, false);
+        let logits = self.backend.run_in_place(&input, &mut self.pool, first, plan.rows.len())?;
+        self.check_logits(plan, &logits)?;
+        Ok(logits)
+    }
+
     /// Runs one pass and checks its outputs' shapes; changes no sequence. Feeds the kept present back as the past
-    /// when it holds the same rows in the same order, else gathers the host caches into a padded batch.
+    /// when it holds the same rows in the same order, else gathers the pool's slots into a padded batch.
     fn run_pass(&mut self, plan: &Plan) -> Result<(ndarray::Array3<f32>, KeptPresent)> {
-        let kept = self.kept.take_if(|k| {
+        // Any pass makes an older kept present stale (its rows move on), so it is taken out whether it is used or not.
+        let kept = self.kept.take().filter(|k| {
             self.backend.can_feed_kept()
                 && k.rows.len() == plan.rows.len()
                 && k.rows.iter().zip(&plan.rows).all(|(id, r)| *id == r.id)
@@ -326,7 +530,15 @@ impl Engine {
         let input = self.assemble(plan, kept.is_none());
         let (logits, present) = self.backend.run_keep(&input, kept.as_ref().map(|k| &k.present))?;
         drop(kept);
-        let (b, s, past) = (plan.rows.len(), plan.seq_len, plan.past_len);
+        self.check_logits(plan, &logits)?;
+        let (keys, values) = present.views()?;
+        self.check_present(&keys, &values, plan.rows.len(), plan.past_len + plan.seq_len)?;
+        drop((keys, values));
+        Ok((logits, present))
+    }
+
+    fn check_logits(&self, plan: &Plan, logits: &ndarray::Array3<f32>) -> Result<()> {
+        let (b, s) = (plan.rows.len(), plan.seq_len);
         let vocab = self.manifest.model.vocab_size;
         // A serving graph may return each row's last fed position only (`Backend::last_position_logits`).
         let positions = if self.backend.last_position_logits() { 1 } else { s };
@@ -337,35 +549,45 @@ impl Engine {
                 got: format!("{:?}", logits.shape()),
             });
         }
-        let (keys, values) = present.views()?;
-        self.check_present(&keys, &values, b, past + s)?;
-        drop((keys, values));
-        Ok((logits, present))
+        Ok(())
     }
 
-    /// Appends a checked pass's new positions to the host caches and returns the logits of the rows it completed.
+    /// Records a checked pass: its new positions join each slot (appended from the present, or already written in
+    /// place), and returns the logits of the rows it completed.
     fn apply_pass(
         &mut self,
         plan: &Plan,
         logits: &ndarray::Array3<f32>,
-        present: KeptPresent,
+        present: Option<KeptPresent>,
     ) -> Result<Vec<StepLogits>> {
         let last_only = self.backend.last_position_logits();
         let past = plan.past_len;
-        let (keys, values) = present.views()?;
+        let views = present.as_ref().map(KeptPresent::views).transpose()?;
         let mut results = Vec::new();
         for (row, r) in plan.rows.iter().enumerate() {
             let seq = self.seqs.get_mut(&r.id).ok_or(EngineError::UnknownSequence { id: r.id.0 })?;
-            // Only this step's new positions are copied to the host cache.
-            seq.cache.append_from(&keys, &values, row, past, r.feed)?;
+            let slot = seq.slot.ok_or(EngineError::UnknownSequence { id: r.id.0 })?;
+            match &views {
+                // Only this step's new positions are copied into the pool.
+                Some((keys, values)) => self.pool.append_from(slot, keys, values, row, past, r.feed)?,
+                None => self.pool.grow(slot, r.feed)?,
+            }
+            seq.cached += r.feed;
+            if seq.recompute > 0 {
+                let redone = seq.recompute.min(r.feed);
+                self.stats.recomputed_tokens += redone as u64;
+                seq.recompute -= redone;
+            }
             if r.completes {
                 let logits = logits.slice(ndarray::s![row, if last_only { 0 } else { r.feed - 1 }, ..]).to_vec();
                 results.push(StepLogits { seq: r.id, logits });
             }
         }
-        drop((keys, values));
-        if self.backend.can_feed_kept() && plan.rows.iter().all(|r| r.feed == plan.seq_len) {
-            self.kept = Some(Kept { rows: plan.rows.iter().map(|r| r.id).collect(), present });
+        drop(views);
+        if let Some(present) = present {
+            if self.backend.can_feed_kept() && plan.rows.iter().all(|r| r.feed == plan.seq_len) {
+                self.kept = Some(Kept { rows: plan.rows.iter().map(|r| r.id).collect(), present });
+            }
         }
         Ok(results)
     }
@@ -396,17 +618,18 @@ impl Engine {
                     ),
                 });
             }
-            let feed = pending.min(w.max_tokens);
-            rows.push(PlanRow { id: w.seq, past: seq.cache.len(), feed, completes: feed == pending });
+            // A preempted sequence first recomputes what it had, then feeds what the caller asked for.
+            let feed = pending.min(w.max_tokens.saturating_add(seq.recompute));
+            rows.push(PlanRow { id: w.seq, past: seq.cached, feed, completes: feed == pending });
         }
         Ok(Plan::new(rows))
     }
 
-    /// The step's inputs; the past is gathered from the host caches only when `with_past` (else it is left empty:
-    /// the backend takes it from the kept present).
-    fn assemble(&self, plan: &Plan, with_past: bool) -> StepInput {
+    /// The step's inputs; the past is gathered from the pool only when `with_past` (else it is left empty: the
+    /// backend takes it from the kept present, or from the pool in place).
+    fn assemble(&mut self, plan: &Plan, with_past: bool) -> StepInput {
         let (b, s, p) = (plan.rows.len(), plan.seq_len, plan.past_len);
-        let g = self.geometry;
+        let g = self.pool.geometry();
         let p_kv = if with_past { p } else { 0 };
         let mut input_ids = Array2::<i64>::zeros((b, s));
         let mut position_ids = Array2::<i64>::zeros((b, s));
@@ -422,7 +645,9 @@ impl Engine {
             for (row, r) in plan.rows.iter().enumerate() {
                 let seq = &self.seqs[&r.id];
                 if with_past && r.past > 0 {
-                    seq.cache.gather_into(row, &mut kv, &mut vv);
+                    if let Some(slot) = seq.slot {
+                        self.pool.gather_into(slot, row, &mut kv, &mut vv);
+                    }
                 }
                 for c in p - r.past..p + r.feed {
                     attention_mask[[row, c]] = 1;
@@ -449,7 +674,7 @@ impl Engine {
         batch: usize,
         total: usize,
     ) -> Result<()> {
-        let g = self.geometry;
+        let g = self.pool.geometry();
         if keys.len() != g.num_layers || values.len() != g.num_layers {
             return Err(EngineError::Shape {
                 name: "present".into(),

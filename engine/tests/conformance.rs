@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use r1_engine::backend::{self, Backend, BackendKind, BackendOptions, KeptPresent, StepInput, StepOutput};
-use r1_engine::{Engine, EngineError, Manifest, StepWork};
+use r1_engine::{Engine, EngineError, Manifest, PoolOptions, StepWork};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -42,7 +42,7 @@ fn open_backend(name: &str, kind: BackendKind) -> (Manifest, Box<dyn Backend>) {
 
 fn engine(name: &str, kind: BackendKind) -> Engine {
     let (manifest, b) = open_backend(name, kind);
-    Engine::from_backend(&fixture(name), manifest, b, None)
+    Engine::from_backend(&fixture(name), manifest, b, None).unwrap()
 }
 
 const KINDS: [BackendKind; 2] = [BackendKind::Ort, BackendKind::Tract];
@@ -216,7 +216,7 @@ fn feeding_the_kept_present_back_equals_gathering_the_host_caches() {
                 manifest,
                 Box::new(Counting { inner, host_only, fed_kept: fed }),
                 None,
-            ));
+            ).unwrap());
         }
         let mut logs: Vec<Vec<Vec<f32>>> = Vec::new();
         for e in &mut engines {
@@ -252,7 +252,7 @@ fn a_failed_step_leaves_every_sequence_unchanged() {
     let exp = expected("tiny");
     let (manifest, inner) = open_backend("tiny", BackendKind::Tract);
     let fail = Arc::new(AtomicBool::new(false));
-    let mut e = Engine::from_backend(&fixture("tiny"), manifest, Box::new(Flaky { inner, fail: fail.clone() }), None);
+    let mut e = Engine::from_backend(&fixture("tiny"), manifest, Box::new(Flaky { inner, fail: fail.clone() }), None).unwrap();
     let (p0, w0) = &exp.cases[0];
     let (p1, w1) = &exp.cases[1];
     let a = e.add_sequence(p0, 4).unwrap();
@@ -334,7 +334,7 @@ fn steps_split_for_a_backend_that_cannot_batch_chunks_with_a_past() {
             let (manifest, inner) = open_backend(fx, kind);
             let passes = Arc::new(AtomicUsize::new(0));
             let wrapped = OneChunkWithPast { inner, passes: passes.clone(), fail_at: None };
-            let mut e = Engine::from_backend(&fixture(fx), manifest, Box::new(wrapped), None);
+            let mut e = Engine::from_backend(&fixture(fx), manifest, Box::new(wrapped), None).unwrap();
             for chunk in [usize::MAX, 3, 1] {
                 let batched = e
                     .generate_batch_with(&prompts, exp.new_tokens, &[], chunk, |l| Ok(r1_engine::generate::argmax(l)))
@@ -356,7 +356,7 @@ fn a_split_step_that_fails_in_its_second_pass_leaves_every_sequence_unchanged() 
     let passes = Arc::new(AtomicUsize::new(0));
     // Pass 1: a's prefill and b's first chunk; pass 2 (a decodes) runs; pass 3 (b's second chunk) fails.
     let wrapped = OneChunkWithPast { inner, passes: passes.clone(), fail_at: Some(3) };
-    let mut e = Engine::from_backend(&fixture("tiny"), manifest, Box::new(wrapped), None);
+    let mut e = Engine::from_backend(&fixture("tiny"), manifest, Box::new(wrapped), None).unwrap();
     let a = e.add_sequence(p0, 4).unwrap();
     let b = e.add_sequence(p1, 4).unwrap();
     let first = e.step(&[StepWork::all(a), StepWork::chunk(b, 1)]).unwrap();
@@ -400,37 +400,87 @@ fn invalid_work_is_rejected_before_running() {
 }
 
 #[test]
-fn kv_budget_admission_reserve_and_release() {
+fn kv_budget_grows_with_use_and_admits_by_prompt() {
     let dir = fixture("tiny");
     let manifest = Manifest::load(&dir).unwrap();
-    // Host cache is f32: 2 layers x (2x16 + 2x16) x 4 bytes = 512 bytes per token; tract feeds its own present back
+    // The pool is f32: 2 layers x (2x16 + 2x16) x 4 bytes = 512 bytes per token; tract feeds its own present back
     // as the next past, so the running batch's cache is held twice and the budget counts 1024 bytes per token.
     let b = backend::load(&dir, &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
     assert!(b.can_feed_kept());
     let per_token = 2 * 512u64;
-    let mut e = Engine::from_backend(&dir, manifest.clone(), b, Some(per_token * 20));
+    let pool = PoolOptions { slots: 4, block_tokens: 4 };
+    let mut e = Engine::with_pool(&dir, manifest.clone(), b, Some(per_token * 20), pool).unwrap();
     assert_eq!(e.kv_budget().bytes_per_token(), per_token);
-    assert!(e.can_admit(20));
-    assert!(!e.can_admit(21));
-    let a = e.add_sequence(&[1, 2, 3, 4], 8).unwrap(); // 12 tokens
-    assert_eq!(e.kv_budget().free_tokens(), 8);
-    assert!(!e.can_admit(9));
-    let err = e.add_sequence(&[1, 2], 7).unwrap_err();
+    assert_eq!(e.kv_budget().total_blocks(), 5);
+    assert!(e.can_admit(4, 16), "max_tokens reserves nothing: only the prompt's block must be free");
+    assert!(!e.can_admit(4, 17), "but prompt + max_tokens must fit the whole pool");
+    let a = e.add_sequence(&[1, 2, 3, 4], 8).unwrap();
+    assert_eq!(e.kv_budget().used_blocks(), 1);
+    // 13 prompt positions = 4 blocks, plus one block of headroom per running sequence: 5 > 4 free.
+    assert!(!e.can_admit(13, 0));
+    assert!(e.can_admit(8, 0));
+    let err = e.add_sequence(&[1; 4], 17).unwrap_err();
     assert_eq!(err.kind(), "resource_exhausted");
-    assert!(err.to_string().contains(&format!("{} bytes requested", 9 * per_token)), "{err}");
+    // Growing: the fifth position takes the second block, when it is fed.
+    let out = e.step(&[StepWork::all(a)]).unwrap();
+    e.push_token(a, r1_engine::generate::argmax(&out[0].logits)).unwrap();
+    assert_eq!(e.kv_budget().used_blocks(), 1);
+    e.step(&[StepWork::all(a)]).unwrap();
+    assert_eq!(e.kv_budget().used_blocks(), 2);
     assert!(e.remove_sequence(a));
     assert!(!e.remove_sequence(a));
-    assert!(e.can_admit(20));
-    // Outgrowing the reservation takes one more token at a time from the budget.
-    let b = e.add_sequence(&[1], 0).unwrap();
-    let out = e.step(&[StepWork::all(b)]).unwrap();
-    e.push_token(b, r1_engine::generate::argmax(&out[0].logits)).unwrap();
-    assert_eq!(e.kv_budget().reserved_bytes(), 2 * per_token);
-    // A backend that does not keep its present (hidden here) is budgeted for the host caches alone.
+    assert_eq!(e.kv_budget().used_blocks(), 0);
+    assert_eq!(e.kv_pool().used_slots(), 0);
+    // A backend that does not keep its present (hidden here) is budgeted for the pool alone.
     let inner = backend::load(&dir, &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
     let host_only = Counting { inner, host_only: true, fed_kept: Arc::new(AtomicUsize::new(0)) };
-    let e = Engine::from_backend(&dir, manifest, Box::new(host_only), Some(512 * 20));
+    let e = Engine::from_backend(&dir, manifest, Box::new(host_only), Some(512 * 20)).unwrap();
     assert_eq!(e.kv_budget().bytes_per_token(), 512);
+}
+
+/// Greedy decoding of `ids` together, one token a step, until each has `n` new tokens; returns them.
+fn decode_together(e: &mut Engine, ids: &[r1_engine::SequenceId], n: usize) -> Vec<Vec<u32>> {
+    let mut out = vec![Vec::new(); ids.len()];
+    let mut steps = 0;
+    while out.iter().any(|o| o.len() < n) {
+        steps += 1;
+        assert!(steps < 50 * n, "no progress");
+        let work: Vec<_> = ids.iter().zip(&out).filter(|(_, o)| o.len() < n).map(|(id, _)| StepWork::chunk(*id, 1)).collect();
+        for r in e.step(&work).unwrap() {
+            let i = ids.iter().position(|id| *id == r.seq).unwrap();
+            let t = r1_engine::generate::argmax(&r.logits);
+            out[i].push(t);
+            if out[i].len() < n {
+                e.push_token(r.seq, t).unwrap();
+            } else {
+                e.remove_sequence(r.seq);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_full_pool_preempts_the_youngest_and_recomputes_it_without_changing_its_tokens() {
+    let exp = expected("tiny");
+    for kind in KINDS {
+        let (manifest, b) = open_backend("tiny", kind);
+        let per_token = manifest.kv_cache.computed_bytes_per_token() as u64 * if b.can_feed_kept() { 2 } else { 1 };
+        let prompts: Vec<&Vec<u32>> = exp.cases.iter().map(|(p, _)| p).take(3).collect();
+        let n = exp.new_tokens;
+        // Room for one whole sequence and a few blocks more, not for all three to generate `n` tokens.
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap();
+        let budget_tokens = longest + n + 4;
+        let pool = PoolOptions { slots: 3, block_tokens: 2 };
+        let mut e = Engine::with_pool(&fixture("tiny"), manifest, b, Some(per_token * budget_tokens as u64), pool).unwrap();
+        let ids: Vec<_> = prompts.iter().map(|p| e.add_sequence(p, n).unwrap()).collect();
+        let got = decode_together(&mut e, &ids, n);
+        assert!(e.pool_stats().preemptions > 0, "{kind:?}: the budget was meant to run out");
+        assert!(e.pool_stats().recomputed_tokens > 0);
+        for (i, (g, (_, want))) in got.iter().zip(&exp.cases).enumerate() {
+            assert_eq!(g, want, "{kind:?} sequence {i}: preemption changed its tokens");
+        }
+    }
 }
 
 #[test]

@@ -275,6 +275,7 @@ pub fn optimize_cpu_graph(model: &Path, out: &Path) -> Result<CpuBuild> {
         lowering: None,
         last_position_logits: false,
         fused_attention: false,
+        kv_in_place: false,
     })
 }
 
@@ -438,6 +439,7 @@ mod tests {
             lowering: None,
             last_position_logits: false,
             fused_attention: false,
+            kv_in_place: false,
         };
         m.targets.set_cpu(record.clone());
         assert_eq!(m.targets.cpu_graph(dir.path()), None, "file missing");

@@ -166,6 +166,7 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
             lowering.map(|l| serde_json::to_value(&l)).transpose().map_err(|e| ExportError::Graph(e.to_string()))?;
         r.last_position_logits = true;
         r.fused_attention = fused;
+        r.kv_in_place = fused;
         Ok(r)
     });
     let _ = std::fs::remove_dir_all(&lowered);

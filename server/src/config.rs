@@ -147,10 +147,15 @@ pub struct ServeArgs {
     /// `max_tokens` of requests that do not set it.
     #[arg(long, env = "R1_DEFAULT_MAX_TOKENS", default_value_t = 512)]
     pub default_max_tokens: u32,
-    /// KV cache budget in MiB (default: the engine's, 2048): float32 host caches, counted twice per position on
-    /// backends that also keep the running batch's cache in the runtime (ort CPU and tract with float32 caches).
+    /// KV cache budget in MiB (default: the engine's, 2048), counted in blocks of --kv-block-tokens positions as
+    /// sequences grow (a request's max_tokens reserves nothing up front; when the pool is full the youngest
+    /// sequences are preempted and recomputed later, never failed). The pool is float32; backends that also keep
+    /// the running batch's cache in the runtime (tract, ort on the portable graph) count each position twice.
     #[arg(long, env = "R1_KV_CACHE_MIB")]
     pub kv_cache_mib: Option<u64>,
+    /// Positions per KV budget block: the unit a sequence grows by.
+    #[arg(long, env = "R1_KV_BLOCK_TOKENS", default_value_t = r1_engine::kv::DEFAULT_BLOCK_TOKENS)]
+    pub kv_block_tokens: usize,
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before cancelling them.
     #[arg(long, env = "R1_DRAIN_TIMEOUT_SECS", default_value_t = 30.0)]
     pub drain_timeout_secs: f64,
@@ -277,6 +282,9 @@ impl ServeArgs {
         if let Some(0) = self.kv_cache_mib {
             return bad("--kv-cache-mib", "must be at least 1, got 0".into());
         }
+        if !(1..=4096).contains(&self.kv_block_tokens) {
+            return bad("--kv-block-tokens", format!("must be within 1..=4096, got {}", self.kv_block_tokens));
+        }
         let scheduler = SchedulerConfig {
             max_batch_size: self.max_batch_size,
             max_batch_tokens: self.max_batch_tokens,
@@ -304,6 +312,7 @@ impl ServeArgs {
             grpc_addr: self.grpc_addr,
             http_addr: self.http_addr,
             kv_cache_bytes: self.kv_cache_mib.map(|m| m << 20),
+            kv_block_tokens: self.kv_block_tokens,
             drain_timeout: Duration::from_secs_f64(self.drain_timeout_secs),
             scheduler,
             limits,
@@ -401,6 +410,8 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     /// KV cache budget, if set.
     pub kv_cache_bytes: Option<u64>,
+    /// Positions per KV budget block.
+    pub kv_block_tokens: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub drain_timeout: Duration,
     /// Batching and admission.

@@ -8,9 +8,12 @@ use std::sync::Arc;
 
 use r1_engine::sampling::{Sampler, StopChecker, StopParams};
 use r1_engine::text::{ChatMessage, ChatTemplate, IncrementalDetokenizer, ReasoningSplitter, RenderOptions, Tokenizer};
-use r1_engine::{BackendKind, BackendOptions, Engine, EngineOptions, ExecutionProviderKind, SequenceId, StepWork};
+use r1_engine::{
+    BackendKind, BackendOptions, Engine, EngineOptions, ExecutionProviderKind, PoolOptions, SequenceId, StepWork,
+};
 
 use crate::model::{
+    KvPoolStatus,
     Emitted, ErrorClass, Frontend, Model, ModelDescription, ModelError, PromptInput, SeqId, SeqParams, Work,
 };
 
@@ -131,17 +134,18 @@ impl std::fmt::Debug for EngineModel {
 }
 
 impl EngineModel {
-    /// Opens an artifact directory with `backend` (`auto`, `ort`, `tract`) on `execution_provider` (ort) and an
-    /// optional KV budget in bytes.
+    /// Opens an artifact directory with `backend` (`auto`, `ort`, `tract`) on `execution_provider` (ort), an
+    /// optional KV budget in bytes and the KV pool's slots and block size.
     pub fn load(
         dir: &Path,
         backend: &str,
         execution_provider: ExecutionProviderKind,
         kv_budget_bytes: Option<u64>,
+        pool: PoolOptions,
     ) -> Result<Self, ModelError> {
         let kind: BackendKind = backend.parse().map_err(engine_err)?;
         let backend_options = BackendOptions { execution_provider, ..Default::default() };
-        let opts = EngineOptions { backend: kind, backend_options, kv_budget_bytes };
+        let opts = EngineOptions { backend: kind, backend_options, kv_budget_bytes, pool };
         let engine = Engine::load(dir, &opts).map_err(engine_err)?;
         let text = Arc::new(EngineText::load(dir)?);
         Ok(EngineModel { engine, text, seqs: HashMap::new(), next: 0 })
@@ -162,7 +166,7 @@ impl Model for EngineModel {
             max_context_tokens: m.model.max_position_embeddings,
             vocab_size: m.model.vocab_size,
             batch_profiles: Vec::new(),
-            kv_capacity_tokens: (self.engine.kv_budget().budget_bytes() / self.bytes_per_token()) as usize,
+            kv_capacity_tokens: self.engine.kv_budget().capacity_tokens(),
             generation: self.text.tokenizer().generation_config().clone(),
         }
     }
@@ -171,8 +175,8 @@ impl Model for EngineModel {
         self.text.clone()
     }
 
-    fn can_admit(&self, positions: usize) -> bool {
-        self.engine.can_admit(positions)
+    fn can_admit(&self, prompt_tokens: usize, max_tokens: usize) -> bool {
+        self.engine.can_admit(prompt_tokens, max_tokens)
     }
 
     fn add_sequence(&mut self, prompt: &[u32], params: &SeqParams) -> Result<SeqId, ModelError> {
@@ -242,6 +246,15 @@ impl Model for EngineModel {
 
     fn kv_used_tokens(&self) -> usize {
         (self.engine.kv_budget().reserved_bytes() / self.bytes_per_token()) as usize
+    }
+
+    fn kv_pool_status(&self) -> KvPoolStatus {
+        let s = self.engine.pool_stats();
+        KvPoolStatus {
+            preemptions: s.preemptions,
+            recomputed_tokens: s.recomputed_tokens,
+            slots_used: self.engine.kv_pool().used_slots(),
+        }
     }
 }
 

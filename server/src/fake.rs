@@ -179,13 +179,15 @@ impl Model for FakeModel {
         Arc::new(FakeFrontend)
     }
 
-    fn can_admit(&self, positions: usize) -> bool {
+    fn can_admit(&self, prompt_tokens: usize, max_tokens: usize) -> bool {
+        // The fake reserves prompt + max_tokens up front (the engine's pool grows instead).
+        let positions = prompt_tokens + max_tokens;
         positions <= self.cfg.max_context_tokens && self.reserved + positions <= self.cfg.kv_capacity_tokens
     }
 
     fn add_sequence(&mut self, prompt: &[u32], params: &SeqParams) -> Result<SeqId, ModelError> {
         let need = prompt.len() + params.max_tokens;
-        if prompt.is_empty() || !self.can_admit(need) {
+        if prompt.is_empty() || !self.can_admit(prompt.len(), params.max_tokens) {
             return Err(ModelError::new(
                 ErrorClass::ResourceExhausted,
                 "resource_exhausted",

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use r1_engine::PoolOptions;
 use r1_serve::config::{AskArgs, Command, GenerateArgs, ServeArgs, ServerConfig};
 use r1_serve::engine_model::{verify_artifact, EngineModel};
 use r1_serve::metrics::Metrics;
@@ -45,10 +46,12 @@ fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
             cfg.kv_cache_bytes,
             cfg.skip_integrity_check,
         );
+        // One pool slot per sequence the scheduler may run at once.
+        let pool = PoolOptions { slots: cfg.scheduler.max_batch_size, block_tokens: cfg.kv_block_tokens };
         // Runs on a blocking thread while health says NOT_SERVING: verify the files, then load them.
         let load: Loader = Box::new(move || {
             verify_artifact(&dir, skip)?;
-            EngineModel::load(&dir, &backend, ep, kv).map(|m| Box::new(m) as Box<dyn Model>)
+            EngineModel::load(&dir, &backend, ep, kv, pool).map(|m| Box::new(m) as Box<dyn Model>)
         });
         let opts = ServeOptions {
             model_id: cfg.model_id,
@@ -122,7 +125,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         eprintln!("artifact verified against manifest.json sha256 sums in {:.2}s", t0.elapsed().as_secs_f64());
     }
     let ep = r1_serve::config::parse_execution_provider(&args.backend, &args.execution_provider)?;
-    let mut model = EngineModel::load(&args.model, &args.backend, ep, None)
+    let mut model = EngineModel::load(&args.model, &args.backend, ep, None, PoolOptions { slots: 1, ..Default::default() })
         .with_context(|| format!("loading {}", args.model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let input = if args.raw {

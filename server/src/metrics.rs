@@ -45,6 +45,12 @@ pub struct Metrics {
     pub kv_cache_capacity_tokens: Gauge,
     /// Reserved / capacity.
     pub kv_cache_usage_ratio: Gauge<f64, AtomicU64>,
+    /// Sequences whose KV cache was freed to make room (recomputed later).
+    pub kv_preemptions: Counter,
+    /// Positions recomputed after preemptions.
+    pub kv_recomputed_tokens: Counter,
+    /// Pool slots (sequences holding a cache) in use.
+    pub kv_slots_used: Gauge,
 }
 
 impl Default for Metrics {
@@ -74,6 +80,9 @@ impl Metrics {
             kv_cache_used_tokens: Gauge::default(),
             kv_cache_capacity_tokens: Gauge::default(),
             kv_cache_usage_ratio: Gauge::default(),
+            kv_preemptions: Counter::default(),
+            kv_recomputed_tokens: Counter::default(),
+            kv_slots_used: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by outcome", m.requests.clone());
@@ -96,7 +105,7 @@ impl Metrics {
         registry.register("generated_tokens", "Tokens generated", m.generated_tokens.clone());
         registry.register("prompt_tokens", "Prompt tokens admitted", m.prompt_tokens.clone());
         registry.register("step_errors", "Model steps that failed", m.step_errors.clone());
-        registry.register("kv_cache_used_tokens", "KV cache positions reserved", m.kv_cache_used_tokens.clone());
+        registry.register("kv_cache_used_tokens", "KV cache positions held (whole blocks)", m.kv_cache_used_tokens.clone());
         registry.register(
             "kv_cache_capacity_tokens",
             "KV cache capacity in positions",
@@ -107,6 +116,17 @@ impl Metrics {
             "KV cache positions reserved / capacity",
             m.kv_cache_usage_ratio.clone(),
         );
+        registry.register(
+            "kv_preemptions",
+            "Sequences whose KV cache was freed to make room for others (recomputed later, never failed)",
+            m.kv_preemptions.clone(),
+        );
+        registry.register(
+            "kv_recomputed_tokens",
+            "KV positions recomputed after preemptions",
+            m.kv_recomputed_tokens.clone(),
+        );
+        registry.register("kv_pool_slots_used", "KV pool slots holding a sequence's cache", m.kv_slots_used.clone());
         Metrics { registry, ..m }
     }
 

@@ -33,6 +33,17 @@ pub enum PromptInput {
 /// when the request gave none).
 pub use r1_engine::sampling::SamplingParams as Sampling;
 
+/// What [`Model::kv_pool_status`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvPoolStatus {
+    /// Sequences preempted so far.
+    pub preemptions: u64,
+    /// Positions recomputed after preemptions so far.
+    pub recomputed_tokens: u64,
+    /// Slots in use now.
+    pub slots_used: usize,
+}
+
 /// Per-sequence generation settings handed to [`Model::add_sequence`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqParams {
@@ -150,14 +161,18 @@ pub trait Model: Send {
     fn describe(&self) -> ModelDescription;
     /// The tokenizer side, shared with request handlers.
     fn frontend(&self) -> Arc<dyn Frontend>;
-    /// Whether a sequence needing `positions` KV positions (prompt + max tokens) fits now.
-    fn can_admit(&self, positions: usize) -> bool;
+    /// Whether a request of `prompt_tokens` that may generate `max_tokens` should start now.
+    fn can_admit(&self, prompt_tokens: usize, max_tokens: usize) -> bool;
     /// Adds a sequence with `prompt` pending.
     fn add_sequence(&mut self, prompt: &[u32], params: &SeqParams) -> Result<SeqId, ModelError>;
     /// Frees a sequence (no-op if unknown).
     fn remove_sequence(&mut self, seq: SeqId);
     /// One forward pass over `work`; `pad_to` is the profile batch size the scheduler aligned the batch to.
     fn step(&mut self, work: &[Work], pad_to: usize) -> Result<Vec<Emitted>, ModelError>;
-    /// KV positions reserved now.
+    /// KV positions held now.
     fn kv_used_tokens(&self) -> usize;
+    /// The KV pool's counters so far: preemptions, positions recomputed, slots in use (zeros for models without one).
+    fn kv_pool_status(&self) -> KvPoolStatus {
+        KvPoolStatus::default()
+    }
 }

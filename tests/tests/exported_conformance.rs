@@ -28,7 +28,7 @@ fn exported_artifact_batched_greedy_equals_single() {
         .collect();
     for kind in [BackendKind::Ort, BackendKind::Tract] {
         let b = backend::load(&dir, &manifest, kind, &BackendOptions::default()).expect("load");
-        let mut e = Engine::from_backend(&dir, manifest.clone(), b, None);
+        let mut e = Engine::from_backend(&dir, manifest.clone(), b, None).unwrap();
         let singles: Vec<Vec<u32>> = prompts.iter().map(|p| e.generate_greedy(p, 8, &[]).expect("single")).collect();
         for chunk in [usize::MAX, 3] {
             let batched = e

@@ -9,6 +9,7 @@
 //! at its boundary, using the dtypes the manifest records for each input and output.
 
 pub mod ort;
+mod ort_in_place;
 pub mod tract;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array2, Array3, ArrayD, ArrayViewD};
 
 use crate::error::{EngineError, Result};
+use crate::kv::KvPool;
 use crate::manifest::Manifest;
 
 pub use crate::manifest::names::MODEL_FILE;
@@ -127,6 +129,25 @@ pub trait Backend: Send {
         }
         let out = self.run(input)?;
         Ok((out.logits, KeptPresent::Host(out.present)))
+    }
+
+    /// Whether this backend steps over the engine's KV pool in place ([`Backend::run_in_place`]): its graph appends
+    /// each step's new positions into the past buffer it is given, so nothing is gathered or appended on the host.
+    fn steps_in_place(&self) -> bool {
+        false
+    }
+
+    /// One forward pass over the pool's slots `first .. first + n` (one row each, in slot order) that writes the new
+    /// positions of row `r` into slot `first + r` right after its valid ones, and returns the logits. `input.past` is
+    /// empty; `input.attention_mask` is laid out as for [`Backend::run`] (its row sums give each row's new total
+    /// length). Only for backends whose [`Backend::steps_in_place`] is true. Writes nothing at or below a slot's
+    /// valid positions, so a failed pass leaves every sequence as it was.
+    fn run_in_place(&mut self, input: &StepInput, pool: &mut KvPool, first: usize, n: usize) -> Result<Array3<f32>> {
+        let _ = (input, pool, first, n);
+        Err(EngineError::Unavailable {
+            what: format!("in-place steps on backend `{}`", self.name()),
+            message: "this backend takes its past from the host (Backend::steps_in_place is false)".into(),
+        })
     }
 
     /// Whether [`Backend::run_keep`] accepts a kept present as the past.

@@ -19,12 +19,13 @@ use super::{
     StepOutput, MODEL_FILE,
 };
 use crate::error::{EngineError, Result};
+use crate::kv::KvPool;
 use crate::manifest::{names, DType, Manifest};
 use crate::targets;
 
 const NAME: &str = "ort";
 
-fn be(message: impl std::fmt::Display) -> EngineError {
+pub(super) fn be(message: impl std::fmt::Display) -> EngineError {
     EngineError::Backend { backend: NAME, message: message.to_string() }
 }
 
@@ -43,6 +44,8 @@ pub struct OrtBackend {
     /// The graph gathers each row's last fed position before the LM head ([`Backend::last_position_logits`]).
     last_position_logits: bool,
     fused_attention: bool,
+    /// The graph's attention appends in place into the engine's pool (`targets.cpu.kv_in_place`, float32 cache).
+    kv_in_place: bool,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -189,6 +192,9 @@ impl OrtBackend {
             present_dtype: dtype_of(&names::present_key(0), manifest.kv_cache.dtype),
             last_position_logits: preferred.is_some() && manifest.targets.cpu().is_some_and(|c| c.last_position_logits),
             fused_attention: preferred.is_some() && manifest.targets.cpu().is_some_and(|c| c.fused_attention),
+            kv_in_place: preferred.is_some()
+                && manifest.targets.cpu().is_some_and(|c| c.fused_attention && c.kv_in_place)
+                && manifest.kv_cache.dtype == DType::Float32,
         })
     }
 }
@@ -229,7 +235,7 @@ impl OrtBackend {
     }
 }
 
-fn logits_of(outputs: &ort::session::SessionOutputs<'_>, dtype: DType) -> Result<Array3<f32>> {
+pub(super) fn logits_of(outputs: &ort::session::SessionOutputs<'_>, dtype: DType) -> Result<Array3<f32>> {
     let v = outputs.get("logits").ok_or_else(|| be("graph returned no `logits`"))?;
     float_output(v, dtype, "logits")?.into_dimensionality::<ndarray::Ix3>().map_err(|e| EngineError::Shape {
         name: "logits".into(),
@@ -265,7 +271,18 @@ impl Backend for OrtBackend {
     }
 
     fn can_feed_kept(&self) -> bool {
-        self.f32_cache()
+        self.f32_cache() && !self.kv_in_place
+    }
+
+    fn steps_in_place(&self) -> bool {
+        self.kv_in_place
+    }
+
+    fn run_in_place(&mut self, input: &StepInput, pool: &mut KvPool, first: usize, n: usize) -> Result<Array3<f32>> {
+        if !self.kv_in_place {
+            return Err(be("this graph does not append into the KV pool (targets.cpu.kv_in_place is false)"));
+        }
+        super::ort_in_place::run(&mut self.session, &self.inputs, self.logits_dtype, input, pool, first, n)
     }
 
     fn last_position_logits(&self) -> bool {

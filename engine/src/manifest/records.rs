@@ -44,6 +44,12 @@ pub struct CpuBuild {
     /// engine splits such steps (`false`, and artifacts written before it existed: the portable attention).
     #[serde(default)]
     pub fused_attention: bool,
+    /// The fused attention reads each row's length from the attention mask (`seqlens_k = Σ mask − 1`) instead of
+    /// treating every row as full length, so its past and present can be the engine's KV pool bound in place
+    /// (slots right-padded, written where each row ends). `false` (and artifacts written before it existed): the
+    /// host layout, past gathered left-padded.
+    #[serde(default)]
+    pub kv_in_place: bool,
 }
 
 /// What a TensorRT build records about itself (an entry of `manifest.targets`), or, with
@@ -247,6 +253,7 @@ mod tests {
             lowering: None,
             last_position_logits: true,
             fused_attention: true,
+            kv_in_place: true,
         }
     }
 

@@ -8,13 +8,18 @@
 //! `GroupQueryAttention` does all of it in one kernel (rotary from `position_ids` and cos/sin tables, the cache
 //! append, grouped attention without repeating the KV heads), and its CPU kernel is what ONNX Runtime GenAI runs.
 //!
-//! What the rewrite keeps exact: the KV cache contract (`past_key_values.{i}.*` in, `present.{i}.*` out, keys
-//! stored after rotary, `[batch, kv_heads, total, head_dim]`), the engine's left-padded pasts and right-padded
-//! new tokens (the graph's own mask goes in as `attention_bias`, and every row is declared full length,
-//! `seqlens_k = total − 1`, so the kernel's causal mask sees the same positions the mask does), and the rotary
-//! angles (`position_ids × inv_freq`, with the graph's own `inv_freq`).
+//! What the rewrite keeps exact: the KV cache contract's names and shapes (`past_key_values.{i}.*` in,
+//! `present.{i}.*` out, keys stored after rotary, `[batch, kv_heads, positions, head_dim]`) and the rotary angles
+//! (`position_ids × inv_freq`, with the graph's own `inv_freq`).
 //!
-//! What it changes: ONNX Runtime's CPU kernel refuses a step with more than one row when the rows bring more than
+//! What it changes: **the cache layout.** Each row's length comes from the attention mask (`seqlens_k = Σ mask − 1`:
+//! its cached positions plus the ones it feeds) and the portable graph's additive mask is dropped, so a row's past
+//! must hold its positions at the start (right-padded), and the kernel writes the new ones right after them. That is
+//! the engine's KV pool: it binds each slot range as both past and present, and the kernel appends in place
+//! (`targets.cpu.kv_in_place`; `r1_engine::backend::Backend::run_in_place`). The graph is not meant for the
+//! left-padded host layout of `model.onnx`.
+//!
+//! And a limit: ONNX Runtime's CPU kernel refuses a step with more than one row when the rows bring more than
 //! one new token each *and* have a past (`batch_size must be 1 when sequence_length > 1 and past context is
 //! given`). The artifact records `targets.cpu.fused_attention`, and the engine then runs such rows one at a time
 //! (decode rows, and first chunks without a past, still run batched).
@@ -37,8 +42,6 @@ const PREFIX: &str = "/fused_attention";
 const ROTARY_FREQS: &str = "/model/rotary_emb/freqs/Mul";
 /// Present only when the rotary tables are scaled (`Ctx::rotary` with `scale != 1`), which the fused form lacks.
 const ROTARY_SCALE: &str = "/model/rotary_emb/Cos/Scale";
-/// The portable graph's additive attention mask `[batch, 1, sequence, total]` (see `Ctx::attention_mask`).
-const MASK_WHERE: &str = "/model/attn_mask/Where";
 
 /// The attention shape of a dense decoder, from the artifact's manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +120,7 @@ pub fn fuse_attention(
     }
     let Some(plan) = plan_fusion(g, shape, data)? else { return Ok(0) };
     add_shared_initializers(g, shape, dtype, &plan.inv_freq)?;
-    let mut new_nodes = shared_nodes(&plan.blocked);
+    let mut new_nodes = shared_nodes();
     let mut replaced: HashSet<String> = HashSet::new();
     for (i, l) in plan.layers.iter().enumerate() {
         replaced.extend(fuse_layer(g, shape, i, l, &mut new_nodes)?);
@@ -178,8 +181,6 @@ struct Layer {
 struct Plan {
     /// The rotary angles' inverse frequencies.
     inv_freq: Vec<f32>,
-    /// The mask's boolean condition.
-    blocked: String,
     layers: Vec<Layer>,
 }
 
@@ -205,12 +206,8 @@ fn plan_fusion(g: &GraphProto, shape: &AttentionShape, data: &ExternalDataReader
             inv_freq.len() * 2
         )));
     }
-    // The additive mask: rebuilt in the graph's type from the same boolean (`blocked`), since float16 cannot hold
-    // float32's lowest value.
-    let mask = ix.find(MASK_WHERE)?;
-    let blocked = mask.input.first().cloned().ok_or_else(|| graph_err(format!("`{MASK_WHERE}` has no condition")))?;
     let layers = (0..shape.num_layers).map(|i| layer_tensors(&ix, i)).collect::<Result<Vec<_>>>()?;
-    Ok(Some(Plan { inv_freq, blocked, layers }))
+    Ok(Some(Plan { inv_freq, layers }))
 }
 
 /// Layer `i`'s q/k/v heads and merged attention output.
@@ -237,26 +234,21 @@ fn add_shared_initializers(
     dtype: ElemType,
     inv_freq: &[f32],
 ) -> Result<()> {
-    let lowest = if dtype == ElemType::F16 { -65504.0f32 } else { f32::MIN };
     let (cos, sin) = rotary_tables(inv_freq, shape.max_positions, dtype)?;
     let half = (shape.head_dim / 2) as i64;
     g.initializer.extend([
         inline_tensor(&t("cos_cache"), dtype, &[shape.max_positions as i64, half], cos),
         inline_tensor(&t("sin_cache"), dtype, &[shape.max_positions as i64, half], sin),
-        inline_tensor(&t("lowest"), dtype, &[], dtype.encode_f32(&[lowest])?),
-        inline_tensor(&t("zero_f"), dtype, &[], dtype.encode_f32(&[0.0])?),
-        i64_tensor(&t("zero"), &[1], &[0]),
         i64_tensor(&t("one"), &[], &[1]),
+        i64_tensor(&t("axis1"), &[1], &[1]),
         i64_tensor(&t("heads_3d"), &[3], &[0, 0, -1]),
     ]);
     Ok(())
 }
 
-/// The nodes all layers share: the additive `bias` from the mask's condition `blocked`, the `total` length and
-/// the per-row `seqlens`.
-fn shared_nodes(blocked: &str) -> Vec<NodeProto> {
+/// The nodes all layers share: the `total` length (the mask's width) and each row's `seqlens` (its ones − 1).
+fn shared_nodes() -> Vec<NodeProto> {
     vec![
-        node(&t("mask/Where"), "Where", &[blocked, &t("lowest"), &t("zero_f")], &[&t("bias")]),
         node(&t("total/Shape"), "Shape", &["attention_mask"], &[&t("mask_shape")]),
         NodeProto {
             attribute: vec![attr_i("axis", 0)],
@@ -266,13 +258,12 @@ fn shared_nodes(blocked: &str) -> Vec<NodeProto> {
             attribute: vec![attr_i("to", ElemType::I32.onnx_code() as i64)],
             ..node(&t("total/Cast"), "Cast", &[&t("total64")], &[&t("total")])
         },
-        // Every row is declared full length: padding is masked by `bias`, not by the kernel's lengths.
-        node(&t("seqlens/Sub"), "Sub", &[&t("total64"), &t("one")], &[&t("last64")]),
+        // Each row's length is its number of ones: its cached positions plus the ones it feeds.
         NodeProto {
-            attribute: vec![attr_i("axis", 0)],
-            ..node(&t("batch/Gather"), "Gather", &[&t("mask_shape"), &t("zero")], &[&t("batch")])
+            attribute: vec![attr_i("keepdims", 0)],
+            ..node(&t("seqlens/ReduceSum"), "ReduceSum", &["attention_mask", &t("axis1")], &[&t("fed64")])
         },
-        node(&t("seqlens/Expand"), "Expand", &[&t("last64"), &t("batch")], &[&t("seqlens64")]),
+        node(&t("seqlens/Sub"), "Sub", &[&t("fed64"), &t("one")], &[&t("seqlens64")]),
         NodeProto {
             attribute: vec![attr_i("to", ElemType::I32.onnx_code() as i64)],
             ..node(&t("seqlens/Cast"), "Cast", &[&t("seqlens64")], &[&t("seqlens")])
@@ -327,7 +318,6 @@ fn fuse_layer(
                 &t("cos_cache"),
                 &t("sin_cache"),
                 "position_ids",
-                &t("bias"),
             ],
             &[&l.out, &ok, &ov],
         )

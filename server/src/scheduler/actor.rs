@@ -98,6 +98,12 @@ impl Actor {
         let used = self.model.kv_used_tokens();
         m.kv_cache_used_tokens.set(used as i64);
         m.kv_cache_usage_ratio.set(used as f64 / self.kv_capacity as f64);
+        let pool = self.model.kv_pool_status();
+        m.kv_slots_used.set(pool.slots_used as i64);
+        // Counters: add what is new since the last look.
+        let (seen_p, seen_r) = (m.kv_preemptions.get(), m.kv_recomputed_tokens.get());
+        m.kv_preemptions.inc_by(pool.preemptions.saturating_sub(seen_p));
+        m.kv_recomputed_tokens.inc_by(pool.recomputed_tokens.saturating_sub(seen_r));
     }
 
     fn fail(&self, e: Entry, err: ServeError) {
@@ -134,8 +140,8 @@ impl Actor {
         loop {
             let model = &self.model;
             let mut took = false;
-            let admitted = self.batcher.take_admissible(|n| {
-                !took && model.can_admit(n) && {
+            let admitted = self.batcher.take_admissible(|prompt, max_tokens| {
+                !took && model.can_admit(prompt, max_tokens) && {
                     took = true;
                     true
                 }

@@ -225,14 +225,14 @@ impl Batcher {
     }
 
     /// Takes the queued requests that can start now, oldest first: while there are batch slots, prefill budget and
-    /// `fits(prompt + max_tokens)` says the KV cache has room. Stops at the first that does not fit (FIFO fairness).
-    pub fn take_admissible(&mut self, mut fits: impl FnMut(usize) -> bool) -> Vec<Entry> {
+    /// `fits(prompt, max_tokens)` says the model has room. Stops at the first that does not fit (FIFO fairness).
+    pub fn take_admissible(&mut self, mut fits: impl FnMut(usize, usize) -> bool) -> Vec<Entry> {
         let (_, mut budget) = self.prefill_budget_in_use();
         let mut slots = self.cfg.max_batch_size.saturating_sub(self.running.len());
         let mut out = Vec::new();
         while slots > 0 && budget > 0 {
             let Some(head) = self.queue.front() else { break };
-            if !fits(head.prompt.len() + head.params.max_tokens) {
+            if !fits(head.prompt.len(), head.params.max_tokens) {
                 break;
             }
             budget -= head.prompt.len().min(self.cfg.prefill_chunk).min(budget);
@@ -350,7 +350,7 @@ mod tests {
 
     /// Admits everything admissible, giving sequence ids in order.
     fn admit_all(b: &mut Batcher, next: &mut u64) -> usize {
-        let taken = b.take_admissible(|_| true);
+        let taken = b.take_admissible(|_, _| true);
         let n = taken.len();
         for e in taken {
             b.start(e, SeqId(*next), Instant::now());
@@ -448,7 +448,7 @@ mod tests {
         let (small, _r2) = entry(1, 1, &c);
         b.push(big).expect("room");
         b.push(small).expect("room");
-        let taken = b.take_admissible(|need| need < 100);
+        let taken = b.take_admissible(|prompt, max_tokens| prompt + max_tokens < 100);
         assert!(taken.is_empty(), "the small request does not overtake the head");
     }
 

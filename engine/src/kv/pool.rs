@@ -1,0 +1,408 @@
+//! The KV pool: every running sequence's cache, in one place, allocated once at load.
+//!
+//! Per layer, one key and one value tensor `[slots, heads, capacity, dim]` (float32), each an anonymous mapping
+//! ([`super::region::Region`]): a sequence owns a *slot* (a batch row of the pool) and its positions `0 .. len`.
+//! Memory is committed page by page as positions are written and given back when a slot is freed, so the pool spans
+//! every slot at full context length while holding only what sequences wrote; the budget ([`super::KvBudget`])
+//! counts that in blocks.
+//!
+//! Two ways to step over it:
+//! - **in place**: a backend whose graph appends the new positions into its past buffer (ONNX Runtime's
+//!   `GroupQueryAttention` with past and present bound to the same memory) binds the slots `a .. b` of every layer
+//!   directly ([`KvPool::layer_range`]); nothing is copied. Slots of one pass must be consecutive, which the engine
+//!   keeps true by compacting ([`KvPool::move_slot`]) when a sequence leaves.
+//! - **on the host**: other backends take a gathered `[batch, heads, past, dim]` past ([`KvPool::gather_into`]) and
+//!   return a present whose new positions are appended to the slot ([`KvPool::append_from`]).
+//!
+//! [`KvPool::copied_bytes`] counts every byte the pool copies (gather, append, move), so tests can assert that a
+//! steady in-place decode step copies none.
+
+use ndarray::{ArrayViewD, ArrayViewMut4, Axis};
+
+use super::region::Region;
+use super::KvGeometry;
+use crate::error::{EngineError, Result};
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct KvPool {
+    geometry: KvGeometry,
+    slots: usize,
+    capacity: usize,
+    keys: Vec<Region>,
+    values: Vec<Region>,
+    /// Valid positions per slot (`None`: free).
+    lens: Vec<Option<usize>>,
+    copied_bytes: u64,
+}
+
+/// One layer's key and value tensors over a range of slots, for binding to a runtime.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerRange {
+    /// Start of the key tensor `[n, key_heads, capacity, key_dim]`.
+    pub key: *mut f32,
+    /// Start of the value tensor `[n, value_heads, capacity, value_dim]`.
+    pub value: *mut f32,
+}
+
+impl KvPool {
+    /// A pool of `slots` sequences of up to `capacity` positions each. Reserves address space only.
+    pub fn new(geometry: KvGeometry, slots: usize, capacity: usize) -> Result<KvPool> {
+        let g = geometry;
+        let size = |heads: usize, dim: usize| {
+            slots.checked_mul(heads).and_then(|x| x.checked_mul(capacity)).and_then(|x| x.checked_mul(dim)).ok_or_else(
+                || EngineError::InvalidArgument {
+                    name: "KV pool".into(),
+                    message: format!("{slots} slots × {capacity} positions × {heads} heads × {dim} overflows"),
+                },
+            )
+        };
+        let (ks, vs) = (size(g.key_heads, g.key_dim)?, size(g.value_heads, g.value_dim)?);
+        let mut keys = Vec::with_capacity(g.num_layers);
+        let mut values = Vec::with_capacity(g.num_layers);
+        for layer in 0..g.num_layers {
+            keys.push(Region::new(ks, &format!("layer {layer} keys"))?);
+            values.push(Region::new(vs, &format!("layer {layer} values"))?);
+        }
+        Ok(KvPool { geometry, slots, capacity, keys, values, lens: vec![None; slots], copied_bytes: 0 })
+    }
+
+    /// Slots in the pool.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Positions a slot holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The pool's layout.
+    pub fn geometry(&self) -> KvGeometry {
+        self.geometry
+    }
+
+    /// Slots in use.
+    pub fn used_slots(&self) -> usize {
+        self.lens.iter().filter(|l| l.is_some()).count()
+    }
+
+    /// The lowest free slot, now taken (0 positions), or `None` when every slot is in use.
+    pub fn alloc(&mut self) -> Option<usize> {
+        let slot = self.lens.iter().position(Option::is_none)?;
+        self.lens[slot] = Some(0);
+        Some(slot)
+    }
+
+    /// Valid positions of `slot` (0 for a free slot).
+    pub fn len(&self, slot: usize) -> usize {
+        self.lens.get(slot).copied().flatten().unwrap_or(0)
+    }
+
+    /// Marks `n` more positions of `slot` valid after a backend wrote them in place.
+    pub fn grow(&mut self, slot: usize, n: usize) -> Result<()> {
+        let len = self.len(slot);
+        if len + n > self.capacity || self.lens.get(slot).copied().flatten().is_none() {
+            return Err(EngineError::Shape {
+                name: format!("KV pool slot {slot}"),
+                expected: format!("an allocated slot with room for {n} more of {} positions", self.capacity),
+                got: format!("{len} positions held"),
+            });
+        }
+        self.lens[slot] = Some(len + n);
+        Ok(())
+    }
+
+    /// Frees `slot` and gives its memory back to the system.
+    pub fn free(&mut self, slot: usize) {
+        self.release_slot(slot);
+        if let Some(l) = self.lens.get_mut(slot) {
+            *l = None;
+        }
+    }
+
+    /// Gives back the whole slot, not only its valid positions: an in-place pass may have written beyond them (the
+    /// padded columns of a batched prompt).
+    fn release_slot(&mut self, slot: usize) {
+        let (g, cap) = (self.geometry, self.capacity);
+        for (regions, heads, dim) in [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
+        {
+            for r in regions.iter_mut() {
+                for h in 0..heads {
+                    r.release(((slot * heads + h) * cap) * dim, cap * dim);
+                }
+            }
+        }
+    }
+
+    /// Moves the sequence in slot `from` to the free slot `to` (compaction) and frees `from`.
+    pub fn move_slot(&mut self, from: usize, to: usize) -> Result<()> {
+        let len = match (self.lens.get(from).copied().flatten(), self.lens.get(to).copied()) {
+            (Some(len), Some(None)) => len,
+            _ => {
+                return Err(EngineError::InvalidArgument {
+                    name: "KV pool move".into(),
+                    message: format!("needs a used slot {from} and a free slot {to}"),
+                })
+            }
+        };
+        let (g, cap) = (self.geometry, self.capacity);
+        for (regions, heads, dim) in [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
+        {
+            for r in regions.iter_mut() {
+                let s = r.as_mut_slice();
+                for h in 0..heads {
+                    let src = ((from * heads + h) * cap) * dim;
+                    let dst = ((to * heads + h) * cap) * dim;
+                    s.copy_within(src..src + len * dim, dst);
+                }
+            }
+        }
+        self.copied_bytes += (len * self.geometry_floats_per_position() * 4) as u64;
+        self.lens[to] = Some(len);
+        self.free(from);
+        Ok(())
+    }
+
+    fn geometry_floats_per_position(&self) -> usize {
+        let g = self.geometry;
+        g.num_layers * (g.key_heads * g.key_dim + g.value_heads * g.value_dim)
+    }
+
+    /// Bytes copied by gathers, appends and moves since the pool was made.
+    pub fn copied_bytes(&self) -> u64 {
+        self.copied_bytes
+    }
+
+    /// Layer `layer`'s tensors over slots `start .. start + n` (`[n, heads, capacity, dim]` each, row-major).
+    /// The pointers stay valid while the pool lives; the caller must not use them past a [`KvPool::free`] or
+    /// [`KvPool::move_slot`] of those slots.
+    pub fn layer_range(&mut self, layer: usize, start: usize, n: usize) -> Result<LayerRange> {
+        let g = self.geometry;
+        if layer >= g.num_layers || start + n > self.slots {
+            return Err(EngineError::InvalidArgument {
+                name: "KV pool range".into(),
+                message: format!(
+                    "layer {layer} of {}, slots {start}..{} of {}",
+                    g.num_layers,
+                    start + n,
+                    self.slots
+                ),
+            });
+        }
+        let cap = self.capacity;
+        Ok(LayerRange {
+            key: self.keys[layer].ptr_at(start * g.key_heads * cap * g.key_dim),
+            value: self.values[layer].ptr_at(start * g.value_heads * cap * g.value_dim),
+        })
+    }
+
+    /// Copies slot `slot`'s positions into row `row` of the batch tensors `keys[layer]` / `values[layer]`
+    /// (`[batch, heads, past, dim]`), right-aligned: positions `past - len .. past`.
+    pub fn gather_into<'a>(
+        &mut self,
+        slot: usize,
+        row: usize,
+        keys: &mut [ArrayViewMut4<'a, f32>],
+        values: &mut [ArrayViewMut4<'a, f32>],
+    ) {
+        let (g, cap, len) = (self.geometry, self.capacity, self.len(slot));
+        for (regions, dst, heads, dim) in
+            [(&self.keys, keys, g.key_heads, g.key_dim), (&self.values, values, g.value_heads, g.value_dim)]
+        {
+            for (r, t) in regions.iter().zip(dst.iter_mut()) {
+                let past = t.shape()[2];
+                let mut row_view = t.index_axis_mut(Axis(0), row);
+                for h in 0..heads {
+                    let src = &r.as_slice()[((slot * heads + h) * cap) * dim..][..len * dim];
+                    let mut head = row_view.index_axis_mut(Axis(0), h);
+                    match head.as_slice_mut() {
+                        Some(d) => d[(past - len) * dim..][..len * dim].copy_from_slice(src),
+                        None => {
+                            for p in 0..len {
+                                for d in 0..dim {
+                                    head[[past - len + p, d]] = src[p * dim + d];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.copied_bytes += (len * self.geometry_floats_per_position() * 4) as u64;
+    }
+
+    /// Appends `n` positions taken from row `row` of `present` tensors (`[batch, heads, T, dim]`, positions
+    /// `from .. from + n`) to `slot`. Checks every shape before writing anything, so an error leaves the slot as it
+    /// was.
+    pub fn append_from(
+        &mut self,
+        slot: usize,
+        present_keys: &[ArrayViewD<f32>],
+        present_values: &[ArrayViewD<f32>],
+        row: usize,
+        from: usize,
+        n: usize,
+    ) -> Result<()> {
+        let (g, cap, len) = (self.geometry, self.capacity, self.len(slot));
+        check_present("present key", present_keys, g.num_layers, g.key_heads, g.key_dim, row, from + n)?;
+        check_present("present value", present_values, g.num_layers, g.value_heads, g.value_dim, row, from + n)?;
+        if self.lens.get(slot).copied().flatten().is_none() || len + n > cap {
+            return Err(EngineError::Shape {
+                name: format!("KV pool slot {slot}"),
+                expected: format!("an allocated slot with room for {n} more of {cap} positions"),
+                got: format!("{len} positions held"),
+            });
+        }
+        for (regions, present, heads, dim) in [
+            (&mut self.keys, present_keys, g.key_heads, g.key_dim),
+            (&mut self.values, present_values, g.value_heads, g.value_dim),
+        ] {
+            for (r, p) in regions.iter_mut().zip(present) {
+                let s = r.as_mut_slice();
+                for h in 0..heads {
+                    let dst = &mut s[((slot * heads + h) * cap + len) * dim..][..n * dim];
+                    let head = p.index_axis(Axis(0), row);
+                    let head = head.index_axis(Axis(0), h);
+                    match head.as_slice() {
+                        Some(src) => dst.copy_from_slice(&src[from * dim..][..n * dim]),
+                        None => {
+                            for t in 0..n {
+                                for d in 0..dim {
+                                    dst[t * dim + d] = head[[from + t, d]];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.copied_bytes += (n * self.geometry_floats_per_position() * 4) as u64;
+        self.lens[slot] = Some(len + n);
+        Ok(())
+    }
+}
+
+fn check_present(
+    what: &str,
+    tensors: &[ArrayViewD<f32>],
+    layers: usize,
+    heads: usize,
+    dim: usize,
+    row: usize,
+    min_len: usize,
+) -> Result<()> {
+    if tensors.len() != layers {
+        return Err(EngineError::Shape {
+            name: what.into(),
+            expected: format!("{layers} layers"),
+            got: format!("{} layers", tensors.len()),
+        });
+    }
+    for (i, t) in tensors.iter().enumerate() {
+        let s = t.shape();
+        if s.len() != 4 || s[0] <= row || s[1] != heads || s[2] < min_len || s[3] != dim {
+            return Err(EngineError::Shape {
+                name: format!("{what} of layer {i}"),
+                expected: format!("[>{row}, {heads}, >={min_len}, {dim}]"),
+                got: format!("{s:?}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array4, ArrayD};
+
+    fn geom() -> KvGeometry {
+        KvGeometry { key_heads: 2, key_dim: 3, value_heads: 1, value_dim: 4, num_layers: 2 }
+    }
+
+    fn present(batch: usize, heads: usize, t: usize, dim: usize, base: f32) -> ArrayD<f32> {
+        Array4::from_shape_fn((batch, heads, t, dim), |(b, h, p, d)| base + (b * 1000 + h * 100 + p * 10 + d) as f32)
+            .into_dyn()
+    }
+
+    #[test]
+    fn append_then_gather_right_aligned() {
+        let mut pool = KvPool::new(geom(), 3, 8).unwrap();
+        let a = pool.alloc().unwrap();
+        let b = pool.alloc().unwrap();
+        assert_eq!((a, b), (0, 1));
+        let pk: Vec<_> = (0..2).map(|l| present(2, 2, 3, 3, l as f32 * 0.5)).collect();
+        let pv: Vec<_> = (0..2).map(|l| present(2, 1, 3, 4, 7.0 + l as f32)).collect();
+        let kv: Vec<_> = pk.iter().map(|a| a.view()).collect();
+        let vv: Vec<_> = pv.iter().map(|a| a.view()).collect();
+        pool.append_from(b, &kv, &vv, 1, 1, 2).unwrap();
+        let pk2: Vec<_> = (0..2).map(|_| present(1, 2, 1, 3, 50_000.0)).collect();
+        let pv2: Vec<_> = (0..2).map(|_| present(1, 1, 1, 4, 60_000.0)).collect();
+        let kv2: Vec<_> = pk2.iter().map(|a| a.view()).collect();
+        let vv2: Vec<_> = pv2.iter().map(|a| a.view()).collect();
+        pool.append_from(b, &kv2, &vv2, 0, 0, 1).unwrap();
+        assert_eq!(pool.len(b), 3);
+        assert_eq!(pool.len(a), 0);
+
+        let mut keys: Vec<Array4<f32>> = (0..2).map(|_| Array4::zeros((1, 2, 5, 3))).collect();
+        let mut vals: Vec<Array4<f32>> = (0..2).map(|_| Array4::zeros((1, 1, 5, 4))).collect();
+        {
+            let mut kviews: Vec<_> = keys.iter_mut().map(|a| a.view_mut()).collect();
+            let mut vviews: Vec<_> = vals.iter_mut().map(|a| a.view_mut()).collect();
+            pool.gather_into(b, 0, &mut kviews, &mut vviews);
+        }
+        for l in 0..2 {
+            for h in 0..2 {
+                for d in 0..3 {
+                    assert_eq!(keys[l][[0, h, 1, d]], 0.0);
+                    for p in 0..2 {
+                        assert_eq!(keys[l][[0, h, 2 + p, d]], pk[l][[1, h, 1 + p, d]]);
+                    }
+                    assert_eq!(keys[l][[0, h, 4, d]], pk2[l][[0, h, 0, d]]);
+                }
+            }
+            for d in 0..4 {
+                assert_eq!(vals[l][[0, 0, 3, d]], pv[l][[1, 0, 2, d]]);
+            }
+        }
+        // Compaction: slot 1 moves to the freed slot 0, and gathers the same.
+        pool.free(a);
+        pool.move_slot(b, a).unwrap();
+        assert_eq!((pool.len(0), pool.len(1), pool.used_slots()), (3, 0, 1));
+        let mut keys2: Vec<Array4<f32>> = (0..2).map(|_| Array4::zeros((1, 2, 5, 3))).collect();
+        let mut vals2: Vec<Array4<f32>> = (0..2).map(|_| Array4::zeros((1, 1, 5, 4))).collect();
+        {
+            let mut kviews: Vec<_> = keys2.iter_mut().map(|a| a.view_mut()).collect();
+            let mut vviews: Vec<_> = vals2.iter_mut().map(|a| a.view_mut()).collect();
+            pool.gather_into(0, 0, &mut kviews, &mut vviews);
+        }
+        assert_eq!(keys, keys2);
+        assert_eq!(vals, vals2);
+        // The freed slot reads zero again.
+        let r = pool.layer_range(0, 1, 1).unwrap();
+        // SAFETY: slot 1 of layer 0 holds 2 × 8 × 3 floats.
+        let s = unsafe { std::slice::from_raw_parts(r.key, 2 * 8 * 3) };
+        assert!(s.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn append_with_wrong_shape_or_no_room_changes_nothing() {
+        let mut pool = KvPool::new(geom(), 1, 2).unwrap();
+        let s = pool.alloc().unwrap();
+        let pk: Vec<_> = (0..2).map(|_| present(1, 2, 2, 3, 0.0)).collect();
+        let bad_v: Vec<_> = (0..2).map(|_| present(1, 1, 2, 5, 0.0)).collect();
+        let kv: Vec<_> = pk.iter().map(|a| a.view()).collect();
+        let vv: Vec<_> = bad_v.iter().map(|a| a.view()).collect();
+        assert_eq!(pool.append_from(s, &kv, &vv, 0, 0, 2).unwrap_err().kind(), "shape");
+        assert_eq!(pool.len(s), 0);
+        let pk3: Vec<_> = (0..2).map(|_| present(1, 2, 3, 3, 0.0)).collect();
+        let pv3: Vec<_> = (0..2).map(|_| present(1, 1, 3, 4, 0.0)).collect();
+        let kv: Vec<_> = pk3.iter().map(|a| a.view()).collect();
+        let vv: Vec<_> = pv3.iter().map(|a| a.view()).collect();
+        let err = pool.append_from(s, &kv, &vv, 0, 0, 3).unwrap_err();
+        assert!(err.to_string().contains("room for 3 more of 2 positions"), "{err}");
+        assert_eq!(pool.len(s), 0);
+        assert!(pool.alloc().is_none());
+    }
+}
