@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use r1_engine::backend::{self, BackendKind, BackendOptions};
-use r1_engine::{Engine, Manifest};
+use r1_engine::{Engine, Manifest, StepWork};
 use r1_export::target::{apply, Mode, TargetOptions};
 use r1_export::{export, ExportOptions};
 
@@ -26,8 +26,11 @@ fn exported_artifact_batched_greedy_equals_single() {
         .enumerate()
         .map(|(k, &n)| (0..n as u32).map(|i| (i * 31 + k as u32 * 17 + 3) % vocab).collect())
         .collect();
+    let mut by_backend = Vec::new();
     for kind in [BackendKind::Ort, BackendKind::Tract] {
         let b = backend::load(&dir, &manifest, kind, &BackendOptions::default()).expect("load");
+        // ONNX Runtime runs the serving graph over the engine's KV pool in place; tract gathers on the host.
+        assert_eq!(b.steps_in_place(), kind == BackendKind::Ort, "{kind:?}");
         let mut e = Engine::from_backend(&dir, manifest.clone(), b, None).unwrap();
         let singles: Vec<Vec<u32>> = prompts.iter().map(|p| e.generate_greedy(p, 8, &[]).expect("single")).collect();
         for chunk in [usize::MAX, 3] {
@@ -36,5 +39,25 @@ fn exported_artifact_batched_greedy_equals_single() {
                 .expect("batched");
             assert_eq!(batched, singles, "{kind:?} chunk {chunk}");
         }
+        by_backend.push(singles);
+        // A steady decode step copies no cache in place (and copies the whole past on the host the first time).
+        let ids: Vec<_> = prompts[..3].iter().map(|p| e.add_sequence(p, 8).expect("add")).collect();
+        let work: Vec<_> = ids.iter().map(|&id| StepWork::all(id)).collect();
+        for r in e.step(&work).expect("prefill") {
+            e.push_token(r.seq, r1_engine::generate::argmax(&r.logits)).expect("push");
+        }
+        for step in 0..3 {
+            let before = e.kv_pool().copied_bytes();
+            for r in e.step(&work).expect("decode") {
+                e.push_token(r.seq, r1_engine::generate::argmax(&r.logits)).expect("push");
+            }
+            let copied = e.kv_pool().copied_bytes() - before;
+            if kind == BackendKind::Ort {
+                assert_eq!(copied, 0, "decode step {step} copied {copied} bytes of KV cache");
+            } else {
+                assert!(copied > 0, "tract appends each step's new positions");
+            }
+        }
     }
+    assert_eq!(by_backend[0], by_backend[1], "ort (fused, in place) and tract (portable) greedy tokens");
 }
