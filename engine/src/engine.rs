@@ -199,17 +199,17 @@ impl Engine {
         pool: PoolOptions,
     ) -> Result<Engine> {
         let geometry = KvGeometry::from(&manifest.kv_cache);
-        // The pool is float32 whatever the graph dtype; account for what is actually held.
-        let pool_bytes_per_token =
-            (manifest.kv_cache.computed_bytes_per_token() / manifest.kv_cache.dtype.size()).saturating_mul(4);
+        // The pool stores the graph's KV dtype: what a position really takes.
+        let pool_bytes_per_token = manifest.kv_cache.computed_bytes_per_token();
         let in_place = backend.steps_in_place();
         // A backend that takes its own present back as the next step's past keeps the running batch's cache a
-        // second time (the runtime's present, float32) next to the pool: the budget counts both copies.
+        // second time (the runtime's present, float32 like the pool: `can_feed_kept` needs a float32 cache) next to the
+        // pool: the budget counts both copies.
         let copies = if !in_place && backend.can_feed_kept() { 2 } else { 1 };
         let bytes_per_token = pool_bytes_per_token.saturating_mul(copies) as u64;
         let budget =
             KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), bytes_per_token, pool.block_tokens);
-        let kv_pool = KvPool::new(geometry, pool.slots.max(1), manifest.model.max_position_embeddings)?;
+        let kv_pool = KvPool::new(geometry, pool.slots.max(1), manifest.model.max_position_embeddings, manifest.kv_cache.dtype)?;
         Ok(Engine {
             dir: dir.to_path_buf(),
             manifest,

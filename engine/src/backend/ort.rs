@@ -44,7 +44,8 @@ pub struct OrtBackend {
     /// The graph gathers each row's last fed position before the LM head ([`Backend::last_position_logits`]).
     last_position_logits: bool,
     fused_attention: bool,
-    /// The graph's attention appends in place into the engine's pool (`targets.cpu.kv_in_place`, float32 cache).
+    /// The graph's attention appends in place into the engine's pool (`targets.cpu.kv_in_place`), which stores the
+    /// graph's KV dtype.
     kv_in_place: bool,
 }
 
@@ -193,8 +194,7 @@ impl OrtBackend {
             last_position_logits: preferred.is_some() && manifest.targets.cpu().is_some_and(|c| c.last_position_logits),
             fused_attention: preferred.is_some() && manifest.targets.cpu().is_some_and(|c| c.fused_attention),
             kv_in_place: preferred.is_some()
-                && manifest.targets.cpu().is_some_and(|c| c.fused_attention && c.kv_in_place)
-                && manifest.kv_cache.dtype == DType::Float32,
+                && manifest.targets.cpu().is_some_and(|c| c.fused_attention && c.kv_in_place),
         })
     }
 }

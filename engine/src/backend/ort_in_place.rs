@@ -23,13 +23,24 @@ use crate::error::{EngineError, Result};
 use crate::kv::KvPool;
 use crate::manifest::{names, DType};
 
-/// An owned ONNX Runtime float32 tensor of `shape` over `data` (not copied, never freed by ONNX Runtime).
+/// An owned ONNX Runtime tensor of `dtype` (float32 or float16) and `shape` over `data` (not copied, never freed
+/// by ONNX Runtime).
 ///
 /// # Safety
-/// `data` must hold `shape`'s product of floats and outlive every use of the returned value.
-unsafe fn value_over(data: *mut f32, shape: [i64; 4], info: &MemoryInfo, allocator: &Allocator) -> Result<DynValue> {
+/// `data` must hold `shape`'s product of `dtype` values and outlive every use of the returned value.
+unsafe fn value_over(
+    data: *mut u8,
+    dtype: DType,
+    shape: [i64; 4],
+    info: &MemoryInfo,
+    allocator: &Allocator,
+) -> Result<DynValue> {
     let elements: i64 = shape.iter().product();
-    let bytes = usize::try_from(elements).map_err(be)? * 4;
+    let bytes = usize::try_from(elements).map_err(be)? * dtype.size();
+    let element_type = match dtype {
+        DType::Float16 => ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+        _ => ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    };
     let api = ort::api();
     let mut out: *mut ort::sys::OrtValue = std::ptr::null_mut();
     // SAFETY: the caller guarantees `data`; `shape` lives across the call; ONNX Runtime copies the memory info.
@@ -40,7 +51,7 @@ unsafe fn value_over(data: *mut f32, shape: [i64; 4], info: &MemoryInfo, allocat
             bytes,
             shape.as_ptr(),
             shape.len(),
-            ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+            element_type,
             &mut out,
         )
     };
@@ -91,7 +102,12 @@ pub(super) fn run(
         let vs = [n as i64, g.value_heads as i64, cap, g.value_dim as i64];
         // SAFETY: `layer_range` points at `n` slots of this layer, which live as long as `pool`, borrowed mutably
         // for this whole call; the values are dropped before it returns.
-        let pair = unsafe { (value_over(r.key, ks, &info, &allocator)?, value_over(r.value, vs, &info, &allocator)?) };
+        let pair = unsafe {
+            (
+                value_over(r.key, pool.dtype(), ks, &info, &allocator)?,
+                value_over(r.value, pool.dtype(), vs, &info, &allocator)?,
+            )
+        };
         kv.push(pair);
     }
     let mut binding = session.create_binding().map_err(be)?;

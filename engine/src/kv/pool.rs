@@ -1,6 +1,7 @@
 //! The KV pool: every running sequence's cache, in one place, allocated once at load.
 //!
-//! Per layer, one key and one value tensor `[slots, heads, capacity, dim]` (float32), each an anonymous mapping
+//! Per layer, one key and one value tensor `[slots, heads, capacity, dim]` in the graph's KV dtype (float32 or
+//! float16: no float32 mirror of a float16 cache), each an anonymous mapping
 //! ([`super::region::Region`]): a sequence owns a *slot* (a batch row of the pool) and its positions `0 .. len`.
 //! Memory is committed page by page as positions are written and given back when a slot is freed, so the pool spans
 //! every slot at full context length while holding only what sequences wrote; the budget ([`super::KvBudget`])
@@ -19,9 +20,12 @@
 
 use ndarray::{ArrayViewD, ArrayViewMut4, Axis};
 
-use super::region::Region;
+use half::f16;
+
+use super::region::{PoolElem, Region};
 use super::KvGeometry;
 use crate::error::{EngineError, Result};
+use crate::manifest::DType;
 
 /// See the module docs.
 #[derive(Debug)]
@@ -29,6 +33,7 @@ pub struct KvPool {
     geometry: KvGeometry,
     slots: usize,
     capacity: usize,
+    dtype: DType,
     keys: Vec<Region>,
     values: Vec<Region>,
     /// Valid positions per slot (`None`: free).
@@ -40,17 +45,45 @@ pub struct KvPool {
 #[derive(Debug, Clone, Copy)]
 pub struct LayerRange {
     /// Start of the key tensor `[n, key_heads, capacity, key_dim]`.
-    pub key: *mut f32,
+    pub key: *mut u8,
     /// Start of the value tensor `[n, value_heads, capacity, value_dim]`.
-    pub value: *mut f32,
+    pub value: *mut u8,
+}
+
+/// Calls `$body` with `$t` the Rust element type of `$dtype`.
+macro_rules! with_elem {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::Float16 => {
+                type $t = f16;
+                $body
+            }
+            _ => {
+                type $t = f32;
+                $body
+            }
+        }
+    };
 }
 
 impl KvPool {
-    /// A pool of `slots` sequences of up to `capacity` positions each. Reserves address space only.
-    pub fn new(geometry: KvGeometry, slots: usize, capacity: usize) -> Result<KvPool> {
+    /// A pool of `slots` sequences of up to `capacity` positions each, stored as `dtype` (float32 or float16).
+    /// Reserves address space only.
+    pub fn new(geometry: KvGeometry, slots: usize, capacity: usize, dtype: DType) -> Result<KvPool> {
+        if !matches!(dtype, DType::Float32 | DType::Float16) {
+            return Err(EngineError::InvalidArgument {
+                name: "KV pool dtype".into(),
+                message: format!("must be float32 or float16, got {dtype:?}"),
+            });
+        }
         let g = geometry;
         let size = |heads: usize, dim: usize| {
-            slots.checked_mul(heads).and_then(|x| x.checked_mul(capacity)).and_then(|x| x.checked_mul(dim)).ok_or_else(
+            slots
+                .checked_mul(heads)
+                .and_then(|x| x.checked_mul(capacity))
+                .and_then(|x| x.checked_mul(dim))
+                .and_then(|x| x.checked_mul(dtype.size()))
+                .ok_or_else(
                 || EngineError::InvalidArgument {
                     name: "KV pool".into(),
                     message: format!("{slots} slots × {capacity} positions × {heads} heads × {dim} overflows"),
@@ -64,7 +97,7 @@ impl KvPool {
             keys.push(Region::new(ks, &format!("layer {layer} keys"))?);
             values.push(Region::new(vs, &format!("layer {layer} values"))?);
         }
-        Ok(KvPool { geometry, slots, capacity, keys, values, lens: vec![None; slots], copied_bytes: 0 })
+        Ok(KvPool { geometry, slots, capacity, dtype, keys, values, lens: vec![None; slots], copied_bytes: 0 })
     }
 
     /// Slots in the pool.
@@ -80,6 +113,11 @@ impl KvPool {
     /// The pool's layout.
     pub fn geometry(&self) -> KvGeometry {
         self.geometry
+    }
+
+    /// The element type it stores.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Slots in use.
@@ -124,12 +162,12 @@ impl KvPool {
     /// Gives back the whole slot, not only its valid positions: an in-place pass may have written beyond them (the
     /// padded columns of a batched prompt).
     fn release_slot(&mut self, slot: usize) {
-        let (g, cap) = (self.geometry, self.capacity);
+        let (g, cap, e) = (self.geometry, self.capacity, self.dtype.size());
         for (regions, heads, dim) in [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
         {
             for r in regions.iter_mut() {
                 for h in 0..heads {
-                    r.release(((slot * heads + h) * cap) * dim, cap * dim);
+                    r.release(((slot * heads + h) * cap) * dim * e, cap * dim * e);
                 }
             }
         }
@@ -150,23 +188,26 @@ impl KvPool {
         for (regions, heads, dim) in [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
         {
             for r in regions.iter_mut() {
-                let s = r.as_mut_slice();
+                with_elem!(self.dtype, T => {
+                let s = r.as_mut_slice::<T>();
                 for h in 0..heads {
                     let src = ((from * heads + h) * cap) * dim;
                     let dst = ((to * heads + h) * cap) * dim;
                     s.copy_within(src..src + len * dim, dst);
                 }
+                });
             }
         }
-        self.copied_bytes += (len * self.geometry_floats_per_position() * 4) as u64;
+        self.copied_bytes += (len * self.bytes_per_position()) as u64;
         self.lens[to] = Some(len);
         self.free(from);
         Ok(())
     }
 
-    fn geometry_floats_per_position(&self) -> usize {
+    /// Bytes one position takes (every layer's key and value).
+    pub fn bytes_per_position(&self) -> usize {
         let g = self.geometry;
-        g.num_layers * (g.key_heads * g.key_dim + g.value_heads * g.value_dim)
+        g.num_layers * (g.key_heads * g.key_dim + g.value_heads * g.value_dim) * self.dtype.size()
     }
 
     /// Bytes copied by gathers, appends and moves since the pool was made.
@@ -190,10 +231,10 @@ impl KvPool {
                 ),
             });
         }
-        let cap = self.capacity;
+        let (cap, e) = (self.capacity, self.dtype.size());
         Ok(LayerRange {
-            key: self.keys[layer].ptr_at(start * g.key_heads * cap * g.key_dim),
-            value: self.values[layer].ptr_at(start * g.value_heads * cap * g.value_dim),
+            key: self.keys[layer].ptr_at(start * g.key_heads * cap * g.key_dim * e),
+            value: self.values[layer].ptr_at(start * g.value_heads * cap * g.value_dim * e),
         })
     }
 
@@ -214,22 +255,15 @@ impl KvPool {
                 let past = t.shape()[2];
                 let mut row_view = t.index_axis_mut(Axis(0), row);
                 for h in 0..heads {
-                    let src = &r.as_slice()[((slot * heads + h) * cap) * dim..][..len * dim];
-                    let mut head = row_view.index_axis_mut(Axis(0), h);
-                    match head.as_slice_mut() {
-                        Some(d) => d[(past - len) * dim..][..len * dim].copy_from_slice(src),
-                        None => {
-                            for p in 0..len {
-                                for d in 0..dim {
-                                    head[[past - len + p, d]] = src[p * dim + d];
-                                }
-                            }
-                        }
-                    }
+                    let head = row_view.index_axis_mut(Axis(0), h);
+                    with_elem!(self.dtype, T => {
+                        let src = &r.as_slice::<T>()[((slot * heads + h) * cap) * dim..][..len * dim];
+                        write_positions(head, past - len, src, dim);
+                    });
                 }
             }
         }
-        self.copied_bytes += (len * self.geometry_floats_per_position() * 4) as u64;
+        self.copied_bytes += (len * self.bytes_per_position()) as u64;
     }
 
     /// Appends `n` positions taken from row `row` of `present` tensors (`[batch, heads, T, dim]`, positions
@@ -259,27 +293,56 @@ impl KvPool {
             (&mut self.values, present_values, g.value_heads, g.value_dim),
         ] {
             for (r, p) in regions.iter_mut().zip(present) {
-                let s = r.as_mut_slice();
                 for h in 0..heads {
-                    let dst = &mut s[((slot * heads + h) * cap + len) * dim..][..n * dim];
                     let head = p.index_axis(Axis(0), row);
                     let head = head.index_axis(Axis(0), h);
-                    match head.as_slice() {
-                        Some(src) => dst.copy_from_slice(&src[from * dim..][..n * dim]),
-                        None => {
-                            for t in 0..n {
-                                for d in 0..dim {
-                                    dst[t * dim + d] = head[[from + t, d]];
-                                }
-                            }
-                        }
-                    }
+                    with_elem!(self.dtype, T => {
+                        let dst = &mut r.as_mut_slice::<T>()[((slot * heads + h) * cap + len) * dim..][..n * dim];
+                        read_positions(head, from, dst, dim);
+                    });
                 }
             }
         }
-        self.copied_bytes += (n * self.geometry_floats_per_position() * 4) as u64;
+        self.copied_bytes += (n * self.bytes_per_position()) as u64;
         self.lens[slot] = Some(len + n);
         Ok(())
+    }
+}
+
+/// Writes `src` (positions × `dim`) into `head` (`[positions, dim]`) from position `at`.
+fn write_positions<T: PoolElem>(mut head: ndarray::ArrayViewMut2<f32>, at: usize, src: &[T], dim: usize) {
+    let n = src.len() / dim.max(1);
+    match head.as_slice_mut() {
+        Some(d) => {
+            for (o, &v) in d[at * dim..][..n * dim].iter_mut().zip(src) {
+                *o = v.to_f32();
+            }
+        }
+        None => {
+            for p in 0..n {
+                for d in 0..dim {
+                    head[[at + p, d]] = src[p * dim + d].to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// Reads positions `from .. from + dst.len() / dim` of `head` (`[positions, dim]`, any layout) into `dst`.
+fn read_positions<T: PoolElem>(head: ndarray::ArrayViewD<f32>, from: usize, dst: &mut [T], dim: usize) {
+    let n = dst.len();
+    match head.as_slice() {
+        Some(src) => {
+            for (o, &v) in dst.iter_mut().zip(&src[from * dim..][..n]) {
+                *o = T::from_f32(v);
+            }
+        }
+        // `iter` walks the logical (row-major) order whatever the memory layout.
+        None => {
+            for (o, &v) in dst.iter_mut().zip(head.iter().skip(from * dim).take(n)) {
+                *o = T::from_f32(v);
+            }
+        }
     }
 }
 
@@ -328,7 +391,7 @@ mod tests {
 
     #[test]
     fn append_then_gather_right_aligned() {
-        let mut pool = KvPool::new(geom(), 3, 8).unwrap();
+        let mut pool = KvPool::new(geom(), 3, 8, DType::Float32).unwrap();
         let a = pool.alloc().unwrap();
         let b = pool.alloc().unwrap();
         assert_eq!((a, b), (0, 1));
@@ -382,13 +445,35 @@ mod tests {
         // The freed slot reads zero again.
         let r = pool.layer_range(0, 1, 1).unwrap();
         // SAFETY: slot 1 of layer 0 holds 2 × 8 × 3 floats.
-        let s = unsafe { std::slice::from_raw_parts(r.key, 2 * 8 * 3) };
+        let s = unsafe { std::slice::from_raw_parts(r.key.cast::<f32>(), 2 * 8 * 3) };
         assert!(s.iter().all(|&v| v == 0.0));
     }
 
     #[test]
+    fn a_float16_pool_stores_half_the_bytes_and_rounds_like_the_graph() {
+        let mut pool = KvPool::new(geom(), 2, 4, DType::Float16).unwrap();
+        assert_eq!(pool.bytes_per_position(), 2 * (2 * 3 + 4) * 2);
+        let s = pool.alloc().unwrap();
+        let pk: Vec<_> = (0..2).map(|_| present(1, 2, 1, 3, 0.1)).collect();
+        let pv: Vec<_> = (0..2).map(|_| present(1, 1, 1, 4, 0.2)).collect();
+        let kv: Vec<_> = pk.iter().map(|a| a.view()).collect();
+        let vv: Vec<_> = pv.iter().map(|a| a.view()).collect();
+        pool.append_from(s, &kv, &vv, 0, 0, 1).unwrap();
+        let mut keys: Vec<Array4<f32>> = (0..2).map(|_| Array4::zeros((1, 2, 1, 3))).collect();
+        let mut vals: Vec<Array4<f32>> = (0..2).map(|_| Array4::zeros((1, 1, 1, 4))).collect();
+        {
+            let mut kviews: Vec<_> = keys.iter_mut().map(|a| a.view_mut()).collect();
+            let mut vviews: Vec<_> = vals.iter_mut().map(|a| a.view_mut()).collect();
+            pool.gather_into(s, 0, &mut kviews, &mut vviews);
+        }
+        let want = pk[1].mapv(|v| f16::from_f32(v).to_f32());
+        assert_eq!(keys[1].clone().into_dyn(), want);
+        assert_ne!(keys[1].clone().into_dyn(), pk[1], "0.1 is not a float16 value");
+    }
+
+    #[test]
     fn append_with_wrong_shape_or_no_room_changes_nothing() {
-        let mut pool = KvPool::new(geom(), 1, 2).unwrap();
+        let mut pool = KvPool::new(geom(), 1, 2, DType::Float32).unwrap();
         let s = pool.alloc().unwrap();
         let pk: Vec<_> = (0..2).map(|_| present(1, 2, 2, 3, 0.0)).collect();
         let bad_v: Vec<_> = (0..2).map(|_| present(1, 1, 2, 5, 0.0)).collect();
