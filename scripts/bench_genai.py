@@ -184,8 +184,8 @@ def new_generator(og, model, rows, extra):
     return g, time.perf_counter() - t
 
 
-def decode(og, model, vocab, batch):
-    g, _ = new_generator(og, model, [prompt(PROMPT, vocab, b) for b in range(batch)], STEPS + 2)
+def decode(og, model, vocab, batch, context=PROMPT):
+    g, _ = new_generator(og, model, [prompt(context, vocab, b) for b in range(batch)], STEPS + 2)
     g.generate_next_token()  # picks the first token from the prefill logits (untimed warm-up)
     t, done = time.perf_counter(), 0
     for _ in range(STEPS):
@@ -219,6 +219,18 @@ def cmd_run(a):
     build = json.loads((d / "build.json").read_text()) if (d / "build.json").exists() else {}
     prec = build.get("precision") or d.name.replace("genai-", "")
     print(f"model: {d} (GenAI {og.__version__}, {prec}), intra-op threads: {threads}", flush=True)
+    if a.context:
+        # Batch-1 decode after a prompt of `context` tokens (the cache-pool issue's long-context figure).
+        ctx = {}
+        for c in a.context:
+            tps, n = decode(og, model, vocab, 1, context=c)
+            ctx[str(c)] = round(tps, 3)
+            print(f"decode b1 at context {c}: {tps:.2f} tok/s ({n}/{STEPS} steps)", flush=True)
+        res = {"genai_version": og.__version__, "precision": prec, "model_dir": str(d),
+               "decode_b1_at_context_tok_s": ctx, "decode_steps": STEPS, "intra_op_threads": threads, **machine()}
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+        return
     b1, n1 = decode(og, model, vocab, 1)
     print(f"decode b1: {b1:.2f} tok/s ({n1}/{STEPS} steps)", flush=True)
     b8, n8 = decode(og, model, vocab, BATCH)
@@ -258,6 +270,8 @@ def main():
     r.add_argument("model", help="a built OUT/genai-<precision> dir")
     r.add_argument("--json", help="also write the results here")
     r.add_argument("--threads", type=int, help="intra-op threads (default: ORT's default)")
+    r.add_argument("--context", type=int, nargs="+", metavar="N",
+                   help="only measure batch-1 decode after a prompt of N tokens, for each N")
     a = ap.parse_args()
     ensure_venv()
     {"setup": lambda a: None, "build": cmd_build, "run": cmd_run}[a.cmd](a)

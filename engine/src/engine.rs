@@ -209,7 +209,8 @@ impl Engine {
         let bytes_per_token = pool_bytes_per_token.saturating_mul(copies) as u64;
         let budget =
             KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), bytes_per_token, pool.block_tokens);
-        let kv_pool = KvPool::new(geometry, pool.slots.max(1), manifest.model.max_position_embeddings, manifest.kv_cache.dtype)?;
+        let kv_pool =
+            KvPool::new(geometry, pool.slots.max(1), manifest.model.max_position_embeddings, manifest.kv_cache.dtype)?;
         Ok(Engine {
             dir: dir.to_path_buf(),
             manifest,
@@ -396,7 +397,11 @@ impl Engine {
             seq.cached = 0;
             seq.blocks = 0;
             self.stats.preemptions += 1;
-            tracing::info!(sequence = id.0, positions = seq.recompute, "KV pool full: sequence preempted (recomputed later)");
+            tracing::info!(
+                sequence = id.0,
+                positions = seq.recompute,
+                "KV pool full: sequence preempted (recomputed later)"
+            );
         }
     }
 
@@ -415,14 +420,17 @@ impl Engine {
     pub fn step(&mut self, work: &[StepWork]) -> Result<Vec<StepLogits>> {
         let plan = self.plan(work)?;
         let Some(plan) = self.make_room(plan)? else { return Ok(Vec::new()) };
-        let mut passes = if self.backend.batches_chunks_with_past() { vec![plan] } else { split_chunks_with_past(plan) };
+        let mut passes =
+            if self.backend.batches_chunks_with_past() { vec![plan] } else { split_chunks_with_past(plan) };
         if self.in_place {
             passes = passes.into_iter().flat_map(|p| self.split_by_slot(p)).collect();
         }
         let split = passes.len() > 1;
         let mut outputs = Vec::with_capacity(passes.len());
         for pass in passes {
-            let out = if self.in_place { self.run_pass_in_place(&pass).map(|l| (l, None)) } else {
+            let out = if self.in_place {
+                self.run_pass_in_place(&pass).map(|l| (l, None))
+            } else {
                 self.run_pass(&pass).map(|(l, p)| (l, Some(p)))
             };
             // On error nothing has changed: passes write only beyond each slot's valid positions, which advance

@@ -211,12 +211,15 @@ fn feeding_the_kept_present_back_equals_gathering_the_host_caches() {
             assert!(inner.can_feed_kept(), "{kind:?}: a float32-KV graph can feed its present back");
             let fed = Arc::new(AtomicUsize::new(0));
             counters.push(fed.clone());
-            engines.push(Engine::from_backend(
-                &fixture("tiny"),
-                manifest,
-                Box::new(Counting { inner, host_only, fed_kept: fed }),
-                None,
-            ).unwrap());
+            engines.push(
+                Engine::from_backend(
+                    &fixture("tiny"),
+                    manifest,
+                    Box::new(Counting { inner, host_only, fed_kept: fed }),
+                    None,
+                )
+                .unwrap(),
+            );
         }
         let mut logs: Vec<Vec<Vec<f32>>> = Vec::new();
         for e in &mut engines {
@@ -252,7 +255,8 @@ fn a_failed_step_leaves_every_sequence_unchanged() {
     let exp = expected("tiny");
     let (manifest, inner) = open_backend("tiny", BackendKind::Tract);
     let fail = Arc::new(AtomicBool::new(false));
-    let mut e = Engine::from_backend(&fixture("tiny"), manifest, Box::new(Flaky { inner, fail: fail.clone() }), None).unwrap();
+    let mut e =
+        Engine::from_backend(&fixture("tiny"), manifest, Box::new(Flaky { inner, fail: fail.clone() }), None).unwrap();
     let (p0, w0) = &exp.cases[0];
     let (p1, w1) = &exp.cases[1];
     let a = e.add_sequence(p0, 4).unwrap();
@@ -445,7 +449,8 @@ fn decode_together(e: &mut Engine, ids: &[r1_engine::SequenceId], n: usize) -> V
     while out.iter().any(|o| o.len() < n) {
         steps += 1;
         assert!(steps < 50 * n, "no progress");
-        let work: Vec<_> = ids.iter().zip(&out).filter(|(_, o)| o.len() < n).map(|(id, _)| StepWork::chunk(*id, 1)).collect();
+        let work: Vec<_> =
+            ids.iter().zip(&out).filter(|(_, o)| o.len() < n).map(|(id, _)| StepWork::chunk(*id, 1)).collect();
         for r in e.step(&work).unwrap() {
             let i = ids.iter().position(|id| *id == r.seq).unwrap();
             let t = r1_engine::generate::argmax(&r.logits);
@@ -472,7 +477,8 @@ fn a_full_pool_preempts_the_youngest_and_recomputes_it_without_changing_its_toke
         let longest = prompts.iter().map(|p| p.len()).max().unwrap();
         let budget_tokens = longest + n + 4;
         let pool = PoolOptions { slots: 3, block_tokens: 2 };
-        let mut e = Engine::with_pool(&fixture("tiny"), manifest, b, Some(per_token * budget_tokens as u64), pool).unwrap();
+        let mut e =
+            Engine::with_pool(&fixture("tiny"), manifest, b, Some(per_token * budget_tokens as u64), pool).unwrap();
         let ids: Vec<_> = prompts.iter().map(|p| e.add_sequence(p, n).unwrap()).collect();
         let got = decode_together(&mut e, &ids, n);
         assert!(e.pool_stats().preemptions > 0, "{kind:?}: the budget was meant to run out");

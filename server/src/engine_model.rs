@@ -13,8 +13,8 @@ use r1_engine::{
 };
 
 use crate::model::{
-    KvPoolStatus,
-    Emitted, ErrorClass, Frontend, Model, ModelDescription, ModelError, PromptInput, SeqId, SeqParams, Work,
+    Emitted, ErrorClass, Frontend, KvPoolStatus, Model, ModelDescription, ModelError, PromptInput, SeqId, SeqParams,
+    Work,
 };
 
 /// The engine's error as a model error, classed by whose fault it is.

@@ -125,8 +125,9 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         eprintln!("artifact verified against manifest.json sha256 sums in {:.2}s", t0.elapsed().as_secs_f64());
     }
     let ep = r1_serve::config::parse_execution_provider(&args.backend, &args.execution_provider)?;
-    let mut model = EngineModel::load(&args.model, &args.backend, ep, None, PoolOptions { slots: 1, ..Default::default() })
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let mut model =
+        EngineModel::load(&args.model, &args.backend, ep, None, PoolOptions { slots: 1, ..Default::default() })
+            .with_context(|| format!("loading {}", args.model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let input = if args.raw {
         PromptInput::Text(args.prompt.clone())

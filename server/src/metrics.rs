@@ -105,7 +105,11 @@ impl Metrics {
         registry.register("generated_tokens", "Tokens generated", m.generated_tokens.clone());
         registry.register("prompt_tokens", "Prompt tokens admitted", m.prompt_tokens.clone());
         registry.register("step_errors", "Model steps that failed", m.step_errors.clone());
-        registry.register("kv_cache_used_tokens", "KV cache positions held (whole blocks)", m.kv_cache_used_tokens.clone());
+        registry.register(
+            "kv_cache_used_tokens",
+            "KV cache positions held (whole blocks)",
+            m.kv_cache_used_tokens.clone(),
+        );
         registry.register(
             "kv_cache_capacity_tokens",
             "KV cache capacity in positions",

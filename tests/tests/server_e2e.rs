@@ -87,7 +87,8 @@ async fn start(artifact: PathBuf) -> Server {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind http");
     let grpc_url = format!("http://{}", grpc.local_addr().expect("grpc addr"));
     let load: Loader = Box::new(move || {
-        EngineModel::load(&artifact, "ort", Default::default(), None, Default::default()).map(|m| Box::new(m) as Box<dyn Model>)
+        EngineModel::load(&artifact, "ort", Default::default(), None, Default::default())
+            .map(|m| Box::new(m) as Box<dyn Model>)
     });
     let opts = ServeOptions {
         model_id: "arith-r1".into(),

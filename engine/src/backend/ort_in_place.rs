@@ -57,7 +57,8 @@ unsafe fn value_over(
     };
     if !status.0.is_null() {
         // SAFETY: a non-null status from the call above; its message is a C string it owns.
-        let message = unsafe { std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)) }.to_string_lossy().into_owned();
+        let message =
+            unsafe { std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)) }.to_string_lossy().into_owned();
         // SAFETY: released once.
         unsafe { (api.ReleaseStatus)(status.0) };
         return Err(be(format!("cannot wrap the KV pool as a tensor: {message}")));

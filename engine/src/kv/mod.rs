@@ -12,8 +12,8 @@ pub mod region;
 
 use crate::error::{EngineError, Result};
 
-pub use pool::KvPool;
 use crate::manifest::KvCacheInfo;
+pub use pool::KvPool;
 
 /// Shape of one layer's key or value cache for a single sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -83,12 +83,10 @@ impl KvPool {
                 .and_then(|x| x.checked_mul(capacity))
                 .and_then(|x| x.checked_mul(dim))
                 .and_then(|x| x.checked_mul(dtype.size()))
-                .ok_or_else(
-                || EngineError::InvalidArgument {
+                .ok_or_else(|| EngineError::InvalidArgument {
                     name: "KV pool".into(),
                     message: format!("{slots} slots × {capacity} positions × {heads} heads × {dim} overflows"),
-                },
-            )
+                })
         };
         let (ks, vs) = (size(g.key_heads, g.key_dim)?, size(g.value_heads, g.value_dim)?);
         let mut keys = Vec::with_capacity(g.num_layers);
@@ -163,7 +161,8 @@ impl KvPool {
     /// padded columns of a batched prompt).
     fn release_slot(&mut self, slot: usize) {
         let (g, cap, e) = (self.geometry, self.capacity, self.dtype.size());
-        for (regions, heads, dim) in [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
+        for (regions, heads, dim) in
+            [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
         {
             for r in regions.iter_mut() {
                 for h in 0..heads {
@@ -185,7 +184,8 @@ impl KvPool {
             }
         };
         let (g, cap) = (self.geometry, self.capacity);
-        for (regions, heads, dim) in [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
+        for (regions, heads, dim) in
+            [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
         {
             for r in regions.iter_mut() {
                 with_elem!(self.dtype, T => {
@@ -223,12 +223,7 @@ impl KvPool {
         if layer >= g.num_layers || start + n > self.slots {
             return Err(EngineError::InvalidArgument {
                 name: "KV pool range".into(),
-                message: format!(
-                    "layer {layer} of {}, slots {start}..{} of {}",
-                    g.num_layers,
-                    start + n,
-                    self.slots
-                ),
+                message: format!("layer {layer} of {}, slots {start}..{} of {}", g.num_layers, start + n, self.slots),
             });
         }
         let (cap, e) = (self.capacity, self.dtype.size());

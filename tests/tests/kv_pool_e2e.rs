@@ -1,0 +1,152 @@
+//! The real `r1-serve` binary under a KV budget far smaller than its requests' `max_tokens` would reserve: requests
+//! take blocks as they grow (`--kv-block-tokens`), the pool preempts and recomputes the youngest when it is full
+//! (`--kv-cache-mib`), and no request is lost, failed or changed: every concurrent greedy answer equals the answer the
+//! same request gets alone. `/metrics` shows the preemptions.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use r1_export::{export, ExportOptions};
+use r1_proto::r1::v1 as pb;
+use r1_proto::r1::v1::generation_client::GenerationClient;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// The `r1-serve` binary of this build: `target/<profile>/r1-serve`, beside this test's `deps/` folder.
+fn r1_serve_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("r1-serve");
+    assert!(bin.is_file(), "{} is missing: build it first (`cargo test --workspace` builds it)", bin.display());
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Kills the server if the test fails before it ends.
+struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET /metrics` over plain HTTP/1.0.
+fn metrics(http_port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", http_port)).expect("connect /metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    text
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// Greedy, through the end-of-sequence token to `max_tokens` 64, so that every request grows to the same length and
+/// the pool must run out (arith-r1's own answers are short enough to fit).
+fn request(question: &str) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        messages: vec![pb::ChatMessage { role: "user".into(), content: question.into() }],
+        max_tokens: Some(64),
+        ignore_eos: true,
+        sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// The answer proper: tokens up to and including the first end-of-sequence token (after it, `ignore_eos` makes the
+/// model continue where nothing it was trained on applies, and near-ties could break either way when a preempted
+/// sequence's cache is recomputed in one prefill instead of token by token).
+fn answer(ids: &[u32], eos: u32) -> &[u32] {
+    ids.iter().position(|&t| t == eos).map_or(ids, |i| &ids[..=i])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tight_kv_budget_preempts_and_recomputes_without_losing_or_changing_any_request() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let art = tmp.path().join("arith-fp32");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/arith-r1");
+    export(&ExportOptions::new(fixture, &art), &mut |_| {}).expect("export arith-r1");
+    let (grpc_port, http_port) = (free_port(), free_port());
+    let log = tmp.path().join("serve.log");
+    // 1 MiB at 1,280 bytes a position (640 of float32 latent cache, counted twice while the runtime keeps the
+    // running batch's present): 819 positions, 102 blocks of 8. 24 requests of ~80 positions each need ~1,900.
+    let child = Command::new(r1_serve_bin())
+        .arg("--model")
+        .arg(&art)
+        .args(["--backend", "ort", "--kv-cache-mib", "1", "--kv-block-tokens", "8", "--max-batch-size", "24"])
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}"), "--http-addr", &format!("127.0.0.1:{http_port}")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start r1-serve");
+    let mut server = ServerProcess(child);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let grpc_url = format!("http://127.0.0.1:{grpc_port}");
+    let started = Instant::now();
+    let channel = loop {
+        if let Some(status) = server.0.try_wait().expect("try_wait") {
+            panic!("r1-serve exited during start ({status}); its log:\n{}", log_text());
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "not serving within 120 s; log:\n{}", log_text());
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(grpc_url.clone()).expect("url").connect().await {
+            let status = HealthClient::new(ch.clone()).check(HealthCheckRequest { service: String::new() }).await;
+            if status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32) {
+                break ch;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let questions: Vec<String> = (0..24).map(|i| format!("What is {}+{}?", 11 + 3 * i, 47 + 5 * i)).collect();
+    // Alone first: one request at a time never fills the pool.
+    let mut alone = Vec::new();
+    for q in &questions {
+        let r = GenerationClient::new(channel.clone()).generate(request(q)).await.expect("Generate alone");
+        alone.push(r.into_inner().token_ids);
+    }
+    assert_eq!(metric(&metrics(http_port), "r1_kv_preemptions_total"), 0.0, "one request alone fits");
+    // All at once: the pool fills, the youngest are preempted and recomputed.
+    let tasks: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let mut client = GenerationClient::new(channel.clone());
+            let req = request(q);
+            tokio::spawn(async move { client.generate(req).await.map(|r| r.into_inner().token_ids) })
+        })
+        .collect();
+    let eos = r1_engine::text::Tokenizer::from_dir(&art).expect("tokenizer").eos_token_ids()[0];
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = t.await.expect("join").unwrap_or_else(|e| panic!("request {i} failed: {e}; log:\n{}", log_text()));
+        assert_eq!(got.len(), 64, "request {i}: every token of max_tokens");
+        assert!(answer(&alone[i], eos).len() < 64, "request {i}: arith-r1 answers before its 64th token");
+        assert_eq!(
+            answer(&got, eos),
+            answer(&alone[i], eos),
+            "request {i} ({}) changed under preemption",
+            questions[i]
+        );
+    }
+    // The last response can reach the client just before the scheduler frees its sequence.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut text = metrics(http_port);
+    while metric(&text, "r1_kv_pool_slots_used") > 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = metrics(http_port);
+    }
+    let preemptions = metric(&text, "r1_kv_preemptions_total");
+    assert!(preemptions > 0.0, "the budget was meant to run out; /metrics:\n{text}");
+    assert!(metric(&text, "r1_kv_recomputed_tokens_total") > 0.0);
+    assert_eq!(metric(&text, "r1_kv_pool_slots_used"), 0.0, "every slot is free again");
+    assert_eq!(metric(&text, "r1_kv_cache_used_tokens"), 0.0, "every block is free again");
+}
