@@ -26,6 +26,7 @@ use ndarray::{Array2, Array4, ArrayViewD};
 
 use crate::backend::{self, Backend, BackendKind, BackendOptions, KeptPresent, KvPair, StepInput};
 use crate::error::{EngineError, Result};
+use crate::kv::prefix::{common_prefix, PrefixCache};
 use crate::kv::{KvBudget, KvGeometry, KvPool};
 use crate::manifest::Manifest;
 
@@ -100,6 +101,8 @@ struct Sequence {
     blocks: usize,
     /// Positions it had cached when it was preempted: the next step that feeds it recomputes them first.
     recompute: usize,
+    /// Prompt positions copied from the prefix cache at admission.
+    prefix: usize,
 }
 
 impl Sequence {
@@ -115,6 +118,9 @@ pub struct PoolOptions {
     pub slots: usize,
     /// Positions per budget block (`r1-serve --kv-block-tokens`).
     pub block_tokens: usize,
+    /// Keep finished sequences' caches and start new sequences from the longest cached prefix of their prompt
+    /// (`r1-serve --prefix-cache on|off`).
+    pub prefix_cache: bool,
 }
 
 /// Slots unless told otherwise.
@@ -122,7 +128,7 @@ pub const DEFAULT_SLOTS: usize = 64;
 
 impl Default for PoolOptions {
     fn default() -> Self {
-        PoolOptions { slots: DEFAULT_SLOTS, block_tokens: crate::kv::DEFAULT_BLOCK_TOKENS }
+        PoolOptions { slots: DEFAULT_SLOTS, block_tokens: crate::kv::DEFAULT_BLOCK_TOKENS, prefix_cache: true }
     }
 }
 
@@ -133,6 +139,14 @@ pub struct PoolStats {
     pub preemptions: u64,
     /// Positions recomputed after a preemption.
     pub recomputed_tokens: u64,
+    /// Sequences that started from a cached prefix.
+    pub prefix_hits: u64,
+    /// Prompt positions copied from the prefix cache instead of prefilled.
+    pub prefix_cached_tokens: u64,
+    /// Prompt positions added without a prefix hit, or after one (to be prefilled).
+    pub prefix_missed_tokens: u64,
+    /// Retained caches evicted to make room.
+    pub prefix_evictions: u64,
 }
 
 /// An opened artifact that steps batches of sequences. See the module docs for the protocol.
@@ -145,6 +159,9 @@ pub struct Engine {
     /// The backend appends new positions into the pool itself ([`Backend::steps_in_place`]).
     in_place: bool,
     seqs: BTreeMap<SequenceId, Sequence>,
+    /// Finished sequences' caches kept for reuse (`PoolOptions::prefix_cache`).
+    prefix: PrefixCache,
+    prefix_enabled: bool,
     next_id: u64,
     stats: PoolStats,
     /// The last step's present, kept in the backend's memory, and the rows it holds (in order). The next step feeds it
@@ -219,6 +236,8 @@ impl Engine {
             pool: kv_pool,
             in_place,
             seqs: BTreeMap::new(),
+            prefix: PrefixCache::default(),
+            prefix_enabled: pool.prefix_cache,
             next_id: 0,
             stats: PoolStats::default(),
             kept: None,
@@ -262,11 +281,13 @@ impl Engine {
     pub fn can_admit(&self, prompt_tokens: usize, max_new_tokens: usize) -> bool {
         let total = prompt_tokens.saturating_add(max_new_tokens);
         let running = self.seqs.len();
+        // Retained prefixes give their slot and blocks back on demand.
+        let free_blocks = self.budget.free_blocks() + self.prefix.blocks();
         total <= self.manifest.model.max_position_embeddings
             && self.budget.blocks_for(total) <= self.budget.total_blocks()
             && running < self.pool.slots()
             && !self.seqs.values().any(|s| s.recompute > 0)
-            && self.budget.has_free(self.budget.blocks_for(prompt_tokens).saturating_add(running))
+            && self.budget.blocks_for(prompt_tokens).saturating_add(running) <= free_blocks
     }
 
     /// Number of sequences held.
@@ -276,7 +297,20 @@ impl Engine {
 
     /// Adds a sequence with `prompt` pending and takes its prompt's blocks of the budget. `max_new_tokens` is only
     /// checked against the context length (and the whole budget): generated positions take blocks as they come.
+    /// With the prefix cache on, the longest prefix of `prompt` already computed (by a finished or a running
+    /// sequence) is copied into its slot and only the rest is pending ([`Engine::prefix_tokens`]).
     pub fn add_sequence(&mut self, prompt: &[u32], max_new_tokens: usize) -> Result<SequenceId> {
+        self.add_sequence_with(prompt, max_new_tokens, true)
+    }
+
+    /// [`Engine::add_sequence`], with `use_prefix_cache = false` to prefill the whole prompt whatever is cached (for
+    /// benchmarks; the sequence's cache is still retained for others when it finishes).
+    pub fn add_sequence_with(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        use_prefix_cache: bool,
+    ) -> Result<SequenceId> {
         if prompt.is_empty() {
             return Err(EngineError::InvalidArgument {
                 name: "prompt".into(),
@@ -307,11 +341,129 @@ impl Engine {
             });
         }
         let blocks = self.budget.blocks_for(prompt.len());
+        while !self.budget.has_free(blocks) && self.evict_retained() {}
         self.budget.take(blocks)?;
         let id = SequenceId(self.next_id);
         self.next_id += 1;
-        self.seqs.insert(id, Sequence { tokens: prompt.to_vec(), slot: None, cached: 0, blocks, recompute: 0 });
+        let seq = Sequence { tokens: prompt.to_vec(), slot: None, cached: 0, blocks, recompute: 0, prefix: 0 };
+        self.seqs.insert(id, seq);
+        let reused = if self.prefix_enabled && use_prefix_cache { self.reuse_prefix(id, prompt) } else { 0 };
+        self.stats.prefix_missed_tokens += (prompt.len() - reused) as u64;
         Ok(id)
+    }
+
+    /// Copies the longest cached prefix of `prompt` into the new sequence `id`'s slot (taking a slot for it);
+    /// returns the positions copied (0 when nothing matches or no slot is free).
+    fn reuse_prefix(&mut self, id: SequenceId, prompt: &[u32]) -> usize {
+        let limit = prompt.len().saturating_sub(1);
+        let running_best = |seqs: &BTreeMap<SequenceId, Sequence>| {
+            seqs.iter()
+                .filter(|(sid, _)| **sid != id)
+                .filter_map(|(_, s)| Some((s.slot?, common_prefix(&s.tokens[..s.cached], prompt).min(limit))))
+                .max_by_key(|&(_, n)| n)
+        };
+        // Only take a slot now when there is something to copy into it.
+        let best_before =
+            running_best(&self.seqs).map_or(0, |(_, n)| n).max(self.prefix.best(prompt).map_or(0, |b| b.1));
+        if best_before == 0 {
+            return 0;
+        }
+        let Some(slot) = self.alloc_running_slot() else { return 0 };
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.slot = Some(slot);
+        }
+        // Taking the slot may have moved or evicted a retained entry: look again.
+        let from_running = running_best(&self.seqs).filter(|&(_, n)| n > 0);
+        let from_retained = self.prefix.best(prompt);
+        let (src, n) = match (from_running, from_retained) {
+            (Some((s, n)), Some((i, m))) if m > n => {
+                self.prefix.touch(i);
+                (self.prefix.get(i).map_or(s, |e| e.slot), m)
+            }
+            (Some(r), _) => r,
+            (None, Some((i, m))) => {
+                self.prefix.touch(i);
+                match self.prefix.get(i) {
+                    Some(e) => (e.slot, m),
+                    None => return 0,
+                }
+            }
+            (None, None) => return 0,
+        };
+        if self.pool.copy_prefix(src, slot, n).is_err() {
+            return 0;
+        }
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.cached = n;
+            s.prefix = n;
+        }
+        self.stats.prefix_hits += 1;
+        self.stats.prefix_cached_tokens += n as u64;
+        n
+    }
+
+    /// A free slot for a running sequence, evicting a retained prefix when none is free. A backend that steps in
+    /// place keeps running slots at `0 .. n`: the new one is slot `n` (a retained entry there moves up or goes).
+    fn alloc_running_slot(&mut self) -> Option<usize> {
+        if !self.in_place {
+            if let Some(s) = self.pool.alloc() {
+                return Some(s);
+            }
+            self.evict_retained();
+            return self.pool.alloc();
+        }
+        let n = self.seqs.values().filter(|s| s.slot.is_some()).count();
+        if n >= self.pool.slots() {
+            return None;
+        }
+        self.vacate(n);
+        self.pool.alloc_at(n).then_some(n)
+    }
+
+    /// Makes slot `slot` free: a retained entry there moves to a free slot, or is evicted when none is free.
+    fn vacate(&mut self, slot: usize) {
+        if !self.prefix.slots().any(|s| s == slot) {
+            return;
+        }
+        if let Some(f) = self.pool.first_free() {
+            if self.pool.move_slot(slot, f).is_ok() {
+                self.prefix.moved(slot, f);
+                return;
+            }
+        }
+        if let Some(e) = self.prefix.take_slot(slot) {
+            self.pool.free(e.slot);
+            self.budget.give_back(e.blocks);
+            self.stats.prefix_evictions += 1;
+        }
+    }
+
+    /// Evicts the least recently used retained prefix; false when none is left.
+    fn evict_retained(&mut self) -> bool {
+        match self.prefix.evict_lru() {
+            Some(e) => {
+                self.pool.free(e.slot);
+                self.budget.give_back(e.blocks);
+                self.stats.prefix_evictions += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Positions of a sequence's prompt that came from the prefix cache.
+    pub fn prefix_tokens(&self, id: SequenceId) -> Result<usize> {
+        self.seqs.get(&id).map(|s| s.prefix).ok_or(EngineError::UnknownSequence { id: id.0 })
+    }
+
+    /// Finished sequences whose caches are kept for reuse.
+    pub fn retained_sequences(&self) -> usize {
+        self.prefix.len()
+    }
+
+    /// Budget blocks held by retained prefixes (given back on demand).
+    pub fn retained_blocks(&self) -> usize {
+        self.prefix.blocks()
     }
 
     /// Appends a sampled token; it is fed by the next step that includes this sequence (which takes a block for it
@@ -357,27 +509,36 @@ impl Engine {
         if !self.seqs.contains_key(&id) {
             return false;
         }
-        self.release_cache(id);
+        self.release_cache(id, true);
         if let Some(seq) = self.seqs.remove(&id) {
             self.budget.give_back(seq.blocks);
         }
         true
     }
 
-    /// Frees `id`'s slot (compacting the pool when the backend steps in place, so that running slots stay
-    /// `0 .. n`) and forgets a kept present that holds it. Its blocks stay with it.
-    fn release_cache(&mut self, id: SequenceId) {
+    /// Takes `id`'s slot away (compacting the pool when the backend steps in place, so that running slots stay
+    /// `0 .. n`) and forgets a kept present that holds it. With `retain` and the prefix cache on, the slot and the
+    /// sequence's blocks become a retained prefix; otherwise the slot is freed and the blocks stay with the sequence.
+    fn release_cache(&mut self, id: SequenceId, retain: bool) {
         if self.kept.as_ref().is_some_and(|k| k.rows.contains(&id)) {
             self.kept = None;
         }
-        let Some(slot) = self.seqs.get_mut(&id).and_then(|s| s.slot.take()) else { return };
-        self.pool.free(slot);
+        let Some(seq) = self.seqs.get_mut(&id) else { return };
+        let Some(slot) = seq.slot.take() else { return };
+        if retain && self.prefix_enabled && seq.cached > 0 {
+            let tokens = seq.tokens[..seq.cached].to_vec();
+            let blocks = std::mem::take(&mut seq.blocks);
+            self.prefix.retain(tokens, slot, blocks);
+        } else {
+            self.pool.free(slot);
+        }
         if !self.in_place {
             return;
         }
-        // Move the sequence in the highest used slot down into the hole (one copy of its cache).
+        // Move the running sequence in the highest slot down into the hole (one copy of its cache).
         let last = self.seqs.iter().filter_map(|(sid, s)| s.slot.map(|sl| (sl, *sid))).max();
         if let Some((from, sid)) = last.filter(|(from, _)| *from > slot) {
+            self.vacate(slot);
             if self.pool.move_slot(from, slot).is_ok() {
                 if let Some(s) = self.seqs.get_mut(&sid) {
                     s.slot = Some(slot);
@@ -390,7 +551,7 @@ impl Engine {
     /// the positions it had before feeding anything new.
     fn preempt(&mut self, id: SequenceId) {
         let holds = self.seqs.get(&id).is_some_and(|s| s.blocks > 0 || s.slot.is_some());
-        self.release_cache(id);
+        self.release_cache(id, false);
         if let Some(seq) = self.seqs.get_mut(&id).filter(|_| holds) {
             self.budget.give_back(seq.blocks);
             seq.recompute += seq.cached;
@@ -462,6 +623,10 @@ impl Engine {
             if self.budget.has_free(need) && slots_needed <= slots_free {
                 break;
             }
+            // Retained prefixes go first, least recently used first.
+            if self.evict_retained() {
+                continue;
+            }
             // The youngest sequence that holds anything, or is in the plan.
             let victim = self
                 .seqs
@@ -488,8 +653,13 @@ impl Engine {
             self.budget.take(need)?;
             let seq = self.seqs.get_mut(&r.id).ok_or(EngineError::UnknownSequence { id: r.id.0 })?;
             seq.blocks += need;
-            if seq.slot.is_none() {
-                seq.slot = self.pool.alloc();
+        }
+        for r in &plan.rows {
+            if self.seqs[&r.id].slot.is_none() {
+                let slot = self.alloc_running_slot();
+                if let Some(s) = self.seqs.get_mut(&r.id) {
+                    s.slot = slot;
+                }
             }
         }
         Ok(Some(plan))

@@ -72,7 +72,8 @@ fn single_greedy_generation_matches_the_reference() {
                 assert_eq!(&got, want, "{fx} {kind:?} prompt {prompt:?}");
             }
             assert_eq!(e.num_sequences(), 0);
-            assert_eq!(e.kv_budget().reserved_bytes(), 0);
+            // Every block is free or held by a retained prefix (the prefix cache keeps finished sequences).
+            assert_eq!(e.kv_budget().used_blocks(), e.retained_blocks());
         }
     }
 }
@@ -412,7 +413,7 @@ fn kv_budget_grows_with_use_and_admits_by_prompt() {
     let b = backend::load(&dir, &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
     assert!(b.can_feed_kept());
     let per_token = 2 * 512u64;
-    let pool = PoolOptions { slots: 4, block_tokens: 4 };
+    let pool = PoolOptions { slots: 4, block_tokens: 4, prefix_cache: false };
     let mut e = Engine::with_pool(&dir, manifest.clone(), b, Some(per_token * 20), pool).unwrap();
     assert_eq!(e.kv_budget().bytes_per_token(), per_token);
     assert_eq!(e.kv_budget().total_blocks(), 5);
@@ -476,7 +477,7 @@ fn a_full_pool_preempts_the_youngest_and_recomputes_it_without_changing_its_toke
         // Room for one whole sequence and a few blocks more, not for all three to generate `n` tokens.
         let longest = prompts.iter().map(|p| p.len()).max().unwrap();
         let budget_tokens = longest + n + 4;
-        let pool = PoolOptions { slots: 3, block_tokens: 2 };
+        let pool = PoolOptions { slots: 3, block_tokens: 2, ..Default::default() };
         let mut e =
             Engine::with_pool(&fixture("tiny"), manifest, b, Some(per_token * budget_tokens as u64), pool).unwrap();
         let ids: Vec<_> = prompts.iter().map(|p| e.add_sequence(p, n).unwrap()).collect();
@@ -536,4 +537,72 @@ fn generate_with_sampling_params_is_greedy_or_seeded_reproducible() {
         let first = want.iter().position(|&t| t == stop).unwrap();
         assert_eq!(cut, want[..=first].to_vec());
     }
+}
+
+#[test]
+fn a_cached_prefix_gives_the_same_tokens_and_skips_its_prefill() {
+    let exp = expected("tiny");
+    for kind in KINDS {
+        let (manifest, b) = open_backend("tiny", kind);
+        let mut e = Engine::from_backend(&fixture("tiny"), manifest, b, None).unwrap();
+        let (prompt, want) = &exp.cases[0];
+        // A longer prompt that starts with the first case's prompt and its greedy continuation.
+        let mut long = prompt.clone();
+        long.extend_from_slice(&want[..6]);
+        let cold = e.generate_greedy(&long, 6, &[]).unwrap();
+        assert_eq!(&cold[..], &want[6..12], "{kind:?}: the continuation of its own greedy path");
+        let hits = e.pool_stats().prefix_hits;
+        // The finished sequence's cache is retained: the same prompt again starts from all but its last token.
+        let id = e.add_sequence(&long, 6).unwrap();
+        assert_eq!(e.prefix_tokens(id).unwrap(), long.len() - 1, "{kind:?}");
+        assert_eq!(e.pending_tokens(id).unwrap(), 1);
+        assert_eq!(e.pool_stats().prefix_hits, hits + 1);
+        e.remove_sequence(id);
+        let warm = e.generate_greedy(&long, 6, &[]).unwrap();
+        assert_eq!(warm, cold, "{kind:?}: tokens with the prefix cache equal tokens without");
+        // A prompt sharing only the first case's prompt takes that much, from a running sequence too.
+        let a = e.add_sequence(&long, 4).unwrap();
+        e.step(&[StepWork::all(a)]).unwrap();
+        let mut other = prompt.clone();
+        other.push(1);
+        let b = e.add_sequence(&other, 4).unwrap();
+        assert_eq!(e.prefix_tokens(b).unwrap(), prompt.len(), "{kind:?}");
+        // Opting out prefills everything.
+        let c = e.add_sequence_with(&other, 4, false).unwrap();
+        assert_eq!((e.prefix_tokens(c).unwrap(), e.pending_tokens(c).unwrap()), (0, other.len()));
+        for id in [a, b, c] {
+            e.remove_sequence(id);
+        }
+        assert!(e.retained_sequences() > 0);
+    }
+}
+
+#[test]
+fn retained_prefixes_are_evicted_before_anything_else_waits() {
+    let (manifest, b) = open_backend("tiny", BackendKind::Tract);
+    // 1,024 bytes a position (float32, kept present counted too): 40 positions, 10 blocks of 4.
+    let pool = PoolOptions { slots: 2, block_tokens: 4, prefix_cache: true };
+    let mut e = Engine::with_pool(&fixture("tiny"), manifest, b, Some(1024 * 40), pool).unwrap();
+    e.generate_greedy(&[5; 14], 2, &[]).unwrap(); // 15 positions cached: 4 blocks and a slot retained
+    assert_eq!((e.retained_sequences(), e.kv_budget().free_blocks()), (1, 6));
+    // 32 prompt positions need 8 blocks: admission counts the retained blocks as free, and adding evicts them.
+    assert!(e.can_admit(32, 0));
+    let id = e.add_sequence(&[7; 32], 0).unwrap();
+    assert_eq!((e.retained_sequences(), e.pool_stats().prefix_evictions), (0, 1));
+    assert_eq!(e.kv_budget().used_blocks(), 8);
+    e.remove_sequence(id);
+}
+
+#[test]
+fn prefix_cache_off_prefills_everything() {
+    let exp = expected("tiny");
+    let (manifest, b) = open_backend("tiny", BackendKind::Tract);
+    let pool = PoolOptions { prefix_cache: false, ..Default::default() };
+    let mut e = Engine::with_pool(&fixture("tiny"), manifest, b, None, pool).unwrap();
+    let (prompt, _) = &exp.cases[0];
+    e.generate_greedy(prompt, 2, &[]).unwrap();
+    let id = e.add_sequence(prompt, 2).unwrap();
+    assert_eq!(e.prefix_tokens(id).unwrap(), 0);
+    assert_eq!(e.retained_sequences(), 0);
+    assert_eq!(e.pool_stats().prefix_hits, 0);
 }

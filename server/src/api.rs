@@ -47,6 +47,8 @@ pub struct Collected {
     pub prompt_tokens: usize,
     /// Generated tokens.
     pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_prompt_tokens: usize,
 }
 
 impl AppState {
@@ -114,6 +116,7 @@ impl AppState {
             max_tokens: valid.max_tokens as usize,
             stop: valid.stop,
             ignore_eos: valid.ignore_eos,
+            prefix_cache: valid.prefix_cache,
         };
         scheduler.submit(Submission { request_id, api, prompt, params, deadline, span })
     }
@@ -128,6 +131,7 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, span: &tracing::Span) -> 
         finish_reason: FinishReason::Length,
         prompt_tokens: 0,
         completion_tokens: 0,
+        cached_prompt_tokens: 0,
     };
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -144,6 +148,7 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, span: &tracing::Span) -> 
                 out.finish_reason = f.reason;
                 out.prompt_tokens = f.prompt_tokens;
                 out.completion_tokens = f.completion_tokens;
+                out.cached_prompt_tokens = f.cached_prompt_tokens;
                 return Ok(out);
             }
             Event::Failed(e) => {

@@ -26,6 +26,8 @@ pub struct BenchConfig {
     pub ignore_eos: bool,
     /// Sampling temperature.
     pub temperature: f32,
+    /// Ask the server to prefill every prompt in full (`GenerateRequest.skip_prefix_cache`).
+    pub skip_prefix_cache: bool,
 }
 
 /// Latency percentiles in milliseconds.
@@ -130,6 +132,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport, tonic::transport::Err
         max_tokens: Some(cfg.max_tokens),
         sampling: Some(pb::SamplingParams { temperature: Some(cfg.temperature), seed: Some(0), ..Default::default() }),
         ignore_eos: cfg.ignore_eos,
+        skip_prefix_cache: cfg.skip_prefix_cache,
         ..Default::default()
     };
     let next = Arc::new(AtomicUsize::new(0));

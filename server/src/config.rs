@@ -156,6 +156,11 @@ pub struct ServeArgs {
     /// Positions per KV budget block: the unit a sequence grows by.
     #[arg(long, env = "R1_KV_BLOCK_TOKENS", default_value_t = r1_engine::kv::DEFAULT_BLOCK_TOKENS)]
     pub kv_block_tokens: usize,
+    /// Prefix caching: keep finished requests' KV caches (evicted least-recently-used when room is needed) and start a
+    /// new request from the longest cached prefix of its prompt (a shared system prompt, the earlier turns of a
+    /// conversation), prefilling only the rest. `off` prefills every prompt in full.
+    #[arg(long, env = "R1_PREFIX_CACHE", default_value = "on", value_parser = ["on", "off"])]
+    pub prefix_cache: String,
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before cancelling them.
     #[arg(long, env = "R1_DRAIN_TIMEOUT_SECS", default_value_t = 30.0)]
     pub drain_timeout_secs: f64,
@@ -313,6 +318,7 @@ impl ServeArgs {
             http_addr: self.http_addr,
             kv_cache_bytes: self.kv_cache_mib.map(|m| m << 20),
             kv_block_tokens: self.kv_block_tokens,
+            prefix_cache: self.prefix_cache == "on",
             drain_timeout: Duration::from_secs_f64(self.drain_timeout_secs),
             scheduler,
             limits,
@@ -412,6 +418,8 @@ pub struct ServerConfig {
     pub kv_cache_bytes: Option<u64>,
     /// Positions per KV budget block.
     pub kv_block_tokens: usize,
+    /// `--prefix-cache on`.
+    pub prefix_cache: bool,
     /// How long in-flight requests may run after a shutdown signal.
     pub drain_timeout: Duration,
     /// Batching and admission.

@@ -191,7 +191,7 @@ impl Model for EngineModel {
         // Does the rendered prompt already open the reasoning (R1 templates end with `<think>\n`)?
         let tail = tok.decode(&prompt[prompt.len().saturating_sub(4)..], false).unwrap_or_default();
         let split = ReasoningSplitter::new(r1_engine::text::prompt_opens_reasoning(&tail));
-        let id = self.engine.add_sequence(prompt, params.max_tokens).map_err(engine_err)?;
+        let id = self.engine.add_sequence_with(prompt, params.max_tokens, params.prefix_cache).map_err(engine_err)?;
         let handle = SeqId(self.next);
         self.next += 1;
         let detok = IncrementalDetokenizer::with_context(prompt, true);
@@ -254,7 +254,15 @@ impl Model for EngineModel {
             preemptions: s.preemptions,
             recomputed_tokens: s.recomputed_tokens,
             slots_used: self.engine.kv_pool().used_slots(),
+            prefix_cached_tokens: s.prefix_cached_tokens,
+            prefix_missed_tokens: s.prefix_missed_tokens,
+            prefix_evictions: s.prefix_evictions,
+            prefix_retained: self.engine.retained_sequences(),
         }
+    }
+
+    fn cached_prompt_tokens(&self, seq: SeqId) -> usize {
+        self.seqs.get(&seq).and_then(|s| self.engine.prefix_tokens(s.id).ok()).unwrap_or(0)
     }
 }
 

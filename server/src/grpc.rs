@@ -74,12 +74,17 @@ pub fn raw_request(r: pb::GenerateRequest) -> RawRequest {
         },
         stop: r.stop,
         ignore_eos: r.ignore_eos,
+        skip_prefix_cache: r.skip_prefix_cache,
         sampling_prefix: "sampling.",
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> pb::Usage {
-    pb::Usage { prompt_tokens: prompt as u32, completion_tokens: completion as u32 }
+fn usage(prompt: usize, completion: usize, cached: usize) -> pb::Usage {
+    pb::Usage {
+        prompt_tokens: prompt as u32,
+        completion_tokens: completion as u32,
+        cached_prompt_tokens: cached as u32,
+    }
 }
 
 /// The `r1.v1.Generation` service.
@@ -115,7 +120,7 @@ impl pb::generation_server::Generation for GenerationService {
             reasoning: c.reasoning,
             token_ids: c.token_ids,
             finish_reason: finish_reason(c.finish_reason) as i32,
-            usage: Some(usage(c.prompt_tokens, c.completion_tokens)),
+            usage: Some(usage(c.prompt_tokens, c.completion_tokens, c.cached_prompt_tokens)),
         });
         if let Ok(v) = id.parse() {
             resp.metadata_mut().insert("x-request-id", v);
@@ -157,7 +162,7 @@ impl pb::generation_server::Generation for GenerationService {
                     record_finish(&span, f.reason, f.completion_tokens);
                     Some(Ok(pb::GenerateStreamResponse {
                         finish_reason: finish_reason(f.reason) as i32,
-                        usage: Some(usage(f.prompt_tokens, f.completion_tokens)),
+                        usage: Some(usage(f.prompt_tokens, f.completion_tokens, f.cached_prompt_tokens)),
                         ..Default::default()
                     }))
                 }

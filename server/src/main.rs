@@ -47,7 +47,11 @@ fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
             cfg.skip_integrity_check,
         );
         // One pool slot per sequence the scheduler may run at once.
-        let pool = PoolOptions { slots: cfg.scheduler.max_batch_size, block_tokens: cfg.kv_block_tokens };
+        let pool = PoolOptions {
+            slots: cfg.scheduler.max_batch_size,
+            block_tokens: cfg.kv_block_tokens,
+            prefix_cache: cfg.prefix_cache,
+        };
         // Runs on a blocking thread while health says NOT_SERVING: verify the files, then load them.
         let load: Loader = Box::new(move || {
             verify_artifact(&dir, skip)?;
@@ -143,7 +147,13 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         repetition_penalty: 1.0,
         seed: Some(args.seed),
     };
-    let params = SeqParams { sampling, max_tokens: args.max_tokens as usize, stop: vec![], ignore_eos: false };
+    let params = SeqParams {
+        sampling,
+        max_tokens: args.max_tokens as usize,
+        stop: vec![],
+        ignore_eos: false,
+        prefix_cache: true,
+    };
     let seq = model.add_sequence(&prompt, &params).context("adding the sequence")?;
     let t1 = Instant::now();
     let mut first: Option<f64> = None;

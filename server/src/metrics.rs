@@ -51,6 +51,14 @@ pub struct Metrics {
     pub kv_recomputed_tokens: Counter,
     /// Pool slots (sequences holding a cache) in use.
     pub kv_slots_used: Gauge,
+    /// Prompt tokens served from the prefix cache.
+    pub prefix_cached_tokens: Counter,
+    /// Prompt tokens prefilled (not in the prefix cache).
+    pub prefix_missed_tokens: Counter,
+    /// Retained prefixes evicted to make room.
+    pub prefix_evictions: Counter,
+    /// Finished sequences' caches retained for reuse.
+    pub prefix_retained: Gauge,
 }
 
 impl Default for Metrics {
@@ -83,6 +91,10 @@ impl Metrics {
             kv_preemptions: Counter::default(),
             kv_recomputed_tokens: Counter::default(),
             kv_slots_used: Gauge::default(),
+            prefix_cached_tokens: Counter::default(),
+            prefix_missed_tokens: Counter::default(),
+            prefix_evictions: Counter::default(),
+            prefix_retained: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by outcome", m.requests.clone());
@@ -131,6 +143,26 @@ impl Metrics {
             m.kv_recomputed_tokens.clone(),
         );
         registry.register("kv_pool_slots_used", "KV pool slots holding a sequence's cache", m.kv_slots_used.clone());
+        registry.register(
+            "prefix_cache_hit_tokens",
+            "Prompt tokens served from the prefix cache (hit rate = hit / (hit + miss))",
+            m.prefix_cached_tokens.clone(),
+        );
+        registry.register(
+            "prefix_cache_miss_tokens",
+            "Prompt tokens prefilled because no cached prefix covered them",
+            m.prefix_missed_tokens.clone(),
+        );
+        registry.register(
+            "prefix_cache_evictions",
+            "Retained prefixes evicted (least recently used) to make room",
+            m.prefix_evictions.clone(),
+        );
+        registry.register(
+            "prefix_cache_retained_sequences",
+            "Finished sequences whose KV cache is kept for reuse",
+            m.prefix_retained.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -42,6 +42,14 @@ pub struct KvPoolStatus {
     pub recomputed_tokens: u64,
     /// Slots in use now.
     pub slots_used: usize,
+    /// Prompt positions taken from the prefix cache so far.
+    pub prefix_cached_tokens: u64,
+    /// Prompt positions prefilled so far (no cached prefix covered them).
+    pub prefix_missed_tokens: u64,
+    /// Retained prefixes evicted so far.
+    pub prefix_evictions: u64,
+    /// Finished sequences' caches retained now.
+    pub prefix_retained: usize,
 }
 
 /// Per-sequence generation settings handed to [`Model::add_sequence`].
@@ -56,6 +64,8 @@ pub struct SeqParams {
     pub stop: Vec<String>,
     /// Do not finish on EOS.
     pub ignore_eos: bool,
+    /// Start from the longest cached prefix of the prompt (`false`: prefill all of it).
+    pub prefix_cache: bool,
 }
 
 /// Handle of a sequence inside a model.
@@ -171,6 +181,12 @@ pub trait Model: Send {
     fn step(&mut self, work: &[Work], pad_to: usize) -> Result<Vec<Emitted>, ModelError>;
     /// KV positions held now.
     fn kv_used_tokens(&self) -> usize;
+    /// Prompt tokens of `seq` that the model took from its prefix cache at [`Model::add_sequence`] (the scheduler
+    /// prefills only the rest).
+    fn cached_prompt_tokens(&self, seq: SeqId) -> usize {
+        let _ = seq;
+        0
+    }
     /// The KV pool's counters so far: preemptions, positions recomputed, slots in use (zeros for models without one).
     fn kv_pool_status(&self) -> KvPoolStatus {
         KvPoolStatus::default()

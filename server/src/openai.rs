@@ -122,6 +122,9 @@ pub struct CompletionBody {
     /// Generate past EOS (extension).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Prefill the whole prompt whatever the server's prefix cache holds (extension, for benchmarks).
+    #[serde(default)]
+    pub skip_prefix_cache: bool,
     /// Number of choices; only 1 is supported.
     pub n: Option<u32>,
     /// Every other field of the request.
@@ -227,6 +230,7 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
             Some(Stop::Many(v)) => v.clone(),
         },
         ignore_eos: body.ignore_eos,
+        skip_prefix_cache: body.skip_prefix_cache,
         sampling_prefix: "",
     })
 }
@@ -324,7 +328,8 @@ async fn whole_response(rx: UnboundedReceiver<Event>, span: &tracing::Span, head
         json!({"index": 0, "text": c.text, "reasoning_content": c.reasoning, "finish_reason": finish_str(c.finish_reason)})
     };
     let usage = json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                       "total_tokens": c.prompt_tokens + c.completion_tokens});
+                       "total_tokens": c.prompt_tokens + c.completion_tokens,
+                       "prompt_tokens_details": {"cached_tokens": c.cached_prompt_tokens}});
     let object = if head.chat { "chat.completion" } else { "text_completion" };
     Json(json!({"id": head.id, "object": object, "created": head.created, "model": head.model, "choices": [choice], "usage": usage}))
         .into_response()
@@ -359,7 +364,8 @@ fn stream_response(rx: UnboundedReceiver<Event>, span: tracing::Span, head: Head
                         json!({"index": 0, "text": "", "finish_reason": finish_str(f.reason)})
                     };
                     let usage = json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
-                                       "total_tokens": f.prompt_tokens + f.completion_tokens});
+                                       "total_tokens": f.prompt_tokens + f.completion_tokens,
+                                       "prompt_tokens_details": {"cached_tokens": f.cached_prompt_tokens}});
                     Some(vec![chunk(choice, usage), SseEvent::default().data("[DONE]")])
                 }
                 Event::Failed(e) => {

@@ -179,6 +179,7 @@ pub fn request_span(method: &'static str, request_id: &str, carrier: &Carrier<'_
         otel.name = method,
         request_id = %request_id,
         prompt_tokens = tracing::field::Empty,
+        cached_prompt_tokens = tracing::field::Empty,
         completion_tokens = tracing::field::Empty,
         queue_ms = tracing::field::Empty,
         finish_reason = tracing::field::Empty,

@@ -134,6 +134,8 @@ pub struct RawRequest {
     pub stop: Vec<String>,
     /// Generate past EOS.
     pub ignore_eos: bool,
+    /// Prefill the whole prompt whatever the prefix cache holds.
+    pub skip_prefix_cache: bool,
     /// Prefix of sampling field names in error messages (`sampling.` for gRPC, empty for OpenAI).
     pub sampling_prefix: &'static str,
 }
@@ -151,6 +153,8 @@ pub struct ValidRequest {
     pub stop: Vec<String>,
     /// Generate past EOS.
     pub ignore_eos: bool,
+    /// Start from the longest cached prefix of the prompt.
+    pub prefix_cache: bool,
 }
 
 /// `v` when the engine's `range` allows it; otherwise an error naming the API's field, the range and the value.
@@ -225,7 +229,14 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
             ));
         }
     }
-    Ok(ValidRequest { input, max_tokens, sampling, stop: raw.stop, ignore_eos: raw.ignore_eos })
+    Ok(ValidRequest {
+        input,
+        max_tokens,
+        sampling,
+        stop: raw.stop,
+        ignore_eos: raw.ignore_eos,
+        prefix_cache: !raw.skip_prefix_cache,
+    })
 }
 
 /// Checks the prompt's size in bytes before anything else touches it (tokenizing a huge prompt is itself work):

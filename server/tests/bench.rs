@@ -20,6 +20,7 @@ async fn bench_counts_every_token_and_batching_raises_throughput() {
         max_tokens: 10,
         ignore_eos: true,
         temperature: 0.0,
+        skip_prefix_cache: true,
     };
     let serial = run(&cfg(1)).await.expect("bench c=1");
     let batched = run(&cfg(16)).await.expect("bench c=16");

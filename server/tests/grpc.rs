@@ -41,11 +41,11 @@ async fn unary_and_stream_match_the_reference() {
     let r = resp.into_inner();
     assert_eq!((r.reasoning.as_str(), r.text.as_str(), &r.token_ids), (want_r.as_str(), want_t.as_str(), &want_ids));
     assert_eq!(r.finish_reason, pb::FinishReason::Length as i32);
-    assert_eq!(r.usage, Some(pb::Usage { prompt_tokens: 3, completion_tokens: 12 }));
+    assert_eq!(r.usage, Some(pb::Usage { prompt_tokens: 3, completion_tokens: 12, cached_prompt_tokens: 0 }));
     let (sr, st, sids, fin, usage) = stream_all(&mut c, prompt_req("abc", 12)).await;
     assert_eq!((sr, st, sids), (want_r, want_t, want_ids));
     assert_eq!(fin, pb::FinishReason::Length as i32);
-    assert_eq!(usage, Some(pb::Usage { prompt_tokens: 3, completion_tokens: 12 }));
+    assert_eq!(usage, Some(pb::Usage { prompt_tokens: 3, completion_tokens: 12, cached_prompt_tokens: 0 }));
 
     // Chat messages go through the template; ModelInfo describes the model.
     let chat = pb::GenerateRequest {

@@ -72,20 +72,18 @@ fn answer(ids: &[u32], eos: u32) -> &[u32] {
     ids.iter().position(|&t| t == eos).map_or(ids, |i| &ids[..=i])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tight_kv_budget_preempts_and_recomputes_without_losing_or_changing_any_request() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let art = tmp.path().join("arith-fp32");
+/// Exports arith-r1 (fp32) into `tmp` and starts the real `r1-serve` on it with `flags`; returns the process, its
+/// gRPC channel, its HTTP port, the artifact and the log path.
+async fn serve(tmp: &Path, flags: &[&str]) -> (ServerProcess, tonic::transport::Channel, u16, PathBuf, PathBuf) {
+    let art = tmp.join("arith-fp32");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/arith-r1");
     export(&ExportOptions::new(fixture, &art), &mut |_| {}).expect("export arith-r1");
     let (grpc_port, http_port) = (free_port(), free_port());
-    let log = tmp.path().join("serve.log");
-    // 1 MiB at 1,280 bytes a position (640 of float32 latent cache, counted twice while the runtime keeps the
-    // running batch's present): 819 positions, 102 blocks of 8. 24 requests of ~80 positions each need ~1,900.
+    let log = tmp.join("serve.log");
     let child = Command::new(r1_serve_bin())
         .arg("--model")
         .arg(&art)
-        .args(["--backend", "ort", "--kv-cache-mib", "1", "--kv-block-tokens", "8", "--max-batch-size", "24"])
+        .args(flags)
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}"), "--http-addr", &format!("127.0.0.1:{http_port}")])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log file"))
@@ -108,6 +106,19 @@ async fn a_tight_kv_budget_preempts_and_recomputes_without_losing_or_changing_an
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    (server, channel, http_port, art, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tight_kv_budget_preempts_and_recomputes_without_losing_or_changing_any_request() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // 1 MiB at 1,280 bytes a position (640 of float32 latent cache, counted twice while the runtime keeps the
+    // running batch's present): 819 positions, 102 blocks of 8. 24 requests of ~80 positions each need ~1,900.
+    // The prefix cache is off: the questions share their chat template's opening, which would blur the count.
+    let flags = ["--backend", "ort", "--kv-cache-mib", "1", "--kv-block-tokens", "8", "--max-batch-size", "24"];
+    let (_server, channel, http_port, art, log) =
+        serve(tmp.path(), &[&flags[..], &["--prefix-cache", "off"]].concat()).await;
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let questions: Vec<String> = (0..24).map(|i| format!("What is {}+{}?", 11 + 3 * i, 47 + 5 * i)).collect();
     // Alone first: one request at a time never fills the pool.
     let mut alone = Vec::new();
@@ -149,4 +160,48 @@ async fn a_tight_kv_budget_preempts_and_recomputes_without_losing_or_changing_an
     assert!(metric(&text, "r1_kv_recomputed_tokens_total") > 0.0);
     assert_eq!(metric(&text, "r1_kv_pool_slots_used"), 0.0, "every slot is free again");
     assert_eq!(metric(&text, "r1_kv_cache_used_tokens"), 0.0, "every block is free again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_replayed_turn_by_turn_prefills_only_what_is_new() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_server, channel, http_port, _art, _log) = serve(tmp.path(), &["--backend", "tract"]).await;
+    let mut messages: Vec<pb::ChatMessage> = Vec::new();
+    let mut prefilled = Vec::new();
+    let mut previous_prompt = 0;
+    for (turn, q) in
+        ["What is 12+30?", "What is 45+17?", "What is 73+19?", "What is 26+58?", "What is 61+24?"].iter().enumerate()
+    {
+        messages.push(pb::ChatMessage { role: "user".into(), content: (*q).into() });
+        let req = pb::GenerateRequest {
+            messages: messages.clone(),
+            max_tokens: Some(64),
+            sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
+            ..Default::default()
+        };
+        let reply = GenerationClient::new(channel.clone()).generate(req).await.expect("Generate").into_inner();
+        let usage = reply.usage.expect("usage");
+        let (prompt, cached) = (usage.prompt_tokens as usize, usage.cached_prompt_tokens as usize);
+        if turn == 0 {
+            assert_eq!(cached, 0, "nothing to reuse on the first turn");
+        } else {
+            // The conversation so far was computed by the previous turn: at least its prompt comes from the cache
+            // (the template renders earlier answers without their reasoning, so the previous *answer* may not).
+            assert!(
+                cached >= previous_prompt.min(prompt - 1) * 9 / 10,
+                "turn {turn}: {cached} of {prompt} cached, previous prompt {previous_prompt}"
+            );
+        }
+        eprintln!("turn {}: prompt {prompt}, cached {cached}, prefilled {}", turn + 1, prompt - cached);
+        prefilled.push(prompt - cached);
+        previous_prompt = prompt;
+        messages.push(pb::ChatMessage { role: "assistant".into(), content: reply.text });
+    }
+    // Each later turn prefills about as much as the first (its new question and the previous answer), not the
+    // whole conversation.
+    let first = prefilled[0];
+    assert!(prefilled[1..].iter().all(|&p| p <= 2 * first + 40), "prefilled per turn: {prefilled:?}");
+    let text = metrics(http_port);
+    assert!(metric(&text, "r1_prefix_cache_hit_tokens_total") > 0.0);
+    assert!(metric(&text, "r1_prefix_cache_miss_tokens_total") >= first as f64);
 }

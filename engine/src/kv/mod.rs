@@ -8,6 +8,7 @@
 //! `bytes_per_token` is the pool's real size per position (float32, every layer's keys and values, counted once).
 
 pub mod pool;
+pub mod prefix;
 pub mod region;
 
 use crate::error::{EngineError, Result};

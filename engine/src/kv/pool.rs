@@ -130,6 +130,22 @@ impl KvPool {
         Some(slot)
     }
 
+    /// Takes the free slot `slot` (0 positions); false when it is in use or out of range.
+    pub fn alloc_at(&mut self, slot: usize) -> bool {
+        match self.lens.get_mut(slot) {
+            Some(l @ None) => {
+                *l = Some(0);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The lowest free slot, left free.
+    pub fn first_free(&self) -> Option<usize> {
+        self.lens.iter().position(Option::is_none)
+    }
+
     /// Valid positions of `slot` (0 for a free slot).
     pub fn len(&self, slot: usize) -> usize {
         self.lens.get(slot).copied().flatten().unwrap_or(0)
@@ -172,6 +188,42 @@ impl KvPool {
         }
     }
 
+    /// Copies the first `n` positions of slot `from` into the taken, empty slot `to` (a prefix-cache hit); `to` then
+    /// holds `n` positions.
+    pub fn copy_prefix(&mut self, from: usize, to: usize, n: usize) -> Result<()> {
+        let ok = from != to
+            && self.lens.get(from).copied().flatten().is_some_and(|l| l >= n)
+            && self.lens.get(to).copied().flatten() == Some(0);
+        if !ok {
+            return Err(EngineError::InvalidArgument {
+                name: "KV pool prefix copy".into(),
+                message: format!("needs slot {from} holding at least {n} positions and an empty taken slot {to}"),
+            });
+        }
+        self.copy_positions(from, to, n);
+        self.lens[to] = Some(n);
+        Ok(())
+    }
+
+    fn copy_positions(&mut self, from: usize, to: usize, len: usize) {
+        let (g, cap) = (self.geometry, self.capacity);
+        for (regions, heads, dim) in
+            [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
+        {
+            for r in regions.iter_mut() {
+                with_elem!(self.dtype, T => {
+                    let s = r.as_mut_slice::<T>();
+                    for h in 0..heads {
+                        let src = ((from * heads + h) * cap) * dim;
+                        let dst = ((to * heads + h) * cap) * dim;
+                        s.copy_within(src..src + len * dim, dst);
+                    }
+                });
+            }
+        }
+        self.copied_bytes += (len * self.bytes_per_position()) as u64;
+    }
+
     /// Moves the sequence in slot `from` to the free slot `to` (compaction) and frees `from`.
     pub fn move_slot(&mut self, from: usize, to: usize) -> Result<()> {
         let len = match (self.lens.get(from).copied().flatten(), self.lens.get(to).copied()) {
@@ -183,22 +235,7 @@ impl KvPool {
                 })
             }
         };
-        let (g, cap) = (self.geometry, self.capacity);
-        for (regions, heads, dim) in
-            [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
-        {
-            for r in regions.iter_mut() {
-                with_elem!(self.dtype, T => {
-                let s = r.as_mut_slice::<T>();
-                for h in 0..heads {
-                    let src = ((from * heads + h) * cap) * dim;
-                    let dst = ((to * heads + h) * cap) * dim;
-                    s.copy_within(src..src + len * dim, dst);
-                }
-                });
-            }
-        }
-        self.copied_bytes += (len * self.bytes_per_position()) as u64;
+        self.copy_positions(from, to, len);
         self.lens[to] = Some(len);
         self.free(from);
         Ok(())

@@ -30,6 +30,10 @@ struct Args {
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Let requests start from the server's prefix cache. Off by default: every request sends the same prompt, so
+    /// all but the first would skip their prefill and the figures would not measure it.
+    #[arg(long)]
+    use_prefix_cache: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -49,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
         max_tokens: a.max_tokens,
         ignore_eos: !a.honor_eos,
         temperature: a.temperature,
+        skip_prefix_cache: !a.use_prefix_cache,
     };
     let r = run(&cfg).await.with_context(|| format!("connecting to {}", a.addr))?;
     if a.json {

@@ -76,10 +76,10 @@ impl Actor {
         }
         tracing::warn!(%reason, queued = self.batcher.queue.len(), running = self.batcher.running.len(), "cancelling all requests");
         while let Some(e) = self.batcher.queue.pop_front() {
-            self.finish(e, FinishReason::Cancelled, 0);
+            self.finish(e, FinishReason::Cancelled, 0, 0);
         }
         for a in std::mem::take(&mut self.batcher.running) {
-            self.finish(a.entry, FinishReason::Cancelled, a.generated);
+            self.finish(a.entry, FinishReason::Cancelled, a.generated, a.cached_prompt_tokens);
         }
         self.release();
     }
@@ -101,9 +101,16 @@ impl Actor {
         let pool = self.model.kv_pool_status();
         m.kv_slots_used.set(pool.slots_used as i64);
         // Counters: add what is new since the last look.
-        let (seen_p, seen_r) = (m.kv_preemptions.get(), m.kv_recomputed_tokens.get());
-        m.kv_preemptions.inc_by(pool.preemptions.saturating_sub(seen_p));
-        m.kv_recomputed_tokens.inc_by(pool.recomputed_tokens.saturating_sub(seen_r));
+        for (counter, total) in [
+            (&m.kv_preemptions, pool.preemptions),
+            (&m.kv_recomputed_tokens, pool.recomputed_tokens),
+            (&m.prefix_cached_tokens, pool.prefix_cached_tokens),
+            (&m.prefix_missed_tokens, pool.prefix_missed_tokens),
+            (&m.prefix_evictions, pool.prefix_evictions),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        m.prefix_retained.set(pool.prefix_retained as i64);
     }
 
     fn fail(&self, e: Entry, err: ServeError) {
@@ -112,10 +119,15 @@ impl Actor {
         last_event(e, Event::Failed(err));
     }
 
-    fn finish(&self, e: Entry, reason: FinishReason, generated: usize) {
+    fn finish(&self, e: Entry, reason: FinishReason, generated: usize, cached: usize) {
         let outcome = if reason == FinishReason::Cancelled { "cancelled" } else { "ok" };
         self.metrics.request_done(e.api, outcome);
-        let done = Finished { reason, prompt_tokens: e.prompt.len(), completion_tokens: generated };
+        let done = Finished {
+            reason,
+            prompt_tokens: e.prompt.len(),
+            completion_tokens: generated,
+            cached_prompt_tokens: cached,
+        };
         last_event(e, Event::Finished(done));
     }
 
@@ -153,7 +165,11 @@ impl Actor {
                     self.metrics.queue_seconds.observe(queue_time.as_secs_f64());
                     self.metrics.prompt_tokens.inc_by(e.prompt.len() as u64);
                     let _ = e.tx.send(Event::Admitted { queue_time });
-                    self.batcher.start(e, seq, now);
+                    let cached = self.model.cached_prompt_tokens(seq);
+                    if cached > 0 {
+                        e.span.record("cached_prompt_tokens", cached);
+                    }
+                    self.batcher.start(e, seq, now, cached);
                 }
                 Err(err) => self.fail(e, err.into()),
             }
@@ -235,7 +251,7 @@ impl Actor {
                         a.first_token.map(|t| t.duration_since(a.admitted).as_millis() as u64).unwrap_or(0);
                     tracing::info!(parent: &e.span, request_id = %e.request_id, reason = reason.as_str(), prompt_tokens = e.prompt.len(),
                         completion_tokens = a.generated, prefill_ms, "request finished");
-                    self.finish(a.entry, reason, a.generated);
+                    self.finish(a.entry, reason, a.generated, a.cached_prompt_tokens);
                 }
             }
         }

@@ -3,9 +3,15 @@
 //!
 //! Policy (continuous, iteration-level batching):
 //! - every running sequence that is decoding steps every iteration (one token each);
-//! - the rest of `max_batch_tokens` goes to prefill chunks (at most `prefill_chunk` per sequence), oldest first, so a
-//!   long prompt is prefilled over several steps and never stalls running decodes;
-//! - queued requests join at the next step, FIFO, while there are batch slots, prefill budget and KV room;
+//! - the rest of `max_batch_tokens` goes to prefill chunks (at most `prefill_chunk` per sequence), so a long prompt is
+//!   prefilled over several steps and never stalls running decodes. Chunks go **shortest remaining prompt first**
+//!   (a short request's first token does not wait behind a long prompt's chunks), except that a request left without
+//!   a chunk for [`STARVATION_STEPS`] steps in a row goes first: a long prompt progresses at least every
+//!   `STARVATION_STEPS + 1` steps however many short ones arrive;
+//! - queued requests join at the next step while there are batch slots and the model says it has room
+//!   (`Model::can_admit`: KV blocks for the prompt, not for `max_tokens`). The queue is FIFO, but a request that does
+//!   not fit yet is passed by later ones that do, at most [`MAX_PASSED_OVER`] times; after that nothing passes it
+//!   until it fits (so a large request waits for room at most that many admissions behind smaller ones);
 //! - requests whose client left (response channel closed) or whose deadline passed are dropped first;
 //! - the step's batch size is aligned up to the engine's nearest optimization profile (`pad_to`).
 
@@ -16,6 +22,11 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Entry, Event, SchedulerConfig};
+
+/// Steps a prefilling request may be left without a chunk before it goes ahead of shorter prompts.
+pub const STARVATION_STEPS: usize = 4;
+/// Admissions that may pass a queued request that does not fit yet.
+pub const MAX_PASSED_OVER: usize = 16;
 use crate::error::ServeError;
 use crate::model::{SeqId, Work};
 
@@ -74,6 +85,10 @@ pub struct Active {
     pub first_token: Option<Instant>,
     /// When its latest token came out.
     pub last_token: Option<Instant>,
+    /// Steps in a row it was prefilling and got no chunk.
+    pub starved_steps: usize,
+    /// Prompt tokens the model took from its prefix cache.
+    pub cached_prompt_tokens: usize,
 }
 
 impl Active {
@@ -212,53 +227,59 @@ impl Batcher {
         removed
     }
 
-    fn prefill_budget_in_use(&self) -> (usize, usize) {
-        let decoding = self.running.iter().filter(|a| !a.prefilling()).count();
-        let mut budget = self.cfg.max_batch_tokens.saturating_sub(decoding);
-        let mut used = decoding;
-        for a in self.running.iter().filter(|a| a.prefilling()) {
-            let chunk = a.prompt_left().min(self.cfg.prefill_chunk).min(budget);
-            budget -= chunk;
-            used += chunk;
-        }
-        (used, budget)
-    }
-
-    /// Takes the queued requests that can start now, oldest first: while there are batch slots, prefill budget and
-    /// `fits(prompt, max_tokens)` says the model has room. Stops at the first that does not fit (FIFO fairness).
+    /// Takes the queued requests that can start now: while there are batch slots and `fits(prompt, max_tokens)` says
+    /// the model has room, oldest first, passing a request that does not fit at most [`MAX_PASSED_OVER`] times (see
+    /// the module docs). Prefill budget does not gate admission: each step shares it out ([`Batcher::plan`]).
     pub fn take_admissible(&mut self, mut fits: impl FnMut(usize, usize) -> bool) -> Vec<Entry> {
-        let (_, mut budget) = self.prefill_budget_in_use();
         let mut slots = self.cfg.max_batch_size.saturating_sub(self.running.len());
         let mut out = Vec::new();
-        while slots > 0 && budget > 0 {
-            let Some(head) = self.queue.front() else { break };
-            if !fits(head.prompt.len(), head.params.max_tokens) {
+        let mut i = 0;
+        while slots > 0 && i < self.queue.len() {
+            let e = &self.queue[i];
+            if fits(e.prompt.len(), e.params.max_tokens) {
+                if let Some(e) = self.queue.remove(i) {
+                    out.push(e);
+                }
+                slots -= 1;
+                // Everything it passed was passed once more; one passed often enough stops the passing.
+                let mut bound_reached = false;
+                for skipped in self.queue.iter_mut().take(i) {
+                    skipped.passed_over += 1;
+                    bound_reached |= skipped.passed_over >= MAX_PASSED_OVER;
+                }
+                if bound_reached {
+                    break;
+                }
+                continue;
+            }
+            if e.passed_over >= MAX_PASSED_OVER {
                 break;
             }
-            budget -= head.prompt.len().min(self.cfg.prefill_chunk).min(budget);
-            slots -= 1;
-            if let Some(e) = self.queue.pop_front() {
-                out.push(e);
-            }
+            i += 1;
         }
         out
     }
 
-    /// Starts a request that the model accepted as `seq`.
-    pub fn start(&mut self, entry: Entry, seq: SeqId, now: Instant) {
+    /// Starts a request that the model accepted as `seq`, `cached` of whose prompt tokens the model already holds
+    /// (a prefix-cache hit: only the rest is prefilled).
+    pub fn start(&mut self, entry: Entry, seq: SeqId, now: Instant, cached: usize) {
         let lease = SeqLease { seq, released: self.released.clone() };
+        let cached = cached.min(entry.prompt.len().saturating_sub(1));
         self.running.push(Active {
             entry,
             lease,
-            phase: Phase::Prefilling { fed: 0 },
+            phase: Phase::Prefilling { fed: cached },
             generated: 0,
             admitted: now,
             first_token: None,
             last_token: None,
+            starved_steps: 0,
+            cached_prompt_tokens: cached,
         });
     }
 
-    /// The next step: every decoding sequence, then prefill chunks within the token budget.
+    /// The next step: every decoding sequence, then prefill chunks within the token budget, starved requests first,
+    /// then shortest remaining prompt first (ties: admission order).
     pub fn plan(&self) -> Plan {
         let mut plan = Plan { work: Vec::new(), rows: Vec::new(), pad_to: 0, tokens: 0 };
         for (i, a) in self.running.iter().enumerate() {
@@ -269,9 +290,15 @@ impl Batcher {
             }
         }
         let mut budget = self.cfg.max_batch_tokens.saturating_sub(plan.tokens);
-        for (i, a) in self.running.iter().enumerate() {
-            if !a.prefilling() || budget == 0 {
-                continue;
+        let mut prefilling: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].prefilling()).collect();
+        prefilling.sort_by_key(|&i| {
+            let a = &self.running[i];
+            (a.starved_steps < STARVATION_STEPS, a.prompt_left(), i)
+        });
+        for i in prefilling {
+            let a = &self.running[i];
+            if budget == 0 {
+                break;
             }
             let chunk = a.prompt_left().min(self.cfg.prefill_chunk).min(budget);
             budget -= chunk;
@@ -283,8 +310,13 @@ impl Batcher {
         plan
     }
 
-    /// Records that a planned step ran: prompt chunks count as fed.
+    /// Records that a planned step ran: prompt chunks count as fed; prefilling requests left out count a starved step.
     pub fn advance(&mut self, plan: &Plan) {
+        for (i, a) in self.running.iter_mut().enumerate() {
+            if a.prefilling() {
+                a.starved_steps = if plan.rows.contains(&i) { 0 } else { a.starved_steps + 1 };
+            }
+        }
         for (w, &row) in plan.work.iter().zip(&plan.rows) {
             if let Some(a) = self.running.get_mut(row) {
                 if let Phase::Prefilling { fed } = a.phase {
@@ -338,12 +370,13 @@ mod tests {
             request_id: format!("r{prompt_len}"),
             api: "grpc",
             prompt: vec![7; prompt_len],
-            params: SeqParams { sampling, max_tokens, stop: vec![], ignore_eos: false },
+            params: SeqParams { sampling, max_tokens, stop: vec![], ignore_eos: false, prefix_cache: true },
             tx,
             deadline: None,
             enqueued: Instant::now(),
             span: tracing::Span::none(),
             permit: Permit(counter.clone()),
+            passed_over: 0,
         };
         (e, rx)
     }
@@ -353,7 +386,7 @@ mod tests {
         let taken = b.take_admissible(|_, _| true);
         let n = taken.len();
         for e in taken {
-            b.start(e, SeqId(*next), Instant::now());
+            b.start(e, SeqId(*next), Instant::now(), 0);
             *next += 1;
         }
         n
@@ -424,9 +457,9 @@ mod tests {
     }
 
     #[test]
-    fn token_budget_limits_prefill_admission() {
+    fn token_budget_is_shared_out_per_step_not_at_admission() {
         let c = Arc::new(AtomicUsize::new(0));
-        // Budget 10 tokens, chunk 8: the first prompt takes 8, the second gets 2, the third must wait.
+        // Budget 10 tokens, chunk 8: all three are admitted; the step gives 8 to one and 2 to the next.
         let mut b = Batcher::new(cfg(8, 10, 8), vec![]);
         let mut rx = Vec::new();
         for _ in 0..3 {
@@ -435,21 +468,66 @@ mod tests {
             b.push(e).expect("room");
         }
         let mut next = 0;
-        assert_eq!(admit_all(&mut b, &mut next), 2);
+        assert_eq!(admit_all(&mut b, &mut next), 3);
         let p = b.plan();
         assert_eq!(p.work.iter().map(|w| w.tokens).collect::<Vec<_>>(), vec![8, 2]);
     }
 
     #[test]
-    fn kv_room_is_fifo() {
+    fn short_prompts_go_first_and_a_long_one_still_progresses() {
         let c = Arc::new(AtomicUsize::new(0));
-        let mut b = Batcher::new(cfg(8, 100, 10), vec![]);
-        let (big, _r1) = entry(50, 50, &c);
-        let (small, _r2) = entry(1, 1, &c);
+        // Budget 40, chunk 32: a 1,000-token prompt is admitted first, then a stream of 16-token prompts keeps coming.
+        let mut b = Batcher::new(cfg(64, 40, 32), vec![]);
+        let mut rx = Vec::new();
+        let (long, r) = entry(1000, 5, &c);
+        rx.push(r);
+        b.push(long).expect("room");
+        let mut next = 0;
+        admit_all(&mut b, &mut next);
+        let mut long_fed_steps = Vec::new();
+        for step in 0..20 {
+            for _ in 0..2 {
+                let (e, r) = entry(16, 5, &c);
+                rx.push(r);
+                b.push(e).expect("room");
+            }
+            admit_all(&mut b, &mut next);
+            let p = b.plan();
+            let long_chunk = p.work.iter().find(|w| w.seq == SeqId(0)).map_or(0, |w| w.tokens);
+            if long_chunk > 0 {
+                long_fed_steps.push(step);
+            } else {
+                // Shorter prompts took the budget, shortest first.
+                let chunks: Vec<_> = p.work.iter().filter(|w| w.tokens > 1).map(|w| w.tokens).collect();
+                assert!(chunks.iter().all(|&t| t <= 16), "step {step}: {chunks:?}");
+            }
+            b.advance(&p);
+        }
+        // Left out for at most STARVATION_STEPS steps in a row.
+        let gaps: Vec<_> = long_fed_steps.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(!long_fed_steps.is_empty() && long_fed_steps[0] <= STARVATION_STEPS, "{long_fed_steps:?}");
+        assert!(gaps.iter().all(|&g| g <= STARVATION_STEPS + 1), "long prompt fed at steps {long_fed_steps:?}");
+    }
+
+    #[test]
+    fn a_request_that_does_not_fit_is_passed_a_bounded_number_of_times() {
+        let c = Arc::new(AtomicUsize::new(0));
+        let mut b = Batcher::new(cfg(100, 100, 10), vec![]);
+        let mut rx = Vec::new();
+        let (big, r) = entry(50, 50, &c);
+        rx.push(r);
         b.push(big).expect("room");
-        b.push(small).expect("room");
-        let taken = b.take_admissible(|prompt, max_tokens| prompt + max_tokens < 100);
-        assert!(taken.is_empty(), "the small request does not overtake the head");
+        for _ in 0..(MAX_PASSED_OVER + 4) {
+            let (small, r) = entry(1, 1, &c);
+            rx.push(r);
+            b.push(small).expect("room");
+        }
+        let fits = |prompt: usize, max_tokens: usize| prompt + max_tokens < 100;
+        let taken = b.take_admissible(fits);
+        assert_eq!(taken.len(), MAX_PASSED_OVER, "small requests pass the big one, up to the bound");
+        assert_eq!(b.queue.front().map(|e| e.passed_over), Some(MAX_PASSED_OVER));
+        assert!(b.take_admissible(fits).is_empty(), "then nothing passes it until it fits");
+        assert_eq!(b.take_admissible(|_, _| true).len(), 5, "it goes first once it fits");
     }
 
     #[test]

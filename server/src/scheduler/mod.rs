@@ -109,6 +109,8 @@ pub struct Finished {
     pub prompt_tokens: usize,
     /// Generated tokens.
     pub completion_tokens: usize,
+    /// Prompt tokens served from the model's prefix cache instead of prefilled.
+    pub cached_prompt_tokens: usize,
 }
 
 /// What the actor sends on a request's response channel.
@@ -175,6 +177,8 @@ pub struct Entry {
     pub span: tracing::Span,
     /// In-flight slot.
     pub permit: Permit,
+    /// Admissions that passed it while it did not fit (see `batcher::MAX_PASSED_OVER`).
+    pub passed_over: usize,
 }
 
 enum Command {
@@ -270,6 +274,7 @@ impl Scheduler {
             enqueued: Instant::now(),
             span: s.span,
             permit,
+            passed_over: 0,
         };
         self.tx
             .send(Command::Submit(Box::new(entry)))
