@@ -8,7 +8,7 @@
 #   env: CONTEXTS="128 2048 4000", STEPS=48 (decode tokens timed per context), GRPC_PORT=50161, HTTP_PORT=8191,
 #        GENAI=0 to skip GenAI.
 #
-# Per context C: r1-bench sends one request of ~C prompt tokens with max_tokens STEPS (ignore_eos, greedy) at
+# Per context C: r1-bench sends one request of ~C prompt tokens with max_tokens STEPS (through EOS, greedy) at
 # concurrency 1, twice; the decode rate is 1000 / (inter-token latency p50 in ms) of the second. GenAI: `bench_genai.py
 # run --context C` (prompt of C tokens, then its 32 timed decode steps). One after the other on an idle machine.
 set -euo pipefail
@@ -56,7 +56,7 @@ done
 for c in $CONTEXTS; do
   for run in 1 2; do
     out="$("$REL"/r1-bench --addr "http://127.0.0.1:$GRPC_PORT" -n 1 -c 1 --prompt-tokens "$c" \
-      --max-tokens "$STEPS" --ignore-eos --json)"
+      --max-tokens "$STEPS" --json)"
   done
   python3 - "$c" "$out" <<'EOF'
 import json, sys
