@@ -121,14 +121,26 @@ pub struct PoolOptions {
     /// Keep finished sequences' caches and start new sequences from the longest cached prefix of their prompt
     /// (`r1-serve --prefix-cache on|off`).
     pub prefix_cache: bool,
+    /// Positions a slot holds: the longest sequence served (prompt + generated), at most the model's
+    /// `max_position_embeddings` (`r1-serve --max-context-tokens`; `None`: the model's). It is also the capacity the
+    /// in-place attention kernel sizes its per-step scratch by, so it should not be larger than what is served.
+    pub max_context: Option<usize>,
 }
 
 /// Slots unless told otherwise.
 pub const DEFAULT_SLOTS: usize = 64;
 
+/// Context length a slot holds unless told otherwise (capped at the model's `max_position_embeddings`).
+pub const DEFAULT_MAX_CONTEXT: usize = 32_768;
+
 impl Default for PoolOptions {
     fn default() -> Self {
-        PoolOptions { slots: DEFAULT_SLOTS, block_tokens: crate::kv::DEFAULT_BLOCK_TOKENS, prefix_cache: true }
+        PoolOptions {
+            slots: DEFAULT_SLOTS,
+            block_tokens: crate::kv::DEFAULT_BLOCK_TOKENS,
+            prefix_cache: true,
+            max_context: Some(DEFAULT_MAX_CONTEXT),
+        }
     }
 }
 
@@ -216,6 +228,8 @@ impl Engine {
         pool: PoolOptions,
     ) -> Result<Engine> {
         let geometry = KvGeometry::from(&manifest.kv_cache);
+        let model_max = manifest.model.max_position_embeddings;
+        let context = pool.max_context.map_or(model_max, |c| c.min(model_max)).max(1);
         // The pool stores the graph's KV dtype: what a position really takes.
         let pool_bytes_per_token = manifest.kv_cache.computed_bytes_per_token();
         let in_place = backend.steps_in_place();
@@ -226,8 +240,7 @@ impl Engine {
         let bytes_per_token = pool_bytes_per_token.saturating_mul(copies) as u64;
         let budget =
             KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), bytes_per_token, pool.block_tokens);
-        let kv_pool =
-            KvPool::new(geometry, pool.slots.max(1), manifest.model.max_position_embeddings, manifest.kv_cache.dtype)?;
+        let kv_pool = KvPool::new(geometry, pool.slots.max(1), context, manifest.kv_cache.dtype)?;
         Ok(Engine {
             dir: dir.to_path_buf(),
             manifest,
@@ -269,6 +282,11 @@ impl Engine {
         &self.pool
     }
 
+    /// The longest sequence (prompt + generated) this engine serves: its pool's slot capacity.
+    pub fn context_tokens(&self) -> usize {
+        self.pool.capacity()
+    }
+
     /// Preemptions and recomputed positions so far.
     pub fn pool_stats(&self) -> PoolStats {
         self.stats
@@ -283,7 +301,7 @@ impl Engine {
         let running = self.seqs.len();
         // Retained prefixes give their slot and blocks back on demand.
         let free_blocks = self.budget.free_blocks() + self.prefix.blocks();
-        total <= self.manifest.model.max_position_embeddings
+        total <= self.pool.capacity()
             && self.budget.blocks_for(total) <= self.budget.total_blocks()
             && running < self.pool.slots()
             && !self.seqs.values().any(|s| s.recompute > 0)
@@ -325,11 +343,11 @@ impl Engine {
             });
         }
         let total = prompt.len().saturating_add(max_new_tokens);
-        let limit = self.manifest.model.max_position_embeddings;
+        let limit = self.pool.capacity();
         if total > limit {
             return Err(EngineError::InvalidArgument {
                 name: "prompt + max_new_tokens".into(),
-                message: format!("must be at most max_position_embeddings {limit}, got {total}"),
+                message: format!("must be at most the context length {limit} (the model's max_position_embeddings or the served --max-context-tokens, the smaller), got {total}"),
             });
         }
         if self.budget.blocks_for(total) > self.budget.total_blocks() {
@@ -470,7 +488,7 @@ impl Engine {
     /// when it needs one).
     pub fn push_token(&mut self, id: SequenceId, token: u32) -> Result<()> {
         let vocab = self.manifest.model.vocab_size;
-        let limit = self.manifest.model.max_position_embeddings;
+        let limit = self.pool.capacity();
         let seq = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSequence { id: id.0 })?;
         if token as usize >= vocab {
             return Err(EngineError::InvalidArgument {
@@ -482,7 +500,7 @@ impl Engine {
         if new_len > limit {
             return Err(EngineError::InvalidArgument {
                 name: "sequence length".into(),
-                message: format!("must be at most max_position_embeddings {limit}, got {new_len}"),
+                message: format!("must be at most the context length {limit}, got {new_len}"),
             });
         }
         seq.tokens.push(token);
@@ -584,7 +602,18 @@ impl Engine {
         let mut passes =
             if self.backend.batches_chunks_with_past() { vec![plan] } else { split_chunks_with_past(plan) };
         if self.in_place {
-            passes = passes.into_iter().flat_map(|p| self.split_by_slot(p)).collect();
+            // In place, the kernel's scratch is rows × heads × chunk × slot capacity floats: prompt chunks go one row
+            // a pass (they are compute-bound, so this costs little), decode rows together by consecutive slots.
+            passes = passes
+                .into_iter()
+                .flat_map(|p| {
+                    if p.seq_len > 1 {
+                        p.rows.into_iter().map(|r| Plan::new(vec![r])).collect()
+                    } else {
+                        self.split_by_slot(p)
+                    }
+                })
+                .collect();
         }
         let split = passes.len() > 1;
         let mut outputs = Vec::with_capacity(passes.len());

@@ -401,7 +401,10 @@ fn invalid_work_is_rejected_before_running() {
     assert_eq!(e.add_sequence(&[], 1).unwrap_err().kind(), "invalid_argument");
     let too_long = e.manifest().model.max_position_embeddings;
     let err = e.add_sequence(&[1], too_long).unwrap_err().to_string();
-    assert!(err.contains(&format!("max_position_embeddings {too_long}, got {}", too_long + 1)), "{err}");
+    assert!(
+        err.contains(&format!("context length {too_long} (")) && err.contains(&format!("got {}", too_long + 1)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -413,7 +416,7 @@ fn kv_budget_grows_with_use_and_admits_by_prompt() {
     let b = backend::load(&dir, &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
     assert!(b.can_feed_kept());
     let per_token = 2 * 512u64;
-    let pool = PoolOptions { slots: 4, block_tokens: 4, prefix_cache: false };
+    let pool = PoolOptions { slots: 4, block_tokens: 4, prefix_cache: false, ..Default::default() };
     let mut e = Engine::with_pool(&dir, manifest.clone(), b, Some(per_token * 20), pool).unwrap();
     assert_eq!(e.kv_budget().bytes_per_token(), per_token);
     assert_eq!(e.kv_budget().total_blocks(), 5);
@@ -581,7 +584,7 @@ fn a_cached_prefix_gives_the_same_tokens_and_skips_its_prefill() {
 fn retained_prefixes_are_evicted_before_anything_else_waits() {
     let (manifest, b) = open_backend("tiny", BackendKind::Tract);
     // 1,024 bytes a position (float32, kept present counted too): 40 positions, 10 blocks of 4.
-    let pool = PoolOptions { slots: 2, block_tokens: 4, prefix_cache: true };
+    let pool = PoolOptions { slots: 2, block_tokens: 4, prefix_cache: true, ..Default::default() };
     let mut e = Engine::with_pool(&fixture("tiny"), manifest, b, Some(1024 * 40), pool).unwrap();
     e.generate_greedy(&[5; 14], 2, &[]).unwrap(); // 15 positions cached: 4 blocks and a slot retained
     assert_eq!((e.retained_sequences(), e.kv_budget().free_blocks()), (1, 6));
@@ -605,4 +608,21 @@ fn prefix_cache_off_prefills_everything() {
     assert_eq!(e.prefix_tokens(id).unwrap(), 0);
     assert_eq!(e.retained_sequences(), 0);
     assert_eq!(e.pool_stats().prefix_hits, 0);
+}
+
+#[test]
+fn the_served_context_caps_the_pool_below_the_model_maximum() {
+    let (manifest, b) = open_backend("tiny", BackendKind::Tract);
+    assert_eq!(manifest.model.max_position_embeddings, 256);
+    let pool = PoolOptions { max_context: Some(32), ..Default::default() };
+    let mut e = Engine::with_pool(&fixture("tiny"), manifest.clone(), b, None, pool).unwrap();
+    assert_eq!((e.context_tokens(), e.kv_pool().capacity()), (32, 32));
+    assert!(e.can_admit(10, 22) && !e.can_admit(10, 23));
+    let err = e.add_sequence(&[1; 10], 23).unwrap_err().to_string();
+    assert!(err.contains("context length 32") && err.contains("got 33"), "{err}");
+    // Larger than the model's: the model's wins.
+    let b = backend::load(&fixture("tiny"), &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
+    let pool = PoolOptions { max_context: Some(100_000), ..Default::default() };
+    let e = Engine::with_pool(&fixture("tiny"), manifest, b, None, pool).unwrap();
+    assert_eq!(e.context_tokens(), 256);
 }

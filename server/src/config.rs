@@ -161,6 +161,12 @@ pub struct ServeArgs {
     /// conversation), prefilling only the rest. `off` prefills every prompt in full.
     #[arg(long, env = "R1_PREFIX_CACHE", default_value = "on", value_parser = ["on", "off"])]
     pub prefix_cache: String,
+    /// Longest sequence served (prompt + generated tokens), capped at the model's max_position_embeddings: each KV
+    /// pool slot holds this many positions (reserved address space; memory is committed as they are written), and
+    /// requests beyond it are refused by name. The in-place attention kernel sizes its per-step scratch by it, so
+    /// raise it only as far as you serve.
+    #[arg(long, env = "R1_MAX_CONTEXT_TOKENS", default_value_t = r1_engine::engine::DEFAULT_MAX_CONTEXT)]
+    pub max_context_tokens: usize,
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before cancelling them.
     #[arg(long, env = "R1_DRAIN_TIMEOUT_SECS", default_value_t = 30.0)]
     pub drain_timeout_secs: f64,
@@ -287,6 +293,9 @@ impl ServeArgs {
         if let Some(0) = self.kv_cache_mib {
             return bad("--kv-cache-mib", "must be at least 1, got 0".into());
         }
+        if self.max_context_tokens == 0 {
+            return bad("--max-context-tokens", "must be at least 1, got 0".into());
+        }
         if !(1..=4096).contains(&self.kv_block_tokens) {
             return bad("--kv-block-tokens", format!("must be within 1..=4096, got {}", self.kv_block_tokens));
         }
@@ -319,6 +328,7 @@ impl ServeArgs {
             kv_cache_bytes: self.kv_cache_mib.map(|m| m << 20),
             kv_block_tokens: self.kv_block_tokens,
             prefix_cache: self.prefix_cache == "on",
+            max_context_tokens: self.max_context_tokens,
             drain_timeout: Duration::from_secs_f64(self.drain_timeout_secs),
             scheduler,
             limits,
@@ -420,6 +430,8 @@ pub struct ServerConfig {
     pub kv_block_tokens: usize,
     /// `--prefix-cache on`.
     pub prefix_cache: bool,
+    /// `--max-context-tokens`.
+    pub max_context_tokens: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub drain_timeout: Duration,
     /// Batching and admission.

@@ -163,7 +163,7 @@ impl Model for EngineModel {
             family: m.family.to_string(),
             precision: m.precision.to_string(),
             backend: self.engine.backend_name().to_string(),
-            max_context_tokens: m.model.max_position_embeddings,
+            max_context_tokens: self.engine.context_tokens(),
             vocab_size: m.model.vocab_size,
             batch_profiles: Vec::new(),
             kv_capacity_tokens: self.engine.kv_budget().capacity_tokens(),

@@ -51,6 +51,7 @@ fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
             slots: cfg.scheduler.max_batch_size,
             block_tokens: cfg.kv_block_tokens,
             prefix_cache: cfg.prefix_cache,
+            max_context: Some(cfg.max_context_tokens),
         };
         // Runs on a blocking thread while health says NOT_SERVING: verify the files, then load them.
         let load: Loader = Box::new(move || {

@@ -165,7 +165,9 @@ async fn a_tight_kv_budget_preempts_and_recomputes_without_losing_or_changing_an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_replayed_turn_by_turn_prefills_only_what_is_new() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (_server, channel, http_port, _art, _log) = serve(tmp.path(), &["--backend", "tract"]).await;
+    // A served context below the model's 256 positions: every slot holds 200, and longer requests are refused.
+    let flags = ["--backend", "tract", "--prefix-cache", "on", "--max-context-tokens", "200"];
+    let (_server, channel, http_port, _art, _log) = serve(tmp.path(), &flags).await;
     let mut messages: Vec<pb::ChatMessage> = Vec::new();
     let mut prefilled = Vec::new();
     let mut previous_prompt = 0;
@@ -201,6 +203,11 @@ async fn a_conversation_replayed_turn_by_turn_prefills_only_what_is_new() {
     // whole conversation.
     let first = prefilled[0];
     assert!(prefilled[1..].iter().all(|&p| p <= 2 * first + 40), "prefilled per turn: {prefilled:?}");
+    let too_long =
+        pb::GenerateRequest { prompt: Some("What is 1+1?".into()), max_tokens: Some(195), ..Default::default() };
+    let err = GenerationClient::new(channel.clone()).generate(too_long).await.expect_err("beyond the served context");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("context of 200 tokens"), "{}", err.message());
     let text = metrics(http_port);
     assert!(metric(&text, "r1_prefix_cache_hit_tokens_total") > 0.0);
     assert!(metric(&text, "r1_prefix_cache_miss_tokens_total") >= first as f64);
