@@ -130,6 +130,10 @@ pub struct PoolOptions {
 /// Slots unless told otherwise.
 pub const DEFAULT_SLOTS: usize = 64;
 
+/// Largest attention-probability scratch an in-place pass may ask ONNX Runtime's kernel for (its allocation is
+/// reserved, not touched, beyond each row's length; this bounds what the allocator must grant).
+pub const IN_PLACE_SCRATCH_BYTES: usize = 1 << 31;
+
 /// Context length a slot holds unless told otherwise (capped at the model's `max_position_embeddings`).
 pub const DEFAULT_MAX_CONTEXT: usize = 32_768;
 
@@ -602,18 +606,11 @@ impl Engine {
         let mut passes =
             if self.backend.batches_chunks_with_past() { vec![plan] } else { split_chunks_with_past(plan) };
         if self.in_place {
-            // In place, the kernel's scratch is rows × heads × chunk × slot capacity floats: prompt chunks go one row
-            // a pass (they are compute-bound, so this costs little), decode rows together by consecutive slots.
-            passes = passes
-                .into_iter()
-                .flat_map(|p| {
-                    if p.seq_len > 1 {
-                        p.rows.into_iter().map(|r| Plan::new(vec![r])).collect()
-                    } else {
-                        self.split_by_slot(p)
-                    }
-                })
-                .collect();
+            // In place, the kernel's scratch is rows × heads × chunk × slot capacity floats: prompt chunks are batched
+            // only while that stays under `IN_PLACE_SCRATCH_BYTES` (else one row a pass), and every pass's rows must
+            // hold consecutive slots.
+            let per_row = self.scratch_bytes_per_row_token();
+            passes = passes.into_iter().flat_map(|p| self.split_in_place(p, per_row)).collect();
         }
         let split = passes.len() > 1;
         let mut outputs = Vec::with_capacity(passes.len());
@@ -692,6 +689,28 @@ impl Engine {
             }
         }
         Ok(Some(plan))
+    }
+
+    /// Bytes of the in-place attention kernel's probability scratch per row and per new token: query heads × slot
+    /// capacity × 4 (ONNX Runtime's CPU `GroupQueryAttention` sizes it by the present buffer).
+    fn scratch_bytes_per_row_token(&self) -> usize {
+        let heads = self.manifest.config.get("num_attention_heads").and_then(serde_json::Value::as_u64).unwrap_or(128);
+        (heads as usize).saturating_mul(self.pool.capacity()).saturating_mul(4)
+    }
+
+    /// An in-place pass: runs of consecutive slots, each cut so that rows × chunk × `per_row` stays under
+    /// [`IN_PLACE_SCRATCH_BYTES`] (a single row always runs).
+    fn split_in_place(&self, plan: Plan, per_row: usize) -> Vec<Plan> {
+        let mut out = Vec::new();
+        for run in self.split_by_slot(plan) {
+            let per_row_pass = per_row.saturating_mul(run.seq_len).max(1);
+            let rows_per_pass = (IN_PLACE_SCRATCH_BYTES / per_row_pass).max(1);
+            let mut rows = run.rows.into_iter().peekable();
+            while rows.peek().is_some() {
+                out.push(Plan::new(rows.by_ref().take(rows_per_pass).collect()));
+            }
+        }
+        out
     }
 
     /// Splits a pass into runs of rows whose slots are consecutive (ordered by slot), for in-place stepping.

@@ -258,6 +258,9 @@ impl Model for EngineModel {
             prefix_missed_tokens: s.prefix_missed_tokens,
             prefix_evictions: s.prefix_evictions,
             prefix_retained: self.engine.retained_sequences(),
+            blocks_running: self.engine.kv_budget().used_blocks() - self.engine.retained_blocks(),
+            blocks_retained: self.engine.retained_blocks(),
+            blocks_free: self.engine.kv_budget().free_blocks(),
         }
     }
 

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub prefix_evictions: Counter,
     /// Finished sequences' caches retained for reuse.
     pub prefix_retained: Gauge,
+    /// KV budget blocks by state: `running`, `retained` (prefix cache), `free`.
+    pub kv_blocks: Family<Vec<(&'static str, &'static str)>, Gauge>,
 }
 
 impl Default for Metrics {
@@ -95,6 +97,7 @@ impl Metrics {
             prefix_missed_tokens: Counter::default(),
             prefix_evictions: Counter::default(),
             prefix_retained: Gauge::default(),
+            kv_blocks: Family::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by outcome", m.requests.clone());
@@ -157,6 +160,11 @@ impl Metrics {
             "prefix_cache_evictions",
             "Retained prefixes evicted (least recently used) to make room",
             m.prefix_evictions.clone(),
+        );
+        registry.register(
+            "kv_blocks",
+            "KV budget blocks (--kv-block-tokens positions each) by state: running, retained, free",
+            m.kv_blocks.clone(),
         );
         registry.register(
             "prefix_cache_retained_sequences",

@@ -50,6 +50,12 @@ pub struct KvPoolStatus {
     pub prefix_evictions: u64,
     /// Finished sequences' caches retained now.
     pub prefix_retained: usize,
+    /// Budget blocks held by running sequences now.
+    pub blocks_running: usize,
+    /// Budget blocks held by retained prefixes now (given back on demand).
+    pub blocks_retained: usize,
+    /// Budget blocks free now.
+    pub blocks_free: usize,
 }
 
 /// Per-sequence generation settings handed to [`Model::add_sequence`].

@@ -160,6 +160,8 @@ async fn a_tight_kv_budget_preempts_and_recomputes_without_losing_or_changing_an
     assert!(metric(&text, "r1_kv_recomputed_tokens_total") > 0.0);
     assert_eq!(metric(&text, "r1_kv_pool_slots_used"), 0.0, "every slot is free again");
     assert_eq!(metric(&text, "r1_kv_cache_used_tokens"), 0.0, "every block is free again");
+    assert_eq!(metric(&text, "r1_kv_blocks{state=\"running\"}"), 0.0);
+    assert_eq!(metric(&text, "r1_kv_blocks{state=\"free\"}"), 102.0, "1 MiB / (8 positions x 1,280 bytes)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

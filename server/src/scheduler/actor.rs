@@ -111,6 +111,11 @@ impl Actor {
             counter.inc_by(total.saturating_sub(counter.get()));
         }
         m.prefix_retained.set(pool.prefix_retained as i64);
+        for (state, n) in
+            [("running", pool.blocks_running), ("retained", pool.blocks_retained), ("free", pool.blocks_free)]
+        {
+            m.kv_blocks.get_or_create(&vec![("state", state)]).set(n as i64);
+        }
     }
 
     fn fail(&self, e: Entry, err: ServeError) {

@@ -4,10 +4,11 @@
 //! Policy (continuous, iteration-level batching):
 //! - every running sequence that is decoding steps every iteration (one token each);
 //! - the rest of `max_batch_tokens` goes to prefill chunks (at most `prefill_chunk` per sequence), so a long prompt is
-//!   prefilled over several steps and never stalls running decodes. Chunks go **shortest remaining prompt first**
-//!   (a short request's first token does not wait behind a long prompt's chunks), except that a request left without
-//!   a chunk for [`STARVATION_STEPS`] steps in a row goes first: a long prompt progresses at least every
-//!   `STARVATION_STEPS + 1` steps however many short ones arrive;
+//!   prefilled over several steps and never stalls running decodes. Chunks go **shortest remaining prompt first**,
+//!   and a step that has short prompts to prefill (at most `prefill_chunk` left: done in this one chunk) gives chunks
+//!   to those only, so a short request's first token does not wait for a step swollen by long prompts' chunks. A
+//!   request left without a chunk for [`STARVATION_STEPS`] steps in a row goes first in the next step whatever its
+//!   length: a long prompt progresses at least every `STARVATION_STEPS + 1` steps however many short ones arrive;
 //! - queued requests join at the next step while there are batch slots and the model says it has room
 //!   (`Model::can_admit`: KV blocks for the prompt, not for `max_tokens`). The queue is FIFO, but a request that does
 //!   not fit yet is passed by later ones that do, at most [`MAX_PASSED_OVER`] times; after that nothing passes it
@@ -295,10 +296,16 @@ impl Batcher {
             let a = &self.running[i];
             (a.starved_steps < STARVATION_STEPS, a.prompt_left(), i)
         });
+        let starved = |a: &Active| a.starved_steps >= STARVATION_STEPS;
+        let short = |a: &Active| a.prompt_left() <= self.cfg.prefill_chunk;
+        let shorts_waiting = prefilling.iter().any(|&i| short(&self.running[i]) && !starved(&self.running[i]));
         for i in prefilling {
             let a = &self.running[i];
             if budget == 0 {
                 break;
+            }
+            if shorts_waiting && !short(a) && !starved(a) {
+                continue;
             }
             let chunk = a.prompt_left().min(self.cfg.prefill_chunk).min(budget);
             budget -= chunk;
@@ -503,10 +510,11 @@ mod tests {
             }
             b.advance(&p);
         }
-        // Left out for at most STARVATION_STEPS steps in a row.
+        // Short prompts wait in every step here, so the long one is fed exactly when starved: after STARVATION_STEPS
+        // steps without a chunk, every STARVATION_STEPS + 1 steps.
         let gaps: Vec<_> = long_fed_steps.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!(!long_fed_steps.is_empty() && long_fed_steps[0] <= STARVATION_STEPS, "{long_fed_steps:?}");
-        assert!(gaps.iter().all(|&g| g <= STARVATION_STEPS + 1), "long prompt fed at steps {long_fed_steps:?}");
+        assert_eq!(long_fed_steps.first(), Some(&STARVATION_STEPS), "{long_fed_steps:?}");
+        assert!(gaps.iter().all(|&g| g == STARVATION_STEPS + 1), "long prompt fed at steps {long_fed_steps:?}");
     }
 
     #[test]
