@@ -11,7 +11,8 @@ OpenAI-compatible HTTP API (streaming, greedy, `stream_options.include_usage`):
 3. **Mixed load** (cache on only): 12 requests with ~32-token prompts alone, then the same 12 together with 4 requests
    with ~2,048-token prompts (16 at once); the short ones' time to first token p50/p90 in both.
 
-    python3 scripts/bench_prefix_cache.py ARTIFACT [--serve-bin PATH] [--json OUT]
+    python3 scripts/bench_prefix_cache.py ARTIFACT [--serve-bin PATH] [--json OUT] [--server-args "FLAGS"]
+                                                   [--mixed-only]
 
 ARTIFACT: e.g. /tmp/r1-bench-cpu/r1-int8-wo (scripts/bench_long_context.sh makes it). Prints JSON lines and a summary;
 numbers go in BENCHMARKS.md. Exits 1 if a request fails or greedy text differs between cache on and off.
@@ -139,11 +140,24 @@ def main():
     ap.add_argument("model")
     ap.add_argument("--serve-bin", default=os.path.join(soak.cargo_bin_dir("release"), "r1-serve"))
     ap.add_argument("--json")
+    ap.add_argument("--server-args", default="", help="extra r1-serve flags, e.g. '--max-batch-tokens 512'")
+    ap.add_argument("--mixed-only", action="store_true", help="only the mixed-load part, cache on")
     a = ap.parse_args()
+    if a.mixed_only:
+        args = ["--max-batch-size", "16", "--max-concurrent-requests", "64", "--skip-integrity-check", "--log",
+                "warn"] + a.server_args.split()
+        with soak.Server(a.serve_bin, None, a.model, "ort", args) as s:
+            m = mixed(s.http_port)
+            s.stop()
+        print(json.dumps(m))
+        print(f"short TTFT alone p50/p90 {m['alone']['ttft_p50_s']:.2f}/{m['alone']['ttft_p90_s']:.2f} s; with long "
+              f"{m['with_long']['ttft_p50_s']:.2f}/{m['with_long']['ttft_p90_s']:.2f} s; p90 ratio "
+              f"{m['with_long']['ttft_p90_s'] / m['alone']['ttft_p90_s']:.2f}; long TTFT {m['with_long']['long_ttft_s']}")
+        return 1 if m["with_long"]["failed"] or m["alone"]["failed"] else 0
     report = {}
     for mode in ("on", "off"):
         args = ["--prefix-cache", mode, "--max-batch-size", "16", "--max-concurrent-requests", "64",
-                "--skip-integrity-check", "--log", "warn"]
+                "--skip-integrity-check", "--log", "warn"] + a.server_args.split()
         with soak.Server(a.serve_bin, None, a.model, "ort", args) as s:
             r = {"shared_prefix": shared_prefix(s.http_port), "multi_turn": multi_turn(s.http_port)}
             if mode == "on":
