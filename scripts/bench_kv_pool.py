@@ -47,14 +47,7 @@ def chat_stream(port, question, max_tokens, timeout_s=600.0):
         resp = conn.getresponse()
         if resp.status != 200:
             return False, None, 0, time.monotonic() - t0, f"HTTP {resp.status}: {resp.read()[:200]!r}"
-        for raw in resp:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            ev = json.loads(data)
+        for ev in soak.sse_events(resp):
             if "error" in ev:
                 return False, ttft, tokens, time.monotonic() - t0, str(ev["error"])
             for ch in ev.get("choices", []):

@@ -47,14 +47,7 @@ def stream(port, path, body, timeout_s=900.0):
         if resp.status != 200:
             out["error"] = f"HTTP {resp.status}: {resp.read()[:300]!r}"
             return out
-        for raw in resp:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            ev = json.loads(data)
+        for ev in soak.sse_events(resp):
             if "error" in ev:
                 out["error"] = str(ev["error"])
                 return out

@@ -66,6 +66,18 @@ def http_get(url, timeout=5.0):
         return 0, ""
 
 
+def sse_events(resp):
+    """The JSON events of a server-sent-events HTTP response (`data: {...}` lines), up to `data: [DONE]`."""
+    for raw in resp:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 def rss_kib(pid):
     """VmRSS of a process in KiB, or None when it is gone."""
     try:

@@ -3,40 +3,16 @@
 //! (`--kv-cache-mib`), and no request is lost, failed or changed: every concurrent greedy answer equals the answer the
 //! same request gets alone. `/metrics` shows the preemptions.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::ServerProcess;
 use r1_export::{export, ExportOptions};
 use r1_proto::r1::v1 as pb;
 use r1_proto::r1::v1::generation_client::GenerationClient;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
-
-/// The `r1-serve` binary of this build: `target/<profile>/r1-serve`, beside this test's `deps/` folder.
-fn r1_serve_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let bin = profile_dir.join("r1-serve");
-    assert!(bin.is_file(), "{} is missing: build it first (`cargo test --workspace` builds it)", bin.display());
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// Kills the server if the test fails before it ends.
-struct ServerProcess(Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `GET /metrics` over plain HTTP/1.0.
 fn metrics(http_port: u16) -> String {
@@ -78,35 +54,8 @@ async fn serve(tmp: &Path, flags: &[&str]) -> (ServerProcess, tonic::transport::
     let art = tmp.join("arith-fp32");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/arith-r1");
     export(&ExportOptions::new(fixture, &art), &mut |_| {}).expect("export arith-r1");
-    let (grpc_port, http_port) = (free_port(), free_port());
-    let log = tmp.join("serve.log");
-    let child = Command::new(r1_serve_bin())
-        .arg("--model")
-        .arg(&art)
-        .args(flags)
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}"), "--http-addr", &format!("127.0.0.1:{http_port}")])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("start r1-serve");
-    let mut server = ServerProcess(child);
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let grpc_url = format!("http://127.0.0.1:{grpc_port}");
-    let started = Instant::now();
-    let channel = loop {
-        if let Some(status) = server.0.try_wait().expect("try_wait") {
-            panic!("r1-serve exited during start ({status}); its log:\n{}", log_text());
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "not serving within 120 s; log:\n{}", log_text());
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(grpc_url.clone()).expect("url").connect().await {
-            let status = HealthClient::new(ch.clone()).check(HealthCheckRequest { service: String::new() }).await;
-            if status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32) {
-                break ch;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    (server, channel, http_port, art, log)
+    let served = common::serve(&art, flags, &tmp.join("serve.log")).await;
+    (served.process, served.channel, served.http_port, art, served.log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

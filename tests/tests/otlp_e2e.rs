@@ -4,8 +4,10 @@
 //! the exported arith-r1 fixture, gets one `Generate` call carrying a W3C `traceparent`, and is stopped with SIGTERM;
 //! the spans it exported must belong to the caller's trace, with the request span parented to the caller's span.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,9 +17,6 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use r1_export::{export, ExportOptions};
 use r1_proto::r1::v1 as pb;
 use r1_proto::r1::v1::generation_client::GenerationClient;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// Every export request the receiver got.
 #[derive(Clone, Default)]
@@ -31,33 +30,6 @@ impl TraceService for Receiver {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         self.0.lock().expect("receiver lock").push(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
-/// The `r1-serve` binary of this build: `target/<profile>/r1-serve`, beside this test's `deps/` folder.
-fn r1_serve_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let bin = profile_dir.join("r1-serve");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (`cargo build -p r1-serve`, or `cargo test --workspace`, which builds it)",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// Kills the server if the test fails before stopping it.
-struct ServerProcess(Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -79,43 +51,13 @@ async fn r1_serve_exports_spans_of_the_callers_trace_to_an_otlp_receiver() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/arith-r1");
     export(&ExportOptions::new(fixture, &art), &mut |_| {}).expect("export arith-r1");
 
-    let (grpc_port, http_port) = (free_port(), free_port());
     let log = tmp.path().join("serve.log");
-    let child = Command::new(r1_serve_bin())
-        .arg("--model")
-        .arg(&art)
-        .args(["--backend", "tract", "--model-id", "arith-r1"])
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}"), "--http-addr", &format!("127.0.0.1:{http_port}")])
-        .args(["--otlp-endpoint", &otlp_url, "--drain-timeout-secs", "10"])
-        .env_remove("R1_OTLP_ENDPOINT")
-        .env_remove("R1_API_KEYS")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("start r1-serve");
-    let mut server = ServerProcess(child);
+    // The binary must not die at start, as it did when the exporter was built too early.
+    let flags =
+        ["--backend", "tract", "--model-id", "arith-r1", "--otlp-endpoint", &otlp_url, "--drain-timeout-secs", "10"];
+    let served = common::serve(&art, &flags, &log).await;
+    let (mut server, channel) = (served.process, served.channel);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-
-    // Wait for SERVING (the binary must not have died at start, as it did when the exporter was built too early).
-    let grpc_url = format!("http://127.0.0.1:{grpc_port}");
-    let started = Instant::now();
-    let channel = loop {
-        if let Some(status) = server.0.try_wait().expect("try_wait") {
-            panic!("r1-serve exited during start ({status}); its log:\n{}", log_text());
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "r1-serve not serving within 120 s; log:\n{}",
-            log_text()
-        );
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(grpc_url.clone()).expect("url").connect().await {
-            let status = HealthClient::new(ch.clone()).check(HealthCheckRequest { service: String::new() }).await;
-            if status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32) {
-                break ch;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
