@@ -1,23 +1,28 @@
-//! The engine: an artifact's backend plus per-sequence KV caches, stepped as a batch.
+//! The engine: an artifact's backend plus the KV pool (`crate::kv`) that holds every sequence's cache, stepped as a
+//! batch.
 //!
 //! The server's scheduler drives it:
-//! 1. [`Engine::can_admit`] / [`Engine::add_sequence`] — admission against the KV budget; the
-//!    prompt becomes the sequence's *pending* tokens.
+//! 1. [`Engine::can_admit`] / [`Engine::add_sequence`] — admission against the pool (a slot, the prompt's budget
+//!    blocks); the prompt becomes the sequence's *pending* tokens, minus the longest prefix already cached (copied
+//!    into its slot, [`Engine::prefix_tokens`]).
 //! 2. [`Engine::step`] — one forward pass over a batch. Each [`StepWork`] feeds up to `max_tokens`
 //!    of its sequence's pending tokens (a prefill chunk, or the one sampled token when decoding).
-//!    Sequences whose pending tokens are all fed get the logits of their last position back.
+//!    Sequences whose pending tokens are all fed get the logits of their last position back. The step first takes the
+//!    blocks its rows grow into, preempting the youngest sequences when they are short (recomputed later).
 //! 3. The caller samples (`r1_engine::sampling`) and appends the token with [`Engine::push_token`];
 //!    it is pending until the next step feeds it.
-//! 4. [`Engine::remove_sequence`] frees the cache and the budget.
+//! 4. [`Engine::remove_sequence`] frees the sequence; with the prefix cache on its slot and blocks are retained for
+//!    reuse until evicted.
 //!
-//! Batch layout of one step (B rows, P = longest past, S = longest chunk):
-//! `past` is right-aligned (left padding), the new chunk starts at column P and is right padded.
-//! Padded columns have `attention_mask = 0`. Right padding of the chunk means every padded query
-//! still sees at least one real key, so no softmax row is fully masked (no NaN can leak into real
-//! rows through padded keys). Position ids of padded slots repeat the last real position.
+//! Batch layout of one step (B rows, P = longest past, S = longest chunk): the attention mask is `[B, P + S]`, each
+//! row's cached positions right-aligned in the first P columns (left padding), its new chunk from column P, right
+//! padded. The host path gathers the past in that layout; the in-place path (`Backend::run_in_place`) feeds only the
+//! mask, whose row sums give each row's length. Padded columns have `attention_mask = 0`. Right padding of the chunk
+//! means every padded query still sees at least one real key, so no softmax row is fully masked. Position ids of
+//! padded slots repeat the last real position.
 //!
-//! **Invariant:** a failed step changes no sequence: inputs are validated first, the backend runs,
-//! outputs are validated, and only then are caches appended.
+//! **Invariant:** a failed step changes no sequence: inputs are validated first, the backend runs (writing only
+//! beyond each slot's valid positions), outputs are validated, and only then do the slots' lengths advance.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
