@@ -60,4 +60,23 @@ fn exported_artifact_batched_greedy_equals_single() {
         }
     }
     assert_eq!(by_backend[0], by_backend[1], "ort (fused, in place) and tract (portable) greedy tokens");
+
+    // Stepped directly (not through the engine), the in-place graph refuses a left-padded past of ragged rows, the
+    // one host layout it would get wrong.
+    let mut b = backend::load(&dir, &manifest, BackendKind::Ort, &BackendOptions::default()).expect("load");
+    let kv = &manifest.kv_cache;
+    let past = |heads, dim| ndarray::ArrayD::<f32>::zeros(vec![2, heads, 3, dim]);
+    let input = r1_engine::StepInput {
+        input_ids: ndarray::Array2::from_elem((2, 1), 5),
+        attention_mask: ndarray::arr2(&[[1, 1, 1, 1], [0, 1, 1, 1]]),
+        position_ids: ndarray::arr2(&[[3], [2]]),
+        past: (0..kv.num_layers)
+            .map(|_| r1_engine::KvPair {
+                key: past(kv.key_heads, kv.key_dim),
+                value: past(kv.value_heads, kv.value_dim),
+            })
+            .collect(),
+    };
+    let err = b.run(&input).expect_err("ragged left-padded past");
+    assert!(err.to_string().contains("kv_in_place"), "{err}");
 }

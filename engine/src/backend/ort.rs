@@ -228,6 +228,23 @@ fn float_output(v: &DynValue, dtype: DType, name: &str) -> Result<ArrayD<f32>> {
 }
 
 impl OrtBackend {
+    /// A graph that steps in place reads each row's length from the mask and its positions from the start of its past:
+    /// a host past gathered with left padding (rows of different lengths) is not its layout, and would give wrong
+    /// results silently. Pasts of one length (or none) are the same in both layouts and pass.
+    fn check_host_layout(&self, input: &StepInput) -> Result<()> {
+        let past = input.attention_mask.ncols().saturating_sub(input.input_ids.ncols());
+        if self.kv_in_place
+            && past > 0
+            && input.attention_mask.columns().into_iter().take(past).flatten().any(|&m| m == 0)
+        {
+            return Err(be(
+                "this serving graph steps over the engine's KV pool in place (targets.cpu.kv_in_place); a left-padded \
+                 past of rows with different lengths is not its layout: step it through r1_engine::Engine",
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether the graph's past inputs and present outputs are float32, so a step's present can be fed back as is.
     fn f32_cache(&self) -> bool {
         self.present_dtype == DType::Float32
@@ -263,6 +280,7 @@ impl Backend for OrtBackend {
 
     fn run(&mut self, input: &StepInput) -> Result<StepOutput> {
         check_step_input(input, self.num_layers)?;
+        self.check_host_layout(input)?;
         let feeds = feeds(&self.inputs, input, None)?;
         let outputs = self.session.run(feeds).map_err(be)?;
         let logits = logits_of(&outputs, self.logits_dtype)?;
@@ -297,6 +315,7 @@ impl Backend for OrtBackend {
         let kept_past = match past {
             None => {
                 check_step_input(input, self.num_layers)?;
+                self.check_host_layout(input)?;
                 None
             }
             Some(k @ KeptPresent::Ort(values)) if self.f32_cache() => {
