@@ -5,48 +5,14 @@
 //! continuations computed by onnxruntime (Python) without any cache — an independent reference for
 //! the engine's cached, padded, batched path.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use common::{engine, expected, fixture, open_backend, FIXTURES, KINDS};
 use r1_engine::backend::{self, Backend, BackendKind, BackendOptions, KeptPresent, StepInput, StepOutput};
-use r1_engine::{Engine, EngineError, Manifest, PoolOptions, StepWork};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-struct Expected {
-    new_tokens: usize,
-    cases: Vec<(Vec<u32>, Vec<u32>)>,
-}
-
-fn expected(name: &str) -> Expected {
-    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let ids =
-        |a: &serde_json::Value| a.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
-    Expected {
-        new_tokens: v["new_tokens"].as_u64().unwrap() as usize,
-        cases: v["cases"].as_array().unwrap().iter().map(|c| (ids(&c["prompt"]), ids(&c["greedy"]))).collect(),
-    }
-}
-
-fn open_backend(name: &str, kind: BackendKind) -> (Manifest, Box<dyn Backend>) {
-    let dir = fixture(name);
-    let manifest = Manifest::load(&dir).unwrap();
-    let b = backend::load(&dir, &manifest, kind, &BackendOptions::default())
-        .unwrap_or_else(|e| panic!("{kind:?} backend on {name}: {e}"));
-    (manifest, b)
-}
-
-fn engine(name: &str, kind: BackendKind) -> Engine {
-    let (manifest, b) = open_backend(name, kind);
-    Engine::from_backend(&fixture(name), manifest, b, None).unwrap()
-}
-
-const KINDS: [BackendKind; 2] = [BackendKind::Ort, BackendKind::Tract];
-const FIXTURES: [&str; 2] = ["tiny", "tiny-kv16"];
+use r1_engine::{Engine, EngineError, Manifest, StepWork};
 
 #[test]
 fn backends_report_their_names() {
@@ -408,92 +374,6 @@ fn invalid_work_is_rejected_before_running() {
 }
 
 #[test]
-fn kv_budget_grows_with_use_and_admits_by_prompt() {
-    let dir = fixture("tiny");
-    let manifest = Manifest::load(&dir).unwrap();
-    // The pool is f32: 2 layers x (2x16 + 2x16) x 4 bytes = 512 bytes per token; tract feeds its own present back
-    // as the next past, so the running batch's cache is held twice and the budget counts 1024 bytes per token.
-    let b = backend::load(&dir, &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
-    assert!(b.can_feed_kept());
-    let per_token = 2 * 512u64;
-    let pool = PoolOptions { slots: 4, block_tokens: 4, prefix_cache: false, ..Default::default() };
-    let mut e = Engine::with_pool(&dir, manifest.clone(), b, Some(per_token * 20), pool).unwrap();
-    assert_eq!(e.kv_budget().bytes_per_token(), per_token);
-    assert_eq!(e.kv_budget().total_blocks(), 5);
-    assert!(e.can_admit(4, 16), "max_tokens reserves nothing: only the prompt's block must be free");
-    assert!(!e.can_admit(4, 17), "but prompt + max_tokens must fit the whole pool");
-    let a = e.add_sequence(&[1, 2, 3, 4], 8).unwrap();
-    assert_eq!(e.kv_budget().used_blocks(), 1);
-    // 13 prompt positions = 4 blocks, plus one block of headroom per running sequence: 5 > 4 free.
-    assert!(!e.can_admit(13, 0));
-    assert!(e.can_admit(8, 0));
-    let err = e.add_sequence(&[1; 4], 17).unwrap_err();
-    assert_eq!(err.kind(), "resource_exhausted");
-    // Growing: the fifth position takes the second block, when it is fed.
-    let out = e.step(&[StepWork::all(a)]).unwrap();
-    e.push_token(a, r1_engine::generate::argmax(&out[0].logits)).unwrap();
-    assert_eq!(e.kv_budget().used_blocks(), 1);
-    e.step(&[StepWork::all(a)]).unwrap();
-    assert_eq!(e.kv_budget().used_blocks(), 2);
-    assert!(e.remove_sequence(a));
-    assert!(!e.remove_sequence(a));
-    assert_eq!(e.kv_budget().used_blocks(), 0);
-    assert_eq!(e.kv_pool().used_slots(), 0);
-    // A backend that does not keep its present (hidden here) is budgeted for the pool alone.
-    let inner = backend::load(&dir, &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
-    let host_only = Counting { inner, host_only: true, fed_kept: Arc::new(AtomicUsize::new(0)) };
-    let e = Engine::from_backend(&dir, manifest, Box::new(host_only), Some(512 * 20)).unwrap();
-    assert_eq!(e.kv_budget().bytes_per_token(), 512);
-}
-
-/// Greedy decoding of `ids` together, one token a step, until each has `n` new tokens; returns them.
-fn decode_together(e: &mut Engine, ids: &[r1_engine::SequenceId], n: usize) -> Vec<Vec<u32>> {
-    let mut out = vec![Vec::new(); ids.len()];
-    let mut steps = 0;
-    while out.iter().any(|o| o.len() < n) {
-        steps += 1;
-        assert!(steps < 50 * n, "no progress");
-        let work: Vec<_> =
-            ids.iter().zip(&out).filter(|(_, o)| o.len() < n).map(|(id, _)| StepWork::chunk(*id, 1)).collect();
-        for r in e.step(&work).unwrap() {
-            let i = ids.iter().position(|id| *id == r.seq).unwrap();
-            let t = r1_engine::generate::argmax(&r.logits);
-            out[i].push(t);
-            if out[i].len() < n {
-                e.push_token(r.seq, t).unwrap();
-            } else {
-                e.remove_sequence(r.seq);
-            }
-        }
-    }
-    out
-}
-
-#[test]
-fn a_full_pool_preempts_the_youngest_and_recomputes_it_without_changing_its_tokens() {
-    let exp = expected("tiny");
-    for kind in KINDS {
-        let (manifest, b) = open_backend("tiny", kind);
-        let per_token = manifest.kv_cache.computed_bytes_per_token() as u64 * if b.can_feed_kept() { 2 } else { 1 };
-        let prompts: Vec<&Vec<u32>> = exp.cases.iter().map(|(p, _)| p).take(3).collect();
-        let n = exp.new_tokens;
-        // Room for one whole sequence and a few blocks more, not for all three to generate `n` tokens.
-        let longest = prompts.iter().map(|p| p.len()).max().unwrap();
-        let budget_tokens = longest + n + 4;
-        let pool = PoolOptions { slots: 3, block_tokens: 2, ..Default::default() };
-        let mut e =
-            Engine::with_pool(&fixture("tiny"), manifest, b, Some(per_token * budget_tokens as u64), pool).unwrap();
-        let ids: Vec<_> = prompts.iter().map(|p| e.add_sequence(p, n).unwrap()).collect();
-        let got = decode_together(&mut e, &ids, n);
-        assert!(e.pool_stats().preemptions > 0, "{kind:?}: the budget was meant to run out");
-        assert!(e.pool_stats().recomputed_tokens > 0);
-        for (i, (g, (_, want))) in got.iter().zip(&exp.cases).enumerate() {
-            assert_eq!(g, want, "{kind:?} sequence {i}: preemption changed its tokens");
-        }
-    }
-}
-
-#[test]
 fn auto_backend_finds_onnx_runtime_here() {
     // This host has the onnxruntime wheel (or .r1/lib, or ORT_DYLIB_PATH). Without a GPU auto = ort on CPU; on a
     // GPU host (scripts/gpu_check.sh) ort on whichever provider its ONNX Runtime and TensorRT install allow.
@@ -543,86 +423,13 @@ fn generate_with_sampling_params_is_greedy_or_seeded_reproducible() {
 }
 
 #[test]
-fn a_cached_prefix_gives_the_same_tokens_and_skips_its_prefill() {
-    let exp = expected("tiny");
-    for kind in KINDS {
-        let (manifest, b) = open_backend("tiny", kind);
-        let mut e = Engine::from_backend(&fixture("tiny"), manifest, b, None).unwrap();
-        let (prompt, want) = &exp.cases[0];
-        // A longer prompt that starts with the first case's prompt and its greedy continuation.
-        let mut long = prompt.clone();
-        long.extend_from_slice(&want[..6]);
-        let cold = e.generate_greedy(&long, 6, &[]).unwrap();
-        assert_eq!(&cold[..], &want[6..12], "{kind:?}: the continuation of its own greedy path");
-        let hits = e.pool_stats().prefix_hits;
-        // The finished sequence's cache is retained: the same prompt again starts from all but its last token.
-        let id = e.add_sequence(&long, 6).unwrap();
-        assert_eq!(e.prefix_tokens(id).unwrap(), long.len() - 1, "{kind:?}");
-        assert_eq!(e.pending_tokens(id).unwrap(), 1);
-        assert_eq!(e.pool_stats().prefix_hits, hits + 1);
-        e.remove_sequence(id);
-        let warm = e.generate_greedy(&long, 6, &[]).unwrap();
-        assert_eq!(warm, cold, "{kind:?}: tokens with the prefix cache equal tokens without");
-        // A prompt sharing only the first case's prompt takes that much, from a running sequence too.
-        let a = e.add_sequence(&long, 4).unwrap();
-        e.step(&[StepWork::all(a)]).unwrap();
-        let mut other = prompt.clone();
-        other.push(1);
-        let b = e.add_sequence(&other, 4).unwrap();
-        assert_eq!(e.prefix_tokens(b).unwrap(), prompt.len(), "{kind:?}");
-        // Opting out prefills everything.
-        let c = e.add_sequence_with(&other, 4, false).unwrap();
-        assert_eq!((e.prefix_tokens(c).unwrap(), e.pending_tokens(c).unwrap()), (0, other.len()));
-        for id in [a, b, c] {
-            e.remove_sequence(id);
-        }
-        assert!(e.retained_sequences() > 0);
-    }
-}
-
-#[test]
-fn retained_prefixes_are_evicted_before_anything_else_waits() {
-    let (manifest, b) = open_backend("tiny", BackendKind::Tract);
-    // 1,024 bytes a position (float32, kept present counted too): 40 positions, 10 blocks of 4.
-    let pool = PoolOptions { slots: 2, block_tokens: 4, prefix_cache: true, ..Default::default() };
-    let mut e = Engine::with_pool(&fixture("tiny"), manifest, b, Some(1024 * 40), pool).unwrap();
-    e.generate_greedy(&[5; 14], 2, &[]).unwrap(); // 15 positions cached: 4 blocks and a slot retained
-    assert_eq!((e.retained_sequences(), e.kv_budget().free_blocks()), (1, 6));
-    // 32 prompt positions need 8 blocks: admission counts the retained blocks as free, and adding evicts them.
-    assert!(e.can_admit(32, 0));
-    let id = e.add_sequence(&[7; 32], 0).unwrap();
-    assert_eq!((e.retained_sequences(), e.pool_stats().prefix_evictions), (0, 1));
-    assert_eq!(e.kv_budget().used_blocks(), 8);
-    e.remove_sequence(id);
-}
-
-#[test]
-fn prefix_cache_off_prefills_everything() {
-    let exp = expected("tiny");
-    let (manifest, b) = open_backend("tiny", BackendKind::Tract);
-    let pool = PoolOptions { prefix_cache: false, ..Default::default() };
-    let mut e = Engine::with_pool(&fixture("tiny"), manifest, b, None, pool).unwrap();
-    let (prompt, _) = &exp.cases[0];
-    e.generate_greedy(prompt, 2, &[]).unwrap();
-    let id = e.add_sequence(prompt, 2).unwrap();
-    assert_eq!(e.prefix_tokens(id).unwrap(), 0);
-    assert_eq!(e.retained_sequences(), 0);
-    assert_eq!(e.pool_stats().prefix_hits, 0);
-}
-
-#[test]
-fn the_served_context_caps_the_pool_below_the_model_maximum() {
-    let (manifest, b) = open_backend("tiny", BackendKind::Tract);
-    assert_eq!(manifest.model.max_position_embeddings, 256);
-    let pool = PoolOptions { max_context: Some(32), ..Default::default() };
-    let mut e = Engine::with_pool(&fixture("tiny"), manifest.clone(), b, None, pool).unwrap();
-    assert_eq!((e.context_tokens(), e.kv_pool().capacity()), (32, 32));
-    assert!(e.can_admit(10, 22) && !e.can_admit(10, 23));
-    let err = e.add_sequence(&[1; 10], 23).unwrap_err().to_string();
-    assert!(err.contains("context length 32") && err.contains("got 33"), "{err}");
-    // Larger than the model's: the model's wins.
-    let b = backend::load(&fixture("tiny"), &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
-    let pool = PoolOptions { max_context: Some(100_000), ..Default::default() };
-    let e = Engine::with_pool(&fixture("tiny"), manifest, b, None, pool).unwrap();
-    assert_eq!(e.context_tokens(), 256);
+fn a_backend_that_does_not_keep_its_present_is_budgeted_for_the_pool_alone() {
+    let dir = fixture("tiny");
+    let manifest = Manifest::load(&dir).unwrap();
+    // The pool is f32: 2 layers x (2x16 + 2x16) x 4 bytes = 512 bytes per token, counted once when the backend
+    // (tract, its kept-present ability hidden here) takes every past from the pool.
+    let inner = backend::load(&dir, &manifest, BackendKind::Tract, &BackendOptions::default()).unwrap();
+    let host_only = Counting { inner, host_only: true, fed_kept: Arc::new(AtomicUsize::new(0)) };
+    let e = Engine::from_backend(&dir, manifest, Box::new(host_only), Some(512 * 20)).unwrap();
+    assert_eq!(e.kv_budget().bytes_per_token(), 512);
 }
