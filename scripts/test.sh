@@ -11,7 +11,8 @@
 #    an exported artifact, arith-r1 end to end, server over real sockets, calibration property tests, ...)
 # 4. the OpenAI Python client and a short soak against r1-serve on the arith-r1 fixture
 # 5. onnx.checker.check_model(full_check=True) on every exported golden graph
-# 6. deploy/ checks: kubernetes-validate, hadolint, collector config and dashboard cross-checks
+# 6. deploy/ checks: the Helm chart rendered for every target and diffed against deploy/rendered/, kubernetes-validate,
+#    helm lint, hadolint, structural cross-checks (grace vs drain, adapter rules vs HPA, collector, dashboard)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # ROOT, R1_HOME (default $ROOT/.r1), r1_target_dir
 cd "$ROOT"

@@ -28,6 +28,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// True once a shutdown signal arrived.
     pub draining: AtomicBool,
+    /// True once the model is loaded and the warm-up request went through (the readiness `GET /health` reports,
+    /// in step with gRPC health).
+    pub warm: AtomicBool,
     /// Longest prompt in bytes (`--max-prompt-bytes`), checked before tokenization.
     pub max_prompt_bytes: usize,
 }
@@ -61,8 +64,19 @@ impl AppState {
             model_id,
             metrics,
             draining: AtomicBool::new(false),
+            warm: AtomicBool::new(false),
             max_prompt_bytes,
         }
+    }
+
+    /// Readiness: `Ok` once loaded and warmed up, UNAVAILABLE while loading, warming up or draining (what
+    /// `GET /health` and gRPC health report; requests are accepted from [`AppState::ready`] on, as warm-up needs).
+    pub fn serving(&self) -> Result<(), ServeError> {
+        self.ready()?;
+        if !self.warm.load(Ordering::Acquire) {
+            return Err(ServeError::Unavailable { reason: "the model is warming up".into() });
+        }
+        Ok(())
     }
 
     /// The scheduler, or UNAVAILABLE while loading or draining.

@@ -1,5 +1,6 @@
-//! The HTTP port: `GET /metrics` (Prometheus text), `GET /health` (200 once serving, 503 while loading or draining),
-//! and the OpenAI-compatible API ([`crate::openai`]), behind the optional API-key check ([`crate::auth`]).
+//! The HTTP port: `GET /metrics` (Prometheus text), `GET /health` (200 once loaded and warmed up, 503 while loading,
+//! warming up or draining: the same as gRPC health), and the OpenAI-compatible API ([`crate::openai`]), behind the
+//! optional API-key check ([`crate::auth`]).
 
 use std::sync::Arc;
 
@@ -43,8 +44,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    match state.ready() {
-        Ok(_) => (StatusCode::OK, "SERVING\n".to_string()),
+    match state.serving() {
+        Ok(()) => (StatusCode::OK, "SERVING\n".to_string()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("NOT_SERVING: {e}\n")),
     }
 }

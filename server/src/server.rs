@@ -179,6 +179,7 @@ pub async fn run_with(
     let mut result = Ok(());
     match loaded {
         Some(Ok(())) => {
+            state.warm.store(true, Ordering::Release);
             set_health(&reporter, ServingStatus::Serving).await;
             (&mut shutdown).await;
         }

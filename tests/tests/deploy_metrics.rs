@@ -1,7 +1,12 @@
-//! Every `r1_*` metric that `deploy/` references — each `expr` of the Grafana dashboard and the Pods metric of each
-//! HorizontalPodAutoscaler (`deploy/k8s/hpa-*.yaml`) — must be exported on the server's `GET /metrics`. The server is
-//! started in-process on 127.0.0.1:0 (fake model: the metric set does not depend on the model) and serves one gRPC
-//! request first. Renaming a metric in the server without updating `deploy/` makes this test fail.
+//! Every `r1_*` metric that `deploy/` references must be exported on the server's `GET /metrics`: each `expr` of the
+//! Grafana dashboard, every series the prometheus-adapter rules read (`deploy/prometheus-adapter/values.yaml`,
+//! `seriesQuery` and `metricsQuery`), and, for every Pods metric of the HorizontalPodAutoscaler in the chart's golden
+//! renders (`deploy/rendered/*.yaml`), the series of the adapter rule that serves it under that name (`name.as`). The
+//! server is started in-process on 127.0.0.1:0 (fake model: the metric set does not depend on the model) and serves
+//! one gRPC request first. Renaming a metric in the server without updating `deploy/` makes this test fail.
+//!
+//! It also checks the readiness the chart's probes rely on: `GET /health` is 503 (and gRPC health NOT_SERVING) while
+//! the model loads and while it warms up, and 200 / SERVING only after.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -59,43 +64,127 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
+/// The text of a file under `deploy/`.
+fn read_deploy(rel: &str) -> String {
+    let path = deploy_dir().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The value of a `key: value` YAML line (quotes stripped), if `line` is one.
+fn yaml_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = line.trim().trim_start_matches("- ").strip_prefix(key)?.strip_prefix(':')?;
+    Some(rest.trim().trim_matches('"').trim_matches('\''))
+}
+
+/// One prometheus-adapter rule: the name it serves to the HPA, and every `r1_` series its queries read.
+#[derive(Debug)]
+struct AdapterRule {
+    served_as: String,
+    series: BTreeSet<String>,
+}
+
+/// The `rules.custom` of `deploy/prometheus-adapter/values.yaml`, read line by line (each rule starts with
+/// `- seriesQuery:`; `metricsQuery` may be a folded block over several lines).
+fn adapter_rules(text: &str) -> Vec<AdapterRule> {
+    let mut blocks: Vec<Vec<&str>> = Vec::new();
+    for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        if line.trim_start().starts_with("- seriesQuery:") {
+            blocks.push(Vec::new());
+        }
+        if let Some(b) = blocks.last_mut() {
+            b.push(line);
+        }
+    }
+    blocks
+        .into_iter()
+        .map(|lines| {
+            let mut series = BTreeMap::new();
+            let mut served_as = None;
+            let mut first = None;
+            for line in &lines {
+                if let Some(v) = yaml_value(line, "as") {
+                    served_as = Some(v.to_string());
+                } else if yaml_value(line, "matches").is_none() {
+                    let mut found = BTreeMap::new();
+                    r1_names(line, "", &mut found);
+                    if first.is_none() && yaml_value(line, "seriesQuery").is_some() {
+                        first = found.keys().next().cloned();
+                    }
+                    series.extend(found);
+                }
+            }
+            let first = first.unwrap_or_else(|| panic!("adapter rule without an r1_ seriesQuery: {lines:?}"));
+            AdapterRule { served_as: served_as.unwrap_or(first), series: series.into_keys().collect() }
+        })
+        .collect()
+}
+
+/// Pods-metric names of every HorizontalPodAutoscaler in a multi-document YAML render.
+fn hpa_metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for doc in text.split("\n---") {
+        if !doc.lines().any(|l| l.trim() == "kind: HorizontalPodAutoscaler") {
+            continue;
+        }
+        let lines: Vec<&str> = doc.lines().filter(|l| !l.trim_start().starts_with('#')).collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.trim() == "metric:" {
+                if let Some(v) = lines.get(i + 1).and_then(|l| yaml_value(l, "name")) {
+                    names.push(v.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
 /// Metric name → where it is referenced.
 fn referenced_metrics() -> BTreeMap<String, String> {
     let mut names = BTreeMap::new();
-    let dash_path = deploy_dir().join("observability/grafana-dashboard.json");
-    let dash: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&dash_path).unwrap_or_else(|e| panic!("{}: {e}", dash_path.display())),
-    )
-    .unwrap_or_else(|e| panic!("{} is not JSON: {e}", dash_path.display()));
+    let dash: serde_json::Value = serde_json::from_str(&read_deploy("observability/grafana-dashboard.json"))
+        .unwrap_or_else(|e| panic!("grafana-dashboard.json is not JSON: {e}"));
     let mut exprs = Vec::new();
     collect_exprs(&dash, &mut exprs);
     assert!(exprs.len() >= 5, "the dashboard has {} exprs; the parser lost them", exprs.len());
     for e in &exprs {
         r1_names(e, "grafana-dashboard.json", &mut names);
     }
-    let mut hpas = 0;
-    let k8s = deploy_dir().join("k8s");
-    for entry in std::fs::read_dir(&k8s).unwrap_or_else(|e| panic!("{}: {e}", k8s.display())) {
+
+    let rules = adapter_rules(&read_deploy("prometheus-adapter/values.yaml"));
+    assert!(rules.len() >= 2, "the parser found {} prometheus-adapter rules: {rules:?}", rules.len());
+    for rule in &rules {
+        for s in &rule.series {
+            names.entry(s.clone()).or_insert_with(|| format!("prometheus-adapter rule `{}`", rule.served_as));
+        }
+    }
+
+    let rendered = deploy_dir().join("rendered");
+    let mut renders = 0;
+    for entry in std::fs::read_dir(&rendered).unwrap_or_else(|e| panic!("{}: {e}", rendered.display())) {
         let path = entry.expect("dir entry").path();
         let file = path.file_name().and_then(|f| f.to_str()).unwrap_or_default().to_string();
-        if !(file.starts_with("hpa-") && file.ends_with(".yaml")) {
+        if !file.ends_with(".yaml") {
             continue;
         }
-        hpas += 1;
+        renders += 1;
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let mut found = 0;
-        for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
-            if let Some(v) = line.trim().strip_prefix("name:") {
-                let v = v.trim().trim_matches('"').trim_matches('\'');
-                if v.starts_with("r1_") {
-                    names.entry(v.to_string()).or_insert_with(|| file.clone());
-                    found += 1;
-                }
+        let hpa = hpa_metric_names(&text);
+        assert!(
+            !hpa.is_empty(),
+            "rendered/{file}: no HPA Pods metric found; the HPA must scale on the server's metrics"
+        );
+        for name in hpa {
+            let rule = rules.iter().find(|r| r.served_as == name).unwrap_or_else(|| {
+                panic!(
+                    "rendered/{file}: the HPA scales on `{name}`, which no prometheus-adapter rule serves: {rules:?}"
+                )
+            });
+            for s in &rule.series {
+                names.entry(s.clone()).or_insert_with(|| format!("rendered/{file} HPA metric `{name}`"));
             }
         }
-        assert!(found > 0, "{file}: no `name: r1_…` metric found; the HPA must scale on a metric the server exports");
     }
-    assert!(hpas > 0, "no deploy/k8s/hpa-*.yaml found");
+    assert!(renders > 0, "no deploy/rendered/*.yaml found");
     names
 }
 
@@ -174,17 +263,51 @@ fn the_name_scanner_finds_whole_identifiers() {
     assert!(missing("r1_z", &series, &types).is_some());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_metric_the_dashboard_and_hpas_reference_is_exported() {
-    let referenced = referenced_metrics();
-    assert!(referenced.contains_key("r1_queue_depth"), "HPA metric missing from {referenced:?}");
+#[test]
+fn the_adapter_and_hpa_parsers_find_rules_and_names() {
+    let adapter = r#"
+rules:
+  default: false
+  custom:
+    # a comment naming r1_not_a_series
+    - seriesQuery: 'r1_queue_depth{namespace!="",pod!=""}'
+      name:
+        matches: "^r1_queue_depth$"
+      metricsQuery: 'sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)'
+    - seriesQuery: 'r1_kv_blocks{namespace!="",pod!=""}'
+      name:
+        matches: "^r1_kv_blocks$"
+        as: "r1_kv_running_ratio"
+      metricsQuery: >-
+        sum(r1_kv_blocks{state="running",<<.LabelMatchers>>}) by (<<.GroupBy>>)
+        / clamp_min(sum(r1_kv_cache_capacity_tokens{<<.LabelMatchers>>}) by (<<.GroupBy>>), 1)
+"#;
+    let rules = adapter_rules(adapter);
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    assert_eq!(rules[0].served_as, "r1_queue_depth");
+    assert_eq!(rules[0].series.iter().collect::<Vec<_>>(), ["r1_queue_depth"]);
+    assert_eq!(rules[1].served_as, "r1_kv_running_ratio");
+    assert_eq!(rules[1].series.iter().collect::<Vec<_>>(), ["r1_kv_blocks", "r1_kv_cache_capacity_tokens"]);
+    let render =
+        "kind: Service\nmetadata:\n  name: r1_not_hpa\n---\n# Source: hpa.yaml\nkind: HorizontalPodAutoscaler\n\
+                  spec:\n  metrics:\n    - type: Pods\n      pods:\n        metric:\n          name: r1_queue_depth\n";
+    assert_eq!(hpa_metric_names(render), ["r1_queue_depth"]);
+}
 
+/// Starts the server in-process on 127.0.0.1:0 with `load`; returns the gRPC channel, the HTTP address, the
+/// shutdown trigger and the server task.
+async fn start(
+    load: Loader,
+) -> (
+    tonic::transport::Channel,
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), r1_serve::error::ServeError>>,
+) {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind http");
     let grpc_url = format!("http://{}", grpc.local_addr().expect("addr"));
     let http_addr = http.local_addr().expect("addr");
-    let model = FakeModel::new(FakeConfig::default());
-    let load: Loader = Box::new(move || Ok(Box::new(model) as Box<dyn Model>));
     let opts = ServeOptions {
         model_id: "fake-r1".into(),
         limits: Limits {
@@ -201,11 +324,27 @@ async fn every_metric_the_dashboard_and_hpas_reference_is_exported() {
         let _ = rx.await;
     }));
     let channel = tonic::transport::Endpoint::from_shared(grpc_url).expect("url").connect().await.expect("connect");
+    (channel, http_addr, tx, task)
+}
+
+async fn grpc_status(health: &mut HealthClient<tonic::transport::Channel>) -> i32 {
+    health.check(HealthCheckRequest { service: String::new() }).await.expect("health").into_inner().status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_deploy_references_is_exported() {
+    let referenced = referenced_metrics();
+    for want in ["r1_queue_depth", "r1_kv_blocks"] {
+        assert!(referenced.contains_key(want), "{want} (an HPA input) missing from {referenced:?}");
+    }
+
+    let model = FakeModel::new(FakeConfig::default());
+    let load: Loader = Box::new(move || Ok(Box::new(model) as Box<dyn Model>));
+    let (channel, http_addr, tx, task) = start(load).await;
     let mut health = HealthClient::new(channel.clone());
     let mut serving = false;
     for _ in 0..500 {
-        let s = health.check(HealthCheckRequest { service: String::new() }).await.expect("health").into_inner().status;
-        if s == ServingStatus::Serving as i32 {
+        if grpc_status(&mut health).await == ServingStatus::Serving as i32 {
             serving = true;
             break;
         }
@@ -237,6 +376,58 @@ async fn every_metric_the_dashboard_and_hpas_reference_is_exported() {
         problems.join("\n")
     );
     println!("{} referenced r1_* metrics all exported: {:?}", referenced.len(), referenced.keys().collect::<Vec<_>>());
+
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("shutdown in time")
+        .expect("no panic")
+        .expect("clean shutdown");
+}
+
+/// The chart's startup and readiness probes are `GET /health`: it must say 503 while the model loads and while it
+/// warms up (in step with gRPC health), so a pod is not an endpoint before it can serve; and 200 after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_ready_while_the_model_loads_or_warms_up() {
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    // Each step takes 300 ms, so the warm-up request (a prefill and two tokens) keeps the server warming up for
+    // several polls.
+    let model = FakeModel::new(FakeConfig { step_delay: Duration::from_millis(300), ..FakeConfig::default() });
+    let load: Loader = Box::new(move || {
+        let _ = release_rx.recv();
+        Ok(Box::new(model) as Box<dyn Model>)
+    });
+    let (channel, http_addr, tx, task) = start(load).await;
+    let mut health = HealthClient::new(channel);
+
+    for _ in 0..3 {
+        let (status, body) = get(http_addr, "/health").await;
+        assert_eq!(status, 503, "GET /health while loading: {body}");
+        assert!(body.contains("loading"), "{body}");
+        assert_eq!(grpc_status(&mut health).await, ServingStatus::NotServing as i32);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    release_tx.send(()).expect("loader waiting");
+    let mut saw_warming = false;
+    let mut serving = false;
+    for _ in 0..500 {
+        let (status, body) = get(http_addr, "/health").await;
+        if status == 200 {
+            assert_eq!(body.trim(), "SERVING");
+            serving = true;
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        if body.contains("warming up") {
+            saw_warming = true;
+            assert_eq!(grpc_status(&mut health).await, ServingStatus::NotServing as i32, "gRPC health while warming");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(serving, "GET /health never became 200");
+    assert!(saw_warming, "GET /health never reported the warm-up (503 `warming up`) between loading and serving");
+    assert_eq!(grpc_status(&mut health).await, ServingStatus::Serving as i32);
 
     let _ = tx.send(());
     tokio::time::timeout(Duration::from_secs(20), task)
