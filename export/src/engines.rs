@@ -59,11 +59,12 @@ pub fn shell_quote(s: &str) -> String {
     }
 }
 
-/// TensorRT settings with the cache folder relative to the artifact (`engines/<target>`): what a
-/// manifest records, true wherever the artifact is copied.
-fn relative_settings(target: &Target, hardware_compatible: bool) -> TrtSettings {
+/// TensorRT settings with the cache folder relative to the artifact (`rel_dir`: `engines/<target>/<version>` for a
+/// build, `engines/<target>` for a plan, whose version is decided by the host that builds it): what a manifest
+/// records, true wherever the artifact is copied.
+fn relative_settings(rel_dir: &str, hardware_compatible: bool) -> TrtSettings {
     TrtSettings {
-        cache_dir: PathBuf::from(r1_engine::manifest::names::engine_dir(target.name)),
+        cache_dir: PathBuf::from(rel_dir),
         hardware_compatible,
         dump_ep_context_model: true,
         builder_optimization_level: TRT_BUILDER_OPTIMIZATION_LEVEL,
@@ -79,7 +80,19 @@ pub fn tensorrt_plan(
     target: &Target,
     hardware_compatible: bool,
 ) -> Result<EngineBuild> {
-    let options = targets::tensorrt_options(target, manifest, &relative_settings(target, hardware_compatible))?;
+    let rel_dir = r1_engine::manifest::names::engine_dir(target.name);
+    plan_in(out_dir, manifest, target, hardware_compatible, &rel_dir)
+}
+
+/// [`tensorrt_plan`] with the engine folder `rel_dir` (relative to the artifact).
+fn plan_in(
+    out_dir: &Path,
+    manifest: &Manifest,
+    target: &Target,
+    hardware_compatible: bool,
+    rel_dir: &str,
+) -> Result<EngineBuild> {
+    let options = targets::tensorrt_options(target, manifest, &relative_settings(rel_dir, hardware_compatible))?;
     Ok(EngineBuild {
         target: target.name.to_string(),
         sm: target.sm,
@@ -151,23 +164,27 @@ pub fn check_build_host(target: &Target, hardware_compatible: bool) -> Result<Lo
     Ok(gpu)
 }
 
-/// Builds the TensorRT engine of `target` for the artifact in `dir` on this host's GPU, into
-/// `dir/engines/<target>/` (emptied first). Every node must run on TensorRT (an EP-context model
-/// requires it), so CPU fallback is disabled and a graph TensorRT cannot take fails the build.
+/// Builds the TensorRT engine of `target` for the artifact in `dir` on this host's GPU, into `dir/<rel_dir>`
+/// (`engines/<target>/<version>`; emptied first: the caller holds the target's build lock and no manifest names
+/// the folder yet, see [`crate::build_lock`]). It is built in place, not renamed into place, because the EP-context
+/// model records the engine file's path; the manifest names the folder only once the build is complete. Every node
+/// must run on TensorRT (an EP-context model requires it), so CPU fallback is disabled and a graph TensorRT cannot
+/// take fails the build.
 pub fn build_tensorrt(
     dir: &Path,
     manifest: &Manifest,
     target: &Target,
     hardware_compatible: bool,
+    rel_dir: &str,
 ) -> Result<EngineBuild> {
     let gpu = check_build_host(target, hardware_compatible)?;
     let env = host::environment()?;
-    let cache_dir = dir.join(ENGINES_DIR).join(target.name);
+    let cache_dir = dir.join(rel_dir);
     if cache_dir.exists() {
         std::fs::remove_dir_all(&cache_dir).map_err(|source| EngineError::Io { path: cache_dir.clone(), source })?;
     }
     std::fs::create_dir_all(&cache_dir).map_err(|source| EngineError::Io { path: cache_dir.clone(), source })?;
-    let mut settings = relative_settings(target, hardware_compatible);
+    let mut settings = relative_settings(rel_dir, hardware_compatible);
     settings.cache_dir = cache_dir.clone();
     let mut trt = ep::TensorRT::default();
     for (k, v) in targets::tensorrt_options(target, manifest, &settings)? {
@@ -189,8 +206,8 @@ pub fn build_tensorrt(
     if files.is_empty() {
         return Err(be(format!("TensorRT EP created a session but wrote nothing to {}", cache_dir.display())));
     }
-    let ctx = format!("{}/{EP_CONTEXT_FILE}", r1_engine::manifest::names::engine_dir(target.name));
-    let mut record = tensorrt_plan(dir, manifest, target, hardware_compatible)?;
+    let ctx = format!("{rel_dir}/{EP_CONTEXT_FILE}");
+    let mut record = plan_in(dir, manifest, target, hardware_compatible, rel_dir)?;
     record.sm = gpu.sm.unwrap_or(target.sm);
     record.built = true;
     record.command = None;
@@ -217,6 +234,11 @@ pub fn parse_tensorrt_version(maps: &str) -> Option<String> {
 /// Version of the ONNX Runtime library in use: from its build info (`git-branch=rel-1.31.1`), else
 /// the version this crate expects.
 pub fn ort_version() -> String {
+    // `ort::info()` would load the library under its default name if nothing had loaded it yet (a panic when that
+    // name is not on the loader's path): ask only once the discovered library is loaded.
+    if host::environment().is_err() {
+        return r1_engine::ort_lib::ORT_VERSION.to_string();
+    }
     parse_ort_build_info(ort::info()).unwrap_or_else(|| r1_engine::ort_lib::ORT_VERSION.to_string())
 }
 
@@ -229,10 +251,11 @@ pub fn parse_ort_build_info(info: &str) -> Option<String> {
 }
 
 /// Writes the ONNX Runtime-optimized CPU graph of `model` (an artifact's `model.onnx`, or the exporter's serving
-/// copy of it; its external data is resolved next to it) into `out` (a folder that becomes `engines/cpu/`; created
-/// if missing): `model.onnx` plus, for every initializer of 1 KiB or more, `model.onnx.data`. File paths in the
-/// record are relative to the artifact directory as if `out` were `dir/engines/cpu`.
-pub fn optimize_cpu_graph(model: &Path, out: &Path) -> Result<CpuBuild> {
+/// copy of it; its external data is resolved next to it) into `out` (a folder renamed to `<artifact>/<rel_dir>`
+/// afterwards, e.g. `engines/cpu/<version>`; created if missing): `model.onnx` plus, for every initializer of 1 KiB
+/// or more, `model.onnx.data`. File paths in the record are relative to the artifact directory as if `out` were
+/// `<artifact>/<rel_dir>`.
+pub fn optimize_cpu_graph(model: &Path, out: &Path, rel_dir: &str) -> Result<CpuBuild> {
     let env = host::environment()?;
     std::fs::create_dir_all(out).map_err(|source| EngineError::Io { path: out.to_path_buf(), source })?;
     let optimized = out.join(MODEL_FILE);
@@ -260,13 +283,13 @@ pub fn optimize_cpu_graph(model: &Path, out: &Path) -> Result<CpuBuild> {
     let mut files = Vec::new();
     for name in [MODEL_FILE, CPU_GRAPH_DATA] {
         if out.join(name).is_file() {
-            files.push(format!("{ENGINES_DIR}/cpu/{name}"));
+            files.push(format!("{rel_dir}/{name}"));
         }
     }
     Ok(CpuBuild {
         target: "cpu".into(),
         built: true,
-        graph: CPU_GRAPH.into(),
+        graph: format!("{rel_dir}/{MODEL_FILE}"),
         source_graph: MODEL_FILE.into(),
         optimization_level: CPU_OPTIMIZATION_LEVEL.into(),
         ort_version: ort_version(),

@@ -13,6 +13,7 @@
 
 pub mod arch;
 pub mod artifact;
+pub mod build_lock;
 pub mod checkpoint;
 pub mod engines;
 pub mod error;

@@ -25,18 +25,27 @@ use prost::Message;
 use r1_calibration::matmul_nbits::{self, Lowering};
 
 use crate::artifact::hash_file;
+use crate::build_lock::{build_key, version_dir, BuildLock, MANIFEST_LOCK};
 use crate::error::{ExportError, Result};
 
 /// External data file of the lowered temporary copy (the source graph of the CPU build).
 const CPU_LOWERED_DATA: &str = "model.onnx.data";
 
 /// Which targets to build and how.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetOptions {
     /// Target names from [`r1_engine::targets::TARGETS`], in order; duplicates are built once.
     pub targets: Vec<String>,
     /// Build TensorRT engines hardware-compatible (run on any sm80+ GPU).
     pub hardware_compatible: bool,
+    /// How long to wait for another process's build of the same target ([`crate::build_lock`]).
+    pub wait: std::time::Duration,
+}
+
+impl Default for TargetOptions {
+    fn default() -> Self {
+        TargetOptions { targets: Vec::new(), hardware_compatible: false, wait: crate::build_lock::DEFAULT_WAIT }
+    }
 }
 
 /// Whether a GPU target that cannot be built on this host is recorded as a plan or is an error.
@@ -55,6 +64,14 @@ pub enum Outcome {
     Cpu(CpuBuild),
     /// A TensorRT engine was built on this host.
     Built(EngineBuild),
+    /// The manifest already records this target's build of this version (same graph, options and builders), with
+    /// its files present: nothing was done. `dir` is its folder, relative to the artifact.
+    Current {
+        /// The target.
+        target: &'static str,
+        /// `engines/<target>/<version>`.
+        dir: String,
+    },
     /// The build was recorded as a plan; `reason` says why it could not run here.
     Planned {
         /// The plan (its `command` finishes it on the GPU host).
@@ -100,38 +117,86 @@ fn engine_err(dir: &Path) -> impl Fn(r1_engine::EngineError) -> ExportError + '_
 
 /// Builds or plans every target of `opts` for the artifact in `dir`, rewriting its manifest after
 /// each one. Stops at the first error (earlier targets stay recorded).
-pub fn apply(dir: &Path, opts: &TargetOptions, mode: Mode) -> Result<Vec<Outcome>> {
+///
+/// Each target is built under its build lock, into a folder named by its version key, and is a no-op when the
+/// manifest already records that version ([`crate::build_lock`]): processes started together on one artifact build
+/// once. `on_wait` is told when another process holds the lock.
+pub fn apply(
+    dir: &Path,
+    opts: &TargetOptions,
+    mode: Mode,
+    on_wait: &mut dyn FnMut(&str, &str),
+) -> Result<Vec<Outcome>> {
     let list = resolve(&opts.targets)?;
-    let mut manifest = Manifest::load(dir).map_err(engine_err(dir))?;
     let mut outcomes = Vec::with_capacity(list.len());
     for t in list {
-        let outcome = if t.is_cpu() {
-            Outcome::Cpu(write_cpu_graph(dir, &manifest)?)
-        } else {
-            gpu_target(dir, &manifest, t, opts.hardware_compatible, mode)?
-        };
-        let files = match &outcome {
-            Outcome::Cpu(b) => b.files.clone(),
-            Outcome::Built(b) => b.files.clone(),
-            Outcome::Planned { .. } => Vec::new(),
-        };
-        set_target_files(dir, &mut manifest, t, &files)?;
-        match &outcome {
-            Outcome::Cpu(b) => manifest.targets.set_cpu(b.clone()),
-            Outcome::Built(b) | Outcome::Planned { plan: b, .. } => manifest.targets.set_tensorrt(b.clone()),
+        let _lock = BuildLock::acquire(dir, t.name, opts.wait, &mut |holder| on_wait(t.name, holder))?;
+        // Read under the lock: another process may have built and recorded this target meanwhile.
+        let manifest = Manifest::load(dir).map_err(engine_err(dir))?;
+        let options = if opts.hardware_compatible && !t.is_cpu() { "hardware_compatible" } else { "" };
+        let key = build_key(&manifest, t.name, options, &eb::ort_version());
+        let rel = version_dir(t.name, &key);
+        if is_current(dir, &manifest, t, &rel) {
+            outcomes.push(Outcome::Current { target: t.name, dir: rel });
+            continue;
         }
-        manifest.write_atomic(dir)?;
+        let outcome = if t.is_cpu() {
+            Outcome::Cpu(write_cpu_graph(dir, &manifest, &rel)?)
+        } else {
+            gpu_target(dir, &manifest, t, opts.hardware_compatible, mode, &rel)?
+        };
+        record(dir, t, &outcome, opts.wait)?;
         outcomes.push(outcome);
     }
     Ok(outcomes)
 }
 
-fn gpu_target(dir: &Path, manifest: &Manifest, t: &'static Target, hw: bool, mode: Mode) -> Result<Outcome> {
+/// Records `outcome` in `manifest.json`: read, changed and replaced under the manifest lock, so that builds of
+/// other targets recording at the same time lose nothing.
+fn record(dir: &Path, t: &Target, outcome: &Outcome, wait: std::time::Duration) -> Result<()> {
+    let _lock = BuildLock::acquire(dir, MANIFEST_LOCK, wait, &mut |_| {})?;
+    let mut manifest = Manifest::load(dir).map_err(engine_err(dir))?;
+    let files = match outcome {
+        Outcome::Cpu(b) => b.files.clone(),
+        Outcome::Built(b) => b.files.clone(),
+        Outcome::Planned { .. } | Outcome::Current { .. } => Vec::new(),
+    };
+    set_target_files(dir, &mut manifest, t, &files)?;
+    match outcome {
+        Outcome::Cpu(b) => manifest.targets.set_cpu(b.clone()),
+        Outcome::Built(b) | Outcome::Planned { plan: b, .. } => manifest.targets.set_tensorrt(b.clone()),
+        Outcome::Current { .. } => return Ok(()),
+    }
+    Ok(manifest.write_atomic(dir)?)
+}
+
+/// Whether the manifest records `t` built in `rel` with every file of the record present at its recorded size.
+fn is_current(dir: &Path, manifest: &Manifest, t: &Target, rel: &str) -> bool {
+    let (built, files) = if t.is_cpu() {
+        match manifest.targets.cpu() {
+            Some(b) => (b.built && b.graph.starts_with(&format!("{rel}/")), &b.files),
+            None => return false,
+        }
+    } else {
+        match manifest.targets.tensorrt(t.name) {
+            Some(b) => (b.built && b.files.iter().all(|f| f.starts_with(&format!("{rel}/"))), &b.files),
+            None => return false,
+        }
+    };
+    built
+        && !files.is_empty()
+        && files.iter().all(|f| {
+            let size = std::fs::metadata(dir.join(f)).map(|m| m.len()).ok();
+            size.is_some() && manifest.files.get(f).map(|e| e.bytes) == size
+        })
+}
+
+fn gpu_target(dir: &Path, manifest: &Manifest, t: &'static Target, hw: bool, mode: Mode, rel: &str) -> Result<Outcome> {
     let err = engine_err(dir);
     match mode {
-        Mode::Build => Ok(Outcome::Built(eb::build_tensorrt(dir, manifest, t, hw).map_err(err)?)),
+        Mode::Build => Ok(Outcome::Built(eb::build_tensorrt(dir, manifest, t, hw, rel).map_err(err)?)),
         Mode::AfterExport => match eb::check_build_host(t, hw) {
-            Ok(_) => Ok(Outcome::Built(eb::build_tensorrt(dir, manifest, t, hw).map_err(err)?)),
+            Ok(_) => Ok(Outcome::Built(eb::build_tensorrt(dir, manifest, t, hw, rel).map_err(err)?)),
             Err(reason) => {
                 // A build that cannot run here must still be possible on the GPU host: the plan
                 // fails now if the precision or the graph's dims do not fit the target.
@@ -142,26 +207,28 @@ fn gpu_target(dir: &Path, manifest: &Manifest, t: &'static Target, hw: bool, mod
     }
 }
 
-/// Writes `engines/cpu/` through a temporary sibling folder, so an interrupted run never leaves a
-/// half-written graph where the manifest points.
+/// Writes `engines/cpu/<version>/` (`rel`) through a temporary sibling folder renamed into place, so an
+/// interrupted run never leaves a half-written graph where the manifest points. Earlier versions are left alone: a
+/// server that loaded one keeps its files.
 ///
 /// The graph ONNX Runtime optimizes is the portable one rewritten for serving: the LM head on each row's last
 /// fed position only ([`crate::onnx::last_logits`]), and, for `int8-wo` / `int8`, weight-only int8 MatMuls
 /// lowered to `MatMulNBits` ([`r1_calibration::matmul_nbits`]).
-fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
-    let engines = dir.join(eb::ENGINES_DIR);
-    let tmp = engines.join(format!(".cpu.tmp-{}", std::process::id()));
-    let lowered = engines.join(format!(".cpu-lowered.tmp-{}", std::process::id()));
+fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str) -> Result<CpuBuild> {
+    let final_dir = dir.join(rel);
+    let parent = final_dir.parent().unwrap_or(dir).to_path_buf();
+    std::fs::create_dir_all(&parent).map_err(ExportError::io(&parent))?;
+    let tmp = parent.join(format!(".build.tmp-{}", std::process::id()));
+    let lowered = parent.join(format!(".lowered.tmp-{}", std::process::id()));
     // Beside model.onnx, so that its external-data paths resolve when nothing is lowered.
     let rewritten = dir.join(format!(".model.cpu-source.tmp-{}.onnx", std::process::id()));
-    let final_dir = engines.join("cpu");
     for d in [&tmp, &lowered] {
         if d.exists() {
             std::fs::remove_dir_all(d).map_err(ExportError::io(d))?;
         }
     }
     let record = serving_source(dir, manifest, &lowered, &rewritten).and_then(|(source, lowering, fused)| {
-        let mut r = eb::optimize_cpu_graph(&source, &tmp).map_err(engine_err(dir))?;
+        let mut r = eb::optimize_cpu_graph(&source, &tmp, rel).map_err(engine_err(dir))?;
         r.lowering =
             lowering.map(|l| serde_json::to_value(&l)).transpose().map_err(|e| ExportError::Graph(e.to_string()))?;
         r.last_position_logits = true;
@@ -179,6 +246,8 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest) -> Result<CpuBuild> {
         }
     };
     if final_dir.exists() {
+        // The same version, left by a run that stopped before recording it (a recorded one is current and never
+        // rebuilt): no manifest names it, so no server reads it. We hold the build lock.
         std::fs::remove_dir_all(&final_dir).map_err(ExportError::io(&final_dir))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(ExportError::io(&final_dir))?;

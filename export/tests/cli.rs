@@ -106,7 +106,14 @@ fn gpu_target_without_gpu_records_the_plan_and_prints_the_build_command() {
     assert_eq!(plan["options"]["trt_ep_context_embed_mode"], "0");
     // Every dynamic input of this graph is in the profile: 3 id/mask inputs + 2 layers x (key, value).
     assert_eq!(plan["options"]["trt_profile_opt_shapes"].as_str().unwrap().split(',').count(), 3 + 2 * 2);
-    assert!(!out.join("engines").exists(), "a plan writes no engine files");
+    // A plan writes no engine files (only the build locks, engines/.a100.lock and engines/.manifest.lock).
+    let written: Vec<String> = std::fs::read_dir(out.join("engines"))
+        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(
+        written.iter().all(|f| f.starts_with('.') && f.ends_with(".lock")),
+        "a plan writes no engine files: {written:?}"
+    );
     // The plan parses as the engine's record type and the manifest stays loadable.
     let parsed: r1_engine::manifest::EngineBuild = serde_json::from_value(plan.clone()).unwrap();
     assert!(!parsed.built && !parsed.hardware_compatible);
@@ -278,29 +285,32 @@ fn cpu_target_writes_an_optimized_graph_with_the_portable_graphs_logits() {
     assert!(o.status.success(), "{}", stderr(&o));
     let m = Manifest::load(&out).unwrap();
     let rec = m.targets.cpu().expect("cpu record");
-    assert_eq!(rec.graph, "engines/cpu/model.onnx");
+    // engines/cpu/<version>/model.onnx, the version a 16-hex-digit key (export/src/build_lock.rs)
+    let version = rec.graph.strip_prefix("engines/cpu/").and_then(|r| r.strip_suffix("/model.onnx")).unwrap();
+    assert!(version.len() == 16 && version.bytes().all(|b| b.is_ascii_hexdigit()), "{}", rec.graph);
     assert_eq!(rec.optimization_level, "extended");
     assert!(rec.built);
     // Every file the record names is in manifest.files with its true sha256 and size.
     let files = rec.files.clone();
-    assert!(files.contains(&"engines/cpu/model.onnx".to_string()), "{files:?}");
+    assert!(files.contains(&rec.graph), "{files:?}");
     for f in &files {
         assert_eq!(m.files[f], r1_export::artifact::hash_file(&out.join(f)).unwrap(), "{f}");
     }
-    let on_disk = r1_export::engines::list_files(&out, &out.join("engines")).unwrap();
+    let mut on_disk = r1_export::engines::list_files(&out, &out.join("engines")).unwrap();
+    // The build locks (engines/.cpu.lock, engines/.manifest.lock) stay; nothing else but the record's files.
+    on_disk.retain(|f| !(f.starts_with("engines/.") && f.ends_with(".lock")));
     assert_eq!(on_disk, files, "no stray files under engines/");
-    assert_eq!(m.targets.cpu_graph(&out), Some("engines/cpu/model.onnx"));
+    assert_eq!(m.targets.cpu_graph(&out), Some(rec.graph.as_str()));
     // ONNX Runtime really rewrote the graph: the portable graph has standard ops only, the
     // optimized one fused some into contrib ops (SiLU's Sigmoid * Mul became QuickGelu here).
     assert_eq!(contrib_ops(&out.join("model.onnx")), Vec::<String>::new());
-    let fused = contrib_ops(&out.join("engines/cpu/model.onnx"));
+    let fused = contrib_ops(&out.join(&rec.graph));
     assert!(!fused.is_empty(), "no com.microsoft op in the optimized graph");
 
     // The serving graph returns each row's last fed position only; the portable one every position.
     assert!(rec.last_position_logits);
     use prost::Message;
-    let cpu = r1_proto::onnx::ModelProto::decode(std::fs::read(out.join("engines/cpu/model.onnx")).unwrap().as_slice())
-        .unwrap();
+    let cpu = r1_proto::onnx::ModelProto::decode(std::fs::read(out.join(&rec.graph)).unwrap().as_slice()).unwrap();
     let logits_dims = |m: &r1_proto::onnx::ModelProto| {
         format!("{:?}", m.graph.as_ref().unwrap().output.iter().find(|o| o.name.as_deref() == Some("logits")))
     };
@@ -326,14 +336,12 @@ fn cpu_target_writes_an_optimized_graph_with_the_portable_graphs_logits() {
     }
     assert_ne!(a[0], a[1], "the two rows are different prompts");
 
-    // `build --target cpu` again replaces the graph and keeps the manifest consistent.
+    // `build --target cpu` again finds this version built: a no-op that leaves the manifest as it was.
+    let before = std::fs::read(out.join("manifest.json")).unwrap();
     let b = r1_export(&["build".as_ref(), out.as_os_str(), "--target".as_ref(), "cpu".as_ref()]);
     assert!(b.status.success(), "{}", stderr(&b));
-    let m2 = Manifest::load(&out).unwrap();
-    for f in &files {
-        assert_eq!(m2.files[f], r1_export::artifact::hash_file(&out.join(f)).unwrap(), "{f}");
-    }
-    assert_eq!(m2.files["model.onnx"], m.files["model.onnx"]);
+    assert!(stderr(&b).contains("cpu: already built for this artifact"), "{}", stderr(&b));
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before);
     assert!(
         !std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.')),
         "no temporary files left"

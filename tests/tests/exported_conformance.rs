@@ -17,7 +17,7 @@ fn exported_artifact_batched_greedy_equals_single() {
     let dir = tmp.path().join("qwen2_gqa2_bf16-fp32");
     let ck = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/golden/qwen2_gqa2_bf16");
     export(&ExportOptions::new(&ck, &dir), &mut |_| {}).expect("export the golden checkpoint");
-    apply(&dir, &TargetOptions { targets: vec!["cpu".into()], hardware_compatible: false }, Mode::Build)
+    apply(&dir, &TargetOptions { targets: vec!["cpu".into()], ..Default::default() }, Mode::Build, &mut |_, _| {})
         .expect("build --target cpu");
     let manifest = Manifest::load(&dir).expect("manifest");
     let vocab = manifest.model.vocab_size as u32;

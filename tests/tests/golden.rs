@@ -141,8 +141,9 @@ fn serving_graph_matches_transformers_through_the_engine() {
             let m = export_case(case, &out, precision).unwrap();
             target::apply(
                 &out,
-                &TargetOptions { targets: vec!["cpu".into()], hardware_compatible: false },
+                &TargetOptions { targets: vec!["cpu".into()], ..Default::default() },
                 Mode::AfterExport,
+                &mut |_, _| {},
             )
             .unwrap();
             let m2 = r1_engine::Manifest::load(&out).unwrap();

@@ -70,7 +70,7 @@ fn artifact() -> &'static Path {
         let dir = tmp.path().join("qwen2_gqa2_bf16-fp32");
         let ck = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/golden/qwen2_gqa2_bf16");
         export(&ExportOptions::new(&ck, &dir), &mut |_| {}).expect("export");
-        apply(&dir, &TargetOptions { targets: vec!["cpu".into()], hardware_compatible: false }, Mode::Build)
+        apply(&dir, &TargetOptions { targets: vec!["cpu".into()], ..Default::default() }, Mode::Build, &mut |_, _| {})
             .expect("build --target cpu");
         (tmp, dir)
     })

@@ -148,12 +148,14 @@ impl Targets {
         }
     }
 
-    /// The graph the ort backend should open on CPU: the serving graph ([`super::names::CPU_GRAPH`]) when the `cpu`
-    /// record says it was built and the file is in `dir`; `None`: the portable `model.onnx`.
-    pub fn cpu_graph(&self, dir: &std::path::Path) -> Option<&'static str> {
-        let cpu_graph = super::names::CPU_GRAPH;
+    /// The graph the ort backend should open on CPU: the serving graph the `cpu` record names — inside
+    /// `engines/cpu/` (`engines/cpu/<version>/model.onnx` since builds are versioned; [`super::names::CPU_GRAPH`]
+    /// before) — when the record says it was built and the file is in `dir`; `None`: the portable `model.onnx`.
+    pub fn cpu_graph(&self, dir: &std::path::Path) -> Option<&str> {
         let record = self.cpu()?;
-        (record.built && record.graph == cpu_graph && dir.join(cpu_graph).is_file()).then_some(cpu_graph)
+        let inside = record.graph.starts_with(&format!("{}/", super::names::engine_dir(CPU_TARGET)))
+            && !record.graph.split('/').any(|part| part == "..");
+        (record.built && inside && dir.join(&record.graph).is_file()).then_some(record.graph.as_str())
     }
 
     /// The TensorRT record (built or planned) of GPU target `name`.
