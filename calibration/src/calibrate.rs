@@ -61,6 +61,12 @@ pub struct Calibrator {
 impl Calibrator {
     /// Observers for `targets` (names must be unique).
     pub fn new(targets: &[Target]) -> Result<Self> {
+        Self::keeping_rows(targets, 0)
+    }
+
+    /// [`Calibrator::new`], the per-channel observers also keeping a sample of up to `rows` activation rows each
+    /// (AWQ's search input, [`Calibrator::sampled_rows`]).
+    pub fn keeping_rows(targets: &[Target], rows: usize) -> Result<Self> {
         let mut c = Calibrator { order: Vec::new(), tensors: HashMap::new(), channels: HashMap::new(), batches: 0 };
         for t in targets {
             if c.tensors.insert(t.name.clone(), TensorObserver::new()).is_some() {
@@ -71,7 +77,7 @@ impl Calibrator {
                 ));
             }
             if let Some(k) = t.channels {
-                c.channels.insert(t.name.clone(), ChannelMaxObserver::new(k));
+                c.channels.insert(t.name.clone(), ChannelMaxObserver::new(k).keeping_rows(rows));
             }
             c.order.push(t.name.clone());
         }
@@ -129,6 +135,16 @@ impl Calibrator {
         self.channels.get(name).map(ChannelMaxObserver::max)
     }
 
+    /// Per-channel mean of `x²` of a target observed with channels (AWQ's statistics, [`crate::awq`]).
+    pub fn channel_mean_square(&self, name: &str) -> Option<Vec<f32>> {
+        self.channels.get(name).map(ChannelMaxObserver::mean_square)
+    }
+
+    /// The sampled activation rows of a target observed with channels (`[n, k]` row-major, and `n`).
+    pub fn sampled_rows(&self, name: &str) -> Option<(&[f32], usize)> {
+        self.channels.get(name).map(ChannelMaxObserver::sampled_rows)
+    }
+
     /// The observer of a target.
     pub fn observer(&self, name: &str) -> Option<&TensorObserver> {
         self.tensors.get(name)
@@ -162,6 +178,25 @@ pub struct W8A8Calibration {
     pub batches: usize,
 }
 
+/// One calibration pass: runs a copy of `model` with every MatMul input added as a graph output (built by
+/// `make_source`) over up to `max_batches` batches and observes them, keeping up to `keep_rows` activation rows of
+/// each. Returns the observers and the batch count.
+pub fn observe(
+    model: &ModelProto,
+    make_source: &mut SourceFactory<'_>,
+    max_batches: usize,
+    keep_rows: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(Calibrator, usize)> {
+    let targets = model_targets(model);
+    let mut copy = model.clone();
+    add_observed_outputs(&mut copy, &targets.iter().map(|t| t.name.clone()).collect::<Vec<_>>())?;
+    let mut cal = Calibrator::keeping_rows(&targets, keep_rows)?;
+    let mut source = make_source(&copy)?;
+    let n = cal.run(source.as_mut(), max_batches, progress)?;
+    Ok((cal, n))
+}
+
 /// External data file the SmoothQuant-rescaled weights are written to (see [`calibrate_w8a8`]).
 pub const SMOOTHQUANT_DATA_FILE: &str = "smoothquant.onnx.data";
 
@@ -184,13 +219,7 @@ pub fn calibrate_w8a8(
 ) -> Result<W8A8Calibration> {
     crate::smoothquant::validate_alpha(cfg.alpha)?;
     let mut pass = |m: &ModelProto, progress: &mut dyn FnMut(usize)| -> Result<(Calibrator, usize)> {
-        let targets = model_targets(m);
-        let mut copy = m.clone();
-        add_observed_outputs(&mut copy, &targets.iter().map(|t| t.name.clone()).collect::<Vec<_>>())?;
-        let mut cal = Calibrator::new(&targets)?;
-        let mut source = make_source(&copy)?;
-        let n = cal.run(source.as_mut(), cfg.max_batches, progress)?;
-        Ok((cal, n))
+        observe(m, make_source, cfg.max_batches, 0, progress)
     };
     let mut smooth = SmoothSummary::default();
     let mut fp32_amax = None;

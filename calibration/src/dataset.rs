@@ -1,9 +1,16 @@
 //! Calibration samples from a file.
 //!
 //! - Plain text: one sample per line; blank lines are skipped.
-//! - JSONL (`.jsonl`, or any file whose first non-blank line starts with `{`): one object per line with either
-//!   `"text": "..."` or `"messages": [{"role": "...", "content": "..."}, ...]`; messages are rendered to text by the
-//!   caller's chat-template function (the engine's, so calibration sees exactly what serving sees).
+//! - JSONL (`.jsonl`, or any file whose first non-blank line starts with `{`): one object per line with
+//!   `"text": "..."`, `"prompt": "..."` or `"messages": [{"role": "...", "content": "..."}, ...]`; messages are
+//!   rendered to text by the caller's chat-template function (the engine's, so calibration sees exactly what
+//!   serving sees).
+//!
+//! A sample is **open** when the model's reply is missing: `messages` that end with a user turn (rendered with the
+//! generation prompt, as the server renders a request) and bare `prompt`s. The export generates the model's own
+//! continuation of an open sample before calibrating on it, because the activations of generated tokens are the
+//! ones a prompt never shows (issue 20's measurement: int8 calibrated on prompts alone lost 6 points on arith-r1).
+//! `text` lines and `messages` that end with an assistant turn are complete and used as given.
 //!
 //! Defaults: [`DEFAULT_NUM_SAMPLES`] samples of at most [`DEFAULT_SEQ_LEN`] tokens. 64 × 256 = 16k tokens
 //! gives stable activation ranges for per-tensor scales (the histograms hardly move beyond ~32 samples) while a
@@ -41,15 +48,33 @@ pub enum DataFormat {
 #[serde(deny_unknown_fields)]
 struct JsonSample {
     text: Option<String>,
+    prompt: Option<String>,
     messages: Option<Vec<Message>>,
 }
 
-/// Chat-template renderer: turns messages into the prompt text the model sees.
-pub type RenderFn<'a> = &'a dyn Fn(&[Message]) -> Result<String>;
+/// One calibration sample.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    /// The text the model reads (messages rendered with the chat template).
+    pub text: String,
+    /// The model's reply is missing (a bare prompt, or messages ending with a user turn): the caller generates it.
+    pub open: bool,
+}
+
+impl Sample {
+    /// A complete sample, used as given.
+    pub fn complete(text: impl Into<String>) -> Self {
+        Sample { text: text.into(), open: false }
+    }
+}
+
+/// Chat-template renderer: turns messages into the text the model sees. The flag asks for the generation prompt
+/// (the assistant header), set when the messages end with a user turn.
+pub type RenderFn<'a> = &'a dyn Fn(&[Message], bool) -> Result<String>;
 
 /// Reads up to `max_samples` samples from `path` (format from the extension, else sniffed from the content).
 /// Errors name the file, the 1-based line and the problem; a file with no samples is an error.
-pub fn load_samples(path: &Path, max_samples: usize, render: RenderFn<'_>) -> Result<Vec<String>> {
+pub fn load_samples(path: &Path, max_samples: usize, render: RenderFn<'_>) -> Result<Vec<Sample>> {
     if max_samples == 0 {
         return Err(CalibError::invalid("calibration sample count", "at least 1", 0));
     }
@@ -64,7 +89,7 @@ pub fn load_samples(path: &Path, max_samples: usize, render: RenderFn<'_>) -> Re
         }
         let err = |problem: String| CalibError::Dataset { path: path.to_path_buf(), line: i + 1, problem };
         let sample = match format {
-            DataFormat::Text => line.to_string(),
+            DataFormat::Text => Sample::complete(line),
             DataFormat::Jsonl => parse_json_line(line, render).map_err(err)?,
         };
         out.push(sample);
@@ -97,15 +122,21 @@ fn detect_format(path: &Path, reader: impl BufRead) -> Result<DataFormat> {
     Ok(DataFormat::Text)
 }
 
-fn parse_json_line(line: &str, render: RenderFn<'_>) -> std::result::Result<String, String> {
+fn parse_json_line(line: &str, render: RenderFn<'_>) -> std::result::Result<Sample, String> {
     let s: JsonSample = serde_json::from_str(line).map_err(|e| format!("invalid JSON sample: {e}"))?;
-    match (s.text, s.messages) {
-        (Some(t), None) if t.trim().is_empty() => Err("`text` is empty".into()),
-        (Some(t), None) => Ok(t),
-        (None, Some(m)) if m.is_empty() => Err("`messages` is empty".into()),
-        (None, Some(m)) => render(&m).map_err(|e| format!("rendering `messages` with the chat template: {e}")),
-        (Some(_), Some(_)) => Err("has both `text` and `messages`; give one".into()),
-        (None, None) => Err("expected a `text` string or a `messages` array".into()),
+    match (s.text, s.prompt, s.messages) {
+        (Some(t), None, None) if t.trim().is_empty() => Err("`text` is empty".into()),
+        (Some(t), None, None) => Ok(Sample::complete(t)),
+        (None, Some(p), None) if p.trim().is_empty() => Err("`prompt` is empty".into()),
+        (None, Some(p), None) => Ok(Sample { text: p, open: true }),
+        (None, None, Some(m)) if m.is_empty() => Err("`messages` is empty".into()),
+        (None, None, Some(m)) => {
+            let open = m.last().is_some_and(|m| m.role == "user");
+            let text = render(&m, open).map_err(|e| format!("rendering `messages` with the chat template: {e}"))?;
+            Ok(Sample { text, open })
+        }
+        (None, None, None) => Err("expected a `text` string, a `prompt` string or a `messages` array".into()),
+        _ => Err("has more than one of `text`, `prompt` and `messages`; give one".into()),
     }
 }
 
@@ -121,15 +152,21 @@ mod tests {
         (d, p)
     }
 
-    fn render(m: &[Message]) -> Result<String> {
-        Ok(m.iter().map(|m| format!("<{}>{}", m.role, m.content)).collect())
+    fn render(m: &[Message], generation_prompt: bool) -> Result<String> {
+        let text: String = m.iter().map(|m| format!("<{}>{}", m.role, m.content)).collect();
+        Ok(if generation_prompt { text + "<assistant>" } else { text })
+    }
+
+    fn texts(samples: Vec<Sample>) -> Vec<String> {
+        samples.into_iter().map(|s| s.text).collect()
     }
 
     #[test]
     fn plain_text_skips_blank_lines_and_caps_count() {
         let (_d, p) = file("c.txt", "one\n\n  \ntwo\r\nthree\n");
-        assert_eq!(load_samples(&p, 10, &render).unwrap(), vec!["one", "two", "three"]);
-        assert_eq!(load_samples(&p, 2, &render).unwrap(), vec!["one", "two"]);
+        assert_eq!(texts(load_samples(&p, 10, &render).unwrap()), vec!["one", "two", "three"]);
+        assert_eq!(texts(load_samples(&p, 2, &render).unwrap()), vec!["one", "two"]);
+        assert!(load_samples(&p, 10, &render).unwrap().iter().all(|s| !s.open), "text lines are complete");
         assert!(load_samples(&p, 0, &render).unwrap_err().to_string().contains("at least 1"));
     }
 
@@ -137,19 +174,42 @@ mod tests {
     fn jsonl_text_and_messages() {
         let body = "{\"text\": \"2+2=4\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n";
         let (_d, p) = file("c.data", body); // sniffed
-        assert_eq!(load_samples(&p, 64, &render).unwrap(), vec!["2+2=4", "<user>hi<assistant>yo"]);
+        assert_eq!(
+            load_samples(&p, 64, &render).unwrap(),
+            vec![Sample::complete("2+2=4"), Sample::complete("<user>hi<assistant>yo")]
+        );
+    }
+
+    #[test]
+    fn prompts_and_user_final_messages_are_open_and_get_the_generation_prompt() {
+        let body = concat!(
+            "{\"prompt\": \"Once upon\"}\n",
+            "{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"user\", \"content\": \"q\"}]}\n",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n",
+        );
+        let (_d, p) = file("c.jsonl", body);
+        assert_eq!(
+            load_samples(&p, 64, &render).unwrap(),
+            vec![
+                Sample { text: "Once upon".into(), open: true },
+                Sample { text: "<system>s<user>q<assistant>".into(), open: true },
+                Sample::complete("<user>q<assistant>a"),
+            ]
+        );
+        let (_d, p) = file("e.jsonl", "{\"prompt\": \" \"}\n");
+        assert!(load_samples(&p, 64, &render).unwrap_err().to_string().contains("`prompt` is empty"));
     }
 
     #[test]
     fn errors_name_file_line_and_problem() {
-        let (_d, p) = file("bad.jsonl", "{\"text\": \"ok\"}\n\n{\"prompt\": \"x\"}\n");
+        let (_d, p) = file("bad.jsonl", "{\"text\": \"ok\"}\n\n{\"question\": \"x\"}\n");
         let e = load_samples(&p, 64, &render).unwrap_err().to_string();
-        assert!(e.contains("bad.jsonl:3") && e.contains("invalid JSON sample") && e.contains("prompt"), "{e}");
+        assert!(e.contains("bad.jsonl:3") && e.contains("invalid JSON sample") && e.contains("question"), "{e}");
         let (_d, p) = file("b.jsonl", "{}\n");
         assert!(load_samples(&p, 64, &render).unwrap_err().to_string().contains("b.jsonl:1: expected a `text`"));
         let (_d, p) = file("c.jsonl", "{\"text\": \"a\", \"messages\": []}\n");
-        assert!(load_samples(&p, 64, &render).unwrap_err().to_string().contains("both"));
-        let fail = |_: &[Message]| -> Result<String> { Err(CalibError::Source("template exploded".into())) };
+        assert!(load_samples(&p, 64, &render).unwrap_err().to_string().contains("more than one"));
+        let fail = |_: &[Message], _: bool| -> Result<String> { Err(CalibError::Source("template exploded".into())) };
         let (_d, p) = file("d.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n");
         let e = load_samples(&p, 64, &fail).unwrap_err().to_string();
         assert!(e.contains("d.jsonl:1") && e.contains("template exploded"), "{e}");

@@ -2,7 +2,8 @@
 //!
 //! Pipeline (driven by `r1-export`): [`dataset`] reads calibration text → the engine runs the fp32 graph with the
 //! MatMul inputs as extra outputs ([`calibrate::ActivationSource`]) → [`observer`]s build streaming histograms →
-//! a [`observer::CalibrationMethod`] picks each tensor's range → optional [`smoothquant`] folding → [`qdq`] rewrites
+//! a [`observer::CalibrationMethod`] picks each tensor's range → optional [`smoothquant`] folding (W8A8) or
+//! [`awq`] scaling (INT4 weight-only) → [`qdq`] rewrites
 //! the ONNX graph (W8A8, int8 weight-only, int4 weight-only), writing weights through [`external`] →
 //! [`trt_cache`] for legacy TensorRT → [`report`] measures the quality loss.
 //!
@@ -10,6 +11,7 @@
 //!   target build).
 //! - [`quant`]: quantize / dequantize maths matching ONNX `QuantizeLinear` / `DequantizeLinear`.
 //! - [`error`]: the crate's one error type, [`CalibError`].
+pub mod awq;
 pub mod calibrate;
 pub mod dataset;
 pub mod error;

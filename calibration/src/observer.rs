@@ -359,16 +359,58 @@ impl TensorObserver {
     }
 }
 
-/// Per-channel abs-max over the last axis of `[rows, channels]` activations (SmoothQuant's `max|X_j|`).
+/// Per-channel abs-max (SmoothQuant's `max|X_j|`) and mean square (AWQ's saliency and error weight,
+/// [`crate::awq`]) over the last axis of `[rows, channels]` activations.
+/// With [`ChannelMaxObserver::keeping_rows`], it also keeps a uniform sample of whole rows (reservoir sampling with
+/// a fixed seed: deterministic for the same inputs), which AWQ's search multiplies with candidate weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChannelMaxObserver {
     max: Vec<f32>,
+    sum_sq: Vec<f64>,
+    rows: u64,
+    keep: usize,
+    kept: Vec<f32>,
+    rng: u64,
 }
 
 impl ChannelMaxObserver {
     /// An observer for `channels` channels.
     pub fn new(channels: usize) -> Self {
-        ChannelMaxObserver { max: vec![0.0; channels] }
+        ChannelMaxObserver {
+            max: vec![0.0; channels],
+            sum_sq: vec![0.0; channels],
+            rows: 0,
+            keep: 0,
+            kept: Vec::new(),
+            rng: 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+
+    /// Also keeps a uniform sample of up to `rows` rows.
+    pub fn keeping_rows(mut self, rows: usize) -> Self {
+        self.keep = rows;
+        self
+    }
+
+    /// The sampled rows, row-major `[n, channels]`, and `n`.
+    pub fn sampled_rows(&self) -> (&[f32], usize) {
+        (&self.kept, self.kept.len() / self.max.len().max(1))
+    }
+
+    fn sample(&mut self, row: &[f32]) {
+        let c = row.len();
+        let held = self.kept.len() / c.max(1);
+        if held < self.keep {
+            self.kept.extend_from_slice(row);
+            return;
+        }
+        // Algorithm R: the i-th row (0-based) replaces a random slot with probability keep / (i + 1).
+        self.rng = self.rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let j = (self.rng >> 33) % self.rows.max(1);
+        if (j as usize) < self.keep {
+            let at = j as usize * c;
+            self.kept[at..at + c].copy_from_slice(row);
+        }
     }
 
     /// Feeds a row-major `[rows, channels]` batch; the length must be a multiple of the channel count.
@@ -383,8 +425,13 @@ impl ChannelMaxObserver {
         }
         ensure_finite("activation batch", xs)?;
         for row in xs.chunks_exact(c) {
-            for (m, x) in self.max.iter_mut().zip(row) {
+            for ((m, s), x) in self.max.iter_mut().zip(self.sum_sq.iter_mut()).zip(row) {
                 *m = m.max(x.abs());
+                *s += f64::from(*x) * f64::from(*x);
+            }
+            self.rows += 1;
+            if self.keep > 0 {
+                self.sample(row);
             }
         }
         Ok(())
@@ -393,6 +440,12 @@ impl ChannelMaxObserver {
     /// Per-channel maxima.
     pub fn max(&self) -> &[f32] {
         &self.max
+    }
+
+    /// Per-channel mean of `x²` over the rows seen (zeros before any row).
+    pub fn mean_square(&self) -> Vec<f32> {
+        let n = self.rows.max(1) as f64;
+        self.sum_sq.iter().map(|s| (s / n) as f32).collect()
     }
 }
 

@@ -208,6 +208,32 @@ fn channel_max() {
     o.observe(&[1.0, -5.0, 0.0, -2.0, 1.0, 0.5]).unwrap();
     o.observe(&[0.0, 0.0, -3.0]).unwrap();
     assert_eq!(o.max(), &[2.0, 5.0, 3.0]);
+    // rows (1, -5, 0), (-2, 1, 0.5), (0, 0, -3): mean squares (5/3, 26/3, 9.25/3)
+    let ms = o.mean_square();
+    for (got, want) in ms.iter().zip([5.0f32 / 3.0, 26.0 / 3.0, 9.25 / 3.0]) {
+        assert!((got - want).abs() < 1e-6, "{ms:?}");
+    }
     let e = o.observe(&[1.0; 4]).unwrap_err().to_string();
     assert!(e.contains("channel count 3") && e.contains('4'), "{e}");
+    assert_eq!(o.sampled_rows().1, 0, "no rows kept unless asked");
+}
+
+#[test]
+fn row_sample_is_bounded_uniform_and_deterministic() {
+    let run = || {
+        let mut o = ChannelMaxObserver::new(2).keeping_rows(100);
+        for i in 0..10_000 {
+            o.observe(&[i as f32, -(i as f32)]).unwrap();
+        }
+        o
+    };
+    let (a, b) = (run(), run());
+    let (rows, n) = a.sampled_rows();
+    assert_eq!(n, 100);
+    assert_eq!(rows, b.sampled_rows().0, "same inputs, same sample");
+    // Whole rows are kept (x, -x), drawn across the stream: mean index near 5,000 and both halves represented.
+    assert!(rows.chunks_exact(2).all(|r| r[1] == -r[0]));
+    let mean = rows.chunks_exact(2).map(|r| f64::from(r[0])).sum::<f64>() / 100.0;
+    assert!((3500.0..6500.0).contains(&mean), "mean row index {mean}");
+    assert!(rows.chunks_exact(2).any(|r| r[0] < 2000.0) && rows.chunks_exact(2).any(|r| r[0] > 8000.0));
 }

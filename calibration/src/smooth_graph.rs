@@ -74,20 +74,45 @@ fn smooth(
     reader: &ExternalDataReader,
     channel_max: &HashMap<String, Vec<f32>>,
     alpha: f32,
-    mut spill: Option<&mut ExternalDataWriter>,
+    spill: Option<&mut ExternalDataWriter>,
 ) -> Result<SmoothSummary> {
     validate_alpha(alpha)?;
-    let mut summary = SmoothSummary::default();
     if alpha == 0.0 {
-        return Ok(summary);
+        return Ok(SmoothSummary::default());
     }
+    let channels = channel_max.iter().map(|(a, c)| (a.clone(), c.len())).collect();
+    let mut factors = |a: &str, weights: &[(&[f32], usize)], k: usize| -> Result<Option<Vec<f32>>> {
+        Ok(Some(smoothing_factors(&channel_max[a], &weight_row_abs_max(weights, k)?, alpha)?))
+    };
+    fold_channel_factors(model, reader, &channels, &mut factors, spill)
+}
+
+/// The factors of one foldable input: given its activation name, the weights that read it (row-major `[k, N_i]`)
+/// and `k`, the per-channel factors `s` to fold, or `None` to leave it alone.
+pub type FactorFn<'a> = dyn FnMut(&str, &[(&[f32], usize)], usize) -> Result<Option<Vec<f32>>> + 'a;
+
+/// Folds per-channel factors into every foldable MatMul input among `channels` (activation name → channel count):
+/// `1/s` into the RMSNorm weight that produces it and `s` into the input rows of each weight that reads it, `s`
+/// chosen by `factors` (SmoothQuant's formula, or AWQ's search in [`crate::awq`]). Rescaled weights go to `spill`
+/// when given, inline otherwise.
+pub fn fold_channel_factors(
+    model: &mut ModelProto,
+    reader: &ExternalDataReader,
+    channels: &HashMap<String, usize>,
+    factors: &mut FactorFn<'_>,
+    mut spill: Option<&mut ExternalDataWriter>,
+) -> Result<SmoothSummary> {
+    let mut summary = SmoothSummary::default();
     let targets = calibration_targets(model);
     let Some(graph) = model.graph.as_mut() else { return Ok(summary) };
     // plan first (immutable), apply after
-    let plans = make_plans(graph, targets, channel_max, &mut summary);
+    let plans = make_plans(graph, targets, channels, &mut summary);
     for plan in plans {
-        let smoothed = apply_plan(graph, reader, channel_max, alpha, spill.as_deref_mut(), plan)?;
-        summary.smoothed.push(smoothed);
+        let a = plan.0.clone();
+        match apply_plan(graph, reader, channels, factors, spill.as_deref_mut(), plan)? {
+            Some(smoothed) => summary.smoothed.push(smoothed),
+            None => summary.skipped.push((a, "left as is (factors of 1 chosen)".into())),
+        }
     }
     Ok(summary)
 }
@@ -130,17 +155,17 @@ impl<'g> GraphIndex<'g> {
 fn make_plans(
     graph: &GraphProto,
     targets: Vec<String>,
-    channel_max: &HashMap<String, Vec<f32>>,
+    channels: &HashMap<String, usize>,
     summary: &mut SmoothSummary,
 ) -> Vec<Plan> {
     let ix = GraphIndex::new(graph);
     let mut plans: Vec<Plan> = Vec::new();
     for a in targets {
-        let Some(ch) = channel_max.get(&a) else {
-            summary.skipped.push((a, "no per-channel maxima observed".into()));
+        let Some(&k) = channels.get(&a) else {
+            summary.skipped.push((a, "no per-channel statistics observed".into()));
             continue;
         };
-        match plan_input(&ix, &a, ch.len() as i64) {
+        match plan_input(&ix, &a, k as i64) {
             Ok((g, weights)) => plans.push((a, g, weights)),
             Err(r) => summary.skipped.push((a, r)),
         }
@@ -198,20 +223,21 @@ fn norm_weight(ix: &GraphIndex, a: &str, k: i64) -> Option<usize> {
 }
 
 /// Computes the factors of one plan and folds `1/s` into its norm weight and `s` into its MatMul weights (written
-/// to `spill` when given, inline otherwise).
+/// to `spill` when given, inline otherwise); `None` when `factors` leaves it alone.
 fn apply_plan(
     graph: &mut GraphProto,
     reader: &ExternalDataReader,
-    channel_max: &HashMap<String, Vec<f32>>,
-    alpha: f32,
+    channels: &HashMap<String, usize>,
+    factors: &mut FactorFn<'_>,
     mut spill: Option<&mut ExternalDataWriter>,
     (a, g, weights): Plan,
-) -> Result<SmoothedInput> {
-    let k = channel_max[&a].len();
+) -> Result<Option<SmoothedInput>> {
+    let k = channels[&a];
     let mats: Vec<(Vec<f32>, usize)> =
         weights.iter().map(|&(i, n)| Ok((reader.tensor_f32(&graph.initializer[i])?, n))).collect::<Result<_>>()?;
     let views: Vec<(&[f32], usize)> = mats.iter().map(|(w, n)| (w.as_slice(), *n)).collect();
-    let s = smoothing_factors(&channel_max[&a], &weight_row_abs_max(&views, k)?, alpha)?;
+    let Some(s) = factors(&a, &views, k)? else { return Ok(None) };
+    crate::error::ensure_len("channel factors", k, s.len())?;
     let mut gamma = reader.tensor_f32(&graph.initializer[g])?;
     fold_into_norm(&mut gamma, &s)?;
     set_f32(&mut graph.initializer[g], &gamma);
@@ -228,12 +254,12 @@ fn apply_plan(
         names.push(graph.initializer[i].name.clone().unwrap_or_default());
     }
     let range = s.iter().fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    Ok(SmoothedInput {
+    Ok(Some(SmoothedInput {
         activation: a,
         norm_weight: graph.initializer[g].name.clone().unwrap_or_default(),
         weights: names,
         factor_range: range,
-    })
+    }))
 }
 
 fn set_f32(t: &mut TensorProto, v: &[f32]) {

@@ -121,8 +121,26 @@ pub enum ExportError {
     #[error("calibration: {0}")]
     Calibration(#[from] r1_calibration::CalibError),
     /// The engine failed: running the graph during calibration or evaluation, or a target build.
-    #[error("{0}")]
+    #[error(transparent)]
     Engine(#[from] r1_engine::EngineError),
+    /// `--max-accuracy-loss`: the quantized model lost more accuracy than allowed; no artifact was written.
+    #[error(
+        "--max-accuracy-loss: {precision} scored {quantized} against fp32's {fp32} on --eval-problems, a loss of \
+         {loss:.1} points, more than the {limit} allowed; no artifact was written (see the report above; try \
+         --keep-float on the worst layers, another --calibration-method, or a weight-only precision)"
+    )]
+    AccuracyLoss {
+        /// The quantized precision.
+        precision: String,
+        /// fp32 accuracy, as `96.6% (483/500)`.
+        fp32: String,
+        /// Quantized accuracy.
+        quantized: String,
+        /// Points lost.
+        loss: f64,
+        /// The limit given.
+        limit: f64,
+    },
     /// The output directory cannot be used.
     #[error("{path}: {message}")]
     Output {
@@ -157,6 +175,7 @@ impl ExportError {
             ExportError::Graph(_) => "graph",
             ExportError::Calibration(_) => "calibration",
             ExportError::Engine(_) => "engine",
+            ExportError::AccuracyLoss { .. } => "accuracy_loss",
             ExportError::Output { .. } => "output",
         }
     }

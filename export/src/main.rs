@@ -19,8 +19,13 @@ Examples:
   # float16 weights and KV cache (logits stay float32)
   r1-export ~/models/DeepSeek-R1-Distill-Llama-8B -o artifacts/llama-8b-fp16 --precision fp16
 
-  # plus the ONNX Runtime-optimized CPU graph (engines/cpu/model.onnx)
+  # plus the ONNX Runtime-optimized CPU graph (engines/cpu/<version>/model.onnx)
   r1-export ./ckpt -o ./out --target cpu
+
+  # INT8 calibrated on your own prompts: JSONL `messages` ending with a user turn are first answered by the
+  # fp32 model, and the export fails (no artifact) if accuracy drops more than 1 point on your problems
+  r1-export ./ckpt -o ./out-int8 --precision int8 --calibration-data prompts.jsonl \
+    --eval-problems problems.jsonl --max-accuracy-loss 1.0
 
   # for an A100 (fp16 by default): builds the TensorRT engine when this host has an A100 and
   # onnxruntime-gpu with TensorRT; otherwise records the build plan and prints the command below
@@ -40,12 +45,15 @@ What you get in OUT_DIR:
   manifest.json                  family, resolved config, precision, opset, I/O names and shapes,
                                  KV-cache layout and bytes per token, sha256 of every file,
                                  per-target builds or build plans (`targets`)
-  engines/cpu/                   with --target cpu: model.onnx (+ model.onnx.data), a serving graph
+  engines/cpu/<version>/         with --target cpu: model.onnx (+ model.onnx.data), a serving graph
                                  (last-position logits, attention fused into GroupQueryAttention)
                                  after ONNX Runtime's extended graph optimizations (portable across
                                  CPUs; needs ONNX Runtime, tract uses the portable graph)
-  engines/<gpu>/                 with a GPU target built on its GPU: TensorRT engine, timing cache
+  engines/<gpu>/<version>/       with a GPU target built on its GPU: TensorRT engine, timing cache
                                  and model_ctx.onnx (EP-context model pointing at the engine)
+                                 <version>: a key of the graph, precision, target options and builder
+                                 versions. Builds of one target take engines/.<target>.lock: started
+                                 together (one per replica), one builds and the others find it built
 
 Targets: a100 (sm80), h100 and h200 (sm90, fp8), b200 (sm100), l40s and l4 (sm89, fp8), a10g (sm86),
 t4 (sm75, no bf16), cpu. Each GPU target has a TensorRT optimization profile (min/opt/max batch,
@@ -163,11 +171,21 @@ struct TargetArgs {
     /// a little slower than an engine built for one GPU.
     #[arg(long, env = "R1_EXPORT_HARDWARE_COMPATIBLE")]
     hardware_compatible: bool,
+
+    /// Seconds to wait for another process's build of the same target in the same artifact (every replica's
+    /// init container may start one): it holds engines/.<target>.lock; once it finishes, this run finds the
+    /// build recorded and does nothing.
+    #[arg(long, value_name = "SECS", default_value_t = r1_export::build_lock::DEFAULT_WAIT.as_secs(), env = "R1_EXPORT_WAIT_SECS")]
+    wait_secs: u64,
 }
 
 impl TargetArgs {
     fn options(&self) -> TargetOptions {
-        TargetOptions { targets: self.targets.clone(), hardware_compatible: self.hardware_compatible }
+        TargetOptions {
+            targets: self.targets.clone(),
+            hardware_compatible: self.hardware_compatible,
+            wait: std::time::Duration::from_secs(self.wait_secs),
+        }
     }
 }
 
@@ -213,6 +231,13 @@ fn show_quant_progress(bar: &indicatif::ProgressBar, p: QuantProgress) {
             bar.set_message(format!("calibration pass {pass}/{passes} (samples)"));
         }
         QuantProgress::Batch { done } => bar.set_position(done as u64),
+        QuantProgress::Generating { samples } => {
+            bar.set_style(count_style());
+            bar.set_length(samples as u64);
+            bar.set_position(0);
+            bar.set_message("fp32 model writing the replies of open calibration samples");
+        }
+        QuantProgress::Generated { done } => bar.set_position(done as u64),
         QuantProgress::Rewriting => bar.set_message("writing the quantized graph"),
         QuantProgress::Report { samples } => {
             bar.set_message(format!("comparing with fp32 on {samples} held-out samples"))
@@ -287,7 +312,10 @@ fn run_targets(dir: &Path, args: &TargetArgs, mode: Mode) -> anyhow::Result<()> 
         return Ok(());
     }
     // Errors name the artifact directory themselves.
-    let outcomes = target::apply(dir, &args.options(), mode)?;
+    let mut on_wait = |target: &str, holder: &str| {
+        eprintln!("{target}: another build of this artifact holds the lock ({holder}); waiting for it")
+    };
+    let outcomes = target::apply(dir, &args.options(), mode, &mut on_wait)?;
     for o in outcomes {
         match o {
             Outcome::Cpu(b) => eprintln!(
@@ -304,8 +332,15 @@ fn run_targets(dir: &Path, args: &TargetArgs, mode: Mode) -> anyhow::Result<()> 
                 b.tensorrt_version.as_deref().unwrap_or("version unknown"),
                 b.ort_version.as_deref().unwrap_or("?"),
                 b.duration_ms.unwrap_or(0) as f64 / 1e3,
-                dir.join(r1_engine::manifest::names::ENGINES_DIR).join(&b.target).display()
+                b.ep_context_model
+                    .as_deref()
+                    .and_then(|c| Path::new(c).parent())
+                    .map_or_else(|| dir.join(r1_engine::manifest::names::engine_dir(&b.target)), |p| dir.join(p))
+                    .display()
             ),
+            Outcome::Current { target, dir: rel } => {
+                eprintln!("{target}: already built for this artifact ({}); nothing to do", dir.join(rel).display())
+            }
             Outcome::Planned { plan, reason } => eprintln!(
                 "{}: not built here ({reason}).\n{}: build plan recorded in manifest.json; to build the engine, run on a host with that GPU:\n  {}",
                 plan.target,

@@ -1,7 +1,8 @@
-//! End to end on the trained arith-r1 fixture: `--precision int8` (calibrated on
-//! `fixtures/arith-r1/calibration.jsonl`, default MSE ranges + SmoothQuant), `int8-wo` and `int4-wo` exports give the same
-//! answers as the fp32 export on the 5 problems of `expected.jsonl`; the int8 artifact carries a quality report
-//! and a TensorRT calibration cache in the documented layout; tract refuses what it cannot run, by name.
+//! End to end on the trained arith-r1 fixture: `--precision int8` calibrated the way a user would — on prompts only
+//! (`fixtures/arith-r1/user_eval/prompts.jsonl`, user turns without answers, which the fp32 model answers first),
+//! default MSE ranges + SmoothQuant — `int8-wo` and `int4-wo` (with and without AWQ) exports give the same answers
+//! as the fp32 export on the 5 problems of `expected.jsonl`; the int8 artifact carries a quality report and a
+//! TensorRT calibration cache in the documented layout; tract refuses what it cannot run, by name.
 
 use std::path::{Path, PathBuf};
 
@@ -36,12 +37,18 @@ fn op_count(art: &Path, op: &str) -> usize {
     m.graph.unwrap().node.iter().filter(|n| n.op_type.as_deref() == Some(op)).count()
 }
 
+/// The user's prompts: 64 user turns, no answers (56 calibrate, 8 are the report's held-out samples).
+fn prompts() -> PathBuf {
+    fixture().join("user_eval/prompts.jsonl")
+}
+
 fn quantize(out: &Path, precision: Precision, calibrate: bool) -> (Manifest, QualityReport) {
     let mut opts = ExportOptions::new(fixture(), out);
     opts.opset = DEFAULT_OPSET.max(r1_export::quantize::min_opset(precision));
     let mut q = QuantizeOptions::new(precision);
     if calibrate {
-        q.calibration_data = Some(fixture().join("calibration.jsonl"));
+        q.calibration_data = Some(prompts());
+        q.samples = 56;
     }
     q.backend = BackendKind::Ort;
     let mut passes = 0;
@@ -51,7 +58,12 @@ fn quantize(out: &Path, precision: Precision, calibrate: bool) -> (Manifest, Qua
         }
     })
     .unwrap_or_else(|e| panic!("--precision {}: {e}", precision.name()));
-    assert_eq!(passes, if precision == Precision::Int8 { 2 } else { 0 }, "SmoothQuant: two calibration passes");
+    let want = match (precision, calibrate) {
+        (Precision::Int8, _) => 2,              // SmoothQuant: per-channel maxima, then ranges
+        (Precision::Int4WeightOnly, true) => 1, // AWQ: per-channel mean squares
+        _ => 0,
+    };
+    assert_eq!(passes, want, "calibration passes of {}", precision.name());
     r
 }
 
@@ -69,7 +81,12 @@ fn quantized_exports_answer_like_fp32() {
     assert_eq!(manifest.precision, Precision::Int8);
     assert!(op_count(&int8, "QuantizeLinear") > 0 && op_count(&int8, "DequantizeLinear") > 0);
     let q = manifest.quantization.as_ref().unwrap();
-    assert_eq!(q["calibration_samples"], 64, "{q}");
+    assert_eq!(q["calibration_samples"], 56, "{q}");
+    // Every sample was a prompt: the fp32 model wrote the rest (the think block and the answer, ~28 tokens each).
+    let tokens = report.tokens.clone().expect("token sources in the report");
+    assert_eq!(tokens.open_samples, 64, "{tokens:?}");
+    assert!(tokens.generated > 20 * 64 && tokens.given < tokens.generated, "{tokens:?}");
+    assert_eq!(q["calibration_token_sources"]["generated"], tokens.generated as u64, "{q}");
     assert!(q["quantized_matmuls"].as_u64().unwrap() >= 4 * 4, "q/kv/o projections of 4 layers at least: {q}");
     assert!(!q["calibration"]["smoothquant"]["smoothed"].as_array().unwrap().is_empty(), "SmoothQuant folded: {q}");
     // The report: per-layer SQNR and next-token agreement on held-out samples, the same file as in the manifest.
@@ -102,8 +119,8 @@ fn quantized_exports_answer_like_fp32() {
         q["quantized_matmuls"].as_u64().unwrap() - 1,
         "no Q on the head's input"
     );
-    let targets = TargetOptions { targets: vec!["cpu".into()], hardware_compatible: false };
-    apply(&int8, &targets, Mode::AfterExport).unwrap();
+    let targets = TargetOptions { targets: vec!["cpu".into()], ..Default::default() };
+    apply(&int8, &targets, Mode::AfterExport, &mut |_, _| {}).unwrap();
     let record = Manifest::load(&int8).unwrap().targets.cpu().and_then(|c| c.lowering.clone()).expect("lowering");
     assert_eq!(
         (record["matmul_nbits"].clone(), record["matmuls"].clone()),
@@ -128,16 +145,32 @@ fn quantized_exports_answer_like_fp32() {
         }
     }
 
+    // int4-wo calibrated on the prompts: AWQ scales the norm-fed inputs (folded into the RMSNorm weights) and the
+    // answers stay.
+    let awq = tmp.path().join("int4-wo-awq");
+    let (manifest, report) = quantize(&awq, Precision::Int4WeightOnly, true);
+    let q = manifest.quantization.as_ref().unwrap();
+    let choices = q["calibration"]["awq"]["choices"].as_array().unwrap();
+    assert!(!choices.is_empty(), "{q}");
+    assert!(!q["calibration"]["awq"]["folds"]["smoothed"].as_array().unwrap().is_empty(), "some input scaled: {q}");
+    assert!(choices.iter().all(|c| c["error_ratio"].as_f64().unwrap() <= 1.0), "{q}");
+    assert!(report.method.as_deref().unwrap_or_default().starts_with("awq"), "{:?}", report.method);
+    let got = answers(&awq, BackendKind::Ort).unwrap();
+    for (g, w) in got.results.iter().zip(&want.results) {
+        assert_eq!(g.got, w.got, "int4-wo (AWQ) vs fp32 answer of {:?}", g.question);
+    }
+
     // The cpu target lowers int8-wo to MatMulNBits (256-row blocks, siblings fused behind a Split); ort then runs
     // that graph, with the same answers.
     let int8_wo = tmp.path().join("int8-wo");
-    apply(&int8_wo, &targets, Mode::AfterExport).unwrap();
+    apply(&int8_wo, &targets, Mode::AfterExport, &mut |_, _| {}).unwrap();
     let record = Manifest::load(&int8_wo).unwrap().targets.cpu().and_then(|c| c.lowering.clone()).expect("lowering");
     let (nbits, matmuls) = (record["matmul_nbits"].as_u64().unwrap(), record["matmuls"].as_u64().unwrap());
     assert_eq!(record["block_size"], 256);
     assert_eq!(matmuls as usize, op_count(&int8_wo, "DequantizeLinear"), "every weight-only MatMul is lowered");
     assert!(nbits < matmuls, "siblings fused: {nbits} MatMulNBits for {matmuls} MatMuls");
-    let cpu = ModelProto::decode(std::fs::read(int8_wo.join("engines/cpu/model.onnx")).unwrap().as_slice()).unwrap();
+    let graph = Manifest::load(&int8_wo).unwrap().targets.cpu().unwrap().graph.clone();
+    let cpu = ModelProto::decode(std::fs::read(int8_wo.join(graph)).unwrap().as_slice()).unwrap();
     let cpu_ops: Vec<&str> = cpu.graph.as_ref().unwrap().node.iter().filter_map(|n| n.op_type.as_deref()).collect();
     assert_eq!(cpu_ops.iter().filter(|o| **o == "MatMulNBits").count() as u64, nbits);
     assert!(!cpu_ops.contains(&"DequantizeLinear"), "no weight is dequantized at run time");

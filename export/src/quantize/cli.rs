@@ -12,9 +12,10 @@ use r1_engine::manifest::Precision;
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Quantization (--precision int8 | int8-wo | int4-wo)")]
 pub struct QuantArgs {
-    /// Calibration samples: plain text (one sample per line) or JSONL with `text` or `messages` (rendered with the
-    /// checkpoint's chat template, as the server renders requests). Required for int8; for int8-wo / int4-wo it
-    /// only feeds the quality report.
+    /// Calibration samples: plain text (one sample per line) or JSONL with `text`, `prompt` or `messages` (rendered
+    /// with the checkpoint's chat template, as the server renders requests). Your own prompts are enough: a
+    /// `prompt`, or `messages` ending with a user turn, is first continued by the fp32 model
+    /// (--calibration-generate-tokens). Required for int8; for int8-wo / int4-wo it only feeds the quality report.
     #[arg(long, value_name = "FILE", env = "R1_CALIBRATION_DATA")]
     pub calibration_data: Option<PathBuf>,
 
@@ -31,6 +32,29 @@ pub struct QuantArgs {
     /// Calibration samples to use. 64 × 256 tokens gives stable per-tensor ranges; more costs time, not memory.
     #[arg(long, default_value_t = dataset::DEFAULT_NUM_SAMPLES, value_name = "N")]
     pub calibration_samples: usize,
+
+    /// Tokens the fp32 model generates (greedy) after each open sample — a `prompt`, or `messages` ending with a
+    /// user turn — so that calibration sees the reply's activations, not only the prompt's (on arith-r1, int8
+    /// calibrated on prompts alone lost 2.8 points; BENCHMARKS.md). A sample stops at EOS or at
+    /// --calibration-seq-len. 0 calibrates on the prompts as given.
+    #[arg(long, default_value_t = super::DEFAULT_GENERATE_TOKENS, value_name = "TOKENS")]
+    pub calibration_generate_tokens: usize,
+
+    /// Leave this MatMul in float (repeatable): its node name as the report's layer list and
+    /// `calibration/report.json` give it (e.g. `/model/layers.3/mlp/gate/MatMul`), or its weight's name.
+    #[arg(long, value_name = "WEIGHT")]
+    pub keep_float: Vec<String>,
+
+    /// int4-wo with --calibration-data: activation-aware weight scaling (AWQ): each input channel of the MatMuls
+    /// an RMSNorm feeds is scaled by its activation magnitude to a searched power before the 4-bit rounding, the
+    /// inverse folded into the norm (no run-time cost). on (default) or off. Without calibration data: off.
+    #[arg(long, default_value = "on", value_name = "on|off", value_parser = ["on", "off"])]
+    pub awq: String,
+
+    /// Fail the export, writing no artifact, when the quantized model's accuracy on --eval-problems is more than
+    /// POINTS percentage points below fp32's (e.g. 1.0).
+    #[arg(long, value_name = "POINTS", requires = "eval_problems")]
+    pub max_accuracy_loss: Option<f64>,
 
     /// Tokens per calibration sample (longer samples are truncated).
     #[arg(long, default_value_t = dataset::DEFAULT_SEQ_LEN, value_name = "TOKENS")]
@@ -119,6 +143,10 @@ impl QuantArgs {
             backend,
             eval_problems: self.eval_problems.clone(),
             eval_limit: self.eval_limit.unwrap_or(usize::MAX),
+            generate_tokens: self.calibration_generate_tokens,
+            keep_float: self.keep_float.clone(),
+            max_accuracy_loss: self.max_accuracy_loss,
+            awq: self.awq == "on",
         })
     }
 }

@@ -17,28 +17,29 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use r1_calibration::calibrate::{calibrate_w8a8, ActivationSource, W8A8Config};
-use r1_calibration::dataset::{self, Message as DataMessage};
+use r1_calibration::dataset;
 use r1_calibration::observer::CalibrationMethod;
 use r1_calibration::qdq::{quantize_model, QdqOptions, QuantScheme, RewriteSummary};
 use r1_calibration::report::{AccuracyRow, QualityReport};
-use r1_calibration::trt_cache::{CacheAlgorithm, CalibrationCache};
 use r1_calibration::CalibError;
 use r1_engine::backend::BackendKind;
 use r1_engine::eval::{self, EvalOptions};
 use r1_engine::manifest::{Manifest, Precision};
-use r1_engine::text::{ChatMessage, ChatTemplate, RenderOptions, Tokenizer};
+use r1_engine::text::{ChatTemplate, Tokenizer};
 use r1_engine::{Engine, EngineOptions};
 use r1_proto::onnx::ModelProto;
 
 use crate::error::{ExportError, Result};
 
 mod cli;
+mod passes;
 mod runner;
+mod samples;
 
 use crate::{artifact, export, ExportOptions, Progress, DATA_FILE, MODEL_FILE};
 pub use cli::QuantArgs;
-use runner::{compare, GraphRunner, SampleSource};
+use runner::compare;
+pub use samples::DEFAULT_GENERATE_TOKENS;
 
 /// Directory of the calibration outputs inside an artifact.
 pub const CALIBRATION_DIR: &str = "calibration";
@@ -98,6 +99,16 @@ pub struct QuantizeOptions {
     pub eval_problems: Option<PathBuf>,
     /// At most this many problems from `eval_problems`.
     pub eval_limit: usize,
+    /// Tokens the fp32 model generates after each open sample (a prompt without its reply) before calibration;
+    /// 0 calibrates on the prompts alone.
+    pub generate_tokens: usize,
+    /// MatMuls left in float, by weight name (`--keep-float`).
+    pub keep_float: Vec<String>,
+    /// Fail the export, writing no artifact, when the quantized model scores more than this many points below fp32
+    /// on `eval_problems`.
+    pub max_accuracy_loss: Option<f64>,
+    /// `int4-wo` with calibration data: activation-aware weight scaling ([`r1_calibration::awq`]).
+    pub awq: bool,
 }
 
 impl QuantizeOptions {
@@ -120,6 +131,10 @@ impl QuantizeOptions {
             backend: BackendKind::Auto,
             eval_problems: None,
             eval_limit: usize::MAX,
+            generate_tokens: DEFAULT_GENERATE_TOKENS,
+            keep_float: Vec::new(),
+            max_accuracy_loss: None,
+            awq: true,
         }
     }
 
@@ -181,6 +196,10 @@ pub enum QuantProgress<'a> {
     Rewriting,
     /// Comparing fp32 and quantized outputs on `samples` held-out samples.
     Report { samples: usize },
+    /// The fp32 model generates the replies of `samples` open calibration samples.
+    Generating { samples: usize },
+    /// Replies of `done` open samples have been generated.
+    Generated { done: usize },
     /// Scoring `problems` task problems on the `precision` artifact.
     Eval { precision: &'a str, problems: usize },
     /// One batch of problems was scored.
@@ -213,27 +232,36 @@ pub fn export_quantized(
     let fp32_manifest = export(&fp32_opts, &mut |p| progress(QuantProgress::Export(p)))?;
 
     let (tokenizer, template) = text_of(&staging.0, q)?;
-    let (calib, held_out) = match (&q.calibration_data, &tokenizer) {
-        (Some(path), Some(tokenizer)) => read_samples(path, q, tokenizer, template.as_ref())?,
-        _ => (Vec::new(), Vec::new()),
+    let (calib, held_out, sources) = match (&q.calibration_data, &tokenizer) {
+        (Some(path), Some(tokenizer)) => {
+            let s = samples::read(path, q, tokenizer, template.as_ref(), &staging.0, progress)?;
+            (s.calibration, s.held_out, Some(s.sources))
+        }
+        _ => (Vec::new(), Vec::new(), None),
     };
 
     let mut model = read_model(&staging.0.join(MODEL_FILE))?;
     let original = model.clone();
     let reader = r1_calibration::external::ExternalDataReader::new(&staging.0);
-    let mut qopts = qdq_options(q)?;
+    let mut qopts = qdq_options(q, &original)?;
     let cal = if q.precision == Precision::Int8 {
-        Some(calibrate_int8(&mut model, &reader, &staging.0, &fp32_manifest, q, &calib, progress)?)
+        Some(passes::calibrate_int8(&mut model, &reader, &staging.0, &fp32_manifest, q, &calib, progress)?)
     } else {
         None
     };
-    let batches = cal.as_ref().map_or(0, |c| c.batches);
+    let awq = if q.precision == Precision::Int4WeightOnly && q.awq && !calib.is_empty() {
+        Some(passes::awq_int4(&mut model, &reader, &staging.0, &fp32_manifest, q, &calib, progress)?)
+    } else {
+        None
+    };
+    let batches = cal.as_ref().map_or(if awq.is_some() { calib.len() } else { 0 }, |c| c.batches);
     if let Some(c) = &cal {
         qopts.activation_scales = c.scales.clone();
     }
-    let (cache, cal_json) = match cal {
-        Some(c) => (Some(c.cache), c.json),
-        None => (None, serde_json::Value::Null),
+    let (cache, cal_json) = match (cal, &awq) {
+        (Some(c), _) => (Some(c.cache), c.json),
+        (None, Some(a)) => (None, serde_json::json!({ "awq": a })),
+        (None, None) => (None, serde_json::Value::Null),
     };
 
     progress(QuantProgress::Rewriting);
@@ -252,9 +280,15 @@ pub fn export_quantized(
     manifest.precision = q.precision;
     let mut report = QualityReport {
         precision: q.precision.name().into(),
-        method: (q.precision == Precision::Int8).then(|| q.method.to_string()),
+        method: if q.precision == Precision::Int8 {
+            Some(q.method.to_string())
+        } else {
+            awq.as_ref().map(|a| format!("awq ({} of {} inputs scaled)", a.folds.smoothed.len(), a.choices.len()))
+        },
         smoothquant_alpha: if q.precision == Precision::Int8 { q.smoothquant_alpha } else { 0.0 },
         samples: batches,
+        tokens: sources,
+        kept_float: q.keep_float.clone(),
         layers: Vec::new(),
         end_to_end: None,
         accuracy: Vec::new(),
@@ -266,19 +300,42 @@ pub fn export_quantized(
         report.layers = layers;
         report.end_to_end = e2e;
     }
-    report.write(&tmp.path().join(REPORT_FILE))?;
-
-    manifest.files = artifact_files(&opts.checkpoint, tmp.path())?;
-    manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json, &report));
-    tmp.commit(&manifest)?;
-
+    // The task evaluation runs on the finished artifact while it is still in its temporary directory: an export
+    // that fails `--max-accuracy-loss` leaves no artifact behind.
+    let write_record = |manifest: &mut Manifest, report: &QualityReport| -> Result<()> {
+        report.write(&tmp.path().join(REPORT_FILE))?;
+        manifest.files = artifact_files(&opts.checkpoint, tmp.path())?;
+        manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json.clone(), report));
+        Ok(manifest.write_atomic(tmp.path())?)
+    };
+    write_record(&mut manifest, &report)?;
     if let (Some(path), Some(tokenizer)) = (&q.eval_problems, &tokenizer) {
-        let dirs = [(staging.0.as_path(), "fp32"), (opts.out_dir.as_path(), q.precision.name())];
+        let dirs = [(staging.0.as_path(), "fp32"), (tmp.path(), q.precision.name())];
         report.accuracy = evaluate_accuracy(path, &dirs, q, tokenizer, template.as_ref(), progress)?;
-        rewrite_report(&opts.out_dir, &mut manifest, &report)?;
+        write_record(&mut manifest, &report)?;
+        check_accuracy_loss(&report, q)?;
     }
+    tmp.commit(&manifest)?;
     drop(staging);
     Ok((manifest, report))
+}
+
+/// `--max-accuracy-loss`: an error naming both accuracies and the limit when the quantized model lost more points.
+fn check_accuracy_loss(report: &QualityReport, q: &QuantizeOptions) -> Result<()> {
+    let (Some(limit), [fp32, quant]) = (q.max_accuracy_loss, report.accuracy.as_slice()) else {
+        return Ok(());
+    };
+    let loss = fp32.percent() - quant.percent();
+    if loss > limit {
+        return Err(ExportError::AccuracyLoss {
+            precision: quant.precision.clone(),
+            fp32: format!("{:.1}% ({}/{})", fp32.percent(), fp32.correct, fp32.total),
+            quantized: format!("{:.1}% ({}/{})", quant.percent(), quant.correct, quant.total),
+            loss,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// The tokenizer and chat template of the exported checkpoint, when samples or eval problems need text. They are
@@ -310,9 +367,48 @@ fn artifact_files(checkpoint: &Path, dir: &Path) -> Result<BTreeMap<String, r1_e
     Ok(files)
 }
 
-/// The QDQ rewrite options of `q`: its scheme, and the LM head excluded, weight-only or fully quantized.
-fn qdq_options(q: &QuantizeOptions) -> Result<QdqOptions> {
+/// The QDQ rewrite options of `q`: its scheme, MoE routers excluded, the LM head excluded, weight-only or fully
+/// quantized, and the
+/// `--keep-float` MatMuls excluded (each names a MatMul of `model`, by node name as the report lists it or by
+/// weight name).
+fn qdq_options(q: &QuantizeOptions, model: &ModelProto) -> Result<QdqOptions> {
     let mut qopts = QdqOptions::new(q.scheme()?);
+    // MoE routers stay float32 in every precision (the exporter keeps them so for fp16 too).
+    let routers = model.graph.iter().flat_map(|g| &g.initializer).filter_map(|t| t.name.as_deref());
+    for name in routers.filter(|n| n.ends_with(crate::arch::deepseek_v3::ROUTER_WEIGHT_SUFFIX)) {
+        qopts.exclude.insert(name.to_string());
+    }
+    if !q.keep_float.is_empty() {
+        // node name -> weight name, for every MatMul
+        let matmuls: BTreeMap<&str, &str> = model
+            .graph
+            .iter()
+            .flat_map(|g| &g.node)
+            .filter(|n| n.op_type.as_deref() == Some("MatMul"))
+            .filter_map(|n| Some((n.name.as_deref()?, n.input.get(1)?.as_str())))
+            .collect();
+        for name in &q.keep_float {
+            let weight = matmuls.get(name.as_str()).copied().or_else(|| matmuls.values().copied().find(|w| w == name));
+            let Some(weight) = weight else {
+                let near: Vec<&str> = matmuls.keys().copied().filter(|n| n.contains(name.as_str())).take(5).collect();
+                return Err(ExportError::InvalidOption {
+                    option: "--keep-float",
+                    message: format!(
+                        "`{name}` names no MatMul of this graph ({} MatMuls; give a node name as the report lists \
+                         it, e.g. `{}`, or its weight's name){}",
+                        matmuls.len(),
+                        matmuls.keys().next().unwrap_or(&"-"),
+                        if near.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; names containing it: {}", near.join(", "))
+                        }
+                    ),
+                });
+            };
+            qopts.exclude.insert(weight.to_string());
+        }
+    }
     match q.lm_head {
         LmHead::Float => {
             qopts.exclude.insert(LM_HEAD_WEIGHT.to_string());
@@ -323,50 +419,6 @@ fn qdq_options(q: &QuantizeOptions) -> Result<QdqOptions> {
         LmHead::All => {}
     }
     Ok(qopts)
-}
-
-/// What W8A8 calibration produced: activation scales for the rewrite, the TensorRT cache, and the manifest's record.
-struct Int8Calibration {
-    batches: usize,
-    scales: std::collections::HashMap<String, f32>,
-    cache: CalibrationCache,
-    json: serde_json::Value,
-}
-
-/// Runs the fp32 graph over the calibration samples (two passes with SmoothQuant, whose scales are folded into
-/// `model`) and derives the activation scales.
-fn calibrate_int8(
-    model: &mut ModelProto,
-    reader: &r1_calibration::external::ExternalDataReader,
-    staging: &Path,
-    fp32_manifest: &Manifest,
-    q: &QuantizeOptions,
-    calib: &[Vec<u32>],
-    progress: &mut dyn FnMut(QuantProgress<'_>),
-) -> Result<Int8Calibration> {
-    let passes = if q.smoothquant_alpha > 0.0 { 2 } else { 1 };
-    let mut pass = 0;
-    // Both the pass factory and the per-batch callback report progress.
-    let shared = std::cell::RefCell::new(progress);
-    let mut make_source = |copy: &ModelProto| -> r1_calibration::Result<Box<dyn ActivationSource + '_>> {
-        pass += 1;
-        (shared.borrow_mut())(QuantProgress::Pass { pass, passes, batches: calib.len() });
-        let runner = GraphRunner::open(staging, "calibration.onnx", copy, fp32_manifest, q.backend)
-            .map_err(|e| CalibError::Source(e.to_string()))?;
-        Ok(Box::new(SampleSource { runner, samples: calib, next: 0 }))
-    };
-    let cfg = W8A8Config { method: q.method, alpha: q.smoothquant_alpha, max_batches: calib.len() };
-    let cal = {
-        let mut batch_progress = |done: usize| (shared.borrow_mut())(QuantProgress::Batch { done });
-        calibrate_w8a8(model, reader, &mut make_source, cfg, Some(staging), &mut batch_progress)?
-    };
-    let algorithm = if q.method == CalibrationMethod::Max { CacheAlgorithm::MinMax } else { CacheAlgorithm::Entropy2 };
-    let cache = CalibrationCache::from_amax(TRT_CACHE_VERSION, algorithm, &cal.fp32_amax)?;
-    let json = serde_json::json!({
-        "amax": cal.amax.iter().cloned().collect::<BTreeMap<_, _>>(),
-        "smoothquant": cal.smooth,
-    });
-    Ok(Int8Calibration { batches: cal.batches, scales: cal.scales.into_iter().collect(), cache, json })
 }
 
 /// Greedy accuracy on the eval problems of every artifact in `dirs` (fp32 first, then the quantized one).
@@ -430,6 +482,18 @@ fn validate(opts: &ExportOptions, q: &QuantizeOptions) -> Result<()> {
             format!("must be at least 1, got {} and {}", q.samples, q.seq_len),
         );
     }
+    match q.max_accuracy_loss {
+        Some(limit) if !(limit >= 0.0 && limit.is_finite()) => {
+            return bad("--max-accuracy-loss", format!("must be a number of points ≥ 0, got {limit}"));
+        }
+        Some(_) if q.eval_problems.is_none() => {
+            return bad(
+                "--max-accuracy-loss",
+                "needs --eval-problems (the problems both models are scored on), which was not given".into(),
+            );
+        }
+        _ => {}
+    }
     r1_calibration::smoothquant::validate_alpha(q.smoothquant_alpha)?;
     Ok(())
 }
@@ -457,53 +521,6 @@ pub(crate) fn read_model(path: &Path) -> Result<ModelProto> {
         .map_err(|e| ExportError::Graph(format!("{}: cannot decode: {e}", path.display())))
 }
 
-/// Token ids of the calibration samples and of the held-out samples.
-type SampleSplit = (Vec<Vec<u32>>, Vec<Vec<u32>>);
-
-/// Reads, renders and tokenizes samples; returns `(calibration, held_out)` token sequences (each ≤ `seq_len`).
-/// Held-out samples come after the calibration samples in the file; a file with a single sample uses it for both.
-fn read_samples(
-    path: &Path,
-    q: &QuantizeOptions,
-    tokenizer: &Tokenizer,
-    template: Option<&ChatTemplate>,
-) -> Result<SampleSplit> {
-    let render = |messages: &[DataMessage]| -> r1_calibration::Result<String> {
-        let t = template.ok_or_else(|| {
-            CalibError::Source(
-                "JSONL `messages` need a chat template, and the checkpoint's tokenizer_config.json has none".into(),
-            )
-        })?;
-        let msgs: Vec<ChatMessage> =
-            messages.iter().map(|m| ChatMessage::new(m.role.clone(), m.content.clone())).collect();
-        t.render(&msgs, &RenderOptions::default())
-            .map_err(|e| CalibError::Source(format!("rendering the chat template: {e}")))
-    };
-    let texts = dataset::load_samples(path, q.samples.saturating_add(q.eval_samples), &render)?;
-    let mut seqs = Vec::with_capacity(texts.len());
-    for (i, t) in texts.iter().enumerate() {
-        // BOS is added unless the text (e.g. a rendered template) already starts with it.
-        let mut ids = tokenizer
-            .encode(t, true)
-            .map_err(|e| calib_input(format!("{}: sample {}: cannot tokenize: {e}", path.display(), i + 1)))?;
-        ids.truncate(q.seq_len);
-        if !ids.is_empty() {
-            seqs.push(ids);
-        }
-    }
-    if seqs.is_empty() {
-        return Err(calib_input(format!("{}: no sample produced any token", path.display())));
-    }
-    let n = seqs.len();
-    let held_out = match (q.eval_samples, n) {
-        (0, _) => Vec::new(),
-        (_, 1) => seqs.clone(),
-        (e, n) => seqs.split_off(n - n.saturating_sub(q.samples).max(1).min(e)),
-    };
-    seqs.truncate(q.samples);
-    Ok((seqs, held_out))
-}
-
 fn quantization_json(
     q: &QuantizeOptions,
     summary: &RewriteSummary,
@@ -519,6 +536,8 @@ fn quantization_json(
         "smoothquant_alpha": if q.precision == Precision::Int8 { q.smoothquant_alpha } else { 0.0 },
         "calibration_samples": batches,
         "calibration_tokens": calib.iter().take(batches).map(Vec::len).sum::<usize>(),
+        "calibration_token_sources": report.tokens,
+        "keep_float": q.keep_float,
         "quantized_matmuls": summary.quantized.len(),
         "lm_head": q.lm_head.name(),
         "skipped_matmuls": summary.skipped,
@@ -529,9 +548,78 @@ fn quantization_json(
     })
 }
 
-/// Writes `report` again into the committed artifact and updates its sha256 in `manifest.json` (atomically).
-fn rewrite_report(dir: &Path, manifest: &mut Manifest, report: &QualityReport) -> Result<()> {
-    report.write(&dir.join(REPORT_FILE))?;
-    manifest.files.insert(REPORT_FILE.into(), artifact::hash_file(&dir.join(REPORT_FILE))?);
-    Ok(manifest.write_atomic(dir)?)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(fp32: u32, quant: u32) -> QualityReport {
+        let row = |precision: &str, correct| AccuracyRow { precision: precision.into(), correct, total: 500 };
+        QualityReport {
+            precision: "int8".into(),
+            method: None,
+            smoothquant_alpha: 0.0,
+            samples: 0,
+            tokens: None,
+            kept_float: Vec::new(),
+            layers: Vec::new(),
+            end_to_end: None,
+            accuracy: vec![row("fp32", fp32), row("int8", quant)],
+        }
+    }
+
+    #[test]
+    fn the_accuracy_gate_names_both_figures_and_the_limit() {
+        let mut q = QuantizeOptions::new(Precision::Int8);
+        q.max_accuracy_loss = Some(1.0);
+        // 468 → 465 of 500 is 0.6 points: passes; 468 → 455 is 2.6: fails.
+        check_accuracy_loss(&report(468, 465), &q).unwrap();
+        let e = check_accuracy_loss(&report(468, 455), &q).unwrap_err();
+        assert_eq!(e.kind(), "accuracy_loss");
+        let e = e.to_string();
+        assert!(
+            e.contains("93.6% (468/500)")
+                && e.contains("91.0% (455/500)")
+                && e.contains("2.6 points")
+                && e.contains("the 1 allowed")
+                && e.contains("no artifact"),
+            "{e}"
+        );
+        q.max_accuracy_loss = None;
+        check_accuracy_loss(&report(468, 0), &q).unwrap();
+    }
+
+    #[test]
+    fn the_gate_and_keep_float_are_checked_before_any_work() {
+        let opts = ExportOptions::new(Path::new("ck"), Path::new("out"));
+        let mut q = QuantizeOptions::new(Precision::Int8WeightOnly);
+        q.max_accuracy_loss = Some(1.0);
+        let e = validate(&opts, &q).unwrap_err().to_string();
+        assert!(e.contains("--max-accuracy-loss") && e.contains("--eval-problems"), "{e}");
+        q.eval_problems = Some("p.jsonl".into());
+        q.max_accuracy_loss = Some(-1.0);
+        assert!(validate(&opts, &q).unwrap_err().to_string().contains("got -1"));
+
+        let mut model = ModelProto::default();
+        let graph = model.graph.get_or_insert_with(Default::default);
+        graph.node.push(r1_proto::onnx::NodeProto {
+            name: Some("/model/layers.0/mlp/gate/MatMul".into()),
+            op_type: Some("MatMul".into()),
+            input: vec!["x".into(), "gate.weight".into()],
+            ..Default::default()
+        });
+        graph.initializer.push(r1_proto::onnx::TensorProto {
+            name: Some("model.layers.1.mlp.gate.weight".into()),
+            ..Default::default()
+        });
+        let mut q = QuantizeOptions::new(Precision::Int8WeightOnly);
+        let routers_only = qdq_options(&q, &model).unwrap().exclude;
+        assert_eq!(routers_only.into_iter().collect::<Vec<_>>(), ["model.layers.1.mlp.gate.weight"], "MoE routers");
+        q.keep_float = vec!["/model/layers.0/mlp/gate/MatMul".into()];
+        assert!(qdq_options(&q, &model).unwrap().exclude.contains("gate.weight"));
+        q.keep_float = vec!["gate.weight".into()];
+        assert!(qdq_options(&q, &model).unwrap().exclude.contains("gate.weight"));
+        q.keep_float = vec!["gate".into()];
+        let e = qdq_options(&q, &model).unwrap_err().to_string();
+        assert!(e.contains("`gate` names no MatMul") && e.contains("/model/layers.0/mlp/gate/MatMul"), "{e}");
+    }
 }

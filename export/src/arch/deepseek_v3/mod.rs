@@ -14,6 +14,11 @@ pub mod config;
 mod mla;
 mod moe;
 
+/// The MoE router's weight (`model.layers.N.mlp.gate.weight`, as the checkpoint names it) ends so. Routers stay
+/// float32 in every precision, as in transformers; the quantizer leaves them float too (a rounded router picks other
+/// experts: on arith-r1 quantizing them cost int4-wo 0.4 points, BENCHMARKS.md).
+pub const ROUTER_WEIGHT_SUFFIX: &str = ".mlp.gate.weight";
+
 use std::path::Path;
 
 use r1_engine::manifest::{DType, KvCacheInfo, ModelInfo};

@@ -33,6 +33,7 @@ use crate::onnx::{attr_i, ElemType};
 fn router(ctx: &mut Ctx, cfg: &DeepseekV3Config, layer: usize, x2: &str) -> Result<String> {
     let p = format!("/model/layers.{layer}/mlp/gate");
     let hf = format!("model.layers.{layer}.mlp.gate");
+    debug_assert!(format!("{hf}.weight").ends_with(super::ROUTER_WEIGHT_SUFFIX));
     let (h, e) = (cfg.hidden_size, cfg.n_routed_experts);
     // Router weights stay float32 in every precision, as in transformers.
     let wg = ctx.tensor_f32(&format!("{hf}.weight"), &[e, h])?;
