@@ -126,8 +126,9 @@ pub enum ExportError {
     /// `--max-accuracy-loss`: the quantized model lost more accuracy than allowed; no artifact was written.
     #[error(
         "--max-accuracy-loss: {precision} scored {quantized} against fp32's {fp32} on --eval-problems, a loss of \
-         {loss:.1} points, more than the {limit} allowed; no artifact was written (see the report above; try \
-         --keep-float on the worst layers, another --calibration-method, or a weight-only precision)"
+         {loss:.1} points, more than the {limit} allowed; no artifact was written (rerun without \
+         --max-accuracy-loss to keep it and read calibration/report.json for the worst layers, then try \
+         --keep-float on them, more or other --calibration-data, or a wider precision)"
     )]
     AccuracyLoss {
         /// The quantized precision.
