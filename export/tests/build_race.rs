@@ -33,14 +33,20 @@ fn reader_view(out: &Path) -> Result<bool, String> {
     Ok(m.targets.cpu_graph(out) == Some(rec.graph.as_str()))
 }
 
-#[test]
-fn two_builds_at_once_build_once_and_a_reader_never_sees_a_partial_engine() {
+/// A tiny exported artifact (no target built yet): (tempdir, artifact dir).
+fn exported() -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let ck = tmp.path().join("ck");
     write_checkpoint(&preset("tiny-qwen2").unwrap(), &ck).unwrap();
     let out = tmp.path().join("out");
     let o = r1_export(&[ck.as_os_str(), "-o".as_ref(), out.as_os_str(), "--quiet".as_ref()]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+    (tmp, out)
+}
+
+#[test]
+fn two_builds_at_once_build_once_and_a_reader_never_sees_a_partial_engine() {
+    let (_tmp, out) = exported();
 
     // A reader polls the artifact the whole time, as a server starting at any moment would.
     let stop = Arc::new(AtomicBool::new(false));
@@ -91,12 +97,7 @@ fn two_builds_at_once_build_once_and_a_reader_never_sees_a_partial_engine() {
 
 #[test]
 fn a_build_waiting_past_wait_secs_fails_naming_the_lock_and_its_holder() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ck = tmp.path().join("ck");
-    write_checkpoint(&preset("tiny-qwen2").unwrap(), &ck).unwrap();
-    let out = tmp.path().join("out");
-    let o = r1_export(&[ck.as_os_str(), "-o".as_ref(), out.as_os_str(), "--quiet".as_ref()]).output().unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (_tmp, out) = exported();
     // This process holds the lock, as a build in another pod would.
     let _held = r1_export::build_lock::BuildLock::acquire(&out, "cpu", std::time::Duration::ZERO, &mut |_| {}).unwrap();
     let o = r1_export(&[

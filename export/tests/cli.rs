@@ -350,37 +350,33 @@ fn cpu_target_writes_an_optimized_graph_with_the_portable_graphs_logits() {
 
 // ---- quantization flags on the trained arith-r1 fixture ----
 
-fn arith() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/arith-r1")
+/// `r1-export tests/fixtures/arith-r1 -o OUT ARGS... --quiet`; `{fixture}` in an argument is the fixture's path.
+fn arith_export(out: &Path, args: &[&str]) -> Output {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/arith-r1");
+    let fix = fixture.to_str().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_r1-export"));
+    cmd.arg(&fixture).arg("-o").arg(out).arg("--quiet");
+    cmd.args(args.iter().map(|a| a.replace("{fixture}", fix)));
+    cmd.output().unwrap()
 }
 
 #[test]
 fn accuracy_gate_refuses_a_lossy_export_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("int4");
-    let problems = arith().join("user_eval/problems.jsonl");
     // Symmetric 128-row blocks on a hidden size of 56: measured 49/60 against fp32's 53/60.
-    let args: Vec<&std::ffi::OsStr> = vec![
-        arith().as_os_str().to_owned().leak(),
-        "-o".as_ref(),
-        out.as_os_str(),
-        "--precision".as_ref(),
-        "int4-wo".as_ref(),
-        "--opset".as_ref(),
-        "21".as_ref(),
-        "--int4-scheme".as_ref(),
-        "symmetric".as_ref(),
-        "--int4-block-size".as_ref(),
-        "128".as_ref(),
-        "--eval-problems".as_ref(),
-        problems.as_os_str(),
-        "--eval-limit".as_ref(),
-        "60".as_ref(),
-        "--max-accuracy-loss".as_ref(),
-        "0".as_ref(),
-        "--quiet".as_ref(),
-    ];
-    let o = r1_export(&args);
+    let o = arith_export(
+        &out,
+        &[
+            "--precision=int4-wo",
+            "--opset=21",
+            "--int4-scheme=symmetric",
+            "--int4-block-size=128",
+            "--eval-problems={fixture}/user_eval/problems.jsonl",
+            "--eval-limit=60",
+            "--max-accuracy-loss=0",
+        ],
+    );
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("--max-accuracy-loss") && e.contains("(53/60)") && e.contains("the 0 allowed"), "{e}");
@@ -393,38 +389,23 @@ fn accuracy_gate_refuses_a_lossy_export_and_writes_nothing() {
 fn prompts_are_answered_before_calibration_and_int4_flags_are_recorded() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("int4");
-    let prompts = arith().join("user_eval/prompts.jsonl");
-    let problems = arith().join("user_eval/problems.jsonl");
     let keep = "/model/layers.0/self_attn/o_proj/MatMul";
-    let args: Vec<&std::ffi::OsStr> = vec![
-        arith().as_os_str().to_owned().leak(),
-        "-o".as_ref(),
-        out.as_os_str(),
-        "--precision".as_ref(),
-        "int4-wo".as_ref(),
-        "--opset".as_ref(),
-        "21".as_ref(),
-        "--calibration-data".as_ref(),
-        prompts.as_os_str(),
-        "--calibration-samples".as_ref(),
-        "8".as_ref(),
-        "--report-samples".as_ref(),
-        "2".as_ref(),
-        "--calibration-generate-tokens".as_ref(),
-        "6".as_ref(),
-        "--keep-float".as_ref(),
-        keep.as_ref(),
-        "--awq".as_ref(),
-        "on".as_ref(),
-        "--eval-problems".as_ref(),
-        problems.as_os_str(),
-        "--eval-limit".as_ref(),
-        "8".as_ref(),
-        "--max-accuracy-loss".as_ref(),
-        "100".as_ref(),
-        "--quiet".as_ref(),
-    ];
-    let o = r1_export(&args);
+    let o = arith_export(
+        &out,
+        &[
+            "--precision=int4-wo",
+            "--opset=21",
+            "--calibration-data={fixture}/user_eval/prompts.jsonl",
+            "--calibration-samples=8",
+            "--report-samples=2",
+            "--calibration-generate-tokens=6",
+            &format!("--keep-float={keep}"),
+            "--awq=on",
+            "--eval-problems={fixture}/user_eval/problems.jsonl",
+            "--eval-limit=8",
+            "--max-accuracy-loss=100",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let e = stderr(&o);
     // 10 prompts read (8 + 2 held out), each answered with exactly 6 tokens (the replies are longer than that).
@@ -437,15 +418,6 @@ fn prompts_are_answered_before_calibration_and_int4_flags_are_recorded() {
     assert!(!q["calibration"]["awq"]["choices"].as_array().unwrap().is_empty(), "{q}");
     assert!(q["skipped_matmuls"].to_string().contains(keep), "{q}");
     // The flags name what is wrong.
-    let bad: Vec<&std::ffi::OsStr> = vec![
-        arith().as_os_str().to_owned().leak(),
-        "-o".as_ref(),
-        tmp.path().join("bad").into_os_string().leak(),
-        "--precision".as_ref(),
-        "int8-wo".as_ref(),
-        "--keep-float".as_ref(),
-        "o_proj".as_ref(),
-    ];
-    let e = stderr(&r1_export(&bad));
+    let e = stderr(&arith_export(&tmp.path().join("bad"), &["--precision=int8-wo", "--keep-float=o_proj"]));
     assert!(e.contains("`o_proj` names no MatMul") && e.contains("/model/layers.0/self_attn/o_proj/MatMul"), "{e}");
 }

@@ -327,6 +327,19 @@ async fn start(
     (channel, http_addr, tx, task)
 }
 
+/// Triggers the shutdown of a server from [`start`] and waits for a clean stop.
+async fn stop(
+    tx: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), r1_serve::error::ServeError>>,
+) {
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("shutdown in time")
+        .expect("no panic")
+        .expect("clean shutdown");
+}
+
 async fn grpc_status(health: &mut HealthClient<tonic::transport::Channel>) -> i32 {
     health.check(HealthCheckRequest { service: String::new() }).await.expect("health").into_inner().status
 }
@@ -377,12 +390,7 @@ async fn every_metric_deploy_references_is_exported() {
     );
     println!("{} referenced r1_* metrics all exported: {:?}", referenced.len(), referenced.keys().collect::<Vec<_>>());
 
-    let _ = tx.send(());
-    tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .expect("shutdown in time")
-        .expect("no panic")
-        .expect("clean shutdown");
+    stop(tx, task).await;
 }
 
 /// The chart's startup and readiness probes are `GET /health`: it must say 503 while the model loads and while it
@@ -429,10 +437,5 @@ async fn health_is_not_ready_while_the_model_loads_or_warms_up() {
     assert!(saw_warming, "GET /health never reported the warm-up (503 `warming up`) between loading and serving");
     assert_eq!(grpc_status(&mut health).await, ServingStatus::Serving as i32);
 
-    let _ = tx.send(());
-    tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .expect("shutdown in time")
-        .expect("no panic")
-        .expect("clean shutdown");
+    stop(tx, task).await;
 }

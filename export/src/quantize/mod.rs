@@ -244,13 +244,15 @@ pub fn export_quantized(
     let original = model.clone();
     let reader = r1_calibration::external::ExternalDataReader::new(&staging.0);
     let mut qopts = qdq_options(q, &original)?;
+    let pass_input =
+        passes::PassInput { reader: &reader, staging: &staging.0, manifest: &fp32_manifest, q, calib: &calib };
     let cal = if q.precision == Precision::Int8 {
-        Some(passes::calibrate_int8(&mut model, &reader, &staging.0, &fp32_manifest, q, &calib, progress)?)
+        Some(passes::calibrate_int8(&mut model, &pass_input, progress)?)
     } else {
         None
     };
     let awq = if q.precision == Precision::Int4WeightOnly && q.awq && !calib.is_empty() {
-        Some(passes::awq_int4(&mut model, &reader, &staging.0, &fp32_manifest, q, &calib, progress)?)
+        Some(passes::awq_int4(&mut model, &pass_input, progress)?)
     } else {
         None
     };

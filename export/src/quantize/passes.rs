@@ -28,17 +28,33 @@ pub(super) struct Int8Calibration {
     pub json: serde_json::Value,
 }
 
+/// What every calibration pass reads: the fp32 staging artifact (its directory, weights and manifest), the options
+/// and the calibration samples.
+pub(super) struct PassInput<'a> {
+    pub reader: &'a ExternalDataReader,
+    pub staging: &'a Path,
+    pub manifest: &'a Manifest,
+    pub q: &'a QuantizeOptions,
+    pub calib: &'a [Vec<u32>],
+}
+
+impl<'a> PassInput<'a> {
+    /// The engine running `copy` (a calibration copy of the graph) over the samples, one per batch.
+    fn source(&self, copy: &ModelProto) -> r1_calibration::Result<Box<dyn ActivationSource + 'a>> {
+        let runner = GraphRunner::open(self.staging, "calibration.onnx", copy, self.manifest, self.q.backend)
+            .map_err(|e| CalibError::Source(e.to_string()))?;
+        Ok(Box::new(SampleSource { runner, samples: self.calib, next: 0 }))
+    }
+}
+
 /// Runs the fp32 graph over the calibration samples (two passes with SmoothQuant, whose scales are folded into
 /// `model`) and derives the activation scales.
 pub(super) fn calibrate_int8(
     model: &mut ModelProto,
-    reader: &ExternalDataReader,
-    staging: &Path,
-    fp32_manifest: &Manifest,
-    q: &QuantizeOptions,
-    calib: &[Vec<u32>],
+    input: &PassInput<'_>,
     progress: &mut dyn FnMut(QuantProgress<'_>),
 ) -> Result<Int8Calibration> {
+    let (q, calib) = (input.q, input.calib);
     let passes = if q.smoothquant_alpha > 0.0 { 2 } else { 1 };
     let mut pass = 0;
     // Both the pass factory and the per-batch callback report progress.
@@ -46,14 +62,12 @@ pub(super) fn calibrate_int8(
     let mut make_source = |copy: &ModelProto| -> r1_calibration::Result<Box<dyn ActivationSource + '_>> {
         pass += 1;
         (shared.borrow_mut())(QuantProgress::Pass { pass, passes, batches: calib.len() });
-        let runner = GraphRunner::open(staging, "calibration.onnx", copy, fp32_manifest, q.backend)
-            .map_err(|e| CalibError::Source(e.to_string()))?;
-        Ok(Box::new(SampleSource { runner, samples: calib, next: 0 }))
+        input.source(copy)
     };
     let cfg = W8A8Config { method: q.method, alpha: q.smoothquant_alpha, max_batches: calib.len() };
     let cal = {
         let mut batch_progress = |done: usize| (shared.borrow_mut())(QuantProgress::Batch { done });
-        calibrate_w8a8(model, reader, &mut make_source, cfg, Some(staging), &mut batch_progress)?
+        calibrate_w8a8(model, input.reader, &mut make_source, cfg, Some(input.staging), &mut batch_progress)?
     };
     let algorithm = if q.method == CalibrationMethod::Max { CacheAlgorithm::MinMax } else { CacheAlgorithm::Entropy2 };
     let cache = CalibrationCache::from_amax(TRT_CACHE_VERSION, algorithm, &cal.fp32_amax)?;
@@ -69,19 +83,12 @@ pub(super) fn calibrate_int8(
 /// [`AWQ_DATA_FILE`] in `staging` (the directory `reader` reads).
 pub(super) fn awq_int4(
     model: &mut ModelProto,
-    reader: &ExternalDataReader,
-    staging: &Path,
-    fp32_manifest: &Manifest,
-    q: &QuantizeOptions,
-    calib: &[Vec<u32>],
+    input: &PassInput<'_>,
     progress: &mut dyn FnMut(QuantProgress<'_>),
 ) -> Result<AwqSummary> {
+    let (q, calib) = (input.q, input.calib);
     progress(QuantProgress::Pass { pass: 1, passes: 1, batches: calib.len() });
-    let mut make_source = |copy: &ModelProto| -> r1_calibration::Result<Box<dyn ActivationSource + '_>> {
-        let runner = GraphRunner::open(staging, "calibration.onnx", copy, fp32_manifest, q.backend)
-            .map_err(|e| CalibError::Source(e.to_string()))?;
-        Ok(Box::new(SampleSource { runner, samples: calib, next: 0 }))
-    };
+    let mut make_source = |copy: &ModelProto| input.source(copy);
     let cfg = AwqConfig::new(q.block_size, q.int4_asymmetric);
     let (cal, _) =
         observe(model, &mut make_source, calib.len(), cfg.rows, &mut |done| progress(QuantProgress::Batch { done }))?;
@@ -93,8 +100,8 @@ pub(super) fn awq_int4(
             Some((t.name, InputStats { mean_square, rows }))
         })
         .collect();
-    let mut writer = ExternalDataWriter::create(staging, AWQ_DATA_FILE)?;
-    let summary = apply_awq(model, reader, &stats, cfg, Some(&mut writer))?;
+    let mut writer = ExternalDataWriter::create(input.staging, AWQ_DATA_FILE)?;
+    let summary = apply_awq(model, input.reader, &stats, cfg, Some(&mut writer))?;
     writer.finish()?;
     Ok(summary)
 }
