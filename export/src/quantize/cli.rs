@@ -15,7 +15,8 @@ pub struct QuantArgs {
     /// Calibration samples: plain text (one sample per line) or JSONL with `text`, `prompt` or `messages` (rendered
     /// with the checkpoint's chat template, as the server renders requests). Your own prompts are enough: a
     /// `prompt`, or `messages` ending with a user turn, is first continued by the fp32 model
-    /// (--calibration-generate-tokens). Required for int8; for int8-wo / int4-wo it only feeds the quality report.
+    /// (--calibration-generate-tokens). Required for int8; int4-wo uses it for AWQ (--awq); for int8-wo it only
+    /// feeds the quality report.
     #[arg(long, value_name = "FILE", env = "R1_CALIBRATION_DATA")]
     pub calibration_data: Option<PathBuf>,
 
@@ -41,8 +42,9 @@ pub struct QuantArgs {
     pub calibration_generate_tokens: usize,
 
     /// Leave this MatMul in float (repeatable): its node name as the report's layer list and
-    /// `calibration/report.json` give it (e.g. `/model/layers.3/mlp/gate/MatMul`), or its weight's name.
-    #[arg(long, value_name = "WEIGHT")]
+    /// `calibration/report.json` give it (e.g. `/model/layers.3/self_attn/o_proj/MatMul`), or its weight's name.
+    /// (MoE routers are always left float.)
+    #[arg(long, value_name = "NAME")]
     pub keep_float: Vec<String>,
 
     /// int4-wo with --calibration-data: activation-aware weight scaling (AWQ): each input channel of the MatMuls
