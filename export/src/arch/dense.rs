@@ -78,7 +78,8 @@ impl DenseSpec {
         let (h, nh, nkv, d) = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim);
         let inputs = ctx.declare_inputs();
         let mask = ctx.attention_mask(&inputs)?;
-        let rot = ctx.rotary(&inputs, &self.rope.inv_freq(d), 1.0)?;
+        let (inv_freq, scale) = self.rope.tables(d);
+        let rot = ctx.rotary(&inputs, &inv_freq, scale)?;
         let mut x = ctx.embed("model.embed_tokens.weight", &inputs.input_ids, self.vocab_size, h)?;
         for i in 0..self.num_layers {
             let p = format!("/model/layers.{i}");

@@ -85,6 +85,7 @@ impl LlamaConfig {
                 self.rope_scaling.as_ref(),
                 self.rope_parameters.as_ref(),
                 10000.0,
+                self.max_position_embeddings,
             )?,
             max_position_embeddings: self.max_position_embeddings,
             qkv_bias: self.attention_bias,

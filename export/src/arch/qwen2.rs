@@ -75,6 +75,7 @@ impl Qwen2Config {
                 self.rope_scaling.as_ref(),
                 self.rope_parameters.as_ref(),
                 10000.0,
+                self.max_position_embeddings,
             )?,
             max_position_embeddings: self.max_position_embeddings,
             qkv_bias: true,

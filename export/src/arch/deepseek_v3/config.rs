@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::rope::{yarn_mscale, Yarn};
 use crate::arch::{invalid, max_size};
 use crate::error::{ExportError, Result};
 
@@ -95,17 +96,8 @@ fn default_eps() -> f64 {
 pub enum RopeScaling {
     /// Plain RoPE.
     Default,
-    /// YaRN (R1: factor 40, original 4096, mscale = mscale_all_dim = 1).
-    Yarn {
-        factor: f64,
-        original_max_position_embeddings: usize,
-        beta_fast: f64,
-        beta_slow: f64,
-        mscale: Option<f64>,
-        mscale_all_dim: Option<f64>,
-        attention_factor: Option<f64>,
-        truncate: bool,
-    },
+    /// YaRN (R1: factor 40, original 4096, mscale = mscale_all_dim = 1), shared with the dense families.
+    Yarn(Yarn),
 }
 
 /// FP8 block quantization of the source checkpoint (`quantization_config`).
@@ -398,50 +390,12 @@ fn resolve_rope(path: &Path, c: &RawConfig) -> Result<(f64, RopeScaling)> {
     let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
     match kind {
         "default" => Ok((theta, RopeScaling::Default)),
-        "yarn" => {
-            let original = p
-                .get("original_max_position_embeddings")
-                .and_then(|v| v.as_u64())
-                .map(|v| v as usize)
-                .unwrap_or(c.max_position_embeddings);
-            let factor = num(&p, "factor").unwrap_or(c.max_position_embeddings as f64 / original.max(1) as f64);
-            if factor.is_nan() || factor <= 0.0 || original == 0 {
-                return Err(invalid(
-                    path,
-                    "rope_scaling",
-                    format!(
-                        "yarn needs factor > 0 and original_max_position_embeddings > 0, got {factor} and {original}"
-                    ),
-                ));
-            }
-            let truthy = |k: &str| num(&p, k).filter(|v| *v != 0.0);
-            Ok((
-                theta,
-                RopeScaling::Yarn {
-                    factor,
-                    original_max_position_embeddings: original,
-                    beta_fast: truthy("beta_fast").unwrap_or(32.0),
-                    beta_slow: truthy("beta_slow").unwrap_or(1.0),
-                    mscale: num(&p, "mscale"),
-                    mscale_all_dim: num(&p, "mscale_all_dim"),
-                    attention_factor: num(&p, "attention_factor"),
-                    truncate: p.get("truncate").and_then(|t| t.as_bool()).unwrap_or(true),
-                },
-            ))
-        }
+        "yarn" => Ok((theta, RopeScaling::Yarn(Yarn::from_json(path, &p, c.max_position_embeddings)?))),
         other => Err(ExportError::UnsupportedRopeScaling {
             path: path.to_path_buf(),
             kind: other.to_string(),
             supported: "yarn (or none) for DeepseekV3",
         }),
-    }
-}
-
-fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
-    if scale <= 1.0 {
-        1.0
-    } else {
-        0.1 * mscale * scale.ln() + 1.0
     }
 }
 
@@ -455,53 +409,12 @@ impl DeepseekV3Config {
     /// (YaRN's attention factor; 1 without scaling), as transformers computes them (f32 powers).
     pub fn rope_inv_freq(&self) -> (Vec<f32>, f32) {
         let dim = self.qk_rope_head_dim;
-        let base = self.rope_theta as f32;
-        let pos_freqs: Vec<f32> = (0..dim / 2).map(|i| base.powf((2 * i) as f32 / dim as f32)).collect();
         match &self.rope_scaling {
-            RopeScaling::Default => (pos_freqs.iter().map(|p| 1.0 / p).collect(), 1.0),
-            RopeScaling::Yarn {
-                factor,
-                original_max_position_embeddings,
-                beta_fast,
-                beta_slow,
-                mscale,
-                mscale_all_dim,
-                attention_factor,
-                truncate,
-            } => {
-                let attention = attention_factor.unwrap_or_else(|| match (mscale, mscale_all_dim) {
-                    (Some(m), Some(a)) if *m != 0.0 && *a != 0.0 => {
-                        yarn_get_mscale(*factor, *m) / yarn_get_mscale(*factor, *a)
-                    }
-                    _ => yarn_get_mscale(*factor, 1.0),
-                });
-                let corr = |rot: f64| {
-                    (dim as f64 * (*original_max_position_embeddings as f64 / (rot * 2.0 * std::f64::consts::PI)).ln())
-                        / (2.0 * (self.rope_theta).ln())
-                };
-                let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
-                if *truncate {
-                    low = low.floor();
-                    high = high.ceil();
-                }
-                let low = low.max(0.0);
-                let mut high = high.min(dim as f64 - 1.0);
-                if low == high {
-                    high += 0.001;
-                }
-                let inv = pos_freqs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| {
-                        let ramp = ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
-                        let extrapolation = 1.0 - ramp;
-                        let interp = 1.0 / (*factor as f32 * p);
-                        let extra = 1.0 / p;
-                        interp * (1.0 - extrapolation) + extra * extrapolation
-                    })
-                    .collect();
-                (inv, attention as f32)
+            RopeScaling::Default => {
+                let base = self.rope_theta as f32;
+                ((0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect(), 1.0)
             }
+            RopeScaling::Yarn(y) => y.tables(self.rope_theta, dim),
         }
     }
 
@@ -510,8 +423,8 @@ impl DeepseekV3Config {
     pub fn softmax_scale(&self) -> f64 {
         let base = (self.qk_head_dim() as f64).powf(-0.5);
         match &self.rope_scaling {
-            RopeScaling::Yarn { factor, mscale_all_dim: Some(a), .. } if *a != 0.0 => {
-                let m = yarn_get_mscale(*factor, *a);
+            RopeScaling::Yarn(Yarn { factor, mscale_all_dim: Some(a), .. }) if *a != 0.0 => {
+                let m = yarn_mscale(*factor, *a);
                 base * m * m
             }
             _ => base,
