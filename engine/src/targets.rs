@@ -163,10 +163,13 @@ pub fn session_tensorrt_options(
     cache_dir: Option<&Path>,
 ) -> Result<(PathBuf, Vec<(String, String)>)> {
     let record = manifest.targets.tensorrt(target.name);
-    let cache = cache_dir.map(Path::to_path_buf).unwrap_or_else(|| dir.join(names::engine_dir(target.name)));
     match record {
         Some(b) if b.built && !b.options.is_empty() => {
-            let rel_cache = names::engine_dir(target.name);
+            // The folder the engine was built in, as recorded (`engines/<target>/<version>` since builds are
+            // versioned, `engines/<target>` before); `cache_dir` stands for that folder.
+            let rel_cache =
+                b.options.get("trt_engine_cache_path").cloned().unwrap_or_else(|| names::engine_dir(target.name));
+            let cache = cache_dir.map(Path::to_path_buf).unwrap_or_else(|| dir.join(&rel_cache));
             let options = b
                 .options
                 .iter()
@@ -183,6 +186,7 @@ pub fn session_tensorrt_options(
             Ok((cache, options))
         }
         _ => {
+            let cache = cache_dir.map(Path::to_path_buf).unwrap_or_else(|| dir.join(names::engine_dir(target.name)));
             let mut settings = TrtSettings::for_artifact(dir, target);
             settings.cache_dir = cache.clone();
             settings.hardware_compatible = hardware_compatible || record.is_some_and(|b| b.hardware_compatible);

@@ -218,6 +218,32 @@ fn a_built_engine_is_opened_with_the_options_it_was_built_with() {
     assert_eq!(get(&o, "trt_engine_hw_compatible"), "1");
 }
 
+/// `r1-export build` writes engines into versioned folders (`engines/<target>/<version>/`, export's build_lock):
+/// the session opens the folder the record names, and a cache folder given at load stands for that folder.
+#[test]
+fn a_versioned_engine_is_opened_from_its_own_folder() {
+    let dir = Path::new("/srv/art");
+    let h100 = target("h100").unwrap();
+    let mut m = manifest("fp16");
+    let settings = TrtSettings {
+        cache_dir: PathBuf::from("engines/h100/0123456789abcdef"),
+        hardware_compatible: false,
+        dump_ep_context_model: true,
+        builder_optimization_level: 3,
+    };
+    let mut built = plan(&m, h100, false);
+    built.options = tensorrt_options(h100, &m, &settings).unwrap().into_iter().collect();
+    built.built = true;
+    m.targets.set_tensorrt(built);
+    let (cache, o) = session_tensorrt_options(dir, &m, h100, false, None).unwrap();
+    assert_eq!(cache, dir.join("engines/h100/0123456789abcdef"));
+    assert_eq!(get(&o, "trt_engine_cache_path"), "/srv/art/engines/h100/0123456789abcdef");
+    assert_eq!(get(&o, "trt_ep_context_file_path"), "/srv/art/engines/h100/0123456789abcdef/model_ctx.onnx");
+    let (cache, o) = session_tensorrt_options(dir, &m, h100, false, Some(Path::new("/cache/h100"))).unwrap();
+    assert_eq!(cache, Path::new("/cache/h100"));
+    assert_eq!(get(&o, "trt_ep_context_file_path"), "/cache/h100/model_ctx.onnx");
+}
+
 #[test]
 fn unknown_symbolic_dim_is_an_error_naming_it() {
     let mut m = manifest("fp16");
