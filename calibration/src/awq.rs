@@ -10,9 +10,9 @@
 //! `‖X·W − (X/s)·Q(diag(s)·W)‖²`
 //!
 //! with `X` a uniform sample of the input's rows kept by the calibration pass (reservoir sampling,
-//! [`crate::observer::ChannelMaxObserver::keeping_rows`]; [`AwqConfig::rows`]). Without rows the error falls back to
-//! the diagonal estimate `Σ_j E[X_j²] / s_j² · Σ_n (Q(s_j W_jn) − s_j W_jn)²` (channels taken as uncorrelated).
-//! `α = 0` is the plain quantization and always a candidate, so the chosen factors never score worse than no
+//! [`crate::observer::ChannelMaxObserver::keeping_rows`]; [`AwqConfig::rows`]). (A first version chose α on the
+//! diagonal estimate `Σ_j E[X_j²] / s_j² · Σ_n (Q(s_j W_jn) − s_j W_jn)²`, which ignores cross-channel correlation;
+//! it moved arith-r1's accuracy either way and was replaced: BENCHMARKS.md.) `α = 0` is the plain quantization and always a candidate, so the chosen factors never score worse than no
 //! scaling on the sample. The error is evaluated on an evenly spaced subset of each weight's columns
 //! ([`AwqConfig::sample_columns`]), with the exact INT4 scheme the export writes (block size, asymmetric or
 //! symmetric, MSE clip search).
@@ -57,7 +57,7 @@ impl AwqConfig {
 pub struct InputStats {
     /// Per-channel `E[x²]`.
     pub mean_square: Vec<f32>,
-    /// Sampled rows, row-major `[n, k]` (may be empty).
+    /// Sampled rows, row-major `[n, k]` (at least one).
     pub rows: Vec<f32>,
 }
 
@@ -112,8 +112,8 @@ pub fn search(
     let mean_square = &stats.mean_square;
     ensure_len("per-channel mean squares (one per input channel)", k, mean_square.len())?;
     ensure_finite("per-channel mean squares", mean_square)?;
-    if !stats.rows.len().is_multiple_of(k) {
-        let want = format!("a multiple of K = {k}");
+    if stats.rows.is_empty() || !stats.rows.len().is_multiple_of(k) {
+        let want = format!("a non-zero multiple of K = {k}");
         return Err(crate::CalibError::invalid("sampled activation rows", want, stats.rows.len()));
     }
     let samples: Vec<(Vec<f32>, usize)> = weights
@@ -125,13 +125,7 @@ pub fn search(
         .collect::<Result<_>>()?;
     let rms: Vec<f32> = mean_square.iter().map(|m| m.max(0.0).sqrt().max(SMOOTH_MIN)).collect();
     let reference: Vec<Vec<f32>> = samples.iter().map(|(w, n)| matmul(&stats.rows, w, k, *n)).collect();
-    let err = |s: &[f32]| -> Result<f64> {
-        if stats.rows.is_empty() {
-            diagonal_error(mean_square, &samples, k, s, cfg)
-        } else {
-            output_error(&stats.rows, &samples, &reference, k, s, cfg)
-        }
-    };
+    let err = |s: &[f32]| output_error(&stats.rows, &samples, &reference, k, s, cfg);
     let plain = vec![1.0f32; k];
     let base = err(&plain)?;
     let mut best = (0.0f32, plain, base);
@@ -209,26 +203,6 @@ fn output_error(
     Ok(total)
 }
 
-/// `Σ_j E[x_j²] / s_j² · Σ_n (Q(s_j W_jn) − s_j W_jn)²` over every sampled weight (no rows kept).
-fn diagonal_error(
-    mean_square: &[f32],
-    samples: &[(Vec<f32>, usize)],
-    k: usize,
-    s: &[f32],
-    cfg: AwqConfig,
-) -> Result<f64> {
-    let mut total = 0.0f64;
-    for (w, n) in samples {
-        let scaled: Vec<f32> = w.iter().enumerate().map(|(i, v)| v * s[i / n]).collect();
-        let deq = quantized_scaled(w, k, *n, s, cfg)?;
-        for (j, (row_q, row_w)) in deq.chunks_exact(*n).zip(scaled.chunks_exact(*n)).enumerate() {
-            let e: f64 = row_q.iter().zip(row_w).map(|(a, b)| f64::from(a - b).powi(2)).sum();
-            total += f64::from(mean_square[j]) / f64::from(s[j]).powi(2) * e;
-        }
-    }
-    Ok(total)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,17 +217,8 @@ mod tests {
         ms[5] = 100.0;
         ms[40] = 25.0;
         let cfg = AwqConfig::new(32, true);
-        // Without rows: the diagonal estimate.
-        let stats = InputStats { mean_square: ms.clone(), rows: Vec::new() };
-        let (alpha, s, ratio) = search(&stats, &[(&w, n)], k, cfg).unwrap();
-        assert!(alpha > 0.0, "alpha {alpha}");
-        assert!(ratio < 0.9, "error ratio {ratio}");
-        assert!(s[5] > s[40] && s[40] > s[0], "{} {} {}", s[5], s[40], s[0]);
-        let direct = diagonal_error(&ms, &[(w.clone(), n)], k, &s, cfg).unwrap();
-        let plain = diagonal_error(&ms, &[(w.clone(), n)], k, &[1.0; 64], cfg).unwrap();
-        assert!((direct / plain - ratio).abs() < 1e-9);
-        // With rows drawn with those mean squares: the measured output error, which drops too, and the ratio is
-        // that of the real ‖X·W − (X/s)·Q(sW)‖².
+        // Rows drawn with those mean squares: the output error drops, and the ratio is that of the real
+        // ‖X·W − (X/s)·Q(sW)‖².
         let rows: Vec<f32> = (0..200 * k)
             .map(|i| {
                 let sign = if (i * 2654435761usize) % 7 < 3 { -1.0 } else { 1.0 };
@@ -263,6 +228,7 @@ mod tests {
         let stats = InputStats { mean_square: ms, rows: rows.clone() };
         let (alpha, s, ratio) = search(&stats, &[(&w, n)], k, cfg).unwrap();
         assert!(alpha > 0.0 && ratio < 0.9, "alpha {alpha}, ratio {ratio}");
+        assert!(s[5] > s[40] && s[40] > s[0], "{} {} {}", s[5], s[40], s[0]);
         let reference = matmul(&rows, &w, k, n);
         let real = |s: &[f32]| {
             let xs: Vec<f32> = rows.iter().enumerate().map(|(i, v)| v / s[i % k]).collect();
@@ -281,10 +247,12 @@ mod tests {
         let (alpha, _, ratio) = search(&stats(vec![1.0; 32], vec![0.5; 64]), &[(&w, n)], k, cfg).unwrap();
         // Equal statistics: every α gives factors of 1 after normalisation, so plain quantization stays.
         assert_eq!((alpha, ratio), (0.0, 1.0));
-        let e = search(&stats(vec![1.0; 31], vec![]), &[(&w, n)], k, cfg).unwrap_err().to_string();
+        let e = search(&stats(vec![1.0; 31], vec![0.5; 64]), &[(&w, n)], k, cfg).unwrap_err().to_string();
         assert!(e.contains("mean squares") && e.contains("32") && e.contains("31"), "{e}");
         let e = search(&stats(vec![1.0; 32], vec![0.0; 33]), &[(&w, n)], k, cfg).unwrap_err().to_string();
         assert!(e.contains("sampled activation rows") && e.contains("32") && e.contains("33"), "{e}");
+        let e = search(&stats(vec![1.0; 32], vec![]), &[(&w, n)], k, cfg).unwrap_err().to_string();
+        assert!(e.contains("sampled activation rows") && e.contains("got 0"), "{e}");
     }
 
     #[test]

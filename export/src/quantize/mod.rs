@@ -304,18 +304,18 @@ pub fn export_quantized(
     }
     // The task evaluation runs on the finished artifact while it is still in its temporary directory: an export
     // that fails `--max-accuracy-loss` leaves no artifact behind.
-    let write_record = |manifest: &mut Manifest, report: &QualityReport| -> Result<()> {
-        report.write(&tmp.path().join(REPORT_FILE))?;
-        manifest.files = artifact_files(&opts.checkpoint, tmp.path())?;
-        manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json.clone(), report));
-        Ok(manifest.write_atomic(tmp.path())?)
-    };
-    write_record(&mut manifest, &report)?;
+    report.write(&tmp.path().join(REPORT_FILE))?;
+    manifest.files = artifact_files(&opts.checkpoint, tmp.path())?;
+    manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json.clone(), &report));
+    manifest.write_atomic(tmp.path())?;
     if let (Some(path), Some(tokenizer)) = (&q.eval_problems, &tokenizer) {
         let dirs = [(staging.0.as_path(), "fp32"), (tmp.path(), q.precision.name())];
         report.accuracy = evaluate_accuracy(path, &dirs, q, tokenizer, template.as_ref(), progress)?;
-        write_record(&mut manifest, &report)?;
         check_accuracy_loss(&report, q)?;
+        // Only the report changed: rewrite it and its hash, not every file's.
+        report.write(&tmp.path().join(REPORT_FILE))?;
+        manifest.files.insert(REPORT_FILE.into(), artifact::hash_file(&tmp.path().join(REPORT_FILE))?);
+        manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json, &report));
     }
     tmp.commit(&manifest)?;
     drop(staging);
