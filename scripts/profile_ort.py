@@ -4,7 +4,8 @@
     python3 scripts/profile_ort.py ARTIFACT_DIR [--batch 1,8] [--past 32] [--seq 1] [--runs 5] [--threads N]
                                    [--graph FILE] [--no-profile]
 
-Runs the graph ort would run on CPU (engines/cpu/model.onnx when `r1-export --target cpu` wrote it, else model.onnx)
+Runs the graph ort would run on CPU (the serving graph `manifest.json`'s `targets.cpu.graph` names when
+`r1-export --target cpu` wrote it, e.g. engines/cpu/<version>/model.onnx, else model.onnx)
 with ONNX Runtime's own profiler (SessionOptions.enable_profiling) on random inputs of the asked shape, and prints,
 per batch size, the share of the step's time per operator type plus the mean step time. The first run of each shape
 is a warm-up and is left out. `--no-profile` only times the steps (the profiler itself slows a step ~2.5x);
@@ -42,7 +43,8 @@ def main():
     if not manifest_path.is_file():
         sys.exit(f"profile_ort: error: {d} has no manifest.json (not an r1-export output directory)")
     m = json.loads(manifest_path.read_text())
-    graph = Path(a.graph) if a.graph else d / "engines" / "cpu" / "model.onnx"
+    cpu = (m.get("targets") or {}).get("cpu") or {}
+    graph = Path(a.graph) if a.graph else d / cpu.get("graph", "model.onnx")
     if not graph.is_file():
         graph = d / "model.onnx"
     vocab = m["model"]["vocab_size"]

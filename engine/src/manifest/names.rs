@@ -17,7 +17,8 @@ pub fn engine_dir(target: &str) -> String {
     format!("{ENGINES_DIR}/{target}")
 }
 
-/// The ONNX Runtime-optimized CPU serving graph, relative to the artifact directory.
+/// Where artifacts built before versioned engine folders keep their CPU serving graph (still opened: the record
+/// names it). New builds write `engines/cpu/<version>/model.onnx` and record that path.
 pub const CPU_GRAPH: &str = "engines/cpu/model.onnx";
 /// External-data file of the CPU serving graph, next to it.
 pub const CPU_GRAPH_DATA: &str = "model.onnx.data";
