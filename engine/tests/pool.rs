@@ -6,7 +6,7 @@ mod common;
 
 use common::{expected, fixture, open_backend, KINDS};
 use r1_engine::backend::{self, BackendKind, BackendOptions};
-use r1_engine::{Engine, Manifest, PoolOptions, StepWork};
+use r1_engine::{Engine, Manifest, PoolOptions, PrefixReuse, StepWork};
 
 #[test]
 fn kv_budget_grows_with_use_and_admits_by_prompt() {
@@ -118,12 +118,46 @@ fn a_cached_prefix_gives_the_same_tokens_and_skips_its_prefill() {
         let b = e.add_sequence(&other, 4).unwrap();
         assert_eq!(e.prefix_tokens(b).unwrap(), prompt.len(), "{kind:?}");
         // Opting out prefills everything.
-        let c = e.add_sequence_with(&other, 4, false).unwrap();
+        let c = e.add_sequence_with(&other, 4, PrefixReuse::Off).unwrap();
         assert_eq!((e.prefix_tokens(c).unwrap(), e.pending_tokens(c).unwrap()), (0, other.len()));
         for id in [a, b, c] {
             e.remove_sequence(id);
         }
         assert!(e.retained_sequences() > 0);
+    }
+}
+
+/// `PrefixReuse::ChunkAligned` (`r1-serve --prefix-cache exact`): the hit is rounded down to the chunk grid, so the
+/// positions left are computed in the same chunks as without the cache and the logits are equal to the bit.
+#[test]
+fn a_chunk_aligned_prefix_hit_gives_the_same_logits_to_the_bit() {
+    let exp = expected("tiny");
+    let chunk = 4;
+    for kind in KINDS {
+        let (manifest, b) = open_backend("tiny", kind);
+        let mut e = Engine::from_backend(&fixture("tiny"), manifest, b, None).unwrap();
+        let (prompt, want) = &exp.cases[0];
+        let mut long = prompt.clone();
+        long.extend_from_slice(&want[..7]);
+        assert!(long.len() % chunk != 1, "the hit must be rounded for this test to mean something");
+        // Prefill `long` in chunks of `chunk`; returns the positions taken from the cache and the last logits.
+        let mut run = |reuse: PrefixReuse| {
+            let id = e.add_sequence_with(&long, 2, reuse).unwrap();
+            let cached = e.prefix_tokens(id).unwrap();
+            let mut last = None;
+            while e.pending_tokens(id).unwrap() > 0 {
+                last = e.step(&[StepWork::chunk(id, chunk)]).unwrap().into_iter().next().map(|r| r.logits);
+            }
+            e.remove_sequence(id);
+            (cached, last.expect("logits once the prompt is fed"))
+        };
+        let (cold_cached, cold) = run(PrefixReuse::Off);
+        let (hit, warm) = run(PrefixReuse::ChunkAligned(chunk));
+        assert_eq!(cold_cached, 0);
+        assert_eq!(hit, (long.len() - 1) / chunk * chunk, "{kind:?}: the longest hit rounded down to the grid");
+        let bits = |l: &[f32]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&warm), bits(&cold), "{kind:?}: logits after an aligned hit equal the uncached ones");
+        assert_eq!(PrefixReuse::ChunkAligned(chunk).usable(chunk - 1), 0, "below one chunk nothing is reused");
     }
 }
 

@@ -9,7 +9,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::ServeError;
 use crate::metrics::Metrics;
-use crate::model::{ModelError, SeqParams};
+use crate::model::{ModelError, PrefixReuse, SeqParams};
 use crate::scheduler::{Event, FinishReason, Scheduler, Submission};
 use crate::validate::{check_context, check_prompt_bytes, validate, Limits, RawRequest};
 
@@ -130,7 +130,7 @@ impl AppState {
             max_tokens: valid.max_tokens as usize,
             stop: valid.stop,
             ignore_eos: valid.ignore_eos,
-            prefix_cache: valid.prefix_cache,
+            prefix: if valid.prefix_cache { PrefixReuse::Longest } else { PrefixReuse::Off },
         };
         scheduler.submit(Submission { request_id, api, prompt, params, deadline, span })
     }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::ApiKeys;
 use crate::error::ConfigError;
-use crate::scheduler::SchedulerConfig;
+use crate::scheduler::{SchedulerConfig, StepBudget};
 use crate::security::Security;
 pub use crate::telemetry::TelemetryConfig;
 use crate::tls::TlsFiles;
@@ -135,12 +135,15 @@ pub struct ServeArgs {
     /// Sequences stepped together at most.
     #[arg(long, env = "R1_MAX_BATCH_SIZE", default_value_t = SchedulerConfig::DEFAULT.max_batch_size)]
     pub max_batch_size: usize,
-    /// Tokens fed to the model in one step at most (decode tokens plus prefill chunks).
-    #[arg(long, env = "R1_MAX_BATCH_TOKENS", default_value_t = SchedulerConfig::DEFAULT.max_batch_tokens)]
-    pub max_batch_tokens: usize,
+    /// Tokens fed to the model in one step at most (decode tokens plus prefill chunks). A step runs to completion,
+    /// so this bounds how long a newly arrived request waits for its first step. Default: 256 on a CPU backend
+    /// (ort-cpu, tract; at least --max-batch-size), 2048 on a GPU.
+    #[arg(long, env = "R1_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
     /// Longest prefill chunk of one sequence in one step; longer prompts are prefilled over several steps.
-    #[arg(long, env = "R1_PREFILL_CHUNK", default_value_t = SchedulerConfig::DEFAULT.prefill_chunk)]
-    pub prefill_chunk: usize,
+    /// Default: 256 on a CPU backend, 512 on a GPU.
+    #[arg(long, env = "R1_PREFILL_CHUNK")]
+    pub prefill_chunk: Option<usize>,
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, env = "R1_MAX_NEW_TOKENS", default_value_t = 4096)]
     pub max_new_tokens: u32,
@@ -158,8 +161,11 @@ pub struct ServeArgs {
     pub kv_block_tokens: usize,
     /// Prefix caching: keep finished requests' KV caches (evicted least-recently-used when room is needed) and start a
     /// new request from the longest cached prefix of its prompt (a shared system prompt, the earlier turns of a
-    /// conversation), prefilling only the rest. `off` prefills every prompt in full.
-    #[arg(long, env = "R1_PREFIX_CACHE", default_value = "on", value_parser = ["on", "off"])]
+    /// conversation), prefilling only the rest. `off` prefills every prompt in full. `exact` rounds each hit down to
+    /// a multiple of --prefill-chunk, so every position is computed in the same chunk as with the cache off: a
+    /// request run alone gives bit-identical output either way (greedy tokens equal even on near-flat distributions),
+    /// at the cost of recomputing up to --prefill-chunk - 1 cached positions.
+    #[arg(long, env = "R1_PREFIX_CACHE", default_value = "on", value_parser = ["on", "off", "exact"])]
     pub prefix_cache: String,
     /// Longest sequence served (prompt + generated tokens), capped at the model's max_position_embeddings: each KV
     /// pool slot holds this many positions (reserved address space; memory is committed as they are written), and
@@ -301,12 +307,16 @@ impl ServeArgs {
         }
         let scheduler = SchedulerConfig {
             max_batch_size: self.max_batch_size,
-            max_batch_tokens: self.max_batch_tokens,
+            max_batch_tokens: SchedulerConfig::DEFAULT.max_batch_tokens,
             max_queue: self.max_queue,
             max_concurrent_requests: self.max_concurrent_requests,
-            prefill_chunk: self.prefill_chunk,
+            prefill_chunk: SchedulerConfig::DEFAULT.prefill_chunk,
+            exact_prefix: self.prefix_cache == "exact",
         };
-        scheduler.validate()?;
+        let step_budget = StepBudget { max_batch_tokens: self.max_batch_tokens, prefill_chunk: self.prefill_chunk };
+        for backend in ["ort-cpu", "ort-cuda"] {
+            scheduler.for_backend(step_budget, backend).validate()?;
+        }
         let limits = Limits {
             max_new_tokens: self.max_new_tokens,
             default_max_tokens: self.default_max_tokens,
@@ -327,7 +337,8 @@ impl ServeArgs {
             http_addr: self.http_addr,
             kv_cache_bytes: self.kv_cache_mib.map(|m| m << 20),
             kv_block_tokens: self.kv_block_tokens,
-            prefix_cache: self.prefix_cache == "on",
+            prefix_cache: self.prefix_cache != "off",
+            step_budget,
             max_context_tokens: self.max_context_tokens,
             drain_timeout: Duration::from_secs_f64(self.drain_timeout_secs),
             scheduler,
@@ -430,6 +441,8 @@ pub struct ServerConfig {
     pub kv_block_tokens: usize,
     /// `--prefix-cache on`.
     pub prefix_cache: bool,
+    /// `--max-batch-tokens` / `--prefill-chunk` as given (`scheduler` holds the GPU defaults until the backend is known).
+    pub step_budget: StepBudget,
     /// `--max-context-tokens`.
     pub max_context_tokens: usize,
     /// How long in-flight requests may run after a shutdown signal.
@@ -466,7 +479,7 @@ mod tests {
         assert_eq!(merged.max_batch_size, 4, "command line beats file");
         assert_eq!(merged.max_queue, 7, "file beats default");
         assert_eq!(merged.backend, "tract");
-        assert_eq!(merged.max_batch_tokens, 2048, "untouched default");
+        assert_eq!(merged.max_batch_tokens, None, "untouched: the backend's default");
     }
 
     #[test]

@@ -191,7 +191,7 @@ impl Model for EngineModel {
         // Does the rendered prompt already open the reasoning (R1 templates end with `<think>\n`)?
         let tail = tok.decode(&prompt[prompt.len().saturating_sub(4)..], false).unwrap_or_default();
         let split = ReasoningSplitter::new(r1_engine::text::prompt_opens_reasoning(&tail));
-        let id = self.engine.add_sequence_with(prompt, params.max_tokens, params.prefix_cache).map_err(engine_err)?;
+        let id = self.engine.add_sequence_with(prompt, params.max_tokens, params.prefix).map_err(engine_err)?;
         let handle = SeqId(self.next);
         self.next += 1;
         let detok = IncrementalDetokenizer::with_context(prompt, true);

@@ -62,6 +62,7 @@ fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
             model_id: cfg.model_id,
             limits: cfg.limits,
             scheduler: cfg.scheduler,
+            step_budget: cfg.step_budget,
             drain_timeout: cfg.drain_timeout,
         };
         run_with(Listeners { grpc, http }, opts, cfg.security, Arc::new(Metrics::new()), load, shutdown_signal())
@@ -153,7 +154,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens as usize,
         stop: vec![],
         ignore_eos: false,
-        prefix_cache: true,
+        prefix: r1_serve::model::PrefixReuse::Longest,
     };
     let seq = model.add_sequence(&prompt, &params).context("adding the sequence")?;
     let t1 = Instant::now();

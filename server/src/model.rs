@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 pub use crate::error::ErrorClass;
+pub use r1_engine::PrefixReuse;
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,8 +71,9 @@ pub struct SeqParams {
     pub stop: Vec<String>,
     /// Do not finish on EOS.
     pub ignore_eos: bool,
-    /// Start from the longest cached prefix of the prompt (`false`: prefill all of it).
-    pub prefix_cache: bool,
+    /// How the prompt may start from the model's prefix cache (`Off`: prefill all of it). The scheduler rounds
+    /// `Longest` to its prefill chunk under `--prefix-cache exact`.
+    pub prefix: PrefixReuse,
 }
 
 /// Handle of a sequence inside a model.

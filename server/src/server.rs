@@ -24,7 +24,7 @@ use crate::error::ServeError;
 use crate::grpc::GenerationService;
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelError};
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{Scheduler, SchedulerConfig, StepBudget};
 pub use crate::security::{Security, DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_REQUEST_BYTES};
 use crate::validate::{Limits, RawRequest, RawSampling};
 
@@ -47,8 +47,10 @@ pub struct ServeOptions {
     pub model_id: String,
     /// Request limits (context filled in from the model).
     pub limits: Limits,
-    /// Batching and admission.
+    /// Batching and admission (the step budget is chosen for the backend at load: [`SchedulerConfig::for_backend`]).
     pub scheduler: SchedulerConfig,
+    /// `--max-batch-tokens` / `--prefill-chunk` as given.
+    pub step_budget: StepBudget,
     /// Time in-flight requests get after the shutdown signal.
     pub drain_timeout: Duration,
 }
@@ -160,7 +162,10 @@ pub async fn run_with(
             .await
             .map_err(|e| ServeError::from(ModelError::internal("load", e.to_string())))??;
         let desc = model.describe();
-        let (scheduler, join) = Scheduler::spawn(model, opts.scheduler, metrics.clone())
+        let sched = opts.scheduler.for_backend(opts.step_budget, &desc.backend);
+        sched.validate().map_err(|e| ServeError::Unavailable { reason: e.to_string() })?;
+        tracing::info!(max_batch_tokens = sched.max_batch_tokens, prefill_chunk = sched.prefill_chunk, backend = %desc.backend, "step budget");
+        let (scheduler, join) = Scheduler::spawn(model, sched, metrics.clone())
             .map_err(|e| ServeError::Unavailable { reason: format!("cannot start the scheduler thread: {e}") })?;
         actor_thread = Some(join);
         let limits =

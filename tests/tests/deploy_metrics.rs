@@ -317,6 +317,7 @@ async fn start(
             sampling_defaults: Default::default(),
         },
         scheduler: SchedulerConfig::default(),
+        step_budget: Default::default(),
         drain_timeout: Duration::from_secs(5),
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -99,6 +99,7 @@ async fn start(artifact: PathBuf) -> Server {
             sampling_defaults: Default::default(),
         },
         scheduler: SchedulerConfig::default(),
+        step_budget: Default::default(),
         drain_timeout: Duration::from_secs(10),
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -136,6 +136,31 @@ pub struct PoolOptions {
     pub max_context: Option<usize>,
 }
 
+/// How a new sequence may start from the prefix cache ([`Engine::add_sequence_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixReuse {
+    /// Prefill the whole prompt.
+    Off,
+    /// Copy the longest cached prefix (all but the last prompt token at most).
+    Longest,
+    /// The longest cached prefix rounded down to a multiple of this many positions: with the caller's prefill
+    /// chunk, every position the sequence computes is computed in the same chunk as without the cache, so a
+    /// request run alone gives bit-identical logits with the cache on and off (`r1-serve --prefix-cache exact`).
+    /// Up to `n - 1` cached positions are recomputed.
+    ChunkAligned(usize),
+}
+
+impl PrefixReuse {
+    /// `n` cached positions usable under this rule.
+    pub fn usable(self, n: usize) -> usize {
+        match self {
+            PrefixReuse::Off => 0,
+            PrefixReuse::Longest => n,
+            PrefixReuse::ChunkAligned(c) => n / c.max(1) * c.max(1),
+        }
+    }
+}
+
 /// Slots unless told otherwise.
 pub const DEFAULT_SLOTS: usize = 64;
 
@@ -327,16 +352,17 @@ impl Engine {
     /// With the prefix cache on, the longest prefix of `prompt` already computed (by a finished or a running
     /// sequence) is copied into its slot and only the rest is pending ([`Engine::prefix_tokens`]).
     pub fn add_sequence(&mut self, prompt: &[u32], max_new_tokens: usize) -> Result<SequenceId> {
-        self.add_sequence_with(prompt, max_new_tokens, true)
+        self.add_sequence_with(prompt, max_new_tokens, PrefixReuse::Longest)
     }
 
-    /// [`Engine::add_sequence`], with `use_prefix_cache = false` to prefill the whole prompt whatever is cached (for
-    /// benchmarks; the sequence's cache is still retained for others when it finishes).
+    /// [`Engine::add_sequence`], choosing how the prompt may start from the prefix cache ([`PrefixReuse`]; `Off`
+    /// prefills the whole prompt whatever is cached, for benchmarks: the sequence's cache is still retained for
+    /// others when it finishes).
     pub fn add_sequence_with(
         &mut self,
         prompt: &[u32],
         max_new_tokens: usize,
-        use_prefix_cache: bool,
+        reuse: PrefixReuse,
     ) -> Result<SequenceId> {
         if prompt.is_empty() {
             return Err(EngineError::InvalidArgument {
@@ -374,7 +400,7 @@ impl Engine {
         self.next_id += 1;
         let seq = Sequence { tokens: prompt.to_vec(), slot: None, cached: 0, blocks, recompute: 0, prefix: 0 };
         self.seqs.insert(id, seq);
-        let reused = if self.prefix_enabled && use_prefix_cache { self.reuse_prefix(id, prompt) } else { 0 };
+        let reused = if self.prefix_enabled { self.reuse_prefix(id, prompt, reuse) } else { 0 };
         self.stats.prefix_missed_tokens += (prompt.len() - reused) as u64;
         Ok(id)
     }

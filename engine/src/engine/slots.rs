@@ -4,24 +4,24 @@
 
 use std::collections::BTreeMap;
 
-use super::{Engine, Plan, Sequence, SequenceId};
+use super::{Engine, Plan, PrefixReuse, Sequence, SequenceId};
 use crate::error::{EngineError, Result};
 use crate::kv::prefix::{common_prefix, Retained};
 
 impl Engine {
     /// Copies the longest cached prefix of `prompt` into the new sequence `id`'s slot (taking a slot for it);
-    /// returns the positions copied (0 when nothing matches or no slot is free).
-    pub(super) fn reuse_prefix(&mut self, id: SequenceId, prompt: &[u32]) -> usize {
-        let limit = prompt.len().saturating_sub(1);
+    /// returns the positions copied (0 when nothing matches or no slot is free). `reuse` rounds the match down.
+    pub(super) fn reuse_prefix(&mut self, id: SequenceId, prompt: &[u32], reuse: PrefixReuse) -> usize {
+        let limit = reuse.usable(prompt.len().saturating_sub(1));
         let running_best = |seqs: &BTreeMap<SequenceId, Sequence>| {
             seqs.iter()
                 .filter(|(sid, _)| **sid != id)
-                .filter_map(|(_, s)| Some((s.slot?, common_prefix(&s.tokens[..s.cached], prompt).min(limit))))
+                .filter_map(|(_, s)| Some((s.slot?, reuse.usable(common_prefix(&s.tokens[..s.cached], prompt).min(limit)))))
                 .max_by_key(|&(_, n)| n)
         };
         // Only take a slot now when there is something to copy into it.
         let best_before =
-            running_best(&self.seqs).map_or(0, |(_, n)| n).max(self.prefix.best(prompt).map_or(0, |b| b.1));
+            running_best(&self.seqs).map_or(0, |(_, n)| n).max(self.prefix.best(prompt).map_or(0, |b| reuse.usable(b.1)));
         if best_before == 0 {
             return 0;
         }
@@ -32,10 +32,10 @@ impl Engine {
         // Taking the slot may have moved or evicted a retained entry: look again, and take the longer match.
         let from_running = running_best(&self.seqs).unwrap_or((0, 0));
         let (src, n) = match self.prefix.best(prompt) {
-            Some((i, m)) if m > from_running.1 => {
+            Some((i, m)) if reuse.usable(m) > from_running.1 => {
                 self.prefix.touch(i);
                 match self.prefix.get(i) {
-                    Some(e) => (e.slot, m),
+                    Some(e) => (e.slot, reuse.usable(m)),
                     None => return 0,
                 }
             }

@@ -12,7 +12,7 @@ use super::batcher::{Batcher, Gone, Plan};
 use super::{Command, Delta, Entry, Event, FinishReason, Finished, SchedulerConfig};
 use crate::error::ServeError;
 use crate::metrics::Metrics;
-use crate::model::{Model, ModelError};
+use crate::model::{Model, ModelError, PrefixReuse};
 
 pub(super) struct Actor {
     model: Box<dyn Model>,
@@ -163,7 +163,11 @@ impl Actor {
                     true
                 }
             });
-            let Some(e) = admitted.into_iter().next() else { break };
+            let Some(mut e) = admitted.into_iter().next() else { break };
+            let cfg = self.batcher.config();
+            if cfg.exact_prefix && e.params.prefix == PrefixReuse::Longest {
+                e.params.prefix = PrefixReuse::ChunkAligned(cfg.prefill_chunk);
+            }
             match self.model.add_sequence(&e.prompt, &e.params) {
                 Ok(seq) => {
                     let queue_time = now.duration_since(e.enqueued);

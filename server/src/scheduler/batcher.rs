@@ -355,7 +355,7 @@ mod tests {
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     use super::*;
-    use crate::model::{Sampling, SeqParams};
+    use crate::model::{PrefixReuse, Sampling, SeqParams};
     use crate::scheduler::Permit;
 
     fn cfg(max_batch_size: usize, max_batch_tokens: usize, prefill_chunk: usize) -> SchedulerConfig {
@@ -365,6 +365,7 @@ mod tests {
             max_queue: 100,
             max_concurrent_requests: 100,
             prefill_chunk,
+            exact_prefix: false,
         }
     }
 
@@ -377,7 +378,7 @@ mod tests {
             request_id: format!("r{prompt_len}"),
             api: "grpc",
             prompt: vec![7; prompt_len],
-            params: SeqParams { sampling, max_tokens, stop: vec![], ignore_eos: false, prefix_cache: true },
+            params: SeqParams { sampling, max_tokens, stop: vec![], ignore_eos: false, prefix: PrefixReuse::Longest },
             tx,
             deadline: None,
             enqueued: Instant::now(),

@@ -36,7 +36,27 @@ pub struct SchedulerConfig {
     pub max_concurrent_requests: usize,
     /// Prefill tokens of one sequence per step at most.
     pub prefill_chunk: usize,
+    /// `--prefix-cache exact`: prefix-cache hits are rounded down to a multiple of `prefill_chunk`, so that a request
+    /// run alone computes every position in the same chunk as with the cache off (bit-identical output).
+    pub exact_prefix: bool,
 }
+
+/// `--max-batch-tokens` and `--prefill-chunk` as given; what is left unset takes the default of the device the model
+/// runs on ([`SchedulerConfig::for_backend`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepBudget {
+    /// `--max-batch-tokens`, if given.
+    pub max_batch_tokens: Option<usize>,
+    /// `--prefill-chunk`, if given.
+    pub prefill_chunk: Option<usize>,
+}
+
+/// Step budget (both `--max-batch-tokens` and `--prefill-chunk`) by default on a CPU backend (`ort-cpu`, `tract`).
+/// A step runs to completion, so its prefill work is the longest a newly arrived request can wait before its own
+/// first step: 256 tokens of a 1.5B model take ~0.9 s on 2 cores, and CPU matrix products are already efficient at
+/// that many rows (`BENCHMARKS.md`, mixed load: short requests' p90 time to first token 0.96x of running alone with 4
+/// long prompts beside them, against 5.9x at 2,048, with the long prompts' own first token no later).
+pub const CPU_STEP_TOKENS: usize = 256;
 
 impl SchedulerConfig {
     /// The defaults (also the flags' defaults in `config.rs`, which reads them from here).
@@ -46,7 +66,25 @@ impl SchedulerConfig {
         max_queue: 128,
         max_concurrent_requests: 256,
         prefill_chunk: 512,
+        exact_prefix: false,
     };
+
+    /// This configuration with the step budget left unset in `budget` chosen for `backend` (the model's backend
+    /// name): [`CPU_STEP_TOKENS`] on `ort-cpu` and `tract` (at least `max_batch_size`), [`SchedulerConfig::DEFAULT`]'s
+    /// on a GPU.
+    pub fn for_backend(self, budget: StepBudget, backend: &str) -> SchedulerConfig {
+        let on_cpu = backend == "ort-cpu" || backend == "tract";
+        let (tokens, chunk) = if on_cpu {
+            (CPU_STEP_TOKENS.max(self.max_batch_size), CPU_STEP_TOKENS)
+        } else {
+            (SchedulerConfig::DEFAULT.max_batch_tokens, SchedulerConfig::DEFAULT.prefill_chunk)
+        };
+        SchedulerConfig {
+            max_batch_tokens: budget.max_batch_tokens.unwrap_or(tokens),
+            prefill_chunk: budget.prefill_chunk.unwrap_or(chunk),
+            ..self
+        }
+    }
 }
 
 impl Default for SchedulerConfig {

@@ -94,6 +94,7 @@ pub async fn start(setup: Setup) -> TestServer {
         model_id: "fake-r1".into(),
         limits: setup.limits,
         scheduler: setup.scheduler,
+        step_budget: Default::default(),
         drain_timeout: setup.drain,
     };
     let task = tokio::spawn(run_with(Listeners { grpc, http }, opts, setup.security, metrics.clone(), load, async {
