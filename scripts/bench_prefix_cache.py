@@ -72,7 +72,8 @@ def cached(r):
 
 
 def shared_prefix(port):
-    prefix = words(1024, 1)
+    # A little over 1,024 tokens, so that the first 1,024 are shared whatever the tail merges with.
+    prefix = words(1040, 1)
     warm = stream(port, "/v1/completions", {"prompt": prefix + " first tail 11 12 13", "max_tokens": 16})
     hit = stream(port, "/v1/completions", {"prompt": prefix + " second tail 21 22 23", "max_tokens": 16})
     return {"warm": warm, "hit": hit}

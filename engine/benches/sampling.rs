@@ -60,7 +60,7 @@ fn main() {
                 top_p: 0.9,
                 min_p: 0.02,
                 repetition_penalty: 1.1,
-                seed: None,
+                ..Default::default()
             },
             true,
         ),

@@ -22,6 +22,8 @@ pub mod targets;
 pub mod text;
 
 pub use backend::{Backend, BackendKind, BackendOptions, ExecutionProviderKind, KvPair, StepInput, StepOutput};
-pub use engine::{Engine, EngineOptions, Logits, PoolOptions, PoolStats, PrefixReuse, SequenceId, StepLogits, StepWork};
+pub use engine::{
+    Engine, EngineOptions, Logits, PoolOptions, PoolStats, PrefixReuse, SequenceId, StepLogits, StepWork,
+};
 pub use error::{EngineError, Result};
 pub use manifest::Manifest;

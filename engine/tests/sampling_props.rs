@@ -80,6 +80,7 @@ fn params() -> impl Strategy<Value = SamplingParams> {
             min_p,
             repetition_penalty,
             seed: Some(seed),
+            ..Default::default()
         })
 }
 

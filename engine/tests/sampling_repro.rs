@@ -17,7 +17,15 @@ fn logits(seq: u64, step: u64, vocab: usize) -> Vec<f32> {
 }
 
 fn params(seed: u64) -> SamplingParams {
-    SamplingParams { temperature: 0.8, top_p: 0.95, top_k: 50, min_p: 0.01, repetition_penalty: 1.1, seed: Some(seed) }
+    SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        top_k: 50,
+        min_p: 0.01,
+        repetition_penalty: 1.1,
+        seed: Some(seed),
+        ..Default::default()
+    }
 }
 
 /// Generates `steps` tokens for sequence `seq` alone.

@@ -6,10 +6,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::error::ServeError;
 use crate::metrics::Metrics;
-use crate::model::{ModelError, PrefixReuse, SeqParams};
+use crate::model::{ModelError, PrefixReuse, SeqParams, TokenLogprobs};
 use crate::scheduler::{Event, FinishReason, Scheduler, Submission};
 use crate::validate::{check_context, check_prompt_bytes, validate, Limits, RawRequest};
 
@@ -52,6 +53,8 @@ pub struct Collected {
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache.
     pub cached_prompt_tokens: usize,
+    /// Per generated token, when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 impl AppState {
@@ -90,7 +93,8 @@ impl AppState {
         }
     }
 
-    /// Validates, tokenizes and queues a request. Every rejection is counted in `r1_requests_total`.
+    /// Validates, tokenizes and queues a request: one sequence per choice (`n`), each with its own event channel
+    /// (choice `i` samples with `seed + i` when a seed is given). Every rejection is counted in `r1_requests_total`.
     pub async fn start(
         &self,
         raw: RawRequest,
@@ -98,7 +102,7 @@ impl AppState {
         request_id: String,
         deadline: Option<Instant>,
         span: tracing::Span,
-    ) -> Result<UnboundedReceiver<Event>, ServeError> {
+    ) -> Result<Vec<UnboundedReceiver<Event>>, ServeError> {
         let result = self.start_inner(raw, api, request_id, deadline, span.clone()).await;
         if let Err(e) = &result {
             span.record("error", tracing::field::display(e));
@@ -114,7 +118,7 @@ impl AppState {
         request_id: String,
         deadline: Option<Instant>,
         span: tracing::Span,
-    ) -> Result<UnboundedReceiver<Event>, ServeError> {
+    ) -> Result<Vec<UnboundedReceiver<Event>>, ServeError> {
         let (scheduler, limits) = self.ready()?;
         check_prompt_bytes(&raw, self.max_prompt_bytes)?;
         let valid = validate(raw, limits)?;
@@ -130,9 +134,21 @@ impl AppState {
             max_tokens: valid.max_tokens as usize,
             stop: valid.stop,
             ignore_eos: valid.ignore_eos,
+            logprobs: valid.logprobs,
             prefix: if valid.prefix_cache { PrefixReuse::Longest } else { PrefixReuse::Off },
         };
-        scheduler.submit(Submission { request_id, api, prompt, params, deadline, span })
+        // Choices after the first find the prompt in the prefix cache (a running sequence's) and prefill only its
+        // last token. If one cannot be queued, the ones queued already are cancelled with their dropped channels.
+        let mut rxs = Vec::with_capacity(valid.n);
+        for i in 0..valid.n {
+            let mut params = params.clone();
+            params.sampling.seed = params.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            let request_id = if i == 0 { request_id.clone() } else { format!("{request_id}.{i}") };
+            let prompt = prompt.clone();
+            let span = span.clone();
+            rxs.push(scheduler.submit(Submission { request_id, api, prompt, params, deadline, span })?);
+        }
+        Ok(rxs)
     }
 }
 
@@ -146,6 +162,7 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, span: &tracing::Span) -> 
         prompt_tokens: 0,
         completion_tokens: 0,
         cached_prompt_tokens: 0,
+        logprobs: Vec::new(),
     };
     while let Some(ev) = rx.recv().await {
         match ev {
@@ -156,6 +173,7 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, span: &tracing::Span) -> 
                 out.text.push_str(&d.text);
                 out.reasoning.push_str(&d.reasoning);
                 out.token_ids.extend(d.token_ids);
+                out.logprobs.extend(d.logprobs);
             }
             Event::Finished(f) => {
                 record_finish(span, f.reason, f.completion_tokens);
@@ -172,6 +190,22 @@ pub async fn collect(mut rx: UnboundedReceiver<Event>, span: &tracing::Span) -> 
         }
     }
     Err(ServeError::Unavailable { reason: "the scheduler dropped the request".into() })
+}
+
+/// Waits for every choice of a request ([`collect`] each, together); the first failure fails the request.
+pub async fn collect_all(
+    rxs: Vec<UnboundedReceiver<Event>>,
+    span: &tracing::Span,
+) -> Result<Vec<Collected>, ServeError> {
+    futures::future::try_join_all(rxs.into_iter().map(|rx| collect(rx, span))).await
+}
+
+/// The events of a request's choices as one stream, each tagged with its choice's index.
+pub fn merged(rxs: Vec<UnboundedReceiver<Event>>) -> impl futures::Stream<Item = (usize, Event)> + Send + Unpin {
+    use futures::StreamExt;
+    futures::stream::select_all(
+        rxs.into_iter().enumerate().map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |e| (i, e))),
+    )
 }
 
 /// Records the end of a request on its span.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use r1_engine::sampling::{Sampler, StopChecker, StopParams};
+use r1_engine::sampling::{logprobs, Sampler, StopChecker, StopParams};
 use r1_engine::text::{ChatMessage, ChatTemplate, IncrementalDetokenizer, ReasoningSplitter, RenderOptions, Tokenizer};
 use r1_engine::{
     BackendKind, BackendOptions, Engine, EngineOptions, ExecutionProviderKind, PoolOptions, SequenceId, StepWork,
@@ -14,7 +14,7 @@ use r1_engine::{
 
 use crate::model::{
     Emitted, ErrorClass, Frontend, KvPoolStatus, Model, ModelDescription, ModelError, PromptInput, SeqId, SeqParams,
-    Work,
+    TokenText, Work,
 };
 
 /// The engine's error as a model error, classed by whose fault it is.
@@ -106,7 +106,16 @@ impl Frontend for EngineText {
                 // The template writes the BOS token itself.
                 self.tokenizer.encode(&rendered, false).map_err(text_err)
             }
+            PromptInput::Tokens(ids) => {
+                self.tokenizer.check_ids(ids).map_err(|e| ModelError::invalid("prompt_token_ids", e.to_string()))?;
+                Ok(ids.clone())
+            }
         }
+    }
+
+    fn token_text(&self, id: u32) -> TokenText {
+        let bytes = self.tokenizer.token_bytes(id).unwrap_or_default();
+        TokenText { text: String::from_utf8_lossy(&bytes).into_owned(), bytes }
     }
 }
 
@@ -117,6 +126,7 @@ struct Seq {
     detok: IncrementalDetokenizer,
     split: ReasoningSplitter,
     context: Vec<u32>,
+    logprobs: Option<usize>,
 }
 
 /// The real model: an [`Engine`] plus per-sequence sampling and text state.
@@ -167,6 +177,7 @@ impl Model for EngineModel {
             vocab_size: m.model.vocab_size,
             batch_profiles: Vec::new(),
             kv_capacity_tokens: self.engine.kv_budget().capacity_tokens(),
+            eos_token_ids: self.text.tokenizer().eos_token_ids().to_vec(),
             generation: self.text.tokenizer().generation_config().clone(),
         }
     }
@@ -195,7 +206,8 @@ impl Model for EngineModel {
         let handle = SeqId(self.next);
         self.next += 1;
         let detok = IncrementalDetokenizer::with_context(prompt, true);
-        self.seqs.insert(handle, Seq { id, sampler, stop, detok, split, context: prompt.to_vec() });
+        let logprobs = params.logprobs;
+        self.seqs.insert(handle, Seq { id, sampler, stop, detok, split, context: prompt.to_vec(), logprobs });
         Ok(handle)
     }
 
@@ -223,6 +235,10 @@ impl Model for EngineModel {
             let Some(&handle) = by_engine_id.get(&r.seq) else { continue };
             let Some(s) = self.seqs.get_mut(&handle) else { continue };
             let token = s.sampler.sample(&r.logits, &s.context).map_err(|e| engine_err(e.into()))?;
+            let logprobs = match s.logprobs {
+                Some(top) => Some(logprobs(&r.logits, token, top).map_err(|e| engine_err(e.into()))?),
+                None => None,
+            };
             s.context.push(token);
             let delta = s.detok.push(tok, token).map_err(text_err)?;
             let mut released = s.stop.push(token, &delta);
@@ -239,7 +255,7 @@ impl Model for EngineModel {
             } else {
                 self.engine.push_token(s.id, token).map_err(engine_err)?;
             }
-            out.push(Emitted { seq: handle, token, text: parts.content, reasoning: parts.reasoning, finish });
+            out.push(Emitted { seq: handle, token, text: parts.content, reasoning: parts.reasoning, finish, logprobs });
         }
         Ok(out)
     }

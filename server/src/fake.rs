@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::model::{
     Emitted, ErrorClass, FinishReason, Frontend, Model, ModelDescription, ModelError, PromptInput, SeqId, SeqParams,
-    Work,
+    TokenLogprobs, TokenText, Work,
 };
 
 /// Failures armed from outside the scheduler thread (tests): the next [`Faults::fail_next_steps`] steps fail.
@@ -112,8 +112,14 @@ impl Frontend for FakeFrontend {
                 s.push_str("<assistant>");
                 s
             }
+            PromptInput::Tokens(ids) => return Ok(ids.clone()),
         };
         Ok(text.bytes().map(|b| b as u32 + 3).collect())
+    }
+
+    fn token_text(&self, id: u32) -> TokenText {
+        let bytes = if id >= 3 { vec![(id - 3) as u8] } else { format!("<special {id}>").into_bytes() };
+        TokenText { text: String::from_utf8_lossy(&bytes).into_owned(), bytes }
     }
 }
 
@@ -171,6 +177,7 @@ impl Model for FakeModel {
             vocab_size: 259,
             batch_profiles: self.cfg.batch_profiles.clone(),
             kv_capacity_tokens: self.cfg.kv_capacity_tokens,
+            eos_token_ids: vec![FAKE_EOS],
             generation: Default::default(),
         }
     }
@@ -269,7 +276,13 @@ impl Model for FakeModel {
             let token = if eos { FAKE_EOS } else { Self::next_token(&history, seed) };
             s.generated.push(token);
             s.pending_decode = true;
-            let mut e = Emitted { seq: w.seq, token, text: String::new(), reasoning: String::new(), finish: None };
+            // The fake is certain of its token: log-probability 0, the next ids after it at -1, -2, ...
+            let logprobs = s.params.logprobs.map(|k| TokenLogprobs {
+                logprob: 0.0,
+                top: (0..k as u32).map(|i| (token + i, -(i as f32))).collect(),
+            });
+            let mut e =
+                Emitted { seq: w.seq, token, text: String::new(), reasoning: String::new(), finish: None, logprobs };
             if eos {
                 e.finish = Some(FinishReason::Stop);
             } else {

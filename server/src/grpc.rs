@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use r1_proto::r1::v1 as pb;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::api::{collect, record_finish, AppState};
+use crate::api::{collect_all, merged, record_finish, AppState};
 use crate::error::ServeError;
-use crate::model::ChatTurn;
+use crate::model::{ChatTurn, Frontend, TokenLogprobs};
 use crate::scheduler::{Event, FinishReason};
 use crate::telemetry::{request_id, request_span, Carrier};
 use crate::validate::{RawRequest, RawSampling};
@@ -57,12 +56,21 @@ fn finish_reason(r: FinishReason) -> pb::FinishReason {
     }
 }
 
-/// The wire request as a protocol-neutral [`RawRequest`].
-pub fn raw_request(r: pb::GenerateRequest) -> RawRequest {
+/// The wire request as a protocol-neutral [`RawRequest`]; `top_logprobs` without `logprobs` is refused by name.
+pub fn raw_request(r: pb::GenerateRequest) -> Result<RawRequest, ServeError> {
     let s = r.sampling.unwrap_or_default();
-    RawRequest {
+    if r.top_logprobs > 0 && !r.logprobs {
+        return Err(ServeError::invalid(
+            "top_logprobs",
+            format!("needs `logprobs: true` (it adds alternatives to them), got {} without", r.top_logprobs),
+        ));
+    }
+    Ok(RawRequest {
         prompt: r.prompt,
         messages: r.messages.into_iter().map(|m| ChatTurn { role: m.role, content: m.content }).collect(),
+        prompt_token_ids: r.prompt_token_ids,
+        logprobs: r.logprobs.then_some(r.top_logprobs),
+        n: (r.n > 0).then_some(r.n),
         max_tokens: r.max_tokens,
         sampling: RawSampling {
             temperature: s.temperature,
@@ -71,12 +79,40 @@ pub fn raw_request(r: pb::GenerateRequest) -> RawRequest {
             min_p: s.min_p,
             repetition_penalty: s.repetition_penalty,
             seed: s.seed,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
         },
         stop: r.stop,
         ignore_eos: r.ignore_eos,
         skip_prefix_cache: r.skip_prefix_cache,
         sampling_prefix: "sampling.",
-    }
+    })
+}
+
+/// Log-probabilities as the wire carries them: token texts and bytes from the tokenizer; `-inf` (a token the model
+/// rules out) as -9999, which JSON-bound clients can hold, as OpenAI does.
+pub fn token_logprobs(frontend: &dyn Frontend, ids: &[u32], lps: &[TokenLogprobs]) -> Vec<pb::TokenLogprob> {
+    let finite = |l: f32| if l.is_finite() { l } else { -9999.0 };
+    ids.iter()
+        .zip(lps)
+        .map(|(&id, lp)| {
+            let t = frontend.token_text(id);
+            pb::TokenLogprob {
+                token_id: id,
+                token: t.text,
+                bytes: t.bytes,
+                logprob: finite(lp.logprob),
+                top_logprobs: lp
+                    .top
+                    .iter()
+                    .map(|&(id, l)| {
+                        let t = frontend.token_text(id);
+                        pb::TopLogprob { token_id: id, token: t.text, bytes: t.bytes, logprob: finite(l) }
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 fn usage(prompt: usize, completion: usize, cached: usize) -> pb::Usage {
@@ -109,18 +145,37 @@ impl pb::generation_server::Generation for GenerationService {
         let id = request_id(&carrier);
         let span = request_span("Generate", &id, &carrier);
         let deadline = deadline(req.metadata());
-        let rx = self
-            .state
-            .start(raw_request(req.into_inner()), "grpc", id.clone(), deadline, span.clone())
-            .await
-            .map_err(|e| status(&e))?;
-        let c = collect(rx, &span).await.map_err(|e| status(&e))?;
+        let raw = raw_request(req.into_inner()).map_err(|e| {
+            self.state.metrics.request_done("grpc", e.kind());
+            status(&e)
+        })?;
+        let rxs = self.state.start(raw, "grpc", id.clone(), deadline, span.clone()).await.map_err(|e| status(&e))?;
+        let all = collect_all(rxs, &span).await.map_err(|e| status(&e))?;
+        let frontend = self.state.ready().map_err(|e| status(&e))?.0.frontend();
+        let choices: Vec<pb::Choice> = all
+            .iter()
+            .enumerate()
+            .map(|(i, c)| pb::Choice {
+                index: i as u32,
+                text: c.text.clone(),
+                reasoning: c.reasoning.clone(),
+                token_ids: c.token_ids.clone(),
+                finish_reason: finish_reason(c.finish_reason) as i32,
+                logprobs: token_logprobs(frontend.as_ref(), &c.token_ids, &c.logprobs),
+            })
+            .collect();
+        let Some(first) = all.first() else {
+            return Err(status(&ServeError::Unavailable { reason: "the request produced no choice".into() }));
+        };
+        let completion: usize = all.iter().map(|c| c.completion_tokens).sum();
         let mut resp = Response::new(pb::GenerateResponse {
-            text: c.text,
-            reasoning: c.reasoning,
-            token_ids: c.token_ids,
-            finish_reason: finish_reason(c.finish_reason) as i32,
-            usage: Some(usage(c.prompt_tokens, c.completion_tokens, c.cached_prompt_tokens)),
+            text: first.text.clone(),
+            reasoning: first.reasoning.clone(),
+            token_ids: first.token_ids.clone(),
+            finish_reason: finish_reason(first.finish_reason) as i32,
+            usage: Some(usage(first.prompt_tokens, completion, first.cached_prompt_tokens)),
+            logprobs: choices[0].logprobs.clone(),
+            choices,
         });
         if let Ok(v) = id.parse() {
             resp.metadata_mut().insert("x-request-id", v);
@@ -138,31 +193,36 @@ impl pb::generation_server::Generation for GenerationService {
         let id = request_id(&carrier);
         let span = request_span("GenerateStream", &id, &carrier);
         let deadline = deadline(req.metadata());
-        let rx = self
-            .state
-            .start(raw_request(req.into_inner()), "grpc", id.clone(), deadline, span.clone())
-            .await
-            .map_err(|e| status(&e))?;
-        // The span lives as long as the stream; dropping the stream (client left) closes the channel, and the
-        // scheduler frees the sequence at its next iteration.
-        let stream = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
+        let raw = raw_request(req.into_inner()).map_err(|e| {
+            self.state.metrics.request_done("grpc", e.kind());
+            status(&e)
+        })?;
+        let rxs = self.state.start(raw, "grpc", id.clone(), deadline, span.clone()).await.map_err(|e| status(&e))?;
+        let frontend = self.state.ready().map_err(|e| status(&e))?.0.frontend();
+        // The span lives as long as the stream; dropping the stream (client left) closes the channels, and the
+        // scheduler frees the sequences at its next iteration.
+        let stream = merged(rxs).filter_map(move |(index, ev)| {
+            let index = index as u32;
             let out = match ev {
                 Event::Admitted { queue_time } => {
                     span.record("queue_ms", queue_time.as_millis() as u64);
                     None
                 }
                 Event::Delta(d) => Some(Ok(pb::GenerateStreamResponse {
+                    logprobs: token_logprobs(frontend.as_ref(), &d.token_ids, &d.logprobs),
                     text: d.text,
                     reasoning: d.reasoning,
                     token_ids: d.token_ids,
                     finish_reason: pb::FinishReason::Unspecified as i32,
                     usage: None,
+                    index,
                 })),
                 Event::Finished(f) => {
                     record_finish(&span, f.reason, f.completion_tokens);
                     Some(Ok(pb::GenerateStreamResponse {
                         finish_reason: finish_reason(f.reason) as i32,
                         usage: Some(usage(f.prompt_tokens, f.completion_tokens, f.cached_prompt_tokens)),
+                        index,
                         ..Default::default()
                     }))
                 }
@@ -194,6 +254,17 @@ impl pb::generation_server::Generation for GenerationService {
             max_batch_size: cfg.max_batch_size.min(d.batch_profiles.iter().copied().max().unwrap_or(usize::MAX)) as u32,
             max_concurrent_requests: cfg.max_concurrent_requests as u32,
             vocab_size: d.vocab_size as u32,
+            default_sampling: Some(pb::SamplingParams {
+                temperature: Some(limits.sampling_defaults.temperature),
+                top_p: Some(limits.sampling_defaults.top_p),
+                top_k: Some(limits.sampling_defaults.top_k),
+                min_p: Some(limits.sampling_defaults.min_p),
+                repetition_penalty: Some(limits.sampling_defaults.repetition_penalty),
+                seed: None,
+                presence_penalty: Some(0.0),
+                frequency_penalty: Some(0.0),
+            }),
+            eos_token_ids: d.eos_token_ids.clone(),
         }))
     }
 }

@@ -146,14 +146,15 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         top_p: 1.0,
         top_k: 0,
         min_p: 0.0,
-        repetition_penalty: 1.0,
         seed: Some(args.seed),
+        ..Sampling::default()
     };
     let params = SeqParams {
         sampling,
         max_tokens: args.max_tokens as usize,
         stop: vec![],
         ignore_eos: false,
+        logprobs: None,
         prefix: r1_serve::model::PrefixReuse::Longest,
     };
     let seq = model.add_sequence(&prompt, &params).context("adding the sequence")?;

@@ -28,6 +28,21 @@ pub enum PromptInput {
     Text(String),
     /// Chat messages, rendered with the model's chat template.
     Chat(Vec<ChatTurn>),
+    /// Token ids as they are (checked against the vocabulary).
+    Tokens(Vec<u32>),
+}
+
+/// Log-probabilities of one generated token (the model's distribution: see `r1_engine::sampling::logprobs`).
+pub use r1_engine::sampling::TokenLogprobs;
+
+/// One token as the APIs show it in `logprobs`: its text (lossy where it holds part of a UTF-8 character) and its
+/// exact bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenText {
+    /// The token's text.
+    pub text: String,
+    /// The token's bytes.
+    pub bytes: Vec<u8>,
 }
 
 /// Validated sampling settings of one request: the engine's own parameters (the scheduler fills in a random seed
@@ -71,6 +86,8 @@ pub struct SeqParams {
     pub stop: Vec<String>,
     /// Do not finish on EOS.
     pub ignore_eos: bool,
+    /// Report each generated token's log-probability with this many most likely alternatives (None: off).
+    pub logprobs: Option<usize>,
     /// How the prompt may start from the model's prefix cache (`Off`: prefill all of it). The scheduler rounds
     /// `Longest` to its prefill chunk under `--prefix-cache exact`.
     pub prefix: PrefixReuse,
@@ -107,6 +124,8 @@ pub struct Emitted {
     pub reasoning: String,
     /// Set when this token ends the sequence.
     pub finish: Option<FinishReason>,
+    /// Its log-probabilities, when the sequence asked for them ([`SeqParams::logprobs`]).
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// Static description of a loaded model.
@@ -126,6 +145,8 @@ pub struct ModelDescription {
     pub batch_profiles: Vec<usize>,
     /// KV cache capacity in token positions (for the whole batch).
     pub kv_capacity_tokens: usize,
+    /// Token ids that end generation.
+    pub eos_token_ids: Vec<u32>,
     /// The checkpoint's `generation_config.json`: its sampling fields are the defaults of requests that do not set
     /// them (see `validate::Limits::with_generation_config`).
     pub generation: r1_engine::text::GenerationConfig,
@@ -171,6 +192,8 @@ impl ModelError {
 pub trait Frontend: Send + Sync {
     /// Tokenizes a prompt (rendering chat messages with the chat template).
     fn encode(&self, input: &PromptInput) -> Result<Vec<u32>, ModelError>;
+    /// One token's text and bytes (for `logprobs`).
+    fn token_text(&self, id: u32) -> TokenText;
 }
 
 /// What the scheduler needs from a model. Called from one dedicated thread only.

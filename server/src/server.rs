@@ -18,7 +18,7 @@ use r1_proto::r1::v1::generation_server::GenerationServer;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::api::{collect, AppState};
+use crate::api::{collect_all, AppState};
 use crate::auth::{GrpcAuth, HttpAuth};
 use crate::error::ServeError;
 use crate::grpc::GenerationService;
@@ -73,8 +73,8 @@ async fn warm_up(state: &AppState) -> Result<(), ServeError> {
         ..Default::default()
     };
     let span = tracing::info_span!("warmup");
-    let rx = state.start(raw, "warmup", "warmup".into(), None, span.clone()).await?;
-    collect(rx, &span).await.map(|_| ())
+    let rxs = state.start(raw, "warmup", "warmup".into(), None, span.clone()).await?;
+    collect_all(rxs, &span).await.map(|_| ())
 }
 
 /// Serves plain-text, without API keys and with the default size limits, until `shutdown` resolves, then drains

@@ -117,7 +117,14 @@ pub struct RawSampling {
     pub repetition_penalty: Option<f32>,
     /// Seed.
     pub seed: Option<u64>,
+    /// OpenAI presence penalty (0 = off).
+    pub presence_penalty: Option<f32>,
+    /// OpenAI frequency penalty (0 = off).
+    pub frequency_penalty: Option<f32>,
 }
+
+/// Most choices (`n`) one request may ask for.
+pub const MAX_CHOICES: u32 = 16;
 
 /// A request as any front end received it, before checks.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -126,6 +133,12 @@ pub struct RawRequest {
     pub prompt: Option<String>,
     /// Chat messages (empty if not given).
     pub messages: Vec<ChatTurn>,
+    /// The prompt as token ids (gRPC `prompt_token_ids`; empty if not given).
+    pub prompt_token_ids: Vec<u32>,
+    /// Log-probabilities of each generated token with this many most likely alternatives (None: off).
+    pub logprobs: Option<u32>,
+    /// Choices to generate (None: 1).
+    pub n: Option<u32>,
     /// Requested output length.
     pub max_tokens: Option<u32>,
     /// Sampling settings.
@@ -155,6 +168,10 @@ pub struct ValidRequest {
     pub ignore_eos: bool,
     /// Start from the longest cached prefix of the prompt.
     pub prefix_cache: bool,
+    /// Log-probabilities with this many alternatives per token (None: off).
+    pub logprobs: Option<usize>,
+    /// Choices to generate (1 ..= [`MAX_CHOICES`]).
+    pub n: usize,
 }
 
 /// `v` when the engine's `range` allows it; otherwise an error naming the API's field, the range and the value.
@@ -167,12 +184,23 @@ fn in_range(field: String, v: f32, range: FloatRange) -> Result<f32, ServeError>
 
 /// Checks a raw request against `limits` and applies defaults.
 pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeError> {
+    let text_given = raw.prompt.is_some() || !raw.messages.is_empty();
     let input = match (raw.prompt, raw.messages.is_empty()) {
+        _ if text_given && !raw.prompt_token_ids.is_empty() => {
+            return Err(ServeError::invalid(
+                "prompt_token_ids",
+                "is set together with `prompt` or `messages`; give exactly one of the three",
+            ));
+        }
+        (None, true) if !raw.prompt_token_ids.is_empty() => PromptInput::Tokens(raw.prompt_token_ids),
+        (None, true) => {
+            return Err(ServeError::invalid(
+                "prompt",
+                "and `messages` are both empty (and no `prompt_token_ids`); give exactly one of them",
+            ))
+        }
         (Some(_), false) => {
             return Err(ServeError::invalid("prompt", "and `messages` are both set; give exactly one of them"));
-        }
-        (None, true) => {
-            return Err(ServeError::invalid("prompt", "and `messages` are both empty; give exactly one of them"))
         }
         (Some(p), true) if p.is_empty() => {
             return Err(ServeError::invalid("prompt", "must not be empty, got an empty string"))
@@ -214,7 +242,25 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
             limits::REPETITION_PENALTY,
         )?,
         seed: s.seed,
+        presence_penalty: in_range(
+            format!("{p}presence_penalty"),
+            s.presence_penalty.unwrap_or(0.0),
+            limits::PRESENCE_FREQUENCY_PENALTY,
+        )?,
+        frequency_penalty: in_range(
+            format!("{p}frequency_penalty"),
+            s.frequency_penalty.unwrap_or(0.0),
+            limits::PRESENCE_FREQUENCY_PENALTY,
+        )?,
     };
+    let top = limits::MAX_TOP_LOGPROBS;
+    if let Some(k) = raw.logprobs.filter(|&k| k as usize > top) {
+        return Err(ServeError::invalid("top_logprobs", format!("must be between 0 and {top}, got {k}")));
+    }
+    let n = raw.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(ServeError::invalid("n", format!("must be between 1 and {MAX_CHOICES}, got {n}")));
+    }
     if raw.stop.len() > MAX_STOP_SEQUENCES {
         return Err(ServeError::invalid(
             "stop",
@@ -236,6 +282,8 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
         stop: raw.stop,
         ignore_eos: raw.ignore_eos,
         prefix_cache: !raw.skip_prefix_cache,
+        logprobs: raw.logprobs.map(|k| k as usize),
+        n: n as usize,
     })
 }
 
@@ -243,6 +291,7 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
 /// `prompt` when given, otherwise the sum of the chat messages' role and content lengths.
 pub fn check_prompt_bytes(raw: &RawRequest, max_bytes: usize) -> Result<(), ServeError> {
     let (field, n) = match &raw.prompt {
+        None if !raw.prompt_token_ids.is_empty() => ("prompt_token_ids", raw.prompt_token_ids.len() * 4),
         Some(p) => ("prompt", p.len()),
         None => ("messages", raw.messages.iter().map(|m| m.role.len() + m.content.len()).sum()),
     };

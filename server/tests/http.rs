@@ -165,18 +165,88 @@ async fn http_requests_get_the_deadline_their_timeout_header_gives() {
     srv.shutdown().await.expect("clean shutdown");
 }
 
+/// The `data:` payloads of an SSE body, `[DONE]` excluded.
+fn sse_chunks(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("json chunk"))
+        .collect()
+}
+
+#[tokio::test]
+async fn openai_logprobs_choices_penalties_and_include_usage_are_honoured() {
+    let mut srv = start_ready(Setup::default()).await;
+    let post = |path: &'static str, body: String| {
+        let addr = srv.http_addr;
+        async move { http(addr, "POST", path, Some(&body)).await }
+    };
+    // Chat logprobs: one entry per generated token, `top_logprobs` alternatives each, with text and bytes.
+    let body = r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":4,"ignore_eos":true,"logprobs":true,"top_logprobs":3,"n":3,"seed":7,"presence_penalty":0.5,"frequency_penalty":0.5}"#;
+    let (status, _, resp) = post("/v1/chat/completions", body.into()).await;
+    assert_eq!(status, 200, "{resp}");
+    let v: Value = serde_json::from_str(&resp).unwrap();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "n = 3 choices");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let content = c["logprobs"]["content"].as_array().unwrap();
+        assert_eq!(content.len(), 4, "one entry per token: {c}");
+        for t in content {
+            assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 3, "{t}");
+            assert_eq!(t["bytes"].as_array().unwrap().len(), 1, "the fake's tokens are one byte: {t}");
+            assert!(t["token"].is_string() && t["logprob"].is_number(), "{t}");
+        }
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 12, "summed over the choices");
+    assert_eq!(v["usage"]["prompt_tokens"], 18, "the prompt counted once");
+    // Legacy completions: integer logprobs, the four parallel lists, text offsets counting generated characters.
+    let body = r#"{"prompt":"abc","max_tokens":3,"ignore_eos":true,"logprobs":2,"temperature":0}"#;
+    let (status, _, resp) = post("/v1/completions", body.into()).await;
+    assert_eq!(status, 200, "{resp}");
+    let lp = serde_json::from_str::<Value>(&resp).unwrap()["choices"][0]["logprobs"].clone();
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 3, "{lp}");
+    assert_eq!(lp["text_offset"], serde_json::json!([0, 1, 2]), "{lp}");
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2, "{lp}");
+    // Streaming without include_usage: no chunk carries `usage`; with it, a last chunk without choices does.
+    let stream = |extra: &str| {
+        format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"max_tokens":3,"ignore_eos":true,"stream":true,"n":2{extra}}}"#)
+    };
+    let (_, _, plain) = post("/v1/chat/completions", stream("")).await;
+    let chunks = sse_chunks(&plain);
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()), "{plain}");
+    let finishes = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).count();
+    assert_eq!(finishes, 2, "each choice finishes: {plain}");
+    let (_, _, with) = post("/v1/chat/completions", stream(r#","stream_options":{"include_usage":true}"#)).await;
+    let chunks = sse_chunks(&with);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], serde_json::json!([]), "{with}");
+    assert_eq!(last["usage"]["completion_tokens"], 6, "{with}");
+    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()), "{with}");
+    let indexes: std::collections::BTreeSet<u64> =
+        chunks.iter().filter_map(|c| c["choices"][0]["index"].as_u64()).collect();
+    assert_eq!(indexes.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    srv.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn openai_fields_the_server_would_ignore_are_refused_by_name() {
     let mut srv = start_ready(Setup::default()).await;
     let chat = |extra: &str| format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"max_tokens":2{extra}}}"#);
-    // Asking for something not implemented: 400 naming the field and the value, never a silent no-op.
+    // Asking for something not implemented, or out of range: 400 naming the field, never a silent no-op.
     for (extra, field) in [
-        (r#","logprobs":true"#, "logprobs"),
         (r#","response_format":{"type":"json_object"}"#, "response_format"),
         (r#","tools":[{"type":"function","function":{"name":"f"}}]"#, "tools"),
-        (r#","presence_penalty":0.5"#, "presence_penalty"),
-        (r#","frequency_penalty":-1"#, "frequency_penalty"),
+        (r#","logit_bias":{"5":10}"#, "logit_bias"),
         (r#","best_of":3"#, "best_of"),
+        (r#","presence_penalty":2.5"#, "presence_penalty"),
+        (r#","frequency_penalty":-3"#, "frequency_penalty"),
+        (r#","logprobs":"yes""#, "logprobs"),
+        (r#","logprobs":true,"top_logprobs":21"#, "top_logprobs"),
+        (r#","top_logprobs":3"#, "top_logprobs"),
+        (r#","n":17"#, "n"),
+        (r#","n":0"#, "n"),
+        (r#","stream_options":{"include_usage":true}"#, "stream_options"),
     ] {
         let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(&chat(extra))).await;
         assert_eq!(status, 400, "{extra}: {body}");
@@ -196,7 +266,7 @@ async fn openai_fields_the_server_would_ignore_are_refused_by_name() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("messages[0].content[0]") && body.contains("image_url"), "{body}");
     // The same fields at the value that asks for nothing, and bookkeeping fields, are accepted.
-    let neutral = r#","logprobs":false,"presence_penalty":0,"frequency_penalty":0.0,"tools":[],"tool_choice":"none","response_format":{"type":"text"},"user":"u-1","stream_options":{"include_usage":true}"#;
+    let neutral = r#","logprobs":false,"presence_penalty":0,"frequency_penalty":0.0,"tools":[],"tool_choice":"none","response_format":{"type":"text"},"user":"u-1","logit_bias":{}"#;
     let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(&chat(neutral))).await;
     assert_eq!(status, 200, "{body}");
     srv.shutdown().await.expect("clean shutdown");

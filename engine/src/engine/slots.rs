@@ -16,12 +16,15 @@ impl Engine {
         let running_best = |seqs: &BTreeMap<SequenceId, Sequence>| {
             seqs.iter()
                 .filter(|(sid, _)| **sid != id)
-                .filter_map(|(_, s)| Some((s.slot?, reuse.usable(common_prefix(&s.tokens[..s.cached], prompt).min(limit)))))
+                .filter_map(|(_, s)| {
+                    Some((s.slot?, reuse.usable(common_prefix(&s.tokens[..s.cached], prompt).min(limit))))
+                })
                 .max_by_key(|&(_, n)| n)
         };
         // Only take a slot now when there is something to copy into it.
-        let best_before =
-            running_best(&self.seqs).map_or(0, |(_, n)| n).max(self.prefix.best(prompt).map_or(0, |b| reuse.usable(b.1)));
+        let best_before = running_best(&self.seqs)
+            .map_or(0, |(_, n)| n)
+            .max(self.prefix.best(prompt).map_or(0, |b| reuse.usable(b.1)));
         if best_before == 0 {
             return 0;
         }

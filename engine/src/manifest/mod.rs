@@ -89,6 +89,10 @@ pub struct SourceInfo {
     /// Notes about what was skipped or converted (e.g. the MTP layer of R1).
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Keys of the checkpoint's config.json that the exporter did not read, each with the reason (dotted for a key
+    /// inside `rope_scaling` / `quantization_config`); every other key was read (`export/src/arch/config_keys.rs`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ignored_config_keys: BTreeMap<String, String>,
 }
 
 /// Model dimensions used by the engine.

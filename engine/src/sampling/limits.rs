@@ -41,6 +41,11 @@ pub const TOP_P: FloatRange = FloatRange { lo: 0.0, lo_inclusive: false, hi: 1.0
 pub const MIN_P: FloatRange = FloatRange { lo: 0.0, lo_inclusive: true, hi: 1.0, hi_inclusive: false };
 /// `repetition_penalty`: 1 is off.
 pub const REPETITION_PENALTY: FloatRange = FloatRange { lo: 0.0, lo_inclusive: false, hi: 2.0, hi_inclusive: true };
+/// `presence_penalty` and `frequency_penalty`: OpenAI's range; 0 is off.
+pub const PRESENCE_FREQUENCY_PENALTY: FloatRange =
+    FloatRange { lo: -2.0, lo_inclusive: true, hi: 2.0, hi_inclusive: true };
+/// Most alternatives `top_logprobs` may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 /// Most stop sequences one request may give.
 pub const MAX_STOP_SEQUENCES: usize = 8;
 /// Longest stop sequence, in bytes.

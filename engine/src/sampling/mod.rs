@@ -4,13 +4,17 @@
 //!   temperature → top-k → top-p → min-p (the order of HF's logits processors and vLLM), then one draw from the
 //!   sequence's own ChaCha8 stream seeded by `seed`, so a sequence's tokens do not depend on which other sequences
 //!   share its batch or in which order they are sampled.
+//! * Presence and frequency penalties (OpenAI's) count the tokens the sampler itself drew, after the repetition
+//!   penalty (vLLM's order); [`logprobs`] gives a row's log-probabilities for the API's `logprobs`.
 //! * [`StopParams`] + [`StopChecker`]: EOS ids, `ignore_eos`, max tokens, and stop sequences matched on the
 //!   detokenized text with hold-back, so a partial stop sequence is never streamed. [`FinishReason`] says why.
 
 pub mod limits;
+mod logprobs;
 mod sampler;
 mod stop;
 
+pub use logprobs::{logprobs, TokenLogprobs};
 pub use sampler::{Candidate, Sampler};
 pub use stop::{FinishReason, StopChecker, StopOutcome};
 
@@ -72,11 +76,26 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// Seed of the sequence's random stream; `None` draws one from the OS (see [`Sampler::seed`]).
     pub seed: Option<u64>,
+    /// OpenAI's presence penalty: subtracted once from the logit of every token the sequence has generated so far
+    /// (the prompt does not count, as in vLLM). 0 = off. Allowed: [`limits::PRESENCE_FREQUENCY_PENALTY`].
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted from a token's logit once per time the sequence has generated it.
+    /// 0 = off. Allowed: [`limits::PRESENCE_FREQUENCY_PENALTY`].
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, seed: None }
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
     }
 }
 
@@ -96,7 +115,7 @@ impl SamplingParams {
             top_k: cfg.top_k.unwrap_or(d.top_k),
             min_p: cfg.min_p.unwrap_or(d.min_p),
             repetition_penalty: cfg.repetition_penalty.unwrap_or(d.repetition_penalty),
-            seed: None,
+            ..d
         };
         if cfg.do_sample == Some(false) {
             p.temperature = 0.0;
@@ -116,6 +135,8 @@ impl SamplingParams {
             ("top_p", limits::TOP_P, self.top_p),
             ("min_p", limits::MIN_P, self.min_p),
             ("repetition_penalty", limits::REPETITION_PENALTY, self.repetition_penalty),
+            ("presence_penalty", limits::PRESENCE_FREQUENCY_PENALTY, self.presence_penalty),
+            ("frequency_penalty", limits::PRESENCE_FREQUENCY_PENALTY, self.frequency_penalty),
         ] {
             if !range.contains(value) {
                 return Err(SamplingError::InvalidParam {

@@ -8,6 +8,8 @@
 //! as the nucleus needs (chunks of 64, 256, … found with `select_nth_unstable`), so a full sort happens only for
 //! a flat distribution. With top-p off, the draw makes one exp pass into a reused buffer and one scan.
 
+use std::collections::HashMap;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -40,6 +42,8 @@ pub struct Sampler {
     kbuf: Vec<f32>,
     cand: Vec<(f32, u32)>,
     weights: Vec<f32>,
+    /// How often the sampler drew each token so far (presence and frequency penalties).
+    drawn: HashMap<u32, u32>,
 }
 
 /// What the filters decided for one row.
@@ -68,6 +72,7 @@ impl Sampler {
             kbuf: Vec::new(),
             cand: Vec::new(),
             weights: Vec::new(),
+            drawn: HashMap::new(),
         })
     }
 
@@ -81,12 +86,17 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next token from one row of logits. `context` is every token the penalty applies to (prompt and
-    /// generated so far); it is ignored when `repetition_penalty` is 1. Consumes exactly one random draw unless
-    /// greedy.
+    /// Picks the next token from one row of logits. `context` is every token the repetition penalty applies to
+    /// (prompt and generated so far); it is ignored when `repetition_penalty` is 1. The presence and frequency
+    /// penalties count the tokens this sampler drew before. Consumes exactly one random draw unless greedy.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Result<u32, SamplingError> {
-        let penalized =
-            penalize(logits, context, self.params.repetition_penalty, &mut self.penalized_row, &mut self.ids);
+        let token = self.pick(logits, context)?;
+        *self.drawn.entry(token).or_insert(0) += 1;
+        Ok(token)
+    }
+
+    fn pick(&mut self, logits: &[f32], context: &[u32]) -> Result<u32, SamplingError> {
+        let penalized = penalize(logits, context, &self.params, &self.drawn, &mut self.penalized_row, &mut self.ids);
         let row: &[f32] = if penalized { &self.penalized_row } else { logits };
         let (max, argmax) = scan(row)?;
         if self.params.is_greedy() {
@@ -104,8 +114,7 @@ impl Sampler {
     /// The final candidate set for a row with probabilities (sorted by id), without drawing: what
     /// [`Sampler::sample`] draws from. Greedy gives the argmax with probability 1. For tests and debugging.
     pub fn candidates(&mut self, logits: &[f32], context: &[u32]) -> Result<Vec<Candidate>, SamplingError> {
-        let penalized =
-            penalize(logits, context, self.params.repetition_penalty, &mut self.penalized_row, &mut self.ids);
+        let penalized = penalize(logits, context, &self.params, &self.drawn, &mut self.penalized_row, &mut self.ids);
         let row: &[f32] = if penalized { &self.penalized_row } else { logits };
         let (max, argmax) = scan(row)?;
         if self.params.is_greedy() {
@@ -126,20 +135,40 @@ impl Sampler {
     }
 }
 
-/// Applies the repetition penalty into `out` (a copy of `logits`); false when there is nothing to do.
-fn penalize(logits: &[f32], context: &[u32], penalty: f32, out: &mut Vec<f32>, ids: &mut Vec<u32>) -> bool {
-    if penalty == 1.0 || context.is_empty() {
+/// Applies the repetition penalty (over `context`), then the presence and frequency penalties (over the tokens
+/// `drawn` so far) into `out`, a copy of `logits`; false when there is nothing to do.
+fn penalize(
+    logits: &[f32],
+    context: &[u32],
+    p: &SamplingParams,
+    drawn: &HashMap<u32, u32>,
+    out: &mut Vec<f32>,
+    ids: &mut Vec<u32>,
+) -> bool {
+    let repetition = p.repetition_penalty != 1.0 && !context.is_empty();
+    let additive = (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0) && !drawn.is_empty();
+    if !repetition && !additive {
         return false;
     }
     out.clear();
     out.extend_from_slice(logits);
-    ids.clear();
-    ids.extend_from_slice(context);
-    ids.sort_unstable();
-    ids.dedup();
-    for &id in ids.iter() {
-        if let Some(l) = out.get_mut(id as usize) {
-            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+    if repetition {
+        ids.clear();
+        ids.extend_from_slice(context);
+        ids.sort_unstable();
+        ids.dedup();
+        let penalty = p.repetition_penalty;
+        for &id in ids.iter() {
+            if let Some(l) = out.get_mut(id as usize) {
+                *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+            }
+        }
+    }
+    if additive {
+        for (&id, &n) in drawn {
+            if let Some(l) = out.get_mut(id as usize) {
+                *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+            }
         }
     }
     true
@@ -289,4 +318,43 @@ fn draw_from_candidates(cand: &[(f32, u32)], plan: &Plan, u: f64) -> u32 {
         }
     }
     cand.first().map(|c| c.1).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn greedy(presence: f32, frequency: f32) -> Sampler {
+        let p = SamplingParams { presence_penalty: presence, frequency_penalty: frequency, ..SamplingParams::greedy() };
+        Sampler::new(p).unwrap()
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_the_drawn_tokens_only() {
+        let row = [0.0f32, 2.0, 1.5, 1.2];
+        // The prompt (context) holds token 1, which the OpenAI penalties ignore: the first pick is still 1.
+        let mut s = greedy(0.6, 0.0);
+        assert_eq!(s.sample(&row, &[1, 1, 1]).unwrap(), 1);
+        // Drawn once: 2.0 - 0.6 = 1.4 < 1.5, so token 2 wins; then 1.5 - 0.6 = 0.9 and token 1's 1.4 wins again.
+        assert_eq!(s.sample(&row, &[1]).unwrap(), 2);
+        assert_eq!(s.sample(&row, &[1]).unwrap(), 1);
+        // Presence counts once however often a token was drawn: 1 at 1.4 vs 3 at 1.2, token 1 stays.
+        assert_eq!(s.sample(&row, &[1]).unwrap(), 1);
+        // Frequency grows with each draw: 2.0 - 0.3 n.
+        let mut f = greedy(0.0, 0.3);
+        let picks: Vec<u32> = (0..4).map(|_| f.sample(&row, &[]).unwrap()).collect();
+        assert_eq!(picks, vec![1, 1, 2, 1], "1 at 2.0, 1.7, then 1.4 < 1.5 so 2, then 1 (1.4) vs 2 (1.2)");
+        // Negative values encourage repeats; 0 is off and leaves the row alone.
+        let mut neg = greedy(-1.0, 0.0);
+        assert_eq!((neg.sample(&row, &[]).unwrap(), neg.sample(&row, &[]).unwrap()), (1, 1));
+        let mut off = greedy(0.0, 0.0);
+        assert_eq!((0..3).map(|_| off.sample(&row, &[]).unwrap()).collect::<Vec<_>>(), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn penalties_out_of_range_are_refused_by_name() {
+        let p = SamplingParams { frequency_penalty: 2.5, ..SamplingParams::default() };
+        let e = Sampler::new(p).unwrap_err().to_string();
+        assert!(e.contains("`frequency_penalty`") && e.contains("[-2, 2]") && e.contains("2.5"), "{e}");
+    }
 }

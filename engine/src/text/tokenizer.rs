@@ -133,6 +133,24 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The exact bytes of one token (for the APIs' `logprobs`): a byte-level BPE token's characters mapped back to
+    /// the bytes they stand for (GPT-2's byte-to-character table, which the R1 tokenizers use), an added token's
+    /// text as UTF-8. `None` for an id the vocabulary does not have.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let piece = self.inner.id_to_token(id)?;
+        if self.inner.get_added_vocabulary().is_special_token(&piece) || self.special_ids.contains(&id) {
+            return Some(piece.into_bytes());
+        }
+        let mut out = Vec::with_capacity(piece.len());
+        for c in piece.chars() {
+            match byte_of_char(c) {
+                Some(b) => out.push(b),
+                None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+        }
+        Some(out)
+    }
+
     /// The BOS id (`bos_token` looked up, else `generation_config.json`'s `bos_token_id`).
     pub fn bos_token_id(&self) -> Option<u32> {
         self.bos_id
@@ -171,5 +189,33 @@ impl Tokenizer {
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+/// The byte a byte-level BPE character stands for (GPT-2's `bytes_to_unicode`, inverted): printable Latin-1 bytes
+/// stand for themselves, the other 68 bytes are mapped in order onto U+0100 and up.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let u = c as u32;
+    if printable(u) {
+        return Some(u as u8);
+    }
+    let k = u.checked_sub(0x100)?;
+    (0u32..=255).filter(|&b| !printable(b)).nth(k as usize).map(|b| b as u8)
+}
+
+#[cfg(test)]
+mod byte_level_tests {
+    use super::byte_of_char;
+
+    #[test]
+    fn gpt2_byte_characters_map_back_to_their_bytes() {
+        assert_eq!(byte_of_char('a'), Some(b'a'));
+        assert_eq!(byte_of_char('\u{120}'), Some(b' '), "Ġ is the space");
+        assert_eq!(byte_of_char('\u{10a}'), Some(b'\n'), "Ċ is the newline");
+        assert_eq!(byte_of_char('\u{100}'), Some(0), "the first unprintable byte");
+        assert_eq!(byte_of_char('\u{143}'), Some(0xad), "the last one");
+        assert_eq!(byte_of_char('\u{144}'), None);
+        assert_eq!(byte_of_char('é'), Some(0xe9), "printable Latin-1 stands for itself");
     }
 }

@@ -239,7 +239,12 @@ impl Actor {
             a.first_token.get_or_insert(now);
             a.last_token = Some(now);
             self.metrics.generated_tokens.inc();
-            let delta = Delta { token_ids: vec![em.token], text: em.text, reasoning: em.reasoning };
+            let delta = Delta {
+                token_ids: vec![em.token],
+                text: em.text,
+                reasoning: em.reasoning,
+                logprobs: em.logprobs.into_iter().collect(),
+            };
             let _ = a.entry.tx.send(Event::Delta(delta));
             if em.finish.is_none() && a.generated >= a.entry.params.max_tokens {
                 // The model owns `max_tokens` (see `SeqParams::max_tokens`); one that goes past it is broken, and the

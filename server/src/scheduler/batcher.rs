@@ -372,13 +372,19 @@ mod tests {
     fn entry(prompt_len: usize, max_tokens: usize, counter: &Arc<AtomicUsize>) -> (Entry, UnboundedReceiver<Event>) {
         let (tx, rx) = unbounded_channel();
         counter.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let sampling =
-            Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, seed: None };
+        let sampling = Sampling::greedy();
         let e = Entry {
             request_id: format!("r{prompt_len}"),
             api: "grpc",
             prompt: vec![7; prompt_len],
-            params: SeqParams { sampling, max_tokens, stop: vec![], ignore_eos: false, prefix: PrefixReuse::Longest },
+            params: SeqParams {
+                sampling,
+                max_tokens,
+                stop: vec![],
+                ignore_eos: false,
+                logprobs: None,
+                prefix: PrefixReuse::Longest,
+            },
             tx,
             deadline: None,
             enqueued: Instant::now(),

@@ -136,6 +136,8 @@ pub struct Delta {
     pub text: String,
     /// New reasoning text.
     pub reasoning: String,
+    /// Log-probabilities of `token_ids`, when the request asked for them (else empty).
+    pub logprobs: Vec<crate::model::TokenLogprobs>,
 }
 
 /// The end of a request.

@@ -1,28 +1,26 @@
 //! OpenAI-compatible HTTP API: `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream: true` as
 //! server-sent events, ending with `data: [DONE]`) and `GET /v1/models`. The reasoning is returned as
 //! `reasoning_content` beside `content`, as DeepSeek's API does. Errors use OpenAI's `{"error": {...}}` shape.
+//! This file reads requests (every field is honoured or refused by name); `respond.rs` writes the responses.
 
-use std::convert::Infallible;
+mod respond;
+
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::api::{collect, record_finish, AppState};
+use crate::api::AppState;
 use crate::error::ServeError;
 use crate::model::ChatTurn;
-use crate::scheduler::{Event, FinishReason};
 use crate::telemetry::{request_id, request_span, Carrier};
 use crate::validate::{RawRequest, RawSampling};
+use respond::Head;
 
 /// `stop` as OpenAI accepts it: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -125,27 +123,42 @@ pub struct CompletionBody {
     /// Prefill the whole prompt whatever the server's prefix cache holds (extension, for benchmarks).
     #[serde(default)]
     pub skip_prefix_cache: bool,
-    /// Number of choices; only 1 is supported.
+    /// Number of choices (1 to 16).
     pub n: Option<u32>,
+    /// Chat: `true` for per-token log-probabilities. Completions: the number of alternatives (0 to 5) per token.
+    pub logprobs: Option<Value>,
+    /// Chat: alternatives per token with `logprobs: true` (0 to 20).
+    pub top_logprobs: Option<u32>,
+    /// OpenAI presence penalty, [-2, 2].
+    pub presence_penalty: Option<f32>,
+    /// OpenAI frequency penalty, [-2, 2].
+    pub frequency_penalty: Option<f32>,
+    /// `{"include_usage": true}`: a last chunk with no choices carries the usage (streaming only).
+    pub stream_options: Option<StreamOptions>,
     /// Every other field of the request.
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
 }
 
+/// `stream_options`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Send a last chunk with the usage (and `usage: null` in the others).
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
 /// Fields that do not change the output (bookkeeping for the caller), accepted as they are.
-const NO_EFFECT_FIELDS: [&str; 5] = ["user", "metadata", "store", "service_tier", "stream_options"];
+const NO_EFFECT_FIELDS: [&str; 4] = ["user", "metadata", "store", "service_tier"];
 
 /// Refuses, naming it, any field this server would otherwise ignore: OpenAI fields it does not implement yet are
-/// accepted only at the value that asks for nothing (`logprobs: false`, `presence_penalty: 0`, `tools: []`,
-/// `response_format: {"type": "text"}`, ...); unknown fields are refused. (`stream_options.include_usage` is honoured:
-/// the last streamed chunk always carries `usage`.)
+/// accepted only at the value that asks for nothing (`logit_bias: {}`, `tools: []`, `response_format: {"type":
+/// "text"}`, ...); unknown fields are refused.
 fn refuse_unhonoured(other: &serde_json::Map<String, Value>) -> Result<(), ServeError> {
     for (field, v) in other {
         let neutral = match field.as_str() {
             f if NO_EFFECT_FIELDS.contains(&f) => true,
-            "logprobs" => v.is_null() || v == &Value::Bool(false),
-            "top_logprobs" => v.is_null() || v.as_u64() == Some(0),
-            "presence_penalty" | "frequency_penalty" => v.is_null() || v.as_f64() == Some(0.0),
             "logit_bias" => v.is_null() || v.as_object().is_some_and(|m| m.is_empty()),
             "tools" | "functions" => v.is_null() || v.as_array().is_some_and(|a| a.is_empty()),
             "tool_choice" | "function_call" => v.is_null() || v.as_str() == Some("none"),
@@ -175,26 +188,56 @@ fn error_response(e: &ServeError) -> Response {
         .into_response()
 }
 
-fn finish_str(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::Stop | FinishReason::StopSequence => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Cancelled => "cancelled",
-    }
-}
-
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeError> {
-    refuse_unhonoured(&body.other)?;
-    if body.n.is_some_and(|n| n != 1) {
+/// Most alternatives per token the legacy completions API's integer `logprobs` allows.
+const MAX_COMPLETIONS_LOGPROBS: u64 = 5;
+
+/// The alternatives per token asked for, or None: chat takes `logprobs: true` (+ `top_logprobs`), completions an
+/// integer `logprobs` (0 to 5). Anything else is refused naming the field.
+fn logprobs_asked(body: &CompletionBody, chat: bool) -> Result<Option<u32>, ServeError> {
+    let lp = body.logprobs.as_ref().filter(|v| !v.is_null());
+    if chat {
+        let on = match lp {
+            None | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(v) => return Err(ServeError::invalid("logprobs", format!("must be true or false, got {v}"))),
+        };
+        return match (on, body.top_logprobs) {
+            (true, top) => Ok(Some(top.unwrap_or(0))),
+            (false, None | Some(0)) => Ok(None),
+            (false, Some(k)) => Err(ServeError::invalid(
+                "top_logprobs",
+                format!("needs `logprobs: true` (it adds alternatives to them), got {k} without"),
+            )),
+        };
+    }
+    if let Some(k) = body.top_logprobs {
         return Err(ServeError::invalid(
-            "n",
-            format!("must be 1 (one choice per request), got {}", body.n.unwrap_or(0)),
+            "top_logprobs",
+            format!("is a chat field; /v1/completions takes the alternatives as `logprobs` (0 to {MAX_COMPLETIONS_LOGPROBS}), got {k}"),
         ));
     }
+    match lp {
+        None => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(k) if k <= MAX_COMPLETIONS_LOGPROBS => Ok(Some(k as u32)),
+            _ => Err(ServeError::invalid(
+                "logprobs",
+                format!("must be an integer from 0 to {MAX_COMPLETIONS_LOGPROBS} (alternatives per token), got {v}"),
+            )),
+        },
+    }
+}
+
+fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeError> {
+    refuse_unhonoured(&body.other)?;
+    if body.stream_options.is_some() && !body.stream {
+        return Err(ServeError::invalid("stream_options", "is only allowed with `stream: true`"));
+    }
+    let logprobs = logprobs_asked(body, chat)?;
     let (prompt, messages) = if chat {
         if body.prompt.is_some() {
             return Err(ServeError::invalid("prompt", "is not accepted by /v1/chat/completions; use `messages`"));
@@ -215,6 +258,9 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
     Ok(RawRequest {
         prompt,
         messages,
+        prompt_token_ids: Vec::new(),
+        logprobs,
+        n: body.n,
         max_tokens: body.max_completion_tokens.or(body.max_tokens),
         sampling: RawSampling {
             temperature: body.temperature,
@@ -223,6 +269,8 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
             min_p: body.min_p,
             repetition_penalty: body.repetition_penalty,
             seed: body.seed,
+            presence_penalty: body.presence_penalty,
+            frequency_penalty: body.frequency_penalty,
         },
         stop: match &body.stop {
             None => Vec::new(),
@@ -235,9 +283,19 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
     })
 }
 
-/// `GET /v1/models`.
+/// `GET /v1/models`: the served model, with (once loaded) the defaults a request that sets no sampling field gets
+/// (the checkpoint's `generation_config.json` over the server's) and the ids that end generation.
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [{"id": state.model_id, "object": "model", "created": 0, "owned_by": "r1"}]}))
+    let mut model = json!({"id": state.model_id, "object": "model", "created": 0, "owned_by": "r1"});
+    if let Ok((scheduler, limits)) = state.ready() {
+        let d = &limits.sampling_defaults;
+        model["default_sampling"] = json!({"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
+            "min_p": d.min_p, "repetition_penalty": d.repetition_penalty, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0});
+        model["eos_token_ids"] = json!(scheduler.description().eos_token_ids);
+        model["max_context_tokens"] = json!(limits.max_context_tokens);
+    }
+    Json(json!({"object": "list", "data": [model]}))
 }
 
 /// `POST /v1/chat/completions`.
@@ -275,8 +333,13 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
             return error_response(&e);
         }
     };
-    let rx = match state.start(raw, "http", rid.clone(), http_deadline(&headers, body.stream), span.clone()).await {
-        Ok(rx) => rx,
+    let logprobs = raw.logprobs.is_some();
+    let rxs = match state.start(raw, "http", rid.clone(), http_deadline(&headers, body.stream), span.clone()).await {
+        Ok(rxs) => rxs,
+        Err(e) => return error_response(&e),
+    };
+    let frontend = match state.ready() {
+        Ok((s, _)) => s.frontend(),
         Err(e) => return error_response(&e),
     };
     let head = Head {
@@ -284,11 +347,14 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
         created: now_secs(),
         model: state.model_id.clone(),
         chat,
+        logprobs,
+        include_usage: body.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        frontend,
     };
     if body.stream {
-        stream_response(rx, span, head)
+        respond::stream(rxs, span, head)
     } else {
-        whole_response(rx, &span, head).await
+        respond::whole(rxs, &span, head).await
     }
 }
 
@@ -305,76 +371,4 @@ fn http_deadline(headers: &HeaderMap, stream: bool) -> Option<std::time::Instant
     }
     let d = std::time::Duration::from_secs_f64(secs);
     Some(std::time::Instant::now() + d - (d / 5).min(std::time::Duration::from_millis(50)))
-}
-
-/// What every response object of one request repeats.
-struct Head {
-    id: String,
-    created: u64,
-    model: String,
-    chat: bool,
-}
-
-/// The non-streaming response: one JSON object with the whole message and the usage.
-async fn whole_response(rx: UnboundedReceiver<Event>, span: &tracing::Span, head: Head) -> Response {
-    let c = match collect(rx, span).await {
-        Err(e) => return error_response(&e),
-        Ok(c) => c,
-    };
-    let choice = if head.chat {
-        json!({"index": 0, "message": {"role": "assistant", "content": c.text, "reasoning_content": c.reasoning},
-               "finish_reason": finish_str(c.finish_reason)})
-    } else {
-        json!({"index": 0, "text": c.text, "reasoning_content": c.reasoning, "finish_reason": finish_str(c.finish_reason)})
-    };
-    let usage = json!({"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                       "total_tokens": c.prompt_tokens + c.completion_tokens,
-                       "prompt_tokens_details": {"cached_tokens": c.cached_prompt_tokens}});
-    let object = if head.chat { "chat.completion" } else { "text_completion" };
-    Json(json!({"id": head.id, "object": object, "created": head.created, "model": head.model, "choices": [choice], "usage": usage}))
-        .into_response()
-}
-
-/// The streaming response: server-sent events, one chunk per token, the finish reason and usage last, then `[DONE]`.
-fn stream_response(rx: UnboundedReceiver<Event>, span: tracing::Span, head: Head) -> Response {
-    let chat = head.chat;
-    let chunk_object = if chat { "chat.completion.chunk" } else { "text_completion" };
-    let (id, created, model) = (head.id, head.created, head.model);
-    let chunk = move |choice: Value, usage: Value| {
-        let v = json!({"id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice], "usage": usage});
-        SseEvent::default().data(v.to_string())
-    };
-    let events = UnboundedReceiverStream::new(rx)
-        .filter_map(move |ev| {
-            let out = match ev {
-                Event::Admitted { .. } => None,
-                Event::Delta(d) => {
-                    let choice = if chat {
-                        json!({"index": 0, "delta": {"role": "assistant", "content": d.text, "reasoning_content": d.reasoning}, "finish_reason": null})
-                    } else {
-                        json!({"index": 0, "text": d.text, "reasoning_content": d.reasoning, "finish_reason": null})
-                    };
-                    Some(vec![chunk(choice, Value::Null)])
-                }
-                Event::Finished(f) => {
-                    record_finish(&span, f.reason, f.completion_tokens);
-                    let choice = if chat {
-                        json!({"index": 0, "delta": {}, "finish_reason": finish_str(f.reason)})
-                    } else {
-                        json!({"index": 0, "text": "", "finish_reason": finish_str(f.reason)})
-                    };
-                    let usage = json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
-                                       "total_tokens": f.prompt_tokens + f.completion_tokens,
-                                       "prompt_tokens_details": {"cached_tokens": f.cached_prompt_tokens}});
-                    Some(vec![chunk(choice, usage), SseEvent::default().data("[DONE]")])
-                }
-                Event::Failed(e) => {
-                    let v = json!({"error": {"message": e.to_string(), "code": e.kind()}});
-                    Some(vec![SseEvent::default().data(v.to_string()), SseEvent::default().data("[DONE]")])
-                }
-            };
-            futures::future::ready(out)
-        })
-        .flat_map(|v| futures::stream::iter(v.into_iter().map(Ok::<_, Infallible>)));
-    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }

@@ -1,0 +1,209 @@
+//! The OpenAI response objects: the whole response of a non-streaming request and the server-sent events of a
+//! streaming one, for every choice (`n`), with `logprobs` in the chat or the legacy completions layout and the
+//! usage-only last chunk of `stream_options.include_usage`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::error_response;
+use crate::api::{collect_all, merged, record_finish};
+use crate::model::{Frontend, TokenLogprobs};
+use crate::scheduler::{Event, FinishReason};
+
+/// What every response object of one request repeats, and what it asked for.
+pub(super) struct Head {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub chat: bool,
+    /// `logprobs` was asked for.
+    pub logprobs: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    pub frontend: Arc<dyn Frontend>,
+}
+
+fn finish_str(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop | FinishReason::StopSequence => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Cancelled => "cancelled",
+    }
+}
+
+/// A log-probability as JSON can hold it: `-inf` (a token the model rules out) becomes -9999, as OpenAI reports.
+fn finite(l: f32) -> f64 {
+    if l.is_finite() {
+        f64::from(l)
+    } else {
+        -9999.0
+    }
+}
+
+/// `logprobs` of a choice (or of a chunk's tokens): the chat layout (`{"content": [{token, logprob, bytes,
+/// top_logprobs}]}`) or the completions one (`tokens`, `token_logprobs`, `top_logprobs` maps, `text_offset`, which
+/// counts from `offset` characters of generated text). Reasoning tokens are included, in order.
+fn logprobs_json(head: &Head, ids: &[u32], lps: &[TokenLogprobs], offset: &mut usize) -> Value {
+    if !head.logprobs {
+        return Value::Null;
+    }
+    let f = head.frontend.as_ref();
+    if head.chat {
+        let content: Vec<Value> = ids
+            .iter()
+            .zip(lps)
+            .map(|(&id, lp)| {
+                let t = f.token_text(id);
+                let top: Vec<Value> = lp
+                    .top
+                    .iter()
+                    .map(|&(alt, l)| {
+                        let a = f.token_text(alt);
+                        json!({"token": a.text, "logprob": finite(l), "bytes": a.bytes})
+                    })
+                    .collect();
+                json!({"token": t.text, "logprob": finite(lp.logprob), "bytes": t.bytes, "top_logprobs": top})
+            })
+            .collect();
+        return json!({"content": content, "refusal": null});
+    }
+    let (mut tokens, mut token_logprobs, mut top, mut text_offset) = (vec![], vec![], vec![], vec![]);
+    for (&id, lp) in ids.iter().zip(lps) {
+        let t = f.token_text(id);
+        text_offset.push(*offset);
+        *offset += t.text.chars().count();
+        tokens.push(t.text);
+        token_logprobs.push(finite(lp.logprob));
+        let alts: serde_json::Map<String, Value> =
+            lp.top.iter().map(|&(alt, l)| (f.token_text(alt).text, json!(finite(l)))).collect();
+        top.push(Value::Object(alts));
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset})
+}
+
+fn usage_json(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
+}
+
+/// The non-streaming response: one JSON object with every choice and the usage (the prompt counted once).
+pub(super) async fn whole(rxs: Vec<UnboundedReceiver<Event>>, span: &tracing::Span, head: Head) -> Response {
+    let all = match collect_all(rxs, span).await {
+        Err(e) => return error_response(&e),
+        Ok(c) => c,
+    };
+    let choices: Vec<Value> = all
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let logprobs = logprobs_json(&head, &c.token_ids, &c.logprobs, &mut 0);
+            let finish = finish_str(c.finish_reason);
+            if head.chat {
+                json!({"index": i, "message": {"role": "assistant", "content": c.text, "reasoning_content": c.reasoning},
+                       "logprobs": logprobs, "finish_reason": finish})
+            } else {
+                json!({"index": i, "text": c.text, "reasoning_content": c.reasoning, "logprobs": logprobs,
+                       "finish_reason": finish})
+            }
+        })
+        .collect();
+    let (prompt, cached) = all.first().map_or((0, 0), |c| (c.prompt_tokens, c.cached_prompt_tokens));
+    let usage = usage_json(prompt, all.iter().map(|c| c.completion_tokens).sum(), cached);
+    let object = if head.chat { "chat.completion" } else { "text_completion" };
+    Json(json!({"id": head.id, "object": object, "created": head.created, "model": head.model, "choices": choices,
+                "usage": usage}))
+    .into_response()
+}
+
+/// Where the stream of one request stands.
+struct StreamState {
+    head: Head,
+    /// Choices not finished yet.
+    open: usize,
+    /// Per choice: generated characters so far (completions' `text_offset`).
+    offsets: Vec<usize>,
+    prompt: usize,
+    completion: usize,
+    cached: usize,
+}
+
+impl StreamState {
+    fn chunk(&self, choices: Vec<Value>, usage: Option<Value>) -> SseEvent {
+        let h = &self.head;
+        let object = if h.chat { "chat.completion.chunk" } else { "text_completion" };
+        let mut v = json!({"id": h.id, "object": object, "created": h.created, "model": h.model, "choices": choices});
+        if h.include_usage {
+            v["usage"] = usage.unwrap_or(Value::Null);
+        }
+        SseEvent::default().data(v.to_string())
+    }
+
+    fn on_event(&mut self, index: usize, ev: Event, span: &tracing::Span) -> Vec<SseEvent> {
+        match ev {
+            Event::Admitted { .. } => vec![],
+            Event::Delta(d) => {
+                let mut offset = self.offsets[index];
+                let logprobs = logprobs_json(&self.head, &d.token_ids, &d.logprobs, &mut offset);
+                self.offsets[index] = offset;
+                let choice = if self.head.chat {
+                    json!({"index": index, "delta": {"role": "assistant", "content": d.text,
+                           "reasoning_content": d.reasoning}, "logprobs": logprobs, "finish_reason": null})
+                } else {
+                    json!({"index": index, "text": d.text, "reasoning_content": d.reasoning, "logprobs": logprobs,
+                           "finish_reason": null})
+                };
+                vec![self.chunk(vec![choice], None)]
+            }
+            Event::Finished(f) => {
+                record_finish(span, f.reason, f.completion_tokens);
+                let choice = if self.head.chat {
+                    json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_str(f.reason)})
+                } else {
+                    json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_str(f.reason)})
+                };
+                if index == 0 {
+                    (self.prompt, self.cached) = (f.prompt_tokens, f.cached_prompt_tokens);
+                }
+                self.completion += f.completion_tokens;
+                self.open -= 1;
+                let mut out = vec![self.chunk(vec![choice], None)];
+                if self.open == 0 {
+                    if self.head.include_usage {
+                        out.push(self.chunk(vec![], Some(usage_json(self.prompt, self.completion, self.cached))));
+                    }
+                    out.push(SseEvent::default().data("[DONE]"));
+                }
+                out
+            }
+            Event::Failed(e) => {
+                self.open = 0;
+                let v = json!({"error": {"message": e.to_string(), "code": e.kind()}});
+                vec![SseEvent::default().data(v.to_string()), SseEvent::default().data("[DONE]")]
+            }
+        }
+    }
+}
+
+/// The streaming response: server-sent events, one chunk per token and choice, each choice's finish reason, then
+/// (with `stream_options.include_usage`) a chunk with no choices and the usage, then `[DONE]`. Without
+/// `include_usage` no chunk carries `usage`. A failed choice ends the stream with an error event (the other
+/// choices are cancelled when the stream is dropped).
+pub(super) fn stream(rxs: Vec<UnboundedReceiver<Event>>, span: tracing::Span, head: Head) -> Response {
+    let n = rxs.len();
+    let state = StreamState { head, open: n, offsets: vec![0; n], prompt: 0, completion: 0, cached: 0 };
+    let events = merged(rxs)
+        .scan((state, span), |(state, span), (index, ev)| {
+            // After a failure nothing more is sent (the stream ends; the other choices are cancelled).
+            let out = (state.open > 0).then(|| state.on_event(index, ev, span));
+            futures::future::ready(out)
+        })
+        .flat_map(|v| futures::stream::iter(v.into_iter().map(Ok::<_, Infallible>)));
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
