@@ -10,7 +10,12 @@ Starts <cargo target dir>/debug/r1-serve on tests/fixtures/arith-r1 (exported to
    usage counts match;
 3. the same request with stream=True: the deltas' reasoning_content and content concatenate to exactly the
    non-streaming message, and the last chunk carries finish_reason "stop";
-4. a request with temperature 5 is refused with openai.BadRequestError (HTTP 400) naming `temperature`.
+4. a request with temperature 5 is refused with openai.BadRequestError (HTTP 400) naming `temperature`;
+5. every field of the API (issue #19): logprobs + top_logprobs (chat) and integer logprobs (completions), n with
+   seed + i per choice, presence / frequency penalties, seed, stop, max_completion_tokens, stream_options
+   (a usage-only last chunk, and no usage without it), content as a list of text parts, an unknown model (404),
+   response_format json_schema / json_object (the answer parses and follows the schema; the reasoning stays free);
+   and each field the server cannot honour (tools, logit_bias) refused with a 400 naming it.
 
 The client library is pinned (OPENAI_VERSION) and installed into .r1/venv (scripts/setup.sh --test-tools creates
 it) when missing; run this file with any python3, it re-executes itself in that venv. Exit status 0 = pass.
@@ -18,6 +23,7 @@ it) when missing; run this file with any python3, it re-executes itself in that 
 Usage: python3 tests/openai_client.py [--model DIR] [--serve-bin PATH] [--export-bin PATH]
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -116,6 +122,95 @@ def run(base_url):
         check(False, "temperature 5 is refused")
     except openai.BadRequestError as e:
         check(e.status_code == 400 and "temperature" in str(e), f"temperature 5 -> 400 naming the field: {e}")
+    every_field(client, model, messages, msg.content, reasoning)
+
+
+def text_of(choice):
+    m = choice.message
+    return (getattr(m, "reasoning_content", None) or (m.model_extra or {}).get("reasoning_content") or "") + m.content
+
+
+def every_field(client, model, messages, content, reasoning):
+    import openai
+
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=96, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    lp = r.choices[0].logprobs.content
+    check(len(lp) == r.usage.completion_tokens, f"logprobs: {len(lp)} entries, one per generated token")
+    check(all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token and t.logprob <= 0 for t in lp),
+          "each with 2 alternatives, greedy's token first, log-probabilities <= 0")
+    check(content.strip() in "".join(t.token for t in lp), "the tokens spell the answer (EOS included)")
+    c = client.completions.create(model=model, prompt="Q: 7+5=", max_tokens=4, temperature=0, logprobs=3)
+    clp = c.choices[0].logprobs
+    check(len(clp.tokens) == len(clp.token_logprobs) == len(clp.top_logprobs) == len(clp.text_offset) == 4
+          and all(len(t) <= 3 for t in clp.top_logprobs), "completions: integer logprobs in the legacy layout")
+
+    n = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=1.0, seed=5, n=3)
+    check([ch.index for ch in n.choices] == [0, 1, 2], "n = 3 gives three choices")
+    alone = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=1.0, seed=6)
+    check(text_of(alone.choices[0]) == text_of(n.choices[1]), "choice 1 is sampled with seed + 1")
+    again = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=1.0, seed=5)
+    check(text_of(again.choices[0]) == text_of(n.choices[0]), "the same seed gives the same text")
+
+    # On a prompt it was not trained on the model is unsure enough for the penalties to change its greedy choices.
+    free = dict(model=model, prompt="1 2 3 4", max_tokens=24, temperature=0)
+    plain = client.completions.create(**free).choices[0].text
+    pen = client.completions.create(**free, presence_penalty=2.0, frequency_penalty=2.0).choices[0].text
+    check(pen != plain, f"presence/frequency penalties change greedy output: {plain!r} -> {pen!r}")
+
+    st = client.chat.completions.create(model=model, messages=messages, max_tokens=96, temperature=0, stop=["+"])
+    check(st.choices[0].finish_reason == "stop" and "+" not in text_of(st.choices[0])
+          and st.usage.completion_tokens < 10, "stop ends at the first '+', which is not returned")
+    mc = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=5, temperature=0)
+    check(mc.usage.completion_tokens == 5 and mc.choices[0].finish_reason == "length", "max_completion_tokens")
+
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    check(chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+          and all(ch.usage is None for ch in chunks[:-1]), "include_usage: a last chunk with no choices carries usage")
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    check(all(ch.usage is None for ch in chunks), "without include_usage no chunk carries usage")
+
+    parts = client.chat.completions.create(model=model, max_tokens=96, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is 385"}, {"type": "text", "text": "+47?"}]}])
+    check(parts.choices[0].message.content == content, "content as text parts reads as the joined string")
+
+    try:
+        client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)
+        check(False, "an unknown model is refused")
+    except openai.NotFoundError as e:
+        check(e.status_code == 404 and "no-such-model" in str(e), "an unknown model -> 404 naming it")
+    # Bounded, so that this small model (never trained to write JSON) cannot go on writing digits.
+    schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 9999}},
+              "required": ["answer"], "additionalProperties": False}
+    js = client.chat.completions.create(model=model, messages=messages, max_tokens=160, temperature=0,
+                                        response_format={"type": "json_schema",
+                                                         "json_schema": {"name": "sum", "schema": schema}})
+    value = json.loads(js.choices[0].message.content)
+    check(set(value) == {"answer"} and 0 <= value["answer"] <= 9999 and js.choices[0].finish_reason == "stop",
+          f"json_schema: the answer {js.choices[0].message.content!r} parses and follows the schema")
+    check(text_of(js.choices[0]).startswith(reasoning.split("\n")[0]), "the reasoning before it stays free text")
+    jo = client.chat.completions.create(model=model, messages=messages, max_tokens=64, temperature=0,
+                                        response_format={"type": "json_object"})
+    jc = jo.choices[0]
+    # This model writes an endless key; a JSON object it is, cut by max_tokens (a finished one would parse).
+    check(jc.message.content.startswith("{") and (jc.finish_reason == "length" or
+                                                  isinstance(json.loads(jc.message.content), dict)),
+          f"json_object: the answer is a JSON object ({jc.finish_reason}): {jc.message.content[:40]!r}")
+    try:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=2, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}})
+        check(False, "an invalid schema is refused")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400 and e.param == "response_format", f"an invalid schema -> 400 naming it: {e}")
+    for field, kw in [("tools", {"tools": [{"type": "function", "function": {"name": "add", "parameters": {}}}]}),
+                      ("logit_bias", {"logit_bias": {"5": 10}})]:
+        try:
+            client.chat.completions.create(model=model, messages=messages, max_tokens=2, **kw)
+            check(False, f"{field} is refused")
+        except openai.BadRequestError as e:
+            check(e.status_code == 400 and e.param == field, f"{field} -> 400 naming it")
 
 
 def main():

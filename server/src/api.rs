@@ -10,7 +10,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::error::ServeError;
 use crate::metrics::Metrics;
-use crate::model::{ModelError, PrefixReuse, SeqParams, TokenLogprobs};
+use crate::model::{ErrorClass, ModelError, PrefixReuse, SeqParams, TokenLogprobs};
 use crate::scheduler::{Event, FinishReason, Scheduler, Submission};
 use crate::validate::{check_context, check_prompt_bytes, validate, Limits, RawRequest};
 
@@ -124,9 +124,18 @@ impl AppState {
         let valid = validate(raw, limits)?;
         let frontend = scheduler.frontend();
         let input = valid.input.clone();
-        let prompt = tokio::task::spawn_blocking(move || frontend.encode(&input))
-            .await
-            .map_err(|e| ServeError::from(ModelError::internal("tokenizer", e.to_string())))??;
+        let format = valid.response_format.clone();
+        let prompt = tokio::task::spawn_blocking(move || {
+            if let Some(f) = &format {
+                frontend.check_response_format(f).map_err(|e| match e.class {
+                    ErrorClass::InvalidArgument => ServeError::invalid("response_format", e.message),
+                    _ => ServeError::from(e),
+                })?;
+            }
+            frontend.encode(&input).map_err(ServeError::from)
+        })
+        .await
+        .map_err(|e| ServeError::from(ModelError::internal("tokenizer", e.to_string())))??;
         check_context(prompt.len(), valid.max_tokens, limits)?;
         span.record("prompt_tokens", prompt.len());
         let params = SeqParams {
@@ -135,6 +144,7 @@ impl AppState {
             stop: valid.stop,
             ignore_eos: valid.ignore_eos,
             logprobs: valid.logprobs,
+            response_format: valid.response_format,
             prefix: if valid.prefix_cache { PrefixReuse::Longest } else { PrefixReuse::Off },
         };
         // Choices after the first find the prompt in the prefix cache (a running sequence's) and prefill only its

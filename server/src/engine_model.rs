@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use r1_engine::sampling::grammar::{Constraint, GrammarError, Grammars};
 use r1_engine::sampling::{logprobs, Sampler, StopChecker, StopParams};
 use r1_engine::text::{ChatMessage, ChatTemplate, IncrementalDetokenizer, ReasoningSplitter, RenderOptions, Tokenizer};
 use r1_engine::{
@@ -13,8 +14,8 @@ use r1_engine::{
 };
 
 use crate::model::{
-    Emitted, ErrorClass, Frontend, KvPoolStatus, Model, ModelDescription, ModelError, PromptInput, SeqId, SeqParams,
-    TokenText, Work,
+    Emitted, ErrorClass, Frontend, KvPoolStatus, Model, ModelDescription, ModelError, PromptInput, ResponseFormat,
+    SeqId, SeqParams, TokenText, Work,
 };
 
 /// The engine's error as a model error, classed by whose fault it is.
@@ -66,6 +67,11 @@ pub fn verify_artifact(dir: &Path, skip: bool) -> Result<(), ModelError> {
 pub struct EngineText {
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
+    /// The vocabulary as the grammar engine sees it, built on the first `response_format` request (about a second
+    /// for R1's 129k tokens, so a server that never sees one never pays it).
+    grammars: OnceLock<Result<Grammars, GrammarError>>,
+    /// The id of `<think>`, when the vocabulary has it as one token.
+    think_token: Option<u32>,
 }
 
 impl EngineText {
@@ -79,7 +85,25 @@ impl EngineText {
             Err(r1_engine::text::TextError::NoChatTemplate { .. }) => None,
             Err(e) => return Err(text_err(e)),
         };
-        Ok(EngineText { tokenizer, template })
+        let think_token = tokenizer.token_to_id(r1_engine::text::THINK_START);
+        Ok(EngineText { tokenizer, template, grammars: OnceLock::new(), think_token })
+    }
+
+    /// A constraint enforcing `format`; a schema that does not compile is the caller's error, naming the field.
+    pub fn constraint(&self, format: &ResponseFormat) -> Result<Constraint, ModelError> {
+        let grammars = self.grammars.get_or_init(|| {
+            let eos = self.tokenizer.eos_token_ids().first().copied().unwrap_or(0);
+            Grammars::new(&self.tokenizer, self.tokenizer.vocab_size(), eos)
+        });
+        let grammars = grammars.as_ref().map_err(|e| ModelError::internal("grammar", e.to_string()))?;
+        let schema = match format {
+            ResponseFormat::JsonObject => None,
+            ResponseFormat::JsonSchema(s) => Some(s),
+        };
+        grammars.json(schema).map_err(|e| match e {
+            GrammarError::Schema(_) => ModelError::invalid("response_format", e.to_string()),
+            other => ModelError::internal("grammar", other.to_string()),
+        })
     }
 
     /// The tokenizer.
@@ -113,6 +137,10 @@ impl Frontend for EngineText {
         }
     }
 
+    fn check_response_format(&self, format: &ResponseFormat) -> Result<(), ModelError> {
+        self.constraint(format).map(|_| ())
+    }
+
     fn token_text(&self, id: u32) -> TokenText {
         let bytes = self.tokenizer.token_bytes(id).unwrap_or_default();
         TokenText { text: String::from_utf8_lossy(&bytes).into_owned(), bytes }
@@ -127,6 +155,8 @@ struct Seq {
     split: ReasoningSplitter,
     context: Vec<u32>,
     logprobs: Option<usize>,
+    /// The answer's grammar (`response_format`); applied once the reasoning has ended.
+    constraint: Option<Constraint>,
 }
 
 /// The real model: an [`Engine`] plus per-sequence sampling and text state.
@@ -192,6 +222,7 @@ impl Model for EngineModel {
 
     fn add_sequence(&mut self, prompt: &[u32], params: &SeqParams) -> Result<SeqId, ModelError> {
         let sampler = Sampler::new(params.sampling).map_err(|e| engine_err(e.into()))?;
+        let constraint = params.response_format.as_ref().map(|f| self.text.constraint(f)).transpose()?;
         let tok = self.text.tokenizer();
         let stop = StopChecker::new(StopParams {
             max_tokens: params.max_tokens.min(u32::MAX as usize) as u32,
@@ -207,7 +238,8 @@ impl Model for EngineModel {
         self.next += 1;
         let detok = IncrementalDetokenizer::with_context(prompt, true);
         let logprobs = params.logprobs;
-        self.seqs.insert(handle, Seq { id, sampler, stop, detok, split, context: prompt.to_vec(), logprobs });
+        let seq = Seq { id, sampler, stop, detok, split, context: prompt.to_vec(), logprobs, constraint };
+        self.seqs.insert(handle, seq);
         Ok(handle)
     }
 
@@ -234,7 +266,22 @@ impl Model for EngineModel {
         for r in results {
             let Some(&handle) = by_engine_id.get(&r.seq) else { continue };
             let Some(s) = self.seqs.get_mut(&handle) else { continue };
-            let token = s.sampler.sample(&r.logits, &s.context).map_err(|e| engine_err(e.into()))?;
+            let token = match s.constraint.as_mut() {
+                // The answer's grammar applies outside the reasoning (R1 thinks freely first); before the output
+                // has shown whether it opens one, the token that opens it is allowed beside the grammar's.
+                Some(c) if !s.split.in_reasoning() => {
+                    let grammar_err = |e: GrammarError| ModelError::internal("grammar", e.to_string());
+                    let opener = if s.split.is_undecided() { self.text.think_token } else { None };
+                    let mut row = r.logits.clone();
+                    c.mask(&mut row, opener).map_err(grammar_err)?;
+                    let t = s.sampler.sample(&row, &s.context).map_err(|e| engine_err(e.into()))?;
+                    if !c.is_complete() && Some(t) != opener {
+                        c.accept(t).map_err(grammar_err)?;
+                    }
+                    t
+                }
+                _ => s.sampler.sample(&r.logits, &s.context).map_err(|e| engine_err(e.into()))?,
+            };
             let logprobs = match s.logprobs {
                 Some(top) => Some(logprobs(&r.logits, token, top).map_err(|e| engine_err(e.into()))?),
                 None => None,

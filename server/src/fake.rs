@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::model::{
-    Emitted, ErrorClass, FinishReason, Frontend, Model, ModelDescription, ModelError, PromptInput, SeqId, SeqParams,
-    TokenLogprobs, TokenText, Work,
+    Emitted, ErrorClass, FinishReason, Frontend, Model, ModelDescription, ModelError, PromptInput, ResponseFormat,
+    SeqId, SeqParams, TokenLogprobs, TokenText, Work,
 };
 
 /// Failures armed from outside the scheduler thread (tests): the next [`Faults::fail_next_steps`] steps fail.
@@ -115,6 +115,13 @@ impl Frontend for FakeFrontend {
             PromptInput::Tokens(ids) => return Ok(ids.clone()),
         };
         Ok(text.bytes().map(|b| b as u32 + 3).collect())
+    }
+
+    fn check_response_format(&self, _format: &ResponseFormat) -> Result<(), ModelError> {
+        Err(ModelError::invalid(
+            "response_format",
+            "`response_format`: the fake model has no logits to constrain; only the engine model enforces JSON output",
+        ))
     }
 
     fn token_text(&self, id: u32) -> TokenText {

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::{collect_all, merged, record_finish, AppState};
 use crate::error::ServeError;
-use crate::model::{ChatTurn, Frontend, TokenLogprobs};
+use crate::model::{ChatTurn, Frontend, ResponseFormat, TokenLogprobs};
 use crate::scheduler::{Event, FinishReason};
 use crate::telemetry::{request_id, request_span, Carrier};
 use crate::validate::{RawRequest, RawSampling};
@@ -65,7 +65,29 @@ pub fn raw_request(r: pb::GenerateRequest) -> Result<RawRequest, ServeError> {
             format!("needs `logprobs: true` (it adds alternatives to them), got {} without", r.top_logprobs),
         ));
     }
+    let response_format = match r.response_format {
+        None => None,
+        Some(f) => match pb::response_format::Type::try_from(f.r#type) {
+            Ok(pb::response_format::Type::Text) => None,
+            Ok(pb::response_format::Type::JsonObject) => Some(ResponseFormat::JsonObject),
+            Ok(pb::response_format::Type::JsonSchema) => {
+                Some(ResponseFormat::JsonSchema(serde_json::from_str(&f.json_schema).map_err(|e| {
+                    ServeError::invalid(
+                        "response_format.json_schema",
+                        format!("must be a JSON schema as JSON text: {e}"),
+                    )
+                })?))
+            }
+            Err(_) => {
+                return Err(ServeError::invalid(
+                    "response_format.type",
+                    format!("must be TYPE_TEXT, TYPE_JSON_OBJECT or TYPE_JSON_SCHEMA, got {}", f.r#type),
+                ))
+            }
+        },
+    };
     Ok(RawRequest {
+        response_format,
         prompt: r.prompt,
         messages: r.messages.into_iter().map(|m| ChatTurn { role: m.role, content: m.content }).collect(),
         prompt_token_ids: r.prompt_token_ids,

@@ -155,6 +155,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         stop: vec![],
         ignore_eos: false,
         logprobs: None,
+        response_format: None,
         prefix: r1_serve::model::PrefixReuse::Longest,
     };
     let seq = model.add_sequence(&prompt, &params).context("adding the sequence")?;

@@ -32,6 +32,15 @@ pub enum PromptInput {
     Tokens(Vec<u32>),
 }
 
+/// What shape the answer must have (`response_format`): the answer after the reasoning is constrained to it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    /// Any JSON object.
+    JsonObject,
+    /// A JSON value of this schema.
+    JsonSchema(serde_json::Value),
+}
+
 /// Log-probabilities of one generated token (the model's distribution: see `r1_engine::sampling::logprobs`).
 pub use r1_engine::sampling::TokenLogprobs;
 
@@ -88,6 +97,8 @@ pub struct SeqParams {
     pub ignore_eos: bool,
     /// Report each generated token's log-probability with this many most likely alternatives (None: off).
     pub logprobs: Option<usize>,
+    /// Constrain the answer (after the reasoning) to this format (None: free text).
+    pub response_format: Option<ResponseFormat>,
     /// How the prompt may start from the model's prefix cache (`Off`: prefill all of it). The scheduler rounds
     /// `Longest` to its prefill chunk under `--prefix-cache exact`.
     pub prefix: PrefixReuse,
@@ -194,6 +205,9 @@ pub trait Frontend: Send + Sync {
     fn encode(&self, input: &PromptInput) -> Result<Vec<u32>, ModelError>;
     /// One token's text and bytes (for `logprobs`).
     fn token_text(&self, id: u32) -> TokenText;
+    /// Checks that `format` can be enforced (compiles its grammar), so a bad schema is refused before the request
+    /// is queued.
+    fn check_response_format(&self, format: &ResponseFormat) -> Result<(), ModelError>;
 }
 
 /// What the scheduler needs from a model. Called from one dedicated thread only.

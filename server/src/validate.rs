@@ -3,7 +3,7 @@
 //! After tokenization, [`check_context`] checks the prompt against the model's context window.
 
 use crate::error::{ConfigError, ServeError};
-use crate::model::{ChatTurn, PromptInput, Sampling};
+use crate::model::{ChatTurn, PromptInput, ResponseFormat, Sampling};
 
 /// Default temperature when a request does not set one (DeepSeek's recommendation for R1).
 pub const DEFAULT_TEMPERATURE: f32 = 0.6;
@@ -139,6 +139,8 @@ pub struct RawRequest {
     pub logprobs: Option<u32>,
     /// Choices to generate (None: 1).
     pub n: Option<u32>,
+    /// The answer's required format (None: free text).
+    pub response_format: Option<ResponseFormat>,
     /// Requested output length.
     pub max_tokens: Option<u32>,
     /// Sampling settings.
@@ -172,6 +174,8 @@ pub struct ValidRequest {
     pub logprobs: Option<usize>,
     /// Choices to generate (1 ..= [`MAX_CHOICES`]).
     pub n: usize,
+    /// The answer's required format.
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// `v` when the engine's `range` allows it; otherwise an error naming the API's field, the range and the value.
@@ -284,6 +288,7 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
         prefix_cache: !raw.skip_prefix_cache,
         logprobs: raw.logprobs.map(|k| k as usize),
         n: n as usize,
+        response_format: raw.response_format,
     })
 }
 

@@ -210,7 +210,9 @@ async fn openai_logprobs_choices_penalties_and_include_usage_are_honoured() {
     assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2, "{lp}");
     // Streaming without include_usage: no chunk carries `usage`; with it, a last chunk without choices does.
     let stream = |extra: &str| {
-        format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"max_tokens":3,"ignore_eos":true,"stream":true,"n":2{extra}}}"#)
+        format!(
+            r#"{{"messages":[{{"role":"user","content":"x"}}],"max_tokens":3,"ignore_eos":true,"stream":true,"n":2{extra}}}"#
+        )
     };
     let (_, _, plain) = post("/v1/chat/completions", stream("")).await;
     let chunks = sse_chunks(&plain);

@@ -9,6 +9,7 @@
 //! * [`StopParams`] + [`StopChecker`]: EOS ids, `ignore_eos`, max tokens, and stop sequences matched on the
 //!   detokenized text with hold-back, so a partial stop sequence is never streamed. [`FinishReason`] says why.
 
+pub mod grammar;
 pub mod limits;
 mod logprobs;
 mod sampler;

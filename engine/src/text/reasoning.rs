@@ -65,6 +65,11 @@ impl ReasoningSplitter {
         ReasoningSplitter { phase, pending: String::new() }
     }
 
+    /// True until the output has shown whether it opens a reasoning part (nothing decided yet).
+    pub fn is_undecided(&self) -> bool {
+        matches!(self.phase, Phase::Start)
+    }
+
     /// True while the text being produced is reasoning.
     pub fn in_reasoning(&self) -> bool {
         matches!(self.phase, Phase::Reasoning { .. })

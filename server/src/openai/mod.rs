@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::api::AppState;
 use crate::error::ServeError;
-use crate::model::ChatTurn;
+use crate::model::{ChatTurn, ResponseFormat};
 use crate::telemetry::{request_id, request_span, Carrier};
 use crate::validate::{RawRequest, RawSampling};
 use respond::Head;
@@ -135,6 +135,8 @@ pub struct CompletionBody {
     pub frequency_penalty: Option<f32>,
     /// `{"include_usage": true}`: a last chunk with no choices carries the usage (streaming only).
     pub stream_options: Option<StreamOptions>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}`.
+    pub response_format: Option<Value>,
     /// Every other field of the request.
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
@@ -163,7 +165,6 @@ fn refuse_unhonoured(other: &serde_json::Map<String, Value>) -> Result<(), Serve
             "tools" | "functions" => v.is_null() || v.as_array().is_some_and(|a| a.is_empty()),
             "tool_choice" | "function_call" => v.is_null() || v.as_str() == Some("none"),
             "parallel_tool_calls" => true,
-            "response_format" => v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"),
             _ => {
                 return Err(ServeError::invalid(field.clone(), "is not a field this server knows; remove it"));
             }
@@ -190,6 +191,24 @@ fn error_response(e: &ServeError) -> Response {
 
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// `response_format` as OpenAI spells it: `text` (None), `json_object`, or `json_schema` with its `schema`.
+fn response_format(v: Option<&Value>) -> Result<Option<ResponseFormat>, ServeError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(None) };
+    let bad = |field: &str, msg: String| Err(ServeError::invalid(field, msg));
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_schema") => match v.get("json_schema").and_then(|j| j.get("schema")) {
+            Some(schema) => Ok(Some(ResponseFormat::JsonSchema(schema.clone()))),
+            None => bad(
+                "response_format.json_schema.schema",
+                "is required with `type: json_schema` (the JSON schema the answer must follow)".into(),
+            ),
+        },
+        _ => bad("response_format", format!("`type` must be text, json_object or json_schema, got {v}")),
+    }
 }
 
 /// Most alternatives per token the legacy completions API's integer `logprobs` allows.
@@ -261,6 +280,7 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
         prompt_token_ids: Vec::new(),
         logprobs,
         n: body.n,
+        response_format: response_format(body.response_format.as_ref())?,
         max_tokens: body.max_completion_tokens.or(body.max_tokens),
         sampling: RawSampling {
             temperature: body.temperature,

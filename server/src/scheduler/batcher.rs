@@ -383,6 +383,7 @@ mod tests {
                 stop: vec![],
                 ignore_eos: false,
                 logprobs: None,
+                response_format: None,
                 prefix: PrefixReuse::Longest,
             },
             tx,
