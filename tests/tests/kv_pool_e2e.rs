@@ -163,3 +163,41 @@ async fn a_conversation_replayed_turn_by_turn_prefills_only_what_is_new() {
     assert!(metric(&text, "r1_prefix_cache_hit_tokens_total") > 0.0);
     assert!(metric(&text, "r1_prefix_cache_miss_tokens_total") >= first as f64);
 }
+
+/// `--prefix-cache exact` from the real binary: a repeated conversation reuses whole `--prefill-chunk` chunks only,
+/// and its tokens equal those of the server with the cache off, on both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_prefix_hits_are_whole_prefill_chunks_and_change_no_token() {
+    let conversation = |turns: usize| pb::GenerateRequest {
+        messages: ["What is 12+30?", "What is 45+17?", "What is 73+19?"][..turns]
+            .iter()
+            .map(|q| pb::ChatMessage { role: "user".into(), content: (*q).into() })
+            .collect(),
+        max_tokens: Some(48),
+        sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
+        ..Default::default()
+    };
+    for backend in ["ort", "tract"] {
+        let mut outputs = Vec::new();
+        for mode in ["exact", "off"] {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let flags =
+                ["--backend", backend, "--prefix-cache", mode, "--prefill-chunk", "8", "--max-batch-tokens", "64"];
+            let (_server, channel, _http, _art, _log) = serve(tmp.path(), &flags).await;
+            let mut tokens = Vec::new();
+            for turns in [1, 2, 3, 3] {
+                let reply =
+                    GenerationClient::new(channel.clone()).generate(conversation(turns)).await.expect("Generate");
+                let reply = reply.into_inner();
+                let cached = reply.usage.expect("usage").cached_prompt_tokens as usize;
+                assert_eq!(cached % 8, 0, "{backend} {mode}: {cached} cached positions, not whole chunks of 8");
+                if mode == "exact" && turns > 1 {
+                    assert!(cached > 0, "{backend}: turn {turns} reuses the earlier turns");
+                }
+                tokens.push(reply.token_ids);
+            }
+            outputs.push(tokens);
+        }
+        assert_eq!(outputs[0], outputs[1], "{backend}: tokens with --prefix-cache exact equal those with it off");
+    }
+}
