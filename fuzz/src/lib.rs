@@ -309,11 +309,16 @@ pub fn generate_request(data: &[u8]) -> bool {
         default_max_tokens: 512,
         max_context_tokens: 4096,
         sampling_defaults: Default::default(),
+        request_timeout: None,
     };
-    let Ok(valid) = validate(r1_serve::grpc::raw_request(req), &limits) else { return false };
+    let Ok(raw) = r1_serve::grpc::raw_request(req) else { return false };
+    let Ok(valid) = validate(raw, &limits) else { return false };
     match &valid.input {
         PromptInput::Text(t) => {
             let _ = check_context(t.len(), valid.max_tokens, &limits);
+        }
+        PromptInput::Tokens(ids) => {
+            let _ = check_context(ids.len(), valid.max_tokens, &limits);
         }
         PromptInput::Chat(turns) => {
             let Some(tmpl) = r1_template() else { return true };

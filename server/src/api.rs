@@ -34,6 +34,8 @@ pub struct AppState {
     pub warm: AtomicBool,
     /// Longest prompt in bytes (`--max-prompt-bytes`), checked before tokenization.
     pub max_prompt_bytes: usize,
+    /// Largest request body in bytes (`--max-request-bytes`), named in the HTTP 413.
+    pub max_request_bytes: usize,
 }
 
 /// A whole generated response.
@@ -60,6 +62,17 @@ pub struct Collected {
 impl AppState {
     /// State before the model is loaded; `max_prompt_bytes` is `--max-prompt-bytes`.
     pub fn new(model_id: String, limits: Limits, metrics: Arc<Metrics>, max_prompt_bytes: usize) -> Self {
+        Self::with_body_limit(model_id, limits, metrics, max_prompt_bytes, crate::security::DEFAULT_MAX_REQUEST_BYTES)
+    }
+
+    /// [`AppState::new`] with `--max-request-bytes`.
+    pub fn with_body_limit(
+        model_id: String,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        max_prompt_bytes: usize,
+        max_request_bytes: usize,
+    ) -> Self {
         AppState {
             scheduler: OnceLock::new(),
             limits: OnceLock::new(),
@@ -69,6 +82,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             warm: AtomicBool::new(false),
             max_prompt_bytes,
+            max_request_bytes,
         }
     }
 
@@ -120,6 +134,15 @@ impl AppState {
         span: tracing::Span,
     ) -> Result<Vec<UnboundedReceiver<Event>>, ServeError> {
         let (scheduler, limits) = self.ready()?;
+        // The server's own bound (`--request-timeout-secs`), unless the client's deadline is sooner. The warm-up
+        // request is the server's, not a client's.
+        let deadline = match limits.request_timeout.filter(|_| api != "warmup") {
+            Some(t) => {
+                let own = Instant::now() + t;
+                Some(deadline.map_or(own, |d| d.min(own)))
+            }
+            None => deadline,
+        };
         check_prompt_bytes(&raw, self.max_prompt_bytes)?;
         let valid = validate(raw, limits)?;
         let frontend = scheduler.frontend();

@@ -176,6 +176,11 @@ pub struct ServeArgs {
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before cancelling them.
     #[arg(long, env = "R1_DRAIN_TIMEOUT_SECS", default_value_t = 30.0)]
     pub drain_timeout_secs: f64,
+    /// Longest a request may run, from arrival to its last token, in seconds (gRPC DEADLINE_EXCEEDED, HTTP 504);
+    /// a shorter deadline from the client (`grpc-timeout`, `x-request-timeout`) still wins. Default: none (only the
+    /// client's deadline).
+    #[arg(long, env = "R1_REQUEST_TIMEOUT_SECS", value_name = "SECONDS")]
+    pub request_timeout_secs: Option<f64>,
     /// OTLP/gRPC endpoint for traces (e.g. http://127.0.0.1:4317); unset disables export.
     #[arg(long, env = "R1_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -287,6 +292,9 @@ impl ServeArgs {
         if self.grpc_addr == self.http_addr && self.grpc_addr.port() != 0 {
             return bad("--http-addr", format!("must differ from --grpc-addr, both are {}", self.grpc_addr));
         }
+        if let Some(t) = self.request_timeout_secs.filter(|t| !(t.is_finite() && *t > 0.0 && *t <= 86_400.0)) {
+            return bad("--request-timeout-secs", format!("must be more than 0 and at most 86400, got {t}"));
+        }
         if !(self.drain_timeout_secs.is_finite() && (0.0..=3600.0).contains(&self.drain_timeout_secs)) {
             return bad("--drain-timeout-secs", format!("must be between 0 and 3600, got {}", self.drain_timeout_secs));
         }
@@ -322,6 +330,7 @@ impl ServeArgs {
             default_max_tokens: self.default_max_tokens,
             max_context_tokens: u32::MAX,
             sampling_defaults: Default::default(),
+            request_timeout: self.request_timeout_secs.map(Duration::from_secs_f64),
         };
         limits.validate()?;
         let security = self.security(std::env::var("R1_API_KEYS").ok().as_deref())?;

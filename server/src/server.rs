@@ -132,7 +132,13 @@ pub async fn run_with(
     load: Loader,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let state = Arc::new(AppState::new(opts.model_id.clone(), opts.limits, metrics.clone(), security.max_prompt_bytes));
+    let state = Arc::new(AppState::with_body_limit(
+        opts.model_id.clone(),
+        opts.limits,
+        metrics.clone(),
+        security.max_prompt_bytes,
+        security.max_request_bytes,
+    ));
     let (reporter, grpc, http) = routers(&state, &security, &metrics).await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

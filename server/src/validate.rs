@@ -24,6 +24,9 @@ pub struct Limits {
     /// Sampling fields a request leaves unset take these (the server's, then the checkpoint's
     /// `generation_config.json` once the model is loaded).
     pub sampling_defaults: SamplingDefaults,
+    /// Longest a request may take from arrival to its last token (`--request-timeout-secs`); a client's own
+    /// shorter deadline (`grpc-timeout`, `x-request-timeout`) still wins. None: only the client's.
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 /// Defaults of the sampling fields of a request.
@@ -343,6 +346,7 @@ mod tests {
         default_max_tokens: 16,
         max_context_tokens: 64,
         sampling_defaults: SamplingDefaults::SERVER,
+        request_timeout: None,
     };
 
     fn prompt(p: &str) -> RawRequest {

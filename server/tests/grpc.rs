@@ -202,6 +202,7 @@ async fn every_invalid_argument_names_field_limit_and_value() {
         default_max_tokens: 8,
         max_context_tokens: u32::MAX,
         sampling_defaults: Default::default(),
+        request_timeout: None,
     };
     let mut srv = start_ready(Setup { fake, limits, ..Default::default() }).await;
     let mut c = srv.client().await;

@@ -255,6 +255,13 @@ async fn openai_fields_the_server_would_ignore_are_refused_by_name() {
         let v: Value = serde_json::from_str(&body).expect("json");
         assert_eq!(v["error"]["param"], field, "{body}");
     }
+    // A number outside its type (serde's message names the field) and a body that is not JSON: 400 in OpenAI's shape.
+    for (body, needle) in [(chat(r#","max_tokens":-1"#), "max_tokens"), ("{not json".to_string(), "JSON")] {
+        let (status, _, resp) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(&body)).await;
+        assert_eq!(status, 400, "{body}: {resp}");
+        let v: Value = serde_json::from_str(&resp).expect("an OpenAI error body");
+        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{resp}");
+    }
     // Content given as a list of text parts is read; a non-text part is refused by position.
     let parts = r#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"bc"}]}],"max_tokens":3,"temperature":0}"#;
     let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(parts)).await;

@@ -262,8 +262,10 @@ async fn oversized_messages_and_prompts_are_refused_with_the_limits() {
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     assert!(err.message().contains(&(64 << 10).to_string()), "names the limit: {}", err.message());
     let big = format!(r#"{{"prompt":"{}","max_tokens":2}}"#, "x".repeat(100 << 10));
-    let (status, _, _) = http(srv.http_addr, "POST", "/v1/completions", Some(&big)).await;
+    let (status, _, body) = http(srv.http_addr, "POST", "/v1/completions", Some(&big)).await;
     assert_eq!(status, 413, "HTTP body over the limit");
+    assert!(body.contains("--max-request-bytes") && body.contains(&(64 << 10).to_string()), "names the limit: {body}");
+    assert!(body.contains("\"error\""), "OpenAI's error shape: {body}");
     // Prompt over --max-prompt-bytes (but message under the limit): INVALID_ARGUMENT / 400 naming limit and value.
     let err = c.generate(prompt_req(&"y".repeat(1001), 2)).await.expect_err("prompt too long");
     assert_eq!(err.code(), Code::InvalidArgument);

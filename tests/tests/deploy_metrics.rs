@@ -315,6 +315,7 @@ async fn start(
             default_max_tokens: 8,
             max_context_tokens: u32::MAX,
             sampling_defaults: Default::default(),
+            request_timeout: None,
         },
         scheduler: SchedulerConfig::default(),
         step_budget: Default::default(),

@@ -97,6 +97,7 @@ async fn start(artifact: PathBuf) -> Server {
             default_max_tokens: 64,
             max_context_tokens: u32::MAX,
             sampling_defaults: Default::default(),
+            request_timeout: None,
         },
         scheduler: SchedulerConfig::default(),
         step_budget: Default::default(),

@@ -8,6 +8,7 @@ mod respond;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -322,18 +323,44 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Json(body): Json<CompletionBody>,
+    body: Result<Json<CompletionBody>, JsonRejection>,
 ) -> Response {
-    complete(state, headers, body, true).await
+    match body {
+        Ok(Json(body)) => complete(state, headers, body, true).await,
+        Err(r) => rejected(&state, r),
+    }
 }
 
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Json(body): Json<CompletionBody>,
+    body: Result<Json<CompletionBody>, JsonRejection>,
 ) -> Response {
-    complete(state, headers, body, false).await
+    match body {
+        Ok(Json(body)) => complete(state, headers, body, false).await,
+        Err(r) => rejected(&state, r),
+    }
+}
+
+/// A body the JSON extractor could not take, in OpenAI's error shape: over `--max-request-bytes` is 413 naming the
+/// limit; anything else (not JSON, a wrong type, a number out of its type's range) is 400 with serde's message,
+/// which names the field (axum's own answer would be a plain-text 413, 415 or 422).
+fn rejected(state: &AppState, r: JsonRejection) -> Response {
+    let too_large = r.status() == StatusCode::PAYLOAD_TOO_LARGE;
+    let (status, code, message) = if too_large {
+        let limit = state.max_request_bytes;
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("the request body is larger than {limit} bytes (--max-request-bytes)"),
+        )
+    } else {
+        (StatusCode::BAD_REQUEST, "invalid_argument", r.body_text())
+    };
+    state.metrics.request_done("http", code);
+    let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
+    (status, Json(body)).into_response()
 }
 
 async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody, chat: bool) -> Response {

@@ -57,6 +57,7 @@ impl Default for Setup {
                 default_max_tokens: 16,
                 max_context_tokens: u32::MAX,
                 sampling_defaults: Default::default(),
+                request_timeout: None,
             },
             drain: Duration::from_secs(5),
             gate: None,
