@@ -122,6 +122,41 @@ async fn disconnect_storm_frees_every_sequence() {
     srv.shutdown().await.expect("clean shutdown");
 }
 
+/// HTTP clients that leave (streaming or not, mid-generation) free their sequences at the next step, as gRPC ones do.
+#[tokio::test]
+async fn http_clients_that_leave_free_their_sequences() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeConfig { step_delay: Duration::from_millis(3), ..Default::default() };
+    let mut srv = start_ready(Setup { fake, ..Default::default() }).await;
+    let mut conns = Vec::new();
+    for (i, stream) in [(0, true), (1, false), (2, true), (3, false)] {
+        let body = format!(r#"{{"prompt":"leave {i}","max_tokens":2000,"ignore_eos":true,"stream":{stream}}}"#);
+        let req = format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut c = tokio::net::TcpStream::connect(srv.http_addr).await.expect("connect");
+        c.write_all(req.as_bytes()).await.expect("send");
+        if stream {
+            let mut buf = [0u8; 256];
+            let n = c.read(&mut buf).await.expect("first bytes of the stream");
+            assert!(n > 0);
+        }
+        conns.push(c);
+    }
+    srv.wait_metrics("four sequences running", |t| metric(t, "r1_running_sequences") == Some(4.0)).await;
+    drop(conns);
+    let text = srv
+        .wait_metrics("every sequence freed", |t| {
+            metric(t, "r1_running_sequences") == Some(0.0)
+                && metric(t, "r1_kv_cache_used_tokens") == Some(0.0)
+                && metric(t, "r1_requests_total{api=\"http\",outcome=\"cancelled\"}") == Some(4.0)
+        })
+        .await;
+    assert!(metric(&text, "r1_generated_tokens_total").unwrap_or(f64::MAX) < 4.0 * 2000.0 / 4.0, "stopped early");
+    srv.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn kv_budget_queues_what_fits_later_and_rejects_what_never_fits() {
     // 200 positions in all: one request of 5 + 120 fits, two do not fit together.
