@@ -101,6 +101,16 @@ def cargo_bin_dir(profile="debug"):
         return os.path.join(ROOT, "target", profile)
 
 
+def client_test_args(doc):
+    """Command line of the client tests (tests/openai_client.py, tests/grpc_client.py): --model, --serve-bin,
+    --export-bin."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--model", help="artifact directory (default: export tests/fixtures/arith-r1)")
+    ap.add_argument("--serve-bin", help="r1-serve binary (default <cargo target dir>/debug/r1-serve)")
+    ap.add_argument("--export-bin", help="r1-export binary (default <cargo target dir>/debug/r1-export)")
+    return ap.parse_args()
+
+
 class Server:
     """r1-serve on two free loopback ports, exporting arith-r1 first when no model is given."""
 

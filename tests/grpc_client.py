@@ -20,7 +20,6 @@ this file with any python3, it re-executes itself in that venv. Exit status 0 = 
 
 Usage: python3 tests/grpc_client.py [--model DIR] [--serve-bin PATH] [--export-bin PATH]
 """
-import argparse
 import json
 import os
 import subprocess
@@ -164,13 +163,9 @@ def run(pb, rpc, addr, model_dir):
 def main():
     ensure_venv()
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from soak import Server, StartError
+    from soak import Server, StartError, client_test_args
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="artifact directory (default: export tests/fixtures/arith-r1)")
-    ap.add_argument("--serve-bin", help="r1-serve binary (default <cargo target dir>/debug/r1-serve)")
-    ap.add_argument("--export-bin", help="r1-export binary (default <cargo target dir>/debug/r1-export)")
-    a = ap.parse_args()
+    a = client_test_args(__doc__)
     with tempfile.TemporaryDirectory(prefix="r1-grpc-stubs-") as out:
         pb, rpc = stubs(out)
         try:

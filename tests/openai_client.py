@@ -22,7 +22,6 @@ it) when missing; run this file with any python3, it re-executes itself in that 
 
 Usage: python3 tests/openai_client.py [--model DIR] [--serve-bin PATH] [--export-bin PATH]
 """
-import argparse
 import json
 import os
 import subprocess
@@ -216,13 +215,9 @@ def every_field(client, model, messages, content, reasoning):
 def main():
     ensure_client()
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from soak import Server, StartError
+    from soak import Server, StartError, client_test_args
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="artifact directory (default: export tests/fixtures/arith-r1)")
-    ap.add_argument("--serve-bin", help="r1-serve binary (default <cargo target dir>/debug/r1-serve)")
-    ap.add_argument("--export-bin", help="r1-export binary (default <cargo target dir>/debug/r1-export)")
-    a = ap.parse_args()
+    a = client_test_args(__doc__)
     try:
         with Server(a.serve_bin, a.export_bin, a.model) as srv:
             try:
