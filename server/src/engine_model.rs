@@ -196,6 +196,25 @@ impl EngineModel {
     }
 }
 
+/// Draws a sequence's next token from its logits row. With a `response_format`, the answer's grammar masks the row
+/// outside the reasoning (R1 thinks freely first); before the output has shown whether it opens a reasoning part,
+/// the token that opens one (`think`) is allowed beside the grammar's, and is not fed to the grammar.
+fn draw(s: &mut Seq, logits: &[f32], think: Option<u32>) -> Result<u32, ModelError> {
+    let sample_err = |e: r1_engine::sampling::SamplingError| engine_err(e.into());
+    let Some(c) = s.constraint.as_mut().filter(|_| !s.split.in_reasoning()) else {
+        return s.sampler.sample(logits, &s.context).map_err(sample_err);
+    };
+    let grammar_err = |e: GrammarError| ModelError::internal("grammar", e.to_string());
+    let opener = if s.split.is_undecided() { think } else { None };
+    let mut row = logits.to_vec();
+    c.mask(&mut row, opener).map_err(grammar_err)?;
+    let t = s.sampler.sample(&row, &s.context).map_err(sample_err)?;
+    if !c.is_complete() && Some(t) != opener {
+        c.accept(t).map_err(grammar_err)?;
+    }
+    Ok(t)
+}
+
 impl Model for EngineModel {
     fn describe(&self) -> ModelDescription {
         let m = self.engine.manifest();
@@ -266,22 +285,7 @@ impl Model for EngineModel {
         for r in results {
             let Some(&handle) = by_engine_id.get(&r.seq) else { continue };
             let Some(s) = self.seqs.get_mut(&handle) else { continue };
-            let token = match s.constraint.as_mut() {
-                // The answer's grammar applies outside the reasoning (R1 thinks freely first); before the output
-                // has shown whether it opens one, the token that opens it is allowed beside the grammar's.
-                Some(c) if !s.split.in_reasoning() => {
-                    let grammar_err = |e: GrammarError| ModelError::internal("grammar", e.to_string());
-                    let opener = if s.split.is_undecided() { self.text.think_token } else { None };
-                    let mut row = r.logits.clone();
-                    c.mask(&mut row, opener).map_err(grammar_err)?;
-                    let t = s.sampler.sample(&row, &s.context).map_err(|e| engine_err(e.into()))?;
-                    if !c.is_complete() && Some(t) != opener {
-                        c.accept(t).map_err(grammar_err)?;
-                    }
-                    t
-                }
-                _ => s.sampler.sample(&r.logits, &s.context).map_err(|e| engine_err(e.into()))?,
-            };
+            let token = draw(s, &r.logits, self.text.think_token)?;
             let logprobs = match s.logprobs {
                 Some(top) => Some(logprobs(&r.logits, token, top).map_err(|e| engine_err(e.into()))?),
                 None => None,
