@@ -170,8 +170,8 @@ impl AppState {
             response_format: valid.response_format,
             prefix: if valid.prefix_cache { PrefixReuse::Longest } else { PrefixReuse::Off },
         };
-        // Choices after the first find the prompt in the prefix cache (a running sequence's) and prefill only its
-        // last token. If one cannot be queued, the ones queued already are cancelled with their dropped channels.
+        // Each choice is its own sequence (admitted together, their prompts prefilled in one batch). If one cannot
+        // be queued, the ones queued already are cancelled with their dropped channels.
         let mut rxs = Vec::with_capacity(valid.n);
         for i in 0..valid.n {
             let mut params = params.clone();
