@@ -150,6 +150,18 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
     if !Path::new(&opts.checkpoint).join("tokenizer.json").is_file() {
         notes.push("checkpoint has no tokenizer.json; the artifact cannot tokenize text".into());
     }
+    let ignored_config_keys = arch::config_keys::ignored_config_keys(&config);
+    let unknown: Vec<&str> = ignored_config_keys
+        .iter()
+        .filter(|(_, why)| *why == arch::config_keys::UNKNOWN)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if !unknown.is_empty() {
+        notes.push(format!(
+            "config.json keys r1-export does not know and did not read: {} (source.ignored_config_keys)",
+            unknown.join(", ")
+        ));
+    }
     let manifest = Manifest {
         format_version: MANIFEST_VERSION,
         exporter: ExporterInfo { name: "r1-export".into(), version: env!("CARGO_PKG_VERSION").into() },
@@ -157,7 +169,12 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         architecture: family.architecture().into(),
         precision: opts.precision,
         opset: opts.opset,
-        source: SourceInfo { dtype: ck.dominant_dtype(), fp8_block_quantized: family.fp8_block_quantized(), notes },
+        source: SourceInfo {
+            dtype: ck.dominant_dtype(),
+            fp8_block_quantized: family.fp8_block_quantized(),
+            notes,
+            ignored_config_keys,
+        },
         model: family.model_info(),
         config: family.resolved_config(),
         inputs,

@@ -4,8 +4,11 @@
 //! - `llama.rs`, `qwen2.rs`, `qwen3.rs`: dense decoders, all built by `dense.rs`.
 //! - `common.rs`: layer pieces shared by every family (also the DeepseekV3 one).
 //! - `rope.rs`: rotary parameters and inverse frequencies.
+//! - `config_keys.rs`: which config.json keys are read, and the reason for each one left (manifest
+//!   `source.ignored_config_keys`).
 
 pub mod common;
+pub mod config_keys;
 pub mod deepseek_v3;
 pub mod dense;
 pub mod llama;

@@ -139,6 +139,35 @@ impl Yarn {
     }
 }
 
+/// The keys of a YaRN `rope_scaling` / `rope_parameters` object that [`Yarn::from_json`] reads.
+pub const YARN_KEYS: [&str; 9] = [
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "attention_factor",
+    "attn_factor",
+    "truncate",
+];
+
+/// The keys [`parse`] reads from the `parent` object (`rope_scaling` or `rope_parameters`) of rope type `kind`
+/// (DeepseekV3 reads the same); `arch::config_keys` lists any other key in the manifest as not read.
+pub fn keys_read(parent: &str, kind: &str) -> Vec<&'static str> {
+    let mut keys = vec!["rope_type", "type"];
+    if parent == "rope_parameters" {
+        keys.push("rope_theta");
+    }
+    keys.extend_from_slice(match kind {
+        "linear" => &["factor"][..],
+        "llama3" => &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
+        "yarn" => &YARN_KEYS,
+        _ => &[],
+    });
+    keys
+}
+
 /// A validated rotary configuration.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "rope_type", rename_all = "lowercase")]
@@ -359,6 +388,33 @@ mod tests {
         bad["attn_factor"] = json!(-1.0);
         let e = parse(Path::new("c.json"), Some(1e6), Some(&bad), None, 1e4, 131072).unwrap_err().to_string();
         assert!(e.contains("attn_factor") && e.contains("-1"), "{e}");
+    }
+
+    /// Every key `keys_read` names is read: changing its value changes what `parse` returns.
+    #[test]
+    fn keys_read_are_the_keys_parse_reads() {
+        let p = Path::new("c.json");
+        let base = json!({"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 4096,
+                          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+                          "attention_factor": 1.0, "attn_factor": 0.9, "truncate": true});
+        let read = |v: &serde_json::Value| parse(p, Some(1e4), None, Some(v), 1e4, 16384).unwrap();
+        let want = read(&base);
+        for key in keys_read("rope_parameters", "yarn").into_iter().filter(|k| *k != "type" && *k != "rope_type") {
+            let mut changed = base.clone();
+            changed[key] = match &base[key] {
+                serde_json::Value::Bool(b) => json!(!b),
+                v => json!(v.as_f64().unwrap() * 2.0),
+            };
+            assert_ne!(read(&changed), want, "changing yarn's `{key}` changed nothing");
+        }
+        let llama3 = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192});
+        let want = parse(p, Some(5e5), Some(&llama3), None, 1e4, 131072).unwrap();
+        for key in keys_read("rope_scaling", "llama3").into_iter().filter(|k| *k != "type" && *k != "rope_type") {
+            let mut changed = llama3.clone();
+            changed[key] = json!(llama3[key].as_f64().unwrap() * 2.0);
+            assert_ne!(parse(p, Some(5e5), Some(&changed), None, 1e4, 131072).unwrap(), want, "llama3's `{key}`");
+        }
     }
 
     #[test]

@@ -346,6 +346,10 @@ impl RawConfig {
     }
 }
 
+/// The keys of `quantization_config` that [`RawConfig::resolve`] reads (`arch::config_keys` lists the others in the
+/// manifest with their reason).
+pub const QUANTIZATION_KEYS_READ: &[&str] = &["quant_method", "fmt", "weight_block_size"];
+
 fn resolve_quant(path: &Path, q: &serde_json::Value) -> Result<Fp8Source> {
     let bad = |field: &'static str, message: String| invalid(path, field, message);
     let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("<missing>");
