@@ -61,20 +61,52 @@ fn f32_3d(st: &safetensors::SafeTensors, name: &str, path: &Path) -> Result<Arra
 }
 
 impl Golden {
-    /// Reads `case/golden.safetensors`.
+    /// Reads `case/golden.safetensors`: the reference at positions from 0.
     pub fn load(case: &Path) -> Result<Golden> {
+        Golden::load_with(case, "")?.with_context(|| format!("{}: no reference", case.display()))
+    }
+
+    /// The far-position reference of `case` (`far_*` tensors: the same prompts with positions starting at
+    /// golden.json's `far_position_start`), when the case has one.
+    pub fn load_far(case: &Path) -> Result<Option<Golden>> {
+        Golden::load_with(case, "far_")
+    }
+
+    /// Every reference of `case`, labelled: `""` (positions from 0) and, when the case has one, `"far <start>"`.
+    pub fn load_all(case: &Path) -> Result<Vec<(String, Golden)>> {
+        let mut all = vec![(String::new(), Golden::load(case)?)];
+        if let Some(far) = Golden::load_far(case)? {
+            all.push((format!("far {}", far.position_ids.iter().min().copied().unwrap_or(0)), far));
+        }
+        Ok(all)
+    }
+
+    /// The prompts (`input_ids`, `attention_mask`) and the reference tensors named `{prefix}...`; `None` when the
+    /// file has no `{prefix}position_ids`.
+    fn load_with(case: &Path, prefix: &str) -> Result<Option<Golden>> {
         let path = case.join("golden.safetensors");
         let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
         let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| path.display().to_string())?;
-        Ok(Golden {
+        if st.tensor(&format!("{prefix}position_ids")).is_err() {
+            return Ok(None);
+        }
+        let name = |n: &str| format!("{prefix}{n}");
+        Ok(Some(Golden {
             input_ids: i64_2d(&st, "input_ids", &path)?,
             attention_mask: i64_2d(&st, "attention_mask", &path)?,
-            position_ids: i64_2d(&st, "position_ids", &path)?,
-            prefill_logits: f32_3d(&st, "prefill_logits", &path)?,
-            decode_input_ids: i64_2d(&st, "decode_input_ids", &path)?,
-            decode_logits: f32_3d(&st, "decode_logits", &path)?,
-        })
+            position_ids: i64_2d(&st, &name("position_ids"), &path)?,
+            prefill_logits: f32_3d(&st, &name("prefill_logits"), &path)?,
+            decode_input_ids: i64_2d(&st, &name("decode_input_ids"), &path)?,
+            decode_logits: f32_3d(&st, &name("decode_logits"), &path)?,
+        }))
     }
+}
+
+/// `case/golden.json` (provenance: family, release config, scaled sizes, far-position start, ...).
+pub fn golden_meta(case: &Path) -> Result<serde_json::Value> {
+    let path = case.join("golden.json");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    serde_json::from_str(&text).with_context(|| path.display().to_string())
 }
 
 /// Exports `case` into `out` (which must not exist) at `precision`.
