@@ -13,7 +13,8 @@ r1-export; or --model), generates Python stubs from the committed .proto with gr
    usage as the text prompt; an id beyond the vocabulary is INVALID_ARGUMENT naming the field;
 5. presence / frequency penalties change greedy output, and out-of-range values are INVALID_ARGUMENT naming them;
 6. top_logprobs without logprobs is refused by name;
-7. response_format: a JSON schema constrains the answer (it parses and follows the schema); bad schemas are refused.
+7. response_format: a JSON schema constrains the answer (it parses and follows the schema); bad schemas are refused;
+8. tools: refused by name with arith-r1's template (it does not render them); a call and its output in the history run.
 
 grpcio, grpcio-tools and tokenizers are pinned below and installed into .r1/grpc-venv (created when missing); run
 this file with any python3, it re-executes itself in that venv. Exit status 0 = pass.
@@ -158,6 +159,15 @@ def run(pb, rpc, addr, model_dir):
     ok, msg = refused(lambda: stub.Generate(pb.GenerateRequest(messages=chat, max_tokens=2, response_format=bad)),
                       "response_format.json_schema")
     check(ok, f"a schema that is not JSON is refused by name: {msg}")
+
+    tools = '[{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]'
+    ok, msg = refused(lambda: stub.Generate(pb.GenerateRequest(messages=chat, max_tokens=2, tools_json=tools)), "tools")
+    check(ok, f"tools with a template that cannot show them are refused by name: {msg}")
+    call = pb.ToolCall(id="c1", name="add", arguments='{"a": 385, "b": 47}')
+    history = list(chat) + [pb.ChatMessage(role="assistant", tool_calls=[call]),
+                            pb.ChatMessage(role="tool", tool_call_id="c1", content="432")]
+    h = stub.Generate(pb.GenerateRequest(messages=history, max_tokens=4, sampling=greedy))
+    check(h.usage.prompt_tokens > r.usage.prompt_tokens + 10, "an assistant tool call and its output are rendered")
 
 
 def main():

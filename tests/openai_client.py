@@ -15,7 +15,9 @@ Starts <cargo target dir>/debug/r1-serve on tests/fixtures/arith-r1 (exported to
    seed + i per choice, presence / frequency penalties, seed, stop, max_completion_tokens, stream_options
    (a usage-only last chunk, and no usage without it), content as a list of text parts, an unknown model (404),
    response_format json_schema / json_object (the answer parses and follows the schema; the reasoning stays free);
-   and each field the server cannot honour (tools, logit_bias) refused with a 400 naming it.
+   tools (refused by name with arith-r1's template, which renders earlier calls and tool outputs but not the tools:
+   a conversation with a call and its output runs); and each field the server cannot honour (tool_choice required,
+   logit_bias) refused with a 400 naming it.
 
 The client library is pinned (OPENAI_VERSION) and installed into .r1/venv (scripts/setup.sh --test-tools creates
 it) when missing; run this file with any python3, it re-executes itself in that venv. Exit status 0 = pass.
@@ -203,8 +205,21 @@ def every_field(client, model, messages, content, reasoning):
         check(False, "an invalid schema is refused")
     except openai.BadRequestError as e:
         check(e.status_code == 400 and e.param == "response_format", f"an invalid schema -> 400 naming it: {e}")
-    for field, kw in [("tools", {"tools": [{"type": "function", "function": {"name": "add", "parameters": {}}}]}),
-                      ("logit_bias", {"logit_bias": {"5": 10}})]:
+    # Tools: R1's released template (arith-r1's) renders earlier calls and tool outputs, not the tools themselves, so
+    # offering tools is refused naming the field; a conversation with a call and its output runs.
+    add = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    history = messages + [
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 385, "b": 47}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "432"}]
+    h = client.chat.completions.create(model=model, messages=history, max_tokens=8, temperature=0)
+    check(h.usage.prompt_tokens > r.usage.prompt_tokens + 10, "an assistant tool call and the tool's output are rendered")
+    try:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=2, tools=[add])
+        check(False, "tools are refused with a template that cannot show them")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400 and e.param == "tools" and "template" in str(e), f"tools -> 400 naming it: {e}")
+    for field, kw in [("tool_choice", {"tool_choice": "required"}), ("logit_bias", {"logit_bias": {"5": 10}})]:
         try:
             client.chat.completions.create(model=model, messages=messages, max_tokens=2, **kw)
             check(False, f"{field} is refused")

@@ -320,7 +320,7 @@ pub fn generate_request(data: &[u8]) -> bool {
         PromptInput::Tokens(ids) => {
             let _ = check_context(ids.len(), valid.max_tokens, &limits);
         }
-        PromptInput::Chat(turns) => {
+        PromptInput::Chat(turns, _) => {
             let Some(tmpl) = r1_template() else { return true };
             let msgs: Vec<ChatMessage> =
                 turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();

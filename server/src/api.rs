@@ -149,13 +149,20 @@ impl AppState {
         let input = valid.input.clone();
         let format = valid.response_format.clone();
         let prompt = tokio::task::spawn_blocking(move || {
-            if let Some(f) = &format {
-                frontend.check_response_format(f).map_err(|e| match e.class {
-                    ErrorClass::InvalidArgument => ServeError::invalid("response_format", e.message),
+            // A caller's mistake in a field the model checks names that field (`param` in OpenAI's error body).
+            let named = |field: &'static str| {
+                move |e: ModelError| match e.class {
+                    ErrorClass::InvalidArgument => ServeError::invalid(field, e.message),
                     _ => ServeError::from(e),
-                })?;
+                }
+            };
+            if let Some(f) = &format {
+                frontend.check_response_format(f).map_err(named("response_format"))?;
             }
-            frontend.encode(&input).map_err(ServeError::from)
+            frontend.encode(&input).map_err(|e| match e.label {
+                "tools" | "prompt_token_ids" => named(e.label)(e),
+                _ => ServeError::from(e),
+            })
         })
         .await
         .map_err(|e| ServeError::from(ModelError::internal("tokenizer", e.to_string())))??;

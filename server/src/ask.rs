@@ -83,7 +83,7 @@ pub async fn ask_with(
             .map_err(connect_err)?,
     };
     let req = pb::GenerateRequest {
-        messages: vec![pb::ChatMessage { role: "user".into(), content: question.into() }],
+        messages: vec![pb::ChatMessage { role: "user".into(), content: question.into(), ..Default::default() }],
         max_tokens: Some(max_tokens),
         sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
         ..Default::default()

@@ -14,8 +14,8 @@ use r1_engine::{
 };
 
 use crate::model::{
-    Emitted, ErrorClass, Frontend, KvPoolStatus, Model, ModelDescription, ModelError, PromptInput, ResponseFormat,
-    SeqId, SeqParams, TokenText, Work,
+    ChatTurn, Emitted, ErrorClass, Frontend, KvPoolStatus, Model, ModelDescription, ModelError, PromptInput,
+    ResponseFormat, SeqId, SeqParams, TokenText, Work,
 };
 
 /// The engine's error as a model error, classed by whose fault it is.
@@ -116,16 +116,25 @@ impl Frontend for EngineText {
     fn encode(&self, input: &PromptInput) -> Result<Vec<u32>, ModelError> {
         match input {
             PromptInput::Text(t) => self.tokenizer.encode(t, true).map_err(text_err),
-            PromptInput::Chat(turns) => {
+            PromptInput::Chat(turns, tools) => {
                 let template = self.template.as_ref().ok_or_else(|| {
                     ModelError::invalid(
                         "no_chat_template",
                         "`messages` needs a chat template and this artifact has none; send `prompt`",
                     )
                 })?;
-                let msgs: Vec<ChatMessage> =
-                    turns.iter().map(|t| ChatMessage::new(t.role.clone(), t.content.clone())).collect();
-                let opts = RenderOptions { add_generation_prompt: true, ..Default::default() };
+                let tools: Option<Vec<serde_json::Value>> = match tools {
+                    Some(_) if !template.renders_tools() => {
+                        return Err(ModelError::invalid(
+                            "tools",
+                            "cannot be shown to this model: its chat template does not render `tools` (DeepSeek-R1's released template renders earlier tool calls and outputs only; R1-0528's renders tools); describe them in a system message instead",
+                        ))
+                    }
+                    Some(t) => Some(serde_json::from_str(t).map_err(|e| ModelError::invalid("tools", e.to_string()))?),
+                    None => None,
+                };
+                let msgs: Vec<ChatMessage> = turns.iter().map(chat_message).collect();
+                let opts = RenderOptions { add_generation_prompt: true, tools, ..Default::default() };
                 let rendered = template.render(&msgs, &opts).map_err(text_err)?;
                 // The template writes the BOS token itself.
                 self.tokenizer.encode(&rendered, false).map_err(text_err)
@@ -145,6 +154,23 @@ impl Frontend for EngineText {
         let bytes = self.tokenizer.token_bytes(id).unwrap_or_default();
         TokenText { text: String::from_utf8_lossy(&bytes).into_owned(), bytes }
     }
+}
+
+/// A turn as the chat template reads it: an assistant turn's tool calls in the OpenAI shape (`{id, type,
+/// function: {name, arguments}}`). Its text stays a string even when empty: the renderer drops keys whose value is
+/// none, and R1's template then adds the missing text to a string (`'' +` renders what its `is none` branch would).
+fn chat_message(t: &ChatTurn) -> ChatMessage {
+    let mut m = ChatMessage::new(t.role.clone(), t.content.clone());
+    if !t.tool_calls.is_empty() {
+        m.tool_calls = Some(
+            t.tool_calls
+                .iter()
+                .map(|c| serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                .collect(),
+        );
+    }
+    m.tool_call_id = t.tool_call_id.clone();
+    m
 }
 
 struct Seq {

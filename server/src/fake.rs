@@ -107,8 +107,9 @@ impl Frontend for FakeFrontend {
     fn encode(&self, input: &PromptInput) -> Result<Vec<u32>, ModelError> {
         let text = match input {
             PromptInput::Text(t) => t.clone(),
-            PromptInput::Chat(turns) => {
-                let mut s: String = turns.iter().map(|t| format!("<{}>{}", t.role, t.content)).collect();
+            PromptInput::Chat(turns, tools) => {
+                let mut s: String = tools.iter().map(|t| format!("<tools>{t}")).collect();
+                s.extend(turns.iter().map(|t| format!("<{}>{}", t.role, t.content)));
                 s.push_str("<assistant>");
                 s
             }

@@ -11,10 +11,11 @@ use tonic::{Request, Response, Status};
 
 use crate::api::{collect_all, merged, record_finish, AppState};
 use crate::error::ServeError;
-use crate::model::{ChatTurn, Frontend, ResponseFormat, TokenLogprobs};
+use crate::model::{ChatTurn, Frontend, ResponseFormat, TokenLogprobs, ToolCall};
 use crate::scheduler::{Event, FinishReason};
 use crate::telemetry::{request_id, request_span, Carrier};
 use crate::validate::{RawRequest, RawSampling};
+use r1_engine::text::tools::split_tool_calls;
 
 /// The gRPC status for an error.
 pub fn status(e: &ServeError) -> Status {
@@ -89,7 +90,21 @@ pub fn raw_request(r: pb::GenerateRequest) -> Result<RawRequest, ServeError> {
     Ok(RawRequest {
         response_format,
         prompt: r.prompt,
-        messages: r.messages.into_iter().map(|m| ChatTurn { role: m.role, content: m.content }).collect(),
+        messages: r
+            .messages
+            .into_iter()
+            .map(|m| ChatTurn {
+                role: m.role,
+                content: m.content,
+                tool_calls: m
+                    .tool_calls
+                    .into_iter()
+                    .map(|c| ToolCall { id: c.id, name: c.name, arguments: c.arguments })
+                    .collect(),
+                tool_call_id: (!m.tool_call_id.is_empty()).then_some(m.tool_call_id),
+            })
+            .collect(),
+        tools: tools_json(&r.tools_json)?,
         prompt_token_ids: r.prompt_token_ids,
         logprobs: r.logprobs.then_some(r.top_logprobs),
         n: (r.n > 0).then_some(r.n),
@@ -109,6 +124,41 @@ pub fn raw_request(r: pb::GenerateRequest) -> Result<RawRequest, ServeError> {
         skip_prefix_cache: r.skip_prefix_cache,
         sampling_prefix: "sampling.",
     })
+}
+
+/// `tools_json` checked to be a JSON array of function tools (None when empty).
+fn tools_json(text: &str) -> Result<Option<String>, ServeError> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ServeError::invalid("tools_json", format!("must be a JSON array of function tools: {e}")))?;
+    let tools =
+        v.as_array().ok_or_else(|| ServeError::invalid("tools_json", format!("must be a JSON array, got {v}")))?;
+    for (i, t) in tools.iter().enumerate() {
+        if t.get("function").and_then(|f| f.get("name")).and_then(serde_json::Value::as_str).is_none() {
+            return Err(ServeError::invalid(
+                "tools_json",
+                format!("[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}, got {t}"),
+            ));
+        }
+    }
+    Ok((!tools.is_empty()).then(|| v.to_string()))
+}
+
+/// The calls in an answer (R1's format) and the text before them; the answer itself when it holds none.
+fn calls_in(answer: &str, tools: bool) -> (String, Vec<pb::ToolCall>) {
+    match split_tool_calls(answer).filter(|_| tools) {
+        None => (answer.to_string(), Vec::new()),
+        Some((text, calls)) => (
+            text,
+            calls
+                .into_iter()
+                .enumerate()
+                .map(|(k, c)| pb::ToolCall { id: format!("call_{k}"), name: c.name, arguments: c.arguments })
+                .collect(),
+        ),
+    }
 }
 
 /// Log-probabilities as the wire carries them: token texts and bytes from the tokenizer; `-inf` (a token the model
@@ -171,19 +221,24 @@ impl pb::generation_server::Generation for GenerationService {
             self.state.metrics.request_done("grpc", e.kind());
             status(&e)
         })?;
+        let tools = raw.tools.is_some();
         let rxs = self.state.start(raw, "grpc", id.clone(), deadline, span.clone()).await.map_err(|e| status(&e))?;
         let all = collect_all(rxs, &span).await.map_err(|e| status(&e))?;
         let frontend = self.state.ready().map_err(|e| status(&e))?.0.frontend();
         let choices: Vec<pb::Choice> = all
             .iter()
             .enumerate()
-            .map(|(i, c)| pb::Choice {
-                index: i as u32,
-                text: c.text.clone(),
-                reasoning: c.reasoning.clone(),
-                token_ids: c.token_ids.clone(),
-                finish_reason: finish_reason(c.finish_reason) as i32,
-                logprobs: token_logprobs(frontend.as_ref(), &c.token_ids, &c.logprobs),
+            .map(|(i, c)| {
+                let (text, tool_calls) = calls_in(&c.text, tools);
+                pb::Choice {
+                    index: i as u32,
+                    text,
+                    reasoning: c.reasoning.clone(),
+                    token_ids: c.token_ids.clone(),
+                    finish_reason: finish_reason(c.finish_reason) as i32,
+                    logprobs: token_logprobs(frontend.as_ref(), &c.token_ids, &c.logprobs),
+                    tool_calls,
+                }
             })
             .collect();
         let Some(first) = all.first() else {
@@ -191,7 +246,8 @@ impl pb::generation_server::Generation for GenerationService {
         };
         let completion: usize = all.iter().map(|c| c.completion_tokens).sum();
         let mut resp = Response::new(pb::GenerateResponse {
-            text: first.text.clone(),
+            text: choices[0].text.clone(),
+            tool_calls: choices[0].tool_calls.clone(),
             reasoning: first.reasoning.clone(),
             token_ids: first.token_ids.clone(),
             finish_reason: finish_reason(first.finish_reason) as i32,
@@ -219,8 +275,11 @@ impl pb::generation_server::Generation for GenerationService {
             self.state.metrics.request_done("grpc", e.kind());
             status(&e)
         })?;
+        let tools = raw.tools.is_some();
         let rxs = self.state.start(raw, "grpc", id.clone(), deadline, span.clone()).await.map_err(|e| status(&e))?;
         let frontend = self.state.ready().map_err(|e| status(&e))?.0.frontend();
+        // Per choice, with tools: the answer so far, read for calls when the choice ends.
+        let mut answers: Vec<String> = Vec::new();
         // The span lives as long as the stream; dropping the stream (client left) closes the channels, and the
         // scheduler frees the sequences at its next iteration.
         let stream = merged(rxs).filter_map(move |(index, ev)| {
@@ -232,19 +291,28 @@ impl pb::generation_server::Generation for GenerationService {
                 }
                 Event::Delta(d) => Some(Ok(pb::GenerateStreamResponse {
                     logprobs: token_logprobs(frontend.as_ref(), &d.token_ids, &d.logprobs),
-                    text: d.text,
+                    text: {
+                        if tools {
+                            answers.resize(answers.len().max(index as usize + 1), String::new());
+                            answers[index as usize].push_str(&d.text);
+                        }
+                        d.text
+                    },
                     reasoning: d.reasoning,
                     token_ids: d.token_ids,
                     finish_reason: pb::FinishReason::Unspecified as i32,
                     usage: None,
                     index,
+                    tool_calls: Vec::new(),
                 })),
                 Event::Finished(f) => {
                     record_finish(&span, f.reason, f.completion_tokens);
+                    let answer = answers.get_mut(index as usize).map(std::mem::take).unwrap_or_default();
                     Some(Ok(pb::GenerateStreamResponse {
                         finish_reason: finish_reason(f.reason) as i32,
                         usage: Some(usage(f.prompt_tokens, f.completion_tokens, f.cached_prompt_tokens)),
                         index,
+                        tool_calls: calls_in(&answer, tools).1,
                         ..Default::default()
                     }))
                 }

@@ -138,7 +138,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let input = if args.raw {
         PromptInput::Text(args.prompt.clone())
     } else {
-        PromptInput::Chat(vec![ChatTurn { role: "user".into(), content: args.prompt.clone() }])
+        PromptInput::Chat(vec![ChatTurn::new("user", args.prompt.clone())], None)
     };
     let prompt = model.frontend().encode(&input).context("tokenizing the prompt")?;
     let sampling = Sampling {

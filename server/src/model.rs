@@ -13,12 +13,34 @@ pub use crate::error::ErrorClass;
 pub use r1_engine::PrefixReuse;
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ChatTurn {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// Message text.
     pub content: String,
+    /// An assistant turn's tool calls (rendered by the chat template in the model's own format).
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` turn answers.
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatTurn {
+    /// A plain message.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatTurn { role: role.into(), content: content.into(), ..Default::default() }
+    }
+}
+
+/// A function call of an assistant turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    /// The call's id (`call_...`).
+    pub id: String,
+    /// The function's name.
+    pub name: String,
+    /// Its arguments, a JSON text.
+    pub arguments: String,
 }
 
 /// What to tokenize.
@@ -26,8 +48,9 @@ pub struct ChatTurn {
 pub enum PromptInput {
     /// Raw text, no template.
     Text(String),
-    /// Chat messages, rendered with the model's chat template.
-    Chat(Vec<ChatTurn>),
+    /// Chat messages, rendered with the model's chat template, and the tools offered (a JSON array of OpenAI
+    /// function tools; the template must show them to the model).
+    Chat(Vec<ChatTurn>, Option<String>),
     /// Token ids as they are (checked against the vocabulary).
     Tokens(Vec<u32>),
 }

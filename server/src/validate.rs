@@ -10,7 +10,7 @@ pub const DEFAULT_TEMPERATURE: f32 = 0.6;
 use r1_engine::sampling::limits::{self, FloatRange};
 pub use r1_engine::sampling::limits::{MAX_STOP_SEQUENCES, MAX_STOP_SEQUENCE_BYTES as MAX_STOP_BYTES};
 /// Chat roles the template knows.
-pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
 /// Request limits of this server.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -142,6 +142,8 @@ pub struct RawRequest {
     pub logprobs: Option<u32>,
     /// Choices to generate (None: 1).
     pub n: Option<u32>,
+    /// Tools offered to the model, a JSON array of OpenAI function tools (chat only).
+    pub tools: Option<String>,
     /// The answer's required format (None: free text).
     pub response_format: Option<ResponseFormat>,
     /// Requested output length.
@@ -222,7 +224,7 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
                     ));
                 }
             }
-            PromptInput::Chat(raw.messages)
+            PromptInput::Chat(raw.messages, raw.tools)
         }
     };
     let max_tokens = raw.max_tokens.unwrap_or(limits.default_max_tokens);
@@ -397,13 +399,16 @@ mod tests {
     #[test]
     fn exactly_one_input() {
         let mut both = prompt("x");
-        both.messages.push(ChatTurn { role: "user".into(), content: "y".into() });
+        both.messages.push(ChatTurn::new("user", "y"));
         assert!(err(both).contains("both set"));
         assert!(err(RawRequest::default()).contains("both empty"));
         assert_eq!(err(prompt("")), "prompt: must not be empty, got an empty string");
-        let bad_role =
-            RawRequest { messages: vec![ChatTurn { role: "robot".into(), content: "y".into() }], ..Default::default() };
-        assert_eq!(err(bad_role), "messages[0].role: must be one of system, user, assistant, got \"robot\"");
+        let bad_role = RawRequest { messages: vec![ChatTurn::new("robot", "y")], ..Default::default() };
+        assert_eq!(err(bad_role), "messages[0].role: must be one of system, user, assistant, tool, got \"robot\"");
+        let ids_and_text = RawRequest { prompt_token_ids: vec![1, 2], ..prompt("x") };
+        assert!(err(ids_and_text).starts_with("prompt_token_ids: is set together with"));
+        let ids = validate(RawRequest { prompt_token_ids: vec![1, 2], ..Default::default() }, &LIMITS).unwrap();
+        assert_eq!(ids.input, PromptInput::Tokens(vec![1, 2]));
     }
 
     #[test]
@@ -440,10 +445,7 @@ mod tests {
         let e = check_prompt_bytes(&prompt(&"a".repeat(11)), 10).unwrap_err().to_string();
         assert_eq!(e, "`prompt` must be at most 10 bytes (--max-prompt-bytes), got 11 bytes");
         let chat = RawRequest {
-            messages: vec![
-                ChatTurn { role: "user".into(), content: "é".repeat(3) },
-                ChatTurn { role: "system".into(), content: "x".into() },
-            ],
+            messages: vec![ChatTurn::new("user", "é".repeat(3)), ChatTurn::new("system", "x")],
             ..Default::default()
         };
         let e = check_prompt_bytes(&chat, 12).unwrap_err().to_string();

@@ -49,7 +49,7 @@ async fn unary_and_stream_match_the_reference() {
 
     // Chat messages go through the template; ModelInfo describes the model.
     let chat = pb::GenerateRequest {
-        messages: vec![pb::ChatMessage { role: "user".into(), content: "hi".into() }],
+        messages: vec![pb::ChatMessage { role: "user".into(), content: "hi".into(), ..Default::default() }],
         max_tokens: Some(4),
         ..Default::default()
     };
@@ -217,7 +217,7 @@ async fn every_invalid_argument_names_field_limit_and_value() {
     let cases: Vec<(pb::GenerateRequest, &str)> = vec![
         (
             pb::GenerateRequest {
-                messages: vec![pb::ChatMessage { role: "user".into(), content: "x".into() }],
+                messages: vec![pb::ChatMessage { role: "user".into(), content: "x".into(), ..Default::default() }],
                 ..base()
             },
             "`prompt` and `messages` are both set",
@@ -227,10 +227,10 @@ async fn every_invalid_argument_names_field_limit_and_value() {
         (
             pb::GenerateRequest {
                 prompt: None,
-                messages: vec![pb::ChatMessage { role: "bot".into(), content: "x".into() }],
+                messages: vec![pb::ChatMessage { role: "bot".into(), content: "x".into(), ..Default::default() }],
                 ..base()
             },
-            "`messages[0].role` must be one of system, user, assistant, got \"bot\"",
+            "`messages[0].role` must be one of system, user, assistant, tool, got \"bot\"",
         ),
         (pb::GenerateRequest { max_tokens: Some(0), ..base() }, "`max_tokens` must be between 1 and 40, got 0"),
         (pb::GenerateRequest { max_tokens: Some(41), ..base() }, "`max_tokens` must be between 1 and 40, got 41"),
@@ -245,6 +245,12 @@ async fn every_invalid_argument_names_field_limit_and_value() {
         ),
         (prompt_req(&"p".repeat(70), 4), "`prompt` must be shorter than the context of 64 tokens, got 70 tokens"),
         (prompt_req(&"p".repeat(30), 40), "at most 34, got 40"),
+        (sampling(&|s| s.presence_penalty = Some(-2.5)), "`sampling.presence_penalty` must be in [-2, 2], got -2.5"),
+        (pb::GenerateRequest { n: 17, ..base() }, "`n` must be between 1 and 16, got 17"),
+        (pb::GenerateRequest { top_logprobs: 3, ..base() }, "`top_logprobs` needs `logprobs: true`"),
+        (pb::GenerateRequest { logprobs: true, top_logprobs: 21, ..base() }, "`top_logprobs` must be between 0 and 20"),
+        (pb::GenerateRequest { tools_json: "{}".into(), ..base() }, "`tools_json` must be a JSON array"),
+        (pb::GenerateRequest { prompt_token_ids: vec![5], ..base() }, "`prompt_token_ids` is set together with"),
     ];
     for (req, want) in cases {
         let err = c.generate(req.clone()).await.expect_err(want);
@@ -254,7 +260,8 @@ async fn every_invalid_argument_names_field_limit_and_value() {
         assert_eq!(err.code(), Code::InvalidArgument);
     }
     let text = srv.metrics.encode();
-    assert_eq!(metric(&text, "r1_requests_total{api=\"grpc\",outcome=\"invalid_argument\"}"), Some(28.0));
+    // Every case counted once per call (Generate and GenerateStream), including those refused before validation.
+    assert_eq!(metric(&text, "r1_requests_total{api=\"grpc\",outcome=\"invalid_argument\"}"), Some(40.0));
     srv.shutdown().await.expect("clean shutdown");
 }
 

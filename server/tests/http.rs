@@ -238,7 +238,9 @@ async fn openai_fields_the_server_would_ignore_are_refused_by_name() {
     // Asking for something not implemented, or out of range: 400 naming the field, never a silent no-op.
     for (extra, field) in [
         (r#","response_format":{"type":"json_object"}"#, "response_format"),
-        (r#","tools":[{"type":"function","function":{"name":"f"}}]"#, "tools"),
+        (r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required""#, "tool_choice"),
+        (r#","tools":[{"type":"function"}]"#, "tools[0]"),
+        (r#","functions":[{"name":"f"}]"#, "functions"),
         (r#","logit_bias":{"5":10}"#, "logit_bias"),
         (r#","best_of":3"#, "best_of"),
         (r#","presence_penalty":2.5"#, "presence_penalty"),
@@ -274,6 +276,17 @@ async fn openai_fields_the_server_would_ignore_are_refused_by_name() {
     let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(image)).await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("messages[0].content[0]") && body.contains("image_url"), "{body}");
+    // Tools are shown to the model (the fake renders them into its prompt: more prompt tokens), and a conversation
+    // with an assistant's tool call and the tool's answer is accepted.
+    let tools = r#","tools":[{"type":"function","function":{"name":"add","parameters":{"type":"object"}}}]"#;
+    let (status, _, with) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(&chat(tools))).await;
+    assert_eq!(status, 200, "{with}");
+    let (_, _, without) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(&chat(""))).await;
+    let prompt = |b: &str| serde_json::from_str::<Value>(b).unwrap()["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt(&with) > prompt(&without), "the tools are in the prompt");
+    let turns = r#"{"messages":[{"role":"user","content":"1+2?"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"add","arguments":"{\"a\":1,\"b\":2}"}}]},{"role":"tool","tool_call_id":"c1","content":"3"}],"max_tokens":2}"#;
+    let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(turns)).await;
+    assert_eq!(status, 200, "{body}");
     // The same fields at the value that asks for nothing, and bookkeeping fields, are accepted.
     let neutral = r#","logprobs":false,"presence_penalty":0,"frequency_penalty":0.0,"tools":[],"tool_choice":"none","response_format":{"type":"text"},"user":"u-1","logit_bias":{}"#;
     let (status, _, body) = http(srv.http_addr, "POST", "/v1/chat/completions", Some(&chat(neutral))).await;

@@ -33,7 +33,7 @@ fn metric(text: &str, name: &str) -> f64 {
 /// the pool must run out (arith-r1's own answers are short enough to fit).
 fn request(question: &str) -> pb::GenerateRequest {
     pb::GenerateRequest {
-        messages: vec![pb::ChatMessage { role: "user".into(), content: question.into() }],
+        messages: vec![pb::ChatMessage { role: "user".into(), content: question.into(), ..Default::default() }],
         max_tokens: Some(64),
         ignore_eos: true,
         sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),
@@ -125,7 +125,7 @@ async fn a_conversation_replayed_turn_by_turn_prefills_only_what_is_new() {
     for (turn, q) in
         ["What is 12+30?", "What is 45+17?", "What is 73+19?", "What is 26+58?", "What is 61+24?"].iter().enumerate()
     {
-        messages.push(pb::ChatMessage { role: "user".into(), content: (*q).into() });
+        messages.push(pb::ChatMessage { role: "user".into(), content: (*q).into(), ..Default::default() });
         let req = pb::GenerateRequest {
             messages: messages.clone(),
             max_tokens: Some(64),
@@ -148,7 +148,7 @@ async fn a_conversation_replayed_turn_by_turn_prefills_only_what_is_new() {
         eprintln!("turn {}: prompt {prompt}, cached {cached}, prefilled {}", turn + 1, prompt - cached);
         prefilled.push(prompt - cached);
         previous_prompt = prompt;
-        messages.push(pb::ChatMessage { role: "assistant".into(), content: reply.text });
+        messages.push(pb::ChatMessage { role: "assistant".into(), content: reply.text, ..Default::default() });
     }
     // Each later turn prefills about as much as the first (its new question and the previous answer), not the
     // whole conversation.
@@ -171,7 +171,7 @@ async fn exact_prefix_hits_are_whole_prefill_chunks_and_change_no_token() {
     let conversation = |turns: usize| pb::GenerateRequest {
         messages: ["What is 12+30?", "What is 45+17?", "What is 73+19?"][..turns]
             .iter()
-            .map(|q| pb::ChatMessage { role: "user".into(), content: (*q).into() })
+            .map(|q| pb::ChatMessage { role: "user".into(), content: (*q).into(), ..Default::default() })
             .collect(),
         max_tokens: Some(48),
         sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),

@@ -67,7 +67,7 @@ fn request(e: &Expected) -> pb::GenerateRequest {
         messages: e
             .messages
             .iter()
-            .map(|m| pb::ChatMessage { role: m.role.clone(), content: m.content.clone() })
+            .map(|m| pb::ChatMessage { role: m.role.clone(), content: m.content.clone(), ..Default::default() })
             .collect(),
         max_tokens: Some(64),
         sampling: Some(pb::SamplingParams { temperature: Some(0.0), ..Default::default() }),

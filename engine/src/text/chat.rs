@@ -124,6 +124,12 @@ impl ChatTemplate {
         Ok(ChatTemplate { name: name.to_string(), env, special_tokens })
     }
 
+    /// Whether the template reads the `tools` variable, i.e. shows the model the tools a request offers
+    /// (DeepSeek-R1's released template does not: it renders earlier tool calls and outputs only).
+    pub fn renders_tools(&self) -> bool {
+        self.env.get_template(&self.name).is_ok_and(|t| t.undeclared_variables(true).contains("tools"))
+    }
+
     /// The template's name (`default` for a single-string template).
     pub fn name(&self) -> &str {
         &self.name
@@ -351,6 +357,22 @@ mod tests {
         let out = t.render(&[m], &RenderOptions::default()).unwrap();
         assert_eq!(out, r#"{"thinking": "r", "role": "assistant", "reasoning_content": "r"}False"#);
         // Python prints False
+    }
+
+    #[test]
+    fn templates_that_read_tools_are_told_apart() {
+        let with = template(
+            "{% if tools %}{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% endif %}{{ messages[0].content }}",
+        );
+        assert!(with.renders_tools());
+        let opts =
+            RenderOptions { tools: Some(vec![serde_json::json!({"function": {"name": "add"}})]), ..Default::default() };
+        assert_eq!(with.render(&[ChatMessage::new("user", "x")], &opts).unwrap(), "[add]x");
+        // R1's released template renders earlier calls (`tool_calls`) but never the `tools` variable.
+        let without = template(
+            "{% for m in messages %}{% if 'tool_calls' in m %}{{ m.tool_calls | length }}{% endif %}{% endfor %}",
+        );
+        assert!(!without.renders_tools());
     }
 
     #[test]

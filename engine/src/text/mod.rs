@@ -14,6 +14,7 @@ mod config;
 mod detok;
 mod reasoning;
 mod tokenizer;
+pub mod tools;
 
 use std::path::PathBuf;
 

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::api::AppState;
 use crate::error::ServeError;
-use crate::model::{ChatTurn, ResponseFormat};
+use crate::model::{ChatTurn, ResponseFormat, ToolCall};
 use crate::telemetry::{request_id, request_span, Carrier};
 use crate::validate::{RawRequest, RawSampling};
 use respond::Head;
@@ -38,9 +38,15 @@ pub enum Stop {
 pub struct Message {
     /// Role.
     pub role: String,
-    /// Text: a string, or a list of content parts (`{"type": "text", "text": ...}`, joined in order).
+    /// Text: a string, or a list of content parts (`{"type": "text", "text": ...}`, joined in order); may be null
+    /// on an assistant turn with `tool_calls`.
     #[serde(default)]
-    pub content: Content,
+    pub content: Option<Content>,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    #[serde(default)]
+    pub tool_calls: Vec<Value>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// `content` as OpenAI accepts it.
@@ -57,6 +63,54 @@ impl Default for Content {
     fn default() -> Self {
         Content::Text(String::new())
     }
+}
+
+/// An assistant turn's `tool_calls[i]` read into a [`ToolCall`]; a malformed one is refused naming it.
+fn tool_call(v: &Value, message: usize, i: usize) -> Result<ToolCall, ServeError> {
+    let f = v.get("function");
+    let text = |o: Option<&Value>, k: &str| o.and_then(|o| o.get(k)).and_then(Value::as_str).map(str::to_string);
+    match (text(f, "name"), text(f, "arguments")) {
+        (Some(name), Some(arguments)) => {
+            Ok(ToolCall { id: text(Some(v), "id").unwrap_or_default(), name, arguments })
+        }
+        _ => Err(ServeError::invalid(
+            format!("messages[{message}].tool_calls[{i}]"),
+            format!("must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}} with strings, got {v}"),
+        )),
+    }
+}
+
+/// `tools` and `tool_choice` as the chat template takes them: the tools as a JSON array text (None when not given or
+/// empty), and whether calls in the answer are read into `tool_calls` (`auto`, the default with tools; `none` shows
+/// the tools and reads nothing). `required` and a named function would need the answer forced into a call: refused.
+fn tools_asked(body: &CompletionBody, chat: bool) -> Result<(Option<String>, bool), ServeError> {
+    let tools = body.tools.as_ref().filter(|t| !t.is_empty());
+    let read_calls = match body.tool_choice.as_ref().filter(|v| !v.is_null()) {
+        None => tools.is_some(),
+        Some(Value::String(s)) if s == "auto" => tools.is_some(),
+        Some(Value::String(s)) if s == "none" => false,
+        Some(v) => {
+            return Err(ServeError::invalid(
+                "tool_choice",
+                format!("must be \"auto\" or \"none\" (this server does not force a call), got {v}"),
+            ))
+        }
+    };
+    let Some(tools) = tools else { return Ok((None, false)) };
+    if !chat {
+        return Err(ServeError::invalid("tools", "is a chat field; use /v1/chat/completions"));
+    }
+    for (i, t) in tools.iter().enumerate() {
+        let ok = t.get("type").and_then(Value::as_str) == Some("function")
+            && t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).is_some();
+        if !ok {
+            return Err(ServeError::invalid(
+                format!("tools[{i}]"),
+                format!("must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}, got {t}"),
+            ));
+        }
+    }
+    Ok((Some(Value::Array(tools.clone()).to_string()), read_calls))
 }
 
 impl Content {
@@ -138,6 +192,10 @@ pub struct CompletionBody {
     pub stream_options: Option<StreamOptions>,
     /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}`.
     pub response_format: Option<Value>,
+    /// Function tools offered to the model (chat; the model's chat template must render them).
+    pub tools: Option<Vec<Value>>,
+    /// `auto` (default) or `none`.
+    pub tool_choice: Option<Value>,
     /// Every other field of the request.
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
@@ -163,8 +221,8 @@ fn refuse_unhonoured(other: &serde_json::Map<String, Value>) -> Result<(), Serve
         let neutral = match field.as_str() {
             f if NO_EFFECT_FIELDS.contains(&f) => true,
             "logit_bias" => v.is_null() || v.as_object().is_some_and(|m| m.is_empty()),
-            "tools" | "functions" => v.is_null() || v.as_array().is_some_and(|a| a.is_empty()),
-            "tool_choice" | "function_call" => v.is_null() || v.as_str() == Some("none"),
+            "functions" => v.is_null() || v.as_array().is_some_and(|a| a.is_empty()),
+            "function_call" => v.is_null() || v.as_str() == Some("none"),
             "parallel_tool_calls" => true,
             _ => {
                 return Err(ServeError::invalid(field.clone(), "is not a field this server knows; remove it"));
@@ -266,7 +324,19 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
             .messages
             .iter()
             .enumerate()
-            .map(|(i, m)| Ok(ChatTurn { role: m.role.clone(), content: m.content.text(i)? }))
+            .map(|(i, m)| {
+                Ok(ChatTurn {
+                    role: m.role.clone(),
+                    content: m.content.as_ref().map(|c| c.text(i)).transpose()?.unwrap_or_default(),
+                    tool_calls: m
+                        .tool_calls
+                        .iter()
+                        .enumerate()
+                        .map(|(k, c)| tool_call(c, i, k))
+                        .collect::<Result<_, _>>()?,
+                    tool_call_id: m.tool_call_id.clone(),
+                })
+            })
             .collect::<Result<Vec<_>, ServeError>>()?;
         (None, turns)
     } else {
@@ -279,6 +349,7 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
         prompt,
         messages,
         prompt_token_ids: Vec::new(),
+        tools: tools_asked(body, chat)?.0,
         logprobs,
         n: body.n,
         response_format: response_format(body.response_format.as_ref())?,
@@ -381,6 +452,7 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
         }
     };
     let logprobs = raw.logprobs.is_some();
+    let tool_calls = tools_asked(&body, chat).is_ok_and(|(_, read)| read);
     let rxs = match state.start(raw, "http", rid.clone(), http_deadline(&headers, body.stream), span.clone()).await {
         Ok(rxs) => rxs,
         Err(e) => return error_response(&e),
@@ -396,6 +468,7 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
         chat,
         logprobs,
         include_usage: body.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        tool_calls,
         frontend,
     };
     if body.stream {

@@ -16,6 +16,7 @@ use super::error_response;
 use crate::api::{collect_all, merged, record_finish};
 use crate::model::{Frontend, TokenLogprobs};
 use crate::scheduler::{Event, FinishReason};
+use r1_engine::text::tools::{split_tool_calls, CALLS_BEGIN};
 
 /// What every response object of one request repeats, and what it asked for.
 pub(super) struct Head {
@@ -27,6 +28,8 @@ pub(super) struct Head {
     pub logprobs: bool,
     /// `stream_options.include_usage`.
     pub include_usage: bool,
+    /// Read calls in the answer (R1's format) into `tool_calls` (`tools` given, `tool_choice` auto).
+    pub tool_calls: bool,
     pub frontend: Arc<dyn Frontend>,
 }
 
@@ -88,6 +91,25 @@ fn logprobs_json(head: &Head, ids: &[u32], lps: &[TokenLogprobs], offset: &mut u
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset})
 }
 
+/// The answer's calls in OpenAI's shape (`[{id, type, function: {name, arguments}}]`, `index` added when streaming),
+/// and the text before them; None when the answer holds no finished call.
+fn tool_calls_json(head: &Head, choice: usize, answer: &str, streaming: bool) -> Option<(String, Value)> {
+    let (text, calls) = split_tool_calls(answer)?;
+    let calls: Vec<Value> = calls
+        .into_iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let mut v = json!({"id": format!("call_{}_{choice}_{k}", head.id), "type": "function",
+                               "function": {"name": c.name, "arguments": c.arguments}});
+            if streaming {
+                v["index"] = json!(k);
+            }
+            v
+        })
+        .collect();
+    Some((text, Value::Array(calls)))
+}
+
 fn usage_json(prompt: usize, completion: usize, cached: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
            "prompt_tokens_details": {"cached_tokens": cached}})
@@ -104,8 +126,14 @@ pub(super) async fn whole(rxs: Vec<UnboundedReceiver<Event>>, span: &tracing::Sp
         .enumerate()
         .map(|(i, c)| {
             let logprobs = logprobs_json(&head, &c.token_ids, &c.logprobs, &mut 0);
-            let finish = finish_str(c.finish_reason);
-            if head.chat {
+            let mut finish = finish_str(c.finish_reason);
+            let calls = if head.tool_calls { tool_calls_json(&head, i, &c.text, false) } else { None };
+            if let Some((text, calls)) = calls {
+                finish = "tool_calls";
+                let content = if text.is_empty() { Value::Null } else { Value::String(text) };
+                json!({"index": i, "message": {"role": "assistant", "content": content, "reasoning_content": c.reasoning,
+                       "tool_calls": calls}, "logprobs": logprobs, "finish_reason": finish})
+            } else if head.chat {
                 json!({"index": i, "message": {"role": "assistant", "content": c.text, "reasoning_content": c.reasoning},
                        "logprobs": logprobs, "finish_reason": finish})
             } else {
@@ -129,29 +157,42 @@ struct StreamState {
     open: usize,
     /// Per choice: generated characters so far (completions' `text_offset`).
     offsets: Vec<usize>,
+    /// Per choice, with `tool_calls`: the answer from the first call's opening token on, held back until the end
+    /// (a call is sent whole, as `tool_calls`, never as text). The opening is one added token of the R1 vocabulary,
+    /// so a delta holds it whole.
+    held: Vec<Option<String>>,
     prompt: usize,
     completion: usize,
     cached: usize,
 }
 
 impl StreamState {
-    fn chunk(&self, choices: Vec<Value>, usage: Option<Value>) -> SseEvent {
+    fn chunk(&self, choices: Vec<Value>, usage: Option<Value>) -> String {
         let h = &self.head;
         let object = if h.chat { "chat.completion.chunk" } else { "text_completion" };
         let mut v = json!({"id": h.id, "object": object, "created": h.created, "model": h.model, "choices": choices});
         if h.include_usage {
             v["usage"] = usage.unwrap_or(Value::Null);
         }
-        SseEvent::default().data(v.to_string())
+        v.to_string()
     }
 
-    fn on_event(&mut self, index: usize, ev: Event, span: &tracing::Span) -> Vec<SseEvent> {
+    /// The `data:` payloads an event of choice `index` turns into.
+    fn on_event(&mut self, index: usize, ev: Event, span: &tracing::Span) -> Vec<String> {
         match ev {
             Event::Admitted { .. } => vec![],
-            Event::Delta(d) => {
+            Event::Delta(mut d) => {
                 let mut offset = self.offsets[index];
                 let logprobs = logprobs_json(&self.head, &d.token_ids, &d.logprobs, &mut offset);
                 self.offsets[index] = offset;
+                if self.head.tool_calls {
+                    let held = &mut self.held[index];
+                    match (held.as_mut(), d.text.find(CALLS_BEGIN)) {
+                        (Some(h), _) => h.push_str(&std::mem::take(&mut d.text)),
+                        (None, Some(at)) => *held = Some(d.text.split_off(at)),
+                        (None, None) => {}
+                    }
+                }
                 let choice = if self.head.chat {
                     json!({"index": index, "delta": {"role": "assistant", "content": d.text,
                            "reasoning_content": d.reasoning}, "logprobs": logprobs, "finish_reason": null})
@@ -163,8 +204,22 @@ impl StreamState {
             }
             Event::Finished(f) => {
                 record_finish(span, f.reason, f.completion_tokens);
+                let mut out = vec![];
+                let mut finish = finish_str(f.reason);
+                if let Some(held) = self.held[index].take() {
+                    // The calls, whole; or, when the held text holds no finished call, the text itself.
+                    let delta = match tool_calls_json(&self.head, index, &held, true) {
+                        Some((_, calls)) => {
+                            finish = "tool_calls";
+                            json!({"tool_calls": calls})
+                        }
+                        None => json!({"content": held}),
+                    };
+                    let choice = json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null});
+                    out.push(self.chunk(vec![choice], None));
+                }
                 let choice = if self.head.chat {
-                    json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_str(f.reason)})
+                    json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish})
                 } else {
                     json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish_str(f.reason)})
                 };
@@ -173,19 +228,19 @@ impl StreamState {
                 }
                 self.completion += f.completion_tokens;
                 self.open -= 1;
-                let mut out = vec![self.chunk(vec![choice], None)];
+                out.push(self.chunk(vec![choice], None));
                 if self.open == 0 {
                     if self.head.include_usage {
                         out.push(self.chunk(vec![], Some(usage_json(self.prompt, self.completion, self.cached))));
                     }
-                    out.push(SseEvent::default().data("[DONE]"));
+                    out.push("[DONE]".to_string());
                 }
                 out
             }
             Event::Failed(e) => {
                 self.open = 0;
                 let v = json!({"error": {"message": e.to_string(), "code": e.kind()}});
-                vec![SseEvent::default().data(v.to_string()), SseEvent::default().data("[DONE]")]
+                vec![v.to_string(), "[DONE]".to_string()]
             }
         }
     }
@@ -197,13 +252,93 @@ impl StreamState {
 /// choices are cancelled when the stream is dropped).
 pub(super) fn stream(rxs: Vec<UnboundedReceiver<Event>>, span: tracing::Span, head: Head) -> Response {
     let n = rxs.len();
-    let state = StreamState { head, open: n, offsets: vec![0; n], prompt: 0, completion: 0, cached: 0 };
+    let state =
+        StreamState { head, open: n, offsets: vec![0; n], held: vec![None; n], prompt: 0, completion: 0, cached: 0 };
     let events = merged(rxs)
         .scan((state, span), |(state, span), (index, ev)| {
             // After a failure nothing more is sent (the stream ends; the other choices are cancelled).
             let out = (state.open > 0).then(|| state.on_event(index, ev, span));
             futures::future::ready(out)
         })
-        .flat_map(|v| futures::stream::iter(v.into_iter().map(Ok::<_, Infallible>)));
+        .flat_map(|v| futures::stream::iter(v.into_iter().map(|d| Ok::<_, Infallible>(SseEvent::default().data(d)))));
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeFrontend;
+    use crate::scheduler::{Delta, Finished};
+    use r1_engine::text::tools::{CALL_BEGIN, CALL_END, SEP};
+
+    fn head(tool_calls: bool) -> Head {
+        Head {
+            id: "chatcmpl-t".into(),
+            created: 0,
+            model: "m".into(),
+            chat: true,
+            logprobs: false,
+            include_usage: false,
+            tool_calls,
+            frontend: Arc::new(FakeFrontend),
+        }
+    }
+
+    fn delta(text: &str) -> Event {
+        Event::Delta(Delta { text: text.into(), ..Default::default() })
+    }
+
+    fn done() -> Event {
+        Event::Finished(Finished {
+            reason: FinishReason::Stop,
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            cached_prompt_tokens: 0,
+        })
+    }
+
+    /// Runs events through a stream's state; returns the `data:` payloads of each event.
+    fn payloads(tools: bool, events: Vec<Event>) -> Vec<Vec<String>> {
+        let mut st = StreamState {
+            head: head(tools),
+            open: 1,
+            offsets: vec![0],
+            held: vec![None],
+            prompt: 0,
+            completion: 0,
+            cached: 0,
+        };
+        events.into_iter().map(|ev| st.on_event(0, ev, &tracing::Span::none())).collect()
+    }
+
+    fn choice(payload: &str) -> Value {
+        serde_json::from_str::<Value>(payload).unwrap()["choices"][0].clone()
+    }
+
+    #[test]
+    fn a_call_in_the_answer_is_held_back_and_sent_as_tool_calls() {
+        let call = format!("{CALLS_BEGIN}{CALL_BEGIN}function{SEP}add\n```json\n{{\"a\": 1}}\n```{CALL_END}");
+        let (text, calls) = tool_calls_json(&head(true), 0, &format!("Sure.{call}"), false).unwrap();
+        assert_eq!(text, "Sure.");
+        assert_eq!(calls[0]["function"]["name"], "add");
+        assert_eq!(calls[0]["function"]["arguments"], "{\"a\": 1}");
+        assert_eq!(calls[0]["id"], "call_chatcmpl-t_0_0");
+        assert!(tool_calls_json(&head(true), 0, &call, true).unwrap().1[0]["index"] == 0, "streamed calls carry index");
+        // Streaming: text before the call goes out; from the opening token on it is held, then sent as the calls.
+        // (The opening is one added token, so it never arrives split across deltas.)
+        let n = CALLS_BEGIN.len();
+        let got = payloads(true, vec![delta("Sure."), delta(&call[..n]), delta(&call[n..]), done()]);
+        assert_eq!(choice(&got[0][0])["delta"]["content"], "Sure.");
+        assert_eq!(choice(&got[1][0])["delta"]["content"], "", "the call's opening is held back");
+        assert_eq!(choice(&got[2][0])["delta"]["content"], "");
+        let end = &got[3];
+        assert_eq!(end.len(), 3, "the calls, the finish, [DONE]: {end:?}");
+        assert_eq!(choice(&end[0])["delta"]["tool_calls"][0]["function"]["name"], "add");
+        assert_eq!(choice(&end[1])["finish_reason"], "tool_calls");
+        assert_eq!(end[2], "[DONE]");
+        // Without tools the text is text.
+        let got = payloads(false, vec![delta(&call), done()]);
+        assert_eq!(choice(&got[0][0])["delta"]["content"], call.as_str());
+        assert_eq!(choice(&got[1][0])["finish_reason"], "stop");
+    }
 }
