@@ -208,14 +208,24 @@ impl GenerationService {
     }
 }
 
-type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+/// A request queued by [`GenerationService::begin`].
+struct Begun {
+    id: String,
+    span: tracing::Span,
+    /// One event channel per choice.
+    rxs: Vec<tokio::sync::mpsc::UnboundedReceiver<Event>>,
+    /// Tools were offered: calls in the answers are read into `tool_calls`.
+    tools: bool,
+    frontend: Arc<dyn Frontend>,
+}
 
-#[tonic::async_trait]
-impl pb::generation_server::Generation for GenerationService {
-    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+impl GenerationService {
+    /// What both generation calls do first: the request id and span from the metadata, the request checked (a
+    /// refusal is counted) and queued, one sequence per choice.
+    async fn begin(&self, req: Request<pb::GenerateRequest>, call: &'static str) -> Result<Begun, Status> {
         let carrier = Carrier::Grpc(req.metadata());
         let id = request_id(&carrier);
-        let span = request_span("Generate", &id, &carrier);
+        let span = request_span(call, &id, &carrier);
         let deadline = deadline(req.metadata());
         let raw = raw_request(req.into_inner()).map_err(|e| {
             self.state.metrics.request_done("grpc", e.kind());
@@ -223,8 +233,18 @@ impl pb::generation_server::Generation for GenerationService {
         })?;
         let tools = raw.tools.is_some();
         let rxs = self.state.start(raw, "grpc", id.clone(), deadline, span.clone()).await.map_err(|e| status(&e))?;
-        let all = collect_all(rxs, &span).await.map_err(|e| status(&e))?;
         let frontend = self.state.ready().map_err(|e| status(&e))?.0.frontend();
+        Ok(Begun { id, span, rxs, tools, frontend })
+    }
+}
+
+type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::generation_server::Generation for GenerationService {
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let Begun { id, span, rxs, tools, frontend } = self.begin(req, "Generate").await?;
+        let all = collect_all(rxs, &span).await.map_err(|e| status(&e))?;
         let choices: Vec<pb::Choice> = all
             .iter()
             .enumerate()
@@ -267,17 +287,7 @@ impl pb::generation_server::Generation for GenerationService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let carrier = Carrier::Grpc(req.metadata());
-        let id = request_id(&carrier);
-        let span = request_span("GenerateStream", &id, &carrier);
-        let deadline = deadline(req.metadata());
-        let raw = raw_request(req.into_inner()).map_err(|e| {
-            self.state.metrics.request_done("grpc", e.kind());
-            status(&e)
-        })?;
-        let tools = raw.tools.is_some();
-        let rxs = self.state.start(raw, "grpc", id.clone(), deadline, span.clone()).await.map_err(|e| status(&e))?;
-        let frontend = self.state.ready().map_err(|e| status(&e))?.0.frontend();
+        let Begun { id, span, rxs, tools, frontend } = self.begin(req, "GenerateStream").await?;
         // Per choice, with tools: the answer so far, read for calls when the choice ends.
         let mut answers: Vec<String> = Vec::new();
         // The span lives as long as the stream; dropping the stream (client left) closes the channels, and the
