@@ -101,6 +101,28 @@ def cargo_bin_dir(profile="debug"):
         return os.path.join(ROOT, "target", profile)
 
 
+def tools_template_artifact(model_dir, out_dir):
+    """A copy of the artifact `model_dir` (links to its weights) in `out_dir` whose chat template also shows the
+    request's `tools` to the model, as DeepSeek-R1-0528's template does (R1's released one renders earlier calls and
+    tool outputs only). Serve it with --skip-integrity-check (its tokenizer_config.json differs from the manifest's)."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(model_dir):
+        src = os.path.abspath(os.path.join(model_dir, name))
+        if name != "tokenizer_config.json":
+            os.symlink(src, os.path.join(out_dir, name))
+    with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    anchor = "{{ bos_token }}{{ ns.system_prompt }}"
+    if anchor not in cfg["chat_template"]:
+        raise StartError(f"{model_dir}: the chat template is not R1's (no {anchor!r} to add the tools after)")
+    tools = ("{% if tools %}\n\n## Tools\nCall a tool in the tool-call format.\n{% for t in tools %}### "
+             "{{ t.function.name }}\n{{ t.function.parameters | tojson }}\n{% endfor %}{% endif %}")
+    cfg["chat_template"] = cfg["chat_template"].replace(anchor, anchor + tools)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return out_dir
+
+
 def client_test_args(doc):
     """Command line of the client tests (tests/openai_client.py, tests/grpc_client.py): --model, --serve-bin,
     --export-bin."""

@@ -14,7 +14,8 @@ r1-export; or --model), generates Python stubs from the committed .proto with gr
 5. presence / frequency penalties change greedy output, and out-of-range values are INVALID_ARGUMENT naming them;
 6. top_logprobs without logprobs is refused by name;
 7. response_format: a JSON schema constrains the answer (it parses and follows the schema); bad schemas are refused;
-8. tools: refused by name with arith-r1's template (it does not render them); a call and its output in the history run.
+8. tools: refused by name with arith-r1's template (it does not render them); a call and its output in the history run;
+   on a copy of the artifact whose template shows tools, tool_choice naming a tool forces one call in `tool_calls`.
 
 grpcio, grpcio-tools and tokenizers are pinned below and installed into .r1/grpc-venv (created when missing); run
 this file with any python3, it re-executes itself in that venv. Exit status 0 = pass.
@@ -170,10 +171,28 @@ def run(pb, rpc, addr, model_dir):
     check(h.usage.prompt_tokens > r.usage.prompt_tokens + 10, "an assistant tool call and its output are rendered")
 
 
+def forced_calls(pb, rpc, addr):
+    """Against an artifact whose template shows tools: tool_choice naming a tool forces one call, returned in
+    `tool_calls` (unary) and on the stream's last message, with arguments following the tool's parameters."""
+    import grpc
+
+    stub = rpc.GenerationStub(grpc.insecure_channel(addr))
+    num = {"type": "integer", "minimum": 0, "maximum": 9999}
+    tools = json.dumps([{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": num, "b": num}, "required": ["a", "b"], "additionalProperties": False}}}])
+    req = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=QUESTION)], max_tokens=120,
+                             sampling=pb.SamplingParams(temperature=0.0), tools_json=tools, tool_choice="add")
+    r = stub.Generate(req)
+    check(len(r.tool_calls) == 1 and r.tool_calls[0].name == "add"
+          and set(json.loads(r.tool_calls[0].arguments)) == {"a", "b"}, f"a forced call to add: {r.tool_calls}")
+    last = list(stub.GenerateStream(req))[-1]
+    check([c.name for c in last.tool_calls] == ["add"], "the stream's last message carries the call")
+
+
 def main():
     ensure_venv()
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from soak import Server, StartError, client_test_args
+    from soak import Server, StartError, client_test_args, tools_template_artifact
 
     a = client_test_args(__doc__)
     with tempfile.TemporaryDirectory(prefix="r1-grpc-stubs-") as out:
@@ -186,6 +205,13 @@ def main():
                     print(f"grpc_client: server log:\n{srv.log_text()}", file=sys.stderr)
                     raise
                 check(srv.stop() == 0, "r1-serve exits 0 on SIGTERM")
+                art = tools_template_artifact(srv.model, os.path.join(out, "arith-r1-tools"))
+                with Server(a.serve_bin, a.export_bin, art, extra_args=["--skip-integrity-check"]) as tsrv:
+                    try:
+                        forced_calls(pb, rpc, f"127.0.0.1:{tsrv.grpc_port}")
+                    except Exception:
+                        print(f"grpc_client: server log:\n{tsrv.log_text()}", file=sys.stderr)
+                        raise
         except StartError as e:
             sys.exit(f"grpc_client: {e}")
     print(f"grpc_client: PASS ({', '.join(PINS)})", file=sys.stderr)

@@ -16,8 +16,11 @@ Starts <cargo target dir>/debug/r1-serve on tests/fixtures/arith-r1 (exported to
    (a usage-only last chunk, and no usage without it), content as a list of text parts, an unknown model (404),
    response_format json_schema / json_object (the answer parses and follows the schema; the reasoning stays free);
    tools (refused by name with arith-r1's template, which renders earlier calls and tool outputs but not the tools:
-   a conversation with a call and its output runs); and each field the server cannot honour (tool_choice required,
-   logit_bias) refused with a 400 naming it.
+   a conversation with a call and its output runs); and each field the server cannot honour (logit_bias) refused
+   with a 400 naming it;
+6. on a copy of the artifact whose template shows tools (as R1-0528's does): tool_choice naming a function or
+   `required` forces one call, returned as `tool_calls` with arguments following the schema (also streamed whole);
+   `auto` reads no call from this model's text answer.
 
 The client library is pinned (OPENAI_VERSION) and installed into .r1/venv (scripts/setup.sh --test-tools creates
 it) when missing; run this file with any python3, it re-executes itself in that venv. Exit status 0 = pass.
@@ -26,6 +29,7 @@ Usage: python3 tests/openai_client.py [--model DIR] [--serve-bin PATH] [--export
 """
 import json
 import os
+import tempfile
 import subprocess
 import sys
 
@@ -220,6 +224,7 @@ def every_field(client, model, messages, content, reasoning):
     except openai.BadRequestError as e:
         check(e.status_code == 400 and e.param == "tools" and "template" in str(e), f"tools -> 400 naming it: {e}")
     for field, kw in [("tool_choice", {"tool_choice": "required"}), ("logit_bias", {"logit_bias": {"5": 10}})]:
+        # (tool_choice without tools has nothing to choose from.)
         try:
             client.chat.completions.create(model=model, messages=messages, max_tokens=2, **kw)
             check(False, f"{field} is refused")
@@ -227,10 +232,56 @@ def every_field(client, model, messages, content, reasoning):
             check(e.status_code == 400 and e.param == field, f"{field} -> 400 naming it")
 
 
+def tool_calls(base_url):
+    """Against an artifact whose template shows tools: a named `tool_choice` and `required` force one call, which comes
+    back as `tool_calls` with JSON arguments following the tool's parameters (streamed whole); `auto` reads none from
+    this model, which answers in text; the reasoning stays out of the calls."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60.0)
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": QUESTION}]
+    num = {"type": "integer", "minimum": 0, "maximum": 9999}
+    add = {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
+        "type": "object", "properties": {"a": num, "b": num}, "required": ["a", "b"], "additionalProperties": False}}}
+    mul = {"type": "function", "function": {"name": "mul", "parameters": {"type": "object"}}}
+    for choice in ({"type": "function", "function": {"name": "add"}}, "required"):
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=120, temperature=0,
+                                           tools=[add, mul], tool_choice=choice)
+        c = r.choices[0]
+        calls = c.message.tool_calls or []
+        check(c.finish_reason == "tool_calls" and len(calls) == 1 and calls[0].type == "function"
+              and calls[0].id, f"tool_choice {choice}: one call, finish_reason tool_calls ({c.finish_reason})")
+        if choice != "required":
+            args = json.loads(calls[0].function.arguments)
+            check(calls[0].function.name == "add" and set(args) == {"a", "b"} and all(isinstance(v, int) for v in
+                  args.values()), f"the call is add with integer a and b: {calls[0].function.arguments}")
+        extra = c.message.model_extra or {}
+        rc = getattr(c.message, "reasoning_content", None) or extra.get("reasoning_content") or ""
+        check(rc.strip() and "tool" not in rc, "the reasoning comes before the call and stays out of it")
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=120, temperature=0,
+                                                 tools=[add], tool_choice={"type": "function",
+                                                                           "function": {"name": "add"}}, stream=True))
+    streamed = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    check(len(streamed) == 1 and streamed[0].function.name == "add" and "tool" not in text,
+          "streamed: the call arrives whole as tool_calls, never as text")
+    auto = client.chat.completions.create(model=model, messages=messages, max_tokens=96, temperature=0, tools=[add])
+    ac = auto.choices[0]
+    check(not ac.message.tool_calls and ac.finish_reason in ("stop", "length") and "tool" not in (ac.message.content or ""),
+          f"tool_choice auto: this model (never trained to call) answers in text, no call is read: {ac.message.content!r}")
+    try:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=2, tools=[add],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+        check(False, "a tool_choice naming no tool is refused")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400 and e.param == "tool_choice", "a tool_choice naming no tool -> 400 naming it")
+
+
 def main():
     ensure_client()
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from soak import Server, StartError, client_test_args
+    from soak import Server, StartError, client_test_args, tools_template_artifact
 
     a = client_test_args(__doc__)
     try:
@@ -242,6 +293,14 @@ def main():
                 raise
             code = srv.stop()
             check(code == 0, f"r1-serve exits 0 on SIGTERM (got {code})")
+            with tempfile.TemporaryDirectory(prefix="r1-tools-") as tmp:
+                art = tools_template_artifact(srv.model, os.path.join(tmp, "arith-r1-tools"))
+                with Server(a.serve_bin, a.export_bin, art, extra_args=["--skip-integrity-check"]) as tsrv:
+                    try:
+                        tool_calls(tsrv.url("/v1"))
+                    except Exception:
+                        print(f"openai_client: server log:\n{tsrv.log_text()}", file=sys.stderr)
+                        raise
     except StartError as e:
         sys.exit(f"openai_client: {e}")
     print(f"openai_client: PASS (openai {OPENAI_VERSION})", file=sys.stderr)

@@ -67,3 +67,42 @@ fn a_schema_that_does_not_compile_is_an_error_naming_the_field() {
     let e = grammars.json(Some(&json!([1, 2]))).unwrap_err().to_string();
     assert!(e.contains("object or a boolean"), "{e}");
 }
+
+#[test]
+fn a_forced_tool_call_is_one_call_in_r1s_format_with_schema_arguments() {
+    let tok = tokenizer();
+    let eos = tok.eos_token_ids()[0];
+    let grammars = Grammars::new(&tok, tok.vocab_size(), eos).unwrap();
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
+                        "required": ["a"], "additionalProperties": false});
+    let tools = vec![("add".to_string(), schema.clone()), ("mul".to_string(), schema)];
+    let mut c = grammars.tool_call(&tools).unwrap();
+    let digits: Vec<u32> = (0..10).filter_map(|d| tok.token_to_id(&d.to_string())).collect();
+    let mut fav = vec![eos, tok.token_to_id("}").unwrap()];
+    fav.extend(&digits);
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        let mut row: Vec<f32> =
+            (0..tok.vocab_size() as u32).map(|i| (i.wrapping_mul(2654435761) >> 16) as f32 / 1e5).collect();
+        for (k, &f) in fav.iter().enumerate() {
+            row[f as usize] = 100.0 - k as f32;
+        }
+        c.mask(&mut row, None).unwrap();
+        let t = r1_engine::generate::argmax(&row);
+        if t == eos {
+            break;
+        }
+        c.accept(t).unwrap();
+        ids.push(t);
+    }
+    assert!(c.is_complete());
+    let text = tok.decode(&ids, true).unwrap();
+    let (before, calls) = r1_engine::text::tools::split_tool_calls(&text).unwrap_or_else(|| panic!("{text:?}"));
+    assert_eq!(before, "");
+    assert_eq!(calls.len(), 1, "{text:?}");
+    assert!(calls[0].name == "add" || calls[0].name == "mul", "{text:?}");
+    let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).unwrap();
+    assert!(args["a"].is_u64(), "{text:?}");
+    let bad = grammars.tool_call(&[("bad name".into(), json!({}))]).unwrap_err().to_string();
+    assert!(bad.contains("bad name"), "{bad}");
+}

@@ -10,7 +10,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::error::ServeError;
 use crate::metrics::Metrics;
-use crate::model::{ErrorClass, ModelError, PrefixReuse, SeqParams, TokenLogprobs};
+use crate::model::{ErrorClass, ModelError, PrefixReuse, ResponseFormat, SeqParams, TokenLogprobs};
 use crate::scheduler::{Event, FinishReason, Scheduler, Submission};
 use crate::validate::{check_context, check_prompt_bytes, validate, Limits, RawRequest};
 
@@ -157,7 +157,8 @@ impl AppState {
                 }
             };
             if let Some(f) = &format {
-                frontend.check_response_format(f).map_err(named("response_format"))?;
+                let field = if matches!(f, ResponseFormat::ToolCall(_)) { "tool_choice" } else { "response_format" };
+                frontend.check_response_format(f).map_err(named(field))?;
             }
             frontend.encode(&input).map_err(|e| match e.label {
                 "tools" | "prompt_token_ids" => named(e.label)(e),

@@ -96,11 +96,12 @@ impl EngineText {
             Grammars::new(&self.tokenizer, self.tokenizer.vocab_size(), eos)
         });
         let grammars = grammars.as_ref().map_err(|e| ModelError::internal("grammar", e.to_string()))?;
-        let schema = match format {
-            ResponseFormat::JsonObject => None,
-            ResponseFormat::JsonSchema(s) => Some(s),
+        let constraint = match format {
+            ResponseFormat::JsonObject => grammars.json(None),
+            ResponseFormat::JsonSchema(s) => grammars.json(Some(s)),
+            ResponseFormat::ToolCall(tools) => grammars.tool_call(tools),
         };
-        grammars.json(schema).map_err(|e| match e {
+        constraint.map_err(|e| match e {
             GrammarError::Schema(_) => ModelError::invalid("response_format", e.to_string()),
             other => ModelError::internal("grammar", other.to_string()),
         })
@@ -222,14 +223,24 @@ impl EngineModel {
     }
 }
 
-/// Draws a sequence's next token from its logits row. With a `response_format`, the answer's grammar masks the row
-/// outside the reasoning (R1 thinks freely first); before the output has shown whether it opens a reasoning part,
-/// the token that opens one (`think`) is allowed beside the grammar's, and is not fed to the grammar.
-fn draw(s: &mut Seq, logits: &[f32], think: Option<u32>) -> Result<u32, ModelError> {
+/// Draws a sequence's next token from its logits row. With a `response_format` (or a forced tool call), the answer's
+/// grammar masks the row outside the reasoning (R1 thinks freely first, but may not end before the answer: EOS is
+/// masked there); before the output has shown whether it opens a reasoning part, the token that opens one (`think`)
+/// is allowed beside the grammar's, and is not fed to the grammar.
+fn draw(s: &mut Seq, logits: &[f32], think: Option<u32>, eos: &[u32]) -> Result<u32, ModelError> {
     let sample_err = |e: r1_engine::sampling::SamplingError| engine_err(e.into());
-    let Some(c) = s.constraint.as_mut().filter(|_| !s.split.in_reasoning()) else {
+    let Some(c) = s.constraint.as_mut() else {
         return s.sampler.sample(logits, &s.context).map_err(sample_err);
     };
+    if s.split.in_reasoning() {
+        let mut row = logits.to_vec();
+        for &e in eos {
+            if let Some(l) = row.get_mut(e as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        return s.sampler.sample(&row, &s.context).map_err(sample_err);
+    }
     let grammar_err = |e: GrammarError| ModelError::internal("grammar", e.to_string());
     let opener = if s.split.is_undecided() { think } else { None };
     let mut row = logits.to_vec();
@@ -311,7 +322,7 @@ impl Model for EngineModel {
         for r in results {
             let Some(&handle) = by_engine_id.get(&r.seq) else { continue };
             let Some(s) = self.seqs.get_mut(&handle) else { continue };
-            let token = draw(s, &r.logits, self.text.think_token)?;
+            let token = draw(s, &r.logits, self.text.think_token, tok.eos_token_ids())?;
             let logprobs = match s.logprobs {
                 Some(top) => Some(logprobs(&r.logits, token, top).map_err(|e| engine_err(e.into()))?),
                 None => None,

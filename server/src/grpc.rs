@@ -87,6 +87,17 @@ pub fn raw_request(r: pb::GenerateRequest) -> Result<RawRequest, ServeError> {
             }
         },
     };
+    let (tools, _, forced) = tools_asked(&r.tools_json, &r.tool_choice)?;
+    let response_format = match (forced, response_format) {
+        (Some(_), Some(_)) => {
+            return Err(ServeError::invalid(
+                "tool_choice",
+                "forces a call, and `response_format` constrains the answer too: give one of them",
+            ))
+        }
+        (Some(forced), None) => Some(ResponseFormat::ToolCall(forced)),
+        (None, f) => f,
+    };
     Ok(RawRequest {
         response_format,
         prompt: r.prompt,
@@ -104,7 +115,7 @@ pub fn raw_request(r: pb::GenerateRequest) -> Result<RawRequest, ServeError> {
                 tool_call_id: (!m.tool_call_id.is_empty()).then_some(m.tool_call_id),
             })
             .collect(),
-        tools: tools_json(&r.tools_json)?,
+        tools,
         prompt_token_ids: r.prompt_token_ids,
         logprobs: r.logprobs.then_some(r.top_logprobs),
         n: (r.n > 0).then_some(r.n),
@@ -126,24 +137,48 @@ pub fn raw_request(r: pb::GenerateRequest) -> Result<RawRequest, ServeError> {
     })
 }
 
-/// `tools_json` checked to be a JSON array of function tools (None when empty).
-fn tools_json(text: &str) -> Result<Option<String>, ServeError> {
+/// `tools_json` (a JSON array of function tools) and `tool_choice` (`auto`, `none`, `required` or a tool's name):
+/// the tools as text for the template (None when empty), whether calls are read back, and the tools a call is forced
+/// among (name, parameters schema).
+type ToolsAsked = (Option<String>, bool, Option<Vec<(String, serde_json::Value)>>);
+
+fn tools_asked(text: &str, choice: &str) -> Result<ToolsAsked, ServeError> {
     if text.trim().is_empty() {
-        return Ok(None);
+        return match choice {
+            "" | "auto" | "none" => Ok((None, false, None)),
+            c => Err(ServeError::invalid("tool_choice", format!("needs `tools_json` to choose from, got {c:?}"))),
+        };
     }
     let v: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| ServeError::invalid("tools_json", format!("must be a JSON array of function tools: {e}")))?;
     let tools =
         v.as_array().ok_or_else(|| ServeError::invalid("tools_json", format!("must be a JSON array, got {v}")))?;
+    let mut named = Vec::with_capacity(tools.len());
     for (i, t) in tools.iter().enumerate() {
-        if t.get("function").and_then(|f| f.get("name")).and_then(serde_json::Value::as_str).is_none() {
+        let f = t.get("function");
+        let Some(name) = f.and_then(|f| f.get("name")).and_then(serde_json::Value::as_str) else {
             return Err(ServeError::invalid(
                 "tools_json",
                 format!("[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}, got {t}"),
             ));
-        }
+        };
+        let params =
+            f.and_then(|f| f.get("parameters")).cloned().unwrap_or_else(|| serde_json::json!({"type": "object"}));
+        named.push((name.to_string(), params));
     }
-    Ok((!tools.is_empty()).then(|| v.to_string()))
+    let json = (!tools.is_empty()).then(|| v.to_string());
+    match choice {
+        "" | "auto" => Ok((json, true, None)),
+        "none" => Ok((json, false, None)),
+        "required" => Ok((json, true, Some(named))),
+        name => match named.iter().find(|(n, _)| n == name) {
+            Some(tool) => Ok((json, true, Some(vec![tool.clone()]))),
+            None => Err(ServeError::invalid(
+                "tool_choice",
+                format!("must be auto, none, required or the name of one of the tools, got {name:?}"),
+            )),
+        },
+    }
 }
 
 /// The calls in an answer (R1's format) and the text before them; the answer itself when it holds none.
@@ -227,11 +262,12 @@ impl GenerationService {
         let id = request_id(&carrier);
         let span = request_span(call, &id, &carrier);
         let deadline = deadline(req.metadata());
+        let shown_only = req.get_ref().tool_choice == "none";
         let raw = raw_request(req.into_inner()).map_err(|e| {
             self.state.metrics.request_done("grpc", e.kind());
             status(&e)
         })?;
-        let tools = raw.tools.is_some();
+        let tools = raw.tools.is_some() && !shown_only;
         let rxs = self.state.start(raw, "grpc", id.clone(), deadline, span.clone()).await.map_err(|e| status(&e))?;
         let frontend = self.state.ready().map_err(|e| status(&e))?.0.frontend();
         Ok(Begun { id, span, rxs, tools, frontend })

@@ -62,6 +62,9 @@ pub enum ResponseFormat {
     JsonObject,
     /// A JSON value of this schema.
     JsonSchema(serde_json::Value),
+    /// One call, in the model's tool-call format, of one of these tools (name, JSON schema of its arguments):
+    /// `tool_choice` `required` or a named function.
+    ToolCall(Vec<(String, serde_json::Value)>),
 }
 
 /// Log-probabilities of one generated token (the model's distribution: see `r1_engine::sampling::logprobs`).

@@ -240,6 +240,7 @@ async fn openai_fields_the_server_would_ignore_are_refused_by_name() {
         (r#","response_format":{"type":"json_object"}"#, "response_format"),
         (r#","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required""#, "tool_choice"),
         (r#","tools":[{"type":"function"}]"#, "tools[0]"),
+        (r#","tool_choice":"required""#, "tool_choice"),
         (r#","functions":[{"name":"f"}]"#, "functions"),
         (r#","logit_bias":{"5":10}"#, "logit_bias"),
         (r#","best_of":3"#, "best_of"),

@@ -81,6 +81,55 @@ impl Grammars {
     }
 }
 
+impl Grammars {
+    /// A constraint forcing one call, in DeepSeek-R1's tool-call format (`text::tools`), of one of `tools` (name and
+    /// JSON schema of its arguments): what `tool_choice: "required"` or a named function asks for. The arguments are
+    /// compact JSON following the schema. Names must be OpenAI's `[A-Za-z0-9_-]{1,64}`.
+    pub fn tool_call(&self, tools: &[(String, Value)]) -> Result<Constraint, GrammarError> {
+        use crate::text::tools::{CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP};
+        let quote = |s: &str| Value::String(s.to_string()).to_string();
+        if tools.is_empty() {
+            return Err(GrammarError::Schema("a forced tool call needs at least one tool".into()));
+        }
+        let mut rules = Vec::new();
+        for (i, (name, schema)) in tools.iter().enumerate() {
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !ok {
+                return Err(GrammarError::Schema(format!("tool names are [A-Za-z0-9_-]{{1,64}}, got {name:?}")));
+            }
+            let mut schema = schema.clone();
+            if let Some(obj) = schema.as_object_mut() {
+                obj.entry("x-guidance").or_insert_with(|| json!({"whitespace_flexible": false}));
+            }
+            rules.push(format!(
+                "f{i}: {} a{i} {}\na{i}: %json {schema}",
+                quote(&format!("{name}\n```json\n")),
+                quote(&format!("\n```{CALL_END}"))
+            ));
+        }
+        let alternatives: Vec<String> = (0..tools.len()).map(|i| format!("f{i}")).collect();
+        let grammar = format!(
+            "start: {} call {}\ncall: {} ({})\n{}\n",
+            quote(CALLS_BEGIN),
+            quote(CALLS_END),
+            quote(&format!("{CALL_BEGIN}function{SEP}")),
+            alternatives.join(" | "),
+            rules.join("\n")
+        );
+        let parser = self
+            .factory
+            .create_parser(TopLevelGrammar::from_lark(grammar))
+            .map_err(|e| GrammarError::Schema(e.to_string()))?;
+        let matcher = Matcher::new(Ok(parser));
+        match matcher.get_error() {
+            Some(e) => Err(GrammarError::Schema(e)),
+            None => Ok(Constraint { matcher }),
+        }
+    }
+}
+
 /// One sequence's grammar state.
 #[derive(Clone)]
 pub struct Constraint {

@@ -80,37 +80,77 @@ fn tool_call(v: &Value, message: usize, i: usize) -> Result<ToolCall, ServeError
     }
 }
 
-/// `tools` and `tool_choice` as the chat template takes them: the tools as a JSON array text (None when not given or
-/// empty), and whether calls in the answer are read into `tool_calls` (`auto`, the default with tools; `none` shows
-/// the tools and reads nothing). `required` and a named function would need the answer forced into a call: refused.
-fn tools_asked(body: &CompletionBody, chat: bool) -> Result<(Option<String>, bool), ServeError> {
+/// `tools` and `tool_choice`, checked.
+struct ToolsAsked {
+    /// The tools as a JSON array text for the chat template (None when not given or empty).
+    json: Option<String>,
+    /// Read calls in the answer into `tool_calls` (any `tool_choice` but `none`).
+    read_calls: bool,
+    /// `required` or a named function: the answer is forced into one call of these (name, parameters schema).
+    forced: Option<Vec<(String, Value)>>,
+}
+
+/// `tools` and `tool_choice` as OpenAI defines them: `auto` (default with tools) shows the tools and reads calls in
+/// the answer; `none` shows them and reads nothing; `required` forces one call of any tool, `{"type": "function",
+/// "function": {"name"}}` one call of that tool (constrained decoding, arguments following its `parameters`).
+fn tools_asked(body: &CompletionBody, chat: bool) -> Result<ToolsAsked, ServeError> {
     let tools = body.tools.as_ref().filter(|t| !t.is_empty());
-    let read_calls = match body.tool_choice.as_ref().filter(|v| !v.is_null()) {
-        None => tools.is_some(),
-        Some(Value::String(s)) if s == "auto" => tools.is_some(),
-        Some(Value::String(s)) if s == "none" => false,
-        Some(v) => {
-            return Err(ServeError::invalid(
-                "tool_choice",
-                format!("must be \"auto\" or \"none\" (this server does not force a call), got {v}"),
-            ))
-        }
+    let choice = body.tool_choice.as_ref().filter(|v| !v.is_null());
+    let Some(tools) = tools else {
+        return match choice {
+            None => Ok(ToolsAsked { json: None, read_calls: false, forced: None }),
+            Some(Value::String(s)) if s == "none" || s == "auto" => {
+                Ok(ToolsAsked { json: None, read_calls: false, forced: None })
+            }
+            Some(v) => Err(ServeError::invalid("tool_choice", format!("needs `tools` to choose from, got {v}"))),
+        };
     };
-    let Some(tools) = tools else { return Ok((None, false)) };
     if !chat {
         return Err(ServeError::invalid("tools", "is a chat field; use /v1/chat/completions"));
     }
+    let mut named = Vec::with_capacity(tools.len());
     for (i, t) in tools.iter().enumerate() {
-        let ok = t.get("type").and_then(Value::as_str) == Some("function")
-            && t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).is_some();
-        if !ok {
-            return Err(ServeError::invalid(
-                format!("tools[{i}]"),
-                format!("must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}, got {t}"),
-            ));
+        let f = t.get("function");
+        match (t.get("type").and_then(Value::as_str), f.and_then(|f| f.get("name")).and_then(Value::as_str)) {
+            (Some("function"), Some(name)) => {
+                let params = f.and_then(|f| f.get("parameters")).cloned().unwrap_or_else(|| json!({"type": "object"}));
+                named.push((name.to_string(), params));
+            }
+            _ => {
+                return Err(ServeError::invalid(
+                    format!("tools[{i}]"),
+                    format!("must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}, got {t}"),
+                ))
+            }
         }
     }
-    Ok((Some(Value::Array(tools.clone()).to_string()), read_calls))
+    let (read_calls, forced) = match choice {
+        None => (true, None),
+        Some(Value::String(s)) if s == "auto" => (true, None),
+        Some(Value::String(s)) if s == "none" => (false, None),
+        Some(Value::String(s)) if s == "required" => (true, Some(named)),
+        Some(v) => {
+            let name = v.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+            match name.and_then(|n| named.iter().find(|(t, _)| t == n)) {
+                Some(tool) => (true, Some(vec![tool.clone()])),
+                None => {
+                    return Err(ServeError::invalid(
+                        "tool_choice",
+                        format!("must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", \"function\": {{\"name\"}}}} naming one of `tools`, got {v}"),
+                    ))
+                }
+            }
+        }
+    };
+    if forced.is_some()
+        && body.response_format.as_ref().is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"))
+    {
+        return Err(ServeError::invalid(
+            "tool_choice",
+            "forces a call, and `response_format` constrains the answer too: give one of them",
+        ));
+    }
+    Ok(ToolsAsked { json: Some(Value::Array(tools.clone()).to_string()), read_calls, forced })
 }
 
 impl Content {
@@ -316,6 +356,7 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
         return Err(ServeError::invalid("stream_options", "is only allowed with `stream: true`"));
     }
     let logprobs = logprobs_asked(body, chat)?;
+    let tools = tools_asked(body, chat)?;
     let (prompt, messages) = if chat {
         if body.prompt.is_some() {
             return Err(ServeError::invalid("prompt", "is not accepted by /v1/chat/completions; use `messages`"));
@@ -349,10 +390,13 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
         prompt,
         messages,
         prompt_token_ids: Vec::new(),
-        tools: tools_asked(body, chat)?.0,
+        tools: tools.json,
         logprobs,
         n: body.n,
-        response_format: response_format(body.response_format.as_ref())?,
+        response_format: match tools.forced {
+            Some(forced) => Some(ResponseFormat::ToolCall(forced)),
+            None => response_format(body.response_format.as_ref())?,
+        },
         max_tokens: body.max_completion_tokens.or(body.max_tokens),
         sampling: RawSampling {
             temperature: body.temperature,
@@ -452,7 +496,7 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
         }
     };
     let logprobs = raw.logprobs.is_some();
-    let tool_calls = tools_asked(&body, chat).is_ok_and(|(_, read)| read);
+    let tool_calls = tools_asked(&body, chat).is_ok_and(|t| t.read_calls);
     let rxs = match state.start(raw, "http", rid.clone(), http_deadline(&headers, body.stream), span.clone()).await {
         Ok(rxs) => rxs,
         Err(e) => return error_response(&e),

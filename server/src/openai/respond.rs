@@ -150,6 +150,27 @@ pub(super) async fn whole(rxs: Vec<UnboundedReceiver<Event>>, span: &tracing::Sp
     .into_response()
 }
 
+/// Streaming with tools: adds `text` to what `held` waits with and returns what can be sent as text now. Once the
+/// calls' opening has come (`opened`), everything is held; before, only a tail that could still become the opening.
+fn hold_back(held: &mut String, opened: &mut bool, text: &str) -> String {
+    held.push_str(text);
+    if *opened {
+        return String::new();
+    }
+    if let Some(at) = held.find(CALLS_BEGIN) {
+        *opened = true;
+        let rest = held.split_off(at);
+        return std::mem::replace(held, rest);
+    }
+    // The longest tail of `held` that starts the opening stays; the rest goes out.
+    let keep = (1..=held.len().min(CALLS_BEGIN.len() - 1))
+        .rev()
+        .find(|&k| held.is_char_boundary(held.len() - k) && CALLS_BEGIN.starts_with(&held[held.len() - k..]))
+        .unwrap_or(0);
+    let rest = held.split_off(held.len() - keep);
+    std::mem::replace(held, rest)
+}
+
 /// Where the stream of one request stands.
 struct StreamState {
     head: Head,
@@ -157,10 +178,12 @@ struct StreamState {
     open: usize,
     /// Per choice: generated characters so far (completions' `text_offset`).
     offsets: Vec<usize>,
-    /// Per choice, with `tool_calls`: the answer from the first call's opening token on, held back until the end
-    /// (a call is sent whole, as `tool_calls`, never as text). The opening is one added token of the R1 vocabulary,
-    /// so a delta holds it whole.
-    held: Vec<Option<String>>,
+    /// Per choice, with `tool_calls`: the answer from the calls' opening on, held back until the end (a call is sent
+    /// whole, as `tool_calls`, never as text). The opening may come in pieces (one added token, or several when a
+    /// grammar forces it), so text that could be its start waits too ([`hold_back`]).
+    held: Vec<String>,
+    /// Per choice: whether `held` holds the opening (else it holds text that may become it).
+    opened: Vec<bool>,
     prompt: usize,
     completion: usize,
     cached: usize,
@@ -186,12 +209,7 @@ impl StreamState {
                 let logprobs = logprobs_json(&self.head, &d.token_ids, &d.logprobs, &mut offset);
                 self.offsets[index] = offset;
                 if self.head.tool_calls {
-                    let held = &mut self.held[index];
-                    match (held.as_mut(), d.text.find(CALLS_BEGIN)) {
-                        (Some(h), _) => h.push_str(&std::mem::take(&mut d.text)),
-                        (None, Some(at)) => *held = Some(d.text.split_off(at)),
-                        (None, None) => {}
-                    }
+                    d.text = hold_back(&mut self.held[index], &mut self.opened[index], &d.text);
                 }
                 let choice = if self.head.chat {
                     json!({"index": index, "delta": {"role": "assistant", "content": d.text,
@@ -206,7 +224,8 @@ impl StreamState {
                 record_finish(span, f.reason, f.completion_tokens);
                 let mut out = vec![];
                 let mut finish = finish_str(f.reason);
-                if let Some(held) = self.held[index].take() {
+                let held = std::mem::take(&mut self.held[index]);
+                if !held.is_empty() {
                     // The calls, whole; or, when the held text holds no finished call, the text itself.
                     let delta = match tool_calls_json(&self.head, index, &held, true) {
                         Some((_, calls)) => {
@@ -252,8 +271,16 @@ impl StreamState {
 /// choices are cancelled when the stream is dropped).
 pub(super) fn stream(rxs: Vec<UnboundedReceiver<Event>>, span: tracing::Span, head: Head) -> Response {
     let n = rxs.len();
-    let state =
-        StreamState { head, open: n, offsets: vec![0; n], held: vec![None; n], prompt: 0, completion: 0, cached: 0 };
+    let state = StreamState {
+        head,
+        open: n,
+        offsets: vec![0; n],
+        held: vec![String::new(); n],
+        opened: vec![false; n],
+        prompt: 0,
+        completion: 0,
+        cached: 0,
+    };
     let events = merged(rxs)
         .scan((state, span), |(state, span), (index, ev)| {
             // After a failure nothing more is sent (the stream ends; the other choices are cancelled).
@@ -303,7 +330,8 @@ mod tests {
             head: head(tools),
             open: 1,
             offsets: vec![0],
-            held: vec![None],
+            held: vec![String::new()],
+            opened: vec![false],
             prompt: 0,
             completion: 0,
             cached: 0,
@@ -325,10 +353,10 @@ mod tests {
         assert_eq!(calls[0]["id"], "call_chatcmpl-t_0_0");
         assert!(tool_calls_json(&head(true), 0, &call, true).unwrap().1[0]["index"] == 0, "streamed calls carry index");
         // Streaming: text before the call goes out; from the opening token on it is held, then sent as the calls.
-        // (The opening is one added token, so it never arrives split across deltas.)
-        let n = CALLS_BEGIN.len();
-        let got = payloads(true, vec![delta("Sure."), delta(&call[..n]), delta(&call[n..]), done()]);
-        assert_eq!(choice(&got[0][0])["delta"]["content"], "Sure.");
+        // The opening may come in pieces (here split inside a character's bytes' neighbourhood: at "<｜tool").
+        let cut = "<｜tool".len();
+        let got = payloads(true, vec![delta("Sure.<"), delta(&call[1..cut]), delta(&call[cut..]), done()]);
+        assert_eq!(choice(&got[0][0])["delta"]["content"], "Sure.", "a tail that may start the opening waits");
         assert_eq!(choice(&got[1][0])["delta"]["content"], "", "the call's opening is held back");
         assert_eq!(choice(&got[2][0])["delta"]["content"], "");
         let end = &got[3];
@@ -336,6 +364,10 @@ mod tests {
         assert_eq!(choice(&end[0])["delta"]["tool_calls"][0]["function"]["name"], "add");
         assert_eq!(choice(&end[1])["finish_reason"], "tool_calls");
         assert_eq!(end[2], "[DONE]");
+        // Text that only looked like the opening goes out when it stops looking so.
+        let got = payloads(true, vec![delta("a <"), delta("b"), done()]);
+        assert_eq!(choice(&got[0][0])["delta"]["content"], "a ");
+        assert_eq!(choice(&got[1][0])["delta"]["content"], "<b");
         // Without tools the text is text.
         let got = payloads(false, vec![delta(&call), done()]);
         assert_eq!(choice(&got[0][0])["delta"]["content"], call.as_str());
