@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use r1_engine::sampling::grammar::Grammars;
+use r1_engine::sampling::grammar::{Constraint, Grammars};
 use r1_engine::text::Tokenizer;
 use serde_json::json;
 
@@ -12,10 +12,9 @@ fn tokenizer() -> Tokenizer {
     Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/arith-r1")).unwrap()
 }
 
-/// Greedy decoding of a row that prefers `favourite` tokens (in order) under the mask; returns the text and ids.
-fn decode(tok: &Tokenizer, grammars: &Grammars, schema: Option<&serde_json::Value>, favourite: &[u32]) -> String {
+/// Greedy decoding under `c` of a row that prefers `favourite` tokens (in order), until EOS; returns the text.
+fn drive(tok: &Tokenizer, c: &mut Constraint, favourite: &[u32]) -> String {
     let eos = tok.eos_token_ids()[0];
-    let mut c = grammars.json(schema).unwrap();
     let mut ids = Vec::new();
     for step in 0..200 {
         // A row that ranks every token by a fixed pseudo-random score, the favourites first.
@@ -35,6 +34,10 @@ fn decode(tok: &Tokenizer, grammars: &Grammars, schema: Option<&serde_json::Valu
         ids.push(t);
     }
     panic!("no EOS within 200 tokens: {:?}", tok.decode(&ids, true));
+}
+
+fn decode(tok: &Tokenizer, grammars: &Grammars, schema: Option<&serde_json::Value>, favourite: &[u32]) -> String {
+    drive(tok, &mut grammars.json(schema).unwrap(), favourite)
 }
 
 #[test]
@@ -76,27 +79,10 @@ fn a_forced_tool_call_is_one_call_in_r1s_format_with_schema_arguments() {
     let schema = json!({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
                         "required": ["a"], "additionalProperties": false});
     let tools = vec![("add".to_string(), schema.clone()), ("mul".to_string(), schema)];
-    let mut c = grammars.tool_call(&tools).unwrap();
     let digits: Vec<u32> = (0..10).filter_map(|d| tok.token_to_id(&d.to_string())).collect();
     let mut fav = vec![eos, tok.token_to_id("}").unwrap()];
     fav.extend(&digits);
-    let mut ids = Vec::new();
-    for _ in 0..200 {
-        let mut row: Vec<f32> =
-            (0..tok.vocab_size() as u32).map(|i| (i.wrapping_mul(2654435761) >> 16) as f32 / 1e5).collect();
-        for (k, &f) in fav.iter().enumerate() {
-            row[f as usize] = 100.0 - k as f32;
-        }
-        c.mask(&mut row, None).unwrap();
-        let t = r1_engine::generate::argmax(&row);
-        if t == eos {
-            break;
-        }
-        c.accept(t).unwrap();
-        ids.push(t);
-    }
-    assert!(c.is_complete());
-    let text = tok.decode(&ids, true).unwrap();
+    let text = drive(&tok, &mut grammars.tool_call(&tools).unwrap(), &fav);
     let (before, calls) = r1_engine::text::tools::split_tool_calls(&text).unwrap_or_else(|| panic!("{text:?}"));
     assert_eq!(before, "");
     assert_eq!(calls.len(), 1, "{text:?}");
