@@ -14,7 +14,7 @@ use crate::error::ServeError;
 use crate::model::{ChatTurn, Frontend, ResponseFormat, TokenLogprobs, ToolCall};
 use crate::scheduler::{Event, FinishReason};
 use crate::telemetry::{request_id, request_span, Carrier};
-use crate::validate::{RawRequest, RawSampling};
+use crate::validate::{self, RawRequest, RawSampling, ToolChoice, ToolsAsked};
 use r1_engine::text::tools::split_tool_calls;
 
 /// The gRPC status for an error.
@@ -87,16 +87,10 @@ pub fn raw_request(r: pb::GenerateRequest) -> Result<RawRequest, ServeError> {
             }
         },
     };
-    let (tools, _, forced) = tools_asked(&r.tools_json, &r.tool_choice)?;
-    let response_format = match (forced, response_format) {
-        (Some(_), Some(_)) => {
-            return Err(ServeError::invalid(
-                "tool_choice",
-                "forces a call, and `response_format` constrains the answer too: give one of them",
-            ))
-        }
-        (Some(forced), None) => Some(ResponseFormat::ToolCall(forced)),
-        (None, f) => f,
+    let ToolsAsked { json: tools, forced, .. } = tools_asked(&r.tools_json, &r.tool_choice, response_format.is_some())?;
+    let response_format = match forced {
+        Some(forced) => Some(ResponseFormat::ToolCall(forced)),
+        None => response_format,
     };
     Ok(RawRequest {
         response_format,
@@ -137,48 +131,26 @@ pub fn raw_request(r: pb::GenerateRequest) -> Result<RawRequest, ServeError> {
     })
 }
 
-/// `tools_json` (a JSON array of function tools) and `tool_choice` (`auto`, `none`, `required` or a tool's name):
-/// the tools as text for the template (None when empty), whether calls are read back, and the tools a call is forced
-/// among (name, parameters schema).
-type ToolsAsked = (Option<String>, bool, Option<Vec<(String, serde_json::Value)>>);
-
-fn tools_asked(text: &str, choice: &str) -> Result<ToolsAsked, ServeError> {
-    if text.trim().is_empty() {
-        return match choice {
-            "" | "auto" | "none" => Ok((None, false, None)),
-            c => Err(ServeError::invalid("tool_choice", format!("needs `tools_json` to choose from, got {c:?}"))),
-        };
-    }
-    let v: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| ServeError::invalid("tools_json", format!("must be a JSON array of function tools: {e}")))?;
-    let tools =
-        v.as_array().ok_or_else(|| ServeError::invalid("tools_json", format!("must be a JSON array, got {v}")))?;
-    let mut named = Vec::with_capacity(tools.len());
-    for (i, t) in tools.iter().enumerate() {
-        let f = t.get("function");
-        let Some(name) = f.and_then(|f| f.get("name")).and_then(serde_json::Value::as_str) else {
-            return Err(ServeError::invalid(
-                "tools_json",
-                format!("[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}, got {t}"),
-            ));
-        };
-        let params =
-            f.and_then(|f| f.get("parameters")).cloned().unwrap_or_else(|| serde_json::json!({"type": "object"}));
-        named.push((name.to_string(), params));
-    }
-    let json = (!tools.is_empty()).then(|| v.to_string());
-    match choice {
-        "" | "auto" => Ok((json, true, None)),
-        "none" => Ok((json, false, None)),
-        "required" => Ok((json, true, Some(named))),
-        name => match named.iter().find(|(n, _)| n == name) {
-            Some(tool) => Ok((json, true, Some(vec![tool.clone()]))),
-            None => Err(ServeError::invalid(
-                "tool_choice",
-                format!("must be auto, none, required or the name of one of the tools, got {name:?}"),
-            )),
-        },
-    }
+/// `tools_json` (a JSON array of function tools, as OpenAI's `tools`) and `tool_choice` (`auto`, `none`, `required`
+/// or a tool's name), checked by [`validate::tools_asked`].
+fn tools_asked(text: &str, choice: &str, answer_constrained: bool) -> Result<ToolsAsked, ServeError> {
+    let tools: Vec<serde_json::Value> = if text.trim().is_empty() {
+        Vec::new()
+    } else {
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| ServeError::invalid("tools_json", format!("must be a JSON array of function tools: {e}")))?;
+        match v {
+            serde_json::Value::Array(a) => a,
+            v => return Err(ServeError::invalid("tools_json", format!("must be a JSON array, got {v}"))),
+        }
+    };
+    let choice = match choice {
+        "" | "auto" => ToolChoice::Auto,
+        "none" => ToolChoice::None,
+        "required" => ToolChoice::Required,
+        name => ToolChoice::Named(name),
+    };
+    validate::tools_asked(&tools, choice, "tools_json", answer_constrained)
 }
 
 /// The calls in an answer (R1's format) and the text before them; the answer itself when it holds none.

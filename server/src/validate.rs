@@ -297,6 +297,85 @@ pub fn validate(raw: RawRequest, limits: &Limits) -> Result<ValidRequest, ServeE
     })
 }
 
+/// `tool_choice` as both APIs give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolChoice<'a> {
+    /// Show the tools and read calls in the answer (the default).
+    Auto,
+    /// Show the tools, read nothing.
+    None,
+    /// Force one call of any tool.
+    Required,
+    /// Force one call of this tool.
+    Named(&'a str),
+}
+
+/// `tools` and `tool_choice`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolsAsked {
+    /// The tools as a JSON array text for the chat template (None when none are given).
+    pub json: Option<String>,
+    /// Read calls in the answer into `tool_calls` (tools given, any `tool_choice` but `none`).
+    pub read_calls: bool,
+    /// `required` or a named tool: the answer is forced into one call of these (name, parameters schema).
+    pub forced: Option<Vec<(String, serde_json::Value)>>,
+}
+
+/// Function tools in OpenAI's shape (`[{"type": "function", "function": {"name", "parameters"}}]`) with `tool_choice`,
+/// for both APIs: `field` names the tools in errors (`tools`, `tools_json`); `answer_constrained` says a
+/// `response_format` already constrains the answer (a forced call would too: refused).
+pub fn tools_asked(
+    tools: &[serde_json::Value],
+    choice: ToolChoice,
+    field: &str,
+    answer_constrained: bool,
+) -> Result<ToolsAsked, ServeError> {
+    if tools.is_empty() {
+        return match choice {
+            ToolChoice::Auto | ToolChoice::None => Ok(ToolsAsked { json: None, read_calls: false, forced: None }),
+            c => Err(ServeError::invalid("tool_choice", format!("needs `{field}` to choose from, got {c:?}"))),
+        };
+    }
+    let mut named = Vec::with_capacity(tools.len());
+    for (i, t) in tools.iter().enumerate() {
+        let f = t.get("function");
+        match (t.get("type").and_then(|v| v.as_str()), f.and_then(|f| f.get("name")).and_then(|v| v.as_str())) {
+            (Some("function"), Some(name)) => {
+                let params = f.and_then(|f| f.get("parameters")).cloned();
+                named.push((name.to_string(), params.unwrap_or_else(|| serde_json::json!({"type": "object"}))));
+            }
+            _ => {
+                return Err(ServeError::invalid(
+                    format!("{field}[{i}]"),
+                    format!("must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}, got {t}"),
+                ))
+            }
+        }
+    }
+    let (read_calls, forced) = match choice {
+        ToolChoice::Auto => (true, None),
+        ToolChoice::None => (false, None),
+        ToolChoice::Required => (true, Some(named)),
+        ToolChoice::Named(name) => match named.into_iter().find(|(n, _)| n == name) {
+            Some(tool) => (true, Some(vec![tool])),
+            None => {
+                return Err(ServeError::invalid(
+                    "tool_choice",
+                    format!("must be auto, none, required or name one of `{field}`, got {name:?}"),
+                ))
+            }
+        },
+    };
+    if forced.is_some() && answer_constrained {
+        return Err(ServeError::invalid(
+            "tool_choice",
+            "forces a call, and `response_format` constrains the answer too: give one of them",
+        ));
+    }
+    let json = serde_json::Value::Array(tools.to_vec()).to_string();
+    Ok(ToolsAsked { json: Some(json), read_calls, forced })
+}
+
 /// Checks the prompt's size in bytes before anything else touches it (tokenizing a huge prompt is itself work):
 /// `prompt` when given, otherwise the sum of the chat messages' role and content lengths.
 pub fn check_prompt_bytes(raw: &RawRequest, max_bytes: usize) -> Result<(), ServeError> {

@@ -20,7 +20,7 @@ use crate::api::AppState;
 use crate::error::ServeError;
 use crate::model::{ChatTurn, ResponseFormat, ToolCall};
 use crate::telemetry::{request_id, request_span, Carrier};
-use crate::validate::{RawRequest, RawSampling};
+use crate::validate::{self, RawRequest, RawSampling, ToolChoice, ToolsAsked};
 use respond::Head;
 
 /// `stop` as OpenAI accepts it: one string or a list.
@@ -80,77 +80,32 @@ fn tool_call(v: &Value, message: usize, i: usize) -> Result<ToolCall, ServeError
     }
 }
 
-/// `tools` and `tool_choice`, checked.
-struct ToolsAsked {
-    /// The tools as a JSON array text for the chat template (None when not given or empty).
-    json: Option<String>,
-    /// Read calls in the answer into `tool_calls` (any `tool_choice` but `none`).
-    read_calls: bool,
-    /// `required` or a named function: the answer is forced into one call of these (name, parameters schema).
-    forced: Option<Vec<(String, Value)>>,
-}
-
-/// `tools` and `tool_choice` as OpenAI defines them: `auto` (default with tools) shows the tools and reads calls in
-/// the answer; `none` shows them and reads nothing; `required` forces one call of any tool, `{"type": "function",
-/// "function": {"name"}}` one call of that tool (constrained decoding, arguments following its `parameters`).
+/// `tools` and `tool_choice` as OpenAI spells them (chat only), checked by [`validate::tools_asked`].
 fn tools_asked(body: &CompletionBody, chat: bool) -> Result<ToolsAsked, ServeError> {
-    let tools = body.tools.as_ref().filter(|t| !t.is_empty());
-    let choice = body.tool_choice.as_ref().filter(|v| !v.is_null());
-    let Some(tools) = tools else {
-        return match choice {
-            None => Ok(ToolsAsked { json: None, read_calls: false, forced: None }),
-            Some(Value::String(s)) if s == "none" || s == "auto" => {
-                Ok(ToolsAsked { json: None, read_calls: false, forced: None })
-            }
-            Some(v) => Err(ServeError::invalid("tool_choice", format!("needs `tools` to choose from, got {v}"))),
-        };
-    };
-    if !chat {
+    let tools = body.tools.as_deref().unwrap_or_default();
+    if !tools.is_empty() && !chat {
         return Err(ServeError::invalid("tools", "is a chat field; use /v1/chat/completions"));
     }
-    let mut named = Vec::with_capacity(tools.len());
-    for (i, t) in tools.iter().enumerate() {
-        let f = t.get("function");
-        match (t.get("type").and_then(Value::as_str), f.and_then(|f| f.get("name")).and_then(Value::as_str)) {
-            (Some("function"), Some(name)) => {
-                let params = f.and_then(|f| f.get("parameters")).cloned().unwrap_or_else(|| json!({"type": "object"}));
-                named.push((name.to_string(), params));
-            }
+    let choice = match body.tool_choice.as_ref() {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(s)) if s == "auto" => ToolChoice::Auto,
+        Some(Value::String(s)) if s == "none" => ToolChoice::None,
+        Some(Value::String(s)) if s == "required" => ToolChoice::Required,
+        Some(v) => match v.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+            Some(name) if v.get("type").and_then(Value::as_str) == Some("function") => ToolChoice::Named(name),
             _ => {
                 return Err(ServeError::invalid(
-                    format!("tools[{i}]"),
-                    format!("must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}, got {t}"),
+                    "tool_choice",
+                    format!("must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", \"function\": {{\"name\"}}}}, got {v}"),
                 ))
             }
-        }
-    }
-    let (read_calls, forced) = match choice {
-        None => (true, None),
-        Some(Value::String(s)) if s == "auto" => (true, None),
-        Some(Value::String(s)) if s == "none" => (false, None),
-        Some(Value::String(s)) if s == "required" => (true, Some(named)),
-        Some(v) => {
-            let name = v.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
-            match name.and_then(|n| named.iter().find(|(t, _)| t == n)) {
-                Some(tool) => (true, Some(vec![tool.clone()])),
-                None => {
-                    return Err(ServeError::invalid(
-                        "tool_choice",
-                        format!("must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", \"function\": {{\"name\"}}}} naming one of `tools`, got {v}"),
-                    ))
-                }
-            }
-        }
+        },
     };
-    if forced.is_some()
-        && body.response_format.as_ref().is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"))
-    {
-        return Err(ServeError::invalid(
-            "tool_choice",
-            "forces a call, and `response_format` constrains the answer too: give one of them",
-        ));
-    }
-    Ok(ToolsAsked { json: Some(Value::Array(tools.clone()).to_string()), read_calls, forced })
+    let constrained = body
+        .response_format
+        .as_ref()
+        .is_some_and(|f| !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text"));
+    validate::tools_asked(tools, choice, "tools", constrained)
 }
 
 impl Content {
@@ -350,7 +305,8 @@ fn logprobs_asked(body: &CompletionBody, chat: bool) -> Result<Option<u32>, Serv
     }
 }
 
-fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeError> {
+/// The body as a protocol-neutral [`RawRequest`], and whether calls in the answer are read into `tool_calls`.
+fn raw_request(body: &CompletionBody, chat: bool) -> Result<(RawRequest, bool), ServeError> {
     refuse_unhonoured(&body.other)?;
     if body.stream_options.is_some() && !body.stream {
         return Err(ServeError::invalid("stream_options", "is only allowed with `stream: true`"));
@@ -386,7 +342,7 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
         }
         (Some(body.prompt.clone().unwrap_or_default()), Vec::new())
     };
-    Ok(RawRequest {
+    let raw = RawRequest {
         prompt,
         messages,
         prompt_token_ids: Vec::new(),
@@ -416,7 +372,8 @@ fn raw_request(body: &CompletionBody, chat: bool) -> Result<RawRequest, ServeErr
         ignore_eos: body.ignore_eos,
         skip_prefix_cache: body.skip_prefix_cache,
         sampling_prefix: "",
-    })
+    };
+    Ok((raw, tools.read_calls))
 }
 
 /// `GET /v1/models`: the served model, with (once loaded) the defaults a request that sets no sampling field gets
@@ -488,7 +445,7 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
             return (StatusCode::NOT_FOUND, Json(json!({"error": {"message": msg, "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}))).into_response();
         }
     }
-    let raw = match raw_request(&body, chat) {
+    let (raw, tool_calls) = match raw_request(&body, chat) {
         Ok(r) => r,
         Err(e) => {
             state.metrics.request_done("http", e.kind());
@@ -496,7 +453,6 @@ async fn complete(state: Arc<AppState>, headers: HeaderMap, body: CompletionBody
         }
     };
     let logprobs = raw.logprobs.is_some();
-    let tool_calls = tools_asked(&body, chat).is_ok_and(|t| t.read_calls);
     let rxs = match state.start(raw, "http", rid.clone(), http_deadline(&headers, body.stream), span.clone()).await {
         Ok(rxs) => rxs,
         Err(e) => return error_response(&e),
