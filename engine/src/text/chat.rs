@@ -70,6 +70,8 @@ pub struct ChatTemplate {
     name: String,
     env: Environment<'static>,
     special_tokens: Vec<(&'static str, String)>,
+    /// The template reads `tools` (found once, at compile).
+    renders_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -121,13 +123,14 @@ impl ChatTemplate {
         .into_iter()
         .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
         .collect();
-        Ok(ChatTemplate { name: name.to_string(), env, special_tokens })
+        let renders_tools = env.get_template(name).is_ok_and(|t| t.undeclared_variables(true).contains("tools"));
+        Ok(ChatTemplate { name: name.to_string(), env, special_tokens, renders_tools })
     }
 
     /// Whether the template reads the `tools` variable, i.e. shows the model the tools a request offers
     /// (DeepSeek-R1's released template does not: it renders earlier tool calls and outputs only).
     pub fn renders_tools(&self) -> bool {
-        self.env.get_template(&self.name).is_ok_and(|t| t.undeclared_variables(true).contains("tools"))
+        self.renders_tools
     }
 
     /// The template's name (`default` for a single-string template).
