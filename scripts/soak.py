@@ -123,6 +123,15 @@ def tools_template_artifact(model_dir, out_dir):
     return out_dir
 
 
+def run_logged(srv, who, fn, *args):
+    """fn(*args) against `srv`; when it raises, the server's log is printed (headed by `who`) before the error."""
+    try:
+        return fn(*args)
+    except Exception:
+        print(f"{who}: server log:\n{srv.log_text()}", file=sys.stderr)
+        raise
+
+
 def client_test_args(doc):
     """Command line of the client tests (tests/openai_client.py, tests/grpc_client.py): --model, --serve-bin,
     --export-bin."""

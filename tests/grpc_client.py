@@ -192,26 +192,18 @@ def forced_calls(pb, rpc, addr):
 def main():
     ensure_venv()
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from soak import Server, StartError, client_test_args, tools_template_artifact
+    from soak import Server, StartError, client_test_args, run_logged, tools_template_artifact
 
     a = client_test_args(__doc__)
     with tempfile.TemporaryDirectory(prefix="r1-grpc-stubs-") as out:
         pb, rpc = stubs(out)
         try:
             with Server(a.serve_bin, a.export_bin, a.model) as srv:
-                try:
-                    run(pb, rpc, f"127.0.0.1:{srv.grpc_port}", srv.model)
-                except Exception:
-                    print(f"grpc_client: server log:\n{srv.log_text()}", file=sys.stderr)
-                    raise
+                run_logged(srv, "grpc_client", run, pb, rpc, f"127.0.0.1:{srv.grpc_port}", srv.model)
                 check(srv.stop() == 0, "r1-serve exits 0 on SIGTERM")
                 art = tools_template_artifact(srv.model, os.path.join(out, "arith-r1-tools"))
                 with Server(a.serve_bin, a.export_bin, art, extra_args=["--skip-integrity-check"]) as tsrv:
-                    try:
-                        forced_calls(pb, rpc, f"127.0.0.1:{tsrv.grpc_port}")
-                    except Exception:
-                        print(f"grpc_client: server log:\n{tsrv.log_text()}", file=sys.stderr)
-                        raise
+                    run_logged(tsrv, "grpc_client", forced_calls, pb, rpc, f"127.0.0.1:{tsrv.grpc_port}")
         except StartError as e:
             sys.exit(f"grpc_client: {e}")
     print(f"grpc_client: PASS ({', '.join(PINS)})", file=sys.stderr)

@@ -281,26 +281,18 @@ def tool_calls(base_url):
 def main():
     ensure_client()
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from soak import Server, StartError, client_test_args, tools_template_artifact
+    from soak import Server, StartError, client_test_args, run_logged, tools_template_artifact
 
     a = client_test_args(__doc__)
     try:
         with Server(a.serve_bin, a.export_bin, a.model) as srv:
-            try:
-                run(srv.url("/v1"))
-            except Exception:
-                print(f"openai_client: server log:\n{srv.log_text()}", file=sys.stderr)
-                raise
+            run_logged(srv, "openai_client", run, srv.url("/v1"))
             code = srv.stop()
             check(code == 0, f"r1-serve exits 0 on SIGTERM (got {code})")
             with tempfile.TemporaryDirectory(prefix="r1-tools-") as tmp:
                 art = tools_template_artifact(srv.model, os.path.join(tmp, "arith-r1-tools"))
                 with Server(a.serve_bin, a.export_bin, art, extra_args=["--skip-integrity-check"]) as tsrv:
-                    try:
-                        tool_calls(tsrv.url("/v1"))
-                    except Exception:
-                        print(f"openai_client: server log:\n{tsrv.log_text()}", file=sys.stderr)
-                        raise
+                    run_logged(tsrv, "openai_client", tool_calls, tsrv.url("/v1"))
     except StartError as e:
         sys.exit(f"openai_client: {e}")
     print(f"openai_client: PASS (openai {OPENAI_VERSION})", file=sys.stderr)
