@@ -299,6 +299,7 @@ pub fn optimize_cpu_graph(model: &Path, out: &Path, rel_dir: &str) -> Result<Cpu
         last_position_logits: false,
         fused_attention: false,
         kv_in_place: false,
+        sparse_experts: false,
     })
 }
 
@@ -463,6 +464,7 @@ mod tests {
             last_position_logits: false,
             fused_attention: false,
             kv_in_place: false,
+            sparse_experts: false,
         };
         m.targets.set_cpu(record.clone());
         assert_eq!(m.targets.cpu_graph(dir.path()), None, "file missing");

@@ -4,7 +4,8 @@
 //! - `cpu`: the ONNX Runtime-optimized serving graph in `engines/cpu/` ([`crate::engines::optimize_cpu_graph`]):
 //!   first, in a temporary copy, the LM head is moved to each row's last fed position ([`crate::onnx::last_logits`])
 //!   and the weight-only int8 MatMuls of an `int8-wo` graph (and the LM head of an `int8` one) are lowered to
-//!   wide-block, sibling-fused `MatMulNBits` ([`r1_calibration::matmul_nbits`]).
+//!   wide-block, sibling-fused `MatMulNBits` ([`r1_calibration::matmul_nbits`]); DeepseekV3's routed experts run
+//!   sparsely, one `com.microsoft.MoE` per layer ([`crate::onnx::sparse_moe`]).
 //! - a GPU target (`a100`, `h100`, ...): on a host with that GPU and ONNX Runtime's TensorRT EP, the
 //!   TensorRT engine in `engines/<target>/` ([`crate::engines::build_tensorrt`]); elsewhere, after an
 //!   export, the build plan (`built: false`, the exact `trt_*` options, profile, precision and the
@@ -227,17 +228,19 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str) -> Result<CpuBuil
             std::fs::remove_dir_all(d).map_err(ExportError::io(d))?;
         }
     }
-    let record = serving_source(dir, manifest, &lowered, &rewritten).and_then(|(source, lowering, fused)| {
+    let record = serving_source(dir, manifest, &lowered, &rewritten).and_then(|(source, lowering, fused, moe)| {
         let mut r = eb::optimize_cpu_graph(&source, &tmp, rel).map_err(engine_err(dir))?;
         r.lowering =
             lowering.map(|l| serde_json::to_value(&l)).transpose().map_err(|e| ExportError::Graph(e.to_string()))?;
         r.last_position_logits = true;
         r.fused_attention = fused;
         r.kv_in_place = fused;
+        r.sparse_experts = moe > 0;
         Ok(r)
     });
     let _ = std::fs::remove_dir_all(&lowered);
     let _ = std::fs::remove_file(&rewritten);
+    let _ = std::fs::remove_file(dir.join(experts_data_file()));
     let record = match record {
         Ok(r) => r,
         Err(e) => {
@@ -257,13 +260,13 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str) -> Result<CpuBuil
 /// Writes the serving form of the artifact's graph and returns its path, the lowering (when one was done) and
 /// whether attention was fused: `int8-wo` / `int8` graphs go to `lowered/model.onnx` (+ `model.onnx.data`, the
 /// weights rewritten), the others to `rewritten`, a graph-only file beside `model.onnx` that reads the artifact's
-/// own weight file.
+/// own weight file. Last, the number of MoE layers whose experts run sparsely.
 fn serving_source(
     dir: &Path,
     manifest: &Manifest,
     lowered: &Path,
     rewritten: &Path,
-) -> Result<(std::path::PathBuf, Option<Lowering>, bool)> {
+) -> Result<(std::path::PathBuf, Option<Lowering>, bool, usize)> {
     let mut model = crate::quantize::read_model(&dir.join(MODEL_FILE))?;
     // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
     let lowering = if matches!(manifest.precision, Precision::Int8WeightOnly | Precision::Int8) {
@@ -290,9 +293,19 @@ fn serving_source(
         }
         None => false,
     };
+    // DeepseekV3: each token runs only its routed experts, relaid beside the serving graph's file (in `data_dir`).
+    let sparse = match crate::onnx::sparse_moe::moe_top_k(manifest) {
+        Some(k) => crate::onnx::sparse_moe::sparse_experts(&mut model, k, data_dir, data_dir, &experts_data_file())?,
+        None => 0,
+    };
     let path = if lowering.is_some() { lowered.join(MODEL_FILE) } else { rewritten.to_path_buf() };
     std::fs::write(&path, model.encode_to_vec()).map_err(ExportError::io(&path))?;
-    Ok((path, lowering, fused))
+    Ok((path, lowering, fused, sparse))
+}
+
+/// The serving copy's relaid routed experts ([`crate::onnx::sparse_moe`]), beside its graph file; deleted with it.
+fn experts_data_file() -> String {
+    format!(".model.cpu-experts.tmp-{}.data", std::process::id())
 }
 
 /// The attention shape of a dense-family artifact (Llama, Qwen2, Qwen3: the graphs

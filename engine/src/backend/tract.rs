@@ -65,6 +65,16 @@ impl TractBackend {
                 message: format!("tract cannot run `{}` graphs (int4 tensors); use --backend ort", manifest.precision),
             });
         }
+        if let Some(cpu) = manifest.targets.cpu().filter(|c| c.graph == graph) {
+            let experts = if cpu.sparse_experts { ", the routed experts' com.microsoft.MoE among them" } else { "" };
+            return Err(EngineError::Unavailable {
+                what: "tract backend".into(),
+                message: format!(
+                    "`{graph}` is the ONNX Runtime serving graph of `--target cpu`: it holds ONNX Runtime's own \
+                     operators{experts}, which tract does not run; tract runs the portable `{MODEL_FILE}`"
+                ),
+            });
+        }
         let path = dir.join(graph);
         if !path.is_file() {
             return Err(EngineError::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) });

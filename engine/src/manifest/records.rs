@@ -50,6 +50,11 @@ pub struct CpuBuild {
     /// host layout, past gathered left-padded.
     #[serde(default)]
     pub kv_in_place: bool,
+    /// Each DeepseekV3 MoE layer's routed experts are one ONNX Runtime `com.microsoft.MoE` (the exporter's serving
+    /// rewrite): each token runs only the experts its router picked. `false` (other families, and artifacts written
+    /// before it existed): the portable graph's dense masked compute, every expert on every token.
+    #[serde(default)]
+    pub sparse_experts: bool,
 }
 
 /// What a TensorRT build records about itself (an entry of `manifest.targets`), or, with
@@ -256,6 +261,7 @@ mod tests {
             last_position_logits: true,
             fused_attention: true,
             kv_in_place: true,
+            sparse_experts: false,
         }
     }
 

@@ -13,6 +13,7 @@ mod external;
 pub mod fused_attention;
 pub mod last_logits;
 mod ops;
+pub mod sparse_moe;
 
 pub use builder::{
     attr_f, attr_i, attr_ints, attr_s, attr_t, i64_tensor, inline_tensor, ir_version_for_opset, rewrite_node, Attr,

@@ -1,0 +1,291 @@
+//! DeepseekV3's `--target cpu` serving graph runs each token through its routed experts only
+//! (`export/src/onnx/sparse_moe/`: one `com.microsoft.MoE` per MoE layer, the router kept in standard ops).
+//!
+//! - Every DeepseekV3 golden case through that graph, driven by the engine, matches transformers (fp32 ≤ 1e-4, fp16
+//!   ≤ 2e-2 relative; greedy tokens identical): all rows prefilled in one batched step then decoded together, and
+//!   row 0 prefilled in chunks of 2 while the others already decode.
+//! - The graph holds one `MoE` per MoE layer and no dense expert stack, and the manifest records it.
+//! - Each token's output depends on exactly `num_experts_per_tok` experts' weights: poisoning one expert of the last
+//!   layer with NaN turns exactly the tokens routed to it into NaN (dense masked compute, `0 · NaN`, turns all).
+//! - tract, which runs the portable graph, refuses the serving graph naming the operator.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::{s, Array2, Array3};
+use prost::Message;
+use r1_engine::backend::{self, BackendKind, BackendOptions, ExecutionProviderKind, StepInput};
+use r1_engine::manifest::Manifest;
+use r1_engine::{Engine, EngineOptions, StepWork};
+use r1_export::target::{self, Mode, TargetOptions};
+use r1_export::Precision;
+use r1_proto::onnx::{ModelProto, TensorProto};
+use r1_tests::{empty_past, export_case, golden_cases, golden_meta, rel_err, Golden};
+
+fn deepseek_cases() -> Vec<PathBuf> {
+    let cases: Vec<PathBuf> =
+        golden_cases().into_iter().filter(|c| golden_meta(c).unwrap()["family"] == "deepseek_v3").collect();
+    assert!(cases.len() >= 4, "expected the DeepseekV3 golden cases (3 + release_deepseek_r1), found {cases:?}");
+    cases
+}
+
+fn tolerance(p: Precision) -> f32 {
+    if p == Precision::Fp32 {
+        1e-4
+    } else {
+        2e-2
+    }
+}
+
+fn cpu_options() -> BackendOptions {
+    BackendOptions { execution_provider: ExecutionProviderKind::Cpu, ..Default::default() }
+}
+
+/// Exports `case` into `out` and builds its `cpu` target; returns the manifest that records it.
+fn export_for_cpu(case: &Path, out: &Path, precision: Precision) -> Manifest {
+    export_case(case, out, precision).unwrap();
+    let opts = TargetOptions { targets: vec!["cpu".into()], ..Default::default() };
+    target::apply(out, &opts, Mode::AfterExport, &mut |_, _| {}).unwrap();
+    Manifest::load(out).unwrap()
+}
+
+/// The `cpu` serving graph and the folder its external data resolves in.
+fn serving_graph(out: &Path, m: &Manifest) -> (ModelProto, PathBuf) {
+    let rel = m.targets.cpu_graph(out).expect("a built cpu graph");
+    let path = out.join(rel);
+    let model = ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+    (model, path.parent().unwrap().to_path_buf())
+}
+
+fn config(m: &Manifest, key: &str) -> usize {
+    m.config[key].as_u64().unwrap_or_else(|| panic!("config.{key}")) as usize
+}
+
+/// Teacher-forces every row of `g` through the engine; row 0 is fed `chunk` prompt tokens per step (`None`: all at
+/// once) while the other rows move on. Returns the worst relative error against the reference logits and the rows
+/// whose greedy token differs from the reference's next token, as `(row, step)`.
+fn drive(e: &mut Engine, g: &Golden, chunk: Option<usize>) -> (f32, Vec<(usize, usize)>) {
+    let (b, p) = g.input_ids.dim();
+    let n = g.decode_input_ids.ncols();
+    let seqs: Vec<_> = (0..b)
+        .map(|r| {
+            let prompt: Vec<u32> =
+                (0..p).filter(|&t| g.attention_mask[[r, t]] == 1).map(|t| g.input_ids[[r, t]] as u32).collect();
+            e.add_sequence(&prompt, n + 1).unwrap()
+        })
+        .collect();
+    let mut next = vec![0usize; b];
+    let (mut err, mut wrong) = (0f32, Vec::new());
+    while next.iter().any(|&k| k <= n) {
+        let work: Vec<StepWork> = (0..b)
+            .filter(|&r| next[r] <= n)
+            .map(|r| match chunk {
+                Some(c) if r == 0 => StepWork::chunk(seqs[r], c),
+                _ => StepWork::all(seqs[r]),
+            })
+            .collect();
+        for res in e.step(&work).unwrap() {
+            let r = seqs.iter().position(|s| *s == res.seq).unwrap();
+            let k = next[r];
+            let want =
+                if k == 0 { g.prefill_logits.slice(s![r, p - 1, ..]) } else { g.decode_logits.slice(s![r, k - 1, ..]) };
+            let got = Array3::from_shape_vec((1, 1, res.logits.len()), res.logits.clone()).unwrap();
+            let want = want.to_owned().into_shape_with_order((1, 1, got.len())).unwrap();
+            err = err.max(rel_err(&got, &want, |_, _| true).unwrap());
+            if k < n {
+                let token = g.decode_input_ids[[r, k]];
+                if r1_engine::generate::argmax(&res.logits) as i64 != token {
+                    wrong.push((r, k));
+                }
+                e.push_token(res.seq, token as u32).unwrap();
+            }
+            next[r] += 1;
+        }
+    }
+    for s in seqs {
+        e.remove_sequence(s);
+    }
+    (err, wrong)
+}
+
+#[test]
+fn sparse_serving_graph_matches_transformers_through_the_engine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut failures, mut report) = (Vec::new(), Vec::new());
+    for case in deepseek_cases() {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let g = Golden::load(&case).unwrap();
+        for precision in [Precision::Fp32, Precision::Fp16] {
+            let out = tmp.path().join(format!("{name}-{}", precision.name()));
+            let m = export_for_cpu(&case, &out, precision);
+            let cpu = m.targets.cpu().unwrap();
+            assert!(cpu.sparse_experts && cpu.last_position_logits, "{name}: targets.cpu = {cpu:?}");
+            let opts =
+                EngineOptions { backend: BackendKind::Ort, backend_options: cpu_options(), ..Default::default() };
+            let mut e = Engine::load(&out, &opts).unwrap();
+            for (schedule, chunk) in [("batched prefill", None), ("row 0 in chunks of 2", Some(2))] {
+                let (err, wrong) = drive(&mut e, &g, chunk);
+                let label = format!("{name} {} {} ({schedule})", precision.name(), e.backend_name());
+                report.push(format!("{label}: rel err {err:.2e}"));
+                if err.is_nan() || err > tolerance(precision) {
+                    failures.push(format!("{label}: relative error {err:.3e} exceeds {:.0e}", tolerance(precision)));
+                }
+                if !wrong.is_empty() {
+                    failures.push(format!("{label}: greedy token differs from transformers' at (row, step) {wrong:?}"));
+                }
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
+}
+
+/// The serving graph's initializer `name`.
+fn initializer<'m>(model: &'m ModelProto, name: &str) -> &'m TensorProto {
+    let g = model.graph.as_ref().unwrap();
+    g.initializer.iter().find(|t| t.name.as_deref() == Some(name)).unwrap_or_else(|| panic!("no initializer {name}"))
+}
+
+#[test]
+fn sparse_serving_graph_holds_one_moe_per_layer_and_no_dense_expert_stack() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in deepseek_cases() {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let out = tmp.path().join(&name);
+        let m = export_for_cpu(&case, &out, Precision::Fp32);
+        let (model, _) = serving_graph(&out, &m);
+        let g = model.graph.as_ref().unwrap();
+        let (layers, dense) = (config(&m, "num_hidden_layers"), config(&m, "first_k_dense_replace"));
+        let (experts, k) = (config(&m, "n_routed_experts"), config(&m, "num_experts_per_tok"));
+        let (h, inter) = (config(&m, "hidden_size"), config(&m, "moe_intermediate_size"));
+        let moe: Vec<_> = g.node.iter().filter(|n| n.op_type() == "MoE" && n.domain() == "com.microsoft").collect();
+        assert_eq!(moe.len(), layers - dense, "{name}: one MoE per MoE layer");
+        for (j, n) in moe.iter().enumerate() {
+            let attr = |a: &str| n.attribute.iter().find(|x| x.name() == a).unwrap_or_else(|| panic!("attribute {a}"));
+            assert_eq!(attr("k").i(), k as i64, "{name}: top-k");
+            assert_eq!(attr("activation_type").s(), b"swiglu");
+            let fc1 = initializer(&model, &n.input[2]);
+            assert_eq!(fc1.dims, [experts, 2 * inter, h].map(|d| d as i64), "{name} MoE {j}: fc1");
+        }
+        // No MatMul reads a stack of all experts any more: the dense compute is gone, not just bypassed.
+        for n in g.node.iter().filter(|n| n.op_type().contains("MatMul") || n.op_type() == "Gemm") {
+            for i in &n.input {
+                if let Some(t) = g.initializer.iter().find(|t| t.name.as_ref() == Some(i)) {
+                    assert!(
+                        !(t.dims.len() == 3 && t.dims[0] == experts as i64),
+                        "{name}: `{}` still multiplies the expert stack `{i}` {:?}",
+                        n.name(),
+                        t.dims
+                    );
+                }
+            }
+        }
+        // What is left of the portable block is the reshape of the sum back to [batch, sequence, hidden].
+        let left: Vec<_> = g.node.iter().map(|n| n.name()).filter(|n| n.contains("/mlp/experts/")).collect();
+        assert!(left.iter().all(|n| n.ends_with("/mlp/experts/Reshape")), "{name}: dense expert nodes left: {left:?}");
+    }
+}
+
+/// The byte range of expert `e` in the external payload of `fc1` (`[E, 2I, H]`), and the file holding it.
+fn expert_range(t: &TensorProto, dir: &Path, e: usize) -> (PathBuf, u64, usize) {
+    let entry = |k: &str| t.external_data.iter().find(|x| x.key() == k).map(|x| x.value().to_string());
+    let location = entry("location").expect("fc1 is stored as external data");
+    let offset: u64 = entry("offset").map_or(0, |v| v.parse().unwrap());
+    let per_expert = (t.dims[1] * t.dims[2]) as usize * 4;
+    (dir.join(location), offset + (e * per_expert) as u64, per_expert)
+}
+
+/// For every expert of the last MoE layer: poisons its weights with NaN, runs the golden prompts (prefill, then
+/// teacher-forced decode) and marks which of the returned logits rows (each row's last fed position) turn NaN.
+/// The last layer's MoE output reaches no cache, so each row's logits depend on its own token's experts only.
+#[test]
+fn each_token_reads_exactly_its_top_k_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in deepseek_cases() {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let out = tmp.path().join(&name);
+        let m = export_for_cpu(&case, &out, Precision::Fp32);
+        let (experts, k) = (config(&m, "n_routed_experts"), config(&m, "num_experts_per_tok"));
+        let last = config(&m, "num_hidden_layers") - 1;
+        let (model, dir) = serving_graph(&out, &m);
+        let fc1 = initializer(&model, &format!("/sparse_experts/layers.{last}/fc1"));
+        let g = Golden::load(&case).unwrap();
+        // poisoned[(row, step)] = how many experts' poison reached that row's logits.
+        let mut poisoned: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+        for e in 0..experts {
+            let (file, at, len) = expert_range(fc1, &dir, e);
+            let original = std::fs::read(&file).unwrap();
+            let mut bytes = original.clone();
+            for v in bytes[at as usize..at as usize + len].chunks_exact_mut(4) {
+                v.copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+            std::fs::write(&file, &bytes).unwrap();
+            let mut be = backend::load(&out, &m, BackendKind::Ort, &cpu_options()).unwrap();
+            for (key, nan) in nan_rows(be.as_mut(), &m, &g) {
+                *poisoned.entry(key).or_default() += usize::from(nan);
+            }
+            drop(be);
+            std::fs::write(&file, &original).unwrap();
+        }
+        for ((r, step), n) in &poisoned {
+            assert_eq!(
+                *n, k,
+                "{name}: row {r} step {step} turned NaN with {n} poisoned experts of {experts}; it routes to {k}"
+            );
+        }
+        assert!(!poisoned.is_empty());
+    }
+}
+
+/// Prefill of the golden prompts, then their decode tokens one step at a time through the backend (the host
+/// layout, past fed back); for each returned logits row, whether it holds a NaN.
+fn nan_rows(be: &mut dyn backend::Backend, m: &Manifest, g: &Golden) -> Vec<((usize, usize), bool)> {
+    assert!(be.last_position_logits(), "the serving graph returns each row's last position");
+    let b = g.input_ids.nrows();
+    let out = be
+        .run(&StepInput {
+            input_ids: g.input_ids.clone(),
+            attention_mask: g.attention_mask.clone(),
+            position_ids: g.position_ids.clone(),
+            past: empty_past(m, b),
+        })
+        .unwrap();
+    let row_nan = |l: &Array3<f32>, r: usize| l.slice(s![r, .., ..]).iter().any(|v| v.is_nan());
+    let mut rows: Vec<_> = (0..b).map(|r| ((r, 0), row_nan(&out.logits, r))).collect();
+    let (mut past, mut mask) = (out.present, g.attention_mask.clone());
+    let mut pos: Vec<i64> = (0..b).map(|r| g.position_ids[[r, g.position_ids.ncols() - 1]]).collect();
+    for step in 0..g.decode_input_ids.ncols() {
+        let mut grown = Array2::<i64>::ones((b, mask.ncols() + 1));
+        grown.slice_mut(s![.., ..mask.ncols()]).assign(&mask);
+        mask = grown;
+        pos.iter_mut().for_each(|p| *p += 1);
+        let o = be
+            .run(&StepInput {
+                input_ids: Array2::from_shape_vec((b, 1), g.decode_input_ids.column(step).to_vec()).unwrap(),
+                attention_mask: mask.clone(),
+                position_ids: Array2::from_shape_vec((b, 1), pos.clone()).unwrap(),
+                past,
+            })
+            .unwrap();
+        rows.extend((0..b).map(|r| ((r, step + 1), row_nan(&o.logits, r))));
+        past = o.present;
+    }
+    rows
+}
+
+#[test]
+fn tract_refuses_the_sparse_serving_graph_naming_the_operator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = deepseek_cases().into_iter().next().unwrap();
+    let out = tmp.path().join("artifact");
+    let m = export_for_cpu(&case, &out, Precision::Fp32);
+    let rel = m.targets.cpu_graph(&out).unwrap().to_string();
+    let err = backend::load_graph(&out, &rel, &m, BackendKind::Tract, &BackendOptions::default())
+        .err()
+        .expect("tract does not run the serving graph")
+        .to_string();
+    assert!(err.contains("com.microsoft.MoE") && err.contains("tract runs the portable `model.onnx`"), "{err}");
+    // The engine's tract backend runs the portable graph, dense masked, and is not asked to run the serving one.
+    let opts = EngineOptions { backend: BackendKind::Tract, ..Default::default() };
+    Engine::load(&out, &opts).unwrap();
+}
