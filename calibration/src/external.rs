@@ -66,7 +66,8 @@ impl ExternalDataReader {
         ))
     }
 
-    /// A FLOAT tensor's values.
+    /// A FLOAT tensor's values. External data is read straight into the values, a chunk at a time (no second copy
+    /// of the tensor in memory).
     pub fn tensor_f32(&self, t: &TensorProto) -> Result<Vec<f32>> {
         if t.data_type != Some(DataType::Float as i32) {
             return Err(CalibError::graph(
@@ -74,13 +75,50 @@ impl ExternalDataReader {
                 format!("expected data_type FLOAT (1), got {:?}", t.data_type),
             ));
         }
-        let bytes = self.tensor_bytes(t)?;
         let n = element_count(t)?;
-        crate::error::ensure_len(&format!("payload bytes of tensor `{}`", tensor_name(t)), n * 4, bytes.len())?;
+        let what = || format!("payload bytes of tensor `{}`", tensor_name(t));
+        if is_external(t) {
+            let mut out = Vec::with_capacity(n);
+            let length = self.read_external_chunks(t, &mut |chunk| {
+                out.extend(chunk.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                Ok(())
+            })?;
+            crate::error::ensure_len(&what(), n * 4, length as usize)?;
+            return Ok(out);
+        }
+        let bytes = self.tensor_bytes(t)?;
+        crate::error::ensure_len(&what(), n * 4, bytes.len())?;
         Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     fn read_external(&self, t: &TensorProto) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_external_chunks(t, &mut |chunk| {
+            buf.extend_from_slice(chunk);
+            Ok(())
+        })?;
+        Ok(buf)
+    }
+
+    /// Passes `t`'s external payload to `sink` in chunks of [`READ_CHUNK`] bytes (the last one shorter; each a
+    /// multiple of 4 bytes but the last); returns its length.
+    fn read_external_chunks(&self, t: &TensorProto, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<u64> {
+        let (mut f, length, path) = self.open_external(t)?;
+        let io = |source| CalibError::Io { op: "reading", path: path.clone(), source };
+        let mut buf = vec![0u8; (length as usize).min(READ_CHUNK)];
+        let mut left = length as usize;
+        while left > 0 {
+            let chunk = &mut buf[..left.min(READ_CHUNK)];
+            f.read_exact(chunk).map_err(io)?;
+            sink(chunk)?;
+            left -= chunk.len();
+        }
+        Ok(length)
+    }
+
+    /// `t`'s external data file, positioned at the payload, with the payload's length; errors name the tensor and
+    /// the file when the reference is invalid or out of the file's range.
+    fn open_external(&self, t: &TensorProto) -> Result<(File, u64, PathBuf)> {
         let name = tensor_name(t);
         let location = entry(t, "location").unwrap_or_default();
         let bad = |path: &Path, problem: String| CalibError::ExternalData {
@@ -108,15 +146,20 @@ impl ExternalDataReader {
         if end > file_len {
             return Err(bad(&path, format!("range {offset}..{end} is past the end of the file ({file_len} bytes)")));
         }
-        let mut buf = vec![0u8; length as usize];
-        f.seek(SeekFrom::Start(offset)).and_then(|_| f.read_exact(&mut buf)).map_err(|source| CalibError::Io {
+        f.seek(SeekFrom::Start(offset)).map_err(|source| CalibError::Io {
             op: "reading",
             path: path.clone(),
             source,
         })?;
-        Ok(buf)
+        Ok((f, length, path))
     }
 }
+
+/// Bytes read from an external data file at a time.
+const READ_CHUNK: usize = 8 << 20;
+
+/// Where [`ExternalDataWriter::write_tensor_with`]'s `fill` writes a payload's pieces.
+pub type ChunkSink<'a> = &'a mut dyn FnMut(&[u8]) -> Result<()>;
 
 /// Appends tensor payloads to one external data file, each at a 4 KiB-aligned offset.
 #[derive(Debug)]
@@ -141,16 +184,30 @@ impl ExternalDataWriter {
 
     /// Writes `bytes` as the payload of `t` and points `t` at it (clearing any inline data).
     pub fn write_tensor(&mut self, t: &mut TensorProto, bytes: &[u8]) -> Result<()> {
+        self.write_tensor_with(t, &mut |sink| sink(bytes))
+    }
+
+    /// Like [`ExternalDataWriter::write_tensor`], the payload given in pieces: `fill` passes them, in order, to the
+    /// sink it receives (a large tensor is copied without holding it in memory).
+    pub fn write_tensor_with(
+        &mut self,
+        t: &mut TensorProto,
+        fill: &mut dyn FnMut(ChunkSink<'_>) -> Result<()>,
+    ) -> Result<()> {
         let pad = (EXTERNAL_ALIGN - self.pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
-        let io = |source| CalibError::Io { op: "writing", path: self.path.clone(), source };
+        let path = self.path.clone();
+        let io = |source| CalibError::Io { op: "writing", path: path.clone(), source };
         self.file.write_all(&vec![0u8; pad as usize]).map_err(io)?;
         let offset = self.pos + pad;
-        self.file.write_all(bytes).map_err(|source| CalibError::Io {
-            op: "writing",
-            path: self.path.clone(),
-            source,
-        })?;
-        self.pos = offset + bytes.len() as u64;
+        let mut length = 0u64;
+        let file = &mut self.file;
+        let filled = fill(&mut |chunk: &[u8]| {
+            length += chunk.len() as u64;
+            file.write_all(chunk).map_err(|source| CalibError::Io { op: "writing", path: path.clone(), source })
+        });
+        // Counted even when `fill` failed part way, so that the next tensor still starts aligned.
+        self.pos = offset + length;
+        filled?;
         let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
         t.raw_data = None;
         t.float_data.clear();
@@ -160,7 +217,7 @@ impl ExternalDataWriter {
         t.external_data = vec![
             kv("location", self.location.clone()),
             kv("offset", offset.to_string()),
-            kv("length", bytes.len().to_string()),
+            kv("length", length.to_string()),
         ];
         Ok(())
     }
@@ -183,7 +240,8 @@ impl ExternalDataWriter {
 }
 
 /// Moves every initializer whose payload is external or at least `threshold` bytes into `writer` (payloads read
-/// through `reader`); those that turn out smaller are inlined. Used when a rewritten model gets a new data file.
+/// through `reader`, external ones copied a chunk at a time); those that turn out smaller are inlined. Used when a
+/// rewritten model gets a new data file.
 pub fn rehome_initializers(
     initializers: &mut [TensorProto],
     reader: &ExternalDataReader,
@@ -193,6 +251,27 @@ pub fn rehome_initializers(
     for t in initializers.iter_mut() {
         let big = element_count(t)?.saturating_mul(4) >= threshold
             || t.raw_data.as_ref().is_some_and(|r| r.len() >= threshold);
+        if is_external(t) {
+            let (mut f, length, path) = reader.open_external(t)?;
+            if length >= threshold as u64 {
+                let mut buf = vec![0u8; (length as usize).min(READ_CHUNK)];
+                writer.write_tensor_with(t, &mut |sink| {
+                    let mut left = length as usize;
+                    while left > 0 {
+                        let chunk = &mut buf[..left.min(READ_CHUNK)];
+                        f.read_exact(chunk).map_err(|source| CalibError::Io {
+                            op: "reading",
+                            path: path.clone(),
+                            source,
+                        })?;
+                        sink(chunk)?;
+                        left -= chunk.len();
+                    }
+                    Ok(())
+                })?;
+                continue;
+            }
+        }
         if is_external(t) || big {
             let bytes = reader.tensor_bytes(t)?;
             if bytes.len() >= threshold {

@@ -9,9 +9,11 @@
 //!
 //! - [`matmul_nbits`]: the CPU lowering of `int8-wo` graphs to ONNX Runtime's `MatMulNBits` (used by the `cpu`
 //!   target build).
-//! - [`quant`]: quantize / dequantize maths matching ONNX `QuantizeLinear` / `DequantizeLinear`.
+//! - [`quant`]: quantize / dequantize maths matching ONNX `QuantizeLinear` / `DequantizeLinear`; its blocked INT4
+//!   search runs vectorized on every core (`blocked.rs`).
 //! - [`error`]: the crate's one error type, [`CalibError`].
 pub mod awq;
+mod blocked;
 pub mod calibrate;
 pub mod dataset;
 pub mod error;

@@ -196,9 +196,8 @@ pub fn quantize_model(
         }
     }
     let mut writer = ExternalDataWriter::create(out_dir, data_location)?;
-    let summary = rewrite_graph(model, &reader, opts)?;
-    let graph = model.graph.as_mut().ok_or_else(|| CalibError::graph("model", "has no graph"))?;
-    rehome_initializers(&mut graph.initializer, &reader, &mut writer, opts.external_threshold)?;
+    let threshold = opts.external_threshold;
+    let summary = rewrite(model, &reader, opts, Some((&mut writer, threshold)))?;
     writer.finish()?;
     Ok(summary)
 }
@@ -206,15 +205,68 @@ pub fn quantize_model(
 /// Rewrites the graph in place (new initializers carry inline `raw_data`; externally stored source weights are
 /// read through `reader`). Quantized fp32 weights are removed unless another node still reads them.
 pub fn rewrite_graph(model: &mut ModelProto, reader: &ExternalDataReader, opts: &QdqOptions) -> Result<RewriteSummary> {
+    rewrite(model, reader, opts, None)
+}
+
+/// The rewrite, one weight at a time. With `out` (a writer and the external-data threshold), the initializers that
+/// stay are moved to the writer first, in graph order, and each new one is written as soon as it is made: memory
+/// holds one weight, never the quantized model, and the data file is laid out as rewriting everything inline and
+/// then moving every initializer over in order lays it out (`quantize_model`'s layout before it streamed).
+fn rewrite(
+    model: &mut ModelProto,
+    reader: &ExternalDataReader,
+    opts: &QdqOptions,
+    mut out: Option<(&mut ExternalDataWriter, usize)>,
+) -> Result<RewriteSummary> {
     check_scheme(model, opts)?;
     let graph = model.graph.as_mut().ok_or_else(|| CalibError::graph("model", "has no graph"))?;
     let mut summary = RewriteSummary::default();
     skipped_non_float(graph, &mut summary);
     let targets = select_targets(graph, opts, &mut summary)?;
-    let (new_inits, weight_dq) = rewrite_nodes(graph, &targets, reader, opts, &mut summary)?;
-    remove_replaced_weights(graph, &weight_dq);
+    let sources = take_sources(graph, &targets);
+    if let Some((writer, threshold)) = out.as_mut() {
+        rehome_initializers(&mut graph.initializer, reader, writer, *threshold)?;
+    }
+    let mut store = |t: &mut TensorProto| -> Result<()> {
+        let Some((writer, threshold)) = out.as_mut() else { return Ok(()) };
+        match t.raw_data.take() {
+            Some(raw) if raw.len() >= *threshold => writer.write_tensor(t, &raw),
+            raw => {
+                t.raw_data = raw;
+                Ok(())
+            }
+        }
+    };
+    let new_inits = rewrite_nodes(graph, &targets, &sources, reader, opts, &mut store, &mut summary)?;
     graph.initializer.extend(new_inits);
     Ok(summary)
+}
+
+/// The fp32 weights of the target MatMuls by name: moved out of the graph when the rewrite replaces every read of
+/// them, cloned when a node or graph output still reads them (they stay, in their place).
+fn take_sources(graph: &mut GraphProto, targets: &HashMap<usize, Target>) -> HashMap<String, TensorProto> {
+    let mut still_read: HashSet<String> = graph.output.iter().filter_map(|o| o.name.clone()).collect();
+    for (idx, node) in graph.node.iter().enumerate() {
+        let b_replaced = targets.contains_key(&idx);
+        still_read
+            .extend(node.input.iter().enumerate().filter(|&(j, _)| !(b_replaced && j == 1)).map(|(_, x)| x.clone()));
+    }
+    let weights: HashSet<&str> = targets.values().map(|t| t.w.as_str()).collect();
+    let mut sources = HashMap::new();
+    let mut kept = Vec::with_capacity(graph.initializer.len());
+    for t in std::mem::take(&mut graph.initializer) {
+        let name = t.name.clone().unwrap_or_default();
+        if !weights.contains(name.as_str()) {
+            kept.push(t);
+        } else if still_read.contains(&name) {
+            sources.insert(name, t.clone());
+            kept.push(t);
+        } else {
+            sources.insert(name, t);
+        }
+    }
+    graph.initializer = kept;
+    sources
 }
 
 /// A MatMul to rewrite: its name, activation input `A`, weight initializer `B`, and whether `A` is quantized too.
@@ -272,18 +324,21 @@ fn select_targets(
 }
 
 /// Rewrites the target MatMuls in graph order: each weight's `DequantizeLinear` goes before its first reader,
-/// each W8A8 input's `Q → DQ` pair before its MatMul. Returns the new initializers and, per quantized weight, the
-/// `DequantizeLinear` output that replaces it.
+/// each W8A8 input's `Q → DQ` pair before its MatMul. Each weight is read from `sources` once, quantized, and its
+/// new initializers handed to `store` (which may move their bytes to a data file) before the next one is read.
+/// Returns the new initializers.
 fn rewrite_nodes(
     graph: &mut GraphProto,
     targets: &HashMap<usize, Target>,
+    sources: &HashMap<String, TensorProto>,
     reader: &ExternalDataReader,
     opts: &QdqOptions,
+    store: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
     summary: &mut RewriteSummary,
-) -> Result<(Vec<TensorProto>, HashMap<String, String>)> {
-    let init_index: HashMap<String, usize> =
-        graph.initializer.iter().enumerate().filter_map(|(i, t)| t.name.clone().map(|n| (n, i))).collect();
+) -> Result<Vec<TensorProto>> {
     let mut new_inits: Vec<TensorProto> = Vec::new();
+    // New initializers before this index have been handed to `store`.
+    let mut stored = 0;
     let mut weight_dq: HashMap<String, String> = HashMap::new();
     let mut nodes = Vec::with_capacity(graph.node.len() + 3 * targets.len());
     let old_nodes = std::mem::take(&mut graph.node);
@@ -292,7 +347,7 @@ fn rewrite_nodes(
             nodes.push(node);
             continue;
         };
-        let src = &graph.initializer[init_index[w]];
+        let src = &sources[w];
         let (k, n) = (dim(src, 0)?, dim(src, 1)?);
         if !weight_dq.contains_key(w) {
             let values = reader.tensor_f32(src)?;
@@ -304,6 +359,10 @@ fn rewrite_nodes(
         if *quantize_a {
             node.input[0] = quantized_activation(a, name, opts.activation_scales[a], &mut new_inits, &mut nodes)?;
         }
+        for t in &mut new_inits[stored..] {
+            store(t)?;
+        }
+        stored = new_inits.len();
         let output = node.output.first().cloned().unwrap_or_default();
         summary.quantized.push(QuantizedMatMul {
             node: name.clone(),
@@ -317,7 +376,7 @@ fn rewrite_nodes(
         nodes.push(node);
     }
     graph.node = nodes;
-    Ok((new_inits, weight_dq))
+    Ok(new_inits)
 }
 
 /// Quantizes weight `w` (`values`, `[k, n]`) per `scheme` into `new_inits` and returns the `DequantizeLinear` that
@@ -403,18 +462,6 @@ fn quantized_activation(
         ..Default::default()
     });
     Ok(dq_out)
-}
-
-/// Drops the fp32 weights that were quantized (the keys of `weight_dq`) unless a node or graph output still
-/// reads them.
-fn remove_replaced_weights(graph: &mut GraphProto, weight_dq: &HashMap<String, String>) {
-    let still_read: HashSet<&str> = graph.node.iter().flat_map(|n| n.input.iter().map(String::as_str)).collect();
-    let outputs: HashSet<&str> = graph.output.iter().filter_map(|o| o.name.as_deref()).collect();
-    let replaced: HashSet<&String> = weight_dq.keys().collect();
-    graph.initializer.retain(|t| {
-        let n = t.name.as_deref().unwrap_or_default();
-        !replaced.contains(&n.to_string()) || still_read.contains(n) || outputs.contains(n)
-    });
 }
 
 /// MatMuls whose weight is an initializer this rewrite cannot take (not 2-D FLOAT, e.g. an fp16 graph).

@@ -195,9 +195,9 @@ impl BlockedI4 {
         out
     }
 
-    /// Codes packed two per byte as ONNX stores int4 / uint4 (low nibble first).
+    /// Codes packed two per byte as ONNX stores int4 / uint4 (low nibble first), as [`pack_int4`] does.
     pub fn packed(&self) -> Vec<u8> {
-        pack_int4(&self.values)
+        crate::blocked::pack(&self.values)
     }
 
     /// Zero points packed two per byte (uint4), when asymmetric.
@@ -246,78 +246,12 @@ pub fn quantize_blocked_u4(w: &[f32], k: usize, n: usize, block: usize) -> Resul
 fn quantize_blocked(w: &[f32], k: usize, n: usize, block: usize, asymmetric: bool) -> Result<BlockedI4> {
     validate_block_size(block)?;
     ensure_len("weight [K, N]", k * n, w.len())?;
-    ensure_finite("weight", w)?;
-    let nb = k.div_ceil(block);
-    let mut scales = vec![1.0f32; nb * n];
-    let mut zps = vec![0u8; if asymmetric { nb * n } else { 0 }];
-    let mut column = Vec::with_capacity(block);
-    for b in 0..nb {
-        let rows = b * block..((b + 1) * block).min(k);
-        for c in 0..n {
-            column.clear();
-            column.extend(rows.clone().map(|r| w[r * n + c]));
-            if asymmetric {
-                (scales[b * n + c], zps[b * n + c]) = best_u4_params(&column);
-            } else {
-                scales[b * n + c] = best_i4_scale(&column)?;
-            }
-        }
+    if let Some(index) = crate::blocked::first_non_finite(w) {
+        return Err(CalibError::NonFinite { what: "weight".into(), index, value: w[index] });
     }
-    let mut values = Vec::with_capacity(w.len());
-    for r in 0..k {
-        for c in 0..n {
-            let i = (r / block) * n + c;
-            values.push(if asymmetric {
-                quantize_u4(w[r * n + c], scales[i], zps[i]) as i8
-            } else {
-                quantize_i4(w[r * n + c], scales[i])
-            });
-        }
-    }
-    Ok(BlockedI4 { k, n, block, scales, zero_points: asymmetric.then_some(zps), values })
-}
-
-/// The scale among [`INT4_CLIP_RATIOS`] with the least squared quantization error of `xs`.
-fn best_i4_scale(xs: &[f32]) -> Result<f32> {
-    let base = scale_from_amax(abs_max(xs), INT4_QMAX)?;
-    let err = |s: f32| xs.iter().map(|&x| (x - f32::from(quantize_i4(x, s)) * s).powi(2)).sum::<f32>();
-    let mut best = (err(base), base);
-    for r in &INT4_CLIP_RATIOS[1..] {
-        let s = (base * r).max(f32::MIN_POSITIVE);
-        let e = err(s);
-        if e < best.0 {
-            best = (e, s);
-        }
-    }
-    Ok(best.1)
-}
-
-/// Scale and zero point of an asymmetric uint4 block: the range `[min(xs, 0), max(xs, 0)]` shrunk by the ratio
-/// among [`INT4_CLIP_RATIOS`] with the least squared error. An all-zero block gets scale 1, zero point 0.
-fn best_u4_params(xs: &[f32]) -> (f32, u8) {
-    let lo = xs.iter().fold(0.0f32, |m, &x| m.min(x));
-    let hi = xs.iter().fold(0.0f32, |m, &x| m.max(x));
-    if hi - lo == 0.0 {
-        return (1.0, 0);
-    }
-    let params = |r: f32| {
-        let s = ((hi - lo) * r / UINT4_QMAX).max(f32::MIN_POSITIVE);
-        let zp = (-lo * r / s).round_ties_even().clamp(0.0, UINT4_QMAX) as u8;
-        (s, zp)
-    };
-    let err = |(s, zp): (f32, u8)| {
-        xs.iter().map(|&x| (x - f32::from(quantize_u4(x, s, zp) as i8 - zp as i8) * s).powi(2)).sum::<f32>()
-    };
-    let first = params(1.0);
-    let mut best = (err(first), first);
-    for &r in &INT4_CLIP_RATIOS[1..] {
-        let p = params(r);
-        let e = err(p);
-        if e < best.0 {
-            best = (e, p);
-        }
-    }
-    best.1
+    // The clip search per block and column, vectorized across columns and run on every core; the bytes are those
+    // of the scalar definition in the docs above (`blocked.rs` says how, and its tests hold it to that).
+    Ok(crate::blocked::quantize(w, k, n, block, asymmetric))
 }
 
 /// Packs int4 values (each in `[-8, 7]`) two per byte: element `2i` in the low nibble of byte `i`, element
