@@ -128,7 +128,10 @@ struct ExportArgs {
     out: Option<PathBuf>,
 
     /// Precision: fp32 | fp16 | int8 (W8A8, calibrated: needs --calibration-data) | int8-wo | int4-wo
-    /// (weight-only). Default: the GPU targets' default precision (fp16), else fp32.
+    /// (weight-only). Default: the GPU targets' default precision (fp16), else fp32. bf16 is refused: neither
+    /// CPU runtime runs bfloat16 graphs (ONNX Runtime 1.31's CPU provider has no bfloat16 MatMul, Add or Mul;
+    /// tract 0.23 has no bfloat16 type) and GPU targets build fp16 TensorRT engines; use fp16 for GPU targets,
+    /// fp32, int8-wo or int4-wo for cpu (a bf16 checkpoint is converted tensor by tensor as it streams).
     #[arg(long, env = "R1_EXPORT_PRECISION")]
     precision: Option<String>,
 
@@ -261,9 +264,7 @@ fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     };
     let targets = target::resolve(&args.targets.targets)?;
     let requested = match &args.precision {
-        Some(name) => name
-            .parse::<Precision>()
-            .map_err(|e| r1_export::ExportError::InvalidOption { option: "--precision", message: e.to_string() })?,
+        Some(name) => parse_precision(name)?,
         None => target::default_precision(&targets),
     };
     let quant = requested.is_quantized().then_some(requested);
@@ -305,6 +306,21 @@ fn run_export(args: ExportArgs) -> anyhow::Result<()> {
         bytes as f64 / 1e9
     );
     run_targets(&out, &args.targets, Mode::AfterExport)
+}
+
+/// `--precision NAME`; bfloat16 (`bf16`, `bfloat16`) is refused by name, saying why and what to use instead.
+fn parse_precision(name: &str) -> Result<Precision, r1_export::ExportError> {
+    let invalid = |message: String| r1_export::ExportError::InvalidOption { option: "--precision", message };
+    if matches!(name.to_ascii_lowercase().as_str(), "bf16" | "bfloat16") {
+        return Err(invalid(format!(
+            "`{name}` is not available: neither CPU runtime r1 serves with runs bfloat16 graphs (ONNX Runtime \
+             1.31's CPU provider has no bfloat16 kernel for MatMul, Add, Mul or Softmax; tract 0.23 has no \
+             bfloat16 type), and r1's GPU targets build fp16 TensorRT engines. Use --precision fp16 for GPU \
+             targets (a100, h100, ...), or fp32, int8-wo or int4-wo for cpu; a bf16 checkpoint is converted \
+             tensor by tensor as it streams"
+        )));
+    }
+    name.parse::<Precision>().map_err(|e| invalid(e.to_string()))
 }
 
 fn run_targets(dir: &Path, args: &TargetArgs, mode: Mode) -> anyhow::Result<()> {
