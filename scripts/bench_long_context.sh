@@ -38,8 +38,8 @@ if [ ! -f "$ART/manifest.json" ]; then
   /usr/bin/time -f "r1-export int8-wo: %e s, peak RSS %M KB" \
     "$REL"/r1-export "$CK" -o "$ART" --precision int8-wo --target cpu --report-samples 2 --quiet
 fi
-grep -q '"kv_in_place": true' "$ART/manifest.json" || {
-  say "rebuilding $ART/engines/cpu (the artifact predates the in-place serving graph)"
+grep -q "\"attention_op\": \"r1.GroupQueryAttention\"" "$ART/manifest.json" || {
+  say "rebuilding $ART/engines/cpu (the artifact predates r1's attention kernel)"
   "$REL"/r1-export build "$ART" --target cpu
 }
 

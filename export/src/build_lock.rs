@@ -119,16 +119,25 @@ fn hostname() -> String {
 pub fn build_key(manifest: &Manifest, target: &str, options: &str, ort_version: &str) -> String {
     let sha = |name: &str| manifest.files.get(name).map_or("-", |f| f.sha256.as_str()).to_string();
     let precision = manifest.precision.to_string();
-    key_of(&[
-        (MODEL_FILE, &sha(MODEL_FILE)),
-        (DATA_FILE, &sha(DATA_FILE)),
-        ("precision", &precision),
-        ("target", target),
-        ("options", options),
-        ("r1-export", env!("CARGO_PKG_VERSION")),
-        ("onnxruntime", ort_version),
-    ])
+    let mut parts = vec![
+        (MODEL_FILE, sha(MODEL_FILE)),
+        (DATA_FILE, sha(DATA_FILE)),
+        ("precision", precision),
+        ("target", target.to_string()),
+        ("options", options.to_string()),
+        ("r1-export", env!("CARGO_PKG_VERSION").to_string()),
+        ("onnxruntime", ort_version.to_string()),
+    ];
+    if target == "cpu" {
+        parts.push(("cpu-serving-graph", CPU_SERVING_REVISION.to_string()));
+    }
+    let parts: Vec<(&str, &str)> = parts.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    key_of(&parts)
 }
+
+/// Revision of the CPU serving rewrites (`r1-export --target cpu`): a change makes `r1-export build --target cpu`
+/// rebuild graphs written before it. 2: float32 attention is r1's own kernel (`r1.GroupQueryAttention`).
+pub const CPU_SERVING_REVISION: &str = "2";
 
 fn key_of(parts: &[(&str, &str)]) -> String {
     let mut h = Sha256::new();

@@ -262,6 +262,9 @@ pub fn optimize_cpu_graph(model: &Path, out: &Path, rel_dir: &str) -> Result<Cpu
     let start = Instant::now();
     let session = Session::builder(env)
         .map_err(be)?
+        // The serving rewrite's float32 attention is r1's operator: ONNX Runtime must know it to load the graph.
+        .with_operators(r1_engine::backend::attention::domain().map_err(be)?)
+        .map_err(be)?
         .with_intra_threads(1)
         .map_err(be)?
         .with_optimization_level(GraphOptimizationLevel::Level2)
@@ -299,6 +302,7 @@ pub fn optimize_cpu_graph(model: &Path, out: &Path, rel_dir: &str) -> Result<Cpu
         last_position_logits: false,
         fused_attention: false,
         kv_in_place: false,
+        attention_op: None,
         sparse_experts: false,
     })
 }
@@ -464,6 +468,7 @@ mod tests {
             last_position_logits: false,
             fused_attention: false,
             kv_in_place: false,
+            attention_op: None,
             sparse_experts: false,
         };
         m.targets.set_cpu(record.clone());

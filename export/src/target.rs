@@ -228,13 +228,14 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str) -> Result<CpuBuil
             std::fs::remove_dir_all(d).map_err(ExportError::io(d))?;
         }
     }
-    let record = serving_source(dir, manifest, &lowered, &rewritten).and_then(|(source, lowering, fused, moe)| {
+    let record = serving_source(dir, manifest, &lowered, &rewritten).and_then(|(source, lowering, attention, moe)| {
         let mut r = eb::optimize_cpu_graph(&source, &tmp, rel).map_err(engine_err(dir))?;
         r.lowering =
             lowering.map(|l| serde_json::to_value(&l)).transpose().map_err(|e| ExportError::Graph(e.to_string()))?;
         r.last_position_logits = true;
-        r.fused_attention = fused;
-        r.kv_in_place = fused;
+        r.fused_attention = attention.is_some();
+        r.kv_in_place = attention.is_some();
+        r.attention_op = attention;
         r.sparse_experts = moe > 0;
         Ok(r)
     });
@@ -258,7 +259,7 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str) -> Result<CpuBuil
 }
 
 /// Writes the serving form of the artifact's graph and returns its path, the lowering (when one was done) and
-/// whether attention was fused: `int8-wo` / `int8` graphs go to `lowered/model.onnx` (+ `model.onnx.data`, the
+/// the fused attention's operator (`domain.type`) when attention was fused: `int8-wo` / `int8` graphs go to `lowered/model.onnx` (+ `model.onnx.data`, the
 /// weights rewritten), the others to `rewritten`, a graph-only file beside `model.onnx` that reads the artifact's
 /// own weight file. Last, the number of MoE layers whose experts run sparsely.
 fn serving_source(
@@ -266,7 +267,7 @@ fn serving_source(
     manifest: &Manifest,
     lowered: &Path,
     rewritten: &Path,
-) -> Result<(std::path::PathBuf, Option<Lowering>, bool, usize)> {
+) -> Result<(std::path::PathBuf, Option<Lowering>, Option<String>, usize)> {
     let mut model = crate::quantize::read_model(&dir.join(MODEL_FILE))?;
     // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
     let lowering = if matches!(manifest.precision, Precision::Int8WeightOnly | Precision::Int8) {
@@ -289,9 +290,10 @@ fn serving_source(
         Some(shape) => {
             let dtype = crate::onnx::ElemType::from(manifest.kv_cache.dtype);
             let data = r1_calibration::external::ExternalDataReader::new(data_dir);
-            crate::onnx::fused_attention::fuse_attention(&mut model, &shape, dtype, &data)? > 0
+            let fa = crate::onnx::fused_attention::fuse_attention(&mut model, &shape, dtype, &data)?;
+            (fa > 0).then(|| format!("{}.GroupQueryAttention", crate::onnx::fused_attention::attention_domain(dtype)))
         }
-        None => false,
+        None => None,
     };
     // DeepseekV3: each token runs only its routed experts, relaid beside the serving graph's file (in `data_dir`).
     let sparse = match crate::onnx::sparse_moe::moe_top_k(manifest) {

@@ -8,6 +8,7 @@
 //! Host-side tensors are always float32 (KV) / int64 (ids); a backend whose graph is fp16 converts
 //! at its boundary, using the dtypes the manifest records for each input and output.
 
+pub mod attention;
 pub mod ort;
 mod ort_in_place;
 pub mod tract;

@@ -43,6 +43,9 @@ pub struct OrtBackend {
     present_dtype: DType,
     /// The graph gathers each row's last fed position before the LM head ([`Backend::last_position_logits`]).
     last_position_logits: bool,
+    /// The graph's attention is fused (`GroupQueryAttention`, ONNX Runtime's or r1's): each row's new positions are
+    /// taken to be the step's whole width after its past, so rows feeding different counts run apart
+    /// ([`Backend::batches_chunks_with_past`]).
     fused_attention: bool,
     /// The graph's attention appends in place into the engine's pool (`targets.cpu.kv_in_place`), which stores the
     /// graph's KV dtype.
@@ -168,7 +171,9 @@ impl OrtBackend {
         if !path.is_file() {
             return Err(EngineError::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) });
         }
-        let mut builder = Session::builder(env).map_err(be)?;
+        // r1's operators (the CPU serving graph's float32 attention) are known to every session.
+        let mut builder =
+            Session::builder(env).map_err(be)?.with_operators(super::attention::domain().map_err(be)?).map_err(be)?;
         if preferred.is_some() {
             builder = builder.with_optimization_level(GraphOptimizationLevel::Level1).map_err(be)?;
             tracing::info!(graph, "ort CPU: using the graph optimized at export (r1-export --target cpu)");

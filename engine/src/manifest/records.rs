@@ -50,6 +50,12 @@ pub struct CpuBuild {
     /// host layout, past gathered left-padded.
     #[serde(default)]
     pub kv_in_place: bool,
+    /// The fused attention's operator, `domain.type`: `r1.GroupQueryAttention` (r1's kernel, float32 graphs,
+    /// registered by the engine) or
+    /// `com.microsoft.GroupQueryAttention` (ONNX Runtime's; float16 graphs, and artifacts written before r1's
+    /// kernel existed, which record nothing here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_op: Option<String>,
     /// Each DeepseekV3 MoE layer's routed experts are one ONNX Runtime `com.microsoft.MoE` (the exporter's serving
     /// rewrite): each token runs only the experts its router picked. `false` (other families, and artifacts written
     /// before it existed): the portable graph's dense masked compute, every expert on every token.
@@ -261,6 +267,7 @@ mod tests {
             last_position_logits: true,
             fused_attention: true,
             kv_in_place: true,
+            attention_op: Some("r1.GroupQueryAttention".into()),
             sparse_experts: false,
         }
     }

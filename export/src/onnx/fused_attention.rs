@@ -1,5 +1,6 @@
-//! Serving-graph rewrite for ONNX Runtime on CPU: each dense layer's attention becomes one
-//! `com.microsoft.GroupQueryAttention` node.
+//! Serving-graph rewrite for ONNX Runtime on CPU: each dense layer's attention becomes one `GroupQueryAttention`
+//! node: r1's own kernel (`r1.GroupQueryAttention`, [`r1_engine::backend::attention`]) in float32 graphs,
+//! ONNX Runtime's `com.microsoft.GroupQueryAttention` in float16 ones ([`attention_domain`]).
 //!
 //! The portable graph spells attention out in basic opset-17 ops: per layer, the q/k heads' transposes, rotary
 //! (`Split → Neg → Concat → Mul × 2 → Add`, for q and for k), the cache `Concat`s, the key transpose, the grouped
@@ -19,9 +20,11 @@
 //! (`targets.cpu.kv_in_place`; `r1_engine::backend::Backend::run_in_place`). The graph is not meant for the
 //! left-padded host layout of `model.onnx`.
 //!
-//! And a limit: ONNX Runtime's CPU kernel refuses a step with more than one row when the rows bring more than
-//! one new token each *and* have a past (`batch_size must be 1 when sequence_length > 1 and past context is
-//! given`). The artifact records `targets.cpu.fused_attention`, and the engine then runs such rows one at a time
+//! And a limit: a row's new positions are the step's whole width after its past (`past = seqlens_k + 1 − S`; only
+//! first prompts may be right-padded), so rows that feed different counts after a past cannot share a step
+//! (ONNX Runtime's kernel refuses any step with more than one row feeding more than one token after a past:
+//! `batch_size must be 1 when sequence_length > 1 and past context is given`). The artifact records
+//! `targets.cpu.fused_attention` (and `targets.cpu.attention_op`), and the engine then runs such rows one at a time
 //! (decode rows, and first chunks without a past, still run batched).
 //!
 //! Only the dense families (Llama, Qwen2, Qwen3) are rewritten; other graphs (DeepSeek-V3's MLA) are left as
@@ -91,6 +94,18 @@ fn rotary_tables(inv_freq: &[f32], max_positions: usize, dtype: ElemType) -> Res
     Ok((dtype.encode_f32(&cos)?, dtype.encode_f32(&sin)?))
 }
 
+/// The domain of the attention node for a graph of activation type `dtype`: r1's own kernel for float32
+/// ([`r1_engine::backend::attention`]: each cached key and value read once per step, not once per query head),
+/// ONNX Runtime's `com.microsoft` one for float16 (r1's kernel is float32 only). Both take the same inputs and
+/// attributes.
+pub fn attention_domain(dtype: ElemType) -> &'static str {
+    if dtype == ElemType::F32 {
+        r1_engine::backend::attention::DOMAIN
+    } else {
+        MS_DOMAIN
+    }
+}
+
 /// ONNX Runtime's CPU `GroupQueryAttention` takes head sizes that are a multiple of this only.
 pub const HEAD_DIM_MULTIPLE: usize = 16;
 
@@ -123,15 +138,16 @@ pub fn fuse_attention(
     let mut new_nodes = shared_nodes();
     let mut replaced: HashSet<String> = HashSet::new();
     for (i, l) in plan.layers.iter().enumerate() {
-        replaced.extend(fuse_layer(g, shape, i, l, &mut new_nodes)?);
+        replaced.extend(fuse_layer(g, shape, attention_domain(dtype), i, l, &mut new_nodes)?);
     }
     // The old producers of the replaced tensors go; what only fed them goes with them.
     g.node.retain(|n| !n.output.iter().any(|o| replaced.contains(o)));
     g.node.extend(new_nodes);
     topological_sort(g)?;
     remove_dead_nodes(g);
-    if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some(MS_DOMAIN)) {
-        model.opset_import.push(OperatorSetIdProto { domain: Some(MS_DOMAIN.into()), version: Some(1) });
+    let domain = attention_domain(dtype);
+    if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some(domain)) {
+        model.opset_import.push(OperatorSetIdProto { domain: Some(domain.into()), version: Some(1) });
     }
     Ok(plan.layers.len())
 }
@@ -276,6 +292,7 @@ fn shared_nodes() -> Vec<NodeProto> {
 fn fuse_layer(
     g: &GraphProto,
     shape: &AttentionShape,
+    domain: &str,
     i: usize,
     l: &Layer,
     new_nodes: &mut Vec<NodeProto>,
@@ -296,7 +313,7 @@ fn fuse_layer(
         }
     }
     new_nodes.push(NodeProto {
-        domain: Some(MS_DOMAIN.into()),
+        domain: Some(domain.into()),
         attribute: vec![
             attr_i("num_heads", nh as i64),
             attr_i("kv_num_heads", nkv as i64),

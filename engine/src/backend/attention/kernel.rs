@@ -1,0 +1,571 @@
+//! The arithmetic of r1's grouped-query attention: rotary, the cache append and attention for one step, over raw
+//! float32 buffers. [`super`] wraps it as an ONNX Runtime operator; the tests below check it against a plain
+//! reference.
+//!
+//! Why not ONNX Runtime's own kernel: its CPU `GroupQueryAttention` computes each *query* head with its own pair of
+//! matrix products, so each key/value head's cache is packed and read once per query head of its group (6× for the
+//! 1.5B shape) on every decode step. Here one task takes one key/value head of one row and all the query heads of
+//! its group together: each cached key and value is read once per step, from a small block that stays in L1 while
+//! every query row of the task uses it.
+//!
+//! Layouts (as `com.microsoft.GroupQueryAttention`): `q [B, S, H·d]`, `k`/`v [B, S, Hkv·d]` (new positions, before
+//! rotary), caches `[B, Hkv, capacity, d]` (keys after rotary), rotary tables `[positions, d/2]`
+//! (non-interleaved halves), output `[B, S, H·d]`.
+
+/// Query positions one attention task takes (times the group's query heads = its rows).
+pub const QUERY_TILE: usize = 16;
+/// Keys scored (and values summed) per block: a block of keys and values stays in L1 (2 × 32 × 128 × 4 B = 32 KiB).
+const KEY_BLOCK: usize = 32;
+
+/// Sizes of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub batch: usize,
+    /// New positions per row (`S`).
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Positions of the past buffers.
+    pub past_capacity: usize,
+    /// Positions of the present buffers (≥ `past_capacity`).
+    pub present_capacity: usize,
+    /// Rows of the rotary tables.
+    pub rotary_positions: usize,
+}
+
+impl Dims {
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+/// One row's split of its positions: `past` cached before the step, `new` fed by it (`new ≤ S`; the rest of the
+/// row's `S` inputs are padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowSpan {
+    pub past: usize,
+    pub new: usize,
+}
+
+impl RowSpan {
+    /// The split ONNX Runtime's kernel uses, from `seqlens_k + 1` (the row's total length): a row shorter than `S`
+    /// is a right-padded first prompt.
+    pub fn of(total: usize, seq: usize) -> RowSpan {
+        if total >= seq {
+            RowSpan { past: total - seq, new: seq }
+        } else {
+            RowSpan { past: 0, new: total }
+        }
+    }
+}
+
+/// The buffers of one call. Past and present may be the same memory (the KV pool bound in place); nothing else
+/// may overlap.
+#[derive(Debug, Clone, Copy)]
+pub struct Buffers {
+    pub q: *const f32,
+    pub k: *const f32,
+    pub v: *const f32,
+    pub past_key: *const f32,
+    pub past_value: *const f32,
+    pub present_key: *mut f32,
+    pub present_value: *mut f32,
+    pub cos: *const f32,
+    pub sin: *const f32,
+    pub out: *mut f32,
+}
+
+// SAFETY: the pointers are only dereferenced by `append` and `attend`, whose callers hand each task a disjoint part
+// of every buffer it writes (see their docs).
+unsafe impl Send for Buffers {}
+// SAFETY: as above.
+unsafe impl Sync for Buffers {}
+
+/// Rotates `x` (one head, `d` values) by the rotary angles of table row `pos`, into `out`.
+#[inline(always)]
+fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let half = cos.len();
+    for j in 0..half {
+        let (a, b) = (x[j], x[j + half]);
+        out[j] = a * cos[j] - b * sin[j];
+        out[j + half] = b * cos[j] + a * sin[j];
+    }
+}
+
+/// Phase one for row `b`, key/value head `g`: copies the row's past into the present when they are not the same
+/// memory, then writes the step's new keys (rotated) and values after it.
+///
+/// # Safety
+/// Every buffer holds `dims`' sizes; `positions[s]` < `dims.rotary_positions` and `span.past + span.new ≤
+/// dims.present_capacity`; no other task writes head `g` of row `b` of the presents during the call.
+pub unsafe fn append(d: &Dims, buf: &Buffers, b: usize, g: usize, span: RowSpan, positions: &[usize]) {
+    let hd = d.head_dim;
+    let half = hd / 2;
+    let past_base = (b * d.kv_heads + g) * d.past_capacity * hd;
+    let present_base = (b * d.kv_heads + g) * d.present_capacity * hd;
+    // SAFETY: ranges within the buffers by the caller's guarantee; past and present are either the same memory
+    // (nothing to copy) or disjoint.
+    unsafe {
+        if !std::ptr::eq(buf.past_key, buf.present_key) && span.past > 0 {
+            std::ptr::copy_nonoverlapping(
+                buf.past_key.add(past_base),
+                buf.present_key.add(present_base),
+                span.past * hd,
+            );
+            std::ptr::copy_nonoverlapping(
+                buf.past_value.add(past_base),
+                buf.present_value.add(present_base),
+                span.past * hd,
+            );
+        }
+        for (s, &pos) in positions.iter().enumerate().take(span.new) {
+            let src = ((b * d.seq + s) * d.kv_heads + g) * hd;
+            let dst = present_base + (span.past + s) * hd;
+            let key = std::slice::from_raw_parts(buf.k.add(src), hd);
+            let cos = std::slice::from_raw_parts(buf.cos.add(pos * half), half);
+            let sin = std::slice::from_raw_parts(buf.sin.add(pos * half), half);
+            rotate(key, cos, sin, std::slice::from_raw_parts_mut(buf.present_key.add(dst), hd));
+            std::ptr::copy_nonoverlapping(buf.v.add(src), buf.present_value.add(dst), hd);
+        }
+    }
+}
+
+/// Phase two for row `b`, key/value head `g`, query positions `tile` (a range of at most [`QUERY_TILE`]): rotates
+/// the group's queries, scores them against the row's keys (causal: query `s` sees positions `..= past + s`),
+/// softmaxes, sums the values and writes the output rows; padding queries get zeros.
+///
+/// # Safety
+/// As [`append`], after `append` ran for `(b, g)`; no other task writes the output rows of `(b, tile)` for the
+/// heads of group `g`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attend(
+    d: &Dims,
+    buf: &Buffers,
+    b: usize,
+    g: usize,
+    span: RowSpan,
+    tile: std::ops::Range<usize>,
+    positions: &[usize],
+    scale: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features; the rest is the caller's guarantee.
+        return unsafe { attend_avx2(d, buf, b, g, span, tile, positions, scale) };
+    }
+    // SAFETY: the caller's guarantee.
+    unsafe { attend_body::<false>(d, buf, b, g, span, tile, positions, scale) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_avx2(
+    d: &Dims,
+    buf: &Buffers,
+    b: usize,
+    g: usize,
+    span: RowSpan,
+    tile: std::ops::Range<usize>,
+    positions: &[usize],
+    scale: f32,
+) {
+    // SAFETY: the caller's guarantee.
+    unsafe { attend_body::<true>(d, buf, b, g, span, tile, positions, scale) }
+}
+
+/// `a · b + c`, fused where the code is compiled for FMA.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Lanes of the explicit vectors below (one AVX2 register of float32).
+const L: usize = 8;
+
+/// `xs` as whole vectors of [`L`] (the tail is handled by the callers).
+#[inline(always)]
+fn vectors(xs: &[f32]) -> impl Iterator<Item = &[f32; L]> {
+    xs.chunks_exact(L).map(|c| c.try_into().expect("chunks_exact yields L values"))
+}
+
+/// Dot products of `q` with four keys at once (each query vector is loaded once for the four).
+#[inline(always)]
+fn dot4<const FMA: bool>(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+    let mut acc = [[0f32; L]; 4];
+    let keys = vectors(k[0]).zip(vectors(k[1])).zip(vectors(k[2])).zip(vectors(k[3]));
+    for (qv, (((k0, k1), k2), k3)) in vectors(q).zip(keys) {
+        for i in 0..L {
+            acc[0][i] = madd::<FMA>(qv[i], k0[i], acc[0][i]);
+            acc[1][i] = madd::<FMA>(qv[i], k1[i], acc[1][i]);
+            acc[2][i] = madd::<FMA>(qv[i], k2[i], acc[2][i]);
+            acc[3][i] = madd::<FMA>(qv[i], k3[i], acc[3][i]);
+        }
+    }
+    let n = q.len() / L * L;
+    let mut out = [0f32; 4];
+    for j in 0..4 {
+        let mut s = acc[j].iter().sum::<f32>();
+        for (a, b) in q[n..].iter().zip(&k[j][n..]) {
+            s = madd::<FMA>(*a, *b, s);
+        }
+        out[j] = s;
+    }
+    out
+}
+
+/// `acc += Σ p[j] · v[j]` over four values at once (the accumulator is loaded and stored once for the four).
+#[inline(always)]
+fn axpy4<const FMA: bool>(acc: &mut [f32], p: [f32; 4], v: [&[f32]; 4]) {
+    let n = acc.len() / L * L;
+    let values = vectors(v[0]).zip(vectors(v[1])).zip(vectors(v[2])).zip(vectors(v[3]));
+    for (a, (((v0, v1), v2), v3)) in acc[..n].chunks_exact_mut(L).zip(values) {
+        for i in 0..L {
+            let mut x = a[i];
+            x = madd::<FMA>(p[0], v0[i], x);
+            x = madd::<FMA>(p[1], v1[i], x);
+            x = madd::<FMA>(p[2], v2[i], x);
+            x = madd::<FMA>(p[3], v3[i], x);
+            a[i] = x;
+        }
+    }
+    for i in n..acc.len() {
+        let mut x = acc[i];
+        for j in 0..4 {
+            x = madd::<FMA>(p[j], v[j][i], x);
+        }
+        acc[i] = x;
+    }
+}
+
+/// `e^x` for `x ≤ 0` (softmax inputs after the row maximum is subtracted), branch-free so that a loop of it
+/// vectorizes: Cody–Waite range reduction and Cephes' degree-6 polynomial, within 2 ulp of `f32::exp`.
+#[inline(always)]
+pub fn exp_neg(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    // n = round(x / ln 2) by the 1.5 · 2^23 trick (no libm call, vectorizes without SSE4.1).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Reduces `xs` with `f` over eight interleaved lanes (so that the loop vectorizes), then across the lanes.
+#[inline(always)]
+fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] = f(acc[i], c[i]);
+        }
+    }
+    let mut r = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
+    for a in acc {
+        r = f(r, a);
+    }
+    r
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_body<const FMA: bool>(
+    d: &Dims,
+    buf: &Buffers,
+    b: usize,
+    g: usize,
+    span: RowSpan,
+    tile: std::ops::Range<usize>,
+    positions: &[usize],
+    scale: f32,
+) {
+    let (hd, group) = (d.head_dim, d.group());
+    let half = hd / 2;
+    let row_width = d.heads * hd;
+    // Query rows of this task: (position s, head h of the group), position-major.
+    let real = tile.start..tile.end.min(span.new).max(tile.start);
+    let rows = real.len() * group;
+    let keys = span.past + real.end; // the last real query sees this many positions
+    let mut q = vec![0f32; rows * hd];
+    let mut scores = vec![0f32; rows * keys];
+    let mut acc = vec![0f32; rows * hd];
+    // SAFETY (whole body): the caller's guarantee bounds every range read and written below.
+    unsafe {
+        for (i, s) in real.clone().enumerate() {
+            let pos = positions[s];
+            let cos = std::slice::from_raw_parts(buf.cos.add(pos * half), half);
+            let sin = std::slice::from_raw_parts(buf.sin.add(pos * half), half);
+            for h in 0..group {
+                let src = (b * d.seq + s) * row_width + (g * group + h) * hd;
+                let x = std::slice::from_raw_parts(buf.q.add(src), hd);
+                let r = (i * group + h) * hd;
+                rotate(x, cos, sin, &mut q[r..r + hd]);
+                for v in &mut q[r..r + hd] {
+                    *v *= scale;
+                }
+            }
+        }
+        let base = (b * d.kv_heads + g) * d.present_capacity * hd;
+        let kp = buf.present_key.cast_const().add(base);
+        let vp = buf.present_value.cast_const().add(base);
+        let key = |t: usize| std::slice::from_raw_parts(kp.add(t * hd), hd);
+        let value = |t: usize| std::slice::from_raw_parts(vp.add(t * hd), hd);
+        // Row r (query i = r / group) sees keys 0 .. limit(r).
+        let limit = |r: usize| span.past + real.start + r / group + 1;
+        // Scores, a block of keys at a time. Rows of one query position (its group of heads) share their causal
+        // limit, so they are scored together: each key vector is loaded once for all of them.
+        let mut t0 = 0;
+        while t0 < keys {
+            let t1 = (t0 + KEY_BLOCK).min(keys);
+            for r0 in (0..rows).step_by(group) {
+                let end = t1.min(limit(r0));
+                if end <= t0 {
+                    continue;
+                }
+                #[cfg(target_arch = "x86_64")]
+                if FMA {
+                    for (j, r) in (r0..r0 + group).step_by(avx2::MAX_ROWS).enumerate() {
+                        let n = (group - j * avx2::MAX_ROWS).min(avx2::MAX_ROWS);
+                        let out = scores.as_mut_ptr().add(r * keys);
+                        avx2::scores(q.as_ptr().add(r * hd), n, hd, kp, t0..end, out, keys);
+                    }
+                    continue;
+                }
+                for r in r0..r0 + group {
+                    let qr = &q[r * hd..(r + 1) * hd];
+                    let sr = &mut scores[r * keys..(r + 1) * keys];
+                    let mut t = t0;
+                    while t + 4 <= end {
+                        let s4 = dot4::<FMA>(qr, [key(t), key(t + 1), key(t + 2), key(t + 3)]);
+                        sr[t..t + 4].copy_from_slice(&s4);
+                        t += 4;
+                    }
+                    while t < end {
+                        sr[t] = qr.iter().zip(key(t)).fold(0.0, |a, (x, y)| madd::<FMA>(*x, *y, a));
+                        t += 1;
+                    }
+                }
+            }
+            t0 = t1;
+        }
+        // Softmax over each row's visible keys (masked keys get probability 0).
+        for r in 0..rows {
+            let n = limit(r);
+            let sr = &mut scores[r * keys..r * keys + n];
+            let max = lanes(sr, f32::NEG_INFINITY, f32::max);
+            for x in sr.iter_mut() {
+                *x = exp_neg(*x - max);
+            }
+            let inv = 1.0 / lanes(sr, 0.0, |a, b| a + b);
+            for x in sr.iter_mut() {
+                *x *= inv;
+            }
+        }
+        // Values, a block at a time so that the block's values are reused by every row from L1.
+        let mut t0 = 0;
+        while t0 < keys {
+            let t1 = (t0 + KEY_BLOCK).min(keys);
+            for r in 0..rows {
+                let end = t1.min(limit(r));
+                let pr = &scores[r * keys..(r + 1) * keys];
+                let ar = &mut acc[r * hd..(r + 1) * hd];
+                #[cfg(target_arch = "x86_64")]
+                if FMA {
+                    if t0 < end {
+                        avx2::values(pr.as_ptr(), ar, vp, t0..end);
+                    }
+                    continue;
+                }
+                let mut t = t0;
+                while t + 4 <= end {
+                    let p = [pr[t], pr[t + 1], pr[t + 2], pr[t + 3]];
+                    axpy4::<FMA>(ar, p, [value(t), value(t + 1), value(t + 2), value(t + 3)]);
+                    t += 4;
+                }
+                while t < end {
+                    let (p, v0) = (pr[t], value(t));
+                    for (a, x) in ar.iter_mut().zip(v0) {
+                        *a = madd::<FMA>(p, *x, *a);
+                    }
+                    t += 1;
+                }
+            }
+            t0 = t1;
+        }
+        for s in tile.clone() {
+            for h in 0..group {
+                let dst =
+                    std::slice::from_raw_parts_mut(buf.out.add((b * d.seq + s) * row_width + (g * group + h) * hd), hd);
+                if real.contains(&s) {
+                    let r = ((s - real.start) * group + h) * hd;
+                    dst.copy_from_slice(&acc[r..r + hd]);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 + FMA inner loops, blocked over registers: LLVM vectorizes the portable loops across the four keys
+/// instead of along the head (shuffles that cost more than the arithmetic), and keeps accumulators in memory.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::L;
+
+    /// Query rows scored together: 2 keys × 6 rows = 12 accumulators, plus 2 key vectors and a query vector, fit
+    /// the 16 vector registers.
+    pub const MAX_ROWS: usize = 6;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)))
+    }
+
+    /// `out[j · stride + t] = q_j · key_t` for rows `j < n` (`n ≤ MAX_ROWS`, row `j` at `q + j · hd`) and keys `t`
+    /// in `ts` (key `t` at `k + t · hd`), two keys at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the pointers cover those rows, keys and outputs.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores(
+        q: *const f32,
+        n: usize,
+        hd: usize,
+        k: *const f32,
+        ts: Range<usize>,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        // SAFETY (whole body): the caller's guarantee.
+        unsafe {
+            match n {
+                1 => scores_n::<1>(q, hd, k, ts, out, stride),
+                2 => scores_n::<2>(q, hd, k, ts, out, stride),
+                3 => scores_n::<3>(q, hd, k, ts, out, stride),
+                4 => scores_n::<4>(q, hd, k, ts, out, stride),
+                5 => scores_n::<5>(q, hd, k, ts, out, stride),
+                _ => scores_n::<6>(q, hd, k, ts, out, stride),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores_n<const R: usize>(
+        q: *const f32,
+        hd: usize,
+        k: *const f32,
+        ts: Range<usize>,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        let n = hd / L * L;
+        let tail = |r: usize, key: *const f32| -> f32 {
+            // SAFETY: the caller's guarantee covers `hd` values of each row and key.
+            (n..hd).map(|i| unsafe { *q.add(r * hd + i) * *key.add(i) }).sum()
+        };
+        let mut t = ts.start;
+        // SAFETY (both loops): the caller's guarantee.
+        unsafe {
+            while t + 2 <= ts.end {
+                let (ka, kb) = (k.add(t * hd), k.add((t + 1) * hd));
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                let mut c = 0;
+                while c < n {
+                    let (x, y) = (_mm256_loadu_ps(ka.add(c)), _mm256_loadu_ps(kb.add(c)));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let qv = _mm256_loadu_ps(q.add(r * hd + c));
+                        a[0] = _mm256_fmadd_ps(qv, x, a[0]);
+                        a[1] = _mm256_fmadd_ps(qv, y, a[1]);
+                    }
+                    c += L;
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    *out.add(r * stride + t) = hsum(a[0]) + tail(r, ka);
+                    *out.add(r * stride + t + 1) = hsum(a[1]) + tail(r, kb);
+                }
+                t += 2;
+            }
+            if t < ts.end {
+                let ka = k.add(t * hd);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut c = 0;
+                while c < n {
+                    let x = _mm256_loadu_ps(ka.add(c));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(r * hd + c)), x, *a);
+                    }
+                    c += L;
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    *out.add(r * stride + t) = hsum(*a) + tail(r, ka);
+                }
+            }
+        }
+    }
+
+    /// `acc += Σ_t p[t] · value_t` over `ts` (value `t` at `v + t · acc.len()`), 64 lanes of the accumulator held in
+    /// registers across all the keys.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `p` covers `ts`, `v` those values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn values(p: *const f32, acc: &mut [f32], v: *const f32, ts: Range<usize>) {
+        let hd = acc.len();
+        let a = acc.as_mut_ptr();
+        let mut c = 0;
+        // SAFETY (whole body): the caller's guarantee; `c + width ≤ hd`.
+        unsafe {
+            while c + 8 * L <= hd {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (i, x) in r.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(a.add(c + i * L));
+                }
+                for t in ts.clone() {
+                    let pb = _mm256_set1_ps(*p.add(t));
+                    let row = v.add(t * hd + c);
+                    for (i, x) in r.iter_mut().enumerate() {
+                        *x = _mm256_fmadd_ps(pb, _mm256_loadu_ps(row.add(i * L)), *x);
+                    }
+                }
+                for (i, x) in r.iter().enumerate() {
+                    _mm256_storeu_ps(a.add(c + i * L), *x);
+                }
+                c += 8 * L;
+            }
+            while c + L <= hd {
+                let mut x = _mm256_loadu_ps(a.add(c));
+                for t in ts.clone() {
+                    x = _mm256_fmadd_ps(_mm256_set1_ps(*p.add(t)), _mm256_loadu_ps(v.add(t * hd + c)), x);
+                }
+                _mm256_storeu_ps(a.add(c), x);
+                c += L;
+            }
+            for i in c..hd {
+                for t in ts.clone() {
+                    *a.add(i) = (*p.add(t)).mul_add(*v.add(t * hd + i), *a.add(i));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "kernel_tests.rs"]
+mod tests;

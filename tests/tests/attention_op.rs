@@ -1,0 +1,195 @@
+//! r1's `r1.GroupQueryAttention` computes what ONNX Runtime's `com.microsoft.GroupQueryAttention` computes: one
+//! node of each, same inputs (random), same attributes, compared output by output — decode rows with pasts of
+//! different lengths, a prompt chunk after a past, and a right-padded first prompt (the engine's three kinds of
+//! step).
+use ndarray::{Array, ArrayD, IxDyn};
+use ort::session::Session;
+use ort::value::Tensor;
+use prost::Message;
+use r1_proto::onnx::{
+    attribute_proto, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TypeProto,
+    ValueInfoProto,
+};
+
+const H: usize = 6;
+const KV: usize = 2;
+const D: usize = 32;
+const CAP: usize = 40;
+const POSITIONS: usize = 64;
+
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn value_info(name: &str, elem: i32) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: Some(elem), shape: None })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn attr(name: &str, i: Option<i64>, f: Option<f32>) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        i,
+        f,
+        r#type: Some(if f.is_some() {
+            attribute_proto::AttributeType::Float
+        } else {
+            attribute_proto::AttributeType::Int
+        } as i32),
+        ..Default::default()
+    }
+}
+
+/// A model of one attention node of `domain`.
+fn model(domain: &str) -> Vec<u8> {
+    const F: i32 = 1;
+    const I32: i32 = 6;
+    const I64: i32 = 7;
+    let inputs = [
+        ("q", F),
+        ("k", F),
+        ("v", F),
+        ("past_key", F),
+        ("past_value", F),
+        ("seqlens_k", I32),
+        ("total", I32),
+        ("cos", F),
+        ("sin", F),
+        ("position_ids", I64),
+    ];
+    let outputs = ["out", "present_key", "present_value"];
+    let node = NodeProto {
+        name: Some("attention".into()),
+        op_type: Some("GroupQueryAttention".into()),
+        domain: Some(domain.into()),
+        input: inputs.iter().map(|(n, _)| n.to_string()).collect(),
+        output: outputs.iter().map(|n| n.to_string()).collect(),
+        attribute: vec![
+            attr("num_heads", Some(H as i64), None),
+            attr("kv_num_heads", Some(KV as i64), None),
+            attr("do_rotary", Some(1), None),
+            attr("rotary_interleaved", Some(0), None),
+            attr("scale", None, Some(1.0 / (D as f32).sqrt())),
+        ],
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        name: Some("attention".into()),
+        node: vec![node],
+        input: inputs.iter().map(|(n, t)| value_info(n, *t)).collect(),
+        output: outputs.iter().map(|n| value_info(n, F)).collect(),
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: Some(9),
+        opset_import: vec![
+            OperatorSetIdProto { domain: Some(String::new()), version: Some(17) },
+            OperatorSetIdProto { domain: Some(domain.into()), version: Some(1) },
+        ],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn session(domain: &str) -> Session {
+    let env = r1_engine::host::environment().expect("ONNX Runtime");
+    Session::builder(env)
+        .unwrap()
+        .with_operators(r1_engine::backend::attention::domain().unwrap())
+        .unwrap()
+        .commit_from_memory(&model(domain))
+        .unwrap()
+}
+
+/// One step: `totals[b]` = row b's length after it (past + new), `seq` new positions per row.
+struct Step {
+    batch: usize,
+    seq: usize,
+    totals: Vec<usize>,
+}
+
+fn run(s: &mut Session, step: &Step, seed: u64) -> Vec<ArrayD<f32>> {
+    let (b, sq) = (step.batch, step.seq);
+    let half = D / 2;
+    let angles: Vec<f32> =
+        (0..POSITIONS * half).map(|i| (i / half) as f32 * 10_000f32.powf(-((i % half) as f32) / half as f32)).collect();
+    let arr = |shape: &[usize], v: Vec<f32>| Array::from_shape_vec(IxDyn(shape), v).unwrap();
+    let positions: Vec<i64> =
+        step.totals.iter().flat_map(|&t| (0..sq).map(move |i| (t.saturating_sub(sq) + i) as i64)).collect();
+    let outputs = s
+        .run(ort::inputs![
+            "q" => Tensor::from_array(arr(&[b, sq, H * D], noise(b * sq * H * D, seed))).unwrap(),
+            "k" => Tensor::from_array(arr(&[b, sq, KV * D], noise(b * sq * KV * D, seed + 1))).unwrap(),
+            "v" => Tensor::from_array(arr(&[b, sq, KV * D], noise(b * sq * KV * D, seed + 2))).unwrap(),
+            "past_key" => Tensor::from_array(arr(&[b, KV, CAP, D], noise(b * KV * CAP * D, seed + 3))).unwrap(),
+            "past_value" => Tensor::from_array(arr(&[b, KV, CAP, D], noise(b * KV * CAP * D, seed + 4))).unwrap(),
+            "seqlens_k" => Tensor::from_array(([b], step.totals.iter().map(|&t| t as i32 - 1).collect::<Vec<_>>())).unwrap(),
+            "total" => Tensor::from_array(([1usize], vec![*step.totals.iter().max().unwrap() as i32])).unwrap(),
+            "cos" => Tensor::from_array(arr(&[POSITIONS, half], angles.iter().map(|a| a.cos()).collect())).unwrap(),
+            "sin" => Tensor::from_array(arr(&[POSITIONS, half], angles.iter().map(|a| a.sin()).collect())).unwrap(),
+            "position_ids" => Tensor::from_array(([b, sq], positions)).unwrap(),
+        ])
+        .unwrap();
+    (0..3)
+        .map(|i| {
+            let (shape, data) = outputs[i].try_extract_tensor::<f32>().unwrap();
+            let shape: Vec<usize> = shape.iter().map(|&x| x as usize).collect();
+            Array::from_shape_vec(IxDyn(&shape), data.to_vec()).unwrap()
+        })
+        .collect()
+}
+
+/// The largest difference between r1's and ONNX Runtime's outputs over the positions that hold data (each row's
+/// real queries; each row's first `total` cache positions).
+fn compare(step: &Step, r1: &[ArrayD<f32>], ms: &[ArrayD<f32>]) -> f32 {
+    let mut worst = 0f32;
+    for b in 0..step.batch {
+        let real = step.totals[b].min(step.seq);
+        for s in 0..real {
+            for j in 0..H * D {
+                worst = worst.max((r1[0][[b, s, j]] - ms[0][[b, s, j]]).abs());
+            }
+        }
+        for kind in 1..3 {
+            for g in 0..KV {
+                for t in 0..step.totals[b] {
+                    for j in 0..D {
+                        worst = worst.max((r1[kind][[b, g, t, j]] - ms[kind][[b, g, t, j]]).abs());
+                    }
+                }
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn r1_attention_equals_onnx_runtime_attention_on_every_kind_of_step() {
+    let (mut r1, mut ms) = (session("r1"), session("com.microsoft"));
+    let steps = [
+        ("decode rows", Step { batch: 3, seq: 1, totals: vec![1, 17, 40] }),
+        ("a chunk after a past", Step { batch: 1, seq: 5, totals: vec![23] }),
+        ("right-padded first prompts", Step { batch: 2, seq: 7, totals: vec![7, 3] }),
+    ];
+    for (i, (what, step)) in steps.iter().enumerate() {
+        let (a, b) = (run(&mut r1, step, 10 * i as u64), run(&mut ms, step, 10 * i as u64));
+        assert_eq!(a[1].shape(), b[1].shape(), "{what}: present shapes");
+        let worst = compare(step, &a, &b);
+        assert!(worst < 2e-5, "{what}: r1 and ONNX Runtime differ by {worst}");
+    }
+}
