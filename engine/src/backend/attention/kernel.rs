@@ -149,11 +149,29 @@ pub unsafe fn attend(
     positions: &[usize],
     scale: f32,
 ) {
+    // SAFETY: the caller's guarantee.
+    unsafe { attend_with(true, d, buf, b, g, span, tile, positions, scale) }
+}
+
+/// [`attend`], with the AVX2 loops only when `simd` (the tests run both forms).
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_with(
+    simd: bool,
+    d: &Dims,
+    buf: &Buffers,
+    b: usize,
+    g: usize,
+    span: RowSpan,
+    tile: std::ops::Range<usize>,
+    positions: &[usize],
+    scale: f32,
+) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if simd && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features; the rest is the caller's guarantee.
         return unsafe { attend_avx2(d, buf, b, g, span, tile, positions, scale) };
     }
+    let _ = simd;
     // SAFETY: the caller's guarantee.
     unsafe { attend_body::<false>(d, buf, b, g, span, tile, positions, scale) }
 }

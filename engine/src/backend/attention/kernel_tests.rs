@@ -49,6 +49,11 @@ fn case(d: Dims, totals: &[usize], seed: u64) -> Case {
 
 /// Runs both phases over every task; `in_place` binds the past buffers as the presents.
 fn run(c: &Case, in_place: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    run_with(c, in_place, true)
+}
+
+/// [`run`], with the AVX2 loops only when `simd`.
+fn run_with(c: &Case, in_place: bool, simd: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = c.d;
     let present_len = d.batch * d.kv_heads * d.present_capacity * d.head_dim;
     let (mut pk, mut pv) = if in_place {
@@ -83,7 +88,7 @@ fn run(c: &Case, in_place: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
             while s < d.seq {
                 let tile = s..(s + QUERY_TILE).min(d.seq);
                 // SAFETY: as above.
-                unsafe { attend(&d, &buf, b, g, c.spans[b], tile, &c.positions[b], scale) };
+                unsafe { attend_with(simd, &d, &buf, b, g, c.spans[b], tile, &c.positions[b], scale) };
                 s += QUERY_TILE;
             }
         }
@@ -145,8 +150,14 @@ fn reference(c: &Case) -> (Vec<f64>, Vec<Vec<f64>>) {
 }
 
 fn check(c: &Case, in_place: bool) {
+    check_with(c, in_place, true);
+    check_with(c, in_place, false);
+}
+
+/// Both forms of the loops (AVX2 where the CPU has it, and the portable one) against the reference.
+fn check_with(c: &Case, in_place: bool, simd: bool) {
     let d = c.d;
-    let (out, pk, _) = run(c, in_place);
+    let (out, pk, _) = run_with(c, in_place, simd);
     let (want, presents) = reference(c);
     let hd = d.head_dim;
     for b in 0..d.batch {
