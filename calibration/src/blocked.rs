@@ -78,7 +78,8 @@ fn round_code<const NATIVE: bool>(v: f32) -> f32 {
 
 /// Per lane, the squared error of the tile's column quantized with scale `s[l]` and zero point `z[l]` (codes
 /// clamped to `[qlo, qhi]`), summed over the rows in order from zero: the scalar definition's value, operation for
-/// operation.
+/// operation. (Stopping a sum once every lane's error passed its best was tried: on weights like a trained layer's
+/// some lane almost always still competes, and the checks made it slower.)
 #[inline(always)]
 fn tile_error<const NATIVE: bool>(x: &[Lanes], s: &Lanes, z: &Lanes, qlo: f32, qhi: f32) -> Lanes {
     let mut e = [0.0f32; LANES];
@@ -175,9 +176,15 @@ fn block_body<const NATIVE: bool>(
     for c0 in (0..n).step_by(LANES) {
         let width = LANES.min(n - c0);
         for (r, t) in tile.iter_mut().enumerate() {
-            t[..width].copy_from_slice(&w[r * n + c0..r * n + c0 + width]);
-            // Tail lanes hold zeros: searched like any column, never written out.
-            t[width..].fill(0.0);
+            let src = &w[r * n + c0..r * n + c0 + width];
+            if let Ok(full) = <&Lanes>::try_from(src) {
+                // A whole vector: a fixed-size copy is two register moves, a variable one a `memmove` call.
+                *t = *full;
+            } else {
+                t[..width].copy_from_slice(src);
+                // Tail lanes hold zeros: searched like any column, never written out.
+                t[width..].fill(0.0);
+            }
         }
         let (mut s, mut z) = ([1.0f32; LANES], [0.0f32; LANES]);
         if asymmetric {
@@ -252,6 +259,54 @@ pub(crate) fn quantize(w: &[f32], k: usize, n: usize, block: usize, asymmetric: 
             .for_each(|(((codes, s), z), w)| f(w, n, asymmetric, codes, s, z));
     }
     BlockedI4 { k, n, block, scales, zero_points: asymmetric.then_some(zeros), values }
+}
+
+/// Rows of a `[K, N]` weight per task of the per-channel int8 work.
+const ROWS_PER_TASK: usize = 64;
+
+/// [`crate::quant::column_abs_max`] on every core: column maxima of row bands, then of the bands (a maximum does
+/// not depend on the order it is taken in).
+pub(crate) fn column_abs_max(w: &[f32], n: usize) -> Vec<f32> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let band = |rows: &[f32]| {
+        let mut m = vec![0.0f32; n];
+        for row in rows.chunks_exact(n) {
+            for (mj, x) in m.iter_mut().zip(row) {
+                *mj = max(x.abs(), *mj);
+            }
+        }
+        m
+    };
+    let combine = |mut a: Vec<f32>, b: Vec<f32>| {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x = max(y, *x);
+        }
+        a
+    };
+    w.par_chunks(ROWS_PER_TASK * n).map(band).reduce(|| vec![0.0f32; n], combine)
+}
+
+/// Per-column int8 codes of a row-major `[K, N]` weight (`N = scales.len()`), [`crate::quant::quantize_i8`] of each
+/// element with its column's scale, on every core. The quotient is clamped to ±256 before rounding (codes saturate
+/// at 127 / -128, so none changes) and rounded as [`round_code`] does.
+pub(crate) fn quantize_columns_i8(w: &[f32], scales: &[f32]) -> Vec<i8> {
+    let n = scales.len();
+    let mut out = vec![0i8; w.len()];
+    if n == 0 {
+        return out;
+    }
+    out.par_chunks_mut(ROWS_PER_TASK * n).zip(w.par_chunks(ROWS_PER_TASK * n)).for_each(|(o, w)| {
+        for (orow, wrow) in o.chunks_exact_mut(n).zip(w.chunks_exact(n)) {
+            for ((q, &x), &s) in orow.iter_mut().zip(wrow).zip(scales) {
+                const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23, as in `round_code`
+                let r = (clamp(x / s, -256.0, 256.0) + MAGIC) - MAGIC;
+                *q = clamp(r, -128.0, 127.0) as i8;
+            }
+        }
+    });
+    out
 }
 
 /// [`crate::quant::pack_int4`] on every core: chunks of an even length pack independently.
@@ -422,6 +477,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn int8_per_channel_matches_the_scalar_definition() {
+        let (k, n) = (300, 37);
+        let w: Vec<f32> = (0..k * n)
+            .map(|i| match i % n {
+                0 => 0.0,
+                1 => 1e-38 * ((i % 7) as f32 - 3.0),
+                2 => 3e37 * ((i % 5) as f32 - 2.0),
+                3 => 0.5 * ((i / n % 9) as f32 - 4.0) / 127.0 * 4.0,
+                _ => ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1,
+            })
+            .collect();
+        let want_amax: Vec<f32> = (0..n).map(|c| (0..k).fold(0.0f32, |m, r| m.max(w[r * n + c].abs()))).collect();
+        let amax = column_abs_max(&w, n);
+        assert_eq!(amax, want_amax);
+        let scales: Vec<f32> = amax.iter().map(|&a| scale_from_amax(a, crate::quant::INT8_QMAX).unwrap()).collect();
+        let want: Vec<i8> = w.iter().enumerate().map(|(i, &x)| crate::quant::quantize_i8(x, scales[i % n])).collect();
+        assert_eq!(quantize_columns_i8(&w, &scales), want);
+        // a scale far below the values: every code saturates
+        assert_eq!(quantize_columns_i8(&[1e30, -1e30, 0.4, -0.6], &[1e-30, 1e-30]), vec![127, -128, 127, -128]);
     }
 
     proptest! {

@@ -5,6 +5,10 @@ use r1_proto::onnx::tensor_proto::{DataLocation, DataType};
 use r1_proto::onnx::{StringStringEntryProto, TensorProto};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::thread::JoinHandle;
+
+use sha2::{Digest, Sha256};
 use std::path::{Component, Path, PathBuf};
 
 /// Alignment of every tensor written to external data, so runtimes can mmap them.
@@ -66,8 +70,8 @@ impl ExternalDataReader {
         ))
     }
 
-    /// A FLOAT tensor's values. External data is read straight into the values, a chunk at a time (no second copy
-    /// of the tensor in memory).
+    /// A FLOAT tensor's values. External data is read straight into the values (no second copy of the tensor in
+    /// memory, no conversion pass).
     pub fn tensor_f32(&self, t: &TensorProto) -> Result<Vec<f32>> {
         if t.data_type != Some(DataType::Float as i32) {
             return Err(CalibError::graph(
@@ -78,12 +82,17 @@ impl ExternalDataReader {
         let n = element_count(t)?;
         let what = || format!("payload bytes of tensor `{}`", tensor_name(t));
         if is_external(t) {
-            let mut out = Vec::with_capacity(n);
-            let length = self.read_external_chunks(t, &mut |chunk| {
-                out.extend(chunk.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
-                Ok(())
-            })?;
+            let (mut f, length, path) = self.open_external(t)?;
             crate::error::ensure_len(&what(), n * 4, length as usize)?;
+            let mut out = vec![0.0f32; n];
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+            f.read_exact(bytes).map_err(|source| CalibError::Io { op: "reading", path, source })?;
+            // The file holds little-endian f32; on a little-endian host the bytes read are the values.
+            if cfg!(target_endian = "big") {
+                for v in &mut out {
+                    *v = f32::from_bits(v.to_bits().swap_bytes());
+                }
+            }
             return Ok(out);
         }
         let bytes = self.tensor_bytes(t)?;
@@ -164,27 +173,91 @@ pub type ChunkSink<'a> = &'a mut dyn FnMut(&[u8]) -> Result<()>;
 /// Appends tensor payloads to one external data file, each at a 4 KiB-aligned offset.
 #[derive(Debug)]
 pub struct ExternalDataWriter {
-    file: BufWriter<File>,
+    out: Out,
     path: PathBuf,
     location: String,
     pos: u64,
 }
 
+/// Where the bytes go: the file, from the caller's thread, or a thread that writes and hashes them while the
+/// caller goes on ([`ExternalDataWriter::create_background`]).
+#[derive(Debug)]
+enum Out {
+    File(BufWriter<File>),
+    Thread { tx: Option<SyncSender<Vec<u8>>>, done: Option<JoinHandle<Result<String>>> },
+}
+
+/// Payloads queued for the background writer thread before [`ExternalDataWriter::write_tensor_owned`] waits.
+const QUEUED: usize = 4;
+
+/// A finished [`ExternalDataWriter`]'s file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenFile {
+    /// Its path.
+    pub path: PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// Lower-case hex sha256 of its content, computed as it was written by a background writer
+    /// ([`ExternalDataWriter::create_background`]); `None` from a plain one.
+    pub sha256: Option<String>,
+}
+
 impl ExternalDataWriter {
     /// Creates (truncates) `dir/location`; `location` is what the model will reference (a plain file name).
     pub fn create(dir: &Path, location: &str) -> Result<Self> {
+        let (path, file) = Self::open(dir, location)?;
+        Ok(ExternalDataWriter { out: Out::File(BufWriter::new(file)), path, location: location.to_string(), pos: 0 })
+    }
+
+    /// Like [`ExternalDataWriter::create`], the writing and a sha256 of the file done by a thread of its own, so the
+    /// caller quantizes the next tensor while the last one is copied to the page cache; see
+    /// [`ExternalDataWriter::finish_hashed`]. A write error is returned by the next write or by the finish.
+    pub fn create_background(dir: &Path, location: &str) -> Result<Self> {
+        let (path, file) = Self::open(dir, location)?;
+        let (tx, rx) = sync_channel::<Vec<u8>>(QUEUED);
+        let thread_path = path.clone();
+        let done = std::thread::Builder::new()
+            .name("r1-data-writer".into())
+            .spawn(move || {
+                let io = |source| CalibError::Io { op: "writing", path: thread_path.clone(), source };
+                let mut file = BufWriter::with_capacity(8 << 20, file);
+                let mut hash = Sha256::new();
+                for bytes in rx {
+                    hash.update(&bytes);
+                    file.write_all(&bytes).map_err(io)?;
+                }
+                file.flush().map_err(io)?;
+                Ok(hex::encode(hash.finalize()))
+            })
+            .map_err(|source| CalibError::Io { op: "starting a writer thread for", path: path.clone(), source })?;
+        let out = Out::Thread { tx: Some(tx), done: Some(done) };
+        Ok(ExternalDataWriter { out, path, location: location.to_string(), pos: 0 })
+    }
+
+    fn open(dir: &Path, location: &str) -> Result<(PathBuf, File)> {
         if location.is_empty() || Path::new(location).components().count() != 1 || location == ".." {
             return Err(CalibError::invalid("external data location", "a plain file name", location));
         }
         let path = dir.join(location);
         let file =
             File::create(&path).map_err(|source| CalibError::Io { op: "creating", path: path.clone(), source })?;
-        Ok(ExternalDataWriter { file: BufWriter::new(file), path, location: location.to_string(), pos: 0 })
+        Ok((path, file))
     }
 
     /// Writes `bytes` as the payload of `t` and points `t` at it (clearing any inline data).
     pub fn write_tensor(&mut self, t: &mut TensorProto, bytes: &[u8]) -> Result<()> {
         self.write_tensor_with(t, &mut |sink| sink(bytes))
+    }
+
+    /// Like [`ExternalDataWriter::write_tensor`], taking the payload: a background writer gets it without a copy.
+    pub fn write_tensor_owned(&mut self, t: &mut TensorProto, bytes: Vec<u8>) -> Result<()> {
+        let offset = self.pad()?;
+        let length = bytes.len() as u64;
+        let sent = self.put(bytes);
+        self.pos = offset + length;
+        sent?;
+        self.point(t, offset, length);
+        Ok(())
     }
 
     /// Like [`ExternalDataWriter::write_tensor`], the payload given in pieces: `fill` passes them, in order, to the
@@ -194,20 +267,52 @@ impl ExternalDataWriter {
         t: &mut TensorProto,
         fill: &mut dyn FnMut(ChunkSink<'_>) -> Result<()>,
     ) -> Result<()> {
-        let pad = (EXTERNAL_ALIGN - self.pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
-        let path = self.path.clone();
-        let io = |source| CalibError::Io { op: "writing", path: path.clone(), source };
-        self.file.write_all(&vec![0u8; pad as usize]).map_err(io)?;
-        let offset = self.pos + pad;
+        let offset = self.pad()?;
         let mut length = 0u64;
-        let file = &mut self.file;
         let filled = fill(&mut |chunk: &[u8]| {
             length += chunk.len() as u64;
-            file.write_all(chunk).map_err(|source| CalibError::Io { op: "writing", path: path.clone(), source })
+            self.put(chunk.to_vec())
         });
         // Counted even when `fill` failed part way, so that the next tensor still starts aligned.
         self.pos = offset + length;
         filled?;
+        self.point(t, offset, length);
+        Ok(())
+    }
+
+    /// Writes the zeros up to the next aligned offset and returns it.
+    fn pad(&mut self) -> Result<u64> {
+        let pad = (EXTERNAL_ALIGN - self.pos % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
+        if pad > 0 {
+            self.put(vec![0u8; pad as usize])?;
+            self.pos += pad;
+        }
+        Ok(self.pos)
+    }
+
+    /// Hands `bytes` to the file or the writer thread (whose error, if it stopped, is returned).
+    fn put(&mut self, bytes: Vec<u8>) -> Result<()> {
+        match &mut self.out {
+            Out::File(f) => {
+                f.write_all(&bytes).map_err(|source| CalibError::Io { op: "writing", path: self.path.clone(), source })
+            }
+            Out::Thread { tx, done } => {
+                let stopped = tx.as_ref().is_none_or(|tx| tx.send(bytes).is_err());
+                if !stopped {
+                    return Ok(());
+                }
+                tx.take();
+                Err(join(done.take(), &self.path).err().unwrap_or_else(|| CalibError::Io {
+                    op: "writing",
+                    path: self.path.clone(),
+                    source: std::io::Error::other("the writer thread stopped"),
+                }))
+            }
+        }
+    }
+
+    /// Points `t` at `length` bytes at `offset` of this file, clearing any inline data.
+    fn point(&self, t: &mut TensorProto, offset: u64, length: u64) {
         let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
         t.raw_data = None;
         t.float_data.clear();
@@ -219,7 +324,6 @@ impl ExternalDataWriter {
             kv("offset", offset.to_string()),
             kv("length", length.to_string()),
         ];
-        Ok(())
     }
 
     /// Bytes written so far (including padding).
@@ -233,9 +337,51 @@ impl ExternalDataWriter {
     }
 
     /// Flushes and closes the file; returns its path.
-    pub fn finish(mut self) -> Result<PathBuf> {
-        self.file.flush().map_err(|source| CalibError::Io { op: "writing", path: self.path.clone(), source })?;
-        Ok(self.path)
+    pub fn finish(self) -> Result<PathBuf> {
+        Ok(self.finish_inner()?.0)
+    }
+
+    /// Flushes and closes the file; returns it with its size and, from a background writer, its sha256.
+    pub fn finish_hashed(self) -> Result<WrittenFile> {
+        let (path, bytes, sha256) = self.finish_inner()?;
+        Ok(WrittenFile { path, bytes, sha256 })
+    }
+
+    fn finish_inner(mut self) -> Result<(PathBuf, u64, Option<String>)> {
+        let path = std::mem::take(&mut self.path);
+        match &mut self.out {
+            Out::File(f) => {
+                f.flush().map_err(|source| CalibError::Io { op: "writing", path: path.clone(), source })?;
+                Ok((path, self.pos, None))
+            }
+            Out::Thread { tx, done } => {
+                tx.take();
+                let sha = join(done.take(), &path)?;
+                Ok((path, self.pos, Some(sha)))
+            }
+        }
+    }
+}
+
+/// The writer thread's result (its error, or the file's sha256).
+fn join(done: Option<JoinHandle<Result<String>>>, path: &Path) -> Result<String> {
+    let gone = || CalibError::Io {
+        op: "writing",
+        path: path.to_path_buf(),
+        source: std::io::Error::other("the writer thread stopped"),
+    };
+    done.ok_or_else(gone)?.join().map_err(|_| gone())?
+}
+
+impl Drop for ExternalDataWriter {
+    /// A writer dropped without a finish (an error elsewhere) stops its thread and waits for it.
+    fn drop(&mut self) {
+        if let Out::Thread { tx, done } = &mut self.out {
+            tx.take();
+            if let Some(d) = done.take() {
+                let _ = d.join();
+            }
+        }
     }
 }
 
@@ -318,6 +464,52 @@ mod tests {
         let r = ExternalDataReader::new(dir.path());
         assert_eq!(r.tensor_f32(&a).unwrap(), vec![1.0, 2.0, 3.0]);
         assert_eq!(r.tensor_f32(&b).unwrap(), vec![4.0, 5.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn background_writer_writes_the_same_file_and_hashes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let payloads: Vec<Vec<u8>> =
+            vec![vec![1; 10], vec![2; 5000], vec![], (0..=255).cycle().take(3 << 20).collect()];
+        let mut plain = ExternalDataWriter::create(dir.path(), "plain.data").unwrap();
+        let mut background = ExternalDataWriter::create_background(dir.path(), "background.data").unwrap();
+        for (i, p) in payloads.iter().enumerate() {
+            let (mut a, mut b) = (float_tensor("t", &[1], &[0.0]), float_tensor("t", &[1], &[0.0]));
+            plain.write_tensor(&mut a, p).unwrap();
+            // Owned, borrowed and chunked payloads all take the thread.
+            match i % 3 {
+                0 => background.write_tensor_owned(&mut b, p.clone()).unwrap(),
+                1 => background.write_tensor(&mut b, p).unwrap(),
+                _ => background.write_tensor_with(&mut b, &mut |sink| p.chunks(1000).try_for_each(&mut *sink)).unwrap(),
+            }
+            assert_eq!(a.external_data[1..], b.external_data[1..], "offset and length of payload {i}");
+        }
+        let plain_file = plain.finish_hashed().unwrap();
+        let written = background.finish_hashed().unwrap();
+        assert_eq!(plain_file.sha256, None);
+        let bytes = std::fs::read(&written.path).unwrap();
+        assert_eq!(bytes, std::fs::read(&plain_file.path).unwrap());
+        assert_eq!((written.bytes, plain_file.bytes), (bytes.len() as u64, bytes.len() as u64));
+        assert_eq!(written.sha256, Some(hex::encode(Sha256::digest(&bytes))));
+    }
+
+    #[test]
+    fn background_write_errors_are_returned() {
+        if !Path::new("/dev/full").exists() {
+            return;
+        }
+        // Every write to /dev/full fails (ENOSPC): the thread stops, and the next write or the finish says so.
+        let mut w = ExternalDataWriter::create_background(Path::new("/dev"), "full").unwrap();
+        let mut t = float_tensor("t", &[1], &[0.0]);
+        let mut first = None;
+        for _ in 0..8 {
+            if let Err(e) = w.write_tensor_owned(&mut t, vec![7; 16 << 20]) {
+                first = Some(e);
+                break;
+            }
+        }
+        let e = first.unwrap_or_else(|| w.finish_hashed().unwrap_err()).to_string();
+        assert!(e.contains("/dev/full") && e.contains("writing"), "{e}");
     }
 
     #[test]

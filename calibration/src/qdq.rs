@@ -19,7 +19,7 @@
 //! and per consuming MatMul `{a}_scale_for_{matmul}`, `{a}_zero_point_for_{matmul}`, `{a}_quantized_for_{matmul}`,
 //! `{a}_dequantized_for_{matmul}`.
 use crate::error::{CalibError, Result};
-use crate::external::{is_external, rehome_initializers, ExternalDataReader, ExternalDataWriter};
+use crate::external::{is_external, rehome_initializers, ExternalDataReader, ExternalDataWriter, WrittenFile};
 use crate::quant::{quantize_blocked_i4, quantize_blocked_u4, quantize_per_channel, validate_block_size};
 use r1_proto::onnx::attribute_proto::AttributeType;
 use r1_proto::onnx::tensor_proto::DataType;
@@ -180,6 +180,18 @@ pub fn quantize_model(
     data_location: &str,
     opts: &QdqOptions,
 ) -> Result<RewriteSummary> {
+    Ok(quantize_model_hashed(model, model_dir, out_dir, data_location, opts)?.0)
+}
+
+/// [`quantize_model`], also returning the data file with its size and sha256 (hashed as it was written, on the
+/// writer's own thread, while the next weight is quantized).
+pub fn quantize_model_hashed(
+    model: &mut ModelProto,
+    model_dir: &Path,
+    out_dir: &Path,
+    data_location: &str,
+    opts: &QdqOptions,
+) -> Result<(RewriteSummary, WrittenFile)> {
     let reader = ExternalDataReader::new(model_dir);
     // Writing over a data file the source model still reads from would destroy the weights mid-rewrite.
     let target = out_dir.join(data_location);
@@ -195,11 +207,11 @@ pub fn quantize_model(
             ));
         }
     }
-    let mut writer = ExternalDataWriter::create(out_dir, data_location)?;
+    let mut writer = ExternalDataWriter::create_background(out_dir, data_location)?;
     let threshold = opts.external_threshold;
     let summary = rewrite(model, &reader, opts, Some((&mut writer, threshold)))?;
-    writer.finish()?;
-    Ok(summary)
+    let file = writer.finish_hashed()?;
+    Ok((summary, file))
 }
 
 /// Rewrites the graph in place (new initializers carry inline `raw_data`; externally stored source weights are
@@ -230,7 +242,7 @@ fn rewrite(
     let mut store = |t: &mut TensorProto| -> Result<()> {
         let Some((writer, threshold)) = out.as_mut() else { return Ok(()) };
         match t.raw_data.take() {
-            Some(raw) if raw.len() >= *threshold => writer.write_tensor(t, &raw),
+            Some(raw) if raw.len() >= *threshold => writer.write_tensor_owned(t, raw),
             raw => {
                 t.raw_data = raw;
                 Ok(())

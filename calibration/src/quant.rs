@@ -127,21 +127,18 @@ impl PerChannelI8 {
 /// Per-column amax of a row-major `[K, N]` matrix.
 pub fn column_abs_max(w: &[f32], k: usize, n: usize) -> Result<Vec<f32>> {
     ensure_len("weight [K, N]", k * n, w.len())?;
-    let mut m = vec![0.0f32; n];
-    for row in w.chunks_exact(n.max(1)) {
-        for (mj, x) in m.iter_mut().zip(row) {
-            *mj = mj.max(x.abs());
-        }
-    }
-    Ok(m)
+    Ok(crate::blocked::column_abs_max(w, n))
 }
 
-/// Quantizes a row-major `[K, N]` weight per output column: `scale[n] = amax(column n) / 127`.
+/// Quantizes a row-major `[K, N]` weight per output column: `scale[n] = amax(column n) / 127`. (On every core;
+/// the codes are [`quantize_i8`]'s.)
 pub fn quantize_per_channel(w: &[f32], k: usize, n: usize) -> Result<PerChannelI8> {
-    ensure_finite("weight", w)?;
+    if let Some(index) = crate::blocked::first_non_finite(w) {
+        return Err(CalibError::NonFinite { what: "weight".into(), index, value: w[index] });
+    }
     let amax = column_abs_max(w, k, n)?;
     let scales = amax.iter().map(|&a| scale_from_amax(a, INT8_QMAX)).collect::<Result<Vec<_>>>()?;
-    let values = w.iter().enumerate().map(|(i, &x)| quantize_i8(x, scales[i % n])).collect();
+    let values = crate::blocked::quantize_columns_i8(w, &scales);
     Ok(PerChannelI8 { k, n, scales, values })
 }
 

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use r1_calibration::dataset;
 use r1_calibration::observer::CalibrationMethod;
-use r1_calibration::qdq::{quantize_model, QdqOptions, QuantScheme, RewriteSummary};
+use r1_calibration::qdq::{quantize_model_hashed, QdqOptions, QuantScheme, RewriteSummary};
 use r1_calibration::report::{AccuracyRow, QualityReport};
 use r1_calibration::CalibError;
 use r1_engine::backend::BackendKind;
@@ -268,7 +268,9 @@ pub fn export_quantized(
 
     progress(QuantProgress::Rewriting);
     let tmp = artifact::TempArtifact::create(&opts.out_dir)?;
-    let summary = quantize_model(&mut model, &staging.0, tmp.path(), DATA_FILE, &qopts)?;
+    let (summary, data) = quantize_model_hashed(&mut model, &staging.0, tmp.path(), DATA_FILE, &qopts)?;
+    // Hashed as it was written: the artifact's largest file is not read again.
+    let data = data.sha256.map(|sha256| r1_engine::manifest::FileEntry { sha256, bytes: data.bytes });
     let model_path = tmp.path().join(MODEL_FILE);
     std::fs::write(&model_path, model.encode_to_vec()).map_err(ExportError::io(&model_path))?;
     let cal_dir = tmp.path().join(CALIBRATION_DIR);
@@ -305,7 +307,7 @@ pub fn export_quantized(
     // The task evaluation runs on the finished artifact while it is still in its temporary directory: an export
     // that fails `--max-accuracy-loss` leaves no artifact behind.
     report.write(&tmp.path().join(REPORT_FILE))?;
-    manifest.files = artifact_files(&opts.checkpoint, tmp.path())?;
+    manifest.files = artifact_files(&opts.checkpoint, tmp.path(), data)?;
     manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json.clone(), &report));
     manifest.write_atomic(tmp.path())?;
     if let (Some(path), Some(tokenizer)) = (&q.eval_problems, &tokenizer) {
@@ -357,13 +359,18 @@ fn text_of(dir: &Path, q: &QuantizeOptions) -> Result<(Option<Tokenizer>, Option
 }
 
 /// The files of the quantized artifact in `dir` with their sha256: the checkpoint's text files (copied in), the
-/// graph and its weights, the report and the TensorRT cache when written.
-fn artifact_files(checkpoint: &Path, dir: &Path) -> Result<BTreeMap<String, r1_engine::manifest::FileEntry>> {
+/// graph and its weights (`data`: their entry when already known), the report and the TensorRT cache when written.
+fn artifact_files(
+    checkpoint: &Path,
+    dir: &Path,
+    data: Option<r1_engine::manifest::FileEntry>,
+) -> Result<BTreeMap<String, r1_engine::manifest::FileEntry>> {
     let mut files = artifact::copy_checkpoint_files(checkpoint, dir)?;
     for rel in [MODEL_FILE, DATA_FILE, REPORT_FILE, CACHE_FILE] {
         let p = dir.join(rel);
         if p.is_file() {
-            files.insert(rel.into(), artifact::hash_file(&p)?);
+            let known = data.clone().filter(|_| rel == DATA_FILE);
+            files.insert(rel.into(), known.map_or_else(|| artifact::hash_file(&p), Ok)?);
         }
     }
     Ok(files)
