@@ -10,80 +10,12 @@ use std::time::Instant;
 use ndarray::{Array, IxDyn};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
-use prost::Message;
-use r1_proto::onnx::{
-    attribute_proto, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TypeProto,
-    ValueInfoProto,
-};
 
 const H: usize = 12;
 const KV: usize = 2;
 const D: usize = 128;
 const CAP: usize = 8192;
 const LAYERS: usize = 28;
-
-fn value_info(name: &str, elem: i32) -> ValueInfoProto {
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: Some(elem), shape: None })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn attr(name: &str, i: Option<i64>, f: Option<f32>) -> AttributeProto {
-    let t = if f.is_some() { attribute_proto::AttributeType::Float } else { attribute_proto::AttributeType::Int };
-    AttributeProto { name: Some(name.into()), i, f, r#type: Some(t as i32), ..Default::default() }
-}
-
-/// `LAYERS` attention nodes of `domain` over the same q/k/v, each with its own cache.
-fn model(domain: &str) -> Vec<u8> {
-    let mut nodes = Vec::new();
-    let mut inputs: Vec<ValueInfoProto> = [("q", 1), ("k", 1), ("seqlens", 6), ("total", 6), ("cos", 1), ("pos", 7)]
-        .iter()
-        .map(|(n, t)| value_info(n, *t))
-        .collect();
-    let mut outputs = Vec::new();
-    for l in 0..LAYERS {
-        let (pk, pv, o, ok, ov) =
-            (format!("pk{l}"), format!("pv{l}"), format!("o{l}"), format!("ok{l}"), format!("ov{l}"));
-        inputs.push(value_info(&pk, 1));
-        inputs.push(value_info(&pv, 1));
-        outputs.extend([value_info(&o, 1), value_info(&ok, 1), value_info(&ov, 1)]);
-        nodes.push(NodeProto {
-            name: Some(format!("attention{l}")),
-            op_type: Some("GroupQueryAttention".into()),
-            domain: Some(domain.into()),
-            input: ["q", "k", "k", &pk, &pv, "seqlens", "total", "cos", "cos", "pos"].map(String::from).to_vec(),
-            output: vec![o, ok, ov],
-            attribute: vec![
-                attr("num_heads", Some(H as i64), None),
-                attr("kv_num_heads", Some(KV as i64), None),
-                attr("do_rotary", Some(1), None),
-                attr("scale", None, Some(1.0 / (D as f32).sqrt())),
-            ],
-            ..Default::default()
-        });
-    }
-    ModelProto {
-        ir_version: Some(9),
-        opset_import: vec![
-            OperatorSetIdProto { domain: Some(String::new()), version: Some(17) },
-            OperatorSetIdProto { domain: Some(domain.into()), version: Some(1) },
-        ],
-        graph: Some(GraphProto {
-            name: Some("attention".into()),
-            node: nodes,
-            input: inputs,
-            output: outputs,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
 
 fn tensor(shape: &[usize], fill: f32) -> DynValue {
     let n = shape.iter().product();
@@ -97,20 +29,22 @@ fn time(s: &mut Session, caches: &mut [DynValue], context: usize, seq: usize) ->
     let mut b = s.create_binding().unwrap();
     b.bind_input("q", &tensor(&[1, seq, H * D], 0.1)).unwrap();
     b.bind_input("k", &tensor(&[1, seq, KV * D], 0.1)).unwrap();
-    b.bind_input("seqlens", &int32(total as i32 - 1)).unwrap();
+    b.bind_input("v", &tensor(&[1, seq, KV * D], 0.1)).unwrap();
+    b.bind_input("seqlens_k", &int32(total as i32 - 1)).unwrap();
     b.bind_input("total", &int32(total as i32)).unwrap();
     b.bind_input("cos", &tensor(&[CAP, D / 2], 0.5)).unwrap();
+    b.bind_input("sin", &tensor(&[CAP, D / 2], 0.5)).unwrap();
     let pos: Vec<i64> = (context as i64..total as i64).collect();
-    b.bind_input("pos", &Tensor::from_array(([1usize, seq], pos)).unwrap().into_dyn()).unwrap();
+    b.bind_input("position_ids", &Tensor::from_array(([1usize, seq], pos)).unwrap().into_dyn()).unwrap();
     for l in 0..LAYERS {
-        b.bind_input(format!("pk{l}"), &caches[2 * l]).unwrap();
-        b.bind_input(format!("pv{l}"), &caches[2 * l + 1]).unwrap();
+        b.bind_input(format!("past_key{l}"), &caches[2 * l]).unwrap();
+        b.bind_input(format!("past_value{l}"), &caches[2 * l + 1]).unwrap();
     }
     for (l, pair) in caches.chunks_mut(2).enumerate() {
         let (k, v) = pair.split_at_mut(1);
-        b.bind_output(format!("ok{l}"), &mut k[0]).unwrap();
-        b.bind_output(format!("ov{l}"), &mut v[0]).unwrap();
-        b.bind_output_to_device(format!("o{l}"), &ort::memory::MemoryInfo::default()).unwrap();
+        b.bind_output(format!("present_key{l}"), &mut k[0]).unwrap();
+        b.bind_output(format!("present_value{l}"), &mut v[0]).unwrap();
+        b.bind_output_to_device(format!("out{l}"), &ort::memory::MemoryInfo::default()).unwrap();
     }
     let mut best = f64::INFINITY;
     for rep in 0..6 {
@@ -132,7 +66,7 @@ fn main() {
             .unwrap()
             .with_operators(r1_engine::backend::attention::domain().unwrap())
             .unwrap()
-            .commit_from_memory(&model(domain))
+            .commit_from_memory(&r1_tests::attention_graph::model(domain, LAYERS, H, KV, D))
             .unwrap()
     };
     let mut sessions = [open("r1"), open("com.microsoft")];

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod attention_graph;
+
 use anyhow::{bail, Context, Result};
 use ndarray::{s, Array2, Array3, ArrayD, IxDyn};
 use r1_engine::backend::{Backend, KvPair, StepInput, StepOutput};

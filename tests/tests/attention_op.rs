@@ -5,11 +5,6 @@
 use ndarray::{Array, ArrayD, IxDyn};
 use ort::session::Session;
 use ort::value::Tensor;
-use prost::Message;
-use r1_proto::onnx::{
-    attribute_proto, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TypeProto,
-    ValueInfoProto,
-};
 
 const H: usize = 6;
 const KV: usize = 2;
@@ -29,90 +24,13 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn value_info(name: &str, elem: i32) -> ValueInfoProto {
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: Some(elem), shape: None })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn attr(name: &str, i: Option<i64>, f: Option<f32>) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i,
-        f,
-        r#type: Some(if f.is_some() {
-            attribute_proto::AttributeType::Float
-        } else {
-            attribute_proto::AttributeType::Int
-        } as i32),
-        ..Default::default()
-    }
-}
-
-/// A model of one attention node of `domain`.
-fn model(domain: &str) -> Vec<u8> {
-    const F: i32 = 1;
-    const I32: i32 = 6;
-    const I64: i32 = 7;
-    let inputs = [
-        ("q", F),
-        ("k", F),
-        ("v", F),
-        ("past_key", F),
-        ("past_value", F),
-        ("seqlens_k", I32),
-        ("total", I32),
-        ("cos", F),
-        ("sin", F),
-        ("position_ids", I64),
-    ];
-    let outputs = ["out", "present_key", "present_value"];
-    let node = NodeProto {
-        name: Some("attention".into()),
-        op_type: Some("GroupQueryAttention".into()),
-        domain: Some(domain.into()),
-        input: inputs.iter().map(|(n, _)| n.to_string()).collect(),
-        output: outputs.iter().map(|n| n.to_string()).collect(),
-        attribute: vec![
-            attr("num_heads", Some(H as i64), None),
-            attr("kv_num_heads", Some(KV as i64), None),
-            attr("do_rotary", Some(1), None),
-            attr("rotary_interleaved", Some(0), None),
-            attr("scale", None, Some(1.0 / (D as f32).sqrt())),
-        ],
-        ..Default::default()
-    };
-    let graph = GraphProto {
-        name: Some("attention".into()),
-        node: vec![node],
-        input: inputs.iter().map(|(n, t)| value_info(n, *t)).collect(),
-        output: outputs.iter().map(|n| value_info(n, F)).collect(),
-        ..Default::default()
-    };
-    ModelProto {
-        ir_version: Some(9),
-        opset_import: vec![
-            OperatorSetIdProto { domain: Some(String::new()), version: Some(17) },
-            OperatorSetIdProto { domain: Some(domain.into()), version: Some(1) },
-        ],
-        graph: Some(graph),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
-
 fn session(domain: &str) -> Session {
     let env = r1_engine::host::environment().expect("ONNX Runtime");
     Session::builder(env)
         .unwrap()
         .with_operators(r1_engine::backend::attention::domain().unwrap())
         .unwrap()
-        .commit_from_memory(&model(domain))
+        .commit_from_memory(&r1_tests::attention_graph::model(domain, 1, H, KV, D))
         .unwrap()
 }
 
@@ -136,8 +54,8 @@ fn run(s: &mut Session, step: &Step, seed: u64) -> Vec<ArrayD<f32>> {
             "q" => Tensor::from_array(arr(&[b, sq, H * D], noise(b * sq * H * D, seed))).unwrap(),
             "k" => Tensor::from_array(arr(&[b, sq, KV * D], noise(b * sq * KV * D, seed + 1))).unwrap(),
             "v" => Tensor::from_array(arr(&[b, sq, KV * D], noise(b * sq * KV * D, seed + 2))).unwrap(),
-            "past_key" => Tensor::from_array(arr(&[b, KV, CAP, D], noise(b * KV * CAP * D, seed + 3))).unwrap(),
-            "past_value" => Tensor::from_array(arr(&[b, KV, CAP, D], noise(b * KV * CAP * D, seed + 4))).unwrap(),
+            "past_key0" => Tensor::from_array(arr(&[b, KV, CAP, D], noise(b * KV * CAP * D, seed + 3))).unwrap(),
+            "past_value0" => Tensor::from_array(arr(&[b, KV, CAP, D], noise(b * KV * CAP * D, seed + 4))).unwrap(),
             "seqlens_k" => Tensor::from_array(([b], step.totals.iter().map(|&t| t as i32 - 1).collect::<Vec<_>>())).unwrap(),
             "total" => Tensor::from_array(([1usize], vec![*step.totals.iter().max().unwrap() as i32])).unwrap(),
             "cos" => Tensor::from_array(arr(&[POSITIONS, half], angles.iter().map(|a| a.cos()).collect())).unwrap(),
