@@ -160,13 +160,15 @@ fn search_i4<const NATIVE: bool>(x: &[Lanes], scale: &mut Lanes) {
 }
 
 /// One block of rows: the search over every group of [`LANES`] columns, then the codes. `w` holds the block's
-/// rows (`rows × n`), `codes` the same positions; `scales` / `zeros` are the block's row of `[blocks, N]`.
+/// rows (`rows × n`); `out` gets their codes, one per byte (`PACKED` false) or two per byte as
+/// [`crate::quant::pack_int4`] lays them out (`PACKED` true, for an even `n`: a row then starts on a byte, and so
+/// does every group of columns); `scales` / `zeros` are the block's row of `[blocks, N]`.
 #[inline(always)]
-fn block_body<const NATIVE: bool>(
+fn block_body<const NATIVE: bool, const PACKED: bool>(
     w: &[f32],
     n: usize,
     asymmetric: bool,
-    codes: &mut [i8],
+    out: &mut [u8],
     scales: &mut [f32],
     zeros: &mut [u8],
 ) {
@@ -193,10 +195,20 @@ fn block_body<const NATIVE: bool>(
             search_i4::<NATIVE>(tile, &mut s);
         }
         for (r, t) in tile.iter().enumerate() {
-            let out = &mut codes[r * n + c0..r * n + c0 + width];
-            for (l, c) in out.iter_mut().enumerate() {
+            let mut codes = [0u8; LANES];
+            for l in 0..LANES {
                 let q = round_code::<NATIVE>(t[l] / s[l]);
-                *c = if asymmetric { clamp(q + z[l], 0.0, UINT4_QMAX) as i8 } else { clamp(q, -8.0, 7.0) as i8 };
+                // Signed codes as two's complement bytes (`i8 as u8`), as the unpacked values and `pack_int4` store them.
+                codes[l] =
+                    if asymmetric { clamp(q + z[l], 0.0, UINT4_QMAX) as u8 } else { clamp(q, -8.0, 7.0) as i8 as u8 };
+            }
+            if PACKED {
+                let row = &mut out[(r * n + c0) / 2..(r * n + c0 + width) / 2];
+                for (i, b) in row.iter_mut().enumerate() {
+                    *b = (codes[2 * i] & 0x0f) | (codes[2 * i + 1] << 4);
+                }
+            } else {
+                out[r * n + c0..r * n + c0 + width].copy_from_slice(&codes[..width]);
             }
         }
         scales[c0..c0 + width].copy_from_slice(&s[..width]);
@@ -208,57 +220,98 @@ fn block_body<const NATIVE: bool>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn block_avx512(w: &[f32], n: usize, asymmetric: bool, codes: &mut [i8], scales: &mut [f32], zeros: &mut [u8]) {
-    block_body::<true>(w, n, asymmetric, codes, scales, zeros)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn block_avx2(w: &[f32], n: usize, asymmetric: bool, codes: &mut [i8], scales: &mut [f32], zeros: &mut [u8]) {
-    block_body::<true>(w, n, asymmetric, codes, scales, zeros)
-}
-
-fn block_portable(w: &[f32], n: usize, asymmetric: bool, codes: &mut [i8], scales: &mut [f32], zeros: &mut [u8]) {
-    block_body::<false>(w, n, asymmetric, codes, scales, zeros)
-}
-
-type BlockFn = fn(&[f32], usize, bool, &mut [i8], &mut [f32], &mut [u8]);
-
-/// The widest build this CPU runs.
-fn block_fn() -> BlockFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, the only feature `block_avx512` is compiled for.
-            return |w, n, a, c, s, z| unsafe { block_avx512(w, n, a, c, s, z) };
+/// Declares the builds of [`block_body`] for one layout (`PACKED`) and the run-time choice among them.
+macro_rules! builds {
+    ($packed:literal, $choose:ident, $avx512:ident, $avx2:ident, $portable:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        fn $avx512(w: &[f32], n: usize, asymmetric: bool, out: &mut [u8], scales: &mut [f32], zeros: &mut [u8]) {
+            block_body::<true, $packed>(w, n, asymmetric, out, scales, zeros)
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, the only feature `block_avx2` is compiled for.
-            return |w, n, a, c, s, z| unsafe { block_avx2(w, n, a, c, s, z) };
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $avx2(w: &[f32], n: usize, asymmetric: bool, out: &mut [u8], scales: &mut [f32], zeros: &mut [u8]) {
+            block_body::<true, $packed>(w, n, asymmetric, out, scales, zeros)
         }
+
+        fn $portable(w: &[f32], n: usize, asymmetric: bool, out: &mut [u8], scales: &mut [f32], zeros: &mut [u8]) {
+            block_body::<false, $packed>(w, n, asymmetric, out, scales, zeros)
+        }
+
+        /// The widest build this CPU runs.
+        fn $choose() -> BlockFn {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F, the only feature this build is compiled for.
+                    return |w, n, a, o, s, z| unsafe { $avx512(w, n, a, o, s, z) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2, the only feature this build is compiled for.
+                    return |w, n, a, o, s, z| unsafe { $avx2(w, n, a, o, s, z) };
+                }
+            }
+            $portable
+        }
+    };
+}
+
+type BlockFn = fn(&[f32], usize, bool, &mut [u8], &mut [f32], &mut [u8]);
+
+builds!(false, block_fn, block_avx512, block_avx2, block_portable);
+builds!(true, packed_block_fn, packed_block_avx512, packed_block_avx2, packed_block_portable);
+
+/// Runs `f` over every block of rows of a checked (finite, `k · n` long) row-major `[K, N]` weight on every core,
+/// each block writing its rows of `out` (codes of `k` rows, unpacked or packed) and its row of scales and zero
+/// points; returns those.
+fn run(
+    w: &[f32],
+    k: usize,
+    n: usize,
+    block: usize,
+    asymmetric: bool,
+    f: BlockFn,
+    out: &mut [u8],
+) -> (Vec<f32>, Vec<u8>) {
+    debug_assert!(block <= MAX_BLOCK && w.len() == k * n);
+    let nb = k.div_ceil(block);
+    let mut scales = vec![1.0f32; nb * n];
+    let mut zeros = vec![0u8; nb * n];
+    if n > 0 && k > 0 {
+        let chunk = out.len() / k * block;
+        out.par_chunks_mut(chunk)
+            .zip(scales.par_chunks_mut(n))
+            .zip(zeros.par_chunks_mut(n))
+            .zip(w.par_chunks(block * n))
+            .for_each(|(((o, s), z), w)| f(w, n, asymmetric, o, s, z));
     }
-    block_portable
+    (scales, zeros)
 }
 
 /// Quantizes a checked (finite, `k · n` long) row-major `[K, N]` weight in blocks of `block` rows (at most 128).
 pub(crate) fn quantize(w: &[f32], k: usize, n: usize, block: usize, asymmetric: bool) -> BlockedI4 {
-    debug_assert!(block <= MAX_BLOCK && w.len() == k * n);
-    let nb = k.div_ceil(block);
     let mut values = vec![0i8; k * n];
-    let mut scales = vec![1.0f32; nb * n];
-    let mut zeros = vec![0u8; nb * n];
-    if n > 0 && k > 0 {
-        let f = block_fn();
-        values
-            .par_chunks_mut(block * n)
-            .zip(scales.par_chunks_mut(n))
-            .zip(zeros.par_chunks_mut(n))
-            .zip(w.par_chunks(block * n))
-            .for_each(|(((codes, s), z), w)| f(w, n, asymmetric, codes, s, z));
-    }
+    let (scales, zeros) = run(w, k, n, block, asymmetric, block_fn(), bytemuck::cast_slice_mut(&mut values));
     BlockedI4 { k, n, block, scales, zero_points: asymmetric.then_some(zeros), values }
+}
+
+/// [`quantize`] with the codes packed as [`crate::quant::pack_int4`] packs them, written packed by the search when
+/// `n` is even (no unpacked copy, no packing pass); returns (packed codes, scales, zero points when asymmetric).
+pub(crate) fn quantize_packed(
+    w: &[f32],
+    k: usize,
+    n: usize,
+    block: usize,
+    asymmetric: bool,
+) -> (Vec<u8>, Vec<f32>, Option<Vec<u8>>) {
+    if !n.is_multiple_of(2) {
+        let q = quantize(w, k, n, block, asymmetric);
+        return (q.packed(), q.scales, q.zero_points);
+    }
+    let mut packed = vec![0u8; k * n / 2];
+    let (scales, zeros) = run(w, k, n, block, asymmetric, packed_block_fn(), &mut packed);
+    (packed, scales, asymmetric.then_some(zeros))
 }
 
 /// Rows of a `[K, N]` weight per task of the per-channel int8 work.
@@ -333,186 +386,5 @@ pub(crate) fn first_non_finite(xs: &[f32]) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::quant::{quantize_i4, quantize_u4, scale_from_amax};
-    use proptest::prelude::*;
-
-    /// The scalar definition, one column at a time (the code this module replaced).
-    fn reference(w: &[f32], k: usize, n: usize, block: usize, asymmetric: bool) -> BlockedI4 {
-        let nb = k.div_ceil(block);
-        let mut scales = vec![1.0f32; nb * n];
-        let mut zps = vec![0u8; nb * n];
-        for b in 0..nb {
-            for c in 0..n {
-                let col: Vec<f32> = (b * block..((b + 1) * block).min(k)).map(|r| w[r * n + c]).collect();
-                if asymmetric {
-                    (scales[b * n + c], zps[b * n + c]) = best_u4_params(&col);
-                } else {
-                    scales[b * n + c] = best_i4_scale(&col);
-                }
-            }
-        }
-        let values = (0..k * n)
-            .map(|i| {
-                let j = (i / n / block) * n + i % n;
-                if asymmetric {
-                    quantize_u4(w[i], scales[j], zps[j]) as i8
-                } else {
-                    quantize_i4(w[i], scales[j])
-                }
-            })
-            .collect();
-        BlockedI4 { k, n, block, scales, zero_points: asymmetric.then_some(zps), values }
-    }
-
-    fn best_i4_scale(xs: &[f32]) -> f32 {
-        let base = scale_from_amax(xs.iter().fold(0.0f32, |m, x| m.max(x.abs())), INT4_QMAX).unwrap();
-        let err = |s: f32| xs.iter().map(|&x| (x - f32::from(quantize_i4(x, s)) * s).powi(2)).sum::<f32>();
-        let mut best = (err(base), base);
-        for r in &INT4_CLIP_RATIOS[1..] {
-            let s = (base * r).max(f32::MIN_POSITIVE);
-            let e = err(s);
-            if e < best.0 {
-                best = (e, s);
-            }
-        }
-        best.1
-    }
-
-    fn best_u4_params(xs: &[f32]) -> (f32, u8) {
-        let lo = xs.iter().fold(0.0f32, |m, &x| m.min(x));
-        let hi = xs.iter().fold(0.0f32, |m, &x| m.max(x));
-        if hi - lo == 0.0 {
-            return (1.0, 0);
-        }
-        let params = |r: f32| {
-            let s = ((hi - lo) * r / UINT4_QMAX).max(f32::MIN_POSITIVE);
-            (s, (-lo * r / s).round_ties_even().clamp(0.0, UINT4_QMAX) as u8)
-        };
-        let err = |(s, zp): (f32, u8)| {
-            xs.iter().map(|&x| (x - f32::from(quantize_u4(x, s, zp) as i8 - zp as i8) * s).powi(2)).sum::<f32>()
-        };
-        let first = params(1.0);
-        let mut best = (err(first), first);
-        for &r in &INT4_CLIP_RATIOS[1..] {
-            let p = params(r);
-            let e = err(p);
-            if e < best.0 {
-                best = (e, p);
-            }
-        }
-        best.1
-    }
-
-    fn same(a: &BlockedI4, b: &BlockedI4) -> bool {
-        let bits = |s: &[f32]| s.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        bits(&a.scales) == bits(&b.scales) && a.zero_points == b.zero_points && a.values == b.values
-    }
-
-    #[test]
-    fn rounding_is_ties_to_even_over_the_clamped_range() {
-        let mut v = -40.0f32;
-        while v <= 40.0 {
-            for x in [v, v + 0.5, v + 0.25, v - 1e-6, v + 1e-6] {
-                let want = x.round_ties_even().clamp(-32.0, 32.0);
-                assert_eq!(round_code::<false>(x), want, "{x}");
-                assert_eq!(round_code::<true>(x).clamp(-32.0, 32.0), want, "{x}");
-            }
-            v += 1.0;
-        }
-        assert_eq!(round_code::<false>(f32::INFINITY), 32.0);
-        assert_eq!(round_code::<false>(f32::NEG_INFINITY), -32.0);
-        assert_eq!(round_code::<false>(1e30), 32.0);
-    }
-
-    #[test]
-    fn every_build_gives_the_reference_bytes() {
-        // Edge cases: all-zero columns, a column of one value, tiny magnitudes (scales at f32::MIN_POSITIVE), huge
-        // ones (quotients far beyond the clamp), exact half-step values (rounding ties), N below one lane group.
-        let (k, n) = (70, 37);
-        let w: Vec<f32> = (0..k * n)
-            .map(|i| match i % n {
-                0 => 0.0,
-                1 => 0.75,
-                2 => 1e-38 * ((i % 7) as f32 - 3.0),
-                3 => 3e37 * ((i % 5) as f32 - 2.0),
-                4 => 0.5 * ((i / n % 9) as f32 - 4.0),
-                _ => ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1,
-            })
-            .collect();
-        let builds: Vec<(&str, BlockFn)> = {
-            let mut b: Vec<(&str, BlockFn)> = vec![("portable", block_portable)];
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    b.push(("avx2", |w, n, a, c, s, z| unsafe { block_avx2(w, n, a, c, s, z) }));
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    b.push(("avx512f", |w, n, a, c, s, z| unsafe { block_avx512(w, n, a, c, s, z) }));
-                }
-            }
-            b
-        };
-        for block in [32, 64, 128] {
-            for asymmetric in [false, true] {
-                let want = reference(&w, k, n, block, asymmetric);
-                assert!(same(&quantize(&w, k, n, block, asymmetric), &want), "dispatch, block {block}");
-                for (name, f) in &builds {
-                    let nb = k.div_ceil(block);
-                    let (mut codes, mut s, mut z) = (vec![0i8; k * n], vec![1.0f32; nb * n], vec![0u8; nb * n]);
-                    for b in 0..nb {
-                        let rows = b * block * n..((b + 1) * block).min(k) * n;
-                        f(
-                            &w[rows.clone()],
-                            n,
-                            asymmetric,
-                            &mut codes[rows],
-                            &mut s[b * n..][..n],
-                            &mut z[b * n..][..n],
-                        );
-                    }
-                    let got = BlockedI4 { k, n, block, scales: s, zero_points: asymmetric.then_some(z), values: codes };
-                    assert!(same(&got, &want), "{name}, block {block}, asymmetric {asymmetric}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn int8_per_channel_matches_the_scalar_definition() {
-        let (k, n) = (300, 37);
-        let w: Vec<f32> = (0..k * n)
-            .map(|i| match i % n {
-                0 => 0.0,
-                1 => 1e-38 * ((i % 7) as f32 - 3.0),
-                2 => 3e37 * ((i % 5) as f32 - 2.0),
-                3 => 0.5 * ((i / n % 9) as f32 - 4.0) / 127.0 * 4.0,
-                _ => ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1,
-            })
-            .collect();
-        let want_amax: Vec<f32> = (0..n).map(|c| (0..k).fold(0.0f32, |m, r| m.max(w[r * n + c].abs()))).collect();
-        let amax = column_abs_max(&w, n);
-        assert_eq!(amax, want_amax);
-        let scales: Vec<f32> = amax.iter().map(|&a| scale_from_amax(a, crate::quant::INT8_QMAX).unwrap()).collect();
-        let want: Vec<i8> = w.iter().enumerate().map(|(i, &x)| crate::quant::quantize_i8(x, scales[i % n])).collect();
-        assert_eq!(quantize_columns_i8(&w, &scales), want);
-        // a scale far below the values: every code saturates
-        assert_eq!(quantize_columns_i8(&[1e30, -1e30, 0.4, -0.6], &[1e-30, 1e-30]), vec![127, -128, 127, -128]);
-    }
-
-    proptest! {
-        #[test]
-        fn matches_the_scalar_definition((k, n, block, w) in (1usize..200, 1usize..40, 0usize..3).prop_flat_map(|(k, n, b)|
-                (Just(k), Just(n), Just(crate::quant::INT4_BLOCK_SIZES[b]), prop::collection::vec(-2f32..3.0, k * n)))) {
-            for asymmetric in [false, true] {
-                prop_assert!(same(&quantize(&w, k, n, block, asymmetric), &reference(&w, k, n, block, asymmetric)));
-            }
-        }
-
-        #[test]
-        fn packing_matches(values in prop::collection::vec(-8i8..8, 0..300_000)) {
-            prop_assert_eq!(pack(&values), crate::quant::pack_int4(&values));
-        }
-    }
-}
+#[path = "blocked_tests.rs"]
+mod tests;

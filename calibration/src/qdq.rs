@@ -20,7 +20,7 @@
 //! `{a}_dequantized_for_{matmul}`.
 use crate::error::{CalibError, Result};
 use crate::external::{is_external, rehome_initializers, ExternalDataReader, ExternalDataWriter, WrittenFile};
-use crate::quant::{quantize_blocked_i4, quantize_blocked_u4, quantize_per_channel, validate_block_size};
+use crate::quant::{quantize_blocked_packed, quantize_per_channel, validate_block_size};
 use r1_proto::onnx::attribute_proto::AttributeType;
 use r1_proto::onnx::tensor_proto::DataType;
 use r1_proto::onnx::type_proto::{Tensor as TypeTensor, Value as TypeValue};
@@ -421,17 +421,14 @@ fn dequantized_weight(
             dq.attribute.push(int_attr("axis", 1));
         }
         QuantScheme::Int4WeightOnly { block_size, asymmetric } => {
-            let q = if asymmetric {
-                quantize_blocked_u4(values, k, n, block_size)?
-            } else {
-                quantize_blocked_i4(values, k, n, block_size)?
-            };
+            let q = quantize_blocked_packed(values, k, n, block_size, asymmetric)?;
+            let blocks = k.div_ceil(block_size);
             let int4_type = if asymmetric { DataType::Uint4 } else { DataType::Int4 };
-            new_inits.push(int4_tensor(&q_name, &[k, n], int4_type, q.packed()));
-            new_inits.push(f32_tensor(&scale_name, &[q.num_blocks(), n], &q.scales));
-            if let Some(zp) = q.packed_zero_points() {
+            new_inits.push(int4_tensor(&q_name, &[k, n], int4_type, q.packed));
+            new_inits.push(f32_tensor(&scale_name, &[blocks, n], &q.scales));
+            if let Some(zp) = q.packed_zero_points {
                 let zp_name = format!("{w}_zero_point");
-                new_inits.push(int4_tensor(&zp_name, &[q.num_blocks(), n], DataType::Uint4, zp));
+                new_inits.push(int4_tensor(&zp_name, &[blocks, n], DataType::Uint4, zp));
                 dq.input.push(zp_name);
             }
             dq.attribute.push(int_attr("axis", 0));

@@ -240,12 +240,47 @@ pub fn quantize_blocked_u4(w: &[f32], k: usize, n: usize, block: usize) -> Resul
     quantize_blocked(w, k, n, block, true)
 }
 
-fn quantize_blocked(w: &[f32], k: usize, n: usize, block: usize, asymmetric: bool) -> Result<BlockedI4> {
+/// A `[K, N]` weight quantized like [`quantize_blocked_u4`] (`asymmetric`) or [`quantize_blocked_i4`], in the form
+/// ONNX stores it: codes and zero points packed two per byte ([`pack_int4`]). What the QDQ rewrite writes; the
+/// codes are packed as they are made (no unpacked copy of the weight) when `N` is even.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedBlockedI4 {
+    /// Rows per block.
+    pub block: usize,
+    /// Scales, row-major `[ceil(K / block), N]`.
+    pub scales: Vec<f32>,
+    /// The codes, `[K, N]` packed.
+    pub packed: Vec<u8>,
+    /// Zero points, `[ceil(K / block), N]` packed (uint4), when asymmetric.
+    pub packed_zero_points: Option<Vec<u8>>,
+}
+
+/// [`quantize_blocked_u4`] (`asymmetric`) or [`quantize_blocked_i4`], packed: the same bytes as their
+/// [`BlockedI4::packed`], [`BlockedI4::scales`] and [`BlockedI4::packed_zero_points`].
+pub fn quantize_blocked_packed(
+    w: &[f32],
+    k: usize,
+    n: usize,
+    block: usize,
+    asymmetric: bool,
+) -> Result<PackedBlockedI4> {
+    check_blocked(w, k, n, block)?;
+    let (packed, scales, zeros) = crate::blocked::quantize_packed(w, k, n, block, asymmetric);
+    let packed_zero_points = zeros.map(|z| crate::blocked::pack(bytemuck::cast_slice(&z)));
+    Ok(PackedBlockedI4 { block, scales, packed, packed_zero_points })
+}
+
+fn check_blocked(w: &[f32], k: usize, n: usize, block: usize) -> Result<()> {
     validate_block_size(block)?;
     ensure_len("weight [K, N]", k * n, w.len())?;
-    if let Some(index) = crate::blocked::first_non_finite(w) {
-        return Err(CalibError::NonFinite { what: "weight".into(), index, value: w[index] });
+    match crate::blocked::first_non_finite(w) {
+        Some(index) => Err(CalibError::NonFinite { what: "weight".into(), index, value: w[index] }),
+        None => Ok(()),
     }
+}
+
+fn quantize_blocked(w: &[f32], k: usize, n: usize, block: usize, asymmetric: bool) -> Result<BlockedI4> {
+    check_blocked(w, k, n, block)?;
     // The clip search per block and column, vectorized across columns and run on every core; the bytes are those
     // of the scalar definition in the docs above (`blocked.rs` says how, and its tests hold it to that).
     Ok(crate::blocked::quantize(w, k, n, block, asymmetric))

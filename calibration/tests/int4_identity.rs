@@ -6,7 +6,9 @@
 use prost::Message;
 use r1_calibration::external::ExternalDataWriter;
 use r1_calibration::qdq::{quantize_model, QdqOptions, QuantScheme};
-use r1_calibration::quant::{quantize_blocked_i4, quantize_blocked_u4, quantize_per_channel, BlockedI4};
+use r1_calibration::quant::{
+    quantize_blocked_i4, quantize_blocked_packed, quantize_blocked_u4, quantize_per_channel, BlockedI4,
+};
 use r1_proto::onnx::tensor_proto::DataType;
 use r1_proto::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
 
@@ -105,6 +107,12 @@ fn blocked_int4_and_int8_bytes_are_the_scalar_implementations() {
         let w = weight(k, n, kind, i as u64 + 1);
         let u4 = blocked_hash(&quantize_blocked_u4(&w, k, n, block).unwrap());
         let i4 = blocked_hash(&quantize_blocked_i4(&w, k, n, block).unwrap());
+        // The packed form the QDQ rewrite writes (packed while quantizing when N is even) has the same bytes.
+        for (asymmetric, unpacked) in [(true, u4), (false, i4)] {
+            let p = quantize_blocked_packed(&w, k, n, block, asymmetric).unwrap();
+            let zp = p.packed_zero_points.unwrap_or_default();
+            assert_eq!(fnv(&[&p.packed, &f32_bytes(&p.scales), &zp]), unpacked, "case {i}, asymmetric {asymmetric}");
+        }
         let q8 = quantize_per_channel(&w, k, n).unwrap();
         let i8 = fnv(&[&q8.values.iter().map(|&v| v as u8).collect::<Vec<_>>(), &f32_bytes(&q8.scales)]);
         got.push((u4, i4, i8));
