@@ -13,7 +13,6 @@
 //!   search runs vectorized on every core (`blocked.rs`).
 //! - [`error`]: the crate's one error type, [`CalibError`].
 pub mod awq;
-mod blocked;
 pub mod calibrate;
 pub mod dataset;
 pub mod error;

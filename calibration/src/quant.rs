@@ -20,6 +20,8 @@
 //!   `2i + 1` in the high nibble; an odd count leaves the last high nibble zero ([`pack_int4`]).
 use crate::error::{ensure_finite, ensure_len, CalibError, Result};
 
+mod blocked;
+
 /// Largest INT8 magnitude used by symmetric quantization (`scale = amax / 127`).
 pub const INT8_QMAX: f32 = 127.0;
 /// Largest INT4 magnitude used by symmetric quantization (`scale = amax / 7`).
@@ -127,18 +129,18 @@ impl PerChannelI8 {
 /// Per-column amax of a row-major `[K, N]` matrix.
 pub fn column_abs_max(w: &[f32], k: usize, n: usize) -> Result<Vec<f32>> {
     ensure_len("weight [K, N]", k * n, w.len())?;
-    Ok(crate::blocked::column_abs_max(w, n))
+    Ok(blocked::column_abs_max(w, n))
 }
 
 /// Quantizes a row-major `[K, N]` weight per output column: `scale[n] = amax(column n) / 127`. (On every core;
 /// the codes are [`quantize_i8`]'s.)
 pub fn quantize_per_channel(w: &[f32], k: usize, n: usize) -> Result<PerChannelI8> {
-    if let Some(index) = crate::blocked::first_non_finite(w) {
+    if let Some(index) = blocked::first_non_finite(w) {
         return Err(CalibError::NonFinite { what: "weight".into(), index, value: w[index] });
     }
     let amax = column_abs_max(w, k, n)?;
     let scales = amax.iter().map(|&a| scale_from_amax(a, INT8_QMAX)).collect::<Result<Vec<_>>>()?;
-    let values = crate::blocked::quantize_columns_i8(w, &scales);
+    let values = blocked::quantize_columns_i8(w, &scales);
     Ok(PerChannelI8 { k, n, scales, values })
 }
 
@@ -194,7 +196,7 @@ impl BlockedI4 {
 
     /// Codes packed two per byte as ONNX stores int4 / uint4 (low nibble first), as [`pack_int4`] does.
     pub fn packed(&self) -> Vec<u8> {
-        crate::blocked::pack(&self.values)
+        blocked::pack(&self.values)
     }
 
     /// Zero points packed two per byte (uint4), when asymmetric.
@@ -265,15 +267,15 @@ pub fn quantize_blocked_packed(
     asymmetric: bool,
 ) -> Result<PackedBlockedI4> {
     check_blocked(w, k, n, block)?;
-    let (packed, scales, zeros) = crate::blocked::quantize_packed(w, k, n, block, asymmetric);
-    let packed_zero_points = zeros.map(|z| crate::blocked::pack(bytemuck::cast_slice(&z)));
+    let (packed, scales, zeros) = blocked::quantize_packed(w, k, n, block, asymmetric);
+    let packed_zero_points = zeros.map(|z| blocked::pack(bytemuck::cast_slice(&z)));
     Ok(PackedBlockedI4 { block, scales, packed, packed_zero_points })
 }
 
 fn check_blocked(w: &[f32], k: usize, n: usize, block: usize) -> Result<()> {
     validate_block_size(block)?;
     ensure_len("weight [K, N]", k * n, w.len())?;
-    match crate::blocked::first_non_finite(w) {
+    match blocked::first_non_finite(w) {
         Some(index) => Err(CalibError::NonFinite { what: "weight".into(), index, value: w[index] }),
         None => Ok(()),
     }
@@ -283,7 +285,7 @@ fn quantize_blocked(w: &[f32], k: usize, n: usize, block: usize, asymmetric: boo
     check_blocked(w, k, n, block)?;
     // The clip search per block and column, vectorized across columns and run on every core; the bytes are those
     // of the scalar definition in the docs above (`blocked.rs` says how, and its tests hold it to that).
-    Ok(crate::blocked::quantize(w, k, n, block, asymmetric))
+    Ok(blocked::quantize(w, k, n, block, asymmetric))
 }
 
 /// Packs int4 values (each in `[-8, 7]`) two per byte: element `2i` in the low nibble of byte `i`, element

@@ -1,5 +1,5 @@
-//! The blocked INT4 quantization behind [`crate::quant::quantize_blocked_u4`] and
-//! [`crate::quant::quantize_blocked_i4`], on every core and in vector registers, with the bytes of the scalar
+//! The blocked INT4 quantization behind [`super::quantize_blocked_u4`] and
+//! [`super::quantize_blocked_i4`], on every core and in vector registers, with the bytes of the scalar
 //! definition.
 //!
 //! The work is the MSE clip search: every `block × 1` column slice of a `[K, N]` weight tries the 21 clip ratios
@@ -27,11 +27,11 @@
 //!   codes and its own row of scales.
 use rayon::prelude::*;
 
-use crate::quant::{BlockedI4, INT4_CLIP_RATIOS, INT4_QMAX, UINT4_QMAX};
+use super::{BlockedI4, INT4_CLIP_RATIOS, INT4_QMAX, UINT4_QMAX};
 
 /// Columns searched together: one AVX-512 register of f32 (two AVX2 ones).
 pub(crate) const LANES: usize = 16;
-/// The longest block ([`crate::quant::INT4_BLOCK_SIZES`]).
+/// The longest block ([`super::INT4_BLOCK_SIZES`]).
 const MAX_BLOCK: usize = 128;
 
 type Lanes = [f32; LANES];
@@ -161,7 +161,7 @@ fn search_i4<const NATIVE: bool>(x: &[Lanes], scale: &mut Lanes) {
 
 /// One block of rows: the search over every group of [`LANES`] columns, then the codes. `w` holds the block's
 /// rows (`rows × n`); `out` gets their codes, one per byte (`PACKED` false) or two per byte as
-/// [`crate::quant::pack_int4`] lays them out (`PACKED` true, for an even `n`: a row then starts on a byte, and so
+/// [`super::pack_int4`] lays them out (`PACKED` true, for an even `n`: a row then starts on a byte, and so
 /// does every group of columns); `scales` / `zeros` are the block's row of `[blocks, N]`.
 #[inline(always)]
 fn block_body<const NATIVE: bool, const PACKED: bool>(
@@ -296,7 +296,7 @@ pub(crate) fn quantize(w: &[f32], k: usize, n: usize, block: usize, asymmetric: 
     BlockedI4 { k, n, block, scales, zero_points: asymmetric.then_some(zeros), values }
 }
 
-/// [`quantize`] with the codes packed as [`crate::quant::pack_int4`] packs them, written packed by the search when
+/// [`quantize`] with the codes packed as [`super::pack_int4`] packs them, written packed by the search when
 /// `n` is even (no unpacked copy, no packing pass); returns (packed codes, scales, zero points when asymmetric).
 pub(crate) fn quantize_packed(
     w: &[f32],
@@ -317,7 +317,7 @@ pub(crate) fn quantize_packed(
 /// Rows of a `[K, N]` weight per task of the per-channel int8 work.
 const ROWS_PER_TASK: usize = 64;
 
-/// [`crate::quant::column_abs_max`] on every core: column maxima of row bands, then of the bands (a maximum does
+/// [`super::column_abs_max`] on every core: column maxima of row bands, then of the bands (a maximum does
 /// not depend on the order it is taken in).
 pub(crate) fn column_abs_max(w: &[f32], n: usize) -> Vec<f32> {
     if n == 0 {
@@ -341,7 +341,7 @@ pub(crate) fn column_abs_max(w: &[f32], n: usize) -> Vec<f32> {
     w.par_chunks(ROWS_PER_TASK * n).map(band).reduce(|| vec![0.0f32; n], combine)
 }
 
-/// Per-column int8 codes of a row-major `[K, N]` weight (`N = scales.len()`), [`crate::quant::quantize_i8`] of each
+/// Per-column int8 codes of a row-major `[K, N]` weight (`N = scales.len()`), [`super::quantize_i8`] of each
 /// element with its column's scale, on every core. The quotient is clamped to ±256 before rounding (codes saturate
 /// at 127 / -128, so none changes) and rounded as [`round_code`] does.
 pub(crate) fn quantize_columns_i8(w: &[f32], scales: &[f32]) -> Vec<i8> {
@@ -362,7 +362,7 @@ pub(crate) fn quantize_columns_i8(w: &[f32], scales: &[f32]) -> Vec<i8> {
     out
 }
 
-/// [`crate::quant::pack_int4`] on every core: chunks of an even length pack independently.
+/// [`super::pack_int4`] on every core: chunks of an even length pack independently.
 pub(crate) fn pack(values: &[i8]) -> Vec<u8> {
     const CHUNK: usize = 1 << 16;
     let mut out = vec![0u8; values.len().div_ceil(2)];
