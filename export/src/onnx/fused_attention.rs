@@ -375,8 +375,8 @@ fn topological_sort(g: &mut GraphProto) -> Result<()> {
 }
 
 /// Drops nodes none of whose outputs is read (by a later node or as a graph output), and then initializers
-/// nothing reads. `g.node` must be topologically sorted.
-fn remove_dead_nodes(g: &mut GraphProto) {
+/// nothing reads. `g.node` must be topologically sorted. (Also the sparse-experts rewrite's last pass.)
+pub(super) fn remove_dead_nodes(g: &mut GraphProto) {
     let mut live: HashSet<String> = g.output.iter().filter_map(|o| o.name.clone()).collect();
     let mut keep = vec![false; g.node.len()];
     for (i, n) in g.node.iter().enumerate().rev() {

@@ -49,7 +49,7 @@
 
 mod relayout;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 
 use r1_calibration::matmul_nbits::MS_DOMAIN;
@@ -234,7 +234,7 @@ pub fn sparse_experts(
             None => g.node.push(n),
         }
     }
-    remove_dead_nodes(g);
+    super::fused_attention::remove_dead_nodes(g);
     if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some(MS_DOMAIN)) {
         model.opset_import.push(OperatorSetIdProto { domain: Some(MS_DOMAIN.into()), version: Some(1) });
     }
@@ -283,20 +283,4 @@ fn layer_nodes(l: &Layer, top_k: usize) -> Vec<NodeProto> {
     });
     nodes.push(node(&n("weight_sum/Mul"), "Mul", &[&n("mixed"), &sum], &[&l.out]));
     nodes
-}
-
-/// Drops nodes none of whose outputs is read (by a later node or as a graph output), then initializers nothing
-/// reads. `g.node` must be topologically sorted.
-fn remove_dead_nodes(g: &mut GraphProto) {
-    let mut live: HashSet<String> = g.output.iter().filter_map(|o| o.name.clone()).collect();
-    let mut keep = vec![false; g.node.len()];
-    for (i, n) in g.node.iter().enumerate().rev() {
-        if n.output.iter().any(|o| live.contains(o)) {
-            keep[i] = true;
-            live.extend(n.input.iter().cloned());
-        }
-    }
-    let mut it = keep.into_iter();
-    g.node.retain(|_| it.next().unwrap_or(false));
-    g.initializer.retain(|t| t.name.as_ref().is_some_and(|n| live.contains(n)));
 }
