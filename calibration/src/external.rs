@@ -73,6 +73,15 @@ impl ExternalDataReader {
     /// A FLOAT tensor's values. External data is read straight into the values (no second copy of the tensor in
     /// memory, no conversion pass).
     pub fn tensor_f32(&self, t: &TensorProto) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.tensor_f32_into(t, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`ExternalDataReader::tensor_f32`] into `out` (replacing its content). A loop over many weights that passes
+    /// the same buffer reuses its memory: a fresh allocation of each weight would be faulted in and zeroed by the
+    /// kernel page by page, which cost more than reading the weight.
+    pub fn tensor_f32_into(&self, t: &TensorProto, out: &mut Vec<f32>) -> Result<()> {
         if t.data_type != Some(DataType::Float as i32) {
             return Err(CalibError::graph(
                 format!("tensor `{}`", tensor_name(t)),
@@ -81,23 +90,25 @@ impl ExternalDataReader {
         }
         let n = element_count(t)?;
         let what = || format!("payload bytes of tensor `{}`", tensor_name(t));
+        out.clear();
         if is_external(t) {
             let (mut f, length, path) = self.open_external(t)?;
             crate::error::ensure_len(&what(), n * 4, length as usize)?;
-            let mut out = vec![0.0f32; n];
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+            out.resize(n, 0.0);
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(out.as_mut_slice());
             f.read_exact(bytes).map_err(|source| CalibError::Io { op: "reading", path, source })?;
             // The file holds little-endian f32; on a little-endian host the bytes read are the values.
             if cfg!(target_endian = "big") {
-                for v in &mut out {
+                for v in out.iter_mut() {
                     *v = f32::from_bits(v.to_bits().swap_bytes());
                 }
             }
-            return Ok(out);
+            return Ok(());
         }
         let bytes = self.tensor_bytes(t)?;
         crate::error::ensure_len(&what(), n * 4, bytes.len())?;
-        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        Ok(())
     }
 
     fn read_external(&self, t: &TensorProto) -> Result<Vec<u8>> {

@@ -351,6 +351,8 @@ fn rewrite_nodes(
     let mut new_inits: Vec<TensorProto> = Vec::new();
     // New initializers before this index have been handed to `store`.
     let mut stored = 0;
+    // Every weight's fp32 values, one after the other, in one buffer (see `ExternalDataReader::tensor_f32_into`).
+    let mut values = Vec::new();
     let mut weight_dq: HashMap<String, String> = HashMap::new();
     let mut nodes = Vec::with_capacity(graph.node.len() + 3 * targets.len());
     let old_nodes = std::mem::take(&mut graph.node);
@@ -362,7 +364,7 @@ fn rewrite_nodes(
         let src = &sources[w];
         let (k, n) = (dim(src, 0)?, dim(src, 1)?);
         if !weight_dq.contains_key(w) {
-            let values = reader.tensor_f32(src)?;
+            reader.tensor_f32_into(src, &mut values)?;
             let dq = dequantized_weight(w, &values, k, n, opts.scheme, &mut new_inits)?;
             weight_dq.insert(w.clone(), dq.output[0].clone());
             nodes.push(dq);
