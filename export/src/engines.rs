@@ -260,10 +260,7 @@ pub fn optimize_cpu_graph(model: &Path, out: &Path, rel_dir: &str) -> Result<Cpu
     std::fs::create_dir_all(out).map_err(|source| EngineError::Io { path: out.to_path_buf(), source })?;
     let optimized = out.join(MODEL_FILE);
     let start = Instant::now();
-    let session = Session::builder(env)
-        .map_err(be)?
-        // The serving rewrite's float32 attention is r1's operator: ONNX Runtime must know it to load the graph.
-        .with_operators(r1_engine::backend::attention::domain().map_err(be)?)
+    let builder = Session::builder(env)
         .map_err(be)?
         .with_intra_threads(1)
         .map_err(be)?
@@ -275,8 +272,9 @@ pub fn optimize_cpu_graph(model: &Path, out: &Path, rel_dir: &str) -> Result<Cpu
         .with_config_entry("session.optimized_model_external_initializers_file_name", CPU_GRAPH_DATA)
         .map_err(be)?
         .with_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        .map_err(be)?
-        .commit_from_file(model)
+        .map_err(be)?;
+    // The serving rewrite's float32 attention is r1's operator: ONNX Runtime must know it to load the graph.
+    let session = r1_engine::backend::attention::commit_with_ops(builder, |mut b| b.commit_from_file(model))
         .map_err(|e| be(format!("cannot optimize {}: {e}", model.display())))?;
     drop(session);
     let duration_ms = start.elapsed().as_millis() as u64;

@@ -62,12 +62,11 @@ fn main() {
     let contexts = if contexts.is_empty() { vec![128, 2048, 4000] } else { contexts };
     let env = r1_engine::host::environment().expect("ONNX Runtime");
     let open = |domain: &str| {
-        Session::builder(env)
-            .unwrap()
-            .with_operators(r1_engine::backend::attention::domain().unwrap())
-            .unwrap()
-            .commit_from_memory(&r1_tests::attention_graph::model(domain, LAYERS, H, KV, D))
-            .unwrap()
+        let graph = r1_tests::attention_graph::model(domain, LAYERS, H, KV, D);
+        r1_engine::backend::attention::commit_with_ops(Session::builder(env).unwrap(), |mut b| {
+            b.commit_from_memory(&graph)
+        })
+        .unwrap()
     };
     let mut sessions = [open("r1"), open("com.microsoft")];
     // Outputs can be bound only to tensors ONNX Runtime allocated.

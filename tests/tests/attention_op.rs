@@ -26,11 +26,8 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
 
 fn session(domain: &str) -> Session {
     let env = r1_engine::host::environment().expect("ONNX Runtime");
-    Session::builder(env)
-        .unwrap()
-        .with_operators(r1_engine::backend::attention::domain().unwrap())
-        .unwrap()
-        .commit_from_memory(&r1_tests::attention_graph::model(domain, 1, H, KV, D))
+    let graph = r1_tests::attention_graph::model(domain, 1, H, KV, D);
+    r1_engine::backend::attention::commit_with_ops(Session::builder(env).unwrap(), |mut b| b.commit_from_memory(&graph))
         .unwrap()
 }
 

@@ -171,9 +171,7 @@ impl OrtBackend {
         if !path.is_file() {
             return Err(EngineError::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) });
         }
-        // r1's operators (the CPU serving graph's float32 attention) are known to every session.
-        let mut builder =
-            Session::builder(env).map_err(be)?.with_operators(super::attention::domain().map_err(be)?).map_err(be)?;
+        let mut builder = Session::builder(env).map_err(be)?;
         if preferred.is_some() {
             builder = builder.with_optimization_level(GraphOptimizationLevel::Level1).map_err(be)?;
             tracing::info!(graph, "ort CPU: using the graph optimized at export (r1-export --target cpu)");
@@ -184,8 +182,13 @@ impl OrtBackend {
         if !choice.providers.is_empty() {
             builder = builder.with_execution_providers(&choice.providers).map_err(be)?;
         }
-        let session =
-            builder.commit_from_file(&path).map_err(|e| be(format!("cannot load {}: {e}", path.display())))?;
+        // The CPU serving graph's float32 attention is r1's operator; other graphs need no registration.
+        let session = if preferred.is_some() {
+            super::attention::commit_with_ops(builder, |mut b| b.commit_from_file(&path))
+        } else {
+            builder.commit_from_file(&path)
+        }
+        .map_err(|e| be(format!("cannot load {}: {e}", path.display())))?;
         let dtype_of =
             |name: &str, default: DType| manifest.outputs.iter().find(|t| t.name == name).map_or(default, |t| t.dtype);
         tracing::info!(backend = choice.name, model = %path.display(), "ort session ready");

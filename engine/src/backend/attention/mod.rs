@@ -1,5 +1,6 @@
 //! `r1.GroupQueryAttention`: r1's own CPU kernel for the serving graph's attention, registered with ONNX Runtime as
-//! a custom operator (domain [`DOMAIN`]) on every session the engine and the exporter open.
+//! a custom operator (domain [`DOMAIN`]) on the sessions that load the CPU serving graph and on the exporter's
+//! optimization of it ([`commit_with_ops`], one registration at a time).
 //!
 //! It takes the inputs, attributes and outputs of `com.microsoft.GroupQueryAttention` as the exporter's serving
 //! rewrite emits them (`export/src/onnx/fused_attention.rs`: rotary from `position_ids` and the cos/sin tables,
@@ -19,7 +20,9 @@
 pub mod kernel;
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
+use ort::session::builder::SessionBuilder;
 use ort::value::TensorElementType as T;
+use std::sync::Mutex;
 
 use kernel::{Buffers, Dims, RowSpan, QUERY_TILE};
 
@@ -28,9 +31,24 @@ pub const DOMAIN: &str = "r1";
 /// The operator's type name (the same as ONNX Runtime's, in [`DOMAIN`]).
 pub const OP_TYPE: &str = "GroupQueryAttention";
 
-/// The domain to register on a session (`SessionBuilder::with_operators`).
+/// The domain to register on a session (`SessionBuilder::with_operators`); prefer [`commit_with_ops`].
 pub fn domain() -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?.add(GroupQueryAttention)
+}
+
+/// Registers r1's operators on `builder` and commits it with `commit` (e.g. `|b| b.commit_from_file(path)`).
+///
+/// ONNX Runtime adds a custom domain to ONNX's process-wide domain table by check-then-insert, which fails
+/// ("Trying to add a domain to DomainToVersion map, but the domain is already exist") when two sessions register
+/// it at the same moment; so sessions that register it are committed one at a time, under one lock.
+pub fn commit_with_ops<T>(
+    builder: SessionBuilder,
+    commit: impl FnOnce(SessionBuilder) -> ort::Result<T>,
+) -> ort::Result<T> {
+    static REGISTERING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = REGISTERING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let builder = builder.with_operators(domain()?).map_err(|e| ort::Error::new(e.to_string()))?;
+    commit(builder)
 }
 
 struct GroupQueryAttention;
