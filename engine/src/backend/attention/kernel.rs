@@ -131,66 +131,46 @@ pub unsafe fn append(d: &Dims, buf: &Buffers, b: usize, g: usize, span: RowSpan,
     }
 }
 
-/// Phase two for row `b`, key/value head `g`, query positions `tile` (a range of at most [`QUERY_TILE`]): rotates
-/// the group's queries, scores them against the row's keys (causal: query `s` sees positions `..= past + s`),
-/// softmaxes, sums the values and writes the output rows; padding queries get zeros.
+/// One attention task: row `b`, key/value head `g`, query positions `tile` (a range of at most [`QUERY_TILE`]).
+#[derive(Debug, Clone)]
+pub struct Task<'a> {
+    pub b: usize,
+    pub g: usize,
+    pub span: RowSpan,
+    pub tile: std::ops::Range<usize>,
+    /// The row's rotary position of each of its `S` inputs.
+    pub positions: &'a [usize],
+    pub scale: f32,
+}
+
+/// Phase two for one [`Task`]: rotates the group's queries, scores them against the row's keys (causal: query `s`
+/// sees positions `..= past + s`), softmaxes, sums the values and writes the output rows; padding queries get zeros.
 ///
 /// # Safety
 /// As [`append`], after `append` ran for `(b, g)`; no other task writes the output rows of `(b, tile)` for the
 /// heads of group `g`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn attend(
-    d: &Dims,
-    buf: &Buffers,
-    b: usize,
-    g: usize,
-    span: RowSpan,
-    tile: std::ops::Range<usize>,
-    positions: &[usize],
-    scale: f32,
-) {
+pub unsafe fn attend(d: &Dims, buf: &Buffers, task: &Task) {
     // SAFETY: the caller's guarantee.
-    unsafe { attend_with(true, d, buf, b, g, span, tile, positions, scale) }
+    unsafe { attend_with(true, d, buf, task) }
 }
 
 /// [`attend`], with the AVX2 loops only when `simd` (the tests run both forms).
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_with(
-    simd: bool,
-    d: &Dims,
-    buf: &Buffers,
-    b: usize,
-    g: usize,
-    span: RowSpan,
-    tile: std::ops::Range<usize>,
-    positions: &[usize],
-    scale: f32,
-) {
+unsafe fn attend_with(simd: bool, d: &Dims, buf: &Buffers, task: &Task) {
     #[cfg(target_arch = "x86_64")]
     if simd && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features; the rest is the caller's guarantee.
-        return unsafe { attend_avx2(d, buf, b, g, span, tile, positions, scale) };
+        return unsafe { attend_avx2(d, buf, task) };
     }
     let _ = simd;
     // SAFETY: the caller's guarantee.
-    unsafe { attend_body::<false>(d, buf, b, g, span, tile, positions, scale) }
+    unsafe { attend_body::<false>(d, buf, task) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx2(
-    d: &Dims,
-    buf: &Buffers,
-    b: usize,
-    g: usize,
-    span: RowSpan,
-    tile: std::ops::Range<usize>,
-    positions: &[usize],
-    scale: f32,
-) {
+unsafe fn attend_avx2(d: &Dims, buf: &Buffers, task: &Task) {
     // SAFETY: the caller's guarantee.
-    unsafe { attend_body::<true>(d, buf, b, g, span, tile, positions, scale) }
+    unsafe { attend_body::<true>(d, buf, task) }
 }
 
 /// `a · b + c`, fused where the code is compiled for FMA.
@@ -297,17 +277,8 @@ fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_body<const FMA: bool>(
-    d: &Dims,
-    buf: &Buffers,
-    b: usize,
-    g: usize,
-    span: RowSpan,
-    tile: std::ops::Range<usize>,
-    positions: &[usize],
-    scale: f32,
-) {
+unsafe fn attend_body<const FMA: bool>(d: &Dims, buf: &Buffers, task: &Task) {
+    let Task { b, g, span, ref tile, positions, scale } = *task;
     let (hd, group) = (d.head_dim, d.group());
     let half = hd / 2;
     let row_width = d.heads * hd;

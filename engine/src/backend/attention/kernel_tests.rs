@@ -88,7 +88,8 @@ fn run_with(c: &Case, in_place: bool, simd: bool) -> (Vec<f32>, Vec<f32>, Vec<f3
             while s < d.seq {
                 let tile = s..(s + QUERY_TILE).min(d.seq);
                 // SAFETY: as above.
-                unsafe { attend_with(simd, &d, &buf, b, g, c.spans[b], tile, &c.positions[b], scale) };
+                let task = Task { b, g, span: c.spans[b], tile, positions: &c.positions[b], scale };
+                unsafe { attend_with(simd, &d, &buf, &task) };
                 s += QUERY_TILE;
             }
         }

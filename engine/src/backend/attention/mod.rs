@@ -239,7 +239,8 @@ impl Kernel for AttentionKernel {
         ctx.par_for(heads * tiles, 0, |i| unsafe {
             let (b, g, t) = (i / (d.kv_heads * tiles), i / tiles % d.kv_heads, i % tiles);
             let tile = t * QUERY_TILE..((t + 1) * QUERY_TILE).min(seq);
-            kernel::attend(&d, &buf, b, g, spans[b], tile, &positions[b * seq..(b + 1) * seq], scale);
+            let positions = &positions[b * seq..(b + 1) * seq];
+            kernel::attend(&d, &buf, &kernel::Task { b, g, span: spans[b], tile, positions, scale });
         })?;
         Ok(())
     }
