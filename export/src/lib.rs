@@ -15,6 +15,7 @@ pub mod arch;
 pub mod artifact;
 pub mod build_lock;
 pub mod checkpoint;
+pub mod draft;
 pub mod engines;
 pub mod error;
 pub mod fixture;
@@ -61,6 +62,9 @@ pub struct ExportOptions {
     pub opset: i64,
     /// Target name (`cpu`); GPU targets come with the engine-build issue.
     pub target: String,
+    /// Export the draft graph (`mtp.onnx`, DeepseekV3's multi-token-prediction module) when the checkpoint's
+    /// config declares one (`num_nextn_predict_layers > 0`); `false` is `r1-export --no-draft`.
+    pub draft: bool,
 }
 
 impl ExportOptions {
@@ -72,6 +76,7 @@ impl ExportOptions {
             precision: Precision::Fp32,
             opset: DEFAULT_OPSET,
             target: "cpu".into(),
+            draft: true,
         }
     }
 }
@@ -106,6 +111,10 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
     let (config_path, config) = checkpoint::read_config(&opts.checkpoint)?;
     let family = arch::from_config(&config_path, &config)?;
     let ck = checkpoint::Checkpoint::open(&opts.checkpoint)?;
+    let draft_layer = family.draft_layer().filter(|_| opts.draft);
+    if draft_layer.is_some() {
+        family.check_draft(&ck)?;
+    }
     // Validate the opset before creating anything on disk.
     GraphBuilder::new(opts.opset, None)?;
     let tmp = artifact::TempArtifact::create(&opts.out_dir)?;
@@ -120,6 +129,7 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
             ck: &ck,
             dtype,
             progress: Box::new(|name, bytes| progress(Progress::Tensor { name, bytes })),
+            last_hidden_state: draft_layer.is_some(),
         };
         family.build(&mut ctx)?;
         let kv_dtype = ctx.kv_dtype();
@@ -136,6 +146,10 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         opts.opset
     );
     let (model, data) = b.finish(family.family().name(), &doc)?;
+    let draft = match draft_layer {
+        Some(layer) => Some(draft::export_draft(family.as_ref(), &ck, tmp.path(), opts, layer, &mut *progress)?),
+        None => None,
+    };
     progress(Progress::Finishing);
 
     let model_path = tmp.path().join(MODEL_FILE);
@@ -146,7 +160,17 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         files.insert(d.location.clone(), r1_engine::manifest::FileEntry { sha256: d.sha256, bytes: d.bytes });
     }
 
+    let draft = draft.map(|(record, entries)| {
+        files.extend(entries);
+        record
+    });
+
     let mut notes = family.notes();
+    if let (None, Some(layer)) = (&draft, family.draft_layer()) {
+        notes.push(format!(
+            "skipped the multi-token-prediction module model.layers.{layer} (--no-draft): no draft graph"
+        ));
+    }
     if !Path::new(&opts.checkpoint).join("tokenizer.json").is_file() {
         notes.push("checkpoint has no tokenizer.json; the artifact cannot tokenize text".into());
     }
@@ -183,6 +207,7 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         files,
         targets: Targets::default(),
         quantization: None,
+        draft,
     };
     tmp.commit(&manifest)?;
     Ok(manifest)

@@ -140,6 +140,13 @@ struct ExportArgs {
     #[arg(long, env = "R1_EXPORT_OPSET")]
     opset: Option<i64>,
 
+    /// Do not export the draft graph. A DeepseekV3 checkpoint whose config.json has num_nextn_predict_layers > 0
+    /// (DeepSeek-R1: 1) carries a multi-token-prediction module (layer num_hidden_layers, 61 in R1); by default it
+    /// is exported as mtp.onnx beside model.onnx (manifest `draft`, for speculative decoding) and model.onnx also
+    /// outputs last_hidden_state. With this flag that module is skipped (and may be absent from the checkpoint).
+    #[arg(long, env = "R1_EXPORT_NO_DRAFT")]
+    no_draft: bool,
+
     #[command(flatten)]
     quant: QuantArgs,
 
@@ -277,6 +284,7 @@ fn run_export(args: ExportArgs) -> anyhow::Result<()> {
         opset: args.opset.unwrap_or(default_opset),
         // The exporter writes the portable graph; targets are built on it below.
         target: "cpu".into(),
+        draft: !args.no_draft,
     };
     let bar = progress_bar(args.quiet);
     let start = std::time::Instant::now();

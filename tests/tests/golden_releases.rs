@@ -135,9 +135,10 @@ fn yarn_releases_have_a_far_position_reference() {
 }
 
 /// The export of each release case reads or lists every config.json key (none unknown), and DeepSeek-R1's MTP
-/// layer, whose tensors are in the checkpoint, is skipped on purpose: noted in the manifest, absent from the graph.
+/// layer, whose tensors are in the checkpoint, is the draft graph (`mtp.onnx`, `manifest.draft`), absent from the
+/// main graph.
 #[test]
-fn release_exports_account_for_every_key_and_skip_the_mtp_layer() {
+fn release_exports_account_for_every_key_and_export_the_mtp_layer_as_the_draft() {
     use r1_export::arch::config_keys::{keys_read, UNKNOWN};
     let tmp = tempfile::tempdir().unwrap();
     for (case, meta) in release_cases() {
@@ -168,20 +169,24 @@ fn release_exports_account_for_every_key_and_skip_the_mtp_layer() {
             let key = format!("model.layers.{n}.{part}");
             assert!(names.iter().any(|t| t.starts_with(&key)), "{name}: the checkpoint lacks {key}*");
         }
-        assert!(notes.contains("multi-token-prediction") && notes.contains(&format!("model.layers.{n}")), "{notes}");
+        assert_eq!(m.draft.as_ref().map(|d| d.source_layer as u64), Some(n), "{name}: the draft record");
         let out = tmp.path().join(&name);
-        let model =
-            r1_proto::onnx::ModelProto::decode(std::fs::read(out.join("model.onnx")).unwrap().as_slice()).unwrap();
-        let graph = model.graph.unwrap();
-        let in_graph: Vec<&str> = graph
-            .initializer
-            .iter()
-            .filter_map(|t| t.name.as_deref())
-            .chain(graph.node.iter().filter_map(|n| n.name.as_deref()))
-            .collect();
-        let of_layer = |i: u64| in_graph.iter().filter(|t| t.contains(&format!("layers.{i}."))).count();
-        assert!(of_layer(n - 1) > 0, "{name}: the graph names its layers otherwise than expected");
-        assert_eq!(of_layer(n), 0, "{name}: the graph holds MTP layer {n} tensors");
+        let names_in = |file: &str| -> Vec<String> {
+            let bytes = std::fs::read(out.join(file)).unwrap();
+            let graph = r1_proto::onnx::ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
+            graph
+                .initializer
+                .iter()
+                .filter_map(|t| t.name.clone())
+                .chain(graph.node.iter().filter_map(|n| n.name.clone()))
+                .collect()
+        };
+        let (main, draft) = (names_in("model.onnx"), names_in(r1_engine::manifest::names::MTP_FILE));
+        let of_layer = |names: &[String], i: u64| names.iter().filter(|t| t.contains(&format!("layers.{i}."))).count();
+        assert!(of_layer(&main, n - 1) > 0, "{name}: the graph names its layers otherwise than expected");
+        assert_eq!(of_layer(&main, n), 0, "{name}: the main graph holds MTP layer {n} tensors");
+        assert!(of_layer(&draft, n) > 10, "{name}: the draft graph lacks MTP layer {n}");
+        assert_eq!(of_layer(&draft, n - 1), 0, "{name}: the draft graph holds main layer {} tensors", n - 1);
     }
 }
 

@@ -8,9 +8,11 @@
 //!   model.onnx               portable decoder graph (standard ONNX ops)
 //!   model.onnx.data          external weights (deterministic layout, 4 KiB-aligned tensors)
 //!   tokenizer.json, tokenizer_config.json, generation_config.json   copied from the checkpoint
+//!   mtp.onnx, mtp.onnx.data  the draft graph (DeepseekV3's multi-token-prediction module, optional; `draft`)
 //!   engines/<target>/...     per-GPU TensorRT builds (optional)
 //! ```
 
+pub mod draft;
 pub mod integrity;
 pub mod kinds;
 pub mod names;
@@ -26,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 
+pub use draft::DraftGraph;
 pub use integrity::{verify_entries, IntegrityError, IntegrityReport};
 pub use kinds::{Family, Precision, UnknownName};
 pub use names::MANIFEST_FILE;
@@ -69,6 +72,9 @@ pub struct Manifest {
     /// Calibration / quantization summary when the graph is quantized.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<serde_json::Value>,
+    /// The draft graph for speculative decoding (DeepseekV3's MTP module), when exported; absent in older manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft: Option<DraftGraph>,
 }
 
 /// The tool that wrote the artifact.
@@ -285,6 +291,12 @@ impl Manifest {
         }
         if !self.outputs.iter().any(|t| t.name == names::LOGITS) {
             return Err(bad("graph output `logits` is missing".into()));
+        }
+        if let Some(d) = &self.draft {
+            d.check(&self.outputs).map_err(bad)?;
+            if !self.files.contains_key(&d.graph) {
+                return Err(bad(format!("draft.graph `{}` is not listed in files", d.graph)));
+            }
         }
         Ok(())
     }

@@ -10,6 +10,10 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const MODEL_FILE: &str = "model.onnx";
 /// The portable graph's external weights.
 pub const DATA_FILE: &str = "model.onnx.data";
+/// The draft graph (DeepseekV3's multi-token-prediction module, `manifest.draft`).
+pub const MTP_FILE: &str = "mtp.onnx";
+/// The draft graph's external weights.
+pub const MTP_DATA_FILE: &str = "mtp.onnx.data";
 /// Folder of per-target builds.
 pub const ENGINES_DIR: &str = "engines";
 /// `engines/<target>`: a target's build folder, relative to the artifact directory (always `/`-separated).
@@ -31,6 +35,11 @@ pub const ATTENTION_MASK: &str = "attention_mask";
 pub const POSITION_IDS: &str = "position_ids";
 /// Next-token logits (always float32).
 pub const LOGITS: &str = "logits";
+/// The last decoder layer's output before the final norm, `[batch, sequence, hidden]`: an output of the main graph
+/// when a draft graph is exported, and of the draft graph itself.
+pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
+/// The draft graph's input taking the main graph's (or its own) `last_hidden_state`.
+pub const HIDDEN_STATES: &str = "hidden_states";
 /// Inputs every graph has besides the cache.
 pub const REQUIRED_INPUTS: [&str; 3] = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS];
 

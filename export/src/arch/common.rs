@@ -23,6 +23,9 @@ pub struct Ctx<'a> {
     pub dtype: ElemType,
     /// Called after each weight with its checkpoint key and byte size (progress bar).
     pub progress: ProgressFn<'a>,
+    /// Also output the last decoder layer's output before the final norm (`last_hidden_state`): set when a draft
+    /// graph is exported, which takes it (families without a draft graph never are asked).
+    pub last_hidden_state: bool,
 }
 
 /// Progress callback of a build: checkpoint key and byte size of each weight written.

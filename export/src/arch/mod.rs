@@ -22,6 +22,7 @@ use r1_engine::manifest::{DType, Family, KvCacheInfo, ModelInfo};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
 use common::Ctx;
 use dense::DenseSpec;
@@ -52,6 +53,23 @@ pub trait FamilyGraph {
     }
     /// Builds the graph, streaming weights from `ctx.ck`.
     fn build(&self, ctx: &mut Ctx) -> Result<()>;
+    /// The checkpoint layer of the draft module the config declares (DeepseekV3's first multi-token-prediction
+    /// module, `num_hidden_layers`), or `None`: then there is no draft graph and the `*_draft` methods are unused.
+    fn draft_layer(&self) -> Option<usize> {
+        None
+    }
+    /// Checks that `ck` holds every tensor of the draft module (before anything is built).
+    fn check_draft(&self, _ck: &Checkpoint) -> Result<()> {
+        Ok(())
+    }
+    /// The draft graph's KV-cache description.
+    fn draft_kv_cache(&self, dtype: DType) -> KvCacheInfo {
+        self.kv_cache(dtype)
+    }
+    /// Builds the draft graph (`manifest.draft`), streaming weights from `ctx.ck`.
+    fn build_draft(&self, _ctx: &mut Ctx) -> Result<()> {
+        Err(ExportError::Graph(format!("{} has no draft graph", self.architecture())))
+    }
 }
 
 /// A dense family (Llama, Qwen2, Qwen3).

@@ -24,6 +24,7 @@ use r1_calibration::report::{AccuracyRow, QualityReport};
 use r1_calibration::CalibError;
 use r1_engine::backend::BackendKind;
 use r1_engine::eval::{self, EvalOptions};
+use r1_engine::manifest::names::{MTP_DATA_FILE, MTP_FILE};
 use r1_engine::manifest::{Manifest, Precision};
 use r1_engine::text::{ChatTemplate, Tokenizer};
 use r1_engine::{Engine, EngineOptions};
@@ -268,6 +269,13 @@ pub fn export_quantized(
 
     progress(QuantProgress::Rewriting);
     let tmp = artifact::TempArtifact::create(&opts.out_dir)?;
+    // The draft graph (DeepseekV3's MTP module, `manifest.draft`) is carried over at fp32, unquantized.
+    for rel in [MTP_FILE, MTP_DATA_FILE] {
+        let (from, to) = (staging.0.join(rel), tmp.path().join(rel));
+        if from.is_file() {
+            std::fs::rename(&from, &to).map_err(ExportError::io(&to))?;
+        }
+    }
     let (summary, data) = quantize_model_hashed(&mut model, &staging.0, tmp.path(), DATA_FILE, &qopts)?;
     // Hashed as it was written: the artifact's largest file is not read again.
     let data = data.sha256.map(|sha256| r1_engine::manifest::FileEntry { sha256, bytes: data.bytes });
@@ -366,7 +374,7 @@ fn artifact_files(
     data: Option<r1_engine::manifest::FileEntry>,
 ) -> Result<BTreeMap<String, r1_engine::manifest::FileEntry>> {
     let mut files = artifact::copy_checkpoint_files(checkpoint, dir)?;
-    for rel in [MODEL_FILE, DATA_FILE, REPORT_FILE, CACHE_FILE] {
+    for rel in [MODEL_FILE, DATA_FILE, REPORT_FILE, CACHE_FILE, MTP_FILE, MTP_DATA_FILE] {
         let p = dir.join(rel);
         if p.is_file() {
             let known = data.clone().filter(|_| rel == DATA_FILE);

@@ -45,16 +45,18 @@ pub(crate) fn permute_rows(m: &mut [f32], cols: usize, group: usize, offset: usi
     }
 }
 
-/// One MLA block; returns the attention output `[B, S, hidden]` (after o_proj).
+/// One MLA block; returns the attention output `[B, S, hidden]` (after o_proj). The weights are checkpoint layer
+/// `layer`'s; the cache is the graph's `past_key_values.{cache_layer}` / `present.{cache_layer}` (the same index in
+/// the main graph; 0 in the draft graph, whose one layer is checkpoint layer `num_hidden_layers`).
 pub(super) fn attention(
     ctx: &mut Ctx,
     cfg: &DeepseekV3Config,
-    layer: usize,
+    (layer, cache_layer): (usize, usize),
     x: &str,
     mask: &AttentionMask,
     rot: &Rotary,
 ) -> Result<String> {
-    let m = MlaLayer::new(cfg, layer);
+    let m = MlaLayer::new(cfg, layer, cache_layer);
     let (q_nope, q_rot) = query(ctx, &m, x, rot)?;
     let (cache_latent, cache_rope) = compressed_kv(ctx, &m, x, rot)?;
     let (w_uk, w_uv) = absorbed_kv_b(ctx, &m)?;
@@ -65,7 +67,8 @@ pub(super) fn attention(
 /// One layer's node and weight name prefixes and attention sizes, shared by the steps of [`attention`].
 struct MlaLayer<'c> {
     cfg: &'c DeepseekV3Config,
-    layer: usize,
+    /// The graph's cache index of this layer.
+    cache_layer: usize,
     /// Node name prefix.
     p: String,
     /// Checkpoint weight name prefix.
@@ -82,12 +85,12 @@ struct MlaLayer<'c> {
 }
 
 impl<'c> MlaLayer<'c> {
-    /// Names and sizes of layer `layer` of `cfg`.
-    fn new(cfg: &'c DeepseekV3Config, layer: usize) -> Self {
+    /// Names and sizes of checkpoint layer `layer` of `cfg`, cached at the graph's `cache_layer`.
+    fn new(cfg: &'c DeepseekV3Config, layer: usize, cache_layer: usize) -> Self {
         let (nope, rope) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim);
         MlaLayer {
             cfg,
-            layer,
+            cache_layer,
             p: format!("/model/layers.{layer}/self_attn"),
             hf: format!("model.layers.{layer}.self_attn"),
             h: cfg.hidden_size,
@@ -155,7 +158,7 @@ fn compressed_kv(ctx: &mut Ctx, m: &MlaLayer, x: &str, rot: &Rotary) -> Result<(
     let latent = ctx.b.unsqueeze(&format!("{p}/latent/Unsqueeze"), &latent, &[1])?; // [B,1,S,rank]
     let k_rot = ctx.b.unsqueeze(&format!("{p}/k_rot/Unsqueeze"), &kvs[1], &[1])?; // [B,1,S,rope]
     let k_rot = ctx.apply_rotary(&format!("{p}/k_rotary"), &k_rot, rot)?;
-    ctx.kv_cache(m.layer, &latent, &k_rot, (1, rank), (1, rope))
+    ctx.kv_cache(m.cache_layer, &latent, &k_rot, (1, rank), (1, rope))
 }
 
 /// kv_b_proj, absorbed: writes W_uk [H, nope, rank] (query side) and W_uv [H, rank, v] (output side).

@@ -4,6 +4,8 @@
 //! - [`config`]: the config.json mirror, validation, YaRN rotary frequencies and the softmax-scale correction.
 //! - [`mla`]: the attention block; the cache holds the normalized latent and the rotated shared rope key.
 //! - [`moe`]: the router and the experts (dense masked compute, chosen by measurement, see `moe.rs`).
+//! - [`mtp`]: the multi-token-prediction module (checkpoint layer `num_hidden_layers`) as the draft graph
+//!   `mtp.onnx`; with it, the main graph also outputs `last_hidden_state` (before the final norm).
 //! - this file: the family entry point, the layer loop and weight reading (FP8 blocks dequantized while
 //!   streaming, one tensor at a time).
 //!
@@ -13,6 +15,7 @@
 pub mod config;
 mod mla;
 mod moe;
+pub mod mtp;
 
 /// The MoE router's weight (`model.layers.N.mlp.gate.weight`, as the checkpoint names it) ends so. Routers stay
 /// float32 in every precision, as in transformers; the quantizer leaves them float too (a rounded router picks other
@@ -25,7 +28,7 @@ use r1_engine::manifest::{DType, KvCacheInfo, ModelInfo};
 use safetensors::Dtype;
 use serde_json::Value;
 
-use super::common::Ctx;
+use super::common::{AttentionMask, Ctx, Rotary};
 use super::{parse_struct, FamilyGraph};
 use crate::checkpoint::convert::to_f32_vec;
 use crate::checkpoint::fp8::{dequantize, BlockLayout, Fp8Error};
@@ -109,11 +112,12 @@ impl FamilyGraph for DeepseekV3 {
     fn notes(&self) -> Vec<String> {
         let c = &self.cfg;
         let mut notes = Vec::new();
-        if c.num_nextn_predict_layers > 0 {
+        if c.num_nextn_predict_layers > 1 {
             notes.push(format!(
-                "skipped the multi-token-prediction layer(s) model.layers.{}.. (num_nextn_predict_layers = {}): \
-                 the graph predicts one token per step",
-                c.num_hidden_layers, c.num_nextn_predict_layers
+                "multi-token-prediction modules model.layers.{}.. past the first were not exported \
+                 (num_nextn_predict_layers = {}): the draft graph is the first module, chained on itself",
+                c.num_hidden_layers + 1,
+                c.num_nextn_predict_layers
             ));
         }
         if let Some(f) = &c.fp8 {
@@ -133,10 +137,23 @@ impl FamilyGraph for DeepseekV3 {
     fn build(&self, ctx: &mut Ctx) -> Result<()> {
         build(&self.cfg, ctx)
     }
+    fn draft_layer(&self) -> Option<usize> {
+        (self.cfg.num_nextn_predict_layers > 0).then_some(self.cfg.num_hidden_layers)
+    }
+    fn check_draft(&self, ck: &Checkpoint) -> Result<()> {
+        mtp::check_tensors(&self.cfg, ck)
+    }
+    fn draft_kv_cache(&self, dtype: DType) -> KvCacheInfo {
+        mtp::kv_cache(&self.cfg, dtype)
+    }
+    fn build_draft(&self, ctx: &mut Ctx) -> Result<()> {
+        mtp::build(&self.cfg, ctx)
+    }
 }
 
-/// Embeddings → layers (MLA + dense MLP or MoE) → final norm → LM head. The MTP layer (index
-/// `num_hidden_layers`) is never read.
+/// Embeddings → layers (MLA + dense MLP or MoE) → final norm → LM head. The MTP module (layer
+/// `num_hidden_layers`) is the draft graph ([`mtp`]); with `ctx.last_hidden_state` the main graph also outputs the
+/// last layer's output before the final norm, which the draft takes.
 fn build(cfg: &DeepseekV3Config, ctx: &mut Ctx) -> Result<()> {
     let h = cfg.hidden_size;
     let inputs = ctx.declare_inputs();
@@ -145,35 +162,47 @@ fn build(cfg: &DeepseekV3Config, ctx: &mut Ctx) -> Result<()> {
     let rot = ctx.rotary(&inputs, &inv_freq, attention_factor)?;
     let mut x = ctx.embed("model.embed_tokens.weight", &inputs.input_ids, cfg.vocab_size, h)?;
     for i in 0..cfg.num_hidden_layers {
-        let p = format!("/model/layers.{i}");
-        let hf = format!("model.layers.{i}");
-        let normed = ctx.rms_norm(
-            &format!("{p}/input_layernorm"),
-            &x,
-            &format!("{hf}.input_layernorm.weight"),
-            h,
-            cfg.rms_norm_eps,
-        )?;
-        let attn = mla::attention(ctx, cfg, i, &normed, &mask, &rot)?;
-        x = ctx.b.add(&format!("{p}/attn_residual/Add"), &x, &attn)?;
-        let normed = ctx.rms_norm(
-            &format!("{p}/post_attention_layernorm"),
-            &x,
-            &format!("{hf}.post_attention_layernorm.weight"),
-            h,
-            cfg.rms_norm_eps,
-        )?;
-        let mlp = if cfg.is_moe_layer(i) {
-            moe::moe(ctx, cfg, i, &normed)?
-        } else {
-            swiglu(ctx, cfg, &format!("{p}/mlp"), &normed, &format!("{hf}.mlp"), h, cfg.intermediate_size)?
-        };
-        x = ctx.b.add(&format!("{p}/mlp_residual/Add"), &x, &mlp)?;
+        x = decoder_layer(ctx, cfg, (i, i), &x, &mask, &rot)?;
+    }
+    if ctx.last_hidden_state {
+        mtp::hidden_output(ctx, &x, h)?;
     }
     let x = ctx.rms_norm("/model/norm", &x, "model.norm.weight", h, cfg.rms_norm_eps)?;
     let head = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
     ctx.lm_head(&x, head, h, cfg.vocab_size)?;
     Ok(())
+}
+
+/// One decoder layer (MLA + dense MLP or MoE, pre-norm residuals) of checkpoint layer `layer`, cached at the graph's
+/// `cache_layer`; returns the layer's output `[B, S, hidden]`.
+pub(crate) fn decoder_layer(
+    ctx: &mut Ctx,
+    cfg: &DeepseekV3Config,
+    (layer, cache_layer): (usize, usize),
+    x: &str,
+    mask: &AttentionMask,
+    rot: &Rotary,
+) -> Result<String> {
+    let h = cfg.hidden_size;
+    let p = format!("/model/layers.{layer}");
+    let hf = format!("model.layers.{layer}");
+    let eps = cfg.rms_norm_eps;
+    let normed = ctx.rms_norm(&format!("{p}/input_layernorm"), x, &format!("{hf}.input_layernorm.weight"), h, eps)?;
+    let attn = mla::attention(ctx, cfg, (layer, cache_layer), &normed, mask, rot)?;
+    let x = ctx.b.add(&format!("{p}/attn_residual/Add"), x, &attn)?;
+    let normed = ctx.rms_norm(
+        &format!("{p}/post_attention_layernorm"),
+        &x,
+        &format!("{hf}.post_attention_layernorm.weight"),
+        h,
+        eps,
+    )?;
+    let mlp = if cfg.is_moe_layer(layer) {
+        moe::moe(ctx, cfg, layer, &normed)?
+    } else {
+        swiglu(ctx, cfg, &format!("{p}/mlp"), &normed, &format!("{hf}.mlp"), h, cfg.intermediate_size)?
+    };
+    ctx.b.add(&format!("{p}/mlp_residual/Add"), &x, &mlp)
 }
 
 /// Reads a `[rows, cols]` weight as f32. FP8 e4m3 weights are dequantized with their `{key}_scale_inv`
