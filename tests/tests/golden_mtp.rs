@@ -305,3 +305,23 @@ fn a_missing_mtp_tensor_is_named_before_anything_is_written_and_no_draft_skips_t
     let notes = m.source.notes.join("\n");
     assert!(notes.contains("skipped the multi-token-prediction module model.layers.3 (--no-draft)"), "{notes}");
 }
+
+/// A weight-only quantized export keeps the draft: its fp32 files move from the staging export into the artifact,
+/// are listed with their hashes, and match the fp32 export's byte for byte.
+#[test]
+fn a_weight_only_export_carries_the_fp32_draft_graph() {
+    use r1_export::quantize::{export_quantized, QuantizeOptions};
+    let case = &mtp_cases()[0];
+    let tmp = tempfile::tempdir().unwrap();
+    let fp32 = export_case(case, &tmp.path().join("fp32"), Precision::Fp32).unwrap();
+    let out = tmp.path().join("int8");
+    let q = QuantizeOptions::new(Precision::Int8WeightOnly);
+    let (m, _) = export_quantized(&ExportOptions::new(case, &out), &q, &mut |_| {}).unwrap();
+    assert_eq!(m.draft, fp32.draft, "the draft record is the fp32 export's");
+    for f in [names::MTP_FILE, names::MTP_DATA_FILE] {
+        assert_eq!(m.files.get(f), fp32.files.get(f), "{f}");
+    }
+    let report = m.verify_files(&out).unwrap();
+    assert!(report.unlisted.is_empty() && report.files == m.files.len(), "{report:?}");
+    assert!(out.join(names::MTP_DATA_FILE).is_file());
+}
