@@ -115,6 +115,36 @@ pub struct RewriteSummary {
     pub skipped: Vec<(String, String)>,
 }
 
+impl RewriteSummary {
+    /// The weights left float for their shape or type (not `--keep-float`), named with each layer index as `*`,
+    /// with how many layers: DeepseekV3's routed expert stacks (`[E, H, I]`; the `--target cpu` serving graph
+    /// quantizes them into `com.microsoft.QMoE`) and MLA's per-head absorbed projections (`kv_b_proj.w_uk`,
+    /// `w_uv`: `[heads, ·, ·]` batched MatMuls).
+    pub fn left_float(&self) -> Vec<String> {
+        let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+        for (_, reason) in &self.skipped {
+            let Some(weight) = reason.strip_prefix("weight `").and_then(|r| r.split('`').next()) else { continue };
+            *counts.entry(layer_pattern(weight)).or_default() += 1;
+        }
+        counts.into_iter().map(|(w, n)| if n > 1 { format!("{w} (×{n})") } else { w }).collect()
+    }
+}
+
+/// `name` with the index after `layers.` replaced by `*`.
+fn layer_pattern(name: &str) -> String {
+    match name.split_once("layers.") {
+        Some((head, rest)) => {
+            let tail = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+            if tail.len() == rest.len() {
+                name.to_string()
+            } else {
+                format!("{head}layers.*{tail}")
+            }
+        }
+        None => name.to_string(),
+    }
+}
+
 /// A MatMul whose `B` input is a weight initializer: `(node index, activation name, weight name)`.
 fn weight_matmuls(graph: &GraphProto) -> Vec<(usize, String, String)> {
     let inits: HashMap<&str, &TensorProto> =

@@ -302,6 +302,7 @@ pub fn optimize_cpu_graph(model: &Path, out: &Path, rel_dir: &str) -> Result<Cpu
         kv_in_place: false,
         attention_op: None,
         sparse_experts: false,
+        expert_quantization: None,
     })
 }
 
@@ -468,6 +469,7 @@ mod tests {
             kv_in_place: false,
             attention_op: None,
             sparse_experts: false,
+            expert_quantization: None,
         };
         m.targets.set_cpu(record.clone());
         assert_eq!(m.targets.cpu_graph(dir.path()), None, "file missing");

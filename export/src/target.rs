@@ -236,7 +236,12 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str) -> Result<CpuBuil
         r.fused_attention = attention.is_some();
         r.kv_in_place = attention.is_some();
         r.attention_op = attention;
-        r.sparse_experts = moe > 0;
+        r.sparse_experts = moe.layers > 0;
+        r.expert_quantization = moe
+            .quantization
+            .map(|q| serde_json::to_value(&q))
+            .transpose()
+            .map_err(|e| ExportError::Graph(e.to_string()))?;
         Ok(r)
     });
     let _ = std::fs::remove_dir_all(&lowered);
@@ -261,13 +266,13 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str) -> Result<CpuBuil
 /// Writes the serving form of the artifact's graph and returns its path, the lowering (when one was done) and
 /// the fused attention's operator (`domain.type`) when attention was fused: `int8-wo` / `int8` graphs go to `lowered/model.onnx` (+ `model.onnx.data`, the
 /// weights rewritten), the others to `rewritten`, a graph-only file beside `model.onnx` that reads the artifact's
-/// own weight file. Last, the number of MoE layers whose experts run sparsely.
+/// own weight file. Last, the MoE layers whose experts run sparsely (and how they were quantized).
 fn serving_source(
     dir: &Path,
     manifest: &Manifest,
     lowered: &Path,
     rewritten: &Path,
-) -> Result<(std::path::PathBuf, Option<Lowering>, Option<String>, usize)> {
+) -> Result<(std::path::PathBuf, Option<Lowering>, Option<String>, crate::onnx::sparse_moe::SparseExperts)> {
     let mut model = crate::quantize::read_model(&dir.join(MODEL_FILE))?;
     // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
     let lowering = if matches!(manifest.precision, Precision::Int8WeightOnly | Precision::Int8) {
@@ -297,8 +302,11 @@ fn serving_source(
     };
     // DeepseekV3: each token runs only its routed experts, relaid beside the serving graph's file (in `data_dir`).
     let sparse = match crate::onnx::sparse_moe::moe_top_k(manifest) {
-        Some(k) => crate::onnx::sparse_moe::sparse_experts(&mut model, k, data_dir, data_dir, &experts_data_file())?,
-        None => 0,
+        Some(k) => {
+            let weights = crate::onnx::sparse_moe::expert_weights(manifest);
+            crate::onnx::sparse_moe::sparse_experts(&mut model, k, weights, data_dir, data_dir, &experts_data_file())?
+        }
+        None => crate::onnx::sparse_moe::SparseExperts { layers: 0, quantization: None },
     };
     let path = if lowering.is_some() { lowered.join(MODEL_FILE) } else { rewritten.to_path_buf() };
     std::fs::write(&path, model.encode_to_vec()).map_err(ExportError::io(&path))?;

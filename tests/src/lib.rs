@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use ndarray::{s, Array2, Array3, ArrayD, IxDyn};
 use r1_engine::backend::{Backend, KvPair, StepInput, StepOutput};
 use r1_engine::manifest::Manifest;
+use r1_engine::{Engine, StepWork};
 use r1_export::{export, ExportOptions, Precision};
 
 /// `tests/fixtures/golden`.
@@ -225,4 +226,51 @@ pub fn run_golden(backend: &mut dyn Backend, m: &Manifest, g: &Golden) -> Result
 /// Expected greedy tokens of a case, `[B][N]`.
 pub fn golden_tokens(g: &Golden) -> Vec<Vec<i64>> {
     g.decode_input_ids.outer_iter().map(|r| r.to_vec()).collect()
+}
+
+/// Teacher-forces every row of `g` through the engine (a serving graph that returns each row's last position);
+/// row 0 is fed `chunk` prompt tokens per step (`None`: all at once) while the other rows move on. Returns the worst relative error against the reference logits and the rows
+/// whose greedy token differs from the reference's next token, as `(row, step)`.
+pub fn drive_engine(e: &mut Engine, g: &Golden, chunk: Option<usize>) -> (f32, Vec<(usize, usize)>) {
+    let (b, p) = g.input_ids.dim();
+    let n = g.decode_input_ids.ncols();
+    let seqs: Vec<_> = (0..b)
+        .map(|r| {
+            let prompt: Vec<u32> =
+                (0..p).filter(|&t| g.attention_mask[[r, t]] == 1).map(|t| g.input_ids[[r, t]] as u32).collect();
+            e.add_sequence(&prompt, n + 1).unwrap()
+        })
+        .collect();
+    let mut next = vec![0usize; b];
+    let (mut err, mut wrong) = (0f32, Vec::new());
+    while next.iter().any(|&k| k <= n) {
+        let work: Vec<StepWork> = (0..b)
+            .filter(|&r| next[r] <= n)
+            .map(|r| match chunk {
+                Some(c) if r == 0 => StepWork::chunk(seqs[r], c),
+                _ => StepWork::all(seqs[r]),
+            })
+            .collect();
+        for res in e.step(&work).unwrap() {
+            let r = seqs.iter().position(|s| *s == res.seq).unwrap();
+            let k = next[r];
+            let want =
+                if k == 0 { g.prefill_logits.slice(s![r, p - 1, ..]) } else { g.decode_logits.slice(s![r, k - 1, ..]) };
+            let got = Array3::from_shape_vec((1, 1, res.logits.len()), res.logits.clone()).unwrap();
+            let want = want.to_owned().into_shape_with_order((1, 1, got.len())).unwrap();
+            err = err.max(rel_err(&got, &want, |_, _| true).unwrap());
+            if k < n {
+                let token = g.decode_input_ids[[r, k]];
+                if r1_engine::generate::argmax(&res.logits) as i64 != token {
+                    wrong.push((r, k));
+                }
+                e.push_token(res.seq, token as u32).unwrap();
+            }
+            next[r] += 1;
+        }
+    }
+    for s in seqs {
+        e.remove_sequence(s);
+    }
+    (err, wrong)
 }

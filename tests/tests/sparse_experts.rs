@@ -16,11 +16,11 @@ use ndarray::{s, Array2, Array3};
 use prost::Message;
 use r1_engine::backend::{self, BackendKind, BackendOptions, ExecutionProviderKind, StepInput};
 use r1_engine::manifest::Manifest;
-use r1_engine::{Engine, EngineOptions, StepWork};
+use r1_engine::{Engine, EngineOptions};
 use r1_export::target::{self, Mode, TargetOptions};
 use r1_export::Precision;
 use r1_proto::onnx::{ModelProto, TensorProto};
-use r1_tests::{empty_past, export_case, golden_cases, golden_meta, rel_err, Golden};
+use r1_tests::{drive_engine, empty_past, export_case, golden_cases, golden_meta, Golden};
 
 fn deepseek_cases() -> Vec<PathBuf> {
     let cases: Vec<PathBuf> =
@@ -61,53 +61,6 @@ fn config(m: &Manifest, key: &str) -> usize {
     m.config[key].as_u64().unwrap_or_else(|| panic!("config.{key}")) as usize
 }
 
-/// Teacher-forces every row of `g` through the engine; row 0 is fed `chunk` prompt tokens per step (`None`: all at
-/// once) while the other rows move on. Returns the worst relative error against the reference logits and the rows
-/// whose greedy token differs from the reference's next token, as `(row, step)`.
-fn drive(e: &mut Engine, g: &Golden, chunk: Option<usize>) -> (f32, Vec<(usize, usize)>) {
-    let (b, p) = g.input_ids.dim();
-    let n = g.decode_input_ids.ncols();
-    let seqs: Vec<_> = (0..b)
-        .map(|r| {
-            let prompt: Vec<u32> =
-                (0..p).filter(|&t| g.attention_mask[[r, t]] == 1).map(|t| g.input_ids[[r, t]] as u32).collect();
-            e.add_sequence(&prompt, n + 1).unwrap()
-        })
-        .collect();
-    let mut next = vec![0usize; b];
-    let (mut err, mut wrong) = (0f32, Vec::new());
-    while next.iter().any(|&k| k <= n) {
-        let work: Vec<StepWork> = (0..b)
-            .filter(|&r| next[r] <= n)
-            .map(|r| match chunk {
-                Some(c) if r == 0 => StepWork::chunk(seqs[r], c),
-                _ => StepWork::all(seqs[r]),
-            })
-            .collect();
-        for res in e.step(&work).unwrap() {
-            let r = seqs.iter().position(|s| *s == res.seq).unwrap();
-            let k = next[r];
-            let want =
-                if k == 0 { g.prefill_logits.slice(s![r, p - 1, ..]) } else { g.decode_logits.slice(s![r, k - 1, ..]) };
-            let got = Array3::from_shape_vec((1, 1, res.logits.len()), res.logits.clone()).unwrap();
-            let want = want.to_owned().into_shape_with_order((1, 1, got.len())).unwrap();
-            err = err.max(rel_err(&got, &want, |_, _| true).unwrap());
-            if k < n {
-                let token = g.decode_input_ids[[r, k]];
-                if r1_engine::generate::argmax(&res.logits) as i64 != token {
-                    wrong.push((r, k));
-                }
-                e.push_token(res.seq, token as u32).unwrap();
-            }
-            next[r] += 1;
-        }
-    }
-    for s in seqs {
-        e.remove_sequence(s);
-    }
-    (err, wrong)
-}
-
 #[test]
 fn sparse_serving_graph_matches_transformers_through_the_engine() {
     let tmp = tempfile::tempdir().unwrap();
@@ -124,7 +77,7 @@ fn sparse_serving_graph_matches_transformers_through_the_engine() {
                 EngineOptions { backend: BackendKind::Ort, backend_options: cpu_options(), ..Default::default() };
             let mut e = Engine::load(&out, &opts).unwrap();
             for (schedule, chunk) in [("batched prefill", None), ("row 0 in chunks of 2", Some(2))] {
-                let (err, wrong) = drive(&mut e, &g, chunk);
+                let (err, wrong) = drive_engine(&mut e, &g, chunk);
                 let label = format!("{name} {} {} ({schedule})", precision.name(), e.backend_name());
                 report.push(format!("{label}: rel err {err:.2e}"));
                 if err.is_nan() || err > tolerance(precision) {

@@ -61,6 +61,11 @@ pub struct CpuBuild {
     /// before it existed): the portable graph's dense masked compute, every expert on every token.
     #[serde(default)]
     pub sparse_experts: bool,
+    /// How the sparse experts are quantized (`int8-wo`, `int4-wo`, `int8`: one `com.microsoft.QMoE` per MoE layer;
+    /// the exporter's `ExpertQuantization`: op, bits, block_size, scales, asymmetric, accuracy_level, padded sizes,
+    /// bytes). `None`: float experts (`com.microsoft.MoE`), no sparse experts, or artifacts written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_quantization: Option<serde_json::Value>,
 }
 
 /// What a TensorRT build records about itself (an entry of `manifest.targets`), or, with
@@ -269,6 +274,7 @@ mod tests {
             kv_in_place: true,
             attention_op: Some("r1.GroupQueryAttention".into()),
             sparse_experts: false,
+            expert_quantization: None,
         }
     }
 

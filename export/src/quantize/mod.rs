@@ -301,6 +301,7 @@ pub fn export_quantized(
         samples: batches,
         tokens: sources,
         kept_float: q.keep_float.clone(),
+        left_float: summary.left_float(),
         layers: Vec::new(),
         end_to_end: None,
         accuracy: Vec::new(),

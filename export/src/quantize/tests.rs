@@ -10,6 +10,7 @@ fn report(fp32: u32, quant: u32) -> QualityReport {
         samples: 0,
         tokens: None,
         kept_float: Vec::new(),
+        left_float: Vec::new(),
         layers: Vec::new(),
         end_to_end: None,
         accuracy: vec![row("fp32", fp32), row("int8", quant)],

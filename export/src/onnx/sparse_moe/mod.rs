@@ -46,18 +46,23 @@
 //! `model.onnx` only; asked to load this serving graph it refuses, naming the operator (`engine/src/backend/tract.rs`).
 //!
 //! The manifest records the rewrite (`targets.cpu.sparse_experts`).
+//!
+//! In `int8-wo`, `int4-wo` and `int8` artifacts the experts are quantized on the way, into one `com.microsoft.QMoE`
+//! per layer fed the same router (`quantized.rs`; recorded in `targets.cpu.expert_quantization`).
 
+mod quantized;
 mod relayout;
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use r1_calibration::matmul_nbits::MS_DOMAIN;
-use r1_engine::manifest::{Family, Manifest};
+use r1_engine::manifest::{Family, Manifest, Precision};
 use r1_proto::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 
 use super::{attr_f, attr_i, attr_s, i64_tensor, inline_tensor, rewrite_node as node, ElemType, ExternalDataWriter};
 use crate::error::{ExportError, Result};
+pub use quantized::{ExpertQuantization, ExpertWeights, QMOE_OP};
 use relayout::{external_tensor, float_type, Reader, Stacks};
 
 /// Prefix of every node and tensor this rewrite adds.
@@ -78,6 +83,24 @@ pub fn moe_top_k(manifest: &Manifest) -> Option<usize> {
         return None;
     }
     manifest.config.get("num_experts_per_tok")?.as_u64().map(|k| k as usize)
+}
+
+/// How an artifact's serving graph stores its routed experts: quantized for `int8-wo` / `int8` (int8 per channel)
+/// and `int4-wo` (the artifact's own int4 scheme, `quantization.scheme`: blocks of 32, asymmetric, when an older
+/// manifest does not say), float otherwise.
+pub fn expert_weights(manifest: &Manifest) -> ExpertWeights {
+    match manifest.precision {
+        Precision::Int8WeightOnly | Precision::Int8 => ExpertWeights::Int8,
+        Precision::Int4WeightOnly => {
+            let scheme = manifest.quantization.as_ref().and_then(|q| q.pointer("/scheme/Int4WeightOnly"));
+            let get = |k: &str| scheme.and_then(|s| s.get(k));
+            ExpertWeights::Int4 {
+                block: get("block_size").and_then(serde_json::Value::as_u64).map_or(32, |b| b as usize),
+                asymmetric: get("asymmetric").and_then(serde_json::Value::as_bool).unwrap_or(true),
+            }
+        }
+        Precision::Fp32 | Precision::Fp16 => ExpertWeights::Float,
+    }
 }
 
 /// Whether `model` already holds this rewrite's nodes.
@@ -173,25 +196,29 @@ fn plan(g: &GraphProto) -> Result<Option<Vec<Layer>>> {
     Ok(Some(layers))
 }
 
-/// Rewrites `model` in place (see the module docs) and returns the number of MoE layers rewritten. `top_k` is the
-/// model's experts per token; `data_dir` resolves the graph's external data; the relaid experts are written to
-/// `out_dir/location`, which the serving copy's graph file must sit beside. Returns 0 and leaves the graph (and
-/// `out_dir`) as they are when it was rewritten before, has no MoE layer, or holds experts the operator cannot take
-/// (quantized stacks). Errors name the node or tensor of the portable graph that is missing or malformed.
+/// Rewrites `model` in place (see the module docs) and returns the number of MoE layers rewritten and how their
+/// experts were quantized. `top_k` is the model's experts per token; `weights` chooses `MoE` (float) or `QMoE`
+/// (quantized here, `quantized.rs`); `data_dir` resolves the graph's external data; the relaid experts are written
+/// to `out_dir/location`, which the serving copy's graph file must sit beside. Returns 0 layers and leaves the
+/// graph (and `out_dir`) as they are when it was rewritten before, has no MoE layer, or holds experts the operator
+/// cannot take (quantized stacks). Errors name the node or tensor of the portable graph that is missing or
+/// malformed.
 pub fn sparse_experts(
     model: &mut ModelProto,
     top_k: usize,
+    weights: ExpertWeights,
     data_dir: &Path,
     out_dir: &Path,
     location: &str,
-) -> Result<usize> {
+) -> Result<SparseExperts> {
+    let none = SparseExperts { layers: 0, quantization: None };
     if has_sparse_experts(model) {
-        return Ok(0);
+        return Ok(none);
     }
     let g = model.graph.as_mut().ok_or_else(|| graph_err("the model has no graph".into()))?;
-    let Some(layers) = plan(g)? else { return Ok(0) };
+    let Some(layers) = plan(g)? else { return Ok(none) };
     if layers.is_empty() {
-        return Ok(0);
+        return Ok(none);
     }
     let mut writer = ExternalDataWriter::create(out_dir, location)?;
     let mut new_inits = vec![
@@ -199,6 +226,7 @@ pub fn sparse_experts(
         i64_tensor(&t("last_axis"), &[1], &[-1]),
     ];
     let mut replacements: HashMap<String, Vec<NodeProto>> = HashMap::new();
+    let mut quantization = None;
     for l in &layers {
         if top_k == 0 || top_k > l.experts {
             return Err(graph_err(format!("{top_k} experts per token of {}", l.experts)));
@@ -216,6 +244,34 @@ pub fn sparse_experts(
             hidden: l.hidden,
             inter: l.inter,
         };
+        if weights != ExpertWeights::Float {
+            if l.dtype != ElemType::F32 {
+                return Err(graph_err(format!(
+                    "layer {}: quantized experts are made from float32 stacks, these are {}",
+                    l.index,
+                    l.dtype.name()
+                )));
+            }
+            let (spans, geometry) = quantized::write_layer(&stacks, weights, &mut writer)?;
+            new_inits.extend(quantized::initializers(l, weights, &spans, geometry, location));
+            let zero_points = spans.fc1[2].is_some();
+            let nodes = quantized::layer_nodes(l, top_k, weights, geometry, zero_points, &mut new_inits);
+            replacements.insert(l.out.clone(), nodes);
+            let (block_size, padded_hidden, padded_intermediate) = geometry;
+            let q = quantization.get_or_insert_with(|| ExpertQuantization {
+                op: QMOE_OP.into(),
+                bits: if weights == ExpertWeights::Int8 { 8 } else { 4 },
+                block_size,
+                scales: if weights == ExpertWeights::Int8 { "per_channel" } else { "blocked" }.into(),
+                asymmetric: zero_points,
+                accuracy_level: quantized::ACCURACY_LEVEL,
+                padded_hidden,
+                padded_intermediate,
+                bytes: 0,
+            });
+            q.bytes += spans.bytes;
+            continue;
+        }
         let (fc1, fc2) = relayout::write_layer(&stacks, l.dtype, &mut writer)?;
         let (e, h, i) = (l.experts as i64, l.hidden as i64, l.inter as i64);
         let p = format!("{PREFIX}/layers.{}", l.index);
@@ -238,7 +294,16 @@ pub fn sparse_experts(
     if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some(MS_DOMAIN)) {
         model.opset_import.push(OperatorSetIdProto { domain: Some(MS_DOMAIN.into()), version: Some(1) });
     }
-    Ok(layers.len())
+    Ok(SparseExperts { layers: layers.len(), quantization })
+}
+
+/// What [`sparse_experts`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SparseExperts {
+    /// MoE layers rewritten (0: none, the graph is unchanged).
+    pub layers: usize,
+    /// How their experts were quantized (`None`: float, `com.microsoft.MoE`).
+    pub quantization: Option<ExpertQuantization>,
 }
 
 /// `s` under this rewrite's [`PREFIX`].

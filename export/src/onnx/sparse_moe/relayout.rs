@@ -130,7 +130,7 @@ fn expert_fc1<T: Copy + Default>(gate: &[T], up: &[T], h: usize, i: usize) -> Ve
 }
 
 /// Expert `e`'s `n` elements of the stack `r`.
-fn read_expert<T: bytemuck::Pod + Default>(r: &Reader, e: usize, n: usize) -> Result<Vec<T>> {
+pub(super) fn read_expert<T: bytemuck::Pod + Default>(r: &Reader, e: usize, n: usize) -> Result<Vec<T>> {
     let mut v = vec![T::default(); n];
     let bytes = (n * std::mem::size_of::<T>()) as u64;
     r.read_at(e as u64 * bytes, bytemuck::cast_slice_mut(&mut v))?;
