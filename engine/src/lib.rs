@@ -5,7 +5,8 @@
 //!
 //! Modules: [`manifest`] (artifact contract), [`backend`] (ort / tract forward pass), [`ort_lib`]
 //! (finding ONNX Runtime), [`targets`] (GPU target table, TensorRT options), [`kv`] (KV caches and
-//! budget), [`engine`] (batched step over sequences), [`host`] (the ONNX Runtime environment, TensorRT probes).
+//! budget), [`engine`] (batched step over sequences), [`host`] (the ONNX Runtime environment, TensorRT probes),
+//! [`speculative`] (self-speculative greedy decoding with the artifact's draft graph).
 //! Per-target builds (TensorRT engines, the CPU serving graph) are export-time work and live in `r1-export`.
 
 pub mod backend;
@@ -18,6 +19,7 @@ pub mod kv;
 pub mod manifest;
 pub mod ort_lib;
 pub mod sampling;
+pub mod speculative;
 pub mod targets;
 pub mod text;
 

@@ -5,15 +5,20 @@
 //! - the draft's logits and `last_hidden_state`, run as a prefill of the prompt positions and then one position at a
 //!   time through its own latent cache (the reference runs the whole sequence at once, without a cache).
 //!
+//! The draft runs through the engine's `r1_engine::speculative::DraftModel`. Self-speculative greedy decoding
+//! (`r1_engine::speculative::greedy`) emits exactly the engine's plain greedy tokens, with the draft graph and with
+//! oracle drafters that are right or wrong on purpose (both branches of the verification).
+//!
 //! Also: the manifest record round-trips and an older manifest without it loads; a checkpoint whose MTP module
 //! lacks a tensor fails before anything is written, naming the tensor; `--no-draft` exports without the module.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use ndarray::{s, Array2, Array3, ArrayD, Axis, IxDyn};
+use ndarray::{s, Array2, Array3, ArrayD, Axis};
 use r1_engine::backend::{self, BackendKind, BackendOptions, StepInput};
-use r1_engine::manifest::{names, DType, DraftGraph, Manifest};
+use r1_engine::manifest::{names, DType, Manifest};
+use r1_engine::speculative::{self, DraftInput, DraftModel, Drafter, MtpDrafter};
 use r1_export::{export, ExportOptions, Precision};
 use r1_tests::{empty_past, export_case, golden_cases, rel_err};
 
@@ -72,117 +77,32 @@ fn mtp_cases() -> Vec<PathBuf> {
     golden_cases().into_iter().filter(|c| c.join("mtp.safetensors").is_file()).collect()
 }
 
-/// One draft step's feeds, by graph input name.
-enum Feed {
-    Int(Array2<i64>),
-    Float(ArrayD<f32>),
-}
-
-/// Runs the draft graph file on one runtime; returns the named outputs.
-trait DraftRunner {
-    fn run(&mut self, feeds: &[(String, Feed)], outputs: &[&str]) -> Result<Vec<ArrayD<f32>>>;
-}
-
-struct OrtDraft(ort::session::Session);
-
-impl DraftRunner for OrtDraft {
-    fn run(&mut self, feeds: &[(String, Feed)], outputs: &[&str]) -> Result<Vec<ArrayD<f32>>> {
-        use ort::session::SessionInputValue;
-        use ort::value::Tensor;
-        let mut inputs: Vec<(String, SessionInputValue)> = Vec::new();
-        for (name, f) in feeds {
-            let v: SessionInputValue = match f {
-                Feed::Int(a) => Tensor::from_array(a.clone())?.into(),
-                Feed::Float(a) => Tensor::from_array(a.clone())?.into(),
-            };
-            inputs.push((name.clone(), v));
-        }
-        let out = self.0.run(inputs)?;
-        outputs
-            .iter()
-            .map(|n| Ok(out.get(n).with_context(|| format!("no output `{n}`"))?.try_extract_array::<f32>()?.to_owned()))
-            .collect()
-    }
-}
-
-struct TractDraft {
-    plan: std::sync::Arc<tract_onnx::prelude::TypedSimplePlan>,
-    inputs: Vec<String>,
-    outputs: Vec<String>,
-}
-
-impl TractDraft {
-    fn open(path: &Path) -> Result<TractDraft> {
-        use tract_onnx::prelude::*;
-        let typed = tract_onnx::onnx().model_for_path(path)?.into_optimized()?;
-        let inputs = typed.input_outlets()?.iter().map(|o| typed.node(o.node).name.clone()).collect::<Vec<String>>();
-        let outputs = typed
-            .output_outlets()?
-            .iter()
-            .map(|o| typed.outlet_label(*o).map(str::to_string).unwrap_or_else(|| typed.node(o.node).name.clone()))
-            .collect();
-        Ok(TractDraft { plan: typed.into_runnable()?, inputs, outputs })
-    }
-}
-
-impl DraftRunner for TractDraft {
-    fn run(&mut self, feeds: &[(String, Feed)], outputs: &[&str]) -> Result<Vec<ArrayD<f32>>> {
-        use tract_onnx::prelude::*;
-        let mut values: TVec<TValue> = tvec![];
-        for name in &self.inputs {
-            let (_, f) = feeds.iter().find(|(n, _)| n == name).with_context(|| format!("no feed for `{name}`"))?;
-            values.push(match f {
-                Feed::Int(a) => Tensor::from(a.clone().into_dyn()).into_tvalue(),
-                Feed::Float(a) => Tensor::from(a.clone()).into_tvalue(),
-            });
-        }
-        let out = self.plan.run(values)?;
-        outputs
-            .iter()
-            .map(|n| {
-                let at = self.outputs.iter().position(|x| x == n).with_context(|| format!("no output `{n}`"))?;
-                Ok(out[at].to_plain_array_view::<f32>()?.to_owned())
-            })
-            .collect()
-    }
-}
-
 fn to3(a: ArrayD<f32>) -> Result<Array3<f32>> {
     Ok(a.into_dimensionality()?)
 }
 
 /// Prefill of positions `0..P`, then one position at a time through the draft's cache; the worst relative error of
 /// the logits and of `last_hidden_state` against the reference (real positions only).
-fn run_draft(runner: &mut dyn DraftRunner, d: &DraftGraph, r: &MtpRef) -> Result<(f32, f32)> {
-    let (b, t) = r.input_ids.dim();
-    let kv = &d.kv_cache;
-    let mut past_k = ArrayD::<f32>::zeros(IxDyn(&[b, kv.key_heads, 0, kv.key_dim]));
-    let mut past_v = ArrayD::<f32>::zeros(IxDyn(&[b, kv.value_heads, 0, kv.value_dim]));
+fn run_draft(model: &mut DraftModel, r: &MtpRef) -> Result<(f32, f32)> {
+    let t = r.input_ids.ncols();
+    let mut past = model.empty_cache(r.input_ids.nrows());
     let (mut worst_logits, mut worst_hidden) = (0f32, 0f32);
     let mut start = 0;
     for end in std::iter::once(r.prompt).chain(r.prompt + 1..=t) {
-        let feeds = vec![
-            (names::INPUT_IDS.to_string(), Feed::Int(r.draft_ids.slice(s![.., start..end]).to_owned())),
-            (names::ATTENTION_MASK.to_string(), Feed::Int(r.attention_mask.slice(s![.., ..end]).to_owned())),
-            (names::POSITION_IDS.to_string(), Feed::Int(r.position_ids.slice(s![.., start..end]).to_owned())),
-            (
-                names::HIDDEN_STATES.to_string(),
-                Feed::Float(r.hidden.slice(s![.., start..end, ..]).to_owned().into_dyn()),
-            ),
-            (names::past_key(0), Feed::Float(past_k.clone())),
-            (names::past_value(0), Feed::Float(past_v.clone())),
-        ];
-        let want = [names::LOGITS, names::LAST_HIDDEN_STATE, "present.0.key", "present.0.value"];
-        let mut out = runner.run(&feeds, &want)?.into_iter();
-        let (logits, hidden) = (to3(out.next().unwrap())?, to3(out.next().unwrap())?);
-        past_k = out.next().unwrap();
-        past_v = out.next().unwrap();
+        let out = model.run(&DraftInput {
+            input_ids: r.draft_ids.slice(s![.., start..end]).to_owned(),
+            attention_mask: r.attention_mask.slice(s![.., ..end]).to_owned(),
+            position_ids: r.position_ids.slice(s![.., start..end]).to_owned(),
+            hidden_states: r.hidden.slice(s![.., start..end, ..]).to_owned(),
+            past: &past,
+        })?;
         let real = |row: usize, pos: usize| r.attention_mask[[row, start + pos]] == 1;
         let want_logits = r.draft_logits.slice(s![.., start..end, ..]).to_owned();
         let want_hidden = r.draft_hidden.slice(s![.., start..end, ..]).to_owned();
-        worst_logits = worst_logits.max(rel_err(&logits, &want_logits, real)?);
-        worst_hidden = worst_hidden.max(rel_err(&hidden, &want_hidden, real)?);
-        assert_eq!(past_k.len_of(Axis(2)), end, "the draft's cache holds every position fed");
+        worst_logits = worst_logits.max(rel_err(&out.logits, &want_logits, real)?);
+        worst_hidden = worst_hidden.max(rel_err(&out.last_hidden_state, &want_hidden, real)?);
+        past = out.present;
+        assert_eq!(past.key.len_of(Axis(2)), end, "the draft's cache holds every position fed");
         start = end;
     }
     Ok((worst_logits, worst_hidden))
@@ -225,17 +145,13 @@ fn draft_graph_and_main_hidden_state_match_the_pytorch_mtp_reference_on_ort_and_
                 failures.push(format!("{name} {kind:?}: main last_hidden_state rel err {err:.3e}"));
             }
         }
-        let env = r1_engine::host::environment().unwrap();
-        let session = ort::session::Session::builder(env).unwrap().commit_from_file(out.join(&d.graph)).unwrap();
-        let runners: Vec<(&str, Box<dyn DraftRunner>)> = vec![
-            ("ort", Box::new(OrtDraft(session))),
-            ("tract", Box::new(TractDraft::open(&out.join(&d.graph)).unwrap())),
-        ];
-        for (runtime, mut runner) in runners {
-            let (logits, hidden) = run_draft(runner.as_mut(), &d, &r).unwrap();
-            eprintln!("{name} {runtime}: draft logits rel err {logits:.2e}, draft last_hidden_state {hidden:.2e}");
+        for kind in [BackendKind::Ort, BackendKind::Tract] {
+            let mut model = DraftModel::open(&out, &m, kind).unwrap();
+            assert_eq!(model.record(), &d);
+            let (logits, hidden) = run_draft(&mut model, &r).unwrap();
+            eprintln!("{name} {kind:?}: draft logits rel err {logits:.2e}, draft last_hidden_state {hidden:.2e}");
             if logits.is_nan() || hidden.is_nan() || logits.max(hidden) > TOLERANCE {
-                failures.push(format!("{name} {runtime}: draft rel err logits {logits:.3e}, hidden {hidden:.3e}"));
+                failures.push(format!("{name} {kind:?}: draft rel err logits {logits:.3e}, hidden {hidden:.3e}"));
             }
         }
     }
@@ -324,4 +240,117 @@ fn a_weight_only_export_carries_the_fp32_draft_graph() {
     let report = m.verify_files(&out).unwrap();
     assert!(report.unlisted.is_empty() && report.files == m.files.len(), "{report:?}");
     assert!(out.join(names::MTP_DATA_FILE).is_file());
+}
+
+/// The engine's plain greedy decoding of each golden prompt (real tokens only), `n` tokens.
+fn plain_greedy(out: &Path, kind: BackendKind, prompts: &[Vec<i64>], n: usize) -> Vec<Vec<i64>> {
+    let opts = r1_engine::EngineOptions { backend: kind, ..Default::default() };
+    let mut e = r1_engine::Engine::load(out, &opts).unwrap();
+    prompts
+        .iter()
+        .map(|p| {
+            let p: Vec<u32> = p.iter().map(|&t| t as u32).collect();
+            let argmax = |l: &[f32]| Ok((0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u32);
+            e.generate_with(&p, n, &[], argmax).unwrap().into_iter().map(i64::from).collect()
+        })
+        .collect()
+}
+
+fn golden_prompts(case: &Path) -> Vec<Vec<i64>> {
+    let g = r1_tests::Golden::load(case).unwrap();
+    (0..g.input_ids.nrows())
+        .map(|r| {
+            (0..g.input_ids.ncols()).filter(|&t| g.attention_mask[[r, t]] == 1).map(|t| g.input_ids[[r, t]]).collect()
+        })
+        .collect()
+}
+
+/// Knows the greedy continuation `seq` (prompt + plain greedy tokens) and guesses the token after the next one
+/// right when `right(call)` says so, else a wrong token; checks on every call that the loop pairs each position
+/// with the token after it and passes one hidden state per token.
+struct Oracle {
+    seq: Vec<i64>,
+    vocab: i64,
+    calls: usize,
+    fed: usize,
+    right: fn(usize) -> bool,
+}
+
+impl Drafter for Oracle {
+    fn draft(&mut self, ids: &[i64], start: usize, hidden: ndarray::ArrayView3<f32>) -> r1_engine::Result<i64> {
+        assert_eq!(start, self.fed, "draft positions are given once each, in order");
+        assert_eq!(hidden.dim().1, ids.len());
+        assert_eq!(ids, &self.seq[start + 1..start + 1 + ids.len()], "position i pairs with the token after i");
+        self.fed += ids.len();
+        let last = start + ids.len() - 1;
+        let truth = self.seq.get(last + 2).copied().unwrap_or(0);
+        self.calls += 1;
+        Ok(if (self.right)(self.calls) { truth } else { (truth + 1) % self.vocab })
+    }
+}
+
+#[test]
+fn self_speculative_greedy_emits_the_engines_greedy_tokens_on_ort_and_tract() {
+    const N: usize = 12;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut report = Vec::new();
+    for case in mtp_cases() {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let out = tmp.path().join(&name);
+        let m = export_case(&case, &out, Precision::Fp32).unwrap();
+        let prompts = golden_prompts(&case);
+        for kind in [BackendKind::Ort, BackendKind::Tract] {
+            let plain = plain_greedy(&out, kind, &prompts, N);
+            let mut main = backend::load(&out, &m, kind, &BackendOptions::default()).unwrap();
+            for (prompt, want) in prompts.iter().zip(&plain) {
+                let model = DraftModel::open(&out, &m, kind).unwrap();
+                let mut drafter = MtpDrafter::new(model);
+                let (got, st) = speculative::greedy(main.as_mut(), &m, &mut drafter, prompt, N, &[]).unwrap();
+                assert_eq!(&got, want, "{name} {kind:?}: speculative greedy with the MTP draft");
+                assert_eq!(st.main_passes, st.drafted + 1, "{st:?}");
+                // Each pass emits 1 + accepted tokens, except an accepted last pass cut at N after the draft's token.
+                assert!((N..=N + 1).contains(&(st.drafted + st.accepted + 1)), "{st:?}");
+                report.push(format!("{name} {kind:?}: MTP draft accepted {}/{}", st.accepted, st.drafted));
+
+                let seq: Vec<i64> = prompt.iter().chain(want).copied().collect();
+                let vocab = m.model.vocab_size as i64;
+                for (label, right) in [
+                    ("always right", (|_| true) as fn(usize) -> bool),
+                    ("never right", |_| false),
+                    ("right every other guess", |c| c % 2 == 0),
+                ] {
+                    let mut oracle = Oracle { seq: seq.clone(), vocab, calls: 0, fed: 0, right };
+                    let (got, st) = speculative::greedy(main.as_mut(), &m, &mut oracle, prompt, N, &[]).unwrap();
+                    assert_eq!(&got, want, "{name} {kind:?}: oracle {label}");
+                    assert!((N..=N + 1).contains(&(st.drafted + st.accepted + 1)), "{label}: {st:?}");
+                    match label {
+                        "always right" => assert_eq!(st.accepted, st.drafted, "{st:?}"),
+                        "never right" => assert_eq!((st.accepted, st.main_passes), (0, N), "{st:?}"),
+                        _ => assert!(st.accepted > 0 && st.accepted < st.drafted, "{st:?}"),
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// A stop token ends the generation where plain greedy would (included), also when it is an accepted draft.
+#[test]
+fn speculative_greedy_stops_after_a_stop_token_like_plain_greedy() {
+    let case = &mtp_cases()[0];
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("a");
+    let m = export_case(case, &out, Precision::Fp32).unwrap();
+    let prompt = golden_prompts(case).remove(0);
+    let plain = plain_greedy(&out, BackendKind::Ort, std::slice::from_ref(&prompt), 8).remove(0);
+    let stop = plain[4];
+    let upto = plain.iter().position(|&t| t == stop).unwrap() + 1;
+    let mut main = backend::load(&out, &m, BackendKind::Ort, &BackendOptions::default()).unwrap();
+    let seq: Vec<i64> = prompt.iter().chain(&plain).copied().collect();
+    for right in [(|_| true) as fn(usize) -> bool, |_| false] {
+        let mut oracle = Oracle { seq: seq.clone(), vocab: m.model.vocab_size as i64, calls: 0, fed: 0, right };
+        let (got, _) = speculative::greedy(main.as_mut(), &m, &mut oracle, &prompt, 8, &[stop]).unwrap();
+        assert_eq!(got, plain[..upto].to_vec());
+    }
 }
