@@ -187,6 +187,11 @@ struct TargetArgs {
     /// build recorded and does nothing.
     #[arg(long, value_name = "SECS", default_value_t = r1_export::build_lock::DEFAULT_WAIT.as_secs(), env = "R1_EXPORT_WAIT_SECS")]
     wait_secs: u64,
+
+    /// cpu target of an int8-wo / int4-wo / int8 DeepseekV3 artifact: keep the routed experts float
+    /// (com.microsoft.MoE) instead of quantizing them into com.microsoft.QMoE.
+    #[arg(long, env = "R1_EXPORT_CPU_FLOAT_EXPERTS")]
+    cpu_float_experts: bool,
 }
 
 impl TargetArgs {
@@ -195,6 +200,7 @@ impl TargetArgs {
             targets: self.targets.clone(),
             hardware_compatible: self.hardware_compatible,
             wait: std::time::Duration::from_secs(self.wait_secs),
+            float_experts: self.cpu_float_experts,
         }
     }
 }

@@ -41,11 +41,19 @@ pub struct TargetOptions {
     pub hardware_compatible: bool,
     /// How long to wait for another process's build of the same target ([`crate::build_lock`]).
     pub wait: std::time::Duration,
+    /// `cpu`: keep a quantized DeepseekV3 artifact's routed experts float (`com.microsoft.MoE`, as in fp32) instead
+    /// of quantizing them into `com.microsoft.QMoE` (`--cpu-float-experts`: more memory, the float experts' accuracy).
+    pub float_experts: bool,
 }
 
 impl Default for TargetOptions {
     fn default() -> Self {
-        TargetOptions { targets: Vec::new(), hardware_compatible: false, wait: crate::build_lock::DEFAULT_WAIT }
+        TargetOptions {
+            targets: Vec::new(),
+            hardware_compatible: false,
+            wait: crate::build_lock::DEFAULT_WAIT,
+            float_experts: false,
+        }
     }
 }
 
@@ -134,7 +142,11 @@ pub fn apply(
         let _lock = BuildLock::acquire(dir, t.name, opts.wait, &mut |holder| on_wait(t.name, holder))?;
         // Read under the lock: another process may have built and recorded this target meanwhile.
         let manifest = Manifest::load(dir).map_err(engine_err(dir))?;
-        let options = if opts.hardware_compatible && !t.is_cpu() { "hardware_compatible" } else { "" };
+        let options = match (t.is_cpu(), opts.hardware_compatible, opts.float_experts) {
+            (false, true, _) => "hardware_compatible",
+            (true, _, true) => "float_experts",
+            _ => "",
+        };
         let key = build_key(&manifest, t.name, options, &eb::ort_version());
         let rel = version_dir(t.name, &key);
         if is_current(dir, &manifest, t, &rel) {
@@ -142,7 +154,7 @@ pub fn apply(
             continue;
         }
         let outcome = if t.is_cpu() {
-            Outcome::Cpu(write_cpu_graph(dir, &manifest, &rel)?)
+            Outcome::Cpu(write_cpu_graph(dir, &manifest, &rel, opts.float_experts)?)
         } else {
             gpu_target(dir, &manifest, t, opts.hardware_compatible, mode, &rel)?
         };
@@ -215,7 +227,7 @@ fn gpu_target(dir: &Path, manifest: &Manifest, t: &'static Target, hw: bool, mod
 /// The graph ONNX Runtime optimizes is the portable one rewritten for serving: the LM head on each row's last
 /// fed position only ([`crate::onnx::last_logits`]), and, for `int8-wo` / `int8`, weight-only int8 MatMuls
 /// lowered to `MatMulNBits` ([`r1_calibration::matmul_nbits`]).
-fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str) -> Result<CpuBuild> {
+fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str, float_experts: bool) -> Result<CpuBuild> {
     let final_dir = dir.join(rel);
     let parent = final_dir.parent().unwrap_or(dir).to_path_buf();
     std::fs::create_dir_all(&parent).map_err(ExportError::io(&parent))?;
@@ -228,7 +240,8 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str) -> Result<CpuBuil
             std::fs::remove_dir_all(d).map_err(ExportError::io(d))?;
         }
     }
-    let record = serving_source(dir, manifest, &lowered, &rewritten).and_then(|(source, lowering, attention, moe)| {
+    let source = serving_source(dir, manifest, &lowered, &rewritten, float_experts);
+    let record = source.and_then(|(source, lowering, attention, moe)| {
         let mut r = eb::optimize_cpu_graph(&source, &tmp, rel).map_err(engine_err(dir))?;
         r.lowering =
             lowering.map(|l| serde_json::to_value(&l)).transpose().map_err(|e| ExportError::Graph(e.to_string()))?;
@@ -272,6 +285,7 @@ fn serving_source(
     manifest: &Manifest,
     lowered: &Path,
     rewritten: &Path,
+    float_experts: bool,
 ) -> Result<(std::path::PathBuf, Option<Lowering>, Option<String>, crate::onnx::sparse_moe::SparseExperts)> {
     let mut model = crate::quantize::read_model(&dir.join(MODEL_FILE))?;
     // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
@@ -303,7 +317,10 @@ fn serving_source(
     // DeepseekV3: each token runs only its routed experts, relaid beside the serving graph's file (in `data_dir`).
     let sparse = match crate::onnx::sparse_moe::moe_top_k(manifest) {
         Some(k) => {
-            let weights = crate::onnx::sparse_moe::expert_weights(manifest);
+            let weights = match float_experts {
+                true => crate::onnx::sparse_moe::ExpertWeights::Float,
+                false => crate::onnx::sparse_moe::expert_weights(manifest),
+            };
             crate::onnx::sparse_moe::sparse_experts(&mut model, k, weights, data_dir, data_dir, &experts_data_file())?
         }
         None => crate::onnx::sparse_moe::SparseExperts { layers: 0, quantization: None },

@@ -3,8 +3,9 @@
 //!
 //! - The graph holds one `QMoE` per MoE layer, no `MoE` and no float expert stack; the manifest records the form;
 //!   the expert bytes are the codes of the padded matrices plus their scales (≈ 1/4 and 1/8 of fp32 before them).
-//! - Through the engine, on every DeepseekV3 golden case, `int8-wo`'s logits stay within a bound measured for the
-//!   2-D weights' quantization, and its greedy tokens equal transformers' (see [`INT8_BOUND`]).
+//! - Through the engine, on every DeepseekV3 golden case, the logits' error against transformers' stays within a
+//!   margin of the same artifact's with float experts (`--cpu-float-experts`), and `int8-wo`'s greedy tokens move
+//!   nowhere the float experts' do not.
 //! - On the trained arith-r1, the quantized experts answer held-out problems with the fp32 graph's tokens (int8)
 //!   or nearly (int4).
 
@@ -144,15 +145,30 @@ fn quantized_serving_graph_holds_one_qmoe_per_layer_and_no_float_expert_stack() 
     }
 }
 
-/// Relative error bound of the quantized serving graph's logits against transformers'. These random 2–3-layer
-/// models are sensitive: with the experts left float (the graph before `QMoE`), the same `int8-wo` artifacts measured
-/// 0.033–0.250 (the 2-D weights' quantization alone) and `int4-wo` 0.42–1.10; quantized experts measured
-/// 0.034–0.254 and 0.40–1.04. So `int8-wo` gets a bound that a misplaced row, nibble or scale (O(1) errors) breaks;
-/// `int4-wo`'s logits on random weights bound nothing useful, and the trained arith-r1 test below carries it.
-const INT8_BOUND: f32 = 0.3;
+/// How much the experts' quantization may add to a serving graph's relative logit error against transformers',
+/// over the same artifact built with float experts (`--cpu-float-experts`; its error is the 2-D weights'
+/// quantization). The weights' relative quantization error is ~0.4% RMS for int8 per channel and ~7% for int4 in
+/// blocks of 32; the experts are one of each MoE layer's two branches. Measured additions on these cases: int8
+/// +0.002–0.007, int4 −0.06–+0.04 (the int4 errors are 0.4–1.1 with float experts already: these random 2–3-layer
+/// models are sensitive). A misplaced row, nibble or scale gives O(1) errors.
+fn margin(p: Precision) -> f32 {
+    if p == Precision::Int8WeightOnly {
+        0.02
+    } else {
+        0.15
+    }
+}
+
+/// Rebuilds `out`'s `cpu` target, with its experts float or quantized.
+fn rebuild_cpu(out: &Path, float_experts: bool) {
+    let opts = TargetOptions { targets: vec!["cpu".into()], float_experts, ..Default::default() };
+    target::apply(out, &opts, Mode::Build, &mut |_, _| {}).unwrap();
+    let m = Manifest::load(out).unwrap();
+    assert_eq!(m.targets.cpu().unwrap().expert_quantization.is_none(), float_experts);
+}
 
 #[test]
-fn quantized_experts_track_transformers_on_the_golden_cases() {
+fn quantized_experts_track_the_float_experts_on_the_golden_cases() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut failures, mut report) = (Vec::new(), Vec::new());
     for case in deepseek_cases() {
@@ -163,13 +179,22 @@ fn quantized_experts_track_transformers_on_the_golden_cases() {
             let out = tmp.path().join(format!("{name}-{}", precision.name()));
             export_for_cpu(&case, &out, precision);
             let (err, wrong) = drive_engine(&mut engine(&out), &g, None);
-            report.push(format!("{label}: rel err {err:.3e}, greedy differs at {} positions", wrong.len()));
-            if err.is_nan() || (precision == Precision::Int8WeightOnly && err > INT8_BOUND) {
-                failures.push(format!("{label}: relative error {err:.3e} exceeds {INT8_BOUND}"));
+            rebuild_cpu(&out, true);
+            let (float_err, float_wrong) = drive_engine(&mut engine(&out), &g, None);
+            report.push(format!(
+                "{label}: rel err {err:.3e} (float experts {float_err:.3e}); greedy differs at {} ({}) positions",
+                wrong.len(),
+                float_wrong.len()
+            ));
+            if err.is_nan() || err > float_err + margin(precision) {
+                failures.push(format!(
+                    "{label}: relative error {err:.3e}, float experts {float_err:.3e} + margin {}",
+                    margin(precision)
+                ));
             }
-            // release_deepseek_r1 (hidden 32, experts 8 wide) flips 2 near-tied greedy choices with float experts too.
-            if precision == Precision::Int8WeightOnly && !name.starts_with("release") && !wrong.is_empty() {
-                failures.push(format!("{label}: greedy token differs from transformers' at (row, step) {wrong:?}"));
+            // int8: the quantized experts move no greedy choice that the float experts keep.
+            if precision == Precision::Int8WeightOnly && wrong.iter().any(|w| !float_wrong.contains(w)) {
+                failures.push(format!("{label}: greedy differs at {wrong:?}, with float experts at {float_wrong:?}"));
             }
         }
     }
