@@ -2,7 +2,8 @@
 //! attention shape (12 query heads, 2 KV heads, head size 128, 28 layers, each layer's cache its own
 //! `[1, 2, 8192, 128]` buffer bound as past and present, as the engine's pool does), alternating the two kernels so
 //! that both see the same machine. A decode step (1 new position) and a prefill chunk (256 positions) after
-//! `CONTEXT` cached positions.
+//! `CONTEXT` cached positions. r1's kernel runs twice: over float32 caches, and over float16 caches (float32
+//! activations, `r1-export --kv-cache-dtype fp16`).
 //!
 //!   cargo run --release -p r1-tests --example attention_kernels -- [CONTEXT ...]   (default 128 2048 4000)
 use std::time::Instant;
@@ -61,32 +62,48 @@ fn main() {
     let contexts: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("a context length")).collect();
     let contexts = if contexts.is_empty() { vec![128, 2048, 4000] } else { contexts };
     let env = r1_engine::host::environment().expect("ONNX Runtime");
-    let open = |domain: &str| {
-        let graph = r1_tests::attention_graph::model(domain, LAYERS, H, KV, D);
+    use r1_tests::attention_graph::{FLOAT, FLOAT16};
+    let open = |domain: &str, cache: i32| {
+        let graph = r1_tests::attention_graph::model(domain, LAYERS, H, KV, D, cache);
         r1_engine::backend::attention::commit_with_ops(Session::builder(env).unwrap(), |mut b| {
             b.commit_from_memory(&graph)
         })
         .unwrap()
     };
-    let mut sessions = [open("r1"), open("com.microsoft")];
+    let mut sessions = [open("r1", FLOAT), open("r1", FLOAT16), open("com.microsoft", FLOAT)];
     // Outputs can be bound only to tensors ONNX Runtime allocated.
+    let allocator = ort::memory::Allocator::default();
     let cache = || {
-        let mut t = Tensor::<f32>::new(&ort::memory::Allocator::default(), [1, KV, CAP, D]).unwrap();
+        let mut t = Tensor::<f32>::new(&allocator, [1, KV, CAP, D]).unwrap();
         t.try_extract_tensor_mut::<f32>().unwrap().1.fill(0.01);
         t.into_dyn()
     };
+    let half_cache = || {
+        let mut t = Tensor::<half::f16>::new(&allocator, [1, KV, CAP, D]).unwrap();
+        t.try_extract_tensor_mut::<half::f16>().unwrap().1.fill(half::f16::from_f32(0.01));
+        t.into_dyn()
+    };
     let mut caches: Vec<DynValue> = (0..2 * LAYERS).map(|_| cache()).collect();
-    println!("| context | step | r1 (ms) | ONNX Runtime (ms) | r1 / ONNX Runtime |");
-    println!("|---|---|---|---|---|");
+    let mut half_caches: Vec<DynValue> = (0..2 * LAYERS).map(|_| half_cache()).collect();
+    println!("| context | step | r1, fp32 cache (ms) | r1, fp16 cache (ms) | ONNX Runtime (ms) | r1 fp32 / ORT | r1 fp16 / ORT |");
+    println!("|---|---|---|---|---|---|---|");
     for &c in &contexts {
         for (what, seq) in [("decode (1 position)", 1), ("prefill chunk (256)", 256)] {
-            let mut ms = [f64::INFINITY; 2];
+            let mut ms = [f64::INFINITY; 3];
             for _round in 0..2 {
                 for (i, s) in sessions.iter_mut().enumerate() {
-                    ms[i] = ms[i].min(time(s, &mut caches, c, seq));
+                    let caches = if i == 1 { &mut half_caches } else { &mut caches };
+                    ms[i] = ms[i].min(time(s, caches, c, seq));
                 }
             }
-            println!("| {c} | {what} | {:.2} | {:.2} | {:.2} |", ms[0], ms[1], ms[0] / ms[1]);
+            println!(
+                "| {c} | {what} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                ms[0],
+                ms[1],
+                ms[2],
+                ms[0] / ms[2],
+                ms[1] / ms[2]
+            );
         }
     }
 }

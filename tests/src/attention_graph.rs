@@ -7,7 +7,9 @@ use r1_proto::onnx::{
     ValueInfoProto,
 };
 
-const FLOAT: i32 = 1;
+/// ONNX element types of the caches.
+pub const FLOAT: i32 = 1;
+pub const FLOAT16: i32 = 10;
 const INT32: i32 = 6;
 const INT64: i32 = 7;
 
@@ -29,8 +31,9 @@ fn attr(name: &str, i: Option<i64>, f: Option<f32>) -> AttributeProto {
 
 /// A model of `layers` attention nodes of `domain` (`r1` or `com.microsoft`) over shared inputs `q`, `k`, `v`,
 /// `seqlens_k`, `total`, `cos`, `sin`, `position_ids`, each with its own cache `past_key{l}` / `past_value{l}`,
-/// producing `out{l}`, `present_key{l}`, `present_value{l}` (rotary on, non-interleaved, scale 1/√head_dim).
-pub fn model(domain: &str, layers: usize, heads: usize, kv_heads: usize, head_dim: usize) -> Vec<u8> {
+/// producing `out{l}`, `present_key{l}`, `present_value{l}` (rotary on, non-interleaved, scale 1/√head_dim). The
+/// caches are of ONNX element type `cache` ([`FLOAT`] or [`FLOAT16`]; activations are float32).
+pub fn model(domain: &str, layers: usize, heads: usize, kv_heads: usize, head_dim: usize, cache: i32) -> Vec<u8> {
     let shared = [
         ("q", FLOAT),
         ("k", FLOAT),
@@ -46,8 +49,8 @@ pub fn model(domain: &str, layers: usize, heads: usize, kv_heads: usize, head_di
     for l in 0..layers {
         let (pk, pv) = (format!("past_key{l}"), format!("past_value{l}"));
         let outs = [format!("out{l}"), format!("present_key{l}"), format!("present_value{l}")];
-        inputs.extend([value_info(&pk, FLOAT), value_info(&pv, FLOAT)]);
-        outputs.extend(outs.iter().map(|o| value_info(o, FLOAT)));
+        inputs.extend([value_info(&pk, cache), value_info(&pv, cache)]);
+        outputs.extend(outs.iter().enumerate().map(|(i, o)| value_info(o, if i == 0 { FLOAT } else { cache })));
         nodes.push(NodeProto {
             name: Some(format!("attention{l}")),
             op_type: Some("GroupQueryAttention".into()),

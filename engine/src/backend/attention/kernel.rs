@@ -10,7 +10,42 @@
 //!
 //! Layouts (as `com.microsoft.GroupQueryAttention`): `q [B, S, H·d]`, `k`/`v [B, S, Hkv·d]` (new positions, before
 //! rotary), caches `[B, Hkv, capacity, d]` (keys after rotary), rotary tables `[positions, d/2]`
-//! (non-interleaved halves), output `[B, S, H·d]`.
+//! (non-interleaved halves), output `[B, S, H·d]`. Activations are float32; the caches are float32 or float16
+//! ([`CacheElem`]): a float16 cache halves the bytes a decode step streams, which is what a long context's step
+//! costs. Arithmetic is float32 either way (keys and values are widened as they are loaded).
+
+#[cfg(target_arch = "x86_64")]
+use super::avx2;
+use crate::kv::region::PoolElem;
+
+/// An element type of the caches: float32, or float16 (stored rounded to nearest, widened exactly).
+pub trait CacheElem: PoolElem {
+    /// Eight values from `p` as one register of float32.
+    ///
+    /// # Safety
+    /// The CPU has AVX and F16C; `p` covers eight values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl CacheElem for f32 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's guarantee.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl CacheElem for half::f16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::{_mm256_cvtph_ps, _mm_loadu_si128};
+        // SAFETY: the caller's guarantee.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
 
 /// Query positions one attention task takes (times the group's query heads = its rows).
 pub const QUERY_TILE: usize = 16;
@@ -60,17 +95,17 @@ impl RowSpan {
     }
 }
 
-/// The buffers of one call. Past and present may be the same memory (the KV pool bound in place); nothing else
-/// may overlap.
+/// The buffers of one call, caches of element `C`. Past and present may be the same memory (the KV pool bound in
+/// place); nothing else may overlap.
 #[derive(Debug, Clone, Copy)]
-pub struct Buffers {
+pub struct Buffers<C> {
     pub q: *const f32,
     pub k: *const f32,
     pub v: *const f32,
-    pub past_key: *const f32,
-    pub past_value: *const f32,
-    pub present_key: *mut f32,
-    pub present_value: *mut f32,
+    pub past_key: *const C,
+    pub past_value: *const C,
+    pub present_key: *mut C,
+    pub present_value: *mut C,
     pub cos: *const f32,
     pub sin: *const f32,
     pub out: *mut f32,
@@ -78,18 +113,18 @@ pub struct Buffers {
 
 // SAFETY: the pointers are only dereferenced by `append` and `attend`, whose callers hand each task a disjoint part
 // of every buffer it writes (see their docs).
-unsafe impl Send for Buffers {}
+unsafe impl<C> Send for Buffers<C> {}
 // SAFETY: as above.
-unsafe impl Sync for Buffers {}
+unsafe impl<C> Sync for Buffers<C> {}
 
 /// Rotates `x` (one head, `d` values) by the rotary angles of table row `pos`, into `out`.
 #[inline(always)]
-fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+fn rotate<C: PoolElem>(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [C]) {
     let half = cos.len();
     for j in 0..half {
         let (a, b) = (x[j], x[j + half]);
-        out[j] = a * cos[j] - b * sin[j];
-        out[j + half] = b * cos[j] + a * sin[j];
+        out[j] = C::from_f32(a * cos[j] - b * sin[j]);
+        out[j + half] = C::from_f32(b * cos[j] + a * sin[j]);
     }
 }
 
@@ -99,7 +134,7 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
 /// # Safety
 /// Every buffer holds `dims`' sizes; `positions[s]` < `dims.rotary_positions` and `span.past + span.new ≤
 /// dims.present_capacity`; no other task writes head `g` of row `b` of the presents during the call.
-pub unsafe fn append(d: &Dims, buf: &Buffers, b: usize, g: usize, span: RowSpan, positions: &[usize]) {
+pub unsafe fn append<C: CacheElem>(d: &Dims, buf: &Buffers<C>, b: usize, g: usize, span: RowSpan, positions: &[usize]) {
     let hd = d.head_dim;
     let half = hd / 2;
     let past_base = (b * d.kv_heads + g) * d.past_capacity * hd;
@@ -126,7 +161,11 @@ pub unsafe fn append(d: &Dims, buf: &Buffers, b: usize, g: usize, span: RowSpan,
             let cos = std::slice::from_raw_parts(buf.cos.add(pos * half), half);
             let sin = std::slice::from_raw_parts(buf.sin.add(pos * half), half);
             rotate(key, cos, sin, std::slice::from_raw_parts_mut(buf.present_key.add(dst), hd));
-            std::ptr::copy_nonoverlapping(buf.v.add(src), buf.present_value.add(dst), hd);
+            let value = std::slice::from_raw_parts(buf.v.add(src), hd);
+            let cached = std::slice::from_raw_parts_mut(buf.present_value.add(dst), hd);
+            for (c, &x) in cached.iter_mut().zip(value) {
+                *c = C::from_f32(x);
+            }
         }
     }
 }
@@ -149,28 +188,28 @@ pub struct Task<'a> {
 /// # Safety
 /// As [`append`], after `append` ran for `(b, g)`; no other task writes the output rows of `(b, tile)` for the
 /// heads of group `g`.
-pub unsafe fn attend(d: &Dims, buf: &Buffers, task: &Task) {
+pub unsafe fn attend<C: CacheElem>(d: &Dims, buf: &Buffers<C>, task: &Task) {
     // SAFETY: the caller's guarantee.
     unsafe { attend_with(true, d, buf, task) }
 }
 
 /// [`attend`], with the AVX2 loops only when `simd` (the tests run both forms).
-unsafe fn attend_with(simd: bool, d: &Dims, buf: &Buffers, task: &Task) {
+unsafe fn attend_with<C: CacheElem>(simd: bool, d: &Dims, buf: &Buffers<C>, task: &Task) {
     #[cfg(target_arch = "x86_64")]
-    if simd && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if simd && avx2::available() {
         // SAFETY: the CPU has the features; the rest is the caller's guarantee.
         return unsafe { attend_avx2(d, buf, task) };
     }
     let _ = simd;
     // SAFETY: the caller's guarantee.
-    unsafe { attend_body::<false>(d, buf, task) }
+    unsafe { attend_body::<false, C>(d, buf, task) }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(d: &Dims, buf: &Buffers, task: &Task) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<C: CacheElem>(d: &Dims, buf: &Buffers<C>, task: &Task) {
     // SAFETY: the caller's guarantee.
-    unsafe { attend_body::<true>(d, buf, task) }
+    unsafe { attend_body::<true, C>(d, buf, task) }
 }
 
 /// `a · b + c`, fused where the code is compiled for FMA.
@@ -184,25 +223,25 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 }
 
 /// Lanes of the explicit vectors below (one AVX2 register of float32).
-const L: usize = 8;
+pub(super) const L: usize = 8;
 
 /// `xs` as whole vectors of [`L`] (the tail is handled by the callers).
 #[inline(always)]
-fn vectors(xs: &[f32]) -> impl Iterator<Item = &[f32; L]> {
+fn vectors<E>(xs: &[E]) -> impl Iterator<Item = &[E; L]> {
     xs.chunks_exact(L).map(|c| c.try_into().expect("chunks_exact yields L values"))
 }
 
 /// Dot products of `q` with four keys at once (each query vector is loaded once for the four).
 #[inline(always)]
-fn dot4<const FMA: bool>(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+fn dot4<const FMA: bool, C: PoolElem>(q: &[f32], k: [&[C]; 4]) -> [f32; 4] {
     let mut acc = [[0f32; L]; 4];
     let keys = vectors(k[0]).zip(vectors(k[1])).zip(vectors(k[2])).zip(vectors(k[3]));
     for (qv, (((k0, k1), k2), k3)) in vectors(q).zip(keys) {
         for i in 0..L {
-            acc[0][i] = madd::<FMA>(qv[i], k0[i], acc[0][i]);
-            acc[1][i] = madd::<FMA>(qv[i], k1[i], acc[1][i]);
-            acc[2][i] = madd::<FMA>(qv[i], k2[i], acc[2][i]);
-            acc[3][i] = madd::<FMA>(qv[i], k3[i], acc[3][i]);
+            acc[0][i] = madd::<FMA>(qv[i], k0[i].to_f32(), acc[0][i]);
+            acc[1][i] = madd::<FMA>(qv[i], k1[i].to_f32(), acc[1][i]);
+            acc[2][i] = madd::<FMA>(qv[i], k2[i].to_f32(), acc[2][i]);
+            acc[3][i] = madd::<FMA>(qv[i], k3[i].to_f32(), acc[3][i]);
         }
     }
     let n = q.len() / L * L;
@@ -210,7 +249,7 @@ fn dot4<const FMA: bool>(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
     for j in 0..4 {
         let mut s = acc[j].iter().sum::<f32>();
         for (a, b) in q[n..].iter().zip(&k[j][n..]) {
-            s = madd::<FMA>(*a, *b, s);
+            s = madd::<FMA>(*a, b.to_f32(), s);
         }
         out[j] = s;
     }
@@ -219,23 +258,23 @@ fn dot4<const FMA: bool>(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
 
 /// `acc += Σ p[j] · v[j]` over four values at once (the accumulator is loaded and stored once for the four).
 #[inline(always)]
-fn axpy4<const FMA: bool>(acc: &mut [f32], p: [f32; 4], v: [&[f32]; 4]) {
+fn axpy4<const FMA: bool, C: PoolElem>(acc: &mut [f32], p: [f32; 4], v: [&[C]; 4]) {
     let n = acc.len() / L * L;
     let values = vectors(v[0]).zip(vectors(v[1])).zip(vectors(v[2])).zip(vectors(v[3]));
     for (a, (((v0, v1), v2), v3)) in acc[..n].chunks_exact_mut(L).zip(values) {
         for i in 0..L {
             let mut x = a[i];
-            x = madd::<FMA>(p[0], v0[i], x);
-            x = madd::<FMA>(p[1], v1[i], x);
-            x = madd::<FMA>(p[2], v2[i], x);
-            x = madd::<FMA>(p[3], v3[i], x);
+            x = madd::<FMA>(p[0], v0[i].to_f32(), x);
+            x = madd::<FMA>(p[1], v1[i].to_f32(), x);
+            x = madd::<FMA>(p[2], v2[i].to_f32(), x);
+            x = madd::<FMA>(p[3], v3[i].to_f32(), x);
             a[i] = x;
         }
     }
     for i in n..acc.len() {
         let mut x = acc[i];
         for j in 0..4 {
-            x = madd::<FMA>(p[j], v[j][i], x);
+            x = madd::<FMA>(p[j], v[j][i].to_f32(), x);
         }
         acc[i] = x;
     }
@@ -277,7 +316,7 @@ fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 }
 
 #[inline(always)]
-unsafe fn attend_body<const FMA: bool>(d: &Dims, buf: &Buffers, task: &Task) {
+unsafe fn attend_body<const FMA: bool, C: CacheElem>(d: &Dims, buf: &Buffers<C>, task: &Task) {
     let Task { b, g, span, ref tile, positions, scale } = *task;
     let (hd, group) = (d.head_dim, d.group());
     let half = hd / 2;
@@ -327,7 +366,7 @@ unsafe fn attend_body<const FMA: bool>(d: &Dims, buf: &Buffers, task: &Task) {
                     for (j, r) in (r0..r0 + group).step_by(avx2::MAX_ROWS).enumerate() {
                         let n = (group - j * avx2::MAX_ROWS).min(avx2::MAX_ROWS);
                         let out = scores.as_mut_ptr().add(r * keys);
-                        avx2::scores(q.as_ptr().add(r * hd), n, hd, kp, t0..end, out, keys);
+                        avx2::scores::<C>(q.as_ptr().add(r * hd), n, hd, kp, t0..end, out, keys);
                     }
                     continue;
                 }
@@ -336,12 +375,12 @@ unsafe fn attend_body<const FMA: bool>(d: &Dims, buf: &Buffers, task: &Task) {
                     let sr = &mut scores[r * keys..(r + 1) * keys];
                     let mut t = t0;
                     while t + 4 <= end {
-                        let s4 = dot4::<FMA>(qr, [key(t), key(t + 1), key(t + 2), key(t + 3)]);
+                        let s4 = dot4::<FMA, C>(qr, [key(t), key(t + 1), key(t + 2), key(t + 3)]);
                         sr[t..t + 4].copy_from_slice(&s4);
                         t += 4;
                     }
                     while t < end {
-                        sr[t] = qr.iter().zip(key(t)).fold(0.0, |a, (x, y)| madd::<FMA>(*x, *y, a));
+                        sr[t] = qr.iter().zip(key(t)).fold(0.0, |a, (x, y)| madd::<FMA>(*x, y.to_f32(), a));
                         t += 1;
                     }
                 }
@@ -372,20 +411,20 @@ unsafe fn attend_body<const FMA: bool>(d: &Dims, buf: &Buffers, task: &Task) {
                 #[cfg(target_arch = "x86_64")]
                 if FMA {
                     if t0 < end {
-                        avx2::values(pr.as_ptr(), ar, vp, t0..end);
+                        avx2::values::<C>(pr.as_ptr(), ar, vp, t0..end);
                     }
                     continue;
                 }
                 let mut t = t0;
                 while t + 4 <= end {
                     let p = [pr[t], pr[t + 1], pr[t + 2], pr[t + 3]];
-                    axpy4::<FMA>(ar, p, [value(t), value(t + 1), value(t + 2), value(t + 3)]);
+                    axpy4::<FMA, C>(ar, p, [value(t), value(t + 1), value(t + 2), value(t + 3)]);
                     t += 4;
                 }
                 while t < end {
                     let (p, v0) = (pr[t], value(t));
                     for (a, x) in ar.iter_mut().zip(v0) {
-                        *a = madd::<FMA>(p, *x, *a);
+                        *a = madd::<FMA>(p, x.to_f32(), *a);
                     }
                     t += 1;
                 }
@@ -401,154 +440,6 @@ unsafe fn attend_body<const FMA: bool>(d: &Dims, buf: &Buffers, task: &Task) {
                     dst.copy_from_slice(&acc[r..r + hd]);
                 } else {
                     dst.fill(0.0);
-                }
-            }
-        }
-    }
-}
-
-/// The AVX2 + FMA inner loops, blocked over registers: LLVM vectorizes the portable loops across the four keys
-/// instead of along the head (shuffles that cost more than the arithmetic), and keeps accumulators in memory.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-    use std::ops::Range;
-
-    use super::L;
-
-    /// Query rows scored together: 2 keys × 6 rows = 12 accumulators, plus 2 key vectors and a query vector, fit
-    /// the 16 vector registers.
-    pub const MAX_ROWS: usize = 6;
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-        _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)))
-    }
-
-    /// `out[j · stride + t] = q_j · key_t` for rows `j < n` (`n ≤ MAX_ROWS`, row `j` at `q + j · hd`) and keys `t`
-    /// in `ts` (key `t` at `k + t · hd`), two keys at a time.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; the pointers cover those rows, keys and outputs.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores(
-        q: *const f32,
-        n: usize,
-        hd: usize,
-        k: *const f32,
-        ts: Range<usize>,
-        out: *mut f32,
-        stride: usize,
-    ) {
-        // SAFETY (whole body): the caller's guarantee.
-        unsafe {
-            match n {
-                1 => scores_n::<1>(q, hd, k, ts, out, stride),
-                2 => scores_n::<2>(q, hd, k, ts, out, stride),
-                3 => scores_n::<3>(q, hd, k, ts, out, stride),
-                4 => scores_n::<4>(q, hd, k, ts, out, stride),
-                5 => scores_n::<5>(q, hd, k, ts, out, stride),
-                _ => scores_n::<6>(q, hd, k, ts, out, stride),
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_n<const R: usize>(
-        q: *const f32,
-        hd: usize,
-        k: *const f32,
-        ts: Range<usize>,
-        out: *mut f32,
-        stride: usize,
-    ) {
-        let n = hd / L * L;
-        let tail = |r: usize, key: *const f32| -> f32 {
-            // SAFETY: the caller's guarantee covers `hd` values of each row and key.
-            (n..hd).map(|i| unsafe { *q.add(r * hd + i) * *key.add(i) }).sum()
-        };
-        let mut t = ts.start;
-        // SAFETY (both loops): the caller's guarantee.
-        unsafe {
-            while t + 2 <= ts.end {
-                let (ka, kb) = (k.add(t * hd), k.add((t + 1) * hd));
-                let mut acc = [[_mm256_setzero_ps(); 2]; R];
-                let mut c = 0;
-                while c < n {
-                    let (x, y) = (_mm256_loadu_ps(ka.add(c)), _mm256_loadu_ps(kb.add(c)));
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let qv = _mm256_loadu_ps(q.add(r * hd + c));
-                        a[0] = _mm256_fmadd_ps(qv, x, a[0]);
-                        a[1] = _mm256_fmadd_ps(qv, y, a[1]);
-                    }
-                    c += L;
-                }
-                for (r, a) in acc.iter().enumerate() {
-                    *out.add(r * stride + t) = hsum(a[0]) + tail(r, ka);
-                    *out.add(r * stride + t + 1) = hsum(a[1]) + tail(r, kb);
-                }
-                t += 2;
-            }
-            if t < ts.end {
-                let ka = k.add(t * hd);
-                let mut acc = [_mm256_setzero_ps(); R];
-                let mut c = 0;
-                while c < n {
-                    let x = _mm256_loadu_ps(ka.add(c));
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(r * hd + c)), x, *a);
-                    }
-                    c += L;
-                }
-                for (r, a) in acc.iter().enumerate() {
-                    *out.add(r * stride + t) = hsum(*a) + tail(r, ka);
-                }
-            }
-        }
-    }
-
-    /// `acc += Σ_t p[t] · value_t` over `ts` (value `t` at `v + t · acc.len()`), 64 lanes of the accumulator held in
-    /// registers across all the keys.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `p` covers `ts`, `v` those values.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn values(p: *const f32, acc: &mut [f32], v: *const f32, ts: Range<usize>) {
-        let hd = acc.len();
-        let a = acc.as_mut_ptr();
-        let mut c = 0;
-        // SAFETY (whole body): the caller's guarantee; `c + width ≤ hd`.
-        unsafe {
-            while c + 8 * L <= hd {
-                let mut r = [_mm256_setzero_ps(); 8];
-                for (i, x) in r.iter_mut().enumerate() {
-                    *x = _mm256_loadu_ps(a.add(c + i * L));
-                }
-                for t in ts.clone() {
-                    let pb = _mm256_set1_ps(*p.add(t));
-                    let row = v.add(t * hd + c);
-                    for (i, x) in r.iter_mut().enumerate() {
-                        *x = _mm256_fmadd_ps(pb, _mm256_loadu_ps(row.add(i * L)), *x);
-                    }
-                }
-                for (i, x) in r.iter().enumerate() {
-                    _mm256_storeu_ps(a.add(c + i * L), *x);
-                }
-                c += 8 * L;
-            }
-            while c + L <= hd {
-                let mut x = _mm256_loadu_ps(a.add(c));
-                for t in ts.clone() {
-                    x = _mm256_fmadd_ps(_mm256_set1_ps(*p.add(t)), _mm256_loadu_ps(v.add(t * hd + c)), x);
-                }
-                _mm256_storeu_ps(a.add(c), x);
-                c += L;
-            }
-            for i in c..hd {
-                for t in ts.clone() {
-                    *a.add(i) = (*p.add(t)).mul_add(*v.add(t * hd + i), *a.add(i));
                 }
             }
         }

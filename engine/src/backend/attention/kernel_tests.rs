@@ -1,4 +1,5 @@
 use super::*;
+use half::f16;
 
 /// Deterministic values in [-1, 1).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
@@ -49,26 +50,28 @@ fn case(d: Dims, totals: &[usize], seed: u64) -> Case {
 
 /// Runs both phases over every task; `in_place` binds the past buffers as the presents.
 fn run(c: &Case, in_place: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    run_with(c, in_place, true)
+    run_with::<f32>(c, in_place, true)
 }
 
-/// [`run`], with the AVX2 loops only when `simd`.
-fn run_with(c: &Case, in_place: bool, simd: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// [`run`] over caches of element `C`, with the AVX2 loops only when `simd`.
+fn run_with<C: CacheElem>(c: &Case, in_place: bool, simd: bool) -> (Vec<f32>, Vec<C>, Vec<C>) {
     let d = c.d;
     let present_len = d.batch * d.kv_heads * d.present_capacity * d.head_dim;
+    let past_key: Vec<C> = c.past_key.iter().map(|&x| C::from_f32(x)).collect();
+    let past_value: Vec<C> = c.past_value.iter().map(|&x| C::from_f32(x)).collect();
     let (mut pk, mut pv) = if in_place {
         assert_eq!(d.past_capacity, d.present_capacity);
-        (c.past_key.clone(), c.past_value.clone())
+        (past_key.clone(), past_value.clone())
     } else {
-        (vec![f32::NAN; present_len], vec![f32::NAN; present_len])
+        (vec![C::from_f32(f32::NAN); present_len], vec![C::from_f32(f32::NAN); present_len])
     };
     let mut out = vec![f32::NAN; d.batch * d.seq * d.heads * d.head_dim];
     let buf = Buffers {
         q: c.q.as_ptr(),
         k: c.k.as_ptr(),
         v: c.v.as_ptr(),
-        past_key: if in_place { pk.as_ptr() } else { c.past_key.as_ptr() },
-        past_value: if in_place { pv.as_ptr() } else { c.past_value.as_ptr() },
+        past_key: if in_place { pk.as_ptr() } else { past_key.as_ptr() },
+        past_value: if in_place { pv.as_ptr() } else { past_value.as_ptr() },
         present_key: pk.as_mut_ptr(),
         present_value: pv.as_mut_ptr(),
         cos: c.cos.as_ptr(),
@@ -97,8 +100,9 @@ fn run_with(c: &Case, in_place: bool, simd: bool) -> (Vec<f32>, Vec<f32>, Vec<f3
     (out, pk, pv)
 }
 
-/// Plain attention in float64 over the same inputs: the present caches it implies and the output.
-fn reference(c: &Case) -> (Vec<f64>, Vec<Vec<f64>>) {
+/// Plain attention in float64 over the same inputs: the present caches it implies and the output. Cached values
+/// go through `store` (the cache's rounding).
+fn reference(c: &Case, store: fn(f64) -> f64) -> (Vec<f64>, Vec<Vec<f64>>) {
     let d = c.d;
     let (hd, half) = (d.head_dim, d.head_dim / 2);
     let rot = |x: &[f32], pos: usize| -> Vec<f64> {
@@ -119,13 +123,14 @@ fn reference(c: &Case) -> (Vec<f64>, Vec<Vec<f64>>) {
             let mut values: Vec<Vec<f64>> = Vec::new();
             let base = (b * d.kv_heads + g) * d.past_capacity * hd;
             for t in 0..span.past {
-                keys.push(c.past_key[base + t * hd..base + (t + 1) * hd].iter().map(|&x| x as f64).collect());
-                values.push(c.past_value[base + t * hd..base + (t + 1) * hd].iter().map(|&x| x as f64).collect());
+                keys.push(c.past_key[base + t * hd..base + (t + 1) * hd].iter().map(|&x| store(x as f64)).collect());
+                values
+                    .push(c.past_value[base + t * hd..base + (t + 1) * hd].iter().map(|&x| store(x as f64)).collect());
             }
             for s in 0..span.new {
                 let src = ((b * d.seq + s) * d.kv_heads + g) * hd;
-                keys.push(rot(&c.k[src..src + hd], c.positions[b][s]));
-                values.push(c.v[src..src + hd].iter().map(|&x| x as f64).collect());
+                keys.push(rot(&c.k[src..src + hd], c.positions[b][s]).into_iter().map(store).collect());
+                values.push(c.v[src..src + hd].iter().map(|&x| store(x as f64)).collect());
             }
             presents.push(keys.iter().flatten().copied().collect());
             for s in 0..span.new {
@@ -150,16 +155,21 @@ fn reference(c: &Case) -> (Vec<f64>, Vec<Vec<f64>>) {
     (out, presents)
 }
 
+/// Float32 and float16 caches, each through both forms of the loops (AVX2 where the CPU has it, and the portable
+/// one), against the reference.
 fn check(c: &Case, in_place: bool) {
-    check_with(c, in_place, true);
-    check_with(c, in_place, false);
+    for simd in [true, false] {
+        check_with::<f32>(c, in_place, simd, |x| x, 2e-5);
+        // A float16 cache rounds what it stores (the reference rounds the same values); a key rotated in float32
+        // may round to the neighbouring float16 of the reference's float64 rotation: one ulp, 2^-11 relative.
+        check_with::<f16>(c, in_place, simd, |x| f16::from_f64(x).to_f64(), 1e-4);
+    }
 }
 
-/// Both forms of the loops (AVX2 where the CPU has it, and the portable one) against the reference.
-fn check_with(c: &Case, in_place: bool, simd: bool) {
+fn check_with<C: CacheElem>(c: &Case, in_place: bool, simd: bool, store: fn(f64) -> f64, tolerance: f64) {
     let d = c.d;
-    let (out, pk, _) = run_with(c, in_place, simd);
-    let (want, presents) = reference(c);
+    let (out, pk, _) = run_with::<C>(c, in_place, simd);
+    let (want, presents) = reference(c, store);
     let hd = d.head_dim;
     for b in 0..d.batch {
         let span = c.spans[b];
@@ -168,7 +178,7 @@ fn check_with(c: &Case, in_place: bool, simd: bool) {
                 let i = (b * d.seq + s) * d.heads * hd + j;
                 if s < span.new {
                     assert!(
-                        (out[i] as f64 - want[i]).abs() < 2e-5,
+                        (out[i] as f64 - want[i]).abs() < tolerance,
                         "row {b} query {s} [{j}]: {} vs {}",
                         out[i],
                         want[i]
@@ -182,7 +192,11 @@ fn check_with(c: &Case, in_place: bool, simd: bool) {
             let base = (b * d.kv_heads + g) * d.present_capacity * hd;
             let want = &presents[b * d.kv_heads + g];
             for (t, w) in want.iter().enumerate() {
-                assert!((pk[base + t] as f64 - w).abs() < 1e-5, "present key of row {b} head {g} at {t}");
+                let got = pk[base + t].to_f32() as f64;
+                assert!(
+                    (got - w).abs() <= 1e-5 + w.abs() / 1024.0,
+                    "present key of row {b} head {g} at {t}: {got} vs {w}"
+                );
             }
         }
     }

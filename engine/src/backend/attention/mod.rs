@@ -14,26 +14,47 @@
 //! attends. A task's result never depends on how tasks were scheduled, so outputs do not depend on the thread
 //! count or on which other rows share the step.
 //!
-//! Float32 only: float16 serving graphs keep ONNX Runtime's kernel (a CPU float16 graph is a test configuration,
-//! not a fast one).
+//! Activations are float32; the caches (past and present) float32 or float16, one operator registration each
+//! under the same name ([`CacheType`]): a float16 cache under float32 activations halves what a long context's
+//! decode step streams (`r1-export --kv-cache-dtype`). Float16 serving graphs keep ONNX Runtime's kernel (a CPU
+//! float16 graph is a test configuration, not a fast one).
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod kernel;
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
 use ort::session::builder::SessionBuilder;
-use ort::value::TensorElementType as T;
+use ort::value::{PrimitiveTensorElementType, TensorElementType as T};
+use std::marker::PhantomData;
 use std::sync::Mutex;
 
-use kernel::{Buffers, Dims, RowSpan, QUERY_TILE};
+use kernel::{Buffers, CacheElem, Dims, RowSpan, QUERY_TILE};
 
 /// The operator domain of r1's kernels.
 pub const DOMAIN: &str = "r1";
 /// The operator's type name (the same as ONNX Runtime's, in [`DOMAIN`]).
 pub const OP_TYPE: &str = "GroupQueryAttention";
 
-/// The domain to register on a session (`SessionBuilder::with_operators`); prefer [`commit_with_ops`].
+/// The domain to register on a session (`SessionBuilder::with_operators`); prefer [`commit_with_ops`]. It holds
+/// the operator twice, for float32 and for float16 caches: ONNX Runtime picks the kernel by the graph's types.
 pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(GroupQueryAttention)
+    OperatorDomain::new(DOMAIN)?
+        .add(GroupQueryAttention::<f32>(PhantomData))?
+        .add(GroupQueryAttention::<half::f16>(PhantomData))
+}
+
+/// A cache element type the operator is registered for, with its ONNX type.
+pub trait CacheType: CacheElem + PrimitiveTensorElementType {
+    const ONNX: T;
+}
+
+impl CacheType for f32 {
+    const ONNX: T = T::Float32;
+}
+
+impl CacheType for half::f16 {
+    const ONNX: T = T::Float16;
 }
 
 /// Registers r1's operators on `builder` and commits it with `commit` (e.g. `|b| b.commit_from_file(path)`).
@@ -51,21 +72,23 @@ pub fn commit_with_ops<T>(
     commit(builder)
 }
 
-struct GroupQueryAttention;
+/// The operator over caches of element `C`.
+struct GroupQueryAttention<C>(PhantomData<C>);
 
 /// The attributes, read once per node.
-pub struct AttentionKernel {
+pub struct AttentionKernel<C> {
     heads: usize,
     kv_heads: usize,
     scale: Option<f32>,
+    cache: PhantomData<C>,
 }
 
 fn err(message: String) -> ort::Error {
     ort::Error::new(format!("r1.{OP_TYPE}: {message}"))
 }
 
-impl Operator for GroupQueryAttention {
-    type Kernel<'attr> = AttentionKernel;
+impl<C: CacheType> Operator for GroupQueryAttention<C> {
+    type Kernel<'attr> = AttentionKernel<C>;
 
     fn name(&self) -> &str {
         OP_TYPE
@@ -76,8 +99,8 @@ impl Operator for GroupQueryAttention {
             OperatorInput::required(T::Float32), // query [B, S, H·d]
             OperatorInput::required(T::Float32), // key [B, S, Hkv·d]
             OperatorInput::required(T::Float32), // value [B, S, Hkv·d]
-            OperatorInput::required(T::Float32), // past_key [B, Hkv, P, d]
-            OperatorInput::required(T::Float32), // past_value
+            OperatorInput::required(C::ONNX),    // past_key [B, Hkv, P, d]
+            OperatorInput::required(C::ONNX),    // past_value
             OperatorInput::required(T::Int32),   // seqlens_k [B]: each row's total length − 1
             OperatorInput::required(T::Int32),   // total_sequence_length [1]
             OperatorInput::required(T::Float32), // cos_cache [positions, d/2]
@@ -89,12 +112,12 @@ impl Operator for GroupQueryAttention {
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
         [
             OperatorOutput::required(T::Float32), // output [B, S, H·d]
-            OperatorOutput::required(T::Float32), // present_key [B, Hkv, max(P, total), d]
-            OperatorOutput::required(T::Float32), // present_value
+            OperatorOutput::required(C::ONNX),    // present_key [B, Hkv, max(P, total), d]
+            OperatorOutput::required(C::ONNX),    // present_value
         ]
     }
 
-    fn create_kernel<'attr>(&self, ctx: &KernelContext<'attr>) -> ort::Result<AttentionKernel> {
+    fn create_kernel<'attr>(&self, ctx: &KernelContext<'attr>) -> ort::Result<AttentionKernel<C>> {
         let int = |name: &str| ctx.get::<i64>(name);
         let heads = int("num_heads").filter(|&h| h > 0).ok_or_else(|| err("needs num_heads > 0".into()))?;
         let kv_heads = int("kv_num_heads").filter(|&h| h > 0).ok_or_else(|| err("needs kv_num_heads > 0".into()))?;
@@ -115,7 +138,7 @@ impl Operator for GroupQueryAttention {
             }
         }
         let scale = ctx.get::<f32>("scale").filter(|&s| s != 0.0);
-        Ok(AttentionKernel { heads: heads as usize, kv_heads: kv_heads as usize, scale })
+        Ok(AttentionKernel { heads: heads as usize, kv_heads: kv_heads as usize, scale, cache: PhantomData })
     }
 }
 
@@ -134,10 +157,10 @@ fn input<E: ort::value::PrimitiveTensorElementType>(
     Ok((shape.iter().map(|&x| x.max(0) as usize).collect(), data.as_ptr(), data.len()))
 }
 
-fn output(ctx: &ComputeContext, i: usize, shape: &[usize]) -> ort::Result<*mut f32> {
+fn output<E: PrimitiveTensorElementType>(ctx: &ComputeContext, i: usize, shape: &[usize]) -> ort::Result<*mut E> {
     let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
     let mut v = ctx.output(i, dims)?.ok_or_else(|| err(format!("output {i} is missing")))?;
-    let (_, data) = v.try_extract_tensor_mut::<f32>()?;
+    let (_, data) = v.try_extract_tensor_mut::<E>()?;
     Ok(data.as_mut_ptr())
 }
 
@@ -149,7 +172,7 @@ fn expect(name: &str, got: &[usize], want: &[usize]) -> ort::Result<()> {
     }
 }
 
-impl Kernel for AttentionKernel {
+impl<C: CacheType> Kernel for AttentionKernel<C> {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let (qs, q, _) = input::<f32>(ctx, 0, "query", 3)?;
         let (batch, seq) = (qs[0], qs[1]);
@@ -161,8 +184,8 @@ impl Kernel for AttentionKernel {
         let (vs, v, _) = input::<f32>(ctx, 2, "value", 3)?;
         expect("key", &ks, &[batch, seq, self.kv_heads * hd])?;
         expect("value", &vs, &[batch, seq, self.kv_heads * hd])?;
-        let (pks, past_key, _) = input::<f32>(ctx, 3, "past_key", 4)?;
-        let (pvs, past_value, _) = input::<f32>(ctx, 4, "past_value", 4)?;
+        let (pks, past_key, _) = input::<C>(ctx, 3, "past_key", 4)?;
+        let (pvs, past_value, _) = input::<C>(ctx, 4, "past_value", 4)?;
         let past_capacity = pks[2];
         expect("past_key", &pks, &[batch, self.kv_heads, past_capacity, hd])?;
         expect("past_value", &pvs, &pks)?;
@@ -221,10 +244,10 @@ impl Kernel for AttentionKernel {
                 positions.push(p.clamp(0, d.rotary_positions as i64 - 1) as usize);
             }
         }
-        let out = output(ctx, 0, &[batch, seq, self.heads * hd])?;
+        let out = output::<f32>(ctx, 0, &[batch, seq, self.heads * hd])?;
         let present_shape = [batch, self.kv_heads, d.present_capacity, hd];
-        let present_key = output(ctx, 1, &present_shape)?;
-        let present_value = output(ctx, 2, &present_shape)?;
+        let present_key = output::<C>(ctx, 1, &present_shape)?;
+        let present_value = output::<C>(ctx, 2, &present_shape)?;
         let buf = Buffers { q, k, v, past_key, past_value, present_key, present_value, cos, sin, out };
         let scale = self.scale.unwrap_or(1.0 / (hd as f32).sqrt());
         let heads = batch * self.kv_heads;
