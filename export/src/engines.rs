@@ -301,6 +301,7 @@ pub fn optimize_cpu_graph(model: &Path, out: &Path, rel_dir: &str) -> Result<Cpu
         fused_attention: false,
         kv_in_place: false,
         attention_op: None,
+        kv_cache_dtype: None,
         sparse_experts: false,
         expert_quantization: None,
     })
@@ -468,6 +469,7 @@ mod tests {
             fused_attention: false,
             kv_in_place: false,
             attention_op: None,
+            kv_cache_dtype: None,
             sparse_experts: false,
             expert_quantization: None,
         };

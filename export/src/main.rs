@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use r1_export::quantize::{export_quantized, min_opset, QuantArgs, QuantProgress};
-use r1_export::target::{self, Mode, Outcome, TargetOptions};
+use r1_export::target::{self, KvCacheDtype, Mode, Outcome, TargetOptions};
 use r1_export::{export, ExportOptions, Precision, Progress};
 
 const AFTER_HELP: &str = "\
@@ -192,6 +192,13 @@ struct TargetArgs {
     /// (com.microsoft.MoE) instead of quantizing them into com.microsoft.QMoE.
     #[arg(long, env = "R1_EXPORT_CPU_FLOAT_EXPERTS")]
     cpu_float_experts: bool,
+
+    /// cpu target: the KV cache's element type, auto | fp32 | fp16. fp16 halves the cache's memory per token and
+    /// what a decode step reads at a long context (the attention still computes in float32; needs the fused
+    /// attention of Llama / Qwen2 / Qwen3). auto: fp16 for int8-wo, int4-wo and int8 artifacts, the graph's own
+    /// type for fp32 (transformers' numerics) and fp16.
+    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = parse_kv_cache_dtype, env = "R1_EXPORT_KV_CACHE_DTYPE")]
+    kv_cache_dtype: KvCacheDtype,
 }
 
 impl TargetArgs {
@@ -201,8 +208,13 @@ impl TargetArgs {
             hardware_compatible: self.hardware_compatible,
             wait: std::time::Duration::from_secs(self.wait_secs),
             float_experts: self.cpu_float_experts,
+            kv_cache_dtype: self.kv_cache_dtype,
         }
     }
+}
+
+fn parse_kv_cache_dtype(s: &str) -> Result<KvCacheDtype, String> {
+    s.parse().map_err(|e: r1_export::ExportError| e.to_string())
 }
 
 fn parse_target(s: &str) -> Result<String, String> {

@@ -19,7 +19,7 @@ use std::path::Path;
 
 use crate::engines as eb;
 use r1_engine::manifest::names::MODEL_FILE;
-use r1_engine::manifest::{CpuBuild, EngineBuild, Manifest, Precision};
+use r1_engine::manifest::{CpuBuild, DType, EngineBuild, Manifest, Precision};
 use r1_engine::targets::{self, Target};
 
 use prost::Message;
@@ -44,6 +44,60 @@ pub struct TargetOptions {
     /// `cpu`: keep a quantized DeepseekV3 artifact's routed experts float (`com.microsoft.MoE`, as in fp32) instead
     /// of quantizing them into `com.microsoft.QMoE` (`--cpu-float-experts`: more memory, the float experts' accuracy).
     pub float_experts: bool,
+    /// `cpu`: the element type of the serving graph's KV cache (`--kv-cache-dtype`).
+    pub kv_cache_dtype: KvCacheDtype,
+}
+
+/// The element type of the `cpu` serving graph's KV cache (`r1-export --kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// float16 for quantized artifacts (`int8-wo`, `int4-wo`, `int8`) and float16 graphs, whose attention can take
+    /// it; the graph's own type otherwise (an `fp32` artifact keeps float32 caches: transformers' numerics).
+    #[default]
+    Auto,
+    /// float32 caches (float32 graphs only).
+    Fp32,
+    /// float16 caches: half the memory per position and half the bytes a long context's decode step reads; needs
+    /// the fused attention (dense families).
+    Fp16,
+}
+
+impl std::str::FromStr for KvCacheDtype {
+    type Err = ExportError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(KvCacheDtype::Auto),
+            "fp32" | "float32" => Ok(KvCacheDtype::Fp32),
+            "fp16" | "float16" => Ok(KvCacheDtype::Fp16),
+            other => Err(ExportError::InvalidOption {
+                option: "--kv-cache-dtype",
+                message: format!("`{other}` is not one of auto, fp32, fp16"),
+            }),
+        }
+    }
+}
+
+impl KvCacheDtype {
+    /// The cache type for the artifact `manifest` describes (`auto`: float16 for a quantized dense-family
+    /// artifact, whose fused attention takes it; the graph's own type otherwise).
+    fn resolve(self, manifest: &Manifest) -> crate::onnx::ElemType {
+        use crate::onnx::ElemType::{F16, F32};
+        match self {
+            KvCacheDtype::Fp32 => F32,
+            KvCacheDtype::Fp16 => F16,
+            KvCacheDtype::Auto if manifest.precision.is_quantized() && manifest.family.is_dense() => F16,
+            KvCacheDtype::Auto => manifest.kv_cache.dtype.into(),
+        }
+    }
+
+    /// What the build key records (`auto` resolves per artifact, so the resolved type is keyed).
+    fn key(cache: crate::onnx::ElemType) -> &'static str {
+        if cache == crate::onnx::ElemType::F16 {
+            "kv_fp16"
+        } else {
+            ""
+        }
+    }
 }
 
 impl Default for TargetOptions {
@@ -53,6 +107,7 @@ impl Default for TargetOptions {
             hardware_compatible: false,
             wait: crate::build_lock::DEFAULT_WAIT,
             float_experts: false,
+            kv_cache_dtype: KvCacheDtype::Auto,
         }
     }
 }
@@ -147,14 +202,21 @@ pub fn apply(
             (true, _, true) => "float_experts",
             _ => "",
         };
-        let key = build_key(&manifest, t.name, options, &eb::ort_version());
+        let cache = opts.kv_cache_dtype.resolve(&manifest);
+        let options = match (t.is_cpu(), KvCacheDtype::key(cache)) {
+            (true, kv) if !kv.is_empty() => {
+                [options, kv].iter().filter(|o| !o.is_empty()).copied().collect::<Vec<_>>().join(",")
+            }
+            _ => options.to_string(),
+        };
+        let key = build_key(&manifest, t.name, &options, &eb::ort_version());
         let rel = version_dir(t.name, &key);
         if is_current(dir, &manifest, t, &rel) {
             outcomes.push(Outcome::Current { target: t.name, dir: rel });
             continue;
         }
         let outcome = if t.is_cpu() {
-            Outcome::Cpu(write_cpu_graph(dir, &manifest, &rel, opts.float_experts)?)
+            Outcome::Cpu(write_cpu_graph(dir, &manifest, &rel, opts.float_experts, opts.kv_cache_dtype)?)
         } else {
             gpu_target(dir, &manifest, t, opts.hardware_compatible, mode, &rel)?
         };
@@ -227,7 +289,13 @@ fn gpu_target(dir: &Path, manifest: &Manifest, t: &'static Target, hw: bool, mod
 /// The graph ONNX Runtime optimizes is the portable one rewritten for serving: the LM head on each row's last
 /// fed position only ([`crate::onnx::last_logits`]), and, for `int8-wo` / `int8`, weight-only int8 MatMuls
 /// lowered to `MatMulNBits` ([`r1_calibration::matmul_nbits`]).
-fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str, float_experts: bool) -> Result<CpuBuild> {
+fn write_cpu_graph(
+    dir: &Path,
+    manifest: &Manifest,
+    rel: &str,
+    float_experts: bool,
+    kv_cache: KvCacheDtype,
+) -> Result<CpuBuild> {
     let final_dir = dir.join(rel);
     let parent = final_dir.parent().unwrap_or(dir).to_path_buf();
     std::fs::create_dir_all(&parent).map_err(ExportError::io(&parent))?;
@@ -240,7 +308,7 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str, float_experts: bo
             std::fs::remove_dir_all(d).map_err(ExportError::io(d))?;
         }
     }
-    let source = serving_source(dir, manifest, &lowered, &rewritten, float_experts);
+    let source = serving_source(dir, manifest, &lowered, &rewritten, float_experts, kv_cache);
     let record = source.and_then(|(source, lowering, attention, moe)| {
         let mut r = eb::optimize_cpu_graph(&source, &tmp, rel).map_err(engine_err(dir))?;
         r.lowering =
@@ -248,7 +316,8 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str, float_experts: bo
         r.last_position_logits = true;
         r.fused_attention = attention.is_some();
         r.kv_in_place = attention.is_some();
-        r.attention_op = attention;
+        r.kv_cache_dtype = attention.as_ref().map(|(_, cache)| *cache);
+        r.attention_op = attention.map(|(op, _)| op);
         r.sparse_experts = moe.layers > 0;
         r.expert_quantization = moe
             .quantization
@@ -277,7 +346,7 @@ fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str, float_experts: bo
 }
 
 /// Writes the serving form of the artifact's graph and returns its path, the lowering (when one was done) and
-/// the fused attention's operator (`domain.type`) when attention was fused: `int8-wo` / `int8` graphs go to `lowered/model.onnx` (+ `model.onnx.data`, the
+/// the fused attention's operator (`domain.type`) and cache type when attention was fused: `int8-wo` / `int8` graphs go to `lowered/model.onnx` (+ `model.onnx.data`, the
 /// weights rewritten), the others to `rewritten`, a graph-only file beside `model.onnx` that reads the artifact's
 /// own weight file. Last, the MoE layers whose experts run sparsely (and how they were quantized).
 fn serving_source(
@@ -286,7 +355,8 @@ fn serving_source(
     lowered: &Path,
     rewritten: &Path,
     float_experts: bool,
-) -> Result<(std::path::PathBuf, Option<Lowering>, Option<String>, crate::onnx::sparse_moe::SparseExperts)> {
+    kv_cache: KvCacheDtype,
+) -> Result<(std::path::PathBuf, Option<Lowering>, Option<(String, DType)>, crate::onnx::sparse_moe::SparseExperts)> {
     let mut model = crate::quantize::read_model(&dir.join(MODEL_FILE))?;
     // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
     let lowering = if matches!(manifest.precision, Precision::Int8WeightOnly | Precision::Int8) {
@@ -305,15 +375,33 @@ fn serving_source(
     crate::onnx::last_logits::gather_last_position_logits(&mut model, manifest.model.hidden_size)?;
     // The lowered graph's external data lives in `lowered`, the others' beside `model.onnx`.
     let data_dir = if lowering.is_some() { lowered } else { dir };
+    let dtype = crate::onnx::ElemType::from(manifest.kv_cache.dtype);
+    let cache = kv_cache.resolve(manifest);
     let fused = match attention_shape(manifest) {
         Some(shape) => {
-            let dtype = crate::onnx::ElemType::from(manifest.kv_cache.dtype);
             let data = r1_calibration::external::ExternalDataReader::new(data_dir);
-            let fa = crate::onnx::fused_attention::fuse_attention(&mut model, &shape, dtype, &data)?;
-            (fa > 0).then(|| format!("{}.GroupQueryAttention", crate::onnx::fused_attention::attention_domain(dtype)))
+            let fa = crate::onnx::fused_attention::fuse_attention(&mut model, &shape, dtype, cache, &data)?;
+            (fa > 0).then(|| {
+                let op = format!("{}.GroupQueryAttention", crate::onnx::fused_attention::attention_domain(dtype));
+                (op, if cache == crate::onnx::ElemType::F16 { DType::Float16 } else { DType::Float32 })
+            })
         }
         None => None,
     };
+    // Without the fused attention the caches stay the portable graph's: an explicit request for another type fails.
+    if fused.is_none() && kv_cache != KvCacheDtype::Auto && cache != dtype {
+        return Err(ExportError::InvalidOption {
+            option: "--kv-cache-dtype",
+            message: format!(
+                "{kv_cache:?} needs the cpu serving graph's fused attention (Llama, Qwen2, Qwen3 with a head size \
+                 that is a multiple of {}, unscaled rotary); this {} artifact keeps its portable attention and \
+                 its {:?} cache: use auto",
+                crate::onnx::fused_attention::HEAD_DIM_MULTIPLE,
+                manifest.family,
+                manifest.kv_cache.dtype,
+            ),
+        });
+    }
     // DeepseekV3: each token runs only its routed experts, relaid beside the serving graph's file (in `data_dir`).
     let sparse = match crate::onnx::sparse_moe::moe_top_k(manifest) {
         Some(k) => {

@@ -421,3 +421,81 @@ fn prompts_are_answered_before_calibration_and_int4_flags_are_recorded() {
     let e = stderr(&arith_export(&tmp.path().join("bad"), &["--precision=int8-wo", "--keep-float=o_proj"]));
     assert!(e.contains("`o_proj` names no MatMul") && e.contains("/model/layers.0/self_attn/o_proj/MatMul"), "{e}");
 }
+
+// ---- the cpu serving graph's KV cache type ----
+
+/// The element types of the graph's cache inputs and outputs (`past_key_values.*`, `present.*`).
+fn cache_types(path: &Path) -> Vec<i32> {
+    use prost::Message;
+    let m = r1_proto::onnx::ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap();
+    let g = m.graph.unwrap();
+    g.input
+        .iter()
+        .chain(&g.output)
+        .filter(|v| v.name.as_deref().is_some_and(|n| n.starts_with("past_key_values.") || n.starts_with("present.")))
+        .map(|v| match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(r1_proto::onnx::type_proto::Value::TensorType(t)) => t.elem_type.unwrap_or(0),
+            _ => 0,
+        })
+        .collect()
+}
+
+#[test]
+fn kv_cache_dtype_fp16_halves_the_serving_caches_and_keeps_the_logits_within_float16_rounding() {
+    use r1_engine::manifest::DType;
+    let (_t32, exact, o) = export_with("tiny-qwen2", &["--target", "cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_t16, half, o) = export_with("tiny-qwen2", &["--target", "cpu", "--kv-cache-dtype", "fp16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (m32, m16) = (Manifest::load(&exact).unwrap(), Manifest::load(&half).unwrap());
+    // auto keeps an fp32 artifact's float32 cache; fp16 makes the serving graph's caches float16 (2 layers × key,
+    // value, in and out), the portable graph keeps float32.
+    let (r32, r16) = (m32.targets.cpu().unwrap(), m16.targets.cpu().unwrap());
+    assert_eq!((r32.kv_cache_dtype, r16.kv_cache_dtype), (Some(DType::Float32), Some(DType::Float16)));
+    assert_eq!(m16.kv_cache.dtype, DType::Float32);
+    assert_eq!(cache_types(&half.join(&r16.graph)), vec![10; 8], "float16 caches in the serving graph");
+    assert_eq!(cache_types(&exact.join(&r32.graph)), vec![1; 8]);
+    assert_ne!(r16.graph, r32.graph, "the cache type is part of the build's version key");
+    // The engine's pool stores what the graph takes: half the bytes per position.
+    let opts = EngineOptions {
+        backend: BackendKind::Ort,
+        backend_options: BackendOptions { execution_provider: ExecutionProviderKind::Cpu, ..Default::default() },
+        ..EngineOptions::default()
+    };
+    let (e32, e16) = (Engine::load(&exact, &opts).unwrap(), Engine::load(&half, &opts).unwrap());
+    assert_eq!((e32.kv_pool().dtype(), e16.kv_pool().dtype()), (DType::Float32, DType::Float16));
+    assert_eq!(e32.kv_pool().bytes_per_position(), 2 * e16.kv_pool().bytes_per_position());
+    // Prefill and decode logits agree within what rounding the cache to float16 moves (and are not the same
+    // computation: the float16 path really ran).
+    let ids = [3u32, 14, 15, 92, 65, 35];
+    let (a, b) = (two_steps(&exact, &ids), two_steps(&half, &ids));
+    let mut worst = 0f32;
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        let scale = a.iter().fold(0f32, |s, v| s.max(v.abs()));
+        let diff = a.iter().zip(b.iter()).fold(0f32, |d, (x, y)| d.max((x - y).abs()));
+        assert!(diff <= 1e-2 * scale.max(1.0), "logits {i}: max |diff| {diff} (logit scale {scale})");
+        worst = worst.max(diff);
+    }
+    assert!(worst > 0.0, "the float16 cache changed nothing: was it used?");
+
+    // `build` with another cache type writes a new version and records it.
+    let b = r1_export(&["build".as_ref(), half.as_os_str(), "--target=cpu".as_ref(), "--kv-cache-dtype=fp32".as_ref()]);
+    assert!(b.status.success(), "{}", stderr(&b));
+    let rebuilt = Manifest::load(&half).unwrap();
+    assert_eq!(rebuilt.targets.cpu().unwrap().kv_cache_dtype, Some(DType::Float32));
+    assert_eq!(cache_types(&half.join(&rebuilt.targets.cpu().unwrap().graph)), vec![1; 8]);
+
+    // Bad values and graphs that cannot take it are refused by name.
+    let bad =
+        r1_export(&["build".as_ref(), half.as_os_str(), "--target=cpu".as_ref(), "--kv-cache-dtype=bf16".as_ref()]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("`bf16` is not one of auto, fp32, fp16"), "{}", stderr(&bad));
+    let tmp = tempfile::tempdir().unwrap();
+    let deepseek = arith_export(&tmp.path().join("a"), &["--target", "cpu", "--kv-cache-dtype", "fp16"]);
+    assert!(!deepseek.status.success(), "DeepseekV3 keeps its portable attention");
+    assert!(
+        stderr(&deepseek).contains("--kv-cache-dtype") && stderr(&deepseek).contains("fused attention"),
+        "{}",
+        stderr(&deepseek)
+    );
+}

@@ -151,6 +151,12 @@ pub trait Backend: Send {
         })
     }
 
+    /// The element type of the caches the graph steps over, when it is not the manifest's `kv_cache.dtype` (a
+    /// `--target cpu` graph exported with a float16 cache under float32 activations): the engine's pool stores it.
+    fn kv_cache_dtype(&self) -> Option<crate::manifest::DType> {
+        None
+    }
+
     /// Whether [`Backend::run_keep`] accepts a kept present as the past.
     fn can_feed_kept(&self) -> bool {
         false

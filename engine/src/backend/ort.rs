@@ -50,6 +50,8 @@ pub struct OrtBackend {
     /// The graph's attention appends in place into the engine's pool (`targets.cpu.kv_in_place`), which stores the
     /// graph's KV dtype.
     kv_in_place: bool,
+    /// The serving graph's cache type when the manifest records one (`targets.cpu.kv_cache_dtype`).
+    serving_cache: Option<DType>,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -191,14 +193,22 @@ impl OrtBackend {
         .map_err(|e| be(format!("cannot load {}: {e}", path.display())))?;
         let dtype_of =
             |name: &str, default: DType| manifest.outputs.iter().find(|t| t.name == name).map_or(default, |t| t.dtype);
+        // The serving graph's caches may be of another type than the portable graph's (`targets.cpu.kv_cache_dtype`).
+        let serving_cache = preferred.and_then(|_| manifest.targets.cpu().and_then(|c| c.kv_cache_dtype));
+        let cache_dtype = |name: &str, dtype: DType| match serving_cache {
+            Some(cache) if names::parse_past(name).is_some() || name.starts_with("present.") => cache,
+            _ => dtype,
+        };
+        let present_key = names::present_key(0);
         tracing::info!(backend = choice.name, model = %path.display(), "ort session ready");
         Ok(OrtBackend {
             session,
             name: choice.name,
             num_layers: manifest.model.num_layers,
-            inputs: manifest.inputs.iter().map(|t| (t.name.clone(), t.dtype)).collect(),
+            inputs: manifest.inputs.iter().map(|t| (t.name.clone(), cache_dtype(&t.name, t.dtype))).collect(),
             logits_dtype: dtype_of("logits", DType::Float32),
-            present_dtype: dtype_of(&names::present_key(0), manifest.kv_cache.dtype),
+            present_dtype: cache_dtype(&present_key, dtype_of(&present_key, manifest.kv_cache.dtype)),
+            serving_cache,
             last_position_logits: preferred.is_some() && manifest.targets.cpu().is_some_and(|c| c.last_position_logits),
             fused_attention: preferred.is_some() && manifest.targets.cpu().is_some_and(|c| c.fused_attention),
             kv_in_place: preferred.is_some()
@@ -298,6 +308,10 @@ impl Backend for OrtBackend {
 
     fn can_feed_kept(&self) -> bool {
         self.f32_cache() && !self.kv_in_place
+    }
+
+    fn kv_cache_dtype(&self) -> Option<DType> {
+        self.serving_cache
     }
 
     fn steps_in_place(&self) -> bool {

@@ -264,8 +264,11 @@ impl Engine {
         let geometry = KvGeometry::from(&manifest.kv_cache);
         let model_max = manifest.model.max_position_embeddings;
         let context = pool.max_context.map_or(model_max, |c| c.min(model_max)).max(1);
-        // The pool stores the graph's KV dtype: what a position really takes.
-        let pool_bytes_per_token = manifest.kv_cache.computed_bytes_per_token();
+        // The pool stores the graph's KV dtype (the serving graph's, when it has its own): what a position really
+        // takes.
+        let dtype = backend.kv_cache_dtype().unwrap_or(manifest.kv_cache.dtype);
+        let kv_pool = KvPool::new(geometry, pool.slots.max(1), context, dtype)?;
+        let pool_bytes_per_token = kv_pool.bytes_per_position();
         let in_place = backend.steps_in_place();
         // A backend that takes its own present back as the next step's past keeps the running batch's cache a
         // second time (the runtime's present, float32 like the pool: `can_feed_kept` needs a float32 cache) next to the
@@ -274,7 +277,6 @@ impl Engine {
         let bytes_per_token = pool_bytes_per_token.saturating_mul(copies) as u64;
         let budget =
             KvBudget::new(kv_budget_bytes.unwrap_or(DEFAULT_KV_BUDGET_BYTES), bytes_per_token, pool.block_tokens);
-        let kv_pool = KvPool::new(geometry, pool.slots.max(1), context, manifest.kv_cache.dtype)?;
         Ok(Engine {
             dir: dir.to_path_buf(),
             manifest,

@@ -5,7 +5,8 @@
 //! `ceil(positions / block_tokens)` blocks of `block_tokens × bytes_per_token` bytes and takes a new block when it
 //! grows into one, so a request's `max_tokens` reserves nothing up front. When a step needs more blocks than are free,
 //! the engine preempts the youngest sequences (frees their cache and recomputes it later); see `crate::engine`.
-//! `bytes_per_token` is the pool's real size per position (float32, every layer's keys and values, counted once).
+//! `bytes_per_token` is the pool's real size per position (in the graph's KV dtype, every layer's keys and values,
+//! counted once).
 
 pub mod pool;
 pub mod prefix;

@@ -56,6 +56,12 @@ pub struct CpuBuild {
     /// kernel existed, which record nothing here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_op: Option<String>,
+    /// The fused attention's KV cache type (the graph's `past_key_values.*` inputs and `present.*` outputs), which
+    /// the engine's pool stores: float16 under float32 activations with r1's kernel (`r1-export
+    /// --kv-cache-dtype`). `None` (no fused attention, and artifacts written before it existed): the portable
+    /// graph's, `kv_cache.dtype`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_dtype: Option<super::DType>,
     /// Each DeepseekV3 MoE layer's routed experts are one ONNX Runtime `com.microsoft.MoE` (the exporter's serving
     /// rewrite): each token runs only the experts its router picked. `false` (other families, and artifacts written
     /// before it existed): the portable graph's dense masked compute, every expert on every token.
@@ -273,6 +279,7 @@ mod tests {
             fused_attention: true,
             kv_in_place: true,
             attention_op: Some("r1.GroupQueryAttention".into()),
+            kv_cache_dtype: Some(crate::manifest::DType::Float16),
             sparse_experts: false,
             expert_quantization: None,
         }

@@ -27,6 +27,11 @@
 //! `targets.cpu.fused_attention` (and `targets.cpu.attention_op`), and the engine then runs such rows one at a time
 //! (decode rows, and first chunks without a past, still run batched).
 //!
+//! And an option: **the cache's element type.** r1's kernel takes float16 caches under float32 activations
+//! ([`fuse_attention`]'s `cache`): the layers' `past_key_values.*` inputs and `present.*` outputs become float16,
+//! which halves the bytes a decode step streams at a long context and the pool's memory per position. The kernel
+//! rounds each new key and value to float16 once, as it appends them, and computes in float32.
+//!
 //! Only the dense families (Llama, Qwen2, Qwen3) are rewritten; other graphs (DeepSeek-V3's MLA) are left as
 //! they are.
 use std::collections::{HashMap, HashSet};
@@ -34,7 +39,7 @@ use std::collections::{HashMap, HashSet};
 use r1_calibration::external::ExternalDataReader;
 use r1_calibration::matmul_nbits::MS_DOMAIN;
 use r1_engine::manifest::names;
-use r1_proto::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use r1_proto::onnx::{type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 
 use super::{attr_f, attr_i, i64_tensor, inline_tensor, rewrite_node as node, ElemType};
 use crate::error::{ExportError, Result};
@@ -110,16 +115,25 @@ pub fn attention_domain(dtype: ElemType) -> &'static str {
 pub const HEAD_DIM_MULTIPLE: usize = 16;
 
 /// Rewrites `model` in place (see the module docs) and returns the number of layers fused. `dtype` is the graph's
-/// activation type (float32 or float16); `data` reads the graph's initializers (the rotary `inv_freq`). Returns 0 and leaves the graph as it is when it was rewritten before or
-/// when the kernel cannot take the graph (a head size that is not a multiple of [`HEAD_DIM_MULTIPLE`], or scaled
-/// cos/sin tables: the portable attention stays, which is correct, only slower). Errors name the node or tensor of the portable graph
-/// that is missing.
+/// activation type (float32 or float16), `cache` the element type the fused graph's caches take (`dtype`, or
+/// float16 under float32 activations: r1's kernel only); `data` reads the graph's initializers (the rotary
+/// `inv_freq`). Returns 0 and leaves the graph as it is when it was rewritten before or when the kernel cannot take
+/// the graph (a head size that is not a multiple of [`HEAD_DIM_MULTIPLE`], or scaled cos/sin tables: the portable
+/// attention stays, which is correct, only slower). Errors name the node or tensor of the portable graph that is
+/// missing, or the cache type the kernel cannot take.
 pub fn fuse_attention(
     model: &mut ModelProto,
     shape: &AttentionShape,
     dtype: ElemType,
+    cache: ElemType,
     data: &ExternalDataReader,
 ) -> Result<usize> {
+    if cache != dtype && !(dtype == ElemType::F32 && cache == ElemType::F16) {
+        return Err(graph_err(format!(
+            "a {cache:?} cache under {dtype:?} activations: only float32 graphs take another cache type (float16, \
+             r1's kernel)"
+        )));
+    }
     if has_fused_attention(model) || !shape.head_dim.is_multiple_of(HEAD_DIM_MULTIPLE) {
         return Ok(0);
     }
@@ -145,11 +159,29 @@ pub fn fuse_attention(
     g.node.extend(new_nodes);
     topological_sort(g)?;
     remove_dead_nodes(g);
+    if cache != dtype {
+        retype_cache(g, shape.num_layers, cache);
+    }
     let domain = attention_domain(dtype);
     if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some(domain)) {
         model.opset_import.push(OperatorSetIdProto { domain: Some(domain.into()), version: Some(1) });
     }
     Ok(plan.layers.len())
+}
+
+/// Declares every layer's `past_key_values.*` input and `present.*` output (and any value info of them) as `cache`.
+fn retype_cache(g: &mut GraphProto, layers: usize, cache: ElemType) {
+    let names: HashSet<String> = (0..layers)
+        .flat_map(|i| [names::past_key(i), names::past_value(i), names::present_key(i), names::present_value(i)])
+        .collect();
+    for v in g.input.iter_mut().chain(g.output.iter_mut()).chain(g.value_info.iter_mut()) {
+        if !v.name.as_ref().is_some_and(|n| names.contains(n)) {
+            continue;
+        }
+        if let Some(type_proto::Value::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+            t.elem_type = Some(cache.onnx_code());
+        }
+    }
 }
 
 /// `s` under this rewrite's [`PREFIX`].
@@ -425,26 +457,28 @@ mod tests {
         let shape = AttentionShape { num_layers: 1, num_heads: 4, num_kv_heads: 2, head_dim: 8, max_positions: 16 };
         let mut m = graph_with_inputs(&["attention_mask", "position_ids"]);
         let before = m.clone();
-        assert_eq!(fuse_attention(&mut m, &shape, ElemType::F32, &reader()).unwrap(), 0);
+        assert_eq!(fuse_attention(&mut m, &shape, ElemType::F32, ElemType::F32, &reader()).unwrap(), 0);
         assert_eq!(m, before, "head_dim 8 is not a multiple of {HEAD_DIM_MULTIPLE}: nothing changes");
         let shape = AttentionShape { head_dim: 32, ..shape };
-        let err = fuse_attention(&mut m, &shape, ElemType::F32, &reader()).unwrap_err().to_string();
+        let err = fuse_attention(&mut m, &shape, ElemType::F32, ElemType::F32, &reader()).unwrap_err().to_string();
         assert!(err.contains(ROTARY_FREQS), "{err}");
         let mut scaled = graph_with_inputs(&["attention_mask", "position_ids"]);
         scaled.graph.as_mut().unwrap().node.push(node(ROTARY_SCALE, "Mul", &["c", "s"], &["cs"]));
         let before = scaled.clone();
         assert_eq!(
-            fuse_attention(&mut scaled, &shape, ElemType::F32, &reader()).unwrap(),
+            fuse_attention(&mut scaled, &shape, ElemType::F32, ElemType::F32, &reader()).unwrap(),
             0,
             "scaled cos/sin tables are not fused"
         );
         assert_eq!(scaled, before);
         let mut m = graph_with_inputs(&["attention_mask"]);
-        let err = fuse_attention(&mut m, &shape, ElemType::F32, &reader()).unwrap_err().to_string();
+        let err = fuse_attention(&mut m, &shape, ElemType::F32, ElemType::F32, &reader()).unwrap_err().to_string();
         assert!(err.contains("no `position_ids` input"), "{err}");
         let bad = AttentionShape { num_kv_heads: 3, ..shape };
-        let err = fuse_attention(&mut m, &bad, ElemType::F32, &reader()).unwrap_err().to_string();
+        let err = fuse_attention(&mut m, &bad, ElemType::F32, ElemType::F32, &reader()).unwrap_err().to_string();
         assert!(err.contains("4 heads over 3 kv heads"), "{err}");
+        let err = fuse_attention(&mut m, &shape, ElemType::F16, ElemType::F32, &reader()).unwrap_err().to_string();
+        assert!(err.contains("F32 cache under F16 activations"), "{err}");
     }
 
     #[test]
