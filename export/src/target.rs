@@ -345,6 +345,9 @@ fn write_cpu_graph(
     Ok(record)
 }
 
+/// The fused attention's operator (`domain.type`) and cache type, when attention was fused.
+type FusedAttention = Option<(String, DType)>;
+
 /// Writes the serving form of the artifact's graph and returns its path, the lowering (when one was done) and
 /// the fused attention's operator (`domain.type`) and cache type when attention was fused: `int8-wo` / `int8` graphs go to `lowered/model.onnx` (+ `model.onnx.data`, the
 /// weights rewritten), the others to `rewritten`, a graph-only file beside `model.onnx` that reads the artifact's
@@ -356,7 +359,7 @@ fn serving_source(
     rewritten: &Path,
     float_experts: bool,
     kv_cache: KvCacheDtype,
-) -> Result<(std::path::PathBuf, Option<Lowering>, Option<(String, DType)>, crate::onnx::sparse_moe::SparseExperts)> {
+) -> Result<(std::path::PathBuf, Option<Lowering>, FusedAttention, crate::onnx::sparse_moe::SparseExperts)> {
     let mut model = crate::quantize::read_model(&dir.join(MODEL_FILE))?;
     // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
     let lowering = if matches!(manifest.precision, Precision::Int8WeightOnly | Precision::Int8) {
