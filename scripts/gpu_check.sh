@@ -4,6 +4,13 @@
 #
 #   ORT_DYLIB_PATH=/path/to/onnxruntime-gpu/capi/libonnxruntime.so.1.31.1 scripts/gpu_check.sh OUT_DIR
 #
+# On a lent GPU machine (device tool; no network there, 64 MiB per call with the working tree): first, on the dev
+# machine, `scripts/gpu_libs.sh` (the pinned wheel's libraries, CUDA provider cut to sm_90, xz, in parts under
+# .r1/gpu-libs/; it prints the calls), then back-to-back `run` calls, each with `carry` naming the next part(s)
+# (`.r1/gpu-libs/onnxruntime-gpu-1.31.1-sm90.tar.xz.sha256` and `.00` in the first) and command `true`, the last one
+# with this script as its command: with ORT_DYLIB_PATH unset and an archive under $R1_HOME/gpu-libs, it runs
+# `scripts/gpu_libs.sh --unpack ${GPU_LIBS_DIR:-/tmp/r1-onnxruntime-gpu}` (sha256-checked) and uses that library.
+#
 # ORT_DYLIB_PATH must be the library of the `onnxruntime-gpu` 1.31.1 wheel (CUDA 13 build), with its
 # libonnxruntime_providers_{shared,cuda[,tensorrt]}.so beside it, and CUDA 13's cuBLAS / cuDNN 9 / cudart / cuRAND on
 # the loader path (LD_LIBRARY_PATH). BIN (default <cargo target dir>/release) holds r1-export, r1-fixture, r1-serve, r1-bench and
@@ -24,7 +31,11 @@ OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
 BIN="${BIN:-$(r1_target_dir)/release}"
 cd "$ROOT"
 mkdir -p "$OUT"
-: "${ORT_DYLIB_PATH:?set ORT_DYLIB_PATH to the libonnxruntime.so of onnxruntime-gpu}"
+if [ -z "${ORT_DYLIB_PATH:-}" ] && compgen -G "$R1_HOME/gpu-libs/*.tar.xz.sha256" >/dev/null; then
+  dylib="$(bash scripts/gpu_libs.sh --unpack "${GPU_LIBS_DIR:-/tmp/r1-onnxruntime-gpu}")"
+  ORT_DYLIB_PATH="${dylib#ORT_DYLIB_PATH=}"
+fi
+: "${ORT_DYLIB_PATH:?set ORT_DYLIB_PATH to the libonnxruntime.so of onnxruntime-gpu (or carry the archive of scripts/gpu_libs.sh)}"
 export ORT_DYLIB_PATH
 newest() { ls -t "${TESTS:-$(r1_target_dir)/debug/deps}"/"$1"-* 2>/dev/null | grep -v '\.d$' | head -1; }
 step() { echo; echo "== $*"; }

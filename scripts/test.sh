@@ -9,7 +9,8 @@
 #    with R1_ORT_PYTHON_FALLBACK=off (the whole suite runs so), from / with R1_HOME set and from the repo without it
 # 3. cargo test over the whole workspace (golden numerics on ort and tract, export errors, engine conformance on
 #    an exported artifact, arith-r1 end to end, server over real sockets, calibration property tests, ...)
-# 4. the OpenAI Python client, a Python gRPC client (stubs from proto/) and a short soak against r1-serve on arith-r1
+# 4. the OpenAI Python client, a Python gRPC client (stubs from proto/) and a short soak against r1-serve on arith-r1;
+#    the unit tests of scripts/gpu_libs.py (the GPU libraries' fat binary trim, on synthetic bytes)
 # 5. onnx.checker.check_model(full_check=True) on every exported golden graph
 # 6. deploy/ checks: the Helm chart rendered for every target and diffed against deploy/rendered/, kubernetes-validate,
 #    helm lint, hadolint, structural cross-checks (grace vs drain, adapter rules vs HPA, collector, dashboard)
@@ -80,6 +81,9 @@ echo "== OpenAI Python client (PyPI openai, pinned) against r1-serve on arith-r1
 
 echo "== gRPC from Python (grpcio stubs built from proto/, pinned; .r1/grpc-venv) against r1-serve on arith-r1"
 python3 tests/grpc_client.py --serve-bin "$BIN/r1-serve" --export-bin "$BIN/r1-export"
+
+echo "== scripts/gpu_libs.py: fat binary trim and GPU-library archive round trip (synthetic ELF; no GPU, no network)"
+python3 scripts/test_gpu_libs.py
 
 echo "== soak (short): 64 warm-up + 200 GenerateStream requests at concurrency 16; zero errors, RSS floor flat"
 "$R1_HOME/venv/bin/python" scripts/test_soak.py
