@@ -29,6 +29,9 @@ use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+mod streamed;
+pub use streamed::{quantize_weight, rewrite_prequantized, QuantizedWeight};
+
 /// Which quantized form to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum QuantScheme {
@@ -279,10 +282,20 @@ fn rewrite(
             }
         }
     };
-    let new_inits = rewrite_nodes(graph, &targets, &sources, reader, opts, &mut store, &mut summary)?;
+    // Every weight's fp32 values, one after the other, in one buffer (see `ExternalDataReader::tensor_f32_into`).
+    let mut values = Vec::new();
+    let mut quantize = |w: &str, src: &TensorProto, k: usize, n: usize, new_inits: &mut Vec<TensorProto>| {
+        reader.tensor_f32_into(src, &mut values)?;
+        dequantized_weight(w, &values, k, n, opts.scheme, new_inits)
+    };
+    let new_inits = rewrite_nodes(graph, &targets, &sources, &mut quantize, opts, &mut store, &mut summary)?;
     graph.initializer.extend(new_inits);
     Ok(summary)
 }
+
+/// How [`rewrite_nodes`] gets a weight quantized: `(weight name, its fp32 initializer, k, n, new initializers)`
+/// appends the weight's new initializers and returns the `DequantizeLinear` that reads it back.
+type QuantizeWeight<'a> = dyn FnMut(&str, &TensorProto, usize, usize, &mut Vec<TensorProto>) -> Result<NodeProto> + 'a;
 
 /// The fp32 weights of the target MatMuls by name: moved out of the graph when the rewrite replaces every read of
 /// them, cloned when a node or graph output still reads them (they stay, in their place).
@@ -366,14 +379,14 @@ fn select_targets(
 }
 
 /// Rewrites the target MatMuls in graph order: each weight's `DequantizeLinear` goes before its first reader,
-/// each W8A8 input's `Q → DQ` pair before its MatMul. Each weight is read from `sources` once, quantized, and its
-/// new initializers handed to `store` (which may move their bytes to a data file) before the next one is read.
-/// Returns the new initializers.
+/// each W8A8 input's `Q → DQ` pair before its MatMul. Each weight of `sources` is quantized once by `quantize`, and
+/// its new initializers handed to `store` (which may move their bytes to a data file) before the next one is
+/// quantized. Returns the new initializers.
 fn rewrite_nodes(
     graph: &mut GraphProto,
     targets: &HashMap<usize, Target>,
     sources: &HashMap<String, TensorProto>,
-    reader: &ExternalDataReader,
+    quantize: &mut QuantizeWeight<'_>,
     opts: &QdqOptions,
     store: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
     summary: &mut RewriteSummary,
@@ -381,8 +394,6 @@ fn rewrite_nodes(
     let mut new_inits: Vec<TensorProto> = Vec::new();
     // New initializers before this index have been handed to `store`.
     let mut stored = 0;
-    // Every weight's fp32 values, one after the other, in one buffer (see `ExternalDataReader::tensor_f32_into`).
-    let mut values = Vec::new();
     let mut weight_dq: HashMap<String, String> = HashMap::new();
     let mut nodes = Vec::with_capacity(graph.node.len() + 3 * targets.len());
     let old_nodes = std::mem::take(&mut graph.node);
@@ -394,8 +405,7 @@ fn rewrite_nodes(
         let src = &sources[w];
         let (k, n) = (dim(src, 0)?, dim(src, 1)?);
         if !weight_dq.contains_key(w) {
-            reader.tensor_f32_into(src, &mut values)?;
-            let dq = dequantized_weight(w, &values, k, n, opts.scheme, &mut new_inits)?;
+            let dq = quantize(w, src, k, n, &mut new_inits)?;
             weight_dq.insert(w.clone(), dq.output[0].clone());
             nodes.push(dq);
         }

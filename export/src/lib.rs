@@ -102,6 +102,17 @@ pub enum Progress<'a> {
 
 /// Exports a checkpoint; returns the manifest written.
 pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Result<Manifest> {
+    export_with(opts, None, progress)
+}
+
+/// [`export`]; with `stream`, a weight-only quantized export without fp32 staging ([`quantize`]): the fp32 graph
+/// is built with its MatMul weights quantized as they are read, then rewritten, and `stream` completes the
+/// manifest (precision, report, quantization record) before the artifact is committed.
+pub(crate) fn export_with(
+    opts: &ExportOptions,
+    mut stream: Option<&mut quantize::stream::Streamed<'_>>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Manifest> {
     if opts.target != "cpu" {
         return Err(ExportError::InvalidOption {
             option: "--target",
@@ -120,8 +131,10 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
     let tmp = artifact::TempArtifact::create(&opts.out_dir)?;
 
     progress(Progress::Start { total_bytes: ck.total_bytes() });
-    let writer = ExternalDataWriter::create(tmp.path(), DATA_FILE)?;
-    let builder = GraphBuilder::new(opts.opset, Some(writer))?;
+    let builder = match stream.as_mut() {
+        Some(s) => GraphBuilder::streaming(opts.opset, s.weights(tmp.path())?)?,
+        None => GraphBuilder::new(opts.opset, Some(ExternalDataWriter::create(tmp.path(), DATA_FILE)?))?,
+    };
     let dtype = elem_type(opts.precision)?;
     let (b, kv_dtype) = {
         let mut ctx = arch::common::Ctx {
@@ -145,7 +158,14 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         opts.precision.name(),
         opts.opset
     );
-    let (model, data) = b.finish(family.family().name(), &doc)?;
+    let (model, data) = match stream.as_mut() {
+        Some(s) => {
+            let (mut model, weights) = b.finish_streamed(family.family().name(), &doc)?;
+            let data = s.rewrite(&mut model, weights)?;
+            (model, Some(data))
+        }
+        None => b.finish(family.family().name(), &doc)?,
+    };
     let draft = match draft_layer {
         Some(layer) => Some(draft::export_draft(family.as_ref(), &ck, tmp.path(), opts, layer, &mut *progress)?),
         None => None,
@@ -186,7 +206,7 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
             unknown.join(", ")
         ));
     }
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format_version: MANIFEST_VERSION,
         exporter: ExporterInfo { name: "r1-export".into(), version: env!("CARGO_PKG_VERSION").into() },
         family: family.family(),
@@ -209,6 +229,9 @@ pub fn export(opts: &ExportOptions, progress: &mut dyn FnMut(Progress)) -> Resul
         quantization: None,
         draft,
     };
+    if let Some(s) = stream {
+        s.complete(&mut manifest, tmp.path())?;
+    }
     tmp.commit(&manifest)?;
     Ok(manifest)
 }

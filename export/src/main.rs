@@ -252,6 +252,7 @@ fn show_quant_progress(bar: &indicatif::ProgressBar, p: QuantProgress) {
     let count_style = || bar_style("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}");
     match p {
         QuantProgress::Export(p) => show_export_progress(bar, p),
+        QuantProgress::Streaming => bar.set_message("quantizing each MatMul weight as it is read"),
         QuantProgress::Pass { pass, passes, batches } => {
             bar.set_style(count_style());
             bar.set_length(batches as u64);

@@ -77,13 +77,14 @@ impl<'a> Ctx<'a> {
         self.matrix_t_as(key, key, out_f, in_f)
     }
 
-    /// Like [`Ctx::matrix_t`] but stores the initializer under `name` (e.g. a tied `lm_head.weight`).
+    /// Like [`Ctx::matrix_t`] but stores the initializer under `name` (e.g. a tied `lm_head.weight`). It is a
+    /// MatMul's weight: a streamed quantized export quantizes it as it is read ([`GraphBuilder::matmul_weight`]).
     pub fn matrix_t_as(&mut self, name: &str, key: &str, out_f: usize, in_f: usize) -> Result<String> {
         let ck = self.ck;
         let t = ck.tensor(key, &[out_f, in_f])?;
         let src = t.float()?;
         let dtype = self.dtype;
-        let out = self.b.weight(name, dtype, &[in_f as i64, out_f as i64], |sink| {
+        let out = self.b.matmul_weight(name, dtype, &[in_f as i64, out_f as i64], |sink| {
             convert_transposed(t.data, src, dtype, out_f, in_f, sink)
         })?;
         ck.release(key);

@@ -8,8 +8,11 @@
 //! Initializers come in two kinds:
 //! - small constants (shapes, axes, scalars), stored inline in `model.onnx`, deduplicated by value;
 //! - weights, streamed to the external-data file ([`ExternalDataWriter`]) at the moment they are
-//!   created, in creation order, so the layout is deterministic and no weight stays in memory.
+//!   created, in creation order, so the layout is deterministic and no weight stays in memory; or, in a streamed
+//!   quantized export ([`GraphBuilder::streaming`]), handed to a [`WeightStream`], which quantizes the MatMul
+//!   weights ([`GraphBuilder::matmul_weight`]) as they come and stores the others.
 
+use std::any::Any;
 use std::collections::{HashMap, HashSet};
 
 use r1_engine::manifest::{DType, Dim, TensorSpec};
@@ -138,6 +141,29 @@ fn value_info(spec: &TensorSpec) -> ValueInfoProto {
     }
 }
 
+/// Where a byte sink passes a weight's little-endian bytes (in as many chunks as the producer likes).
+pub type ByteSink<'a> = &'a mut dyn FnMut(&[u8]) -> Result<()>;
+
+/// Takes the weights of a graph whose MatMul weights are quantized as they are made (`quantize::stream`, a
+/// weight-only export without fp32 staging). The graph keeps a placeholder initializer (name, FLOAT, dims, no
+/// data) for each weight it quantizes; the graph rewrite after [`GraphBuilder::finish_streamed`] replaces them.
+pub trait WeightStream {
+    /// Whether MatMul weight `name` (`[k, n]` = `dims`, of type `elem`) is quantized; otherwise it is stored.
+    fn takes(&self, name: &str, elem: ElemType, dims: &[i64]) -> bool;
+    /// Quantizes MatMul weight `name` from its float32 values (`[k, n]`, row-major).
+    fn quantize(&mut self, name: &str, values: &[f32], k: usize, n: usize) -> Result<()>;
+    /// Stores a weight that stays as it is: `t` carries its name, type and dims; `fill` passes its `length` bytes
+    /// to the sink it is given. Points `t` at the stored bytes (or sets them inline); returns the bytes stored.
+    fn store(
+        &mut self,
+        t: &mut TensorProto,
+        length: u64,
+        fill: &mut dyn FnMut(ByteSink<'_>) -> Result<()>,
+    ) -> Result<u64>;
+    /// Itself, for the caller that made it to take back.
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+}
+
 /// Builds one ONNX graph. See the module docs.
 pub struct GraphBuilder {
     opset: i64,
@@ -149,6 +175,10 @@ pub struct GraphBuilder {
     initializer_names: HashSet<String>,
     consts: HashMap<(i32, Vec<i64>, Vec<u8>), String>,
     weights: Option<ExternalDataWriter>,
+    /// A streamed quantized export's weights (instead of `weights`).
+    stream: Option<Box<dyn WeightStream>>,
+    /// A MatMul weight's float32 values on their way to `stream` (one buffer for all, see `matmul_weight`).
+    values: Vec<f32>,
     /// Bytes of weights written so far (for progress reporting).
     weight_bytes: u64,
 }
@@ -173,8 +203,18 @@ impl GraphBuilder {
             initializer_names: HashSet::new(),
             consts: HashMap::new(),
             weights,
+            stream: None,
+            values: Vec::new(),
             weight_bytes: 0,
         })
+    }
+
+    /// A builder for `opset` whose weights go to `stream`: MatMul weights it takes are quantized as they are made,
+    /// the others stored by it. Finish it with [`GraphBuilder::finish_streamed`].
+    pub fn streaming(opset: i64, stream: Box<dyn WeightStream>) -> Result<Self> {
+        let mut b = GraphBuilder::new(opset, None)?;
+        b.stream = Some(stream);
+        Ok(b)
     }
 
     /// The default-domain opset being emitted (ops whose signature changed between opsets, such as
@@ -315,8 +355,15 @@ impl GraphBuilder {
             dims: dims.to_vec(),
             ..Default::default()
         };
-        let written = match self.weights.as_mut() {
-            Some(w) => {
+        let written = match (self.stream.as_mut(), self.weights.as_mut()) {
+            (Some(stream), _) => {
+                let mut fill = Some(fill);
+                stream.store(&mut t, expected, &mut |sink| match fill.take() {
+                    Some(f) => f(sink),
+                    None => Err(ExportError::Graph(format!("weight `{name}`: its bytes were asked for twice"))),
+                })?
+            }
+            (None, Some(w)) => {
                 w.begin()?;
                 fill(&mut |chunk: &[u8]| w.write(chunk))?;
                 let span = w.end()?;
@@ -329,7 +376,7 @@ impl GraphBuilder {
                 ];
                 span.length
             }
-            None => {
+            (None, None) => {
                 let mut raw = Vec::new();
                 fill(&mut |chunk: &[u8]| {
                     raw.extend_from_slice(chunk);
@@ -349,8 +396,117 @@ impl GraphBuilder {
         self.push_initializer(t)
     }
 
+    /// A weight that is the `B` input (`[k, n]`) of MatMuls: like [`GraphBuilder::weight`], except that in a
+    /// streamed quantized export ([`GraphBuilder::streaming`]) the stream may quantize it as it comes: its float32
+    /// values are collected (one tensor in memory, in a buffer reused from weight to weight) and handed over, and
+    /// the graph gets a placeholder.
+    pub fn matmul_weight(
+        &mut self,
+        name: &str,
+        elem: ElemType,
+        dims: &[i64],
+        fill: impl FnOnce(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+    ) -> Result<String> {
+        let Some((k, n)) = self.streamed_matmul(name, elem, dims) else {
+            return self.weight(name, elem, dims, fill);
+        };
+        let mut values = std::mem::take(&mut self.values);
+        values.clear();
+        values.reserve(k * n);
+        // Chunks need not end on a value: a value's leading bytes wait in `carry`.
+        let (mut carry, mut carried) = ([0u8; 4], 0usize);
+        fill(&mut |mut chunk: &[u8]| {
+            if carried > 0 {
+                let take = (4 - carried).min(chunk.len());
+                carry[carried..carried + take].copy_from_slice(&chunk[..take]);
+                carried += take;
+                chunk = &chunk[take..];
+                if carried < 4 {
+                    return Ok(());
+                }
+                values.push(f32::from_le_bytes(carry));
+                carried = 0;
+            }
+            let whole = chunk.len() / 4 * 4;
+            values.extend(chunk[..whole].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            carried = chunk.len() - whole;
+            carry[..carried].copy_from_slice(&chunk[whole..]);
+            Ok(())
+        })?;
+        let result = if carried != 0 || values.len() != k * n {
+            Err(ExportError::Graph(format!(
+                "weight `{name}` with dims {dims:?} needs {} bytes, the writer produced {}",
+                k * n * 4,
+                values.len() * 4 + carried
+            )))
+        } else {
+            self.quantize_streamed(name, dims, &values)
+        };
+        self.values = values;
+        result
+    }
+
+    /// [`GraphBuilder::matmul_weight`] from float32 values (`[k, n]`, row-major) already in memory, written in
+    /// `elem`.
+    pub fn matmul_weight_f32(&mut self, name: &str, elem: ElemType, dims: &[i64], values: &[f32]) -> Result<String> {
+        if self.streamed_matmul(name, elem, dims).is_none() {
+            return self.weight(name, elem, dims, |sink| {
+                for chunk in values.chunks(1 << 20) {
+                    sink(&elem.encode_f32(chunk)?)?;
+                }
+                Ok(())
+            });
+        }
+        let expected: usize = dims.iter().map(|&d| d.max(0) as usize).product();
+        if values.len() != expected {
+            return Err(ExportError::Graph(format!(
+                "weight `{name}` with dims {dims:?} needs {expected} values, got {}",
+                values.len()
+            )));
+        }
+        self.quantize_streamed(name, dims, values)
+    }
+
+    /// `(k, n)` when `name` is quantized by a stream as it comes.
+    fn streamed_matmul(&self, name: &str, elem: ElemType, dims: &[i64]) -> Option<(usize, usize)> {
+        let stream = self.stream.as_ref()?;
+        match dims {
+            [k, n] if *k > 0 && *n > 0 && elem == ElemType::F32 && stream.takes(name, elem, dims) => {
+                Some((*k as usize, *n as usize))
+            }
+            _ => None,
+        }
+    }
+
+    /// Hands `values` (`dims` = `[k, n]`) to the stream and keeps a placeholder initializer for the rewrite.
+    fn quantize_streamed(&mut self, name: &str, dims: &[i64], values: &[f32]) -> Result<String> {
+        let stream = self.stream.as_mut().ok_or_else(|| ExportError::Graph(format!("weight `{name}`: no stream")))?;
+        stream.quantize(name, values, dims[0] as usize, dims[1] as usize)?;
+        self.weight_bytes += (values.len() * 4) as u64;
+        self.push_initializer(TensorProto {
+            name: Some(name.into()),
+            data_type: Some(ElemType::F32.onnx_code()),
+            dims: dims.to_vec(),
+            ..Default::default()
+        })
+    }
+
+    /// Finishes a streamed graph ([`GraphBuilder::streaming`]): the model, its quantized MatMul weights still
+    /// placeholders, and the stream.
+    pub fn finish_streamed(mut self, graph_name: &str, doc: &str) -> Result<(ModelProto, Box<dyn WeightStream>)> {
+        let stream = self
+            .stream
+            .take()
+            .ok_or_else(|| ExportError::Graph("finish_streamed on a builder made without a stream".into()))?;
+        let (model, _) = self.finish(graph_name, doc)?;
+        Ok((model, stream))
+    }
+
     /// Finishes the graph. Returns the model and, when weights were external, the data file summary.
     pub fn finish(self, graph_name: &str, doc: &str) -> Result<(ModelProto, Option<ExternalSummary>)> {
+        if self.stream.is_some() {
+            return Err(ExportError::Graph("a streamed graph is finished with finish_streamed".into()));
+        }
         let produced: HashSet<&str> = self
             .nodes
             .iter()

@@ -16,7 +16,9 @@ pub struct QuantArgs {
     /// with the checkpoint's chat template, as the server renders requests). Your own prompts are enough: a
     /// `prompt`, or `messages` ending with a user turn, is first continued by the fp32 model
     /// (--calibration-generate-tokens). Required for int8; int4-wo uses it for AWQ (--awq); for int8-wo it only
-    /// feeds the quality report.
+    /// feeds the quality report. Without it (and without --eval-problems and --keep-float), int8-wo and int4-wo
+    /// quantize each weight as it is read from the checkpoint, with no fp32 copy on disk; with it, the checkpoint
+    /// is first exported in fp32 to a staging directory beside OUT_DIR, which the calibration runs.
     #[arg(long, value_name = "FILE", env = "R1_CALIBRATION_DATA")]
     pub calibration_data: Option<PathBuf>,
 
@@ -43,7 +45,8 @@ pub struct QuantArgs {
 
     /// Leave this MatMul in float (repeatable): its node name as the report's layer list and
     /// `calibration/report.json` give it (e.g. `/model/layers.3/self_attn/o_proj/MatMul`), or its weight's name.
-    /// (MoE routers are always left float.)
+    /// (MoE routers are always left float.) Node names are known once the graph exists, so this stages an fp32
+    /// export first (see --calibration-data).
     #[arg(long, value_name = "NAME")]
     pub keep_float: Vec<String>,
 
@@ -88,13 +91,19 @@ pub struct QuantArgs {
     pub calibration_backend: String,
 
     /// Task problems (the `r1-eval` JSONL format, e.g. tests/fixtures/arith-r1/heldout.jsonl) to score the fp32
-    /// and the quantized model on; the accuracies go into calibration/report.json.
+    /// and the quantized model on; the accuracies go into calibration/report.json. Scoring fp32 needs the fp32
+    /// export, so this stages one (see --calibration-data).
     #[arg(long, value_name = "FILE")]
     pub eval_problems: Option<PathBuf>,
 
     /// Score at most N problems of --eval-problems.
     #[arg(long, value_name = "N")]
     pub eval_limit: Option<usize>,
+
+    /// Export fp32 to a staging directory and rewrite it, even for int8-wo / int4-wo without calibration data,
+    /// which otherwise quantize each weight as it is read (the same tensors; for measuring the two side by side).
+    #[arg(long, hide = true)]
+    pub quantize_staged: bool,
 }
 
 impl QuantArgs {
@@ -149,6 +158,7 @@ impl QuantArgs {
             keep_float: self.keep_float.clone(),
             max_accuracy_loss: self.max_accuracy_loss,
             awq: self.awq == "on",
+            staged: self.quantize_staged,
         })
     }
 }

@@ -1,6 +1,8 @@
 //! `--precision int8 | int8-wo | int4-wo`: export in fp32, calibrate on the engine, rewrite to QDQ, report.
 //!
-//! 1. The checkpoint is exported in fp32 to a staging directory beside `OUT_DIR` (removed at the end).
+//! 1. The checkpoint is exported in fp32 to a staging directory beside `OUT_DIR` (removed at the end). Weight-only
+//!    forms without calibration data, eval problems or `--keep-float` skip it: [`stream`] quantizes each MatMul
+//!    weight as it is read, into the same tensors and graph.
 //! 2. `int8` (W8A8): calibration samples are read with [`r1_calibration::dataset`], rendered with the artifact's
 //!    chat template and tokenized as serving does; the engine runs a copy of the fp32 graph whose MatMul inputs are
 //!    extra outputs ([`r1_engine::backend::load_graph`] + [`r1_engine::Backend::run_named`]), one sample per batch,
@@ -36,6 +38,7 @@ mod cli;
 mod passes;
 mod runner;
 mod samples;
+pub(crate) mod stream;
 
 use crate::{artifact, export, ExportOptions, Progress, DATA_FILE, MODEL_FILE};
 pub use cli::QuantArgs;
@@ -110,6 +113,9 @@ pub struct QuantizeOptions {
     pub max_accuracy_loss: Option<f64>,
     /// `int4-wo` with calibration data: activation-aware weight scaling ([`r1_calibration::awq`]).
     pub awq: bool,
+    /// Export fp32 to a staging directory first even where the weight-only forms stream (no calibration data, no
+    /// eval problems, no `--keep-float`; [`stream`]): the same tensors and graph, slower; tests compare the two.
+    pub staged: bool,
 }
 
 impl QuantizeOptions {
@@ -136,6 +142,7 @@ impl QuantizeOptions {
             keep_float: Vec::new(),
             max_accuracy_loss: None,
             awq: true,
+            staged: false,
         }
     }
 
@@ -187,6 +194,8 @@ impl std::str::FromStr for LmHead {
 /// Progress notifications of [`export_quantized`].
 #[derive(Debug, Clone)]
 pub enum QuantProgress<'a> {
+    /// A weight-only export without fp32 staging starts: each MatMul weight is quantized as it is read.
+    Streaming,
     /// The fp32 export (see [`Progress`]).
     Export(Progress<'a>),
     /// A calibration pass starts over `batches` samples (`pass` counts from 1; SmoothQuant needs 2).
@@ -226,6 +235,9 @@ pub fn export_quantized(
     validate(opts, q)?;
     // Fail on an unusable OUT_DIR before minutes of work.
     drop(artifact::TempArtifact::create(&opts.out_dir)?);
+    if stream::streamable(q) {
+        return stream::export_streamed(opts, q, progress);
+    }
     let staging_dir = sibling(&opts.out_dir, "fp32")?;
     let _ = std::fs::remove_dir_all(&staging_dir);
     let staging = Staging(staging_dir.clone());

@@ -72,3 +72,22 @@ fn the_gate_and_keep_float_are_checked_before_any_work() {
     let e = qdq_options(&q, &model).unwrap_err().to_string();
     assert!(e.contains("`gate` names no MatMul") && e.contains("/model/layers.0/mlp/gate/MatMul"), "{e}");
 }
+
+#[test]
+fn streaming_is_for_weight_only_forms_that_need_no_fp32_model() {
+    let wo = |p| QuantizeOptions::new(p);
+    assert!(stream::streamable(&wo(Precision::Int8WeightOnly)));
+    assert!(stream::streamable(&wo(Precision::Int4WeightOnly)));
+    assert!(!stream::streamable(&wo(Precision::Int8)), "W8A8 calibrates on the fp32 graph");
+    let needs_fp32: [&dyn Fn(&mut QuantizeOptions); 4] = [
+        &|q| q.calibration_data = Some("c.jsonl".into()),
+        &|q| q.eval_problems = Some("p.jsonl".into()),
+        &|q| q.keep_float = vec!["/lm_head/MatMul".into()],
+        &|q| q.staged = true,
+    ];
+    for (i, tune) in needs_fp32.iter().enumerate() {
+        let mut q = wo(Precision::Int4WeightOnly);
+        tune(&mut q);
+        assert!(!stream::streamable(&q), "case {i} streams");
+    }
+}

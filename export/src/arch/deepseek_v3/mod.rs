@@ -268,10 +268,15 @@ pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Writes f32 values as a weight initializer in the export dtype (chunked, no second full copy in bytes).
+/// Writes f32 values as a weight initializer in the export dtype (chunked, no second full copy in bytes). A 2-D
+/// one is a MatMul's weight: a streamed quantized export quantizes it as it is
+/// ([`crate::onnx::GraphBuilder::matmul_weight_f32`]).
 pub(crate) fn write_weight(ctx: &mut Ctx, name: &str, dims: &[usize], values: &[f32]) -> Result<String> {
     let dtype = ctx.dtype;
     let d: Vec<i64> = dims.iter().map(|&x| x as i64).collect();
+    if d.len() == 2 {
+        return ctx.b.matmul_weight_f32(name, dtype, &d, values);
+    }
     ctx.b.weight(name, dtype, &d, |sink| {
         for chunk in values.chunks(1 << 20) {
             sink(&dtype.encode_f32(chunk)?)?;
