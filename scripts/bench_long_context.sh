@@ -6,7 +6,8 @@
 #       WORK_DIR defaults to /tmp/r1-bench-cpu (shared with scripts/bench_cpu.sh: the checkpoint, the r1 int8-wo
 #       artifact and GenAI's int8 build are reused when they exist, made otherwise).
 #   env: CONTEXTS="128 2048 4000", STEPS=48 (decode tokens timed per context), GRPC_PORT=50161, HTTP_PORT=8191,
-#        GENAI=0 to skip GenAI.
+#        GENAI=0 to skip GenAI, KV_CACHE_DTYPE=auto (the serving graph's cache: auto = fp16 for this int8-wo
+#        artifact; fp32 to compare).
 #
 # Per context C: r1-bench sends one request of ~C prompt tokens with max_tokens STEPS (through EOS, greedy) at
 # concurrency 1, twice; the decode rate is 1000 / (inter-token latency p50 in ms) of the second. GenAI: `bench_genai.py
@@ -38,10 +39,9 @@ if [ ! -f "$ART/manifest.json" ]; then
   /usr/bin/time -f "r1-export int8-wo: %e s, peak RSS %M KB" \
     "$REL"/r1-export "$CK" -o "$ART" --precision int8-wo --target cpu --report-samples 2 --quiet
 fi
-grep -q "\"attention_op\": \"r1.GroupQueryAttention\"" "$ART/manifest.json" || {
-  say "rebuilding $ART/engines/cpu (the artifact predates r1's attention kernel)"
-  "$REL"/r1-export build "$ART" --target cpu
-}
+# A no-op when the recorded cpu build is current (same graph, cache type, builders); rebuilt otherwise.
+"$REL"/r1-export build "$ART" --target cpu --kv-cache-dtype "${KV_CACHE_DTYPE:-auto}"
+python3 -c "import json,sys; c=json.load(open(sys.argv[1]))['targets']['cpu']; print('[bench-long-context] cpu graph:', c['graph'], c.get('attention_op'), 'cache', c.get('kv_cache_dtype'))" "$ART/manifest.json" >&2
 
 say "r1-serve on $ART"
 "$REL"/r1-serve --model "$ART" --grpc-addr "127.0.0.1:$GRPC_PORT" --http-addr "127.0.0.1:$HTTP_PORT" \
