@@ -15,6 +15,7 @@ import zipfile
 from contextlib import redirect_stderr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fatbin  # noqa: E402
 import gpu_libs as g  # noqa: E402
 
 MAGIC = 0xBA55ED50
@@ -66,7 +67,7 @@ def elf(sections):
 def payload_ranges(buf, start, end):
     """(label, payload start, padded end) of every entry, through the module's own parser."""
     return [(e.label(), e.payload_start, e.payload_end)
-            for c in g.parse_containers(buf, start, end, "test") for e in c]
+            for c in fatbin.parse_containers(buf, start, end, "test") for e in c]
 
 
 def quiet(fn, *args, **kwargs):
@@ -100,7 +101,7 @@ class TrimBlob(unittest.TestCase):
     def test_keeps_only_the_kept_sm(self):
         src = self.blob()
         buf = bytearray(src)
-        report = g.trim_fatbin(buf, 0, len(buf), [90], "blob")
+        report = fatbin.trim_fatbin(buf, 0, len(buf), [90], "blob")
         self.check(src, buf, 0, len(src), {"cubin sm_75", "cubin sm_80", "cubin sm_86", "cubin sm_120"})
         self.assertEqual(report["containers"], 3)
         self.assertEqual(report["containers_without_entry"], {"sm_90": 1})
@@ -110,13 +111,13 @@ class TrimBlob(unittest.TestCase):
         self.assertEqual(report["zeroed_bytes"], 40 + 104 + 40 + 104)
         # Trimming again changes nothing: the trimmed blob still parses and keeps the same entries.
         again = bytearray(buf)
-        g.trim_fatbin(again, 0, len(again), [90], "blob")
+        fatbin.trim_fatbin(again, 0, len(again), [90], "blob")
         self.assertEqual(again, buf)
 
     def test_two_kept_sms(self):
         src = self.blob()
         buf = bytearray(src)
-        report = g.trim_fatbin(buf, 0, len(buf), [80, 90], "blob")
+        report = fatbin.trim_fatbin(buf, 0, len(buf), [80, 90], "blob")
         self.check(src, buf, 0, len(src), {"cubin sm_75", "cubin sm_86", "cubin sm_120"})
         self.assertEqual(report["containers_without_entry"], {"sm_80": 2, "sm_90": 1})
 
@@ -126,7 +127,7 @@ class TrimBlob(unittest.TestCase):
         src = container(entry(2, 80), entry(2, 86), entry(2, 90)) + container(entry(1, 52), entry(1, 70),
                                                                                entry(2, 75))
         buf = bytearray(src)
-        report = g.trim_fatbin(buf, 0, len(buf), [89, 90], "blob")
+        report = fatbin.trim_fatbin(buf, 0, len(buf), [89, 90], "blob")
         self.check(src, buf, 0, len(src), {"cubin sm_80", "ptx sm_52", "cubin sm_75"})
         self.assertEqual(report["loaded_per_kept_sm"], {"sm_89": {"cubin sm_86": 1, "ptx sm_70": 1},
                                                         "sm_90": {"cubin sm_90": 1, "ptx sm_70": 1}})
@@ -135,25 +136,25 @@ class TrimBlob(unittest.TestCase):
         src = self.blob()
         buf = bytearray(src)
         with self.assertRaises(g.FatbinError) as cm:
-            g.trim_fatbin(buf, 0, len(buf), [90, 70], "blob")
+            fatbin.trim_fatbin(buf, 0, len(buf), [90, 70], "blob")
         msg = str(cm.exception)
         self.assertIn("no entry runs on sm_70 (keep list sm_70, sm_90)", msg)
         self.assertIn("cubin sm_120", msg)
         self.assertEqual(buf, src, "a refused trim must leave the bytes as they were")
         # sm_100 has no cubin but runs the compute_90 PTX (JIT): only that PTX stays.
-        report = g.trim_fatbin(buf, 0, len(buf), [100], "blob")
+        report = fatbin.trim_fatbin(buf, 0, len(buf), [100], "blob")
         self.check(src, buf, 0, len(src), {"cubin sm_75", "cubin sm_80", "cubin sm_86", "cubin sm_90",
                                            "cubin sm_120"})
         self.assertEqual(report["containers_without_entry"], {"sm_100": 2})
         # A cubin of another major version is no fallback: sm_80 does not run on sm_75.
         only80 = bytearray(container(entry(2, 80), entry(2, 86)))
         with self.assertRaisesRegex(g.FatbinError, "no entry runs on sm_75"):
-            g.trim_fatbin(only80, 0, len(only80), [75], "blob")
+            fatbin.trim_fatbin(only80, 0, len(only80), [75], "blob")
 
     def malformed(self, buf, pattern):
         data = bytearray(buf)
         with self.assertRaisesRegex(g.FatbinError, pattern):
-            g.trim_fatbin(data, 0, len(data), [90], "blob")
+            fatbin.trim_fatbin(data, 0, len(data), [90], "blob")
         self.assertEqual(bytes(data), bytes(buf))
 
     def test_refuses_malformed_headers(self):
@@ -200,10 +201,10 @@ class TrimElf(unittest.TestCase):
         src, fat = self.lib()
         start = src.index(fat)
         buf = bytearray(src)
-        report = g.trim_elf(buf, [90], "libsynthetic.so")
+        report = fatbin.trim_elf(buf, [90], "libsynthetic.so")
         self.assertEqual(report["zeroed_bytes"], 400)
         TrimBlob.check(self, src, buf, start, start + len(fat), {"cubin sm_80", "cubin sm_120"})
-        self.assertEqual(g.elf_sections(buf, "x"), g.elf_sections(src, "x"))
+        self.assertEqual(fatbin.elf_sections(buf, "x"), fatbin.elf_sections(src, "x"))
         # The file path (a shared mapping) writes the same bytes.
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "lib.so")
@@ -216,19 +217,19 @@ class TrimElf(unittest.TestCase):
     def test_refuses_other_files(self):
         src, _ = self.lib()
         with self.assertRaisesRegex(g.FatbinError, r"lib.so: no \.nv_fatbin section \(sections: .text, .data"):
-            g.trim_elf(bytearray(elf([(".text", b"\x90"), (".data", b"\1")])), [90], "lib.so")
-        self.assertIsNone(g.trim_elf(bytearray(elf([(".text", b"\x90")])), [90], "lib.so", require=False))
+            fatbin.trim_elf(bytearray(elf([(".text", b"\x90"), (".data", b"\1")])), [90], "lib.so")
+        self.assertIsNone(fatbin.trim_elf(bytearray(elf([(".text", b"\x90")])), [90], "lib.so", require=False))
         with self.assertRaisesRegex(g.FatbinError, "not an ELF file"):
-            g.trim_elf(bytearray(b"MZ" + bytes(100)), [90], "lib.so")
+            fatbin.trim_elf(bytearray(b"MZ" + bytes(100)), [90], "lib.so")
         elf32 = bytearray(src)
         elf32[4] = 1
         with self.assertRaisesRegex(g.FatbinError, "ELF class 1 / data 1, expected 2 / 1"):
-            g.trim_elf(elf32, [90], "lib.so")
+            fatbin.trim_elf(elf32, [90], "lib.so")
         cut = bytearray(src[:-40])
         with self.assertRaisesRegex(g.FatbinError, "section header table .* does not fit"):
-            g.trim_elf(cut, [90], "lib.so")
+            fatbin.trim_elf(cut, [90], "lib.so")
         with self.assertRaisesRegex(g.FatbinError, r"lib.so \.nv_fatbin: no entry runs on sm_80"):
-            g.trim_elf(bytearray(elf([(".nv_fatbin", container(entry(2, 90)))])), [80], "lib.so")
+            fatbin.trim_elf(bytearray(elf([(".nv_fatbin", container(entry(2, 90)))])), [80], "lib.so")
 
 
 class CarryPlan(unittest.TestCase):
@@ -303,7 +304,7 @@ class ArchiveRoundTrip(unittest.TestCase):
             cuda = f.read()
         self.assertEqual(len(cuda), len(self.cuda))
         expect = bytearray(self.cuda)
-        g.trim_elf(expect, [90], "x")
+        fatbin.trim_elf(expect, [90], "x")
         self.assertEqual(cuda, bytes(expect))
         self.assertNotEqual(cuda, self.cuda)
         self.assertTrue(os.stat(path).st_mode & stat.S_IXUSR)

@@ -336,16 +336,22 @@ fn layer_nodes(l: &Layer, top_k: usize) -> Vec<NodeProto> {
     };
     nodes.push(NodeProto {
         domain: Some(MS_DOMAIN.into()),
-        attribute: vec![
-            attr_i("k", top_k as i64),
-            attr_s("activation_type", "swiglu"),
-            attr_i("swiglu_fusion", 1),
-            attr_f("activation_alpha", 1.0),
-            attr_f("activation_beta", 0.0),
-            attr_i("normalize_routing_weights", 1),
-        ],
+        attribute: swiglu_attributes(top_k, true),
         ..node(&n("MoE"), "MoE", &[&l.x, &probs, &n("fc1"), "", &n("fc2")], &[&n("mixed")])
     });
     nodes.push(node(&n("weight_sum/Mul"), "Mul", &[&n("mixed"), &sum], &[&l.out]));
     nodes
+}
+
+/// The attributes `MoE` and `QMoE` share: top-`k` routing, SwiGLU with gate and up interleaved (`silu(g) · u`), and
+/// whether the operator renormalizes the selected routing weights.
+pub(super) fn swiglu_attributes(top_k: usize, normalize: bool) -> Vec<r1_proto::onnx::AttributeProto> {
+    vec![
+        attr_i("k", top_k as i64),
+        attr_s("activation_type", "swiglu"),
+        attr_i("swiglu_fusion", 1),
+        attr_f("activation_alpha", 1.0),
+        attr_f("activation_beta", 0.0),
+        attr_i("normalize_routing_weights", i64::from(normalize)),
+    ]
 }

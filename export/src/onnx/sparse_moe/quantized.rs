@@ -41,7 +41,7 @@ use r1_calibration::quant::{quantize_blocked_i4, quantize_blocked_u4, quantize_p
 use serde::Serialize;
 
 use super::relayout::{external_tensor, read_expert, Stacks};
-use super::{attr_f, attr_i, attr_s, graph_err, i64_tensor, node, Layer, MS_DOMAIN, PREFIX};
+use super::{attr_i, graph_err, i64_tensor, node, swiglu_attributes, Layer, MS_DOMAIN, PREFIX};
 use crate::error::Result;
 use crate::onnx::{ElemType, ExternalDataWriter, ExternalSpan};
 use r1_proto::onnx::{NodeProto, TensorProto};
@@ -310,17 +310,15 @@ pub(super) fn layer_nodes(
     let mixed = if padded { n("mixed") } else { l.out.clone() };
     nodes.push(NodeProto {
         domain: Some(MS_DOMAIN.into()),
-        attribute: vec![
-            attr_i("k", top_k as i64),
-            attr_s("activation_type", "swiglu"),
-            attr_i("swiglu_fusion", 1),
-            attr_f("activation_alpha", 1.0),
-            attr_f("activation_beta", 0.0),
-            attr_i("normalize_routing_weights", 0),
-            attr_i("expert_weight_bits", q.bits() as i64),
-            attr_i("block_size", block as i64),
-            attr_i("accuracy_level", ACCURACY_LEVEL),
-        ],
+        attribute: [
+            swiglu_attributes(top_k, false),
+            vec![
+                attr_i("expert_weight_bits", q.bits() as i64),
+                attr_i("block_size", block as i64),
+                attr_i("accuracy_level", ACCURACY_LEVEL),
+            ],
+        ]
+        .concat(),
         ..node(&n("QMoE"), "QMoE", &inputs, &[&mixed])
     });
     if padded {
