@@ -3,9 +3,10 @@
 
 The `onnxruntime-gpu` wheel's CUDA provider (libonnxruntime_providers_cuda.so, 284 MB in 1.31.1) is mostly an
 embedded CUDA fat binary: ELF section `.nv_fatbin`, a run of containers, each holding the same kernels compiled for
-several GPU architectures (the format and the trim: scripts/fatbin.py). `trim` zeroes the payload of every entry a GPU of the kept compute capabilities will never
-load, and changes nothing else: no byte outside those payloads, not the file's size, no offset, no header (so the ELF
-stays valid and the CUDA runtime registers every container as before). Zeroed payloads then compress to nothing.
+several GPU architectures (the format and the trim: scripts/fatbin.py). `trim` zeroes the payload of every entry a
+GPU of the kept compute capabilities will never load, and changes nothing else: no byte outside those payloads, not
+the file's size, no offset, no header (so the ELF stays valid and the CUDA runtime registers every container as
+before). Zeroed payloads then compress to nothing.
 
 Subcommands (stdlib only: the GPU machine has python3 and no network):
   trim FILE [--sm 90,...] [-o OUT]                  trim one library (in place without -o); prints the entries
