@@ -1,5 +1,6 @@
 //! Random-weight checkpoints of any dense family and shape, written the way HF writes them
-//! (`config.json`, `generation_config.json`, `model.safetensors`), for benchmarks and tests.
+//! (`config.json`, `generation_config.json`, `model.safetensors`), for benchmarks and tests; DeepseekV3
+//! checkpoints (FP8 blocks, MoE, the MTP module, sharded like the release) come from [`deepseek_v3`].
 //!
 //! The safetensors file is streamed: the header is computed from the shapes, then each tensor's
 //! bytes are generated chunk by chunk, so a 3.5 GB checkpoint needs a few MB of memory. Values come
@@ -14,6 +15,9 @@ use half::{bf16, f16};
 use serde_json::json;
 
 use crate::error::{ExportError, Result};
+
+pub mod deepseek_v3;
+pub use deepseek_v3::DeepseekV3Fixture;
 
 /// Stored dtype of fixture weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +93,9 @@ pub struct FixtureSpec {
     pub dtype: FixtureDtype,
     /// RNG seed.
     pub seed: u64,
+    /// A DeepseekV3 checkpoint: its config and tensor list replace the dense fields above (which then only
+    /// describe it).
+    pub deepseek_v3: Option<DeepseekV3Fixture>,
 }
 
 /// A named fixture shape.
@@ -125,11 +132,60 @@ fn spec(
         tie_word_embeddings: tie,
         dtype: FixtureDtype::Bf16,
         seed: 0,
+        deepseek_v3: None,
     }
 }
 
-/// Built-in shapes. (A DeepseekV3 preset is added by its helper together with its tensor list.)
+impl FixtureSpec {
+    /// A DeepseekV3 checkpoint of `fixture` (see [`deepseek_v3`]); the dense fields mirror its config.
+    pub fn deepseek_v3(fixture: DeepseekV3Fixture) -> Result<FixtureSpec> {
+        let c = fixture.resolved()?;
+        let mut s = spec(
+            "DeepseekV3ForCausalLM",
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_attention_heads,
+            None,
+            c.vocab_size,
+            c.tie_word_embeddings,
+        );
+        s.deepseek_v3 = Some(fixture);
+        Ok(s)
+    }
+
+    /// Bytes of tensor data the checkpoint will hold, computed from the tensor list without writing anything.
+    pub fn planned_bytes(&self) -> Result<u64> {
+        if let Some(d) = &self.deepseek_v3 {
+            return Ok(deepseek_v3::planned_bytes(&d.tensors()?));
+        }
+        let n: usize = self.tensors()?.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
+        Ok((n * self.dtype.size()) as u64)
+    }
+
+    /// Number of tensors the checkpoint will hold (FP8 scales included).
+    pub fn tensor_count(&self) -> Result<usize> {
+        match &self.deepseek_v3 {
+            Some(d) => Ok(d.tensors()?.len()),
+            None => Ok(self.tensors()?.len()),
+        }
+    }
+}
+
+/// Built-in shapes.
 pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "deepseek-r1-slice",
+        description: "DeepSeek-R1's release config with 2 layers (first_k_dense_replace 1: layer 0 dense, layer 1 \
+                      MoE of 256 experts + shared) and the MTP module as layer 2; FP8 128x128 blocks, 7 shards of \
+                      <= 5 GB, 3,145 tensors (benchmarks, not CI)",
+        spec: || {
+            let mut s = spec("DeepseekV3ForCausalLM", 7168, 18432, 2, 128, 128, None, 129280, false);
+            s.deepseek_v3 = Some(DeepseekV3Fixture::r1_slice());
+            s
+        },
+    },
     Preset {
         name: "r1-distill-qwen-1.5b",
         description: "DeepSeek-R1-Distill-Qwen-1.5B shape: hidden 1536, 28 layers, 12/2 heads, vocab 151936, bf16",
@@ -233,8 +289,11 @@ impl FixtureSpec {
         Ok(t)
     }
 
-    /// The `config.json` HF would write (transformers 4.x field names).
+    /// The `config.json` HF would write (transformers 4.x field names); a DeepseekV3 fixture's own config.
     pub fn config_json(&self) -> serde_json::Value {
+        if let Some(d) = &self.deepseek_v3 {
+            return d.config.clone();
+        }
         let model_type = match self.architecture.as_str() {
             "Qwen2ForCausalLM" => "qwen2",
             "LlamaForCausalLM" => "llama",
@@ -288,8 +347,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
 }
 
 /// Writes `config.json`, `generation_config.json` and `model.safetensors` into `dir` (created if
-/// needed). Returns the number of bytes of weights written.
+/// needed); a DeepseekV3 fixture is written in shards with an index instead. Returns the number of bytes of
+/// weights written.
 pub fn write_checkpoint(spec: &FixtureSpec, dir: &Path) -> Result<u64> {
+    if let Some(d) = &spec.deepseek_v3 {
+        return deepseek_v3::write(d, spec.seed, dir);
+    }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tensors = spec.tensors()?;
     let cfg = dir.join("config.json");

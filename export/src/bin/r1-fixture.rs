@@ -1,5 +1,6 @@
-//! `r1-fixture`: writes a random-weight HuggingFace checkpoint of any dense family and shape, for
-//! benchmarks and tests. Streams to disk: a 3.5 GB checkpoint needs a few MB of memory.
+//! `r1-fixture`: writes a random-weight HuggingFace checkpoint of any dense family and shape, or a DeepseekV3
+//! one laid out like the R1 release (FP8 blocks, MoE, MTP module, shards), for benchmarks and tests. Streams to
+//! disk: a 3.5 GB checkpoint needs a few MB of memory.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +8,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use r1_export::fixture::{preset, write_checkpoint, FixtureDtype, PRESETS};
 
-/// Write a random-weight checkpoint (config.json, generation_config.json, model.safetensors).
+/// Write a random-weight checkpoint (config.json, generation_config.json, model.safetensors, or shards with
+/// model.safetensors.index.json for deepseek-r1-slice).
 #[derive(Debug, Parser)]
 #[command(
     name = "r1-fixture",
@@ -17,6 +19,7 @@ use r1_export::fixture::{preset, write_checkpoint, FixtureDtype, PRESETS};
 Examples:
   r1-fixture --preset r1-distill-qwen-1.5b -o /tmp/qwen-1.5b-random      # ~3.5 GB, bf16
   r1-fixture --preset tiny-llama --layers 4 --dtype f32 -o /tmp/tiny
+  r1-fixture --preset deepseek-r1-slice -o /data/r1-slice    # 31.23 GB, FP8 like the release; benchmarks only
   r1-fixture --list"
 )]
 struct Cli {
@@ -55,11 +58,30 @@ struct Cli {
 fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.list {
         for p in PRESETS {
-            println!("{:24} {}", p.name, p.description);
+            let bytes = (p.spec)().planned_bytes()? as f64;
+            let size = if bytes >= 1e9 { format!("{:.2} GB", bytes / 1e9) } else { format!("{:.2} MB", bytes / 1e6) };
+            println!("{:20} {size:>9}  {}", p.name, p.description);
         }
         return Ok(());
     }
     let mut spec = preset(&cli.preset)?;
+    if spec.deepseek_v3.is_some() {
+        let overrides = [
+            ("--arch", cli.arch.is_some()),
+            ("--layers", cli.layers.is_some()),
+            ("--hidden", cli.hidden.is_some()),
+            ("--vocab", cli.vocab.is_some()),
+            ("--tie", cli.tie),
+            ("--dtype", cli.dtype != "bf16"),
+        ];
+        if let Some((opt, _)) = overrides.iter().find(|(_, set)| *set) {
+            anyhow::bail!(
+                "{opt} does not apply to --preset {}: its config.json is the release's and its dtypes are the \
+                 release's (only --seed and -o apply)",
+                cli.preset
+            );
+        }
+    }
     if let Some(a) = cli.arch {
         spec.architecture = a;
     }
