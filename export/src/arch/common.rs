@@ -84,10 +84,13 @@ impl<'a> Ctx<'a> {
         let t = ck.tensor(key, &[out_f, in_f])?;
         let src = t.float()?;
         let dtype = self.dtype;
+        // Released as soon as it is converted: a streamed export quantizes it after the fill, and its pages
+        // would stay resident beside its float32 values.
         let out = self.b.matmul_weight(name, dtype, &[in_f as i64, out_f as i64], |sink| {
-            convert_transposed(t.data, src, dtype, out_f, in_f, sink)
+            let converted = convert_transposed(t.data, src, dtype, out_f, in_f, sink);
+            ck.release(key);
+            converted
         })?;
-        ck.release(key);
         (self.progress)(key, t.data.len() as u64);
         Ok(out)
     }
