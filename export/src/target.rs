@@ -203,12 +203,8 @@ pub fn apply(
             _ => "",
         };
         let cache = opts.kv_cache_dtype.resolve(&manifest);
-        let options = match (t.is_cpu(), KvCacheDtype::key(cache)) {
-            (true, kv) if !kv.is_empty() => {
-                [options, kv].iter().filter(|o| !o.is_empty()).copied().collect::<Vec<_>>().join(",")
-            }
-            _ => options.to_string(),
-        };
+        let kv = if t.is_cpu() { KvCacheDtype::key(cache) } else { "" };
+        let options = [options, kv].into_iter().filter(|o| !o.is_empty()).collect::<Vec<_>>().join(",");
         let key = build_key(&manifest, t.name, &options, &eb::ort_version());
         let rel = version_dir(t.name, &key);
         if is_current(dir, &manifest, t, &rel) {

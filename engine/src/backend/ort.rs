@@ -196,7 +196,7 @@ impl OrtBackend {
         // The serving graph's caches may be of another type than the portable graph's (`targets.cpu.kv_cache_dtype`).
         let serving_cache = preferred.and_then(|_| manifest.targets.cpu().and_then(|c| c.kv_cache_dtype));
         let cache_dtype = |name: &str, dtype: DType| match serving_cache {
-            Some(cache) if names::parse_past(name).is_some() || name.starts_with("present.") => cache,
+            Some(cache) if names::parse_past(name).is_some() || names::parse_present(name).is_some() => cache,
             _ => dtype,
         };
         let present_key = names::present_key(0);
