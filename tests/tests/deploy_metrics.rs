@@ -422,6 +422,10 @@ async fn health_is_not_ready_while_the_model_loads_or_warms_up() {
     let mut saw_warming = false;
     let mut serving = false;
     for _ in 0..500 {
+        // gRPC health is read before HTTP: the state only moves forward (loading -> warming up -> serving), so if
+        // HTTP still says `warming up` afterwards, gRPC must have said NOT_SERVING. Read the other way round, the
+        // warm-up could end between the two reads and the check would race.
+        let grpc_before = grpc_status(&mut health).await;
         let (status, body) = get(http_addr, "/health").await;
         if status == 200 {
             assert_eq!(body.trim(), "SERVING");
@@ -431,7 +435,7 @@ async fn health_is_not_ready_while_the_model_loads_or_warms_up() {
         assert_eq!(status, 503, "{body}");
         if body.contains("warming up") {
             saw_warming = true;
-            assert_eq!(grpc_status(&mut health).await, ServingStatus::NotServing as i32, "gRPC health while warming");
+            assert_eq!(grpc_before, ServingStatus::NotServing as i32, "gRPC health while warming");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
