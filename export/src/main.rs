@@ -384,12 +384,23 @@ fn run_targets(dir: &Path, args: &TargetArgs, mode: Mode) -> anyhow::Result<()> 
             Outcome::Current { target, dir: rel } => {
                 eprintln!("{target}: already built for this artifact ({}); nothing to do", dir.join(rel).display())
             }
-            Outcome::Planned { plan, reason } => eprintln!(
-                "{}: not built here ({reason}).\n{}: build plan recorded in manifest.json; to build the engine, run on a host with that GPU:\n  {}",
-                plan.target,
-                plan.target,
-                plan.command.as_deref().unwrap_or_default()
-            ),
+            Outcome::Planned { plan, reason, cuda_note } => {
+                eprintln!(
+                    "{}: not built here ({reason}).\n{}: build plan recorded in manifest.json; to build the engine, run on a host with that GPU:\n  {}",
+                    plan.target,
+                    plan.target,
+                    plan.command.as_deref().unwrap_or_default()
+                );
+                match (&plan.cuda_graph, cuda_note) {
+                    (Some(c), _) => eprintln!(
+                        "{}: wrote the CUDA serving graph {} (ONNX Runtime's CUDA provider runs it where TensorRT is absent: KV cache in place on the GPU, last-position logits)",
+                        plan.target,
+                        dir.join(&c.graph).display()
+                    ),
+                    (None, Some(why)) => eprintln!("{}: no CUDA serving graph: {why}", plan.target),
+                    (None, None) => {}
+                }
+            }
         }
     }
     Ok(())

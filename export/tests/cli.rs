@@ -106,14 +106,19 @@ fn gpu_target_without_gpu_records_the_plan_and_prints_the_build_command() {
     assert_eq!(plan["options"]["trt_ep_context_embed_mode"], "0");
     // Every dynamic input of this graph is in the profile: 3 id/mask inputs + 2 layers x (key, value).
     assert_eq!(plan["options"]["trt_profile_opt_shapes"].as_str().unwrap().split(',').count(), 3 + 2 * 2);
-    // A plan writes no engine files (only the build locks, engines/.a100.lock and engines/.manifest.lock).
-    let written: Vec<String> = std::fs::read_dir(out.join("engines"))
-        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    assert!(
-        written.iter().all(|f| f.starts_with('.') && f.ends_with(".lock")),
-        "a plan writes no engine files: {written:?}"
-    );
+    // A plan writes no TensorRT files; beside it, the fp16 artifact gets the CUDA serving graph (what ONNX
+    // Runtime's CUDA provider runs without TensorRT), printed and recorded; nothing else (the build locks stay).
+    let cuda = plan["cuda_graph"]["graph"].as_str().expect("cuda_graph recorded").to_string();
+    assert!(err.contains("a100: wrote the CUDA serving graph"), "{err}");
+    let mut on_disk = r1_export::engines::list_files(&out, &out.join("engines")).unwrap();
+    on_disk.retain(|f| !(f.starts_with("engines/.") && f.ends_with(".lock")));
+    let recorded: Vec<String> = serde_json::from_value(plan["cuda_graph"]["files"].clone()).unwrap();
+    assert_eq!(on_disk, recorded, "only the CUDA graph's files under engines/");
+    assert!(cuda.starts_with("engines/a100/") && cuda.ends_with("-cuda/model.onnx") && recorded.contains(&cuda));
+    for f in &recorded {
+        assert!(m["files"][f]["sha256"].is_string(), "{f} listed in manifest.files");
+    }
+    assert_eq!(plan["cuda_graph"]["attention_op"], "com.microsoft.GroupQueryAttention");
     // The plan parses as the engine's record type and the manifest stays loadable.
     let parsed: r1_engine::manifest::EngineBuild = serde_json::from_value(plan.clone()).unwrap();
     assert!(!parsed.built && !parsed.hardware_compatible);

@@ -157,6 +157,13 @@ pub trait Backend: Send {
         None
     }
 
+    /// Where the engine's KV pool must be allocated for [`Backend::run_in_place`]: host memory, or the GPU the
+    /// session runs on (the CUDA serving graph on ONNX Runtime's CUDA provider), so the cache never crosses to
+    /// the host.
+    fn kv_pool_device(&self) -> crate::kv::PoolDevice {
+        crate::kv::PoolDevice::Host
+    }
+
     /// Whether [`Backend::run_keep`] accepts a kept present as the past.
     fn can_feed_kept(&self) -> bool {
         false
@@ -271,6 +278,8 @@ pub struct BackendOptions {
     pub hardware_compatible: bool,
     /// Where TensorRT engine and timing caches live; default `DIR/engines/<target>/`.
     pub engine_cache_dir: Option<PathBuf>,
+    /// Which serving graph replaces the portable one ([`ort::GraphChoice`]; ort only).
+    pub graph: ort::GraphChoice,
 }
 
 /// Opens the backend `kind` for the artifact in `dir` described by `manifest`.

@@ -19,7 +19,7 @@ use super::{
     StepOutput, MODEL_FILE,
 };
 use crate::error::{EngineError, Result};
-use crate::kv::KvPool;
+use crate::kv::{KvPool, PoolDevice};
 use crate::manifest::{names, DType, Manifest};
 use crate::targets;
 
@@ -52,6 +52,8 @@ pub struct OrtBackend {
     kv_in_place: bool,
     /// The serving graph's cache type when the manifest records one (`targets.cpu.kv_cache_dtype`).
     serving_cache: Option<DType>,
+    /// Where the engine's pool must live for in-place steps ([`Backend::kv_pool_device`]).
+    pool_device: PoolDevice,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -164,19 +166,21 @@ impl OrtBackend {
     pub fn load_file(dir: &Path, graph: &str, manifest: &Manifest, opts: &BackendOptions) -> Result<OrtBackend> {
         let env = environment()?;
         let choice = choose_providers(dir, manifest, opts)?;
-        // `r1-export --target cpu` leaves an ONNX Runtime-optimized graph (contrib ops: ort CPU only); prefer it for
-        // the decoder on CPU. Its extended rewrites are already applied, so loading it at level 1 saves the re-run.
-        let preferred =
-            if graph == MODEL_FILE && choice.providers.is_empty() { manifest.targets.cpu_graph(dir) } else { None };
-        let graph = preferred.unwrap_or(graph);
+        // A per-target serving graph replaces the portable one when the decoder is asked for: on CPU the graph
+        // `r1-export --target cpu` optimized (contrib ops: ort CPU only, its extended rewrites already applied, so
+        // loaded at level 1), on the CUDA provider the CUDA serving graph a GPU target recorded.
+        let serving = if graph == MODEL_FILE { ServingGraph::choose(dir, manifest, &choice, opts) } else { None };
+        let graph = serving.as_ref().map_or(graph, |s| s.graph.as_str());
         let path = dir.join(graph);
         if !path.is_file() {
             return Err(EngineError::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) });
         }
         let mut builder = Session::builder(env).map_err(be)?;
-        if preferred.is_some() {
+        if serving.as_ref().is_some_and(|s| s.optimized) {
             builder = builder.with_optimization_level(GraphOptimizationLevel::Level1).map_err(be)?;
-            tracing::info!(graph, "ort CPU: using the graph optimized at export (r1-export --target cpu)");
+        }
+        if let Some(s) = &serving {
+            tracing::info!(graph, kind = s.kind, "ort: using the serving graph written at export");
         }
         if let Some(n) = opts.intra_threads {
             builder = builder.with_intra_threads(n).map_err(be)?;
@@ -185,7 +189,7 @@ impl OrtBackend {
             builder = builder.with_execution_providers(&choice.providers).map_err(be)?;
         }
         // The CPU serving graph's float32 attention is r1's operator; other graphs need no registration.
-        let session = if preferred.is_some() {
+        let session = if serving.as_ref().is_some_and(|s| s.r1_ops) {
             super::attention::commit_with_ops(builder, |mut b| b.commit_from_file(&path))
         } else {
             builder.commit_from_file(&path)
@@ -193,14 +197,20 @@ impl OrtBackend {
         .map_err(|e| be(format!("cannot load {}: {e}", path.display())))?;
         let dtype_of =
             |name: &str, default: DType| manifest.outputs.iter().find(|t| t.name == name).map_or(default, |t| t.dtype);
-        // The serving graph's caches may be of another type than the portable graph's (`targets.cpu.kv_cache_dtype`).
-        let serving_cache = preferred.and_then(|_| manifest.targets.cpu().and_then(|c| c.kv_cache_dtype));
+        // The serving graph's caches may be of another type than the portable graph's (`kv_cache_dtype` of its record).
+        let serving_cache = serving.as_ref().and_then(|s| s.kv_cache_dtype);
         let cache_dtype = |name: &str, dtype: DType| match serving_cache {
             Some(cache) if names::parse_past(name).is_some() || names::parse_present(name).is_some() => cache,
             _ => dtype,
         };
         let present_key = names::present_key(0);
-        tracing::info!(backend = choice.name, model = %path.display(), "ort session ready");
+        let kv_in_place = serving.as_ref().is_some_and(|s| s.fused_attention && s.kv_in_place);
+        // In place on the CUDA provider, the pool lives on the GPU; everywhere else in host memory.
+        let pool_device = match (kv_in_place, choice.name) {
+            (true, "ort-cuda") => PoolDevice::Cuda { id: 0 },
+            _ => PoolDevice::Host,
+        };
+        tracing::info!(backend = choice.name, model = %path.display(), kv_pool = %pool_device, "ort session ready");
         Ok(OrtBackend {
             session,
             name: choice.name,
@@ -209,11 +219,76 @@ impl OrtBackend {
             logits_dtype: dtype_of("logits", DType::Float32),
             present_dtype: cache_dtype(&present_key, dtype_of(&present_key, manifest.kv_cache.dtype)),
             serving_cache,
-            last_position_logits: preferred.is_some() && manifest.targets.cpu().is_some_and(|c| c.last_position_logits),
-            fused_attention: preferred.is_some() && manifest.targets.cpu().is_some_and(|c| c.fused_attention),
-            kv_in_place: preferred.is_some()
-                && manifest.targets.cpu().is_some_and(|c| c.fused_attention && c.kv_in_place),
+            last_position_logits: serving.as_ref().is_some_and(|s| s.last_position_logits),
+            fused_attention: serving.as_ref().is_some_and(|s| s.fused_attention),
+            kv_in_place,
+            pool_device,
         })
+    }
+}
+
+/// Which serving graph a decoder session opens in place of the portable `model.onnx` (`BackendOptions::graph`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GraphChoice {
+    /// The execution provider's own: the `cpu` record's graph on the CPU provider, a GPU target's CUDA serving graph
+    /// on the CUDA provider, the portable graph under TensorRT (whose engine is built from it).
+    #[default]
+    Auto,
+    /// The CUDA serving graph, whatever the provider (it runs on ONNX Runtime's CPU provider too, which is how CI
+    /// checks it); the portable graph when the artifact has none.
+    Cuda,
+}
+
+/// A per-target serving graph and what its record says about it (`targets.cpu`, or `targets.<gpu>.cuda_graph`).
+#[derive(Debug, Clone)]
+struct ServingGraph {
+    kind: &'static str,
+    graph: String,
+    /// Optimized by ONNX Runtime at export (load at level 1).
+    optimized: bool,
+    /// Uses r1's attention operator (registered on the session).
+    r1_ops: bool,
+    last_position_logits: bool,
+    fused_attention: bool,
+    kv_in_place: bool,
+    kv_cache_dtype: Option<DType>,
+}
+
+impl ServingGraph {
+    fn choose(dir: &Path, manifest: &Manifest, choice: &EpChoice, opts: &BackendOptions) -> Option<ServingGraph> {
+        let cuda = || {
+            let local = opts.target.clone().or_else(|| {
+                targets::detect_local_gpu().and_then(|g| targets::target_for_gpu_name(&g.name)).map(|t| t.name.into())
+            });
+            manifest.targets.cuda_graph(dir, local.as_deref()).map(|c| ServingGraph {
+                kind: "cuda",
+                graph: c.graph.clone(),
+                optimized: false,
+                r1_ops: false,
+                last_position_logits: c.last_position_logits,
+                fused_attention: true,
+                kv_in_place: c.kv_in_place,
+                kv_cache_dtype: Some(c.kv_cache_dtype),
+            })
+        };
+        match (opts.graph, choice.name) {
+            (GraphChoice::Cuda, _) | (GraphChoice::Auto, "ort-cuda") => cuda(),
+            (GraphChoice::Auto, _) if choice.providers.is_empty() => {
+                let graph = manifest.targets.cpu_graph(dir)?;
+                let c = manifest.targets.cpu()?;
+                Some(ServingGraph {
+                    kind: "cpu",
+                    graph: graph.to_string(),
+                    optimized: true,
+                    r1_ops: true,
+                    last_position_logits: c.last_position_logits,
+                    fused_attention: c.fused_attention,
+                    kv_in_place: c.kv_in_place,
+                    kv_cache_dtype: c.kv_cache_dtype,
+                })
+            }
+            _ => None,
+        }
     }
 }
 
@@ -316,6 +391,10 @@ impl Backend for OrtBackend {
 
     fn steps_in_place(&self) -> bool {
         self.kv_in_place
+    }
+
+    fn kv_pool_device(&self) -> PoolDevice {
+        self.pool_device
     }
 
     fn run_in_place(&mut self, input: &StepInput, pool: &mut KvPool, first: usize, n: usize) -> Result<Array3<f32>> {

@@ -20,7 +20,7 @@ use ort::AsPointer;
 use super::ort::{be, logits_of};
 use super::StepInput;
 use crate::error::{EngineError, Result};
-use crate::kv::KvPool;
+use crate::kv::{KvPool, PoolDevice};
 use crate::manifest::{names, DType};
 
 /// An owned ONNX Runtime tensor of `dtype` (float32 or float16) and `shape` over `data` (not copied, never freed
@@ -64,7 +64,8 @@ unsafe fn value_over(
         return Err(be(format!("cannot wrap the KV pool as a tensor: {message}")));
     }
     let ptr = NonNull::new(out).ok_or_else(|| be("ONNX Runtime returned no tensor for the KV pool"))?;
-    // SAFETY: a valid tensor value just created; the allocator only has to be the CPU one it describes.
+    // SAFETY: a valid tensor value just created over memory ONNX Runtime does not own (it never frees it); ort keeps
+    // the allocator only for values it allocated itself.
     Ok(unsafe { DynValue::from_ptr(ptr, Some(allocator)) })
 }
 
@@ -93,7 +94,15 @@ pub(super) fn run(
     }
     let g = pool.geometry();
     let cap = pool.capacity() as i64;
-    let info = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(be)?;
+    let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(be)?;
+    // The pool's tensors are described by where the pool lives: ONNX Runtime's CUDA kernels read and append them on
+    // the GPU, and only the logits (bound to host memory below) cross back.
+    let info = match pool.device() {
+        PoolDevice::Host => host.clone(),
+        PoolDevice::Cuda { id } => {
+            MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).map_err(be)?
+        }
+    };
     let allocator = Allocator::default();
     // One value per layer and kind, bound as the past input and the present output.
     let mut kv: Vec<(DynValue, DynValue)> = Vec::with_capacity(g.num_layers);
@@ -137,7 +146,7 @@ pub(super) fn run(
         binding.bind_output(names::present_key(layer), k).map_err(be)?;
         binding.bind_output(names::present_value(layer), v).map_err(be)?;
     }
-    binding.bind_output_to_device("logits", &info).map_err(be)?;
+    binding.bind_output_to_device("logits", &host).map_err(be)?;
     let outputs = session.run_binding(&binding).map_err(be)?;
     let logits = logits_of(&outputs, logits_dtype)?;
     drop(outputs);

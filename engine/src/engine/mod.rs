@@ -267,7 +267,17 @@ impl Engine {
         // The pool stores the graph's KV dtype (the serving graph's, when it has its own): what a position really
         // takes.
         let dtype = backend.kv_cache_dtype().unwrap_or(manifest.kv_cache.dtype);
-        let kv_pool = KvPool::new(geometry, pool.slots.max(1), context, dtype)?;
+        let device = backend.kv_pool_device();
+        let kv_pool = KvPool::new_on(geometry, pool.slots.max(1), context, dtype, device)?;
+        if device != crate::kv::PoolDevice::Host {
+            tracing::info!(
+                %device,
+                slots = pool.slots.max(1),
+                context,
+                mib = (kv_pool.bytes_per_position() * pool.slots.max(1) * context) as f64 / f64::from(1 << 20),
+                "KV pool allocated on the GPU in full (slots x context x bytes per position)"
+            );
+        }
         let pool_bytes_per_token = kv_pool.bytes_per_position();
         let in_place = backend.steps_in_place();
         // A backend that takes its own present back as the next step's past keeps the running batch's cache a

@@ -68,7 +68,7 @@ impl Engine {
             expected: "rows that hold slots".into(),
             got: "a row without one".into(),
         })?;
-        let input = self.assemble(plan, false);
+        let input = self.assemble(plan, false)?;
         let logits = self.backend.run_in_place(&input, &mut self.pool, first, plan.rows.len())?;
         self.check_logits(plan, &logits)?;
         Ok(logits)
@@ -83,7 +83,7 @@ impl Engine {
                 && k.rows.len() == plan.rows.len()
                 && k.rows.iter().zip(&plan.rows).all(|(id, r)| *id == r.id)
         });
-        let input = self.assemble(plan, kept.is_none());
+        let input = self.assemble(plan, kept.is_none())?;
         let (logits, present) = self.backend.run_keep(&input, kept.as_ref().map(|k| &k.present))?;
         drop(kept);
         self.check_logits(plan, &logits)?;
@@ -183,7 +183,7 @@ impl Engine {
 
     /// The step's inputs; the past is gathered from the pool only when `with_past` (else it is left empty: the
     /// backend takes it from the kept present, or from the pool in place).
-    fn assemble(&mut self, plan: &Plan, with_past: bool) -> StepInput {
+    fn assemble(&mut self, plan: &Plan, with_past: bool) -> Result<StepInput> {
         let (b, s, p) = (plan.rows.len(), plan.seq_len, plan.past_len);
         let g = self.pool.geometry();
         let p_kv = if with_past { p } else { 0 };
@@ -202,7 +202,7 @@ impl Engine {
                 let seq = &self.seqs[&r.id];
                 if with_past && r.past > 0 {
                     if let Some(slot) = seq.slot {
-                        self.pool.gather_into(slot, row, &mut kv, &mut vv);
+                        self.pool.gather_into(slot, row, &mut kv, &mut vv)?;
                     }
                 }
                 for c in p - r.past..p + r.feed {
@@ -220,7 +220,7 @@ impl Engine {
         }
         let past =
             keys.into_iter().zip(values).map(|(k, v)| KvPair { key: k.into_dyn(), value: v.into_dyn() }).collect();
-        StepInput { input_ids, attention_mask, position_ids, past }
+        Ok(StepInput { input_ids, attention_mask, position_ids, past })
     }
 
     fn check_present(

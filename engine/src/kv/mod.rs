@@ -8,6 +8,7 @@
 //! `bytes_per_token` is the pool's real size per position (in the graph's KV dtype, every layer's keys and values,
 //! counted once).
 
+pub mod device;
 pub mod pool;
 pub mod prefix;
 pub mod region;
@@ -15,6 +16,7 @@ pub mod region;
 use crate::error::{EngineError, Result};
 
 use crate::manifest::KvCacheInfo;
+pub use device::PoolDevice;
 pub use pool::KvPool;
 
 /// Shape of one layer's key or value cache for a single sequence.

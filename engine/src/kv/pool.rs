@@ -22,6 +22,7 @@ use ndarray::{ArrayViewD, ArrayViewMut4, Axis};
 
 use half::f16;
 
+use super::device::{DeviceBuffer, PoolDevice};
 use super::region::{PoolElem, Region};
 use super::KvGeometry;
 use crate::error::{EngineError, Result};
@@ -34,11 +35,57 @@ pub struct KvPool {
     slots: usize,
     capacity: usize,
     dtype: DType,
-    keys: Vec<Region>,
-    values: Vec<Region>,
+    device: PoolDevice,
+    keys: Vec<Storage>,
+    values: Vec<Storage>,
     /// Valid positions per slot (`None`: free).
     lens: Vec<Option<usize>>,
     copied_bytes: u64,
+}
+
+/// One pool tensor's memory: a host region, or a buffer on the GPU the backend runs on.
+#[derive(Debug)]
+enum Storage {
+    Host(Region),
+    Cuda(DeviceBuffer),
+}
+
+impl Storage {
+    fn ptr_at(&mut self, offset: usize) -> Result<*mut u8> {
+        match self {
+            Storage::Host(r) if offset <= r.bytes() => Ok(r.ptr_at(offset)),
+            Storage::Host(r) => Err(EngineError::InvalidArgument {
+                name: "KV pool offset".into(),
+                message: format!("byte {offset} beyond the region of {}", r.bytes()),
+            }),
+            Storage::Cuda(b) => b.ptr_at(offset),
+        }
+    }
+
+    /// The host region; a device pool has none (only in-place backends step over it).
+    fn host(&self) -> Result<&Region> {
+        match self {
+            Storage::Host(r) => Ok(r),
+            Storage::Cuda(b) => Err(host_path_on_device(b.device())),
+        }
+    }
+
+    fn host_mut(&mut self) -> Result<&mut Region> {
+        match self {
+            Storage::Host(r) => Ok(r),
+            Storage::Cuda(b) => Err(host_path_on_device(b.device())),
+        }
+    }
+}
+
+fn host_path_on_device(device: i32) -> EngineError {
+    EngineError::Unavailable {
+        what: "a host-path step over the KV pool".into(),
+        message: format!(
+            "the pool lives on CUDA device {device}: only a backend that steps in place reads it (the CUDA serving \
+             graph); gathering it to the host is not done"
+        ),
+    }
 }
 
 /// One layer's key and value tensors over a range of slots, for binding to a runtime.
@@ -67,9 +114,21 @@ macro_rules! with_elem {
 }
 
 impl KvPool {
-    /// A pool of `slots` sequences of up to `capacity` positions each, stored as `dtype` (float32 or float16).
-    /// Reserves address space only.
+    /// A pool of `slots` sequences of up to `capacity` positions each, stored as `dtype` (float32 or float16), in
+    /// host memory. Reserves address space only.
     pub fn new(geometry: KvGeometry, slots: usize, capacity: usize, dtype: DType) -> Result<KvPool> {
+        Self::new_on(geometry, slots, capacity, dtype, PoolDevice::Host)
+    }
+
+    /// [`KvPool::new`] on `device`: host memory is reserved and committed as it is written; a CUDA device's is
+    /// allocated in full now ([`super::device`]).
+    pub fn new_on(
+        geometry: KvGeometry,
+        slots: usize,
+        capacity: usize,
+        dtype: DType,
+        device: PoolDevice,
+    ) -> Result<KvPool> {
         if !matches!(dtype, DType::Float32 | DType::Float16) {
             return Err(EngineError::InvalidArgument {
                 name: "KV pool dtype".into(),
@@ -91,11 +150,17 @@ impl KvPool {
         let (ks, vs) = (size(g.key_heads, g.key_dim)?, size(g.value_heads, g.value_dim)?);
         let mut keys = Vec::with_capacity(g.num_layers);
         let mut values = Vec::with_capacity(g.num_layers);
+        let storage = |bytes: usize, what: String| -> Result<Storage> {
+            Ok(match device {
+                PoolDevice::Host => Storage::Host(Region::new(bytes, &what)?),
+                PoolDevice::Cuda { id } => Storage::Cuda(DeviceBuffer::new(id, bytes, &what)?),
+            })
+        };
         for layer in 0..g.num_layers {
-            keys.push(Region::new(ks, &format!("layer {layer} keys"))?);
-            values.push(Region::new(vs, &format!("layer {layer} values"))?);
+            keys.push(storage(ks, format!("layer {layer} keys"))?);
+            values.push(storage(vs, format!("layer {layer} values"))?);
         }
-        Ok(KvPool { geometry, slots, capacity, dtype, keys, values, lens: vec![None; slots], copied_bytes: 0 })
+        Ok(KvPool { geometry, slots, capacity, dtype, device, keys, values, lens: vec![None; slots], copied_bytes: 0 })
     }
 
     /// Slots in the pool.
@@ -116,6 +181,11 @@ impl KvPool {
     /// The element type it stores.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Where its memory is.
+    pub fn device(&self) -> PoolDevice {
+        self.device
     }
 
     /// Slots in use.
@@ -180,7 +250,8 @@ impl KvPool {
         for (regions, heads, dim) in
             [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
         {
-            for r in regions.iter_mut() {
+            // Device memory stays allocated: nothing reads a slot's positions beyond its length.
+            for r in regions.iter_mut().filter_map(|r| r.host_mut().ok()) {
                 for h in 0..heads {
                     r.release(((slot * heads + h) * cap) * dim * e, cap * dim * e);
                 }
@@ -200,28 +271,34 @@ impl KvPool {
                 message: format!("needs slot {from} holding at least {n} positions and an empty taken slot {to}"),
             });
         }
-        self.copy_positions(from, to, n);
+        self.copy_positions(from, to, n)?;
         self.lens[to] = Some(n);
         Ok(())
     }
 
-    fn copy_positions(&mut self, from: usize, to: usize, len: usize) {
-        let (g, cap) = (self.geometry, self.capacity);
+    fn copy_positions(&mut self, from: usize, to: usize, len: usize) -> Result<()> {
+        let (g, cap, e) = (self.geometry, self.capacity, self.dtype.size());
         for (regions, heads, dim) in
             [(&mut self.keys, g.key_heads, g.key_dim), (&mut self.values, g.value_heads, g.value_dim)]
         {
             for r in regions.iter_mut() {
-                with_elem!(self.dtype, T => {
-                    let s = r.as_mut_slice::<T>();
-                    for h in 0..heads {
-                        let src = ((from * heads + h) * cap) * dim;
-                        let dst = ((to * heads + h) * cap) * dim;
-                        s.copy_within(src..src + len * dim, dst);
+                let ranges = (0..heads).map(|h| (((from * heads + h) * cap) * dim, ((to * heads + h) * cap) * dim));
+                match r {
+                    Storage::Host(r) => with_elem!(self.dtype, T => {
+                        let s = r.as_mut_slice::<T>();
+                        for (src, dst) in ranges {
+                            s.copy_within(src..src + len * dim, dst);
+                        }
+                    }),
+                    Storage::Cuda(b) => {
+                        let copies: Vec<_> = ranges.map(|(src, dst)| (src * e, dst * e, len * dim * e)).collect();
+                        b.copy_many(&copies)?;
                     }
-                });
+                }
             }
         }
         self.copied_bytes += (len * self.bytes_per_position()) as u64;
+        Ok(())
     }
 
     /// Moves the sequence in slot `from` to the free slot `to` (compaction) and frees `from`.
@@ -235,7 +312,7 @@ impl KvPool {
                 })
             }
         };
-        self.copy_positions(from, to, len);
+        self.copy_positions(from, to, len)?;
         self.lens[to] = Some(len);
         self.free(from);
         Ok(())
@@ -265,8 +342,8 @@ impl KvPool {
         }
         let (cap, e) = (self.capacity, self.dtype.size());
         Ok(LayerRange {
-            key: self.keys[layer].ptr_at(start * g.key_heads * cap * g.key_dim * e),
-            value: self.values[layer].ptr_at(start * g.value_heads * cap * g.value_dim * e),
+            key: self.keys[layer].ptr_at(start * g.key_heads * cap * g.key_dim * e)?,
+            value: self.values[layer].ptr_at(start * g.value_heads * cap * g.value_dim * e)?,
         })
     }
 
@@ -278,12 +355,13 @@ impl KvPool {
         row: usize,
         keys: &mut [ArrayViewMut4<'a, f32>],
         values: &mut [ArrayViewMut4<'a, f32>],
-    ) {
+    ) -> Result<()> {
         let (g, cap, len) = (self.geometry, self.capacity, self.len(slot));
         for (regions, dst, heads, dim) in
             [(&self.keys, keys, g.key_heads, g.key_dim), (&self.values, values, g.value_heads, g.value_dim)]
         {
             for (r, t) in regions.iter().zip(dst.iter_mut()) {
+                let r = r.host()?;
                 let past = t.shape()[2];
                 let mut row_view = t.index_axis_mut(Axis(0), row);
                 for h in 0..heads {
@@ -296,6 +374,7 @@ impl KvPool {
             }
         }
         self.copied_bytes += (len * self.bytes_per_position()) as u64;
+        Ok(())
     }
 
     /// Appends `n` positions taken from row `row` of `present` tensors (`[batch, heads, T, dim]`, positions
@@ -320,11 +399,15 @@ impl KvPool {
                 got: format!("{len} positions held"),
             });
         }
+        if let Some(Storage::Cuda(b)) = self.keys.first() {
+            return Err(host_path_on_device(b.device()));
+        }
         for (regions, present, heads, dim) in [
             (&mut self.keys, present_keys, g.key_heads, g.key_dim),
             (&mut self.values, present_values, g.value_heads, g.value_dim),
         ] {
             for (r, p) in regions.iter_mut().zip(present) {
+                let r = r.host_mut()?;
                 for h in 0..heads {
                     let head = p.index_axis(Axis(0), row);
                     let head = head.index_axis(Axis(0), h);
@@ -445,7 +528,7 @@ mod tests {
         {
             let mut kviews: Vec<_> = keys.iter_mut().map(|a| a.view_mut()).collect();
             let mut vviews: Vec<_> = vals.iter_mut().map(|a| a.view_mut()).collect();
-            pool.gather_into(b, 0, &mut kviews, &mut vviews);
+            pool.gather_into(b, 0, &mut kviews, &mut vviews).unwrap();
         }
         for l in 0..2 {
             for h in 0..2 {
@@ -470,7 +553,7 @@ mod tests {
         {
             let mut kviews: Vec<_> = keys2.iter_mut().map(|a| a.view_mut()).collect();
             let mut vviews: Vec<_> = vals2.iter_mut().map(|a| a.view_mut()).collect();
-            pool.gather_into(0, 0, &mut kviews, &mut vviews);
+            pool.gather_into(0, 0, &mut kviews, &mut vviews).unwrap();
         }
         assert_eq!(keys, keys2);
         assert_eq!(vals, vals2);
@@ -496,7 +579,7 @@ mod tests {
         {
             let mut kviews: Vec<_> = keys.iter_mut().map(|a| a.view_mut()).collect();
             let mut vviews: Vec<_> = vals.iter_mut().map(|a| a.view_mut()).collect();
-            pool.gather_into(s, 0, &mut kviews, &mut vviews);
+            pool.gather_into(s, 0, &mut kviews, &mut vviews).unwrap();
         }
         let want = pk[1].mapv(|v| f16::from_f32(v).to_f32());
         assert_eq!(keys[1].clone().into_dyn(), want);

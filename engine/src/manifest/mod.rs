@@ -32,7 +32,7 @@ pub use draft::DraftGraph;
 pub use integrity::{verify_entries, IntegrityError, IntegrityReport};
 pub use kinds::{Family, Precision, UnknownName};
 pub use names::MANIFEST_FILE;
-pub use records::{CpuBuild, EngineBuild, ProfileRecord, TargetRecord, Targets};
+pub use records::{CpuBuild, CudaGraph, EngineBuild, ProfileRecord, TargetRecord, Targets};
 
 /// Current manifest format version. Bump on incompatible changes.
 pub const MANIFEST_VERSION: u32 = 1;

@@ -123,6 +123,31 @@ pub struct EngineBuild {
     /// For a plan: the command that runs the build on a host with the GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// The CUDA serving graph written beside the plan (`r1-export --target <gpu>` where TensorRT cannot build):
+    /// what ONNX Runtime's CUDA provider runs on this target when no TensorRT engine exists. `None`: not written
+    /// (a TensorRT engine was built, the artifact cannot have one — see [`CudaGraph`] — or older exporters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_graph: Option<CudaGraph>,
+}
+
+/// The serving graph for ONNX Runtime's CUDA execution provider (`targets.<gpu>.cuda_graph`): the portable graph
+/// with the LM head on each row's last fed position and each layer's attention one `com.microsoft.GroupQueryAttention`
+/// over the engine's KV pool, bound in place on the device (float16 artifacts of the dense families: the CUDA
+/// kernel runs float16 and bfloat16 only). It is left unoptimized: ONNX Runtime optimizes it for the GPU it loads on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CudaGraph {
+    /// The graph (relative path, inside `engines/<target>/`).
+    pub graph: String,
+    /// The fused attention's operator, `domain.type` (`com.microsoft.GroupQueryAttention`).
+    pub attention_op: String,
+    /// The KV cache type of its `past_key_values.*` inputs and `present.*` outputs (the device pool's).
+    pub kv_cache_dtype: super::DType,
+    /// Returns `logits [batch, 1, vocab]`, each row's last fed position (only that crosses back to the host).
+    pub last_position_logits: bool,
+    /// Row lengths come from the attention mask and past/present can share the pool's memory (as `targets.cpu`).
+    pub kv_in_place: bool,
+    /// Files written (graph and its weights), relative to the artifact directory.
+    pub files: Vec<String>,
 }
 
 /// A target's optimization profile as recorded in the manifest (plain `[min, opt, max]` triples).
@@ -148,10 +173,10 @@ pub enum TargetRecord {
 
 impl TargetRecord {
     /// Files the build wrote, relative to the artifact directory (none for a plan).
-    pub fn files(&self) -> &[String] {
+    pub fn files(&self) -> Vec<&String> {
         match self {
-            TargetRecord::Cpu(b) => &b.files,
-            TargetRecord::TensorRt(b) => &b.files,
+            TargetRecord::Cpu(b) => b.files.iter().collect(),
+            TargetRecord::TensorRt(b) => b.files.iter().chain(b.cuda_graph.iter().flat_map(|c| &c.files)).collect(),
         }
     }
 }
@@ -186,6 +211,24 @@ impl Targets {
             Some(TargetRecord::TensorRt(b)) => Some(b),
             _ => None,
         }
+    }
+
+    /// The CUDA serving graph to open on a GPU without TensorRT: target `preferred`'s when it records one (the local
+    /// GPU's target), else the first GPU target's that does (the graph is the same for every GPU: ONNX Runtime
+    /// optimizes it at load). `None` when no record names one whose file is in `dir`.
+    pub fn cuda_graph(&self, dir: &std::path::Path, preferred: Option<&str>) -> Option<&CudaGraph> {
+        let usable = |c: &&CudaGraph| {
+            c.graph.starts_with("engines/")
+                && !c.graph.split('/').any(|part| part == "..")
+                && dir.join(&c.graph).is_file()
+        };
+        let of = |name: &str| self.tensorrt(name).and_then(|b| b.cuda_graph.as_ref()).filter(usable);
+        preferred.and_then(of).or_else(|| {
+            self.0.iter().find_map(|(name, r)| match r {
+                TargetRecord::TensorRt(_) => of(name),
+                TargetRecord::Cpu(_) => None,
+            })
+        })
     }
 
     /// The record of `name`, whatever its kind.

@@ -1,0 +1,270 @@
+//! Where the KV pool lives ([`PoolDevice`]) and its memory on a CUDA GPU ([`DeviceBuffer`]), through the CUDA runtime
+//! loaded at run time.
+//!
+//! The pool of a backend that runs on a GPU (ONNX Runtime's CUDA provider over the CUDA serving graph) is allocated
+//! once, on that GPU, with `cudaMalloc`: the graph's `GroupQueryAttention` reads and appends it in place through
+//! tensors bound over it (`backend/ort_in_place.rs`), so the host never holds a copy of a running sequence's cache.
+//! Moves between slots (compaction, prefix-cache copies) are device-to-device `cudaMemcpy`s.
+//!
+//! `libcudart` is opened with `dlopen` (no link-time CUDA dependency: CI and CPU hosts build and run without it). By
+//! the time a pool is made, ONNX Runtime's CUDA provider has loaded the runtime it was built against, so the first
+//! name below that resolves is that same library; a host without it gets an error naming the files tried.
+//!
+//! Unlike a host region, device memory is committed when allocated: the whole pool (slots × context × bytes per
+//! position) is taken at load, and the engine logs its size.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::OnceLock;
+
+use crate::error::{EngineError, Result};
+
+/// Where a KV pool's memory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoolDevice {
+    /// Host memory (anonymous mappings committed page by page: [`super::region::Region`]).
+    #[default]
+    Host,
+    /// Memory of CUDA device `id`.
+    Cuda {
+        /// The CUDA device ordinal (ONNX Runtime's `device_id`).
+        id: i32,
+    },
+}
+
+impl std::fmt::Display for PoolDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolDevice::Host => f.write_str("host memory"),
+            PoolDevice::Cuda { id } => write!(f, "CUDA device {id}"),
+        }
+    }
+}
+
+/// The CUDA runtime library names tried, newest first (onnxruntime-gpu 1.31 is built against CUDA 13; CUDA 12 builds
+/// of ONNX Runtime load `.12`).
+pub const CUDART_NAMES: [&str; 3] = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"];
+
+const CUDA_MEMCPY_DEVICE_TO_DEVICE: c_int = 3;
+
+type CudaError = c_int;
+
+/// The few CUDA runtime entry points the pool needs.
+struct CudaRuntime {
+    set_device: unsafe extern "C" fn(c_int) -> CudaError,
+    malloc: unsafe extern "C" fn(*mut *mut c_void, usize) -> CudaError,
+    free: unsafe extern "C" fn(*mut c_void) -> CudaError,
+    memcpy: unsafe extern "C" fn(*mut c_void, *const c_void, usize, c_int) -> CudaError,
+    memset: unsafe extern "C" fn(*mut c_void, c_int, usize) -> CudaError,
+    synchronize: unsafe extern "C" fn() -> CudaError,
+    error_string: unsafe extern "C" fn(CudaError) -> *const c_char,
+    /// Keeps the library loaded for the process's life.
+    _lib: libloading::Library,
+}
+
+static RUNTIME: OnceLock<std::result::Result<CudaRuntime, String>> = OnceLock::new();
+
+fn unavailable(message: String) -> EngineError {
+    EngineError::Unavailable { what: "the CUDA runtime (KV pool on the GPU)".into(), message }
+}
+
+fn open_runtime() -> std::result::Result<CudaRuntime, String> {
+    let mut tried = Vec::new();
+    for name in CUDART_NAMES {
+        // SAFETY: loading the CUDA runtime runs its initialisers, which have no preconditions.
+        match unsafe { libloading::Library::new(name) } {
+            Ok(lib) => {
+                // SAFETY: the symbol types are the CUDA runtime API's documented signatures.
+                let rt = unsafe {
+                    macro_rules! sym {
+                        ($name:literal) => {
+                            *lib.get($name).map_err(|e| format!("{name}: {e}"))?
+                        };
+                    }
+                    CudaRuntime {
+                        set_device: sym!(b"cudaSetDevice\0"),
+                        malloc: sym!(b"cudaMalloc\0"),
+                        free: sym!(b"cudaFree\0"),
+                        memcpy: sym!(b"cudaMemcpy\0"),
+                        memset: sym!(b"cudaMemset\0"),
+                        synchronize: sym!(b"cudaDeviceSynchronize\0"),
+                        error_string: sym!(b"cudaGetErrorString\0"),
+                        _lib: lib,
+                    }
+                };
+                return Ok(rt);
+            }
+            Err(e) => tried.push(format!("{name} ({e})")),
+        }
+    }
+    Err(format!(
+        "none of {} could be loaded: {}; a GPU pool needs the CUDA runtime that ONNX Runtime's CUDA provider uses \
+         (on LD_LIBRARY_PATH)",
+        CUDART_NAMES.join(", "),
+        tried.join("; ")
+    ))
+}
+
+fn runtime() -> Result<&'static CudaRuntime> {
+    RUNTIME.get_or_init(open_runtime).as_ref().map_err(|m| unavailable(m.clone()))
+}
+
+impl CudaRuntime {
+    fn check(&self, rc: CudaError, what: impl FnOnce() -> String) -> Result<()> {
+        if rc == 0 {
+            return Ok(());
+        }
+        // SAFETY: cudaGetErrorString returns a static C string for any code.
+        let text = unsafe { CStr::from_ptr((self.error_string)(rc)) }.to_string_lossy().into_owned();
+        Err(unavailable(format!("{} failed: CUDA error {rc} ({text})", what())))
+    }
+}
+
+/// `bytes` bytes of one CUDA device's memory, freed on drop.
+pub struct DeviceBuffer {
+    ptr: *mut u8,
+    bytes: usize,
+    device: i32,
+}
+
+// Device memory is only an address here; every access goes through the CUDA runtime or ONNX Runtime.
+unsafe impl Send for DeviceBuffer {}
+unsafe impl Sync for DeviceBuffer {}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer({} bytes on CUDA device {} at {:p})", self.bytes, self.device, self.ptr)
+    }
+}
+
+impl DeviceBuffer {
+    /// Allocates `bytes` bytes on CUDA device `device`, zeroed (`what` names the tensor in errors).
+    pub fn new(device: i32, bytes: usize, what: &str) -> Result<DeviceBuffer> {
+        let rt = runtime()?;
+        // SAFETY: plain CUDA runtime calls with valid arguments; `p` receives the allocation.
+        unsafe {
+            rt.check((rt.set_device)(device), || format!("cudaSetDevice({device})"))?;
+            let mut p: *mut c_void = std::ptr::null_mut();
+            if bytes > 0 {
+                rt.check((rt.malloc)(&mut p, bytes), || {
+                    format!(
+                        "cudaMalloc of {bytes} bytes for {what} on device {device} (lower --max-batch-size or \
+                         --max-context-tokens: the GPU pool is allocated in full at load)"
+                    )
+                })?;
+                let buffer = DeviceBuffer { ptr: p.cast(), bytes, device };
+                rt.check((rt.memset)(p, 0, bytes), || format!("cudaMemset of {what}"))?;
+                return Ok(buffer);
+            }
+            Ok(DeviceBuffer { ptr: p.cast(), bytes, device })
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The device.
+    pub fn device(&self) -> i32 {
+        self.device
+    }
+
+    /// The device address of byte `offset` (for binding a range to ONNX Runtime). `offset <= bytes`.
+    pub fn ptr_at(&self, offset: usize) -> Result<*mut u8> {
+        check_range("device pointer", offset, 0, self.bytes)?;
+        Ok(self.ptr.wrapping_add(offset))
+    }
+
+    /// Copies `n` bytes from offset `src` to offset `dst` of this buffer, on the device; the ranges must not overlap.
+    /// Waits for the copy (a following ONNX Runtime run may use another stream).
+    pub fn copy_within(&mut self, src: usize, dst: usize, n: usize) -> Result<()> {
+        self.copy_many(&[(src, dst, n)])
+    }
+
+    /// Several [`DeviceBuffer::copy_within`]s, then one wait.
+    pub fn copy_many(&mut self, copies: &[(usize, usize, usize)]) -> Result<()> {
+        for &(src, dst, n) in copies {
+            check_range("device copy source", src, n, self.bytes)?;
+            check_range("device copy destination", dst, n, self.bytes)?;
+            if src.max(dst) < src.min(dst) + n {
+                return Err(EngineError::InvalidArgument {
+                    name: "device copy".into(),
+                    message: format!("ranges {src}+{n} and {dst}+{n} overlap"),
+                });
+            }
+        }
+        if copies.iter().all(|c| c.2 == 0) {
+            return Ok(());
+        }
+        let rt = runtime()?;
+        // SAFETY: every range was checked to lie inside this allocation and not to overlap.
+        unsafe {
+            rt.check((rt.set_device)(self.device), || format!("cudaSetDevice({})", self.device))?;
+            for &(src, dst, n) in copies.iter().filter(|c| c.2 > 0) {
+                let (s, d) = (self.ptr.add(src), self.ptr.add(dst));
+                rt.check((rt.memcpy)(d.cast(), s.cast(), n, CUDA_MEMCPY_DEVICE_TO_DEVICE), || {
+                    format!("cudaMemcpy of {n} bytes on device {}", self.device)
+                })?;
+            }
+            rt.check((rt.synchronize)(), || "cudaDeviceSynchronize".into())
+        }
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            if let Ok(rt) = runtime() {
+                // SAFETY: freeing exactly what `new` allocated, once.
+                unsafe {
+                    (rt.set_device)(self.device);
+                    (rt.free)(self.ptr.cast());
+                }
+            }
+        }
+    }
+}
+
+fn check_range(what: &str, start: usize, n: usize, bytes: usize) -> Result<()> {
+    match start.checked_add(n) {
+        Some(end) if end <= bytes => Ok(()),
+        _ => Err(EngineError::InvalidArgument {
+            name: what.into(),
+            message: format!("bytes {start}..{} lie outside the buffer of {bytes} bytes", start.saturating_add(n)),
+        }),
+    }
+}
+
+/// Whether this process can reach a CUDA runtime (the library loads); `Err` names the files tried.
+pub fn cuda_runtime_available() -> Result<()> {
+    runtime().map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_without_the_cuda_runtime_is_told_which_library_is_missing() {
+        // CI and this project's CPU hosts have no CUDA runtime: allocating must fail with the names tried, not panic.
+        if cuda_runtime_available().is_ok() {
+            return; // a GPU host: nothing to check here (scripts/gpu_check.sh exercises the pool there)
+        }
+        let e = DeviceBuffer::new(0, 1 << 20, "layer 0 keys").unwrap_err().to_string();
+        assert!(e.contains("CUDA runtime") && e.contains("libcudart.so.13") && e.contains("LD_LIBRARY_PATH"), "{e}");
+    }
+
+    #[test]
+    fn ranges_are_checked_before_any_device_call() {
+        assert!(check_range("x", 10, 5, 15).is_ok());
+        let e = check_range("device copy source", 10, 6, 15).unwrap_err().to_string();
+        assert!(e.contains("device copy source") && e.contains("10..16") && e.contains("15 bytes"), "{e}");
+        assert!(check_range("x", usize::MAX, 2, 15).is_err(), "overflow is out of range");
+    }
+
+    #[test]
+    fn pool_device_names_itself() {
+        assert_eq!(PoolDevice::default(), PoolDevice::Host);
+        assert_eq!(PoolDevice::Cuda { id: 1 }.to_string(), "CUDA device 1");
+    }
+}

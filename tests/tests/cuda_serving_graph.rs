@@ -1,0 +1,143 @@
+//! The CUDA serving graph (`targets.<gpu>.cuda_graph`, issue #16): what `r1-export --target h100` writes where
+//! TensorRT cannot build, and what ONNX Runtime's CUDA provider runs with the engine's KV pool on the GPU.
+//!
+//! CI has no GPU, so the graph is checked here on ONNX Runtime's CPU provider, which runs the same
+//! `com.microsoft.GroupQueryAttention` contract: the engine steps it in place over its pool (no cache copied in a
+//! steady decode step), batched greedy equals single greedy, and its logits match the portable float16 graph's.
+//! `scripts/gpu_check.sh` runs it on the CUDA provider with the pool in device memory.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use r1_engine::backend::ort::GraphChoice;
+use r1_engine::backend::{self, BackendKind, BackendOptions, ExecutionProviderKind};
+use r1_engine::kv::PoolDevice;
+use r1_engine::manifest::{DType, Precision};
+use r1_engine::{Engine, Manifest, StepWork};
+use r1_export::target::{apply, Mode, Outcome, TargetOptions};
+use r1_export::{export, ExportOptions};
+
+fn export_for_h100(dir: &Path, precision: Precision) -> Vec<Outcome> {
+    let ck = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/golden/qwen2_gqa2_bf16");
+    let mut opts = ExportOptions::new(&ck, dir);
+    opts.precision = precision;
+    export(&opts, &mut |_| {}).expect("export the golden checkpoint");
+    apply(dir, &TargetOptions { targets: vec!["h100".into()], ..Default::default() }, Mode::AfterExport, &mut |_, _| {})
+        .expect("--target h100")
+}
+
+fn cpu_options(graph: GraphChoice) -> BackendOptions {
+    BackendOptions { execution_provider: ExecutionProviderKind::Cpu, graph, ..Default::default() }
+}
+
+#[test]
+fn the_cuda_serving_graph_steps_in_place_and_matches_the_portable_graph() {
+    if r1_engine::targets::detect_local_gpu().is_some() {
+        return; // a GPU host may build TensorRT instead of planning; scripts/gpu_check.sh covers it there
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("fp16");
+    let outcomes = export_for_h100(&dir, Precision::Fp16);
+    let Some(Outcome::Planned { plan, cuda_note: None, .. }) = outcomes.first() else {
+        panic!("h100 without TensorRT: a plan with the CUDA graph, got {outcomes:?}")
+    };
+    let manifest = Manifest::load(&dir).expect("manifest");
+    let cuda = manifest.targets.tensorrt("h100").and_then(|b| b.cuda_graph.clone()).expect("cuda_graph recorded");
+    assert_eq!(plan.cuda_graph.as_ref(), Some(&cuda));
+    assert_eq!(cuda.attention_op, "com.microsoft.GroupQueryAttention");
+    assert_eq!(cuda.kv_cache_dtype, DType::Float16);
+    assert!(cuda.last_position_logits && cuda.kv_in_place);
+    assert!(cuda.graph.starts_with("engines/h100/") && cuda.graph.ends_with("-cuda/model.onnx"), "{}", cuda.graph);
+    // Every file is listed with its hash; the weights are the artifact's own file, hard-linked (no second copy).
+    for f in &cuda.files {
+        assert_eq!(manifest.files.get(f).map(|e| e.bytes), Some(std::fs::metadata(dir.join(f)).unwrap().len()), "{f}");
+    }
+    let data = cuda.files.iter().find(|f| f.ends_with("model.onnx.data")).expect("weights beside the graph");
+    let (linked, own) =
+        (std::fs::metadata(dir.join(data)).unwrap(), std::fs::metadata(dir.join("model.onnx.data")).unwrap());
+    assert_eq!((linked.ino(), linked.dev()), (own.ino(), own.dev()), "the CUDA graph's weights are a hard link");
+    assert_eq!(manifest.targets.cuda_graph(&dir, Some("a100")), Some(&cuda), "any GPU target's graph serves");
+
+    // On the CPU provider (what CI can run) the graph is stepped in place over a host pool of float16.
+    let b = backend::load(&dir, &manifest, BackendKind::Ort, &cpu_options(GraphChoice::Cuda)).expect("load cuda graph");
+    assert!(b.steps_in_place() && b.last_position_logits());
+    assert_eq!(b.kv_cache_dtype(), Some(DType::Float16));
+    assert_eq!(b.kv_pool_device(), PoolDevice::Host, "the CPU provider keeps the pool on the host");
+    let mut fused = Engine::from_backend(&dir, manifest.clone(), b, None).expect("engine");
+    assert_eq!(fused.kv_pool().dtype(), DType::Float16);
+    let portable = backend::load(&dir, &manifest, BackendKind::Ort, &cpu_options(GraphChoice::Auto)).expect("load");
+    assert!(!portable.steps_in_place(), "without a cpu build the CPU provider runs the portable graph");
+    let mut reference = Engine::from_backend(&dir, manifest.clone(), portable, None).expect("engine");
+
+    let vocab = manifest.model.vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = [7usize, 2, 11, 1, 5]
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| (0..n as u32).map(|i| (i * 31 + k as u32 * 17 + 3) % vocab).collect())
+        .collect();
+    let singles: Vec<Vec<u32>> = prompts.iter().map(|p| fused.generate_greedy(p, 8, &[]).expect("single")).collect();
+    let batched =
+        fused.generate_batch_with(&prompts, 8, &[], 3, |l| Ok(r1_engine::generate::argmax(l))).expect("batched");
+    assert_eq!(batched, singles, "CUDA serving graph: batched (chunked prefill) = single");
+
+    // Logits of each prompt's prefill and of two decode steps against the portable float16 graph's.
+    let mut worst = 0f32;
+    for p in &prompts {
+        let (a, b) = (fused.add_sequence(p, 3).unwrap(), reference.add_sequence(p, 3).unwrap());
+        for step in 0..3 {
+            let ra = fused.step(&[StepWork::all(a)]).expect("fused step").remove(0);
+            let rb = reference.step(&[StepWork::all(b)]).expect("portable step").remove(0);
+            let (la, lb) = (ra.logits.to_vec(), rb.logits.to_vec());
+            assert_eq!(la.len(), lb.len());
+            let scale = lb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+            let diff = la.iter().zip(&lb).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+            worst = worst.max(diff);
+            assert!(diff < 2e-2, "prompt {p:?} step {step}: relative logit difference {diff}");
+            let t = r1_engine::generate::argmax(&ra.logits);
+            if step < 2 {
+                fused.push_token(a, t).unwrap();
+                reference.push_token(b, t).unwrap();
+            }
+        }
+        fused.remove_sequence(a);
+        reference.remove_sequence(b);
+    }
+    println!(
+        "CUDA serving graph vs portable fp16 graph on the CPU provider: worst relative logit difference {worst:.2e}"
+    );
+
+    // A steady decode step copies no cache: the graph appends into the pool's own memory.
+    let ids: Vec<_> = prompts[..3].iter().map(|p| fused.add_sequence(p, 8).expect("add")).collect();
+    let work: Vec<_> = ids.iter().map(|&id| StepWork::all(id)).collect();
+    for r in fused.step(&work).expect("prefill") {
+        fused.push_token(r.seq, r1_engine::generate::argmax(&r.logits)).expect("push");
+    }
+    for step in 0..3 {
+        let before = fused.kv_pool().copied_bytes();
+        for r in fused.step(&work).expect("decode") {
+            fused.push_token(r.seq, r1_engine::generate::argmax(&r.logits)).expect("push");
+        }
+        assert_eq!(fused.kv_pool().copied_bytes() - before, 0, "decode step {step} copied KV cache");
+    }
+}
+
+#[test]
+fn a_float32_artifact_gets_a_plan_and_the_reason_it_has_no_cuda_graph() {
+    if r1_engine::targets::detect_local_gpu().is_some() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("fp32");
+    let outcomes = export_for_h100(&dir, Precision::Fp32);
+    let Some(Outcome::Planned { plan, cuda_note: Some(why), .. }) = outcomes.first() else {
+        panic!("an fp32 artifact: a plan without a CUDA graph, got {outcomes:?}")
+    };
+    assert!(plan.cuda_graph.is_none());
+    assert!(why.contains("float16") && why.contains("`fp32`") && why.contains("--precision fp16"), "{why}");
+    let manifest = Manifest::load(&dir).expect("manifest");
+    assert!(manifest.targets.cuda_graph(&dir, Some("h100")).is_none());
+    assert!(!dir.join("engines/h100").read_dir().map(|d| d.count() > 0).unwrap_or(false), "nothing written");
+    // Asked for the CUDA graph anyway, the backend falls back to the portable graph.
+    let b = backend::load(&dir, &manifest, BackendKind::Ort, &cpu_options(GraphChoice::Cuda)).expect("load");
+    assert!(!b.steps_in_place());
+}
