@@ -15,7 +15,7 @@
 # libonnxruntime_providers_{shared,cuda[,tensorrt]}.so beside it, and CUDA 13's cuBLAS / cuDNN 9 / cudart / cuRAND on
 # the loader path (LD_LIBRARY_PATH). BIN (default <cargo target dir>/release) holds r1-export, r1-fixture, r1-serve, r1-bench and
 # r1-eval; TESTS (default: the newest cargo-built binaries under <cargo target dir>/debug/deps) holds the `golden` and
-# `conformance` and `exported_conformance` test binaries. STEPS (default "1 2 3 4 5") picks the checks to run. Checks, in order:
+# `conformance`, `exported_conformance` and `cuda_serving_graph` test binaries. STEPS (default "1 2 3 4 5") picks the checks to run. Checks, in order:
 #   1. the GPU is seen (nvidia-smi) and r1-export maps it to its TensorRT target;
 #   2. `r1-export --target <that target>` on a golden fixture: builds the TensorRT engine when TensorRT is installed,
 #      else fails with the error that names what is missing (both are reported; only a panic or a silent success
@@ -24,7 +24,9 @@
 #      TensorRT is absent) and tract, and the engine conformance suite;
 #   4. arith-r1 through r1-eval on the GPU (accuracy equal to the CPU figure in BENCHMARKS.md);
 #   5. r1-serve on the GPU (`--execution-provider cuda`) under r1-bench at concurrency 1 and 16 on the 1.5B shape
-#      (random weights from r1-fixture), fp16, written to OUT_DIR/bench-*.json.
+#      (random weights from r1-fixture), fp16 exported with `--target <this GPU>` (so, without TensorRT, the CUDA
+#      serving graph with the KV pool on the GPU), written to OUT_DIR/bench-*.json; then HF transformers on the same
+#      GPU (scripts/hf_gpu_peer.py: static cache, torch.compile) and the batch-1 memory roofline, as one table.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # ROOT, R1_HOME (exported), r1_target_dir
 OUT="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
@@ -46,13 +48,13 @@ step "1. GPU"
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
 gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 fixture=tests/fixtures/golden/qwen2_gqa2_bf16
-
-if want 2; then
-step "2. TensorRT build for this GPU (r1-export --target)"
 case "$gpu" in
   *H100*) target=h100 ;; *H200*) target=h200 ;; *A100*) target=a100 ;; *L40S*) target=l40s ;; *L4*) target=l4 ;;
   *) target=h100 ;;
 esac
+
+if want 2; then
+step "2. TensorRT build for this GPU (r1-export --target)"
 rm -rf "$OUT/trt"
 set +e
 "$BIN/r1-export" "$fixture" -o "$OUT/trt" --precision fp16 --target "$target" --quiet >"$OUT/trt.log" 2>&1
@@ -81,6 +83,9 @@ step "3. golden suite and engine conformance on the GPU"
 "$(newest golden)" --test-threads 1 --nocapture 2>&1 | tee "$OUT/golden.log" || failed+=("golden suite")
 "$(newest conformance)" --test-threads 1 2>&1 | tee "$OUT/conformance.log" || failed+=("conformance suite")
 "$(newest exported_conformance)" --test-threads 1 2>&1 | tee -a "$OUT/conformance.log" || failed+=("exported-artifact conformance")
+# The CUDA serving graph with the KV pool in device memory: greedy tokens equal to the CPU provider's.
+"$(newest cuda_serving_graph)" --test-threads 1 --nocapture 2>&1 | tee -a "$OUT/conformance.log" \
+  || failed+=("CUDA serving graph (device KV pool)")
 fi
 
 if want 4; then
@@ -98,9 +103,13 @@ ck="${CHECKPOINT_1_5B:-/tmp/r1-gpu-1.5b-ck}"
 # The served artifact needs a tokenizer: the real R1 one (scripts/setup.sh puts it under $R1_HOME/tokenizer).
 [ -f "$ck/tokenizer.json" ] || cp "$R1_HOME"/tokenizer/tokenizer.json "$R1_HOME"/tokenizer/tokenizer_config.json "$ck"/
 art="${ARTIFACT_1_5B:-/tmp/r1-gpu-1.5b-fp16}"
-[ -f "$art/manifest.json" ] || "$BIN/r1-export" "$ck" -o "$art" --precision fp16 --quiet
+# `--target <this GPU's target>` without TensorRT writes the CUDA serving graph (targets.<target>.cuda_graph): the
+# KV pool on the GPU, appended in place, last-position logits only crossing back.
+[ -f "$art/manifest.json" ] || "$BIN/r1-export" "$ck" -o "$art" --precision fp16 --target "$target" --quiet
+grep -q '"cuda_graph"' "$art/manifest.json" && echo "the artifact records a CUDA serving graph" \
+  || echo "(no CUDA serving graph recorded: TensorRT built instead, or an older artifact)"
 "$BIN/r1-serve" --model "$art" --grpc-addr 127.0.0.1:50251 --http-addr 127.0.0.1:8281 --execution-provider cuda \
-  --max-batch-size 16 --max-concurrent-requests 64 --skip-integrity-check --log warn &
+  --max-batch-size 16 --max-concurrent-requests 64 --skip-integrity-check --log info >"$OUT/serve.log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 300); do
@@ -116,6 +125,31 @@ for c in 1 16; do
 done
 kill -TERM $server && wait $server || true
 trap - EXIT
+grep -E "serving graph|KV pool allocated|ort session ready" "$OUT/serve.log" | head -5 || true
+echo "-- the peer in the same run: HF transformers, fp16, static cache + torch.compile (scripts/hf_gpu_peer.py)"
+timeout "${PEER_TIMEOUT:-240}" python3 scripts/hf_gpu_peer.py "$ck" --batch 1 16 --prompt-tokens 16 --max-tokens 64 \
+  | tee "$OUT/peer.jsonl" || echo "(the transformers peer failed or ran out of time: see above)"
+python3 - "$OUT" <<'PY' || true
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+r1 = {c: json.loads((out / f"bench-c{c}.json").read_text())["tokens_per_s"] for c in (1, 16)}
+peer, roof = {}, {}
+for line in (out / "peer.jsonl").read_text().splitlines() if (out / "peer.jsonl").exists() else []:
+    d = json.loads(line)
+    roof = d.get("roofline", roof)
+    if d.get("peer"):
+        peer[d["batch"]] = d["tokens_per_s"]
+print("| concurrency | r1-serve tok/s | transformers tok/s | r1 / roofline |")
+print("|---|---|---|---|")
+for c in (1, 16):
+    rl = roof.get("roofline_tokens_per_s")
+    share = f"{r1[c] / rl:.0%}" if rl and c == 1 else "-"
+    p = f"{peer[c]:.1f}" if c in peer else "-"
+    print(f"| {c} | {r1[c]:.1f} | {p} | {share} |")
+if roof:
+    print(f"roofline: {roof}")
+print(f"aggregate at 16 / batch 1: {r1[16] / r1[1]:.1f}x")
+PY
 fi
 echo
 if [ ${#failed[@]} -gt 0 ]; then

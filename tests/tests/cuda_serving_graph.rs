@@ -32,14 +32,13 @@ fn cpu_options(graph: GraphChoice) -> BackendOptions {
 
 #[test]
 fn the_cuda_serving_graph_steps_in_place_and_matches_the_portable_graph() {
-    if r1_engine::targets::detect_local_gpu().is_some() {
-        return; // a GPU host may build TensorRT instead of planning; scripts/gpu_check.sh covers it there
-    }
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("fp16");
     let outcomes = export_for_h100(&dir, Precision::Fp16);
-    let Some(Outcome::Planned { plan, cuda_note: None, .. }) = outcomes.first() else {
-        panic!("h100 without TensorRT: a plan with the CUDA graph, got {outcomes:?}")
+    let plan = match outcomes.first() {
+        Some(Outcome::Planned { plan, cuda_note: None, .. }) => plan,
+        Some(Outcome::Built(_)) => return, // an H100 with TensorRT: the engine was built instead
+        other => panic!("h100 without TensorRT: a plan with the CUDA graph, got {other:?}"),
     };
     let manifest = Manifest::load(&dir).expect("manifest");
     let cuda = manifest.targets.tensorrt("h100").and_then(|b| b.cuda_graph.clone()).expect("cuda_graph recorded");
@@ -106,6 +105,20 @@ fn the_cuda_serving_graph_steps_in_place_and_matches_the_portable_graph() {
         "CUDA serving graph vs portable fp16 graph on the CPU provider: worst relative logit difference {worst:.2e}"
     );
 
+    // On a GPU host with ONNX Runtime's CUDA provider (scripts/gpu_check.sh), the same graph with the pool in device
+    // memory gives the CPU provider's greedy tokens.
+    if r1_engine::targets::detect_local_gpu().is_some() {
+        let opts = BackendOptions { execution_provider: ExecutionProviderKind::Cuda, ..Default::default() };
+        let b = backend::load(&dir, &manifest, BackendKind::Ort, &opts).expect("load on the CUDA provider");
+        assert!(b.steps_in_place());
+        assert_eq!(b.kv_pool_device(), PoolDevice::Cuda { id: 0 }, "the pool lives on the GPU");
+        let mut gpu = Engine::from_backend(&dir, manifest.clone(), b, None).expect("engine on the GPU");
+        let on_gpu =
+            gpu.generate_batch_with(&prompts, 8, &[], 3, |l| Ok(r1_engine::generate::argmax(l))).expect("GPU batched");
+        assert_eq!(on_gpu, singles, "CUDA provider, device pool: the CPU provider's greedy tokens");
+        println!("CUDA provider with the KV pool on the GPU: greedy tokens equal the CPU provider's");
+    }
+
     // A steady decode step copies no cache: the graph appends into the pool's own memory.
     let ids: Vec<_> = prompts[..3].iter().map(|p| fused.add_sequence(p, 8).expect("add")).collect();
     let work: Vec<_> = ids.iter().map(|&id| StepWork::all(id)).collect();
@@ -123,14 +136,13 @@ fn the_cuda_serving_graph_steps_in_place_and_matches_the_portable_graph() {
 
 #[test]
 fn a_float32_artifact_gets_a_plan_and_the_reason_it_has_no_cuda_graph() {
-    if r1_engine::targets::detect_local_gpu().is_some() {
-        return;
-    }
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("fp32");
     let outcomes = export_for_h100(&dir, Precision::Fp32);
-    let Some(Outcome::Planned { plan, cuda_note: Some(why), .. }) = outcomes.first() else {
-        panic!("an fp32 artifact: a plan without a CUDA graph, got {outcomes:?}")
+    let (plan, why) = match outcomes.first() {
+        Some(Outcome::Planned { plan, cuda_note: Some(why), .. }) => (plan, why),
+        Some(Outcome::Built(_)) => return,
+        other => panic!("an fp32 artifact: a plan without a CUDA graph, got {other:?}"),
     };
     assert!(plan.cuda_graph.is_none());
     assert!(why.contains("float16") && why.contains("`fp32`") && why.contains("--precision fp16"), "{why}");
