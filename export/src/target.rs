@@ -230,17 +230,28 @@ pub fn apply(
 fn record(dir: &Path, t: &Target, outcome: &Outcome, wait: std::time::Duration) -> Result<()> {
     let _lock = BuildLock::acquire(dir, MANIFEST_LOCK, wait, &mut |_| {})?;
     let mut manifest = Manifest::load(dir).map_err(engine_err(dir))?;
-    let files = match outcome {
-        Outcome::Cpu(b) => b.files.clone(),
-        Outcome::Built(b) => b.files.clone(),
-        Outcome::Planned { plan, .. } => plan.cuda_graph.iter().flat_map(|c| c.files.clone()).collect(),
-        Outcome::Current { .. } => Vec::new(),
-    };
-    set_target_files(dir, &mut manifest, t, &files)?;
-    match outcome {
-        Outcome::Cpu(b) => manifest.targets.set_cpu(b.clone()),
-        Outcome::Built(b) | Outcome::Planned { plan: b, .. } => manifest.targets.set_tensorrt(b.clone()),
+    let gpu = match outcome {
+        Outcome::Cpu(b) => {
+            set_target_files(dir, &mut manifest, t, &b.files)?;
+            manifest.targets.set_cpu(b.clone());
+            None
+        }
+        Outcome::Built(b) | Outcome::Planned { plan: b, .. } => Some(b.clone()),
         Outcome::Current { .. } => return Ok(()),
+    };
+    if let Some(mut b) = gpu {
+        // A TensorRT engine built later keeps the CUDA serving graph an earlier plan wrote (when its files are still
+        // there): the CUDA provider still serves it where TensorRT's libraries are missing.
+        if b.cuda_graph.is_none() {
+            b.cuda_graph = manifest
+                .targets
+                .tensorrt(&b.target)
+                .and_then(|old| old.cuda_graph.clone())
+                .filter(|c| c.files.iter().all(|f| dir.join(f).is_file()));
+        }
+        let files: Vec<String> = b.files.iter().chain(b.cuda_graph.iter().flat_map(|c| &c.files)).cloned().collect();
+        set_target_files(dir, &mut manifest, t, &files)?;
+        manifest.targets.set_tensorrt(b);
     }
     Ok(manifest.write_atomic(dir)?)
 }
