@@ -372,17 +372,7 @@ fn write_cuda_graph(dir: &Path, manifest: &Manifest, rel: &str) -> Result<std::r
         std::fs::write(&path, model.encode_to_vec()).map_err(ExportError::io(&path))?;
         Ok(files)
     })();
-    let files = match written {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(ExportError::io(&final_dir))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(ExportError::io(&final_dir))?;
+    let files = commit_version_dir(&tmp, &final_dir, written)?;
     Ok(Ok(CudaGraph {
         graph: format!("{rel}/{MODEL_FILE}"),
         attention_op: format!("{}.GroupQueryAttention", crate::onnx::fused_attention::attention_domain(F16)),
@@ -455,20 +445,25 @@ fn write_cpu_graph(
     let _ = std::fs::remove_dir_all(&lowered);
     let _ = std::fs::remove_file(&rewritten);
     let _ = std::fs::remove_file(dir.join(experts_data_file()));
-    let record = match record {
-        Ok(r) => r,
+    commit_version_dir(&tmp, &final_dir, record)
+}
+
+/// Renames the temporary build folder `tmp` to `final_dir` when `built` succeeded (deletes `tmp` when it failed).
+/// A `final_dir` already there is the same version, left by a run that stopped before recording it (a recorded one
+/// is current and never rebuilt): no manifest names it, so no server reads it, and the caller holds the build lock.
+fn commit_version_dir<T>(tmp: &Path, final_dir: &Path, built: Result<T>) -> Result<T> {
+    let value = match built {
+        Ok(v) => v,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = std::fs::remove_dir_all(tmp);
             return Err(e);
         }
     };
     if final_dir.exists() {
-        // The same version, left by a run that stopped before recording it (a recorded one is current and never
-        // rebuilt): no manifest names it, so no server reads it. We hold the build lock.
-        std::fs::remove_dir_all(&final_dir).map_err(ExportError::io(&final_dir))?;
+        std::fs::remove_dir_all(final_dir).map_err(ExportError::io(final_dir))?;
     }
-    std::fs::rename(&tmp, &final_dir).map_err(ExportError::io(&final_dir))?;
-    Ok(record)
+    std::fs::rename(tmp, final_dir).map_err(ExportError::io(final_dir))?;
+    Ok(value)
 }
 
 /// The fused attention's operator (`domain.type`) and cache type, when attention was fused.

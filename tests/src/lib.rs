@@ -274,3 +274,23 @@ pub fn drive_engine(e: &mut Engine, g: &Golden, chunk: Option<usize>) -> (f32, V
     }
     (err, wrong)
 }
+
+/// Adds `prompts` as sequences of up to 8 new tokens, prefills them in one step, then runs `decode_steps` greedy
+/// decode steps of all of them together and returns the KV-pool bytes each decode step copied
+/// (`KvPool::copied_bytes`): zero for a backend that steps the pool in place.
+pub fn decode_copied_bytes(e: &mut Engine, prompts: &[Vec<u32>], decode_steps: usize) -> Vec<u64> {
+    let ids: Vec<_> = prompts.iter().map(|p| e.add_sequence(p, 8).expect("add")).collect();
+    let work: Vec<_> = ids.iter().map(|&id| StepWork::all(id)).collect();
+    for r in e.step(&work).expect("prefill") {
+        e.push_token(r.seq, r1_engine::generate::argmax(&r.logits)).expect("push");
+    }
+    (0..decode_steps)
+        .map(|_| {
+            let before = e.kv_pool().copied_bytes();
+            for r in e.step(&work).expect("decode") {
+                e.push_token(r.seq, r1_engine::generate::argmax(&r.logits)).expect("push");
+            }
+            e.kv_pool().copied_bytes() - before
+        })
+        .collect()
+}

@@ -120,18 +120,8 @@ fn the_cuda_serving_graph_steps_in_place_and_matches_the_portable_graph() {
     }
 
     // A steady decode step copies no cache: the graph appends into the pool's own memory.
-    let ids: Vec<_> = prompts[..3].iter().map(|p| fused.add_sequence(p, 8).expect("add")).collect();
-    let work: Vec<_> = ids.iter().map(|&id| StepWork::all(id)).collect();
-    for r in fused.step(&work).expect("prefill") {
-        fused.push_token(r.seq, r1_engine::generate::argmax(&r.logits)).expect("push");
-    }
-    for step in 0..3 {
-        let before = fused.kv_pool().copied_bytes();
-        for r in fused.step(&work).expect("decode") {
-            fused.push_token(r.seq, r1_engine::generate::argmax(&r.logits)).expect("push");
-        }
-        assert_eq!(fused.kv_pool().copied_bytes() - before, 0, "decode step {step} copied KV cache");
-    }
+    let copied = r1_tests::decode_copied_bytes(&mut fused, &prompts[..3], 3);
+    assert_eq!(copied, [0, 0, 0], "KV cache bytes copied by each decode step");
 }
 
 #[test]

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use r1_engine::backend::{self, BackendKind, BackendOptions};
-use r1_engine::{Engine, Manifest, StepWork};
+use r1_engine::{Engine, Manifest};
 use r1_export::target::{apply, Mode, TargetOptions};
 use r1_export::{export, ExportOptions};
 
@@ -41,17 +41,7 @@ fn exported_artifact_batched_greedy_equals_single() {
         }
         by_backend.push(singles);
         // A steady decode step copies no cache in place (and copies the whole past on the host the first time).
-        let ids: Vec<_> = prompts[..3].iter().map(|p| e.add_sequence(p, 8).expect("add")).collect();
-        let work: Vec<_> = ids.iter().map(|&id| StepWork::all(id)).collect();
-        for r in e.step(&work).expect("prefill") {
-            e.push_token(r.seq, r1_engine::generate::argmax(&r.logits)).expect("push");
-        }
-        for step in 0..3 {
-            let before = e.kv_pool().copied_bytes();
-            for r in e.step(&work).expect("decode") {
-                e.push_token(r.seq, r1_engine::generate::argmax(&r.logits)).expect("push");
-            }
-            let copied = e.kv_pool().copied_bytes() - before;
+        for (step, copied) in r1_tests::decode_copied_bytes(&mut e, &prompts[..3], 3).into_iter().enumerate() {
             if kind == BackendKind::Ort {
                 assert_eq!(copied, 0, "decode step {step} copied {copied} bytes of KV cache");
             } else {
