@@ -137,8 +137,10 @@ pub fn build_key(manifest: &Manifest, target: &str, options: &str, ort_version: 
 
 /// Revision of the CPU serving rewrites (`r1-export --target cpu`): a change makes `r1-export build --target cpu`
 /// rebuild graphs written before it. 2: float32 attention is r1's own kernel (`r1.GroupQueryAttention`). 3: the
-/// routed experts of `int8-wo` / `int4-wo` / `int8` DeepseekV3 graphs are quantized (`com.microsoft.QMoE`).
-pub const CPU_SERVING_REVISION: &str = "3";
+/// routed experts of `int8-wo` / `int4-wo` / `int8` DeepseekV3 graphs are quantized (`com.microsoft.QMoE`). 4: a
+/// portable graph whose expert stacks are quantized already (streamed `int8-wo` / `int4-wo`) gets its `QMoE` from
+/// their codes, and `--cpu-float-experts` dequantizes them.
+pub const CPU_SERVING_REVISION: &str = "4";
 
 fn key_of(parts: &[(&str, &str)]) -> String {
     let mut h = Sha256::new();

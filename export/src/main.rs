@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use r1_export::quantize::{export_quantized, min_opset, QuantArgs, QuantProgress};
+use r1_export::quantize::{default_opset, export_quantized, QuantArgs, QuantProgress};
 use r1_export::target::{self, KvCacheDtype, Mode, Outcome, TargetOptions};
 use r1_export::{export, ExportOptions, Precision, Progress};
 
@@ -295,7 +295,7 @@ fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     };
     let quant = requested.is_quantized().then_some(requested);
     target::check_precision(&targets, requested)?;
-    let default_opset = r1_export::DEFAULT_OPSET.max(min_opset(requested));
+    let default_opset = default_opset(requested, &checkpoint);
     let opts = ExportOptions {
         checkpoint: checkpoint.clone(),
         out_dir: out.clone(),

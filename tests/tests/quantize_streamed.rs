@@ -3,8 +3,13 @@
 //! `model.onnx.data` byte-identical (manifest, report, draft graph, tokenizer), the graph identical once each
 //! tensor's data-file offset is set aside, and every initializer's bytes identical. The fixtures cover a dense
 //! bf16 checkpoint, biases below the external-data threshold with tied embeddings, the trained arith-r1
-//! (DeepseekV3: MLA, routers, experts left float) and a DeepseekV3 checkpoint with FP8 128×128 blocks and an MTP
-//! layer; int8-wo, int4-wo asymmetric and symmetric, and a float LM head.
+//! (DeepseekV3: MLA, routers, experts) and a DeepseekV3 checkpoint with FP8 128×128 blocks and an MTP layer; int8-wo,
+//! int4-wo asymmetric and symmetric, and a float LM head.
+//!
+//! DeepseekV3's routed experts are the one designed difference: the streamed export writes them quantized (3-D codes
+//! behind a `DequantizeLinear`, `export/src/quantize/stream.rs`), the staged one keeps them float (and its report
+//! says so). They are set aside here after checking that; `tests/tests/quantized_experts.rs` compares them (the
+//! `cpu` graph's `QMoE` tensors byte for byte).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +42,31 @@ fn manifest_json(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap()
 }
 
+/// A routed-expert tensor or node (`model.layers.{i}.mlp.experts.{proj}...`).
+fn is_expert(name: &str) -> bool {
+    name.starts_with("model.layers.") && name.contains(".mlp.experts.")
+}
+
+/// The streamed export's quantized expert stacks (or the staged one's float stacks) taken out of `model`, and each
+/// MatMul reading the stack's `{w}_dequantized` pointed back at `{w}`.
+fn without_experts(model: &mut ModelProto) {
+    let g = model.graph.as_mut().unwrap();
+    g.initializer.retain(|t| !is_expert(t.name.as_deref().unwrap_or_default()));
+    g.node.retain(|n| !(n.op_type.as_deref() == Some("DequantizeLinear") && is_expert(n.name.as_deref().unwrap())));
+    for i in g.node.iter_mut().flat_map(|n| n.input.iter_mut()) {
+        if let Some(w) = i.strip_suffix("_dequantized").filter(|w| is_expert(w)) {
+            *i = w.to_string();
+        }
+    }
+}
+
+/// `v` (a JSON array of strings or of `[node, reason]` pairs) without the entries that name routed experts.
+fn drop_experts(v: &mut serde_json::Value) {
+    if let Some(a) = v.as_array_mut() {
+        a.retain(|x| !x.to_string().contains(".mlp.experts."));
+    }
+}
+
 fn read_model(dir: &Path) -> ModelProto {
     ModelProto::decode(std::fs::read(dir.join("model.onnx")).unwrap().as_slice()).unwrap()
 }
@@ -44,6 +74,7 @@ fn read_model(dir: &Path) -> ModelProto {
 /// The model with every initializer's payload taken out (returned by name) and external offsets set aside.
 fn split_model(dir: &Path) -> (ModelProto, BTreeMap<String, Vec<u8>>) {
     let mut model = read_model(dir);
+    without_experts(&mut model);
     let reader = ExternalDataReader::new(dir);
     let mut payloads = BTreeMap::new();
     for t in &mut model.graph.as_mut().unwrap().initializer {
@@ -59,6 +90,30 @@ fn split_model(dir: &Path) -> (ModelProto, BTreeMap<String, Vec<u8>>) {
 
 fn assert_same_artifact(streamed: &Path, staged: &Path, quantized_type: DataType) {
     let (mut a, mut b) = (manifest_json(streamed), manifest_json(staged));
+    let stacks = a["quantization"]["quantized_expert_stacks"].as_u64().unwrap();
+    assert_eq!(b["quantization"]["quantized_expert_stacks"].as_u64(), Some(0), "the staged export keeps them float");
+    let deepseek = a["family"] == "deepseek_v3";
+    let opset = a["opset"].as_i64().unwrap();
+    // int8 per channel over a 3-D stack needs opset 21's blocked DequantizeLinear; int4-wo is at 21 anyway.
+    assert_eq!(stacks > 0, deepseek && opset >= 21, "quantized expert stacks: {stacks}");
+    let report = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("calibration/report.json")).unwrap()).unwrap()
+    };
+    let (mut ra, mut rb) = (report(streamed), report(staged));
+    if stacks > 0 {
+        // The staged export leaves the experts float and says so; the streamed one does not.
+        assert!(!ra["left_float"].to_string().contains("mlp.experts"), "{}", ra["left_float"]);
+        assert!(rb["left_float"].to_string().contains("mlp.experts"), "{}", rb["left_float"]);
+        for m in [&mut a, &mut b] {
+            m["quantization"]["quantized_expert_stacks"] = 0.into();
+            drop_experts(&mut m["quantization"]["skipped_matmuls"]);
+            assert!(m["files"].as_object_mut().unwrap().remove("calibration/report.json").is_some());
+        }
+        for r in [&mut ra, &mut rb] {
+            drop_experts(&mut r["left_float"]);
+        }
+    }
+    assert_eq!(ra, rb, "reports of {} and {}", streamed.display(), staged.display());
     for m in [&mut a, &mut b] {
         let files = m["files"].as_object_mut().unwrap();
         assert!(files.remove("model.onnx").is_some() && files.remove("model.onnx.data").is_some());

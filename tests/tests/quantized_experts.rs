@@ -8,10 +8,15 @@
 //!   nowhere the float experts' do not.
 //! - On the trained arith-r1, the quantized experts answer held-out problems with the fp32 graph's tokens
 //!   (`int8-wo`) or nearly (`int4-wo`, and `int8` W8A8, whose `cpu` graph quantizes the experts to int8 too).
+//! - A streamed `int8-wo` / `int4-wo` export (no calibration data, opset 21) writes the experts quantized into the
+//!   portable graph (3-D codes behind a blocked `DequantizeLinear`, no float stack; bytes counted exactly), its
+//!   logits stay within the margin of the staged export's (float experts), and the `cpu` graph built from it holds
+//!   the same `QMoE` tensors, byte for byte, as the one built from the staged export's float stacks.
 
 use std::path::{Path, PathBuf};
 
 use prost::Message;
+use r1_calibration::external::ExternalDataReader;
 use r1_engine::backend::{BackendOptions, ExecutionProviderKind};
 use r1_engine::eval::{self, EvalOptions};
 use r1_engine::manifest::Manifest;
@@ -144,9 +149,19 @@ fn quantized_serving_graph_holds_one_qmoe_per_layer_and_no_float_expert_stack() 
             eprintln!(
                 "{label}: experts {total} bytes = {ratio:.3} of fp32 (padded {h}x{inter} -> {hp}x{ip}, block {block})"
             );
-            // The portable graph keeps them float and says so.
-            let left = m.quantization.as_ref().unwrap()["skipped_matmuls"].to_string();
-            assert!(left.contains("mlp.experts.gate_proj"), "{label}: {left}");
+            // At opset 21 (int4-wo) the streamed export writes them quantized into the portable graph; at int8-wo's
+            // opset 17 a per-channel scale over a 3-D stack has no DequantizeLinear form, so they stay float, and the
+            // record says which.
+            let quantization = m.quantization.as_ref().unwrap();
+            let left = quantization["skipped_matmuls"].to_string();
+            let stacks = quantization["quantized_expert_stacks"].as_u64().unwrap();
+            if m.opset >= 21 {
+                assert_eq!(stacks, 3 * moe_layers as u64, "{label}");
+                assert!(!left.contains("mlp.experts"), "{label}: {left}");
+            } else {
+                assert_eq!(stacks, 0, "{label}");
+                assert!(left.contains("mlp.experts.gate_proj"), "{label}: {left}");
+            }
         }
     }
 }
@@ -247,4 +262,134 @@ fn arith_r1_quantized_experts_answer_like_fp32() {
         assert!(same >= min_same, "{}: {same}/{N} completions equal fp32's", precision.name());
         assert!(correct + max_loss >= want_correct, "{}: {correct} correct, fp32 {want_correct}", precision.name());
     }
+}
+
+/// Exports `checkpoint` at `precision` (opset 21, no calibration data) streamed or staged into `out`.
+fn export_at_21(checkpoint: &Path, out: &Path, precision: Precision, staged: bool) -> Manifest {
+    let mut opts = ExportOptions::new(checkpoint, out);
+    opts.opset = 21;
+    let mut q = QuantizeOptions::new(precision);
+    q.staged = staged;
+    export_quantized(&opts, &q, &mut |_| {}).unwrap();
+    Manifest::load(out).unwrap()
+}
+
+fn read_graph(path: &Path) -> ModelProto {
+    ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap()
+}
+
+/// The `QMoE` tensors (`/sparse_experts/...` initializers) of `out`'s `cpu` graph, by name, with their dims and bytes.
+fn qmoe_tensors(out: &Path) -> std::collections::BTreeMap<String, (Vec<i64>, Vec<u8>)> {
+    let m = Manifest::load(out).unwrap();
+    let path = out.join(m.targets.cpu_graph(out).unwrap());
+    let reader = ExternalDataReader::new(path.parent().unwrap());
+    let model = read_graph(&path);
+    let g = model.graph.unwrap();
+    assert!(g.node.iter().any(|n| n.op_type() == "QMoE"), "{}: no QMoE", path.display());
+    g.initializer
+        .iter()
+        .filter(|t| t.name().starts_with("/sparse_experts/"))
+        .map(|t| (t.name().to_string(), (t.dims.clone(), reader.tensor_bytes(t).unwrap())))
+        .collect()
+}
+
+#[test]
+fn streamed_export_writes_the_experts_quantized_and_its_qmoe_equals_the_staged_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut failures, mut report) = (Vec::new(), Vec::new());
+    for case in deepseek_cases() {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let g = Golden::load(&case).unwrap();
+        for precision in QUANTIZED {
+            let label = format!("{name} {}", precision.name());
+            let (streamed, staged) = (
+                tmp.path().join(format!("{name}-{}-s", precision.name())),
+                tmp.path().join(format!("{name}-{}-t", precision.name())),
+            );
+            let m = export_at_21(&case, &streamed, precision, false);
+            export_at_21(&case, &staged, precision, true);
+            let (e, h, inter) =
+                (config(&m, "n_routed_experts"), config(&m, "hidden_size"), config(&m, "moe_intermediate_size"));
+            let moe_layers = config(&m, "num_hidden_layers") - config(&m, "first_k_dense_replace");
+
+            // The portable graph: no float expert stack; codes, scales and zero points of the expected sizes.
+            let model = read_graph(&streamed.join("model.onnx"));
+            let graph = model.graph.as_ref().unwrap();
+            let expert = |t: &&TensorProto| t.name().starts_with("model.layers.") && t.name().contains(".mlp.experts.");
+            for t in graph.initializer.iter().filter(expert).filter(|t| !t.name().ends_with("_scale")) {
+                assert!(!matches!(t.data_type(), 1 | 10 | 16), "{label}: float expert tensor `{}`", t.name());
+            }
+            let bytes: u64 = graph.initializer.iter().filter(expert).map(payload_bytes).sum();
+            let stack = |k: usize, n: usize| -> u64 {
+                let (k, n, e) = (k as u64, n as u64, e as u64);
+                if precision == Precision::Int8WeightOnly {
+                    e * (k * n + n * 4 + n) // int8 codes, a float32 scale and an int8 zero point (0) per column
+                } else {
+                    let blocks = k.div_ceil(32);
+                    e * (k * n / 2 + blocks * n * 4 + blocks * n / 2) // uint4 codes, scales, uint4 zero points
+                }
+            };
+            let want = moe_layers as u64 * (2 * stack(h, inter) + stack(inter, h));
+            assert_eq!(bytes, want, "{label}: expert bytes");
+            let fp32 = (moe_layers * 3 * e * h * inter * 4) as u64;
+            let dqs: Vec<_> = graph
+                .node
+                .iter()
+                .filter(|n| n.op_type() == "DequantizeLinear" && n.name().contains(".mlp.experts."))
+                .collect();
+            assert_eq!(dqs.len(), 3 * moe_layers, "{label}: one DequantizeLinear per stack");
+            for n in &dqs {
+                let attr = |a: &str| n.attribute.iter().find(|x| x.name() == a).map(|x| x.i());
+                assert_eq!(attr("axis"), Some(1), "{label}: `{}` dequantizes along K", n.name());
+                let k = if n.name().contains("down_proj") { inter } else { h } as i64;
+                let block = if precision == Precision::Int8WeightOnly { k } else { 32 };
+                assert_eq!(attr("block_size"), Some(block), "{label}: `{}`", n.name());
+            }
+            // The report: the streamed export leaves no expert float; the staged one says it does.
+            let left = |out: &Path| -> String { std::fs::read_to_string(out.join("calibration/report.json")).unwrap() };
+            let (ls, lt) = (left(&streamed), left(&staged));
+            assert!(!ls.contains("mlp.experts"), "{label}: streamed report {ls}");
+            assert!(lt.contains("mlp.experts.gate_proj"), "{label}: staged report {lt}");
+
+            // The portable graphs' logits against transformers': the quantized experts add at most the margin.
+            let (err, _) = drive_engine(&mut engine(&streamed), &g, None);
+            let (float_err, _) = drive_engine(&mut engine(&staged), &g, None);
+            report.push(format!(
+                "{label}: experts {bytes} bytes = {:.4} of fp32 {fp32}; portable rel err {err:.3e} (float experts {float_err:.3e})",
+                bytes as f64 / fp32 as f64
+            ));
+            if err.is_nan() || err > float_err + margin(precision) {
+                failures.push(format!("{label}: portable relative error {err:.3e}, float experts {float_err:.3e}"));
+            }
+
+            // The cpu graphs: the same QMoE tensors from the codes as from the float stacks.
+            let opts = TargetOptions { targets: vec!["cpu".into()], ..Default::default() };
+            for out in [&streamed, &staged] {
+                target::apply(out, &opts, Mode::AfterExport, &mut |_, _| {}).unwrap();
+            }
+            let (qs, qt) = (qmoe_tensors(&streamed), qmoe_tensors(&staged));
+            assert_eq!(qs.keys().collect::<Vec<_>>(), qt.keys().collect::<Vec<_>>(), "{label}: QMoE tensors");
+            for (k, v) in &qs {
+                assert!(v == &qt[k], "{label}: `{k}` differs from the staged export's");
+            }
+            let cpu = |out: &Path| Manifest::load(out).unwrap().targets.cpu().unwrap().expert_quantization.clone();
+            assert_eq!(cpu(&streamed), cpu(&staged), "{label}: expert_quantization");
+            // And the float experts (`--cpu-float-experts`) dequantized from the codes track the staged export's
+            // float experts in the same form of cpu graph.
+            rebuild_cpu(&streamed, true);
+            rebuild_cpu(&staged, true);
+            let (dequantized_err, _) = drive_engine(&mut engine(&streamed), &g, None);
+            let (float_cpu_err, _) = drive_engine(&mut engine(&staged), &g, None);
+            report.push(format!(
+                "{label}: cpu graph with float experts: dequantized {dequantized_err:.3e}, float {float_cpu_err:.3e}"
+            ));
+            if dequantized_err.is_nan() || dequantized_err > float_cpu_err + margin(precision) {
+                failures.push(format!(
+                    "{label}: cpu graph, dequantized float experts {dequantized_err:.3e}, float {float_cpu_err:.3e}"
+                ));
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
 }

@@ -144,6 +144,10 @@ fn value_info(spec: &TensorSpec) -> ValueInfoProto {
 /// Where a byte sink passes a weight's little-endian bytes (in as many chunks as the producer likes).
 pub type ByteSink<'a> = &'a mut dyn FnMut(&[u8]) -> Result<()>;
 
+/// The matrices of a stacked weight ([`WeightStream::quantize_stack`]): passes each one's float32 values, in order, to
+/// the callback it is given.
+pub type Matrices<'a> = &'a mut dyn FnMut(&mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()>;
+
 /// Takes the weights of a graph whose MatMul weights are quantized as they are made (`quantize::stream`, a
 /// weight-only export without fp32 staging). The graph keeps a placeholder initializer (name, FLOAT, dims, no
 /// data) for each weight it quantizes; the graph rewrite after [`GraphBuilder::finish_streamed`] replaces them.
@@ -160,8 +164,47 @@ pub trait WeightStream {
         length: u64,
         fill: &mut dyn FnMut(ByteSink<'_>) -> Result<()>,
     ) -> Result<u64>;
+    /// Whether the stacked MatMul weight `name` (`[e, k, n]` = `dims`: `e` matrices `[k, n]`, DeepseekV3's routed
+    /// experts) is quantized matrix by matrix ([`WeightStream::quantize_stack`]); otherwise it is stored.
+    fn takes_stack(&self, _name: &str, _elem: ElemType, _dims: &[i64]) -> bool {
+        false
+    }
+    /// Quantizes stacked MatMul weight `name` (`[e, k, n]`): `matrices` passes each matrix's float32 values (`[k, n]`,
+    /// row-major), in order, to the callback it is given.
+    fn quantize_stack(&mut self, name: &str, dims: [usize; 3], matrices: Matrices<'_>) -> Result<()> {
+        let _ = (dims, matrices);
+        Err(ExportError::Graph(format!("weight `{name}`: this stream does not quantize stacked weights")))
+    }
     /// Itself, for the caller that made it to take back.
     fn into_any(self: Box<Self>) -> Box<dyn Any>;
+}
+
+/// Float32 values out of little-endian byte chunks that need not end on a value (a value's leading bytes wait).
+#[derive(Default)]
+struct F32Chunks {
+    carry: [u8; 4],
+    carried: usize,
+}
+
+impl F32Chunks {
+    /// Appends the whole values of `chunk` (after the bytes carried from the last one) to `out`.
+    fn feed(&mut self, mut chunk: &[u8], out: &mut Vec<f32>) {
+        if self.carried > 0 {
+            let take = (4 - self.carried).min(chunk.len());
+            self.carry[self.carried..self.carried + take].copy_from_slice(&chunk[..take]);
+            self.carried += take;
+            chunk = &chunk[take..];
+            if self.carried < 4 {
+                return;
+            }
+            out.push(f32::from_le_bytes(self.carry));
+            self.carried = 0;
+        }
+        let whole = chunk.len() / 4 * 4;
+        out.extend(chunk[..whole].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        self.carried = chunk.len() - whole;
+        self.carry[..self.carried].copy_from_slice(&chunk[whole..]);
+    }
 }
 
 /// Builds one ONNX graph. See the module docs.
@@ -413,26 +456,12 @@ impl GraphBuilder {
         let mut values = std::mem::take(&mut self.values);
         values.clear();
         values.reserve(k * n);
-        // Chunks need not end on a value: a value's leading bytes wait in `carry`.
-        let (mut carry, mut carried) = ([0u8; 4], 0usize);
-        fill(&mut |mut chunk: &[u8]| {
-            if carried > 0 {
-                let take = (4 - carried).min(chunk.len());
-                carry[carried..carried + take].copy_from_slice(&chunk[..take]);
-                carried += take;
-                chunk = &chunk[take..];
-                if carried < 4 {
-                    return Ok(());
-                }
-                values.push(f32::from_le_bytes(carry));
-                carried = 0;
-            }
-            let whole = chunk.len() / 4 * 4;
-            values.extend(chunk[..whole].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-            carried = chunk.len() - whole;
-            carry[..carried].copy_from_slice(&chunk[whole..]);
+        let mut decode = F32Chunks::default();
+        fill(&mut |chunk: &[u8]| {
+            decode.feed(chunk, &mut values);
             Ok(())
         })?;
+        let carried = decode.carried;
         let result = if carried != 0 || values.len() != k * n {
             Err(ExportError::Graph(format!(
                 "weight `{name}` with dims {dims:?} needs {} bytes, the writer produced {}",
@@ -444,6 +473,76 @@ impl GraphBuilder {
         };
         self.values = values;
         result
+    }
+
+    /// A stack of `e` MatMul `B` matrices (`dims` = `[e, k, n]`, read by a batched MatMul: DeepseekV3's routed
+    /// experts): like [`GraphBuilder::weight`], except that in a streamed quantized export the stream may quantize it
+    /// one matrix at a time ([`WeightStream::quantize_stack`]; one matrix's float32 values in memory), and the graph
+    /// gets a placeholder.
+    pub fn stacked_matmul_weight(
+        &mut self,
+        name: &str,
+        elem: ElemType,
+        dims: &[i64],
+        fill: impl FnOnce(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+    ) -> Result<String> {
+        let stacked = match (self.stream.as_ref(), dims) {
+            (Some(s), &[e, k, n])
+                if e > 0 && k > 0 && n > 0 && elem == ElemType::F32 && s.takes_stack(name, elem, dims) =>
+            {
+                Some([e as usize, k as usize, n as usize])
+            }
+            _ => None,
+        };
+        let Some([e, k, n]) = stacked else { return self.weight(name, elem, dims, fill) };
+        let mut values = std::mem::take(&mut self.values);
+        let stream = self.stream.as_mut().ok_or_else(|| ExportError::Graph(format!("weight `{name}`: no stream")))?;
+        let mut fill = Some(fill);
+        let mut matrices = 0usize;
+        let result = stream.quantize_stack(name, [e, k, n], &mut |matrix| {
+            let fill = fill
+                .take()
+                .ok_or_else(|| ExportError::Graph(format!("weight `{name}`: its bytes were asked for twice")))?;
+            values.clear();
+            values.reserve(k * n);
+            let mut decode = F32Chunks::default();
+            fill(&mut |chunk: &[u8]| {
+                // A chunk may end inside a matrix, or hold the end of one and the start of the next.
+                let mut rest = chunk;
+                while !rest.is_empty() {
+                    let want = (k * n - values.len()) * 4 - decode.carried;
+                    let (now, later) = rest.split_at(want.min(rest.len()));
+                    decode.feed(now, &mut values);
+                    rest = later;
+                    if values.len() == k * n {
+                        if matrices == e {
+                            return Err(ExportError::Graph(format!("weight `{name}`: more than {e} matrices")));
+                        }
+                        matrix(&values)?;
+                        matrices += 1;
+                        values.clear();
+                    }
+                }
+                Ok(())
+            })?;
+            if matrices != e || !values.is_empty() || decode.carried != 0 {
+                return Err(ExportError::Graph(format!(
+                    "weight `{name}` with dims {dims:?} needs {} bytes, the writer produced {}",
+                    e * k * n * 4,
+                    (matrices * k * n + values.len()) * 4 + decode.carried
+                )));
+            }
+            Ok(())
+        });
+        self.values = values;
+        result?;
+        self.weight_bytes += (e * k * n * 4) as u64;
+        self.push_initializer(TensorProto {
+            name: Some(name.into()),
+            data_type: Some(ElemType::F32.onnx_code()),
+            dims: dims.to_vec(),
+            ..Default::default()
+        })
     }
 
     /// [`GraphBuilder::matmul_weight`] from float32 values (`[k, n]`, row-major) already in memory, written in
@@ -548,5 +647,61 @@ impl GraphBuilder {
             ..Default::default()
         };
         Ok((model, summary))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes every stack and records the matrices it is handed.
+    struct Recorder(Vec<Vec<f32>>);
+
+    impl WeightStream for Recorder {
+        fn takes(&self, _: &str, _: ElemType, _: &[i64]) -> bool {
+            false
+        }
+        fn quantize(&mut self, _: &str, _: &[f32], _: usize, _: usize) -> Result<()> {
+            Ok(())
+        }
+        fn store(&mut self, _: &mut TensorProto, _: u64, _: &mut dyn FnMut(ByteSink<'_>) -> Result<()>) -> Result<u64> {
+            Ok(0)
+        }
+        fn takes_stack(&self, _: &str, _: ElemType, _: &[i64]) -> bool {
+            true
+        }
+        fn quantize_stack(&mut self, _: &str, [e, k, n]: [usize; 3], matrices: Matrices<'_>) -> Result<()> {
+            matrices(&mut |m| {
+                assert_eq!(m.len(), k * n);
+                self.0.push(m.to_vec());
+                Ok(())
+            })?;
+            assert_eq!(self.0.len(), e);
+            Ok(())
+        }
+        fn into_any(self: Box<Self>) -> Box<dyn Any> {
+            self
+        }
+    }
+
+    #[test]
+    fn a_stack_reaches_the_stream_matrix_by_matrix_whatever_the_chunks() {
+        // 3 matrices of 2 × 3, written in chunks of 7 bytes: chunks end inside values and span matrices.
+        let values: Vec<f32> = (0..18).map(|v| v as f32 * 0.5 - 3.0).collect();
+        let bytes: Vec<u8> = bytemuck::cast_slice(&values).to_vec();
+        let mut b = GraphBuilder::streaming(21, Box::new(Recorder(Vec::new()))).unwrap();
+        b.stacked_matmul_weight("w", ElemType::F32, &[3, 2, 3], |sink| {
+            for c in bytes.chunks(7) {
+                sink(c)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let short = b.stacked_matmul_weight("v", ElemType::F32, &[3, 2, 3], |sink| sink(&bytes[..70]));
+        assert!(short.unwrap_err().to_string().contains("needs 72 bytes"));
+        let (_, stream) = b.finish_streamed("g", "").unwrap();
+        let got = stream.into_any().downcast::<Recorder>().unwrap().0;
+        assert_eq!(got.concat()[..18], values[..]);
+        assert_eq!(got.len(), 3 + 2, "the short stack handed over its 2 whole matrices before failing");
     }
 }

@@ -71,6 +71,22 @@ pub fn min_opset(precision: Precision) -> i64 {
     scheme(precision, 32, false).map_or(crate::DEFAULT_OPSET, |s| s.min_opset())
 }
 
+/// The default-domain opset `r1-export` writes a graph of `precision` from `checkpoint` at when `--opset` is not
+/// given: the default raised to [`min_opset`], and 21 for an `int8-wo` checkpoint with routed experts (DeepseekV3),
+/// whose expert stacks a streamed export quantizes per channel behind a blocked `DequantizeLinear` ([`stream`]).
+pub fn default_opset(precision: Precision, checkpoint: &Path) -> i64 {
+    let base = crate::DEFAULT_OPSET.max(min_opset(precision));
+    let experts = || {
+        crate::checkpoint::read_config(checkpoint)
+            .is_ok_and(|(_, c)| c.get("n_routed_experts").and_then(serde_json::Value::as_u64).is_some_and(|n| n > 0))
+    };
+    if precision == Precision::Int8WeightOnly && experts() {
+        base.max(21)
+    } else {
+        base
+    }
+}
+
 /// How to calibrate, quantize and report.
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
@@ -329,7 +345,7 @@ pub fn export_quantized(
     // that fails `--max-accuracy-loss` leaves no artifact behind.
     report.write(&tmp.path().join(REPORT_FILE))?;
     manifest.files = artifact_files(&opts.checkpoint, tmp.path(), data)?;
-    manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json.clone(), &report));
+    manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json.clone(), &report, 0));
     manifest.write_atomic(tmp.path())?;
     if let (Some(path), Some(tokenizer)) = (&q.eval_problems, &tokenizer) {
         let dirs = [(staging.0.as_path(), "fp32"), (tmp.path(), q.precision.name())];
@@ -338,7 +354,7 @@ pub fn export_quantized(
         // Only the report changed: rewrite it and its hash, not every file's.
         report.write(&tmp.path().join(REPORT_FILE))?;
         manifest.files.insert(REPORT_FILE.into(), artifact::hash_file(&tmp.path().join(REPORT_FILE))?);
-        manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json, &report));
+        manifest.quantization = Some(quantization_json(q, &summary, &calib, batches, cal_json, &report, 0));
     }
     tmp.commit(&manifest)?;
     drop(staging);
@@ -558,6 +574,7 @@ fn quantization_json(
     batches: usize,
     calibration: serde_json::Value,
     report: &QualityReport,
+    expert_stacks: usize,
 ) -> serde_json::Value {
     serde_json::json!({
         "precision": q.precision.name(),
@@ -571,6 +588,8 @@ fn quantization_json(
         "quantized_matmuls": summary.quantized.len(),
         "lm_head": q.lm_head.name(),
         "skipped_matmuls": summary.skipped,
+        // Routed-expert stacks written quantized (a streamed export, `stream.rs`); a staged one keeps them float.
+        "quantized_expert_stacks": expert_stacks,
         "report": REPORT_FILE,
         "trt_calibration_cache": (q.precision == Precision::Int8).then_some(CACHE_FILE),
         "end_to_end": report.end_to_end,

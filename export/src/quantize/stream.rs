@@ -12,6 +12,16 @@
 //! export's; only the offsets of the tensors in `model.onnx.data` differ (they are written in the order they are
 //! made, where the staged rewrite writes the float tensors first). `tests/tests/quantize_streamed.rs` checks it.
 //!
+//! DeepseekV3's routed experts (`[E, in, out]` stacks read by batched MatMuls, marked by
+//! [`crate::onnx::GraphBuilder::stacked_matmul_weight`]) are quantized here too, one expert matrix at a time with the
+//! same function and scheme as the MatMul weights (int8 per output channel; the artifact's int4 blocks along K),
+//! into 3-D codes `[E, in, out]`, scales and zero points `[E, blocks, out]` (int8: one block of the whole K,
+//! `[E, 1, out]`) and an opset-21 blocked `DequantizeLinear` (`axis = 1`) that feeds the dense masked MatMuls: the
+//! portable graph never holds them in float (for R1, 95% of the parameters). The staged rewrite has no such step:
+//! there the stacks stay float and the report's `left_float` names them; here they are not left float, so it does
+//! not, and `quantization.quantized_expert_stacks` counts them. int8 per channel over a 3-D stack needs the blocked
+//! form (opset 21: a per-axis scale is 1-D); below opset 21 an `int8-wo` export keeps its stacks float.
+//!
 //! Only what needs no fp32 model streams: no calibration data (AWQ and the report's held-out comparison run the
 //! fp32 graph), no `--eval-problems` (which scores the fp32 artifact), no `--keep-float` (it may name MatMul nodes,
 //! known only once the graph exists). Those take the staged path ([`super::export_quantized`]).
@@ -32,7 +42,7 @@ use super::{
     REPORT_FILE,
 };
 use crate::error::{ExportError, Result};
-use crate::onnx::{ByteSink, ElemType, ExternalSummary, WeightStream};
+use crate::onnx::{ByteSink, ElemType, ExternalSummary, Matrices, WeightStream};
 use crate::{artifact, ExportOptions, DATA_FILE};
 
 /// Whether `q` is exported without fp32 staging (see the module docs for what needs the fp32 model).
@@ -52,7 +62,7 @@ pub(crate) fn export_streamed(
 ) -> Result<(Manifest, QualityReport)> {
     progress(QuantProgress::Streaming);
     let fp32 = ExportOptions { precision: Precision::Fp32, ..opts.clone() };
-    let mut s = Streamed { q, scheme: q.scheme()?, summary: None, report: None };
+    let mut s = Streamed { q, scheme: q.scheme()?, opset: opts.opset, summary: None, stacks: 0, report: None };
     let manifest = crate::export_with(&fp32, Some(&mut s), &mut |p| progress(QuantProgress::Export(p)))?;
     let report = s.report.take().ok_or_else(|| ExportError::Graph("the streamed export wrote no report".into()))?;
     Ok((manifest, report))
@@ -62,7 +72,11 @@ pub(crate) fn export_streamed(
 pub(crate) struct Streamed<'q> {
     q: &'q QuantizeOptions,
     scheme: QuantScheme,
+    /// The graph's default-domain opset (int8 expert stacks need 21).
+    opset: i64,
     summary: Option<RewriteSummary>,
+    /// Expert stacks quantized on the way.
+    stacks: usize,
     report: Option<QualityReport>,
 }
 
@@ -74,7 +88,9 @@ impl Streamed<'_> {
             threshold: QdqOptions::new(self.scheme).external_threshold,
             scheme: self.scheme,
             lm_head_float: self.q.lm_head == LmHead::Float,
+            opset: self.opset,
             quantized: HashMap::new(),
+            stacks: Vec::new(),
         }))
     }
 
@@ -89,7 +105,9 @@ impl Streamed<'_> {
             .into_any()
             .downcast::<StreamWeights>()
             .map_err(|_| ExportError::Graph("the streamed graph's weights are not a quantizing stream".into()))?;
-        let StreamWeights { mut writer, threshold, quantized, .. } = *w;
+        let StreamWeights { mut writer, threshold, quantized, stacks, .. } = *w;
+        self.stacks = stacks.len();
+        wire_stacks(model, stacks)?;
         let qopts = qdq_options(self.q, model)?;
         let summary = rewrite_prequantized(model, quantized, &qopts, &mut |t| match t.raw_data.take() {
             Some(raw) if raw.len() >= threshold => writer.write_tensor_owned(t, raw),
@@ -125,7 +143,8 @@ impl Streamed<'_> {
         std::fs::create_dir_all(&cal_dir).map_err(ExportError::io(&cal_dir))?;
         report.write(&dir.join(REPORT_FILE))?;
         manifest.files.insert(REPORT_FILE.into(), artifact::hash_file(&dir.join(REPORT_FILE))?);
-        manifest.quantization = Some(quantization_json(q, &summary, &[], 0, serde_json::Value::Null, &report));
+        let json = quantization_json(q, &summary, &[], 0, serde_json::Value::Null, &report, self.stacks);
+        manifest.quantization = Some(json);
         self.report = Some(report);
         Ok(())
     }
@@ -138,7 +157,56 @@ struct StreamWeights {
     threshold: usize,
     scheme: QuantScheme,
     lm_head_float: bool,
+    opset: i64,
     quantized: HashMap<String, QuantizedWeight>,
+    /// Stacked weights quantized matrix by matrix, in the order they were made (3-D tensors, `DequantizeLinear`).
+    stacks: Vec<(String, QuantizedWeight)>,
+}
+
+/// Replaces each stacked weight's placeholder in `model` by its quantized tensors and puts its `DequantizeLinear`
+/// before the first node that reads it; those nodes read the dequantized stack instead.
+fn wire_stacks(model: &mut ModelProto, stacks: Vec<(String, QuantizedWeight)>) -> Result<()> {
+    let g = model.graph.as_mut().ok_or_else(|| ExportError::Graph("the streamed graph has no graph".into()))?;
+    for (w, q) in stacks {
+        let placeholder = g.initializer.iter().position(|t| t.name.as_deref() == Some(w.as_str()));
+        match placeholder {
+            Some(i) if g.initializer[i].raw_data.is_none() && g.initializer[i].external_data.is_empty() => {
+                g.initializer.remove(i);
+            }
+            _ => return Err(ExportError::Graph(format!("stacked weight `{w}` has no placeholder in the graph"))),
+        }
+        let out = q.dequantize.output[0].clone();
+        let mut first = None;
+        for (i, n) in g.node.iter_mut().enumerate() {
+            for (j, input) in n.input.iter_mut().enumerate().filter(|(_, x)| **x == w) {
+                if n.op_type.as_deref() != Some("MatMul") || j != 1 {
+                    return Err(ExportError::Graph(format!(
+                        "stacked weight `{w}` is read by `{}` other than as a MatMul's B input",
+                        n.name.as_deref().unwrap_or("?")
+                    )));
+                }
+                *input = out.clone();
+                first.get_or_insert(i);
+            }
+        }
+        let first = first.ok_or_else(|| ExportError::Graph(format!("no node reads stacked weight `{w}`")))?;
+        g.node.insert(first, q.dequantize);
+        g.initializer.extend(q.initializers);
+    }
+    Ok(())
+}
+
+/// Whether a `[e, k, n]` stack can be quantized matrix by matrix under `scheme` at `opset`: int8 per channel needs
+/// the blocked `DequantizeLinear` (opset 21), and packed int4 matrices (and zero points) must end on a byte to be
+/// laid end to end.
+fn stack_quantizable(scheme: QuantScheme, opset: i64, k: usize, n: usize) -> bool {
+    match scheme {
+        QuantScheme::Int8WeightOnly => opset >= 21,
+        QuantScheme::Int4WeightOnly { block_size, asymmetric } => {
+            (k * n).is_multiple_of(2) && (!asymmetric || (k.div_ceil(block_size) * n).is_multiple_of(2))
+        }
+        QuantScheme::W8A8 => false,
+    }
 }
 
 impl WeightStream for StreamWeights {
@@ -148,6 +216,82 @@ impl WeightStream for StreamWeights {
             && dims.len() == 2
             && !name.ends_with(crate::arch::deepseek_v3::ROUTER_WEIGHT_SUFFIX)
             && !(self.lm_head_float && name == LM_HEAD_WEIGHT)
+    }
+
+    fn takes_stack(&self, name: &str, elem: ElemType, dims: &[i64]) -> bool {
+        match dims {
+            &[e, k, n] if e > 0 && k > 0 && n > 0 && elem == ElemType::F32 => {
+                !name.ends_with(crate::arch::deepseek_v3::ROUTER_WEIGHT_SUFFIX)
+                    && stack_quantizable(self.scheme, self.opset, k as usize, n as usize)
+            }
+            _ => false,
+        }
+    }
+
+    fn quantize_stack(&mut self, name: &str, [e, k, n]: [usize; 3], matrices: Matrices<'_>) -> Result<()> {
+        let scheme = self.scheme;
+        // Expert 0's tensors name the stack's (codes, scale, zero point) and give their types; every expert's
+        // scales and zero points (1/block of the codes) wait in memory while the codes are written.
+        let mut first: Option<QuantizedWeight> = None;
+        let (mut scales, mut zeros, mut count) = (Vec::new(), Vec::new(), 0usize);
+        let mut codes = TensorProto::default();
+        let mut failed = None;
+        let written = self.writer.write_tensor_with(&mut codes, &mut |sink| {
+            let r = matrices(&mut |values| {
+                let mut q = quantize_weight(name, values, k, n, scheme)?;
+                let mut raw = |j: usize| q.initializers.get_mut(j).and_then(|t| t.raw_data.take());
+                let c = raw(0).ok_or_else(|| ExportError::Graph(format!("`{name}`: expert {count} has no codes")))?;
+                sink(&c).map_err(ExportError::from)?;
+                scales.extend(raw(1).unwrap_or_default());
+                zeros.extend(raw(2).unwrap_or_default());
+                first.get_or_insert(q);
+                count += 1;
+                Ok(())
+            });
+            r.map_err(|e| {
+                let message = e.to_string();
+                failed = Some(e);
+                r1_calibration::CalibError::Source(message)
+            })
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        written?;
+        let first = first.filter(|_| count == e).ok_or_else(|| {
+            ExportError::Graph(format!("stacked weight `{name}`: {count} of {e} matrices were quantized"))
+        })?;
+        let (block, blocks) = match scheme {
+            QuantScheme::Int4WeightOnly { block_size, .. } => (block_size, k.div_ceil(block_size)),
+            // Per output channel: one block of the whole K.
+            _ => (k, 1),
+        };
+        let mut tensors = first.initializers;
+        let [ct, rest @ ..] = tensors.as_mut_slice() else {
+            return Err(ExportError::Graph(format!("stacked weight `{name}`: no quantized tensors")));
+        };
+        codes.name = ct.name.take();
+        codes.data_type = ct.data_type;
+        codes.dims = vec![e as i64, k as i64, n as i64];
+        let mut initializers = vec![codes];
+        for (t, bytes) in rest.iter_mut().zip([scales, zeros]) {
+            let mut t = std::mem::take(t);
+            t.dims = vec![e as i64, blocks as i64, n as i64];
+            if bytes.len() >= self.threshold {
+                self.writer.write_tensor_owned(&mut t, bytes)?;
+            } else {
+                t.raw_data = Some(bytes);
+            }
+            initializers.push(t);
+        }
+        let mut dequantize = first.dequantize;
+        dequantize.input = initializers.iter().filter_map(|t| t.name.clone()).collect();
+        dequantize.attribute = vec![crate::onnx::attr_i("axis", 1), crate::onnx::attr_i("block_size", block as i64)];
+        if self.stacks.iter().any(|(w, _)| w == name) || self.quantized.contains_key(name) {
+            return Err(ExportError::Graph(format!("weight `{name}` was quantized twice")));
+        }
+        self.stacks.push((name.to_string(), QuantizedWeight { k, n, initializers, dequantize }));
+        Ok(())
     }
 
     fn quantize(&mut self, name: &str, values: &[f32], k: usize, n: usize) -> Result<()> {

@@ -102,7 +102,8 @@ fn top_k_mask(b: &mut crate::onnx::GraphBuilder, node: &str, x: &str, k: usize) 
 }
 
 /// Stacks the `E` experts' `{proj}.weight` (`[out, in]` each) as `[E, in, out]` in the export dtype, streaming
-/// one expert at a time (each dequantized from FP8 when stored so).
+/// one expert at a time (each dequantized from FP8 when stored so). In a streamed `int8-wo` / `int4-wo` export the
+/// stack is quantized expert by expert instead and read back through a `DequantizeLinear` (`quantize/stream.rs`).
 fn stacked_experts(
     ctx: &mut Ctx,
     cfg: &DeepseekV3Config,
@@ -124,7 +125,8 @@ fn stacked_experts(
         let t = ck.tensor(k, &[out_f, in_f])?;
         total += t.data.len() as u64;
     }
-    let out = ctx.b.weight(&name, dtype, &[e as i64, in_f as i64, out_f as i64], |sink| {
+    // A streamed weight-only export quantizes the stack one expert at a time (`GraphBuilder::stacked_matmul_weight`).
+    let out = ctx.b.stacked_matmul_weight(&name, dtype, &[e as i64, in_f as i64, out_f as i64], |sink| {
         for k in &keys {
             let m = read_matrix(ck, fp8.as_ref(), k, out_f, in_f)?;
             let t = transpose(&m, out_f, in_f);

@@ -47,8 +47,11 @@
 //!
 //! The manifest records the rewrite (`targets.cpu.sparse_experts`).
 //!
-//! In `int8-wo`, `int4-wo` and `int8` artifacts the experts are quantized on the way, into one `com.microsoft.QMoE`
-//! per layer fed the same router (`quantized.rs`; recorded in `targets.cpu.expert_quantization`).
+//! In `int8-wo`, `int4-wo` and `int8` artifacts the experts run as one `com.microsoft.QMoE` per layer fed the same
+//! router (`quantized.rs`; recorded in `targets.cpu.expert_quantization`): quantized on the way from float stacks
+//! (staged exports), or, where the portable graph holds them quantized already (a streamed `int8-wo` / `int4-wo`
+//! export: 3-D codes behind a blocked `DequantizeLinear`), their codes re-laid into the operator's layout without
+//! rounding again. `--cpu-float-experts` dequantizes such stacks into the float `MoE`.
 
 mod quantized;
 mod relayout;
@@ -58,12 +61,12 @@ use std::path::Path;
 
 use r1_calibration::matmul_nbits::MS_DOMAIN;
 use r1_engine::manifest::{Family, Manifest, Precision};
-use r1_proto::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use r1_proto::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
 
 use super::{attr_f, attr_i, attr_s, i64_tensor, inline_tensor, rewrite_node as node, ElemType, ExternalDataWriter};
 use crate::error::{ExportError, Result};
 pub use quantized::{ExpertQuantization, ExpertWeights, QMOE_OP};
-use relayout::{external_tensor, float_type, Reader, Stacks};
+use relayout::{external_tensor, float_type, Codes, QuantizedStack, Reader, Stack, Stacks};
 
 /// Prefix of every node and tensor this rewrite adds.
 const PREFIX: &str = "/sparse_experts";
@@ -121,14 +124,86 @@ struct Layer {
     /// The weighted sum over experts `[N, H]`, which the operator produces instead.
     out: String,
     /// The stacked expert weights: gate and up `[E, H, I]`, down `[E, I, H]`.
-    stacks: [String; 3],
+    stacks: [Source; 3],
     dtype: ElemType,
     experts: usize,
     hidden: usize,
     inter: usize,
 }
 
-/// Layer `i`'s tensors, or `None` when its experts are not float initializers the operator can take.
+/// Where a stack's weights are: a float initializer, or the codes, scales and zero points of a blocked
+/// `DequantizeLinear` (`axis = 1`, blocks of `block` rows along K) whose output the MatMul reads.
+enum Source {
+    Float(String),
+    Quantized { codes: String, scales: String, zeros: Option<String>, block: usize, form: Codes },
+}
+
+impl Source {
+    /// The tensor that carries the stack's dims (`[E, K, N]`).
+    fn tensor(&self) -> &str {
+        match self {
+            Source::Float(n) | Source::Quantized { codes: n, .. } => n,
+        }
+    }
+}
+
+/// The source of the stack a MatMul reads as `name`: an initializer, or a quantized stack's `DequantizeLinear`;
+/// `None` when it is neither (not a form this rewrite knows).
+fn stack_source(g: &GraphProto, name: &str) -> Result<Option<Source>> {
+    let init = |n: &str| g.initializer.iter().find(|t| t.name.as_deref() == Some(n));
+    if init(name).is_some() {
+        return Ok(Some(Source::Float(name.to_string())));
+    }
+    let Some(dq) = g.node.iter().find(|n| n.output.first().map(String::as_str) == Some(name)) else {
+        return Ok(None);
+    };
+    if dq.op_type() != "DequantizeLinear" || !matches!(dq.domain(), "" | "ai.onnx") {
+        return Ok(None);
+    }
+    let attr = |a: &str| dq.attribute.iter().find(|x| x.name() == a).map(|x| x.i());
+    let (Some(1), Some(block)) = (attr("axis"), attr("block_size")) else { return Ok(None) };
+    let input = |j: usize| dq.input.get(j).filter(|s| !s.is_empty()).cloned();
+    let (Some(codes), Some(scales)) = (input(0), input(1)) else { return Ok(None) };
+    let zeros = input(2);
+    let (Some(c), Some(sc)) = (init(&codes), init(&scales)) else { return Ok(None) };
+    let Some(form) = Codes::of(c.data_type) else { return Ok(None) };
+    let blocks = match c.dims[..] {
+        [e, k, n] if block > 0 && k > 0 => [e, (k + block - 1) / block, n],
+        ref d => return Err(graph_err(format!("`{codes}` has dims {d:?}, not [experts, K, N]"))),
+    };
+    let z = zeros.as_deref().map(|z| init(z).ok_or_else(|| graph_err(format!("`{z}` is not an initializer"))));
+    let z = z.transpose()?;
+    if float_type(sc) != Some(ElemType::F32) || sc.dims != blocks || z.is_some_and(|z| z.dims != blocks) {
+        return Err(graph_err(format!(
+            "`{}`: scales `{scales}` {:?} (and zero points) are not float32 {blocks:?}",
+            dq.name(),
+            sc.dims
+        )));
+    }
+    Ok(Some(Source::Quantized { codes, scales, zeros, block: block as usize, form }))
+}
+
+/// Opens the stack `s` of `g` (external data resolved in `dir`); `k`, `n`: one expert matrix's dims.
+fn open_stack<'t>(g: &'t GraphProto, s: &Source, dir: &Path, k: usize, n: usize) -> Result<Stack<'t>> {
+    let reader = |name: &str| -> Result<Reader<'t>> {
+        let init = g.initializer.iter().find(|t| t.name.as_deref() == Some(name));
+        Reader::open(init.ok_or_else(|| graph_err(format!("no initializer `{name}`")))?, dir)
+    };
+    Ok(match s {
+        Source::Float(name) => Stack::Float(reader(name)?),
+        Source::Quantized { codes, scales, zeros, block, form } => Stack::Quantized(QuantizedStack {
+            codes: reader(codes)?,
+            scales: reader(scales)?,
+            zeros: zeros.as_deref().map(reader).transpose()?,
+            form: *form,
+            block: *block,
+            k,
+            n,
+        }),
+    })
+}
+
+/// Layer `i`'s tensors, or `None` when its experts are not in a form the operator can take.
 fn plan_layer(g: &GraphProto, by_name: &HashMap<&str, &NodeProto>, i: usize) -> Result<Option<Layer>> {
     let p = format!("/model/layers.{i}/mlp/experts");
     let find = |suffix: &str| {
@@ -146,29 +221,49 @@ fn plan_layer(g: &GraphProto, by_name: &HashMap<&str, &NodeProto>, i: usize) -> 
     let weights = input(find("weights/Transpose")?, 0)?;
     let reduce = find("ReduceSum")?;
     let out = reduce.output.first().cloned().ok_or_else(|| graph_err(format!("`{}` has no output", reduce.name())))?;
-    let stacks = [input(gate, 1)?, input(up, 1)?, input(down, 1)?];
-    let mut tensors = Vec::new();
-    for s in &stacks {
-        match g.initializer.iter().find(|t| t.name.as_deref() == Some(s.as_str())) {
-            Some(t) => tensors.push(t),
-            // Quantized experts (a DequantizeLinear output): not this operator's.
+    let mut stacks = Vec::new();
+    for m in [gate, up, down] {
+        match stack_source(g, &input(m, 1)?)? {
+            Some(s) => stacks.push(s),
             None => return Ok(None),
         }
     }
-    let Some(dtype) = float_type(tensors[0]) else { return Ok(None) };
+    let Ok(stacks) = <[Source; 3]>::try_from(stacks) else { return Ok(None) };
+    let quantized = matches!(stacks[0], Source::Quantized { .. });
+    if stacks.iter().any(|s| matches!(s, Source::Quantized { .. }) != quantized) {
+        return Err(graph_err(format!("layer {i}: some expert stacks are quantized and some are not")));
+    }
+    let tensors = stacks
+        .iter()
+        .map(|s| {
+            g.initializer
+                .iter()
+                .find(|t| t.name.as_deref() == Some(s.tensor()))
+                .ok_or_else(|| graph_err(format!("no initializer `{}`", s.tensor())))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Quantized stacks are read back as float32 (their scales' type).
+    let tensor_type =
+        |t: &TensorProto| if quantized { Codes::of(t.data_type).map(|_| ElemType::F32) } else { float_type(t) };
+    let Some(dtype) = tensor_type(tensors[0]) else { return Ok(None) };
     let [e, h, inter] = match tensors[0].dims[..] {
         [e, h, i] if e > 0 && h > 0 && i > 0 => [e as usize, h as usize, i as usize],
-        ref d => return Err(graph_err(format!("`{}` has dims {d:?}, not [experts, hidden, intermediate]", stacks[0]))),
+        ref d => {
+            return Err(graph_err(format!(
+                "`{}` has dims {d:?}, not [experts, hidden, intermediate]",
+                stacks[0].tensor()
+            )))
+        }
     };
     let want = [[e, h, inter], [e, h, inter], [e, inter, h]];
     for (t, w) in tensors.iter().zip(want) {
         let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-        if dims != w || float_type(t) != Some(dtype) {
+        if dims != w || tensor_type(t) != Some(dtype) || t.data_type != tensors[0].data_type {
             return Err(graph_err(format!(
-                "`{}` is {dims:?} of type {:?}, expected {w:?} of type {}",
+                "`{}` is {dims:?} of type {:?}, expected {w:?} of type {:?}",
                 t.name(),
                 t.data_type,
-                dtype.name()
+                tensors[0].data_type
             )));
         }
     }
@@ -198,11 +293,11 @@ fn plan(g: &GraphProto) -> Result<Option<Vec<Layer>>> {
 
 /// Rewrites `model` in place (see the module docs) and returns the number of MoE layers rewritten and how their
 /// experts were quantized. `top_k` is the model's experts per token; `weights` chooses `MoE` (float) or `QMoE`
-/// (quantized here, `quantized.rs`); `data_dir` resolves the graph's external data; the relaid experts are written
-/// to `out_dir/location`, which the serving copy's graph file must sit beside. Returns 0 layers and leaves the
-/// graph (and `out_dir`) as they are when it was rewritten before, has no MoE layer, or holds experts the operator
-/// cannot take (quantized stacks). Errors name the node or tensor of the portable graph that is missing or
-/// malformed.
+/// (`quantized.rs`: quantized here from float stacks, or re-laid from quantized ones); `data_dir` resolves the
+/// graph's external data; the relaid experts are written to `out_dir/location`, which the serving copy's graph file
+/// must sit beside. Returns 0 layers and leaves the graph (and `out_dir`) as they are when it was rewritten before,
+/// has no MoE layer, or holds experts in a form the operator cannot take. Errors name the node or tensor of the
+/// portable graph that is missing or malformed.
 pub fn sparse_experts(
     model: &mut ModelProto,
     top_k: usize,
@@ -231,15 +326,11 @@ pub fn sparse_experts(
         if top_k == 0 || top_k > l.experts {
             return Err(graph_err(format!("{top_k} experts per token of {}", l.experts)));
         }
-        let stack = |k: usize| -> Result<Reader> {
-            let name = &l.stacks[k];
-            let init = g.initializer.iter().find(|t| t.name.as_deref() == Some(name.as_str()));
-            Reader::open(init.ok_or_else(|| graph_err(format!("no initializer `{name}`")))?, data_dir)
-        };
+        let (h, i) = (l.hidden, l.inter);
         let stacks = Stacks {
-            gate: stack(0)?,
-            up: stack(1)?,
-            down: stack(2)?,
+            gate: open_stack(g, &l.stacks[0], data_dir, h, i)?,
+            up: open_stack(g, &l.stacks[1], data_dir, h, i)?,
+            down: open_stack(g, &l.stacks[2], data_dir, i, h)?,
             experts: l.experts,
             hidden: l.hidden,
             inter: l.inter,

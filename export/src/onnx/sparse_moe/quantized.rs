@@ -1,6 +1,10 @@
 //! Quantized routed experts: one `com.microsoft.QMoE` per MoE layer of an `int8-wo`, `int4-wo` or `int8` graph's
-//! `--target cpu` serving copy, quantized here from the portable graph's float stacks (which `model.onnx` keeps for
-//! its dense masked compute: the QDQ rewrite quantizes 2-D MatMul weights only).
+//! `--target cpu` serving copy. A streamed `int8-wo` / `int4-wo` export's portable graph holds the experts quantized
+//! already (3-D codes behind a blocked `DequantizeLinear`, `quantize/stream.rs`): their codes, scales and zero points
+//! are re-laid into the operator's layout here, nothing rounded twice. Staged exports (calibration data,
+//! `--keep-float`, W8A8 `int8`) keep float stacks in `model.onnx` (the QDQ rewrite quantizes 2-D MatMul weights
+//! only), and they are quantized here, with the same functions and scheme: the two give the same operator tensors
+//! (`tests/tests/quantized_experts.rs` compares them byte for byte).
 //!
 //! What ONNX Runtime 1.31.1's CPU kernel takes (checked against a NumPy reference, `export/benches/qmoe_probe.py`):
 //!
@@ -40,7 +44,7 @@
 use r1_calibration::quant::{quantize_blocked_i4, quantize_blocked_u4, quantize_per_channel};
 use serde::Serialize;
 
-use super::relayout::{external_tensor, read_expert, Stacks};
+use super::relayout::{external_tensor, Codes, QuantizedStack, Stack, Stacks};
 use super::{attr_i, graph_err, i64_tensor, node, swiglu_attributes, Layer, MS_DOMAIN, PREFIX};
 use crate::error::Result;
 use crate::onnx::{ElemType, ExternalDataWriter, ExternalSpan};
@@ -178,6 +182,82 @@ fn quantize(w: &[f32], k: usize, n: usize, q: ExpertWeights, block: usize) -> Re
     Ok(Columns { codes, scales, zeros })
 }
 
+/// The columns of expert `e` of stack `s` (`[k, n]`, padded to `[kp, np]`) for the operator per `q`: quantized from
+/// a float stack, or re-laid from a quantized one.
+fn columns(s: &Stack, e: usize, [k, n, kp, np]: [usize; 4], q: ExpertWeights, block: usize) -> Result<Columns> {
+    match s {
+        Stack::Float(_) => quantize(&pad(&s.expert::<f32>(e, k * n)?, k, n, kp, np), kp, np, q, block),
+        Stack::Quantized(qs) => relaid(qs, e, kp, np, q, block),
+    }
+}
+
+/// Expert `e` of the quantized stack `s` as the operator's columns (`[np, kp]` codes, `[np, kp / block]` scales and
+/// zero points): each column's codes moved as they are (int8 and symmetric int4 offset to the operator's unsigned
+/// storage, 128 and 8), its scales (int8: the one per-channel scale repeated over the operator's blocks) and zero
+/// points. Rows padded below K get the code that dequantizes to exactly zero in their block, columns padded past N
+/// are what quantizing a zero column gives: the bytes of quantizing the padded float matrix ([`quantize`]), whose
+/// zero rows change no block's range or clip search.
+fn relaid(s: &QuantizedStack, e: usize, kp: usize, np: usize, q: ExpertWeights, block: usize) -> Result<Columns> {
+    let (k, n, nb) = (s.k, s.n, kp / block);
+    let form_ok = match q {
+        ExpertWeights::Int8 => s.form == Codes::Int8 && s.blocks() == 1,
+        ExpertWeights::Int4 { block: b, asymmetric } => {
+            s.form == if asymmetric { Codes::Uint4 } else { Codes::Int4 } && s.block == b && s.blocks() == nb
+        }
+        ExpertWeights::Float => false,
+    };
+    if !form_ok || kp < k || np < n {
+        return Err(graph_err(format!(
+            "`{}`: {:?} experts in blocks of {} are not the artifact's {q:?}",
+            s.codes_name(),
+            s.form,
+            s.block
+        )));
+    }
+    let x = s.expert(e)?;
+    let zero = quantize(&vec![0.0; kp], kp, 1, q, block)?;
+    let stored = |c: i16| -> u8 {
+        match s.form {
+            Codes::Int8 => (c + 128) as u8,
+            Codes::Int4 => (c + 8) as u8,
+            Codes::Uint4 => c as u8,
+        }
+    };
+    let mut codes = vec![0u8; np * kp];
+    let mut scales = vec![0f32; np * nb];
+    let mut zeros = x.zeros.as_ref().map(|_| vec![0u8; np * nb]);
+    for c in 0..np {
+        let (col, sc) = (&mut codes[c * kp..(c + 1) * kp], &mut scales[c * nb..(c + 1) * nb]);
+        if c >= n {
+            col.copy_from_slice(&zero.codes);
+            sc.copy_from_slice(&zero.scales);
+            if let (Some(z), Some(zz)) = (zeros.as_mut(), zero.zeros.as_ref()) {
+                z[c * nb..(c + 1) * nb].copy_from_slice(zz);
+            }
+            continue;
+        }
+        // The portable block of the operator's block `b` (int8: the one per-channel block).
+        let src = |b: usize| if s.form == Codes::Int8 { c } else { b * n + c };
+        for (b, v) in sc.iter_mut().enumerate() {
+            *v = x.scales[src(b)];
+        }
+        if let (Some(z), Some(xz)) = (zeros.as_mut(), x.zeros.as_ref()) {
+            for b in 0..nb {
+                z[c * nb + b] = xz[src(b)] as u8;
+            }
+        }
+        for (r, v) in col.iter_mut().enumerate() {
+            *v = if r < k {
+                stored(x.codes[r * n + c])
+            } else {
+                // Zero in this block: its zero point (asymmetric), else the centre.
+                x.zeros.as_ref().map_or(stored(0), |z| z[src(r / block)] as u8)
+            };
+        }
+    }
+    Ok(Columns { codes, scales, zeros })
+}
+
 /// Rows of `len` 4-bit values packed two per byte, the even index in the low nibble, an odd length padded.
 fn pack_rows(v: &[u8], len: usize) -> Vec<u8> {
     v.chunks_exact(len)
@@ -219,8 +299,8 @@ pub(super) fn write_layer(
         w.begin()?;
         for e in 0..s.experts {
             let cols = if fc == 1 {
-                let g = quantize(&pad(&read_expert::<f32>(&s.gate, e, h * i)?, h, i, hp, ip), hp, ip, q, block)?;
-                let u = quantize(&pad(&read_expert::<f32>(&s.up, e, h * i)?, h, i, hp, ip), hp, ip, q, block)?;
+                let g = columns(&s.gate, e, [h, i, hp, ip], q, block)?;
+                let u = columns(&s.up, e, [h, i, hp, ip], q, block)?;
                 let nb = hp / block;
                 Columns {
                     codes: interleave(&g.codes, &u.codes, hp),
@@ -228,7 +308,7 @@ pub(super) fn write_layer(
                     zeros: g.zeros.zip(u.zeros).map(|(a, b)| interleave(&a, &b, nb)),
                 }
             } else {
-                quantize(&pad(&read_expert::<f32>(&s.down, e, h * i)?, i, h, ip, hp), ip, hp, q, block)?
+                columns(&s.down, e, [i, h, ip, hp], q, block)?
             };
             w.write(&packed(&cols.codes, k))?;
             proj.scales.extend_from_slice(&cols.scales);

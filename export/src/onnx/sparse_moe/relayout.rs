@@ -4,6 +4,11 @@
 //! orientation with gate and up interleaved (`fc1`: `[E, 2I, H]`, row `2j` = gate row `j`, row `2j + 1` = up row
 //! `j`; `fc2`: `[E, H, I]`). Reads are ranged (one expert of one tensor in memory), so a model larger than memory
 //! relays in bounded memory.
+//!
+//! A stack may also be quantized already (a streamed `int8-wo` / `int4-wo` export, `quantize/stream.rs`): 3-D codes
+//! `[E, K, N]` (int8, or int4 / uint4 packed two per byte), scales and zero points `[E, blocks, N]` behind a blocked
+//! `DequantizeLinear` (`axis = 1`). [`QuantizedStack`] reads one expert's codes as they are stored (for `QMoE`,
+//! `quantized.rs`) or dequantized (for the float `MoE`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -108,11 +113,161 @@ fn transpose<T: Copy + Default>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
     out
 }
 
+/// How a quantized stack's codes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Codes {
+    /// int8, one byte each.
+    Int8,
+    /// Signed int4 (symmetric), two per byte, the even element in the low nibble.
+    Int4,
+    /// Unsigned int4 with zero points (asymmetric), packed the same way.
+    Uint4,
+}
+
+impl Codes {
+    /// The codes of an ONNX element type, `None` for others.
+    pub(super) fn of(data_type: Option<i32>) -> Option<Codes> {
+        match data_type {
+            Some(d) if d == DataType::Int8 as i32 => Some(Codes::Int8),
+            Some(d) if d == DataType::Int4 as i32 => Some(Codes::Int4),
+            Some(d) if d == DataType::Uint4 as i32 => Some(Codes::Uint4),
+            _ => None,
+        }
+    }
+
+    /// Stored bytes of `count` codes.
+    fn bytes(self, count: usize) -> usize {
+        if self == Codes::Int8 {
+            count
+        } else {
+            count.div_ceil(2)
+        }
+    }
+}
+
+/// One expert's quantized `[k, n]` matrix as the portable graph stores it.
+pub(super) struct ExpertCodes {
+    /// Codes `[k, n]`, unpacked: int8 and int4 as signed values, uint4 as `0..=15`.
+    pub codes: Vec<i16>,
+    /// Scales `[blocks, n]`.
+    pub scales: Vec<f32>,
+    /// Zero points `[blocks, n]` (uint4 only).
+    pub zeros: Option<Vec<i16>>,
+}
+
+/// A stack quantized in the portable graph: `[E, k, n]` codes, `[E, blocks, n]` scales (and zero points), blocks of
+/// `block` rows along K.
+pub(super) struct QuantizedStack<'t> {
+    pub codes: Reader<'t>,
+    pub scales: Reader<'t>,
+    pub zeros: Option<Reader<'t>>,
+    pub form: Codes,
+    pub block: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// `count` packed 4-bit values from `bytes`, sign-extended when `signed`.
+fn unpack4(bytes: &[u8], count: usize, signed: bool) -> Vec<i16> {
+    (0..count)
+        .map(|j| {
+            let nibble = if j % 2 == 0 { bytes[j / 2] & 0xF } else { bytes[j / 2] >> 4 };
+            if signed {
+                i16::from(((nibble << 4) as i8) >> 4)
+            } else {
+                i16::from(nibble)
+            }
+        })
+        .collect()
+}
+
+impl QuantizedStack<'_> {
+    /// The codes tensor's name.
+    pub(super) fn codes_name(&self) -> &str {
+        &self.codes.name
+    }
+
+    /// Blocks along K.
+    pub(super) fn blocks(&self) -> usize {
+        self.k.div_ceil(self.block)
+    }
+
+    /// Expert `e`'s codes, scales and zero points. Packed experts must each end on a byte (the export lays them end
+    /// to end only then).
+    pub(super) fn expert(&self, e: usize) -> Result<ExpertCodes> {
+        let (k, n, nb) = (self.k, self.n, self.blocks());
+        if self.form != Codes::Int8 && ((k * n) % 2 != 0 || (self.zeros.is_some() && (nb * n) % 2 != 0)) {
+            return Err(graph_err(format!("`{}`: packed 4-bit experts of odd size", self.codes.name)));
+        }
+        let bytes = self.form.bytes(k * n);
+        let mut raw = vec![0u8; bytes];
+        self.codes.read_at((e * bytes) as u64, &mut raw)?;
+        let codes = match self.form {
+            Codes::Int8 => raw.iter().map(|&b| i16::from(b as i8)).collect(),
+            Codes::Int4 => unpack4(&raw, k * n, true),
+            Codes::Uint4 => unpack4(&raw, k * n, false),
+        };
+        let scales = read_expert::<f32>(&self.scales, e, nb * n)?;
+        let zeros = match &self.zeros {
+            Some(z) if self.form == Codes::Uint4 => {
+                let mut raw = vec![0u8; (nb * n) / 2];
+                z.read_at((e * raw.len()) as u64, &mut raw)?;
+                Some(unpack4(&raw, nb * n, false))
+            }
+            // int8's zero points are all zero (symmetric per channel): checked, not used.
+            Some(z) => {
+                let raw = read_expert::<u8>(z, e, nb * n)?;
+                if raw.iter().any(|&v| v != 0) {
+                    return Err(graph_err(format!("`{}`: int8 experts with nonzero zero points", z.name)));
+                }
+                None
+            }
+            None => None,
+        };
+        Ok(ExpertCodes { codes, scales, zeros })
+    }
+
+    /// Expert `e` dequantized (`(code - zero point) · scale`, as `DequantizeLinear` computes it), `[k, n]`.
+    pub(super) fn dequantize(&self, e: usize) -> Result<Vec<f32>> {
+        let c = self.expert(e)?;
+        let n = self.n;
+        Ok((0..self.k * n)
+            .map(|j| {
+                let b = (j / n / self.block) * n + j % n;
+                let z = c.zeros.as_ref().map_or(0, |z| z[b]);
+                f32::from(c.codes[j] - z) * c.scales[b]
+            })
+            .collect())
+    }
+}
+
+/// One of the portable graph's expert stacks: float, or quantized.
+pub(super) enum Stack<'t> {
+    Float(Reader<'t>),
+    Quantized(QuantizedStack<'t>),
+}
+
+impl Stack<'_> {
+    /// Expert `e`'s `count` elements as `T` (the stack's float type; a quantized stack is dequantized to float32).
+    pub(super) fn expert<T: bytemuck::Pod + Default>(&self, e: usize, count: usize) -> Result<Vec<T>> {
+        match self {
+            Stack::Float(r) => read_expert(r, e, count),
+            Stack::Quantized(q) => {
+                let v = q.dequantize(e)?;
+                if std::mem::size_of::<T>() != 4 || v.len() != count {
+                    return Err(graph_err(format!("`{}`: dequantized experts are float32", q.codes.name)));
+                }
+                Ok(bytemuck::cast_slice(&v).to_vec())
+            }
+        }
+    }
+}
+
 /// The portable graph's three expert stacks of one layer.
 pub(super) struct Stacks<'t> {
-    pub gate: Reader<'t>,
-    pub up: Reader<'t>,
-    pub down: Reader<'t>,
+    pub gate: Stack<'t>,
+    pub up: Stack<'t>,
+    pub down: Stack<'t>,
     pub experts: usize,
     pub hidden: usize,
     pub inter: usize,
@@ -146,13 +301,13 @@ fn write_relayed<T: bytemuck::Pod + Default>(
     let (h, i) = (s.hidden, s.inter);
     w.begin()?;
     for e in 0..s.experts {
-        let fc1 = expert_fc1(&read_expert::<T>(&s.gate, e, h * i)?, &read_expert::<T>(&s.up, e, h * i)?, h, i);
+        let fc1 = expert_fc1(&s.gate.expert::<T>(e, h * i)?, &s.up.expert::<T>(e, h * i)?, h, i);
         w.write(bytemuck::cast_slice(&fc1))?;
     }
     let fc1 = w.end()?;
     w.begin()?;
     for e in 0..s.experts {
-        let fc2 = transpose(&read_expert::<T>(&s.down, e, h * i)?, i, h);
+        let fc2 = transpose(&s.down.expert::<T>(e, h * i)?, i, h);
         w.write(bytemuck::cast_slice(&fc2))?;
     }
     Ok((fc1, w.end()?))
@@ -197,6 +352,12 @@ pub(super) fn external_tensor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_nibbles_unpack_low_first_and_sign_extend() {
+        assert_eq!(unpack4(&[0x21, 0xF8], 4, false), [1, 2, 8, 15]);
+        assert_eq!(unpack4(&[0x21, 0xF8], 4, true), [1, 2, -8, -1]);
+    }
 
     #[test]
     fn transpose_crosses_tile_edges() {
