@@ -338,6 +338,15 @@ fn streamed_export_writes_the_experts_quantized_and_its_qmoe_equals_the_staged_o
                 .filter(|n| n.op_type() == "DequantizeLinear" && n.name().contains(".mlp.experts."))
                 .collect();
             assert_eq!(dqs.len(), 3 * moe_layers, "{label}: one DequantizeLinear per stack");
+            assert_eq!(m.quantized_expert_stacks(), 3 * moe_layers as u64, "{label}: recorded in the manifest");
+            // tract has no blocked DequantizeLinear: it refuses the portable graph by name instead of failing inside.
+            let refused = match r1_engine::backend::tract::TractBackend::load(&streamed, &m) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{label}: tract loaded quantized expert stacks"),
+            };
+            // (int4-wo graphs are refused earlier, for their int4 tensors.)
+            let named = precision == Precision::Int4WeightOnly || refused.contains("routed-expert stacks quantized");
+            assert!(named && refused.contains("--backend ort"), "{label}: {refused}");
             for n in &dqs {
                 let attr = |a: &str| n.attribute.iter().find(|x| x.name() == a).map(|x| x.i());
                 assert_eq!(attr("axis"), Some(1), "{label}: `{}` dequantizes along K", n.name());

@@ -65,6 +65,19 @@ impl TractBackend {
                 message: format!("tract cannot run `{}` graphs (int4 tensors); use --backend ort", manifest.precision),
             });
         }
+        if graph == MODEL_FILE && manifest.quantized_expert_stacks() > 0 {
+            return Err(EngineError::Unavailable {
+                what: "tract backend".into(),
+                message: format!(
+                    "this `{}` graph holds its {} routed-expert stacks quantized behind blocked DequantizeLinear \
+                     (opset {}), which tract does not run; use --backend ort, or export with --opset 17 to keep the \
+                     experts float",
+                    manifest.precision,
+                    manifest.quantized_expert_stacks(),
+                    manifest.opset
+                ),
+            });
+        }
         if let Some(cpu) = manifest.targets.cpu().filter(|c| c.graph == graph) {
             let experts = if cpu.sparse_experts { ", the routed experts' com.microsoft.MoE among them" } else { "" };
             return Err(EngineError::Unavailable {

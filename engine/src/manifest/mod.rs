@@ -201,6 +201,16 @@ impl Manifest {
             .unwrap_or(false)
     }
 
+    /// How many routed-expert stacks the portable graph holds quantized behind a blocked `DequantizeLinear` (a
+    /// streamed `int8-wo` / `int4-wo` DeepseekV3 export, `quantization.quantized_expert_stacks`); 0 otherwise.
+    pub fn quantized_expert_stacks(&self) -> u64 {
+        self.quantization
+            .as_ref()
+            .and_then(|q| q.get("quantized_expert_stacks"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    }
+
     /// Reads and checks `DIR/manifest.json`. Does not verify file hashes (see [`Manifest::verify_files`]).
     /// A value that does not parse is an error naming the file and the key (`targets.cpu`, `precision`, ...).
     pub fn load(dir: &Path) -> Result<Manifest> {
