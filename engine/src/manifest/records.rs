@@ -372,4 +372,41 @@ mod tests {
         let e = serde_json::from_value::<Targets>(misfiled).unwrap_err().to_string();
         assert!(e.contains("`targets.h100`") && e.contains("target: a100"), "{e}");
     }
+
+    #[test]
+    fn the_cuda_graph_of_the_local_target_is_preferred_and_only_files_inside_the_artifact_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let cuda = |target: &str, graph: &str| EngineBuild {
+            target: target.into(),
+            sm: 90,
+            cuda_graph: Some(CudaGraph {
+                graph: graph.into(),
+                attention_op: "com.microsoft.GroupQueryAttention".into(),
+                kv_cache_dtype: crate::manifest::DType::Float16,
+                last_position_logits: true,
+                kv_in_place: true,
+                files: vec![graph.into()],
+            }),
+            ..EngineBuild::default()
+        };
+        for f in ["engines/h100/v-cuda/model.onnx", "engines/l4/v-cuda/model.onnx"] {
+            std::fs::create_dir_all(dir.path().join(f).parent().unwrap()).unwrap();
+            std::fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let mut t = Targets::default();
+        t.set_tensorrt(cuda("h100", "engines/h100/v-cuda/model.onnx"));
+        t.set_tensorrt(cuda("l4", "engines/l4/v-cuda/model.onnx"));
+        t.set_tensorrt(cuda("a100", "engines/a100/../../../elsewhere/model.onnx"));
+        t.set_tensorrt(cuda("h200", "engines/h200/missing/model.onnx"));
+        let graph = |preferred| t.cuda_graph(dir.path(), preferred).map(|c| c.graph.as_str());
+        assert_eq!(graph(Some("l4")), Some("engines/l4/v-cuda/model.onnx"), "the local GPU's target first");
+        // A path out of the artifact or a missing file is never opened; another target's graph serves instead.
+        assert_eq!(graph(Some("a100")), Some("engines/h100/v-cuda/model.onnx"));
+        assert_eq!(graph(Some("h200")), Some("engines/h100/v-cuda/model.onnx"));
+        assert_eq!(graph(None), Some("engines/h100/v-cuda/model.onnx"));
+        let json = serde_json::to_value(&t).unwrap();
+        assert_eq!(json["l4"]["cuda_graph"]["kv_cache_dtype"], "float16");
+        assert_eq!(serde_json::from_value::<Targets>(json).unwrap(), t, "round trip");
+        assert!(Targets::default().cuda_graph(dir.path(), Some("h100")).is_none());
+    }
 }
