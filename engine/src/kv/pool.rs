@@ -605,4 +605,15 @@ mod tests {
         assert_eq!(pool.len(s), 0);
         assert!(pool.alloc().is_none());
     }
+
+    #[test]
+    fn a_gpu_pool_without_the_cuda_runtime_is_an_error_naming_it() {
+        if super::super::device::cuda_runtime_available().is_ok() {
+            return; // a GPU host: scripts/gpu_check.sh runs the device pool there
+        }
+        let e = KvPool::new_on(geom(), 2, 4, DType::Float16, PoolDevice::Cuda { id: 0 }).unwrap_err().to_string();
+        assert!(e.contains("CUDA runtime") && e.contains("libcudart"), "{e}");
+        let host = KvPool::new_on(geom(), 2, 4, DType::Float16, PoolDevice::Host).unwrap();
+        assert_eq!(host.device(), PoolDevice::Host);
+    }
 }
