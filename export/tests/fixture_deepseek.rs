@@ -84,7 +84,7 @@ fn scaled_config() -> Value {
 fn scaled_r1_slice_is_sharded_fp8_and_exports_with_its_mtp_draft() {
     let tmp = tempfile::tempdir().unwrap();
     let ck_dir = tmp.path().join("ck");
-    let fixture = DeepseekV3Fixture { config: scaled_config(), shard_bytes: 256 << 10 };
+    let fixture = DeepseekV3Fixture { config: scaled_config(), shard_bytes: 256 << 10, mtp: true };
     let spec = FixtureSpec::deepseek_v3(fixture).unwrap();
     let bytes = write_checkpoint(&spec, &ck_dir).unwrap();
     assert_eq!(bytes, spec.planned_bytes().unwrap());
@@ -179,6 +179,57 @@ fn scaled_r1_slice_is_sharded_fp8_and_exports_with_its_mtp_draft() {
     assert!(out_cpu.join(graph).is_file());
 }
 
+/// `--no-mtp` (issue #18, the slice benchmark): the scaled slice without its MTP layer is the same checkpoint less
+/// exactly the `model.layers.2.*` tensors, with the release's config (still declaring the module); a plain export
+/// names the first missing MTP tensor, `--no-draft` exports it, and its main graph is the full checkpoint's.
+#[test]
+fn scaled_r1_slice_without_mtp_drops_exactly_the_mtp_tensors_and_exports_with_no_draft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = DeepseekV3Fixture { config: scaled_config(), shard_bytes: 256 << 10, mtp: true };
+    let full = FixtureSpec::deepseek_v3(fixture.clone()).unwrap();
+    let stripped = FixtureSpec::deepseek_v3(fixture.without_mtp()).unwrap();
+    let (full_dir, ck_dir) = (tmp.path().join("full"), tmp.path().join("ck"));
+    let full_bytes = write_checkpoint(&full, &full_dir).unwrap();
+    let bytes = write_checkpoint(&stripped, &ck_dir).unwrap();
+    assert_eq!(bytes, stripped.planned_bytes().unwrap());
+    assert_eq!(
+        std::fs::read(ck_dir.join("config.json")).unwrap(),
+        std::fs::read(full_dir.join("config.json")).unwrap()
+    );
+
+    let (ck_full, ck) = (Checkpoint::open(&full_dir).unwrap(), Checkpoint::open(&ck_dir).unwrap());
+    let mut names: Vec<&str> = ck.names();
+    let mut expected: Vec<&str> = ck_full.names().into_iter().filter(|n| !n.starts_with("model.layers.2.")).collect();
+    names.sort();
+    expected.sort();
+    assert_eq!(names, expected);
+    assert_eq!(stripped.tensor_count().unwrap(), names.len());
+    let mtp_bytes: u64 = ck_full
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("model.layers.2."))
+        .map(|n| ck_full.tensor_any_shape(n).unwrap().data.len() as u64)
+        .sum();
+    assert_eq!(bytes + mtp_bytes, full_bytes);
+    // The tensors before the MTP layer hold the same values (one random stream in file order; model.norm and
+    // lm_head come after it, so theirs differ).
+    for n in ["model.embed_tokens.weight", "model.layers.1.mlp.experts.7.down_proj.weight"] {
+        assert_eq!(ck.tensor_any_shape(n).unwrap().data, ck_full.tensor_any_shape(n).unwrap().data, "{n}");
+    }
+
+    let out = tmp.path().join("out");
+    let e = export(&ExportOptions::new(&ck_dir, &out), &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("model.layers.2.") && e.contains("--no-draft"), "{e}");
+    let m = export(&ExportOptions { draft: false, ..ExportOptions::new(&ck_dir, &out) }, &mut |_| {}).unwrap();
+    assert!(m.draft.is_none() && m.source.fp8_block_quantized);
+    let full_out = tmp.path().join("full-out");
+    let mf = export(&ExportOptions { draft: false, ..ExportOptions::new(&full_dir, &full_out) }, &mut |_| {}).unwrap();
+    // The main graph is the full checkpoint's (same nodes and tensors, same offsets; values differ only in
+    // model.norm and lm_head).
+    assert_eq!(m.files.get("model.onnx"), mf.files.get("model.onnx"));
+    assert_eq!(m.files["model.onnx.data"].bytes, mf.files["model.onnx.data"].bytes);
+}
+
 #[test]
 fn r1_fixture_lists_the_slice_with_its_size_and_refuses_shape_overrides() {
     let bin = env!("CARGO_BIN_EXE_r1-fixture");
@@ -194,5 +245,13 @@ fn r1_fixture_lists_the_slice_with_its_size_and_refuses_shape_overrides() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--layers does not apply to --preset deepseek-r1-slice"));
+    assert!(!tmp.path().join("x").exists());
+    let o = std::process::Command::new(bin)
+        .args(["--preset", "tiny-qwen2", "--no-mtp", "-o"])
+        .arg(tmp.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--no-mtp applies to DeepseekV3 presets only"));
     assert!(!tmp.path().join("x").exists());
 }

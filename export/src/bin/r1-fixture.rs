@@ -20,6 +20,7 @@ Examples:
   r1-fixture --preset r1-distill-qwen-1.5b -o /tmp/qwen-1.5b-random      # ~3.5 GB, bf16
   r1-fixture --preset tiny-llama --layers 4 --dtype f32 -o /tmp/tiny
   r1-fixture --preset deepseek-r1-slice -o /data/r1-slice    # 31.23 GB, FP8 like the release; benchmarks only
+  r1-fixture --preset deepseek-r1-slice --no-mtp -o /data/r1-slice   # 15.80 GB: export with r1-export --no-draft
   r1-fixture --list"
 )]
 struct Cli {
@@ -50,6 +51,12 @@ struct Cli {
     /// RNG seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// DeepseekV3 presets: leave out the multi-token-prediction module's tensors (checkpoint layer
+    /// num_hidden_layers, `model.layers.2.*` in deepseek-r1-slice) and keep config.json as released (it still
+    /// declares num_nextn_predict_layers), like a release stripped of its MTP layer. Export it with
+    /// `r1-export --no-draft`; a plain export fails naming the first missing MTP tensor.
+    #[arg(long)]
+    no_mtp: bool,
     /// List presets and exit.
     #[arg(long)]
     list: bool,
@@ -65,6 +72,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut spec = preset(&cli.preset)?;
+    if cli.no_mtp {
+        let Some(d) = spec.deepseek_v3.take() else {
+            anyhow::bail!(
+                "--no-mtp applies to DeepseekV3 presets only (deepseek-r1-slice), not --preset {}",
+                cli.preset
+            );
+        };
+        spec.deepseek_v3 = Some(d.without_mtp());
+    }
     if spec.deepseek_v3.is_some() {
         let overrides = [
             ("--arch", cli.arch.is_some()),
@@ -77,7 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         if let Some((opt, _)) = overrides.iter().find(|(_, set)| *set) {
             anyhow::bail!(
                 "{opt} does not apply to --preset {}: its config.json is the release's and its dtypes are the \
-                 release's (only --seed and -o apply)",
+                 release's (only --seed, --no-mtp and -o apply)",
                 cli.preset
             );
         }
@@ -98,6 +114,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     spec.dtype = cli.dtype.parse::<FixtureDtype>()?;
     spec.seed = cli.seed;
     let out = cli.out.ok_or_else(|| anyhow::anyhow!("-o/--out is required"))?;
+    let planned = spec.planned_bytes()?;
+    eprintln!(
+        "writing {} tensors, {planned} bytes ({:.2} GB) to {}",
+        spec.tensor_count()?,
+        planned as f64 / 1e9,
+        out.display()
+    );
     let t = std::time::Instant::now();
     let bytes = write_checkpoint(&spec, &out)?;
     eprintln!("wrote {} ({:.2} GB of weights) in {:.1}s", out.display(), bytes as f64 / 1e9, t.elapsed().as_secs_f64());
