@@ -5,13 +5,19 @@
 #   scripts/bench_long_context.sh [WORK_DIR]
 #       WORK_DIR defaults to /tmp/r1-bench-cpu (shared with scripts/bench_cpu.sh: the checkpoint, the r1 int8-wo
 #       artifact and GenAI's int8 build are reused when they exist, made otherwise).
-#   env: CONTEXTS="128 2048 4000", STEPS=48 (decode tokens timed per context), GRPC_PORT=50161, HTTP_PORT=8191,
+#   env: CONTEXTS="128 2048 4000", STEPS=48 (decode tokens timed per context), ROUNDS=3 (interleaved rounds over
+#        the contexts), WARMUP=1 (one untimed request per context first; 0 to skip), GRPC_PORT=50161, HTTP_PORT=8191,
 #        GENAI=0 to skip GenAI, KV_CACHE_DTYPE=auto (the serving graph's cache: auto = fp16 for this int8-wo
 #        artifact; fp32 to compare).
 #
 # Per context C: r1-bench sends one request of ~C prompt tokens with max_tokens STEPS (through EOS, greedy) at
-# concurrency 1, twice; the decode rate is 1000 / (inter-token latency p50 in ms) of the second. GenAI: `bench_genai.py
-# run --context C` (prompt of C tokens, then its 32 timed decode steps). One after the other on an idle machine.
+# concurrency 1; the decode rate is 1000 / (inter-token latency p50 in ms). After the warm-up pass, ROUNDS rounds each
+# take every context once, in order (128, 2048, 4000, 128, ...), so that each context sees the shared host's speed of
+# every minute of the run rather than one minute of its own; each round prints a JSON line per context, then the
+# summary lines give each context's median over the rounds and the ratio of each context's median to the first
+# context's (the issue's 4,000 / 128 figure). GenAI: `bench_genai.py run --context C C' ...` with the contexts
+# repeated ROUNDS times (one model load, the same interleaving; its prompt of C tokens, then its timed decode steps),
+# summarized the same way, then r1 / GenAI per context from the medians. On an idle machine.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # ROOT, R1_HOME, r1_target_dir
@@ -21,9 +27,12 @@ CK="$WORK/ck"
 ART="$WORK/r1-int8-wo"
 CONTEXTS="${CONTEXTS:-128 2048 4000}"
 STEPS="${STEPS:-48}"
+ROUNDS="${ROUNDS:-3}"
+WARMUP="${WARMUP:-1}"
 GRPC_PORT="${GRPC_PORT:-50161}"
 HTTP_PORT="${HTTP_PORT:-8191}"
 say() { printf '[bench-long-context] %s\n' "$*" >&2; }
+case "$ROUNDS" in '' | *[!0-9]* | 0) say "ROUNDS must be a positive integer (got '$ROUNDS')"; exit 2 ;; esac
 cd "$ROOT"
 for b in r1-fixture r1-export r1-serve r1-bench; do
   [ -x "$REL/$b" ] || { say "build the release binaries first: cargo build --release --workspace --bins --locked"; exit 2; }
@@ -53,27 +62,70 @@ for _ in $(seq 1 300); do
   kill -0 $SERVER 2>/dev/null || { say "r1-serve exited while loading"; exit 1; }
   sleep 1
 done
-for c in $CONTEXTS; do
-  for run in 1 2; do
-    out="$("$REL"/r1-bench --addr "http://127.0.0.1:$GRPC_PORT" -n 1 -c 1 --prompt-tokens "$c" \
-      --max-tokens "$STEPS" --json)"
-  done
-  python3 - "$c" "$out" <<'EOF'
+RESULTS="$(mktemp "${TMPDIR:-/tmp}/bench-long-context.XXXXXX")"
+trap 'kill -TERM $SERVER 2>/dev/null || true; rm -f "$RESULTS"' EXIT
+r1_bench() { # CONTEXT: one request, its r1-bench JSON on stdout
+  "$REL"/r1-bench --addr "http://127.0.0.1:$GRPC_PORT" -n 1 -c 1 --prompt-tokens "$1" --max-tokens "$STEPS" --json
+}
+if [ "$WARMUP" != 0 ]; then
+  say "warm-up: one untimed request per context"
+  for c in $CONTEXTS; do r1_bench "$c" >/dev/null; done
+fi
+for round in $(seq 1 "$ROUNDS"); do
+  for c in $CONTEXTS; do
+    out="$(r1_bench "$c")"
+    python3 - "$c" "$round" "$out" <<'EOF' | tee -a "$RESULTS"
 import json, sys
-c, r = sys.argv[1], json.loads(sys.argv[2])
+c, rnd, r = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 itl = r["itl_ms"]["p50"]
-print(json.dumps({"engine": "r1-serve", "context": int(c), "prompt_tokens": r["prompt_tokens"],
+print(json.dumps({"engine": "r1-serve", "round": int(rnd), "context": int(c), "prompt_tokens": r["prompt_tokens"],
                   "decode_tok_s": round(1000.0 / itl, 2), "itl_p50_ms": round(itl, 1),
                   "ttft_p50_ms": round(r["ttft_ms"]["p50"], 0), "failed": r["failed"]}))
 EOF
+  done
 done
 curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | grep -E "^r1_kv_(preemptions|cache_capacity)" || true
 kill -TERM $SERVER && wait $SERVER || true
-trap - EXIT
+trap 'rm -f "$RESULTS"' EXIT
 
 if [ "${GENAI:-1}" != 0 ]; then
   [ -f "$WORK/genai-int8/genai_config.json" ] || python3 scripts/bench_genai.py build "$CK" -o "$WORK" -p int8
-  say "ONNX Runtime GenAI int8"
+  say "ONNX Runtime GenAI int8 ($ROUNDS interleaved rounds)"
+  genai_contexts=""
+  for _ in $(seq 1 "$ROUNDS"); do genai_contexts="$genai_contexts $CONTEXTS"; done
   # shellcheck disable=SC2086
-  python3 scripts/bench_genai.py run "$WORK/genai-int8" --context $CONTEXTS | grep -E "context"
+  python3 scripts/bench_genai.py run "$WORK/genai-int8" --context $genai_contexts | grep -E "context" \
+    | python3 -c '
+import json, re, sys
+for line in sys.stdin:
+    m = re.match(r"decode b1 at context (\d+): ([0-9.]+) tok/s", line)
+    if m:
+        print(json.dumps({"engine": "genai-int8", "context": int(m[1]), "decode_tok_s": float(m[2])}), flush=True)
+    else:
+        print(line.rstrip(), file=sys.stderr)
+' | tee -a "$RESULTS"
 fi
+
+# Medians per engine and context, each context's median over the first context's, r1 / GenAI per context.
+python3 - "$RESULTS" "$CONTEXTS" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+contexts = [int(c) for c in sys.argv[2].split()]
+med = {}
+for engine in dict.fromkeys(r["engine"] for r in rows):
+    for c in contexts:
+        xs = [r["decode_tok_s"] for r in rows if r["engine"] == engine and r["context"] == c]
+        if xs:
+            med[engine, c] = statistics.median(xs)
+            print(json.dumps({"engine": engine, "context": c, "rounds": len(xs),
+                              "decode_tok_s_median": round(med[engine, c], 2),
+                              "decode_tok_s_min": min(xs), "decode_tok_s_max": max(xs)}))
+    for c in contexts[1:]:
+        if (engine, c) in med and (engine, contexts[0]) in med:
+            print(json.dumps({"engine": engine, "ratio": f"{c}/{contexts[0]}",
+                              "decode_tok_s_median_ratio": round(med[engine, c] / med[engine, contexts[0]], 3)}))
+for c in contexts:
+    if ("r1-serve", c) in med and ("genai-int8", c) in med:
+        print(json.dumps({"ratio": "r1-serve/genai-int8", "context": c,
+                          "decode_tok_s_median_ratio": round(med["r1-serve", c] / med["genai-int8", c], 3)}))
+EOF

@@ -5,8 +5,12 @@
 //! server's (scheduling, sampling, streaming) in `scripts/bench_long_context.sh`.
 //!
 //!   cargo run --release -p r1-tests --example decode_step -- ARTIFACT [CONTEXT ...]   (default 128 2048 4000)
-//!   env: CAPACITY (positions per slot, default the model's maximum, as r1-serve's pool), RUNS (default 8)
+//!   env: CAPACITY (positions per slot, default the model's maximum, as r1-serve's pool), RUNS (default 8),
+//!        ISA="avx2 avx512" (time each context with each form of r1's attention loops in turn, in this process:
+//!        `r1_engine::backend::attention::kernel::Isa::force`; default the one `R1_ATTENTION_ISA` or the CPU picks)
 use std::time::Instant;
+
+use r1_engine::backend::attention::kernel::Isa;
 
 use r1_engine::backend::{self, BackendKind, BackendOptions};
 use r1_engine::kv::{KvGeometry, KvPool};
@@ -37,9 +41,16 @@ fn main() {
         }
     }
     println!("{}: {dtype:?} cache, slot capacity {capacity}, {runs} runs per context", dir.display());
-    println!("| context | step ms (best) | step ms (median) |");
-    println!("|---|---|---|");
-    for &c in &contexts {
+    let isas: Vec<Option<Isa>> = match std::env::var("ISA") {
+        Ok(v) if !v.trim().is_empty() => {
+            v.split_whitespace().map(|s| Some(Isa::parse(s).expect("ISA: avx512, avx2 or portable"))).collect()
+        }
+        _ => vec![None],
+    };
+    println!("| context | attention loops | step ms (best) | step ms (median) |");
+    println!("|---|---|---|---|");
+    for (&c, isa) in contexts.iter().flat_map(|c| isas.iter().map(move |i| (c, i))) {
+        let isa = Isa::force(*isa);
         let input = StepInput {
             input_ids: ndarray::Array2::from_elem((1, 1), 5),
             attention_mask: ndarray::Array2::ones((1, c + 1)),
@@ -55,6 +66,6 @@ fn main() {
             .skip(1)
             .collect();
         ms.sort_by(f64::total_cmp);
-        println!("| {c} | {:.1} | {:.1} |", ms[0], ms[ms.len() / 2]);
+        println!("| {c} | {isa:?} | {:.1} | {:.1} |", ms[0], ms[ms.len() / 2]);
     }
 }

@@ -15,8 +15,9 @@
 //! costs. Arithmetic is float32 either way (keys and values are widened as they are loaded).
 
 #[cfg(target_arch = "x86_64")]
-use super::avx2;
+use super::{avx2, avx512};
 use crate::kv::region::PoolElem;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// An element type of the caches: float32, or float16 (stored rounded to nearest, widened exactly).
 pub trait CacheElem: PoolElem {
@@ -26,6 +27,20 @@ pub trait CacheElem: PoolElem {
     /// The CPU has AVX and F16C; `p` covers eight values.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// Sixteen values from `p` as one register of float32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `p` covers sixteen values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+
+    /// The values of `p` in the lanes of `mask` (zero in the others), as one register of float32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, BW and VL; `p` covers the lanes of `mask`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_masked(p: *const Self, mask: std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512;
 }
 
 impl CacheElem for f32 {
@@ -34,6 +49,20 @@ impl CacheElem for f32 {
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's guarantee.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's guarantee.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_masked(p: *const f32, mask: std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's guarantee (masked-off lanes are not read).
+        unsafe { std::arch::x86_64::_mm512_maskz_loadu_ps(mask, p) }
     }
 }
 
@@ -44,6 +73,22 @@ impl CacheElem for half::f16 {
         use std::arch::x86_64::{_mm256_cvtph_ps, _mm_loadu_si128};
         // SAFETY: the caller's guarantee.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const half::f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::{_mm256_loadu_si256, _mm512_cvtph_ps};
+        // SAFETY: the caller's guarantee.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_masked(p: *const half::f16, mask: std::arch::x86_64::__mmask16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::{_mm256_maskz_loadu_epi16, _mm512_cvtph_ps};
+        // SAFETY: the caller's guarantee (masked-off lanes are not read).
+        unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast())) }
     }
 }
 
@@ -184,32 +229,132 @@ pub struct Task<'a> {
 
 /// Phase two for one [`Task`]: rotates the group's queries, scores them against the row's keys (causal: query `s`
 /// sees positions `..= past + s`), softmaxes, sums the values and writes the output rows; padding queries get zeros.
+/// Runs the loops of [`Isa::selected`].
 ///
 /// # Safety
 /// As [`append`], after `append` ran for `(b, g)`; no other task writes the output rows of `(b, tile)` for the
 /// heads of group `g`.
 pub unsafe fn attend<C: CacheElem>(d: &Dims, buf: &Buffers<C>, task: &Task) {
     // SAFETY: the caller's guarantee.
-    unsafe { attend_with(true, d, buf, task) }
+    unsafe { attend_with(Isa::selected(), d, buf, task) }
 }
 
-/// [`attend`], with the AVX2 loops only when `simd` (the tests run both forms).
-unsafe fn attend_with<C: CacheElem>(simd: bool, d: &Dims, buf: &Buffers<C>, task: &Task) {
-    #[cfg(target_arch = "x86_64")]
-    if simd && avx2::available() {
-        // SAFETY: the CPU has the features; the rest is the caller's guarantee.
-        return unsafe { attend_avx2(d, buf, task) };
-    }
-    let _ = simd;
-    // SAFETY: the caller's guarantee.
-    unsafe { attend_body::<false, C>(d, buf, task) }
+/// The forms of [`attend`]'s inner loops, from the portable one up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain Rust loops (whatever the compiler vectorizes for the build's target).
+    Portable,
+    /// AVX2 + FMA + F16C, 8 lanes (`avx2.rs`).
+    Avx2,
+    /// AVX-512 F/BW/VL + FMA + F16C, 16 lanes (`avx512.rs`).
+    Avx512,
 }
+
+/// The environment variable that forces a form of the loops: `avx512`, `avx2` or `portable` (to compare them);
+/// one this CPU lacks falls back to the best form below it that it has.
+pub const ISA_VAR: &str = "R1_ATTENTION_ISA";
+
+impl Isa {
+    /// Every form, from the portable one up.
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+
+    /// Whether this CPU runs this form.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::available(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// This form if the CPU runs it, else the best one below it that it does.
+    pub fn or_below(self) -> Isa {
+        Isa::ALL.into_iter().rev().find(|i| *i <= self && i.available()).unwrap_or(Isa::Portable)
+    }
+
+    /// `avx512`, `avx2` or `portable` (any case).
+    pub fn parse(s: &str) -> Option<Isa> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "avx512" | "avx-512" => Some(Isa::Avx512),
+            "avx2" => Some(Isa::Avx2),
+            "portable" | "scalar" | "none" => Some(Isa::Portable),
+            _ => None,
+        }
+    }
+
+    /// The form [`attend`] runs: the one [`Isa::force`]d, else [`ISA_VAR`]'s when set (read once per process; an
+    /// unknown value is ignored with a warning), else the best this CPU has.
+    pub fn selected() -> Isa {
+        match CHOICE.load(Ordering::Relaxed) {
+            UNSET => {
+                let wanted = match std::env::var(ISA_VAR) {
+                    Ok(v) if !v.trim().is_empty() => Isa::parse(&v).unwrap_or_else(|| {
+                        tracing::warn!("{ISA_VAR}={v:?} is not avx512, avx2 or portable; using the best this CPU has");
+                        Isa::Avx512
+                    }),
+                    _ => Isa::Avx512,
+                };
+                let isa = wanted.or_below();
+                tracing::debug!("r1.GroupQueryAttention loops: {isa:?}");
+                // A concurrent first call computes the same value; a concurrent `force` wins or is overwritten
+                // with the environment's choice, as if it came first.
+                let _ = CHOICE.compare_exchange(UNSET, isa as u8, Ordering::Relaxed, Ordering::Relaxed);
+                Isa::ALL[CHOICE.load(Ordering::Relaxed) as usize]
+            }
+            i => Isa::ALL[i as usize],
+        }
+    }
+
+    /// Makes [`attend`] run `isa` (or the best form below it that this CPU has) from now on, in every session of
+    /// the process; `None` returns to [`ISA_VAR`]'s or the CPU's choice. For comparisons (`decode_step`'s `ISA`).
+    pub fn force(isa: Option<Isa>) -> Isa {
+        CHOICE.store(isa.map_or(UNSET, |i| i.or_below() as u8), Ordering::Relaxed);
+        Isa::selected()
+    }
+}
+
+/// [`Isa::selected`]'s value (an index of [`Isa::ALL`]), or [`UNSET`] before the first call.
+static CHOICE: AtomicU8 = AtomicU8::new(UNSET);
+const UNSET: u8 = u8::MAX;
+
+/// [`attend`] with the loops of `isa` (or the best form below it that this CPU has; the tests run each form).
+///
+/// # Safety
+/// As [`attend`].
+unsafe fn attend_with<C: CacheElem>(isa: Isa, d: &Dims, buf: &Buffers<C>, task: &Task) {
+    match isa.or_below() {
+        // SAFETY (each arm): the CPU has the form's features; the rest is the caller's guarantee.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { attend_avx512(d, buf, task) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { attend_avx2(d, buf, task) },
+        _ => unsafe { attend_body::<PORTABLE, C>(d, buf, task) },
+    }
+}
+
+/// Values of `attend_body`'s `ISA` parameter.
+const PORTABLE: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+const AVX2: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+const AVX512: u8 = 2;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2<C: CacheElem>(d: &Dims, buf: &Buffers<C>, task: &Task) {
     // SAFETY: the caller's guarantee.
-    unsafe { attend_body::<true, C>(d, buf, task) }
+    unsafe { attend_body::<AVX2, C>(d, buf, task) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn attend_avx512<C: CacheElem>(d: &Dims, buf: &Buffers<C>, task: &Task) {
+    // SAFETY: the caller's guarantee.
+    unsafe { attend_body::<AVX512, C>(d, buf, task) }
 }
 
 /// `a · b + c`, fused where the code is compiled for FMA.
@@ -316,7 +461,9 @@ fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 }
 
 #[inline(always)]
-unsafe fn attend_body<const FMA: bool, C: CacheElem>(d: &Dims, buf: &Buffers<C>, task: &Task) {
+unsafe fn attend_body<const ISA: u8, C: CacheElem>(d: &Dims, buf: &Buffers<C>, task: &Task) {
+    // The plain loops below run in the portable form only (the SIMD forms `continue` before them).
+    const { assert!(ISA <= 2) };
     let Task { b, g, span, ref tile, positions, scale } = *task;
     let (hd, group) = (d.head_dim, d.group());
     let half = hd / 2;
@@ -362,7 +509,16 @@ unsafe fn attend_body<const FMA: bool, C: CacheElem>(d: &Dims, buf: &Buffers<C>,
                     continue;
                 }
                 #[cfg(target_arch = "x86_64")]
-                if FMA {
+                if ISA == AVX512 {
+                    for (j, r) in (r0..r0 + group).step_by(avx512::MAX_ROWS).enumerate() {
+                        let n = (group - j * avx512::MAX_ROWS).min(avx512::MAX_ROWS);
+                        let out = scores.as_mut_ptr().add(r * keys);
+                        avx512::scores::<C>(q.as_ptr().add(r * hd), n, hd, kp, t0..end, out, keys);
+                    }
+                    continue;
+                }
+                #[cfg(target_arch = "x86_64")]
+                if ISA == AVX2 {
                     for (j, r) in (r0..r0 + group).step_by(avx2::MAX_ROWS).enumerate() {
                         let n = (group - j * avx2::MAX_ROWS).min(avx2::MAX_ROWS);
                         let out = scores.as_mut_ptr().add(r * keys);
@@ -375,12 +531,12 @@ unsafe fn attend_body<const FMA: bool, C: CacheElem>(d: &Dims, buf: &Buffers<C>,
                     let sr = &mut scores[r * keys..(r + 1) * keys];
                     let mut t = t0;
                     while t + 4 <= end {
-                        let s4 = dot4::<FMA, C>(qr, [key(t), key(t + 1), key(t + 2), key(t + 3)]);
+                        let s4 = dot4::<false, C>(qr, [key(t), key(t + 1), key(t + 2), key(t + 3)]);
                         sr[t..t + 4].copy_from_slice(&s4);
                         t += 4;
                     }
                     while t < end {
-                        sr[t] = qr.iter().zip(key(t)).fold(0.0, |a, (x, y)| madd::<FMA>(*x, y.to_f32(), a));
+                        sr[t] = qr.iter().zip(key(t)).fold(0.0, |a, (x, y)| madd::<false>(*x, y.to_f32(), a));
                         t += 1;
                     }
                 }
@@ -404,12 +560,30 @@ unsafe fn attend_body<const FMA: bool, C: CacheElem>(d: &Dims, buf: &Buffers<C>,
         let mut t0 = 0;
         while t0 < keys {
             let t1 = (t0 + KEY_BLOCK).min(keys);
+            // Rows of one query position share their causal limit: the AVX-512 loops sum each value into all of
+            // them at once.
+            #[cfg(target_arch = "x86_64")]
+            if ISA == AVX512 {
+                for r0 in (0..rows).step_by(group) {
+                    let end = t1.min(limit(r0));
+                    if end <= t0 {
+                        continue;
+                    }
+                    for (j, r) in (r0..r0 + group).step_by(avx512::MAX_ROWS).enumerate() {
+                        let n = (group - j * avx512::MAX_ROWS).min(avx512::MAX_ROWS);
+                        let (p, a) = (scores.as_ptr().add(r * keys), acc.as_mut_ptr().add(r * hd));
+                        avx512::values::<C>(p, keys, n, a, hd, vp, t0..end);
+                    }
+                }
+                t0 = t1;
+                continue;
+            }
             for r in 0..rows {
                 let end = t1.min(limit(r));
                 let pr = &scores[r * keys..(r + 1) * keys];
                 let ar = &mut acc[r * hd..(r + 1) * hd];
                 #[cfg(target_arch = "x86_64")]
-                if FMA {
+                if ISA == AVX2 {
                     if t0 < end {
                         avx2::values::<C>(pr.as_ptr(), ar, vp, t0..end);
                     }
@@ -418,13 +592,13 @@ unsafe fn attend_body<const FMA: bool, C: CacheElem>(d: &Dims, buf: &Buffers<C>,
                 let mut t = t0;
                 while t + 4 <= end {
                     let p = [pr[t], pr[t + 1], pr[t + 2], pr[t + 3]];
-                    axpy4::<FMA, C>(ar, p, [value(t), value(t + 1), value(t + 2), value(t + 3)]);
+                    axpy4::<false, C>(ar, p, [value(t), value(t + 1), value(t + 2), value(t + 3)]);
                     t += 4;
                 }
                 while t < end {
                     let (p, v0) = (pr[t], value(t));
                     for (a, x) in ar.iter_mut().zip(v0) {
-                        *a = madd::<FMA>(p, x.to_f32(), *a);
+                        *a = madd::<false>(p, x.to_f32(), *a);
                     }
                     t += 1;
                 }

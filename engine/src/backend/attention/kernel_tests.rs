@@ -50,11 +50,11 @@ fn case(d: Dims, totals: &[usize], seed: u64) -> Case {
 
 /// Runs both phases over every task; `in_place` binds the past buffers as the presents.
 fn run(c: &Case, in_place: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    run_with::<f32>(c, in_place, true)
+    run_with::<f32>(c, in_place, Isa::selected())
 }
 
-/// [`run`] over caches of element `C`, with the AVX2 loops only when `simd`.
-fn run_with<C: CacheElem>(c: &Case, in_place: bool, simd: bool) -> (Vec<f32>, Vec<C>, Vec<C>) {
+/// [`run`] over caches of element `C`, with the loops of `isa`.
+fn run_with<C: CacheElem>(c: &Case, in_place: bool, isa: Isa) -> (Vec<f32>, Vec<C>, Vec<C>) {
     let d = c.d;
     let present_len = d.batch * d.kv_heads * d.present_capacity * d.head_dim;
     let past_key: Vec<C> = c.past_key.iter().map(|&x| C::from_f32(x)).collect();
@@ -92,7 +92,7 @@ fn run_with<C: CacheElem>(c: &Case, in_place: bool, simd: bool) -> (Vec<f32>, Ve
                 let tile = s..(s + QUERY_TILE).min(d.seq);
                 // SAFETY: as above.
                 let task = Task { b, g, span: c.spans[b], tile, positions: &c.positions[b], scale };
-                unsafe { attend_with(simd, &d, &buf, &task) };
+                unsafe { attend_with(isa, &d, &buf, &task) };
                 s += QUERY_TILE;
             }
         }
@@ -155,20 +155,34 @@ fn reference(c: &Case, store: fn(f64) -> f64) -> (Vec<f64>, Vec<Vec<f64>>) {
     (out, presents)
 }
 
-/// Float32 and float16 caches, each through both forms of the loops (AVX2 where the CPU has it, and the portable
-/// one), against the reference.
+/// The forms of the loops this CPU runs (the portable one always; AVX2 and AVX-512 where the CPU has them: a form
+/// it lacks is skipped, with a note).
+fn forms() -> Vec<Isa> {
+    Isa::ALL
+        .into_iter()
+        .filter(|isa| {
+            let has = isa.available();
+            if !has {
+                eprintln!("note: this CPU lacks {isa:?}; its loops are not tested here");
+            }
+            has
+        })
+        .collect()
+}
+
+/// Float32 and float16 caches, each through every form of the loops this CPU runs, against the reference.
 fn check(c: &Case, in_place: bool) {
-    for simd in [true, false] {
-        check_with::<f32>(c, in_place, simd, |x| x, 2e-5);
+    for isa in forms() {
+        check_with::<f32>(c, in_place, isa, |x| x, 2e-5);
         // A float16 cache rounds what it stores (the reference rounds the same values); a key rotated in float32
         // may round to the neighbouring float16 of the reference's float64 rotation: one ulp, 2^-11 relative.
-        check_with::<f16>(c, in_place, simd, |x| f16::from_f64(x).to_f64(), 1e-4);
+        check_with::<f16>(c, in_place, isa, |x| f16::from_f64(x).to_f64(), 1e-4);
     }
 }
 
-fn check_with<C: CacheElem>(c: &Case, in_place: bool, simd: bool, store: fn(f64) -> f64, tolerance: f64) {
+fn check_with<C: CacheElem>(c: &Case, in_place: bool, isa: Isa, store: fn(f64) -> f64, tolerance: f64) {
     let d = c.d;
-    let (out, pk, _) = run_with::<C>(c, in_place, simd);
+    let (out, pk, _) = run_with::<C>(c, in_place, isa);
     let (want, presents) = reference(c, store);
     let hd = d.head_dim;
     for b in 0..d.batch {
@@ -179,7 +193,7 @@ fn check_with<C: CacheElem>(c: &Case, in_place: bool, simd: bool, store: fn(f64)
                 if s < span.new {
                     assert!(
                         (out[i] as f64 - want[i]).abs() < tolerance,
-                        "row {b} query {s} [{j}]: {} vs {}",
+                        "{isa:?}, row {b} query {s} [{j}]: {} vs {}",
                         out[i],
                         want[i]
                     );
@@ -261,6 +275,43 @@ fn odd_head_sizes_and_key_counts_take_the_scalar_tails() {
 }
 
 #[test]
+fn head_sizes_of_the_real_models_and_groups_wider_than_a_register_block() {
+    // Head size 128 (the 64-lane value blocks of the AVX-512 loops, twice), a group of 7 query heads (one block
+    // of 6 rows, then 1), decode rows and a prompt chunk; key counts that are not multiples of 4.
+    let mut d = dims(2, 1, 203);
+    d.head_dim = 128;
+    d.heads = 14;
+    check(&case(d, &[203, 66], 6), true);
+    d.seq = 18;
+    check(&case(d, &[199, 18], 7), true);
+    // 80 = 64 + 16 (a value block, then one vector), a group of 8.
+    let mut d = dims(1, 3, 77);
+    d.head_dim = 80;
+    d.heads = 16;
+    check(&case(d, &[77], 8), true);
+}
+
+#[test]
+fn isa_names_parse_and_fall_back_to_what_the_cpu_has() {
+    assert_eq!(Isa::parse("AVX512"), Some(Isa::Avx512));
+    assert_eq!(Isa::parse(" avx2 "), Some(Isa::Avx2));
+    assert_eq!(Isa::parse("portable"), Some(Isa::Portable));
+    assert_eq!(Isa::parse("sse"), None);
+    assert_eq!(Isa::Portable.or_below(), Isa::Portable);
+    for isa in Isa::ALL {
+        let chosen = isa.or_below();
+        assert!(chosen <= isa && chosen.available());
+        assert_eq!(chosen == isa, isa.available());
+    }
+    assert!(Isa::selected().available());
+    // Forcing a form holds until it is released (every form computes the same function, so the other tests of
+    // this process are indifferent to it).
+    assert_eq!(Isa::force(Some(Isa::Portable)), Isa::Portable);
+    assert_eq!(Isa::selected(), Isa::Portable);
+    assert!(Isa::force(None).available());
+}
+
+#[test]
 fn the_polynomial_exp_is_within_two_ulp_of_libm_on_softmax_inputs() {
     let mut x = 0.0f32;
     while x > -87.0 {
@@ -271,4 +322,112 @@ fn the_polynomial_exp_is_within_two_ulp_of_libm_on_softmax_inputs() {
     }
     assert_eq!(exp_neg(0.0), 1.0);
     assert!(exp_neg(-1e9) < 1e-37, "clamped far below any softmax weight that matters");
+}
+
+/// One decode step's attention at the 1.5B shape (12 query heads, 2 key/value heads of 128, 28 layers, each its own
+/// float16 or float32 cache of 4,096 positions bound in place), two threads (one per key/value head, as ONNX
+/// Runtime's pool runs the tasks), at 128 and 4,000 cached positions; every form of the loops this CPU has (and the
+/// AVX-512 loops' prefetch distances) in interleaved rounds, so that each sees the same minutes of a shared host.
+#[test]
+#[ignore = "a timing, not a check: cargo test --release -p r1-engine --lib attention_decode_timing -- --ignored --nocapture"]
+fn attention_decode_timing() {
+    timing::<f16>("float16");
+    timing::<f32>("float32");
+}
+
+fn timing<C: CacheElem + Send + Sync>(what: &str) {
+    use std::time::Instant;
+    const LAYERS: usize = 28;
+    const CAP: usize = 4096;
+    let d = Dims {
+        batch: 1,
+        seq: 1,
+        heads: 12,
+        kv_heads: 2,
+        head_dim: 128,
+        past_capacity: CAP,
+        present_capacity: CAP,
+        rotary_positions: CAP,
+    };
+    let n = d.kv_heads * CAP * d.head_dim;
+    let fill = |seed| noise(n, seed).into_iter().map(|x| C::from_f32(x)).collect::<Vec<C>>();
+    let mut caches: Vec<(Vec<C>, Vec<C>)> = (0..LAYERS as u64).map(|l| (fill(2 * l + 10), fill(2 * l + 11))).collect();
+    let (q, k, v) =
+        (noise(d.heads * d.head_dim, 1), noise(d.kv_heads * d.head_dim, 2), noise(d.kv_heads * d.head_dim, 3));
+    let (cos, sin) = (vec![1f32; CAP * d.head_dim / 2], vec![0f32; CAP * d.head_dim / 2]);
+    let mut outs = vec![vec![0f32; d.heads * d.head_dim]; LAYERS];
+    let bufs: Vec<Buffers<C>> = caches
+        .iter_mut()
+        .zip(&mut outs)
+        .map(|((pk, pv), out)| Buffers {
+            q: q.as_ptr(),
+            k: k.as_ptr(),
+            v: v.as_ptr(),
+            past_key: pk.as_ptr(),
+            past_value: pv.as_ptr(),
+            present_key: pk.as_mut_ptr(),
+            present_value: pv.as_mut_ptr(),
+            cos: cos.as_ptr(),
+            sin: sin.as_ptr(),
+            out: out.as_mut_ptr(),
+        })
+        .collect();
+    let step = |isa: Isa, context: usize| {
+        let span = RowSpan::of(context + 1, 1);
+        let positions = [context];
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for g in 0..d.kv_heads {
+                let (bufs, positions) = (&bufs, &positions);
+                s.spawn(move || {
+                    for buf in bufs {
+                        let task = Task { b: 0, g, span, tile: 0..1, positions, scale: 0.088 };
+                        // SAFETY: each layer's buffers have `d`'s sizes; thread `g` writes only head `g`.
+                        unsafe {
+                            append(&d, buf, 0, g, span, positions);
+                            attend_with(isa, &d, buf, &task);
+                        }
+                    }
+                });
+            }
+        });
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    #[cfg(target_arch = "x86_64")]
+    let forms: Vec<(Isa, usize)> = forms()
+        .into_iter()
+        .filter(|i| *i != Isa::Portable)
+        .flat_map(|i| if i == Isa::Avx512 { vec![(i, 0), (i, 16), (i, 32), (i, 64)] } else { vec![(i, 0)] })
+        .collect();
+    #[cfg(not(target_arch = "x86_64"))]
+    let forms: Vec<(Isa, usize)> = vec![(Isa::Portable, 0)];
+    let contexts = [128, 4000];
+    let mut ms = vec![vec![Vec::new(); forms.len()]; contexts.len()];
+    for _round in 0..10 {
+        for (ci, &c) in contexts.iter().enumerate() {
+            for (fi, &(isa, ahead)) in forms.iter().enumerate() {
+                #[cfg(target_arch = "x86_64")]
+                avx512::PREFETCH_KEYS.store(ahead, std::sync::atomic::Ordering::Relaxed);
+                let _ = ahead;
+                step(isa, c); // warm-up
+                for _ in 0..3 {
+                    ms[ci][fi].push(step(isa, c));
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    avx512::PREFETCH_KEYS.store(16, std::sync::atomic::Ordering::Relaxed);
+    println!("{what} cache: attention of one decode step, 28 layers, 2 threads (ms; best / median of 30)");
+    println!("| loops | prefetch (keys ahead) | 128 best | 128 median | 4000 best | 4000 median |");
+    println!("|---|---|---|---|---|---|");
+    for (fi, (isa, ahead)) in forms.iter().enumerate() {
+        let mut row = format!("| {isa:?} | {} |", if *isa == Isa::Avx512 { ahead.to_string() } else { "-".into() });
+        for per_context in &mut ms {
+            let xs = &mut per_context[fi];
+            xs.sort_by(f64::total_cmp);
+            row += &format!(" {:.2} | {:.2} |", xs[0], xs[xs.len() / 2]);
+        }
+        println!("{row}");
+    }
 }

@@ -14,6 +14,11 @@
 //! attends. A task's result never depends on how tasks were scheduled, so outputs do not depend on the thread
 //! count or on which other rows share the step.
 //!
+//! The inner loops come in three forms ([`kernel::Isa`]), chosen once per process at run time: AVX-512 (F, BW, VL +
+//! FMA + F16C, `avx512.rs`) where the CPU has it, else AVX2 (+ FMA + F16C, `avx2.rs`), else portable Rust. The
+//! environment variable `R1_ATTENTION_ISA=avx512|avx2|portable` ([`kernel::ISA_VAR`]) forces one, to compare them
+//! (a form the CPU lacks falls back to the best below it); all compute the same function within float32 rounding.
+//!
 //! Activations are float32; the caches (past and present) float32 or float16, one operator registration each
 //! under the same name ([`CacheType`]): a float16 cache under float32 activations halves what a long context's
 //! decode step streams (`r1-export --kv-cache-dtype`). Float16 serving graphs keep ONNX Runtime's kernel (a CPU
@@ -21,6 +26,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod kernel;
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
