@@ -8,10 +8,13 @@
 
 use r1_engine::manifest::{names, DType, Dim};
 
-use crate::checkpoint::convert::{convert, convert_transposed, to_f32_vec};
+use crate::checkpoint::convert::{convert, convert_transposed, to_f32_vec, transposed_rows_f32};
 use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
 use crate::onnx::{ElemType, GraphBuilder};
+
+/// Bytes of a checkpoint tensor read between releases of its pages ([`Ctx::tensor`]).
+const RELEASE_BYTES: usize = 64 << 20;
 
 /// Everything a family builder needs: the graph, the checkpoint and the export precision.
 pub struct Ctx<'a> {
@@ -78,19 +81,28 @@ impl<'a> Ctx<'a> {
     }
 
     /// Like [`Ctx::matrix_t`] but stores the initializer under `name` (e.g. a tied `lm_head.weight`). It is a
-    /// MatMul's weight: a streamed quantized export quantizes it as it is read ([`GraphBuilder::matmul_weight`]).
+    /// MatMul's weight: a streamed quantized export quantizes it as it is read, in bands of output columns (rows
+    /// of the checkpoint's `[out, in]`) when it is large ([`GraphBuilder::matmul_weight_columns`]).
     pub fn matrix_t_as(&mut self, name: &str, key: &str, out_f: usize, in_f: usize) -> Result<String> {
         let ck = self.ck;
         let t = ck.tensor(key, &[out_f, in_f])?;
         let src = t.float()?;
         let dtype = self.dtype;
-        // Released as soon as it is converted: a streamed export quantizes it after the fill, and its pages
-        // would stay resident beside its float32 values.
-        let out = self.b.matmul_weight(name, dtype, &[in_f as i64, out_f as i64], |sink| {
-            let converted = convert_transposed(t.data, src, dtype, out_f, in_f, sink);
-            ck.release(key);
-            converted
-        })?;
+        let row_bytes = in_f * src.size();
+        let out = self.b.matmul_weight_columns(
+            name,
+            dtype,
+            &[in_f as i64, out_f as i64],
+            |sink| convert_transposed(t.data, src, dtype, out_f, in_f, sink),
+            // Each band's pages are released once read: they would stay resident beside the quantized weight.
+            |(c0, c1), values| {
+                transposed_rows_f32(t.data, src, out_f, in_f, (c0, c1), values)?;
+                ck.release_bytes(key, c0 * row_bytes, c1 * row_bytes);
+                Ok(())
+            },
+        );
+        ck.release(key);
+        let out = out?;
         (self.progress)(key, t.data.len() as u64);
         Ok(out)
     }
@@ -102,8 +114,18 @@ impl<'a> Ctx<'a> {
         let src = t.float()?;
         let dtype = self.dtype;
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        let out = self.b.weight(key, dtype, &dims, |sink| convert(t.data, src, dtype, sink))?;
+        // Converted a part at a time, each part's pages released once read: the whole source of a large table (the
+        // embedding's 1.85 GB of bf16 in DeepSeek-R1) would otherwise be resident by the end of it.
+        let part = (RELEASE_BYTES / src.size()).max(1) * src.size();
+        let out = self.b.weight(key, dtype, &dims, |sink| {
+            for (i, data) in t.data.chunks(part).enumerate() {
+                convert(data, src, dtype, sink)?;
+                ck.release_bytes(key, i * part, i * part + data.len());
+            }
+            Ok(())
+        });
         ck.release(key);
+        let out = out?;
         (self.progress)(key, t.data.len() as u64);
         Ok(out)
     }

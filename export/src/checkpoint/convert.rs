@@ -136,6 +136,40 @@ pub fn convert_transposed(
     Ok(())
 }
 
+/// Rows `[r0, r1)` of a row-major `[rows, cols]` matrix, transposed into `out` as float32 `[cols, r1 - r0]`
+/// (row-major; `out` is cleared first): the output columns `[r0, r1)` of the `[cols, rows]` transpose, the same
+/// values [`convert_transposed`] writes there in f32. A band of a MatMul weight read from its HF `[out, in]` rows.
+pub fn transposed_rows_f32(
+    data: &[u8],
+    src: SrcFloat,
+    rows: usize,
+    cols: usize,
+    (r0, r1): (usize, usize),
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    if data.len() != rows * cols * src.size() || r0 > r1 || r1 > rows {
+        return Err(ExportError::Graph(format!(
+            "rows {r0}..{r1} of [{rows}, {cols}] ({} bytes) out of {} bytes",
+            rows * cols * src.size(),
+            data.len()
+        )));
+    }
+    let width = r1 - r0;
+    out.clear();
+    out.resize(width * cols, 0.0);
+    const TILE: usize = 32;
+    for ct in (0..cols).step_by(TILE) {
+        let ct_end = (ct + TILE).min(cols);
+        for r in r0..r1 {
+            let j = r - r0;
+            for c in ct..ct_end {
+                out[c * width + j] = src.get(data, r * cols + c);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +210,23 @@ mod tests {
             }
         }
         assert!(convert_transposed(&data[1..], SrcFloat::F32, ElemType::F32, rows, cols, &mut |_| Ok(())).is_err());
+    }
+
+    #[test]
+    fn transposed_rows_are_the_transposes_columns() {
+        let (rows, cols) = (37, 70);
+        let vals: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.25 - 100.0).collect();
+        let data: Vec<u8> = vals.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+        let whole = collect(|s| convert_transposed(&data, SrcFloat::Bf16, ElemType::F32, rows, cols, s));
+        let whole: &[f32] = bytemuck::cast_slice(&whole);
+        let mut band = Vec::new();
+        for (r0, r1) in [(0, 37), (0, 5), (5, 36), (36, 37), (10, 10)] {
+            transposed_rows_f32(&data, SrcFloat::Bf16, rows, cols, (r0, r1), &mut band).unwrap();
+            assert_eq!(band.len(), (r1 - r0) * cols);
+            for c in 0..cols {
+                assert_eq!(band[c * (r1 - r0)..(c + 1) * (r1 - r0)], whole[c * rows + r0..c * rows + r1]);
+            }
+        }
+        assert!(transposed_rows_f32(&data, SrcFloat::Bf16, rows, cols, (30, 38), &mut band).is_err());
     }
 }

@@ -264,13 +264,20 @@ impl Checkpoint {
 
     /// Drops the resident pages of a tensor once it has been converted, so RSS stays bounded.
     pub fn release(&self, name: &str) {
+        self.release_bytes(name, 0, usize::MAX);
+    }
+
+    /// Drops the resident pages of bytes `[from, to)` of a tensor's data (clamped to it) once they have been
+    /// read, so a tensor read in parts (a MatMul weight quantized band by band) never has all its pages resident.
+    pub fn release_bytes(&self, name: &str, from: usize, to: usize) {
         let Some(e) = self.entries.get(name) else { return };
         let shard = &self.shards[e.shard];
-        // madvise works on whole pages: shrink the range to the pages fully inside this tensor,
-        // leaving neighbours' partial pages alone.
+        let (from, to) = (e.start.saturating_add(from).min(e.end), e.start.saturating_add(to).min(e.end));
+        // madvise works on whole pages: shrink the range to the pages fully inside it, leaving neighbours'
+        // partial pages alone.
         const PAGE: usize = 4096;
-        let start = e.start.div_ceil(PAGE) * PAGE;
-        let end = (e.end / PAGE) * PAGE;
+        let start = from.div_ceil(PAGE) * PAGE;
+        let end = (to / PAGE) * PAGE;
         if end > start {
             // SAFETY: the map is read-only and file-backed; DONTNEED only drops clean pages, which are
             // re-read from the file if touched again. No slice into this range is used afterwards by

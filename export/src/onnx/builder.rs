@@ -148,6 +148,11 @@ pub type ByteSink<'a> = &'a mut dyn FnMut(&[u8]) -> Result<()>;
 /// the callback it is given.
 pub type Matrices<'a> = &'a mut dyn FnMut(&mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()>;
 
+/// The columns of a MatMul weight `B` (`[k, n]`) read in bands ([`WeightStream::quantize_columns`]): called with
+/// `(c0, c1)` and a buffer, fills the buffer (cleared first) with columns `[c0, c1)` of `B` as float32
+/// `[k, c1 - c0]`, row-major.
+pub type Columns<'a> = &'a mut dyn FnMut((usize, usize), &mut Vec<f32>) -> Result<()>;
+
 /// Takes the weights of a graph whose MatMul weights are quantized as they are made (`quantize::stream`, a
 /// weight-only export without fp32 staging). The graph keeps a placeholder initializer (name, FLOAT, dims, no
 /// data) for each weight it quantizes; the graph rewrite after [`GraphBuilder::finish_streamed`] replaces them.
@@ -164,6 +169,15 @@ pub trait WeightStream {
         length: u64,
         fill: &mut dyn FnMut(ByteSink<'_>) -> Result<()>,
     ) -> Result<u64>;
+    /// Quantizes MatMul weight `name` (`[k, n]`) whose columns `columns` reads in any band asked for (a weight
+    /// stored transposed in the checkpoint: a band of output columns is a band of its rows). The stream picks the
+    /// bands, so that it never needs the whole weight in float32; by default one band of all `n` columns, handed to
+    /// [`WeightStream::quantize`].
+    fn quantize_columns(&mut self, name: &str, k: usize, n: usize, columns: Columns<'_>) -> Result<()> {
+        let mut values = Vec::new();
+        columns((0, n), &mut values)?;
+        self.quantize(name, &values, k, n)
+    }
     /// Whether the stacked MatMul weight `name` (`[e, k, n]` = `dims`: `e` matrices `[k, n]`, DeepseekV3's routed
     /// experts) is quantized matrix by matrix ([`WeightStream::quantize_stack`]); otherwise it is stored.
     fn takes_stack(&self, _name: &str, _elem: ElemType, _dims: &[i64]) -> bool {
@@ -473,6 +487,50 @@ impl GraphBuilder {
         };
         self.values = values;
         result
+    }
+
+    /// [`GraphBuilder::matmul_weight`] for a weight that can also be read a band of columns at a time
+    /// (`columns`, see [`Columns`]): a streamed quantized export hands it to [`WeightStream::quantize_columns`],
+    /// which reads it in bands of output columns, so its float32 form (the LM head's: 3.7 GB for DeepSeek-R1) is
+    /// never in memory whole. Otherwise `fill` writes it as [`GraphBuilder::weight`] does.
+    pub fn matmul_weight_columns(
+        &mut self,
+        name: &str,
+        elem: ElemType,
+        dims: &[i64],
+        fill: impl FnOnce(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+        mut columns: impl FnMut((usize, usize), &mut Vec<f32>) -> Result<()>,
+    ) -> Result<String> {
+        let Some((k, n)) = self.streamed_matmul(name, elem, dims) else {
+            return self.weight(name, elem, dims, fill);
+        };
+        let stream = self.stream.as_mut().ok_or_else(|| ExportError::Graph(format!("weight `{name}`: no stream")))?;
+        let mut read = 0usize;
+        stream.quantize_columns(name, k, n, &mut |(c0, c1), out| {
+            if c0 > c1 || c1 > n {
+                return Err(ExportError::Graph(format!("weight `{name}` [{k}, {n}]: no columns {c0}..{c1}")));
+            }
+            columns((c0, c1), out)?;
+            if out.len() != k * (c1 - c0) {
+                return Err(ExportError::Graph(format!(
+                    "weight `{name}` [{k}, {n}]: columns {c0}..{c1} need {} values, got {}",
+                    k * (c1 - c0),
+                    out.len()
+                )));
+            }
+            read += c1 - c0;
+            Ok(())
+        })?;
+        if read != n {
+            return Err(ExportError::Graph(format!("weight `{name}` [{k}, {n}]: {read} columns were read, not {n}")));
+        }
+        self.weight_bytes += (k * n * 4) as u64;
+        self.push_initializer(TensorProto {
+            name: Some(name.into()),
+            data_type: Some(ElemType::F32.onnx_code()),
+            dims: dims.to_vec(),
+            ..Default::default()
+        })
     }
 
     /// A stack of `e` MatMul `B` matrices (`dims` = `[e, k, n]`, read by a batched MatMul: DeepseekV3's routed

@@ -17,7 +17,7 @@ pub mod sparse_moe;
 
 pub use builder::{
     attr_f, attr_i, attr_ints, attr_s, attr_t, i64_tensor, inline_tensor, ir_version_for_opset, rewrite_node, Attr,
-    ByteSink, GraphBuilder, Matrices, WeightStream, OPSET_RANGE,
+    ByteSink, Columns, GraphBuilder, Matrices, WeightStream, OPSET_RANGE,
 };
 pub use external::{ExternalDataWriter, ExternalSpan, ExternalSummary, EXTERNAL_ALIGN};
 

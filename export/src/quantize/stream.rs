@@ -12,6 +12,14 @@
 //! export's; only the offsets of the tensors in `model.onnx.data` differ (they are written in the order they are
 //! made, where the staged rewrite writes the float tensors first). `tests/tests/quantize_streamed.rs` checks it.
 //!
+//! A large MatMul weight that the checkpoint stores transposed (`[out, in]`: the LM head, 129,280 × 7168 in
+//! DeepSeek-R1, 3.7 GB in float32) is quantized in bands of output columns
+//! ([`crate::onnx::GraphBuilder::matmul_weight_columns`]): every scheme here quantizes each output column on its own
+//! (int8: one scale per column from the column's absolute maximum; int4: the clip search per block of `K` rows of
+//! one column), so a band of columns read from a band of checkpoint rows, quantized as a `[K, band]` matrix, gives
+//! exactly those columns' codes, scales and zero points, which [`quantize_banded`] places into the whole tensors'
+//! layout. Memory holds the quantized weight and one band of at most [`BAND_BYTES`] of float32, never the weight.
+//!
 //! DeepseekV3's routed experts (`[E, in, out]` stacks read by batched MatMuls, marked by
 //! [`crate::onnx::GraphBuilder::stacked_matmul_weight`]) are quantized here too, one expert matrix at a time with the
 //! same function and scheme as the MatMul weights (int8 per output channel; the artifact's int4 blocks along K),
@@ -35,6 +43,7 @@ use r1_calibration::qdq::{
 };
 use r1_calibration::report::QualityReport;
 use r1_engine::manifest::{Manifest, Precision};
+use r1_proto::onnx::tensor_proto::DataType;
 use r1_proto::onnx::{ModelProto, TensorProto};
 
 use super::{
@@ -42,7 +51,7 @@ use super::{
     REPORT_FILE,
 };
 use crate::error::{ExportError, Result};
-use crate::onnx::{ByteSink, ElemType, ExternalSummary, Matrices, WeightStream};
+use crate::onnx::{ByteSink, Columns, ElemType, ExternalSummary, Matrices, WeightStream};
 use crate::{artifact, ExportOptions, DATA_FILE};
 
 /// Whether `q` is exported without fp32 staging (see the module docs for what needs the fp32 model).
@@ -91,6 +100,7 @@ impl Streamed<'_> {
             opset: self.opset,
             quantized: HashMap::new(),
             stacks: Vec::new(),
+            band_bytes: BAND_BYTES,
         }))
     }
 
@@ -161,6 +171,140 @@ struct StreamWeights {
     quantized: HashMap<String, QuantizedWeight>,
     /// Stacked weights quantized matrix by matrix, in the order they were made (3-D tensors, `DequantizeLinear`).
     stacks: Vec<(String, QuantizedWeight)>,
+    /// Float32 bytes of a band of columns ([`WeightStream::quantize_columns`]; [`BAND_BYTES`] but in tests).
+    band_bytes: usize,
+}
+
+impl StreamWeights {
+    /// Writes `q`'s large tensors to the data file and keeps it for the rewrite.
+    fn keep(&mut self, name: &str, mut q: QuantizedWeight) -> Result<()> {
+        for t in &mut q.initializers {
+            match t.raw_data.take() {
+                Some(raw) if raw.len() >= self.threshold => self.writer.write_tensor_owned(t, raw)?,
+                raw => t.raw_data = raw,
+            }
+        }
+        if self.quantized.insert(name.to_string(), q).is_some() {
+            return Err(ExportError::Graph(format!("weight `{name}` was quantized twice")));
+        }
+        Ok(())
+    }
+}
+
+/// Float32 bytes of one band of a MatMul weight quantized in bands of output columns (a weight larger than this is
+/// never in memory whole).
+pub(crate) const BAND_BYTES: usize = 64 << 20;
+
+/// Columns per band of a `[k, n]` weight for bands of at most `bytes` of float32: a multiple of 16 (an even width
+/// keeps every band's packed int4 rows on whole bytes when `n` is even), at least 16.
+fn band_columns(k: usize, bytes: usize) -> usize {
+    (bytes / (4 * k.max(1)) / 16 * 16).max(16)
+}
+
+/// Weight `name` (`[k, n]`) quantized per `scheme` `band` columns at a time, each band read by `columns` and
+/// quantized by [`quantize_weight`] as a `[k, band]` matrix, its codes, scales and zero points placed into the
+/// whole tensors' layout: the same tensors and `DequantizeLinear`, byte for byte, as [`quantize_weight`] of the whole
+/// weight gives, since every scheme quantizes each column on its own (the module docs). Holds the quantized
+/// weight and one band.
+pub(crate) fn quantize_banded(
+    name: &str,
+    k: usize,
+    n: usize,
+    scheme: QuantScheme,
+    band: usize,
+    columns: Columns<'_>,
+) -> Result<QuantizedWeight> {
+    let band = band.max(1);
+    let mut values = Vec::new();
+    let mut whole: Option<(QuantizedWeight, Vec<usize>)> = None;
+    let mut c0 = 0;
+    while c0 < n {
+        let c1 = (c0 + band).min(n);
+        let width = c1 - c0;
+        values.clear();
+        columns((c0, c1), &mut values)?;
+        let mut q = quantize_weight(name, &values, k, width, scheme)?;
+        let (w, bits) = match &mut whole {
+            Some(w) => w,
+            None => {
+                let mut bits = Vec::new();
+                let mut initializers = Vec::new();
+                for t in &mut q.initializers {
+                    let b = match t.data_type.and_then(|d| DataType::try_from(d).ok()) {
+                        Some(DataType::Int4 | DataType::Uint4) => 4,
+                        Some(DataType::Int8 | DataType::Uint8) => 8,
+                        Some(DataType::Float) => 32,
+                        other => {
+                            return Err(ExportError::Graph(format!(
+                                "weight `{name}`: no banded layout for a quantized tensor of type {other:?}"
+                            )))
+                        }
+                    };
+                    let mut dims = t.dims.clone();
+                    if let Some(last) = dims.last_mut() {
+                        *last = n as i64;
+                    }
+                    let count: usize = dims.iter().map(|&d| d.max(0) as usize).product();
+                    bits.push(b);
+                    let raw = t.raw_data.take();
+                    let mut full = t.clone();
+                    t.raw_data = raw;
+                    full.dims = dims;
+                    full.raw_data = Some(vec![0u8; (count * b).div_ceil(8)]);
+                    initializers.push(full);
+                }
+                whole.insert((QuantizedWeight { k, n, initializers, dequantize: q.dequantize.clone() }, bits))
+            }
+        };
+        if q.initializers.len() != w.initializers.len() || q.dequantize != w.dequantize {
+            return Err(ExportError::Graph(format!("weight `{name}`: its bands were quantized differently")));
+        }
+        for ((t, full), &b) in q.initializers.iter().zip(&mut w.initializers).zip(bits.iter()) {
+            let (Some(src), Some(dst)) = (t.raw_data.as_deref(), full.raw_data.as_deref_mut()) else {
+                return Err(ExportError::Graph(format!("weight `{name}`: a quantized band has no bytes")));
+            };
+            let count: usize = t.dims.iter().map(|&d| d.max(0) as usize).product();
+            if t.dims.last() != Some(&(width as i64))
+                || !count.is_multiple_of(width)
+                || src.len() != (count * b).div_ceil(8)
+            {
+                return Err(ExportError::Graph(format!(
+                    "weight `{name}`: quantized band tensor `{}` has dims {:?}, not [.., {width}]",
+                    t.name.as_deref().unwrap_or("?"),
+                    t.dims
+                )));
+            }
+            place_band(src, dst, count / width, width, n, c0, b);
+        }
+        c0 = c1;
+    }
+    whole.map(|(w, _)| w).ok_or_else(|| ExportError::Graph(format!("weight `{name}` has no columns")))
+}
+
+/// Copies a band's row-major `[rows, width]` elements of `bits` bits (4: packed two per byte, low nibble first, as
+/// ONNX stores int4) into columns `[c0, c0 + width)` of the row-major `[rows, n]` tensor `dst`.
+fn place_band(src: &[u8], dst: &mut [u8], rows: usize, width: usize, n: usize, c0: usize, bits: usize) {
+    if bits == 4 {
+        for r in 0..rows {
+            // Element (nibble) indices of the row's first value in the band and in the whole tensor.
+            let (s, d) = (r * width, r * n + c0);
+            if s.is_multiple_of(2) && d.is_multiple_of(2) && width.is_multiple_of(2) {
+                dst[d / 2..(d + width) / 2].copy_from_slice(&src[s / 2..(s + width) / 2]);
+                continue;
+            }
+            for j in 0..width {
+                let (s, d) = (s + j, d + j);
+                let nibble = (src[s / 2] >> (4 * (s % 2))) & 0x0f;
+                let shift = 4 * (d % 2);
+                dst[d / 2] = (dst[d / 2] & !(0x0f << shift)) | (nibble << shift);
+            }
+        }
+        return;
+    }
+    let e = bits / 8;
+    for r in 0..rows {
+        dst[(r * n + c0) * e..(r * n + c0 + width) * e].copy_from_slice(&src[r * width * e..(r + 1) * width * e]);
+    }
 }
 
 /// Replaces each stacked weight's placeholder in `model` by its quantized tensors and puts its `DequantizeLinear`
@@ -295,17 +439,19 @@ impl WeightStream for StreamWeights {
     }
 
     fn quantize(&mut self, name: &str, values: &[f32], k: usize, n: usize) -> Result<()> {
-        let mut q = quantize_weight(name, values, k, n, self.scheme)?;
-        for t in &mut q.initializers {
-            match t.raw_data.take() {
-                Some(raw) if raw.len() >= self.threshold => self.writer.write_tensor_owned(t, raw)?,
-                raw => t.raw_data = raw,
-            }
+        let q = quantize_weight(name, values, k, n, self.scheme)?;
+        self.keep(name, q)
+    }
+
+    fn quantize_columns(&mut self, name: &str, k: usize, n: usize, columns: Columns<'_>) -> Result<()> {
+        let band = band_columns(k, self.band_bytes);
+        if band >= n {
+            let mut values = Vec::new();
+            columns((0, n), &mut values)?;
+            return self.quantize(name, &values, k, n);
         }
-        if self.quantized.insert(name.to_string(), q).is_some() {
-            return Err(ExportError::Graph(format!("weight `{name}` was quantized twice")));
-        }
-        Ok(())
+        let q = quantize_banded(name, k, n, self.scheme, band, columns)?;
+        self.keep(name, q)
     }
 
     fn store(
@@ -346,5 +492,148 @@ impl WeightStream for StreamWeights {
 
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::GraphBuilder;
+
+    /// A `[k, n]` weight whose columns differ in scale and hold a few outliers (so the int4 clip search picks
+    /// different ratios in different columns and blocks).
+    fn weight(k: usize, n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..k * n)
+            .map(|i| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                let col = i % n;
+                let scale = 0.01 * (1 + col % 7) as f32;
+                let shift = if col.is_multiple_of(3) { 0.3 * scale } else { 0.0 };
+                if (x >> 20).is_multiple_of(97) {
+                    u * scale * 40.0
+                } else {
+                    u * scale + shift
+                }
+            })
+            .collect()
+    }
+
+    /// Columns `[c0, c1)` of the row-major `[k, n]` `w`, as `[k, c1 - c0]`.
+    fn columns_of(w: &[f32], k: usize, n: usize) -> impl FnMut((usize, usize), &mut Vec<f32>) -> Result<()> + '_ {
+        move |(c0, c1), out| {
+            out.clear();
+            for r in 0..k {
+                out.extend_from_slice(&w[r * n + c0..r * n + c1]);
+            }
+            Ok(())
+        }
+    }
+
+    const SCHEMES: [QuantScheme; 5] = [
+        QuantScheme::Int8WeightOnly,
+        QuantScheme::Int4WeightOnly { block_size: 32, asymmetric: false },
+        QuantScheme::Int4WeightOnly { block_size: 32, asymmetric: true },
+        QuantScheme::Int4WeightOnly { block_size: 64, asymmetric: true },
+        QuantScheme::Int4WeightOnly { block_size: 128, asymmetric: false },
+    ];
+
+    #[test]
+    fn banded_quantization_is_the_whole_matrix_quantization_byte_for_byte() {
+        // Odd and even K and N, K not a multiple of the block, bands that do not divide N (odd ones too: packed
+        // int4 rows then start inside a byte).
+        for (k, n) in [(64, 48), (37, 29), (33, 7), (1, 5), (96, 101), (130, 34), (2, 1)] {
+            let w = weight(k, n, (k * 1000 + n) as u64);
+            for scheme in SCHEMES {
+                let want = quantize_weight("w", &w, k, n, scheme).unwrap();
+                for band in [1, 2, 3, 5, 16, n.saturating_sub(1).max(1), n, n + 3] {
+                    let mut calls = Vec::new();
+                    let mut read = columns_of(&w, k, n);
+                    let got = quantize_banded("w", k, n, scheme, band, &mut |c, out| {
+                        calls.push(c);
+                        read(c, out)
+                    })
+                    .unwrap();
+                    let what = format!("[{k}, {n}] {scheme:?} in bands of {band}");
+                    assert_eq!((got.k, got.n), (k, n), "{what}");
+                    assert_eq!(got.initializers.len(), want.initializers.len(), "{what}");
+                    for (g, w) in got.initializers.iter().zip(&want.initializers) {
+                        assert_eq!(g, w, "{what}: tensor {:?}", w.name);
+                    }
+                    assert_eq!(got.dequantize, want.dequantize, "{what}");
+                    assert_eq!(calls.len(), n.div_ceil(band), "{what}");
+                    assert_eq!(calls.last().map(|c| c.1), Some(n), "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn banded_quantization_stops_at_the_first_error() {
+        let (k, n) = (32, 40);
+        let mut w = weight(k, n, 7);
+        w[5 * n + 33] = f32::NAN;
+        let scheme = QuantScheme::Int4WeightOnly { block_size: 32, asymmetric: true };
+        let mut read = columns_of(&w, k, n);
+        assert!(quantize_banded("w", k, n, scheme, 16, &mut read).is_err());
+        let failing = |_: (usize, usize), _: &mut Vec<f32>| Err(ExportError::Graph("unreadable".into()));
+        let e = quantize_banded("w", k, n, scheme, 16, &mut { failing }).unwrap_err();
+        assert!(e.to_string().contains("unreadable"), "{e}");
+    }
+
+    #[test]
+    fn band_columns_fit_the_budget_in_multiples_of_16() {
+        assert_eq!(band_columns(7168, BAND_BYTES), 2336);
+        assert_eq!(band_columns(1536, BAND_BYTES), 10912);
+        assert_eq!(band_columns(1 << 30, BAND_BYTES), 16);
+        assert!(band_columns(7168, BAND_BYTES) * 7168 * 4 <= BAND_BYTES);
+    }
+
+    /// The builder hands a weight read by columns to the stream, which quantizes it in bands when it is larger than
+    /// its band budget and whole otherwise: either way the tensors [`quantize_weight`] makes of the whole weight.
+    #[test]
+    fn a_weight_read_by_columns_reaches_the_rewrite_as_if_quantized_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        for scheme in SCHEMES {
+            let stream = StreamWeights {
+                writer: ExternalDataWriter::create_background(dir.path(), "w.data").unwrap(),
+                threshold: usize::MAX,
+                scheme,
+                lm_head_float: false,
+                opset: 21,
+                quantized: HashMap::new(),
+                stacks: Vec::new(),
+                // 16 columns of the 96-row weights below: 7 bands of `big`, `small` whole.
+                band_bytes: 96 * 4 * 16,
+            };
+            let mut b = GraphBuilder::streaming(21, Box::new(stream)).unwrap();
+            let (k, big, small) = (96, 101, 12);
+            let (wb, ws) = (weight(k, big, 1), weight(k, small, 2));
+            let no_fill = |_: ByteSink<'_>| -> Result<()> { panic!("a streamed weight is read by columns") };
+            let mut calls = 0;
+            let mut read = columns_of(&wb, k, big);
+            b.matmul_weight_columns("big", ElemType::F32, &[k as i64, big as i64], no_fill, |c, out| {
+                calls += 1;
+                read(c, out)
+            })
+            .unwrap();
+            assert_eq!(calls, 7);
+            b.matmul_weight_columns(
+                "small",
+                ElemType::F32,
+                &[k as i64, small as i64],
+                no_fill,
+                columns_of(&ws, k, small),
+            )
+            .unwrap();
+            let (_, stream) = b.finish_streamed("g", "").unwrap();
+            let got = stream.into_any().downcast::<StreamWeights>().unwrap().quantized;
+            for (name, w, n) in [("big", &wb, big), ("small", &ws, small)] {
+                let want = quantize_weight(name, w, k, n, scheme).unwrap();
+                assert_eq!(got[name].initializers, want.initializers, "{name} {scheme:?}");
+                assert_eq!(got[name].dequantize, want.dequantize, "{name} {scheme:?}");
+            }
+        }
     }
 }
