@@ -294,3 +294,13 @@ pub fn decode_copied_bytes(e: &mut Engine, prompts: &[Vec<u32>], decode_steps: u
         })
         .collect()
 }
+
+/// Five prompts of different lengths (7, 2, 11, 1 and 5 tokens) of ids below `vocab`: a ragged batch for the
+/// batched-equals-single checks.
+pub fn ragged_prompts(vocab: u32) -> Vec<Vec<u32>> {
+    [7usize, 2, 11, 1, 5]
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| (0..n as u32).map(|i| (i * 31 + k as u32 * 17 + 3) % vocab).collect())
+        .collect()
+}

@@ -68,12 +68,7 @@ fn the_cuda_serving_graph_steps_in_place_and_matches_the_portable_graph() {
     assert!(!portable.steps_in_place(), "without a cpu build the CPU provider runs the portable graph");
     let mut reference = Engine::from_backend(&dir, manifest.clone(), portable, None).expect("engine");
 
-    let vocab = manifest.model.vocab_size as u32;
-    let prompts: Vec<Vec<u32>> = [7usize, 2, 11, 1, 5]
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| (0..n as u32).map(|i| (i * 31 + k as u32 * 17 + 3) % vocab).collect())
-        .collect();
+    let prompts = r1_tests::ragged_prompts(manifest.model.vocab_size as u32);
     let singles: Vec<Vec<u32>> = prompts.iter().map(|p| fused.generate_greedy(p, 8, &[]).expect("single")).collect();
     let batched =
         fused.generate_batch_with(&prompts, 8, &[], 3, |l| Ok(r1_engine::generate::argmax(l))).expect("batched");

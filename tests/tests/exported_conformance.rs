@@ -20,12 +20,7 @@ fn exported_artifact_batched_greedy_equals_single() {
     apply(&dir, &TargetOptions { targets: vec!["cpu".into()], ..Default::default() }, Mode::Build, &mut |_, _| {})
         .expect("build --target cpu");
     let manifest = Manifest::load(&dir).expect("manifest");
-    let vocab = manifest.model.vocab_size as u32;
-    let prompts: Vec<Vec<u32>> = [7usize, 2, 11, 1, 5]
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| (0..n as u32).map(|i| (i * 31 + k as u32 * 17 + 3) % vocab).collect())
-        .collect();
+    let prompts = r1_tests::ragged_prompts(manifest.model.vocab_size as u32);
     let mut by_backend = Vec::new();
     for kind in [BackendKind::Ort, BackendKind::Tract] {
         let b = backend::load(&dir, &manifest, kind, &BackendOptions::default()).expect("load");
