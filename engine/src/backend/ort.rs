@@ -66,10 +66,13 @@ impl std::fmt::Debug for OrtBackend {
 struct EpChoice {
     providers: Vec<ExecutionProviderDispatch>,
     name: &'static str,
+    /// The local GPU's target (`--target`, else the table's entry for the detected GPU), when a GPU provider was
+    /// chosen: whose CUDA serving graph to prefer.
+    gpu_target: Option<String>,
 }
 
 fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> Result<EpChoice> {
-    let cpu = EpChoice { providers: Vec::new(), name: "ort-cpu" };
+    let cpu = EpChoice { providers: Vec::new(), name: "ort-cpu", gpu_target: None };
     let gpu = targets::detect_local_gpu();
     let explicit = matches!(opts.execution_provider, ExecutionProviderKind::Cuda | ExecutionProviderKind::TensorRt);
     match opts.execution_provider {
@@ -123,7 +126,7 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
             trt = trt.error_on_failure();
             cuda = cuda.error_on_failure();
         }
-        return Ok(EpChoice { providers: vec![trt, cuda], name: "ort-tensorrt" });
+        return Ok(EpChoice { providers: vec![trt, cuda], name: "ort-tensorrt", gpu_target: Some(target.name.into()) });
     }
     if matches!(opts.execution_provider, ExecutionProviderKind::TensorRt) {
         return Err(crate::host::no_tensorrt_ep(&gpu));
@@ -133,7 +136,9 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
         if explicit {
             cuda = cuda.error_on_failure();
         }
-        return Ok(EpChoice { providers: vec![cuda], name: "ort-cuda" });
+        let gpu_target =
+            opts.target.clone().or_else(|| targets::target_for_gpu_name(&gpu.name).map(|t| t.name.to_string()));
+        return Ok(EpChoice { providers: vec![cuda], name: "ort-cuda", gpu_target });
     }
     if explicit {
         return Err(EngineError::Unavailable {
@@ -257,10 +262,8 @@ struct ServingGraph {
 impl ServingGraph {
     fn choose(dir: &Path, manifest: &Manifest, choice: &EpChoice, opts: &BackendOptions) -> Option<ServingGraph> {
         let cuda = || {
-            let local = opts.target.clone().or_else(|| {
-                targets::detect_local_gpu().and_then(|g| targets::target_for_gpu_name(&g.name)).map(|t| t.name.into())
-            });
-            manifest.targets.cuda_graph(dir, local.as_deref()).map(|c| ServingGraph {
+            let local = choice.gpu_target.as_deref().or(opts.target.as_deref());
+            manifest.targets.cuda_graph(dir, local).map(|c| ServingGraph {
                 kind: "cuda",
                 graph: c.graph.clone(),
                 optimized: false,
