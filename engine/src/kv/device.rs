@@ -1,5 +1,5 @@
-//! Where the KV pool lives ([`PoolDevice`]) and its memory on a CUDA GPU ([`DeviceBuffer`]), through the CUDA runtime
-//! loaded at run time.
+//! Where the KV pool lives ([`PoolDevice`]), a pool tensor's storage (a host region or a device buffer), and the
+//! memory on a CUDA GPU ([`DeviceBuffer`]), through the CUDA runtime loaded at run time.
 //!
 //! The pool of a backend that runs on a GPU (ONNX Runtime's CUDA provider over the CUDA serving graph) is allocated
 //! once, on that GPU, with `cudaMalloc`: the graph's `GroupQueryAttention` reads and appends it in place through
@@ -222,6 +222,51 @@ impl Drop for DeviceBuffer {
                 }
             }
         }
+    }
+}
+
+/// One pool tensor's memory: a host region, or a buffer on the GPU the backend runs on.
+#[derive(Debug)]
+pub(super) enum Storage {
+    Host(super::region::Region),
+    Cuda(DeviceBuffer),
+}
+
+impl Storage {
+    pub(super) fn ptr_at(&mut self, offset: usize) -> Result<*mut u8> {
+        match self {
+            Storage::Host(r) if offset <= r.bytes() => Ok(r.ptr_at(offset)),
+            Storage::Host(r) => Err(EngineError::InvalidArgument {
+                name: "KV pool offset".into(),
+                message: format!("byte {offset} beyond the region of {}", r.bytes()),
+            }),
+            Storage::Cuda(b) => b.ptr_at(offset),
+        }
+    }
+
+    /// The host region; a device pool has none (only in-place backends step over it).
+    pub(super) fn host(&self) -> Result<&super::region::Region> {
+        match self {
+            Storage::Host(r) => Ok(r),
+            Storage::Cuda(b) => Err(host_path_on_device(b.device())),
+        }
+    }
+
+    pub(super) fn host_mut(&mut self) -> Result<&mut super::region::Region> {
+        match self {
+            Storage::Host(r) => Ok(r),
+            Storage::Cuda(b) => Err(host_path_on_device(b.device())),
+        }
+    }
+}
+
+pub(super) fn host_path_on_device(device: i32) -> EngineError {
+    EngineError::Unavailable {
+        what: "a host-path step over the KV pool".into(),
+        message: format!(
+            "the pool lives on CUDA device {device}: only a backend that steps in place reads it (the CUDA serving \
+             graph); gathering it to the host is not done"
+        ),
     }
 }
 

@@ -22,7 +22,7 @@ use ndarray::{ArrayViewD, ArrayViewMut4, Axis};
 
 use half::f16;
 
-use super::device::{DeviceBuffer, PoolDevice};
+use super::device::{host_path_on_device, DeviceBuffer, PoolDevice, Storage};
 use super::region::{PoolElem, Region};
 use super::KvGeometry;
 use crate::error::{EngineError, Result};
@@ -41,51 +41,6 @@ pub struct KvPool {
     /// Valid positions per slot (`None`: free).
     lens: Vec<Option<usize>>,
     copied_bytes: u64,
-}
-
-/// One pool tensor's memory: a host region, or a buffer on the GPU the backend runs on.
-#[derive(Debug)]
-enum Storage {
-    Host(Region),
-    Cuda(DeviceBuffer),
-}
-
-impl Storage {
-    fn ptr_at(&mut self, offset: usize) -> Result<*mut u8> {
-        match self {
-            Storage::Host(r) if offset <= r.bytes() => Ok(r.ptr_at(offset)),
-            Storage::Host(r) => Err(EngineError::InvalidArgument {
-                name: "KV pool offset".into(),
-                message: format!("byte {offset} beyond the region of {}", r.bytes()),
-            }),
-            Storage::Cuda(b) => b.ptr_at(offset),
-        }
-    }
-
-    /// The host region; a device pool has none (only in-place backends step over it).
-    fn host(&self) -> Result<&Region> {
-        match self {
-            Storage::Host(r) => Ok(r),
-            Storage::Cuda(b) => Err(host_path_on_device(b.device())),
-        }
-    }
-
-    fn host_mut(&mut self) -> Result<&mut Region> {
-        match self {
-            Storage::Host(r) => Ok(r),
-            Storage::Cuda(b) => Err(host_path_on_device(b.device())),
-        }
-    }
-}
-
-fn host_path_on_device(device: i32) -> EngineError {
-    EngineError::Unavailable {
-        what: "a host-path step over the KV pool".into(),
-        message: format!(
-            "the pool lives on CUDA device {device}: only a backend that steps in place reads it (the CUDA serving \
-             graph); gathering it to the host is not done"
-        ),
-    }
 }
 
 /// One layer's key and value tensors over a range of slots, for binding to a runtime.
