@@ -38,6 +38,7 @@ mod cli;
 mod passes;
 mod runner;
 mod samples;
+pub(crate) mod banded;
 pub(crate) mod stream;
 
 use crate::{artifact, export, ExportOptions, Progress, DATA_FILE, MODEL_FILE};
