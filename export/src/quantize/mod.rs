@@ -34,11 +34,11 @@ use r1_proto::onnx::ModelProto;
 
 use crate::error::{ExportError, Result};
 
+pub(crate) mod banded;
 mod cli;
 mod passes;
 mod runner;
 mod samples;
-pub(crate) mod banded;
 pub(crate) mod stream;
 
 use crate::{artifact, export, ExportOptions, Progress, DATA_FILE, MODEL_FILE};
