@@ -19,6 +19,24 @@ use crate::model::{
 };
 
 /// The engine's error as a model error, classed by whose fault it is.
+/// The environment variable that says how the in-place serving graph's decode steps run: `auto` (captured as CUDA
+/// graphs on ONNX Runtime's CUDA provider, as shaped elsewhere), `shaped` (never captured: to rule CUDA graphs out
+/// when diagnosing a GPU deployment) or `fixed` (the captured layout without capture).
+pub const DECODE_STEPS_VAR: &str = "R1_DECODE_STEPS";
+
+/// [`DECODE_STEPS_VAR`]'s value (unset or empty: `auto`).
+fn decode_steps(value: Option<&str>) -> Result<r1_engine::backend::ort::DecodeSteps, r1_engine::EngineError> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(Default::default()),
+        Some(v) => {
+            r1_engine::backend::ort::DecodeSteps::parse(v).ok_or_else(|| r1_engine::EngineError::InvalidArgument {
+                name: DECODE_STEPS_VAR.into(),
+                message: format!("must be auto, shaped or fixed, got {v:?}"),
+            })
+        }
+    }
+}
+
 fn engine_err(e: r1_engine::EngineError) -> ModelError {
     use r1_engine::EngineError as E;
     let class = match &e {
@@ -211,7 +229,8 @@ impl EngineModel {
         pool: PoolOptions,
     ) -> Result<Self, ModelError> {
         let kind: BackendKind = backend.parse().map_err(engine_err)?;
-        let backend_options = BackendOptions { execution_provider, ..Default::default() };
+        let decode_steps = decode_steps(std::env::var(DECODE_STEPS_VAR).ok().as_deref()).map_err(engine_err)?;
+        let backend_options = BackendOptions { execution_provider, decode_steps, ..Default::default() };
         let opts = EngineOptions { backend: kind, backend_options, kv_budget_bytes, pool };
         let engine = Engine::load(dir, &opts).map_err(engine_err)?;
         let text = Arc::new(EngineText::load(dir)?);
@@ -377,6 +396,17 @@ impl Model for EngineModel {
 mod tests {
     use super::*;
     use r1_engine::EngineError;
+
+    #[test]
+    fn decode_steps_come_from_the_environment_value_and_a_bad_one_is_named() {
+        use r1_engine::backend::ort::DecodeSteps;
+        assert_eq!(decode_steps(None).unwrap(), DecodeSteps::Auto);
+        assert_eq!(decode_steps(Some(" ")).unwrap(), DecodeSteps::Auto);
+        assert_eq!(decode_steps(Some("shaped")).unwrap(), DecodeSteps::Shaped);
+        assert_eq!(decode_steps(Some("FIXED")).unwrap(), DecodeSteps::Fixed);
+        let e = decode_steps(Some("graphs")).unwrap_err().to_string();
+        assert!(e.contains(DECODE_STEPS_VAR) && e.contains("auto, shaped or fixed") && e.contains("graphs"), "{e}");
+    }
 
     #[test]
     fn engine_errors_are_classed_by_whose_fault_they_are() {

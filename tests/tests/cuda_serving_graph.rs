@@ -9,7 +9,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use r1_engine::backend::ort::GraphChoice;
+use r1_engine::backend::ort::{DecodeSteps, GraphChoice};
 use r1_engine::backend::{self, BackendKind, BackendOptions, ExecutionProviderKind};
 use r1_engine::kv::PoolDevice;
 use r1_engine::manifest::{DType, Precision};
@@ -111,12 +111,75 @@ fn the_cuda_serving_graph_steps_in_place_and_matches_the_portable_graph() {
         let on_gpu =
             gpu.generate_batch_with(&prompts, 8, &[], 3, |l| Ok(r1_engine::generate::argmax(l))).expect("GPU batched");
         assert_eq!(on_gpu, singles, "CUDA provider, device pool: the CPU provider's greedy tokens");
-        println!("CUDA provider with the KV pool on the GPU: greedy tokens equal the CPU provider's");
+        let captured = gpu.fixed_decode_shapes();
+        assert!(!captured.is_empty(), "decode steps ran at fixed shapes (captured as CUDA graphs)");
+        println!(
+            "CUDA provider with the KV pool on the GPU: greedy tokens equal the CPU provider's; decode steps captured \
+             as CUDA graphs for row counts {captured:?}"
+        );
     }
 
     // A steady decode step copies no cache: the graph appends into the pool's own memory.
     let copied = r1_tests::decode_copied_bytes(&mut fused, &prompts[..3], 3);
     assert_eq!(copied, [0, 0, 0], "KV cache bytes copied by each decode step");
+}
+
+/// The fixed-shape decode steps that ONNX Runtime's CUDA provider captures as CUDA graphs (`DecodeSteps::Auto` on
+/// CUDA; `ort_decode_graph.rs`), run uncaptured on the CPU provider: inputs staged at fixed addresses, the mask as
+/// wide as the pool with each row's length in its first column, the logits read from a staged buffer. Every decode
+/// step of every batch size must give the logits of the same step run as shaped, and greedy tokens must not change.
+#[test]
+fn fixed_shape_decode_steps_give_the_shaped_steps_logits() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("fp16");
+    if !matches!(export_for_h100(&dir, Precision::Fp16).first(), Some(Outcome::Planned { cuda_note: None, .. })) {
+        return; // an H100 with TensorRT: the engine was built instead
+    }
+    let manifest = Manifest::load(&dir).expect("manifest");
+    let engine = |steps: DecodeSteps| {
+        let opts = BackendOptions { decode_steps: steps, ..cpu_options(GraphChoice::Cuda) };
+        let b = backend::load(&dir, &manifest, BackendKind::Ort, &opts).expect("load the CUDA graph");
+        let pool = r1_engine::PoolOptions { slots: 8, max_context: Some(64), ..Default::default() };
+        Engine::with_pool(&dir, manifest.clone(), b, None, pool).expect("engine")
+    };
+    let (mut fixed, mut shaped) = (engine(DecodeSteps::Fixed), engine(DecodeSteps::Shaped));
+    let prompts = r1_tests::ragged_prompts(manifest.model.vocab_size as u32);
+    // Batches of 5, 3 and 1 rows; rows leave at different times, so decode steps run over 5, 4, 3, ... slots.
+    let mut worst = 0f32;
+    for batch in [&prompts[..], &prompts[1..4], &prompts[4..]] {
+        let mut rows: Vec<_> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (fixed.add_sequence(p, 8).unwrap(), shaped.add_sequence(p, 8).unwrap(), 3 + 2 * i))
+            .collect();
+        while !rows.is_empty() {
+            let (wa, wb): (Vec<_>, Vec<_>) = rows.iter().map(|r| (StepWork::all(r.0), StepWork::all(r.1))).unzip();
+            let (ra, rb) = (fixed.step(&wa).expect("fixed step"), shaped.step(&wb).expect("shaped step"));
+            for (row, (a, b)) in rows.iter_mut().zip(ra.iter().zip(&rb)) {
+                let (la, lb) = (a.logits.to_vec(), b.logits.to_vec());
+                let scale = lb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+                let diff = la.iter().zip(&lb).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                worst = worst.max(diff);
+                assert!(diff <= 1e-6, "relative logit difference {diff} between fixed-shape and shaped steps");
+                let (ta, tb) = (r1_engine::generate::argmax(&a.logits), r1_engine::generate::argmax(&b.logits));
+                assert_eq!(ta, tb, "greedy token");
+                fixed.push_token(row.0, ta).unwrap();
+                shaped.push_token(row.1, tb).unwrap();
+                row.2 -= 1;
+            }
+            for r in rows.iter().filter(|r| r.2 == 0) {
+                fixed.remove_sequence(r.0);
+                shaped.remove_sequence(r.1);
+            }
+            rows.retain(|r| r.2 > 0);
+        }
+    }
+    let shapes = fixed.fixed_decode_shapes();
+    assert_eq!(shapes, vec![1, 2, 3, 4, 5], "decode steps of every row count ran at fixed shapes");
+    assert!(shaped.fixed_decode_shapes().is_empty(), "DecodeSteps::Shaped never stages");
+    // A steady decode step still copies no cache.
+    assert_eq!(r1_tests::decode_copied_bytes(&mut fixed, &prompts[..3], 3), [0, 0, 0]);
+    println!("fixed-shape vs shaped decode steps: worst relative logit difference {worst:.1e}, shapes {shapes:?}");
 }
 
 #[test]

@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod ort;
+mod ort_decode_graph;
 mod ort_in_place;
 pub mod tract;
 
@@ -169,6 +170,12 @@ pub trait Backend: Send {
         false
     }
 
+    /// The row counts whose decode steps ran at fixed shapes and addresses so far (on ONNX Runtime's CUDA provider,
+    /// one captured CUDA graph each; `ort_decode_graph.rs`); empty where steps run as shaped.
+    fn fixed_decode_shapes(&self) -> Vec<usize> {
+        Vec::new()
+    }
+
     /// Whether the graph returns `logits [batch, 1, vocab]`, each row's last fed position only (a serving graph
     /// written by `r1-export --target cpu`), instead of every position. The engine only reads last positions.
     fn last_position_logits(&self) -> bool {
@@ -280,6 +287,8 @@ pub struct BackendOptions {
     pub engine_cache_dir: Option<PathBuf>,
     /// Which serving graph replaces the portable one ([`ort::GraphChoice`]; ort only).
     pub graph: ort::GraphChoice,
+    /// How in-place decode steps run ([`ort::DecodeSteps`]; ort only).
+    pub decode_steps: ort::DecodeSteps,
 }
 
 /// Opens the backend `kind` for the artifact in `dir` described by `manifest`.

@@ -11,9 +11,10 @@ use half::f16;
 use ndarray::{Array2, Array3, ArrayD, ArrayViewD};
 use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider, ExecutionProvider, ExecutionProviderDispatch};
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::{Session, SessionInputValue};
+use ort::session::{RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorRef};
 
+use super::ort_decode_graph::DecodeGraphs;
 use super::{
     check_kept_step, check_step_input, Backend, BackendOptions, ExecutionProviderKind, KeptPresent, KvPair, StepInput,
     StepOutput, MODEL_FILE,
@@ -54,6 +55,15 @@ pub struct OrtBackend {
     serving_cache: Option<DType>,
     /// Where the engine's pool must live for in-place steps ([`Backend::kv_pool_device`]).
     pool_device: PoolDevice,
+    /// How in-place decode steps run, and whether the session captures CUDA graphs.
+    decode_steps: DecodeSteps,
+    captures: bool,
+    /// The vocabulary (logits per row), for the fixed-shape decode stages.
+    vocab: usize,
+    /// The fixed-shape decode stages, made at the first decode step that uses them.
+    decode: Option<DecodeGraphs>,
+    /// `gpu_graph_id = -1` for every other run of a session that captures CUDA graphs.
+    uncaptured: Option<RunOptions>,
 }
 
 impl std::fmt::Debug for OrtBackend {
@@ -66,13 +76,15 @@ impl std::fmt::Debug for OrtBackend {
 struct EpChoice {
     providers: Vec<ExecutionProviderDispatch>,
     name: &'static str,
+    /// The provider was asked for by name (a provider that fails to register is an error, not a fallback).
+    explicit: bool,
     /// The local GPU's target (`--target`, else the table's entry for the detected GPU), when a GPU provider was
     /// chosen: whose CUDA serving graph to prefer.
     gpu_target: Option<String>,
 }
 
 fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> Result<EpChoice> {
-    let cpu = EpChoice { providers: Vec::new(), name: "ort-cpu", gpu_target: None };
+    let cpu = EpChoice { providers: Vec::new(), name: "ort-cpu", explicit: false, gpu_target: None };
     let gpu = targets::detect_local_gpu();
     let explicit = matches!(opts.execution_provider, ExecutionProviderKind::Cuda | ExecutionProviderKind::TensorRt);
     match opts.execution_provider {
@@ -126,7 +138,12 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
             trt = trt.error_on_failure();
             cuda = cuda.error_on_failure();
         }
-        return Ok(EpChoice { providers: vec![trt, cuda], name: "ort-tensorrt", gpu_target: Some(target.name.into()) });
+        return Ok(EpChoice {
+            providers: vec![trt, cuda],
+            name: "ort-tensorrt",
+            explicit,
+            gpu_target: Some(target.name.into()),
+        });
     }
     if matches!(opts.execution_provider, ExecutionProviderKind::TensorRt) {
         return Err(crate::host::no_tensorrt_ep(&gpu));
@@ -138,7 +155,7 @@ fn choose_providers(dir: &Path, manifest: &Manifest, opts: &BackendOptions) -> R
         }
         let gpu_target =
             opts.target.clone().or_else(|| targets::target_for_gpu_name(&gpu.name).map(|t| t.name.to_string()));
-        return Ok(EpChoice { providers: vec![cuda], name: "ort-cuda", gpu_target });
+        return Ok(EpChoice { providers: vec![cuda], name: "ort-cuda", explicit, gpu_target });
     }
     if explicit {
         return Err(EngineError::Unavailable {
@@ -180,6 +197,19 @@ impl OrtBackend {
         if !path.is_file() {
             return Err(EngineError::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) });
         }
+        // In place on the CUDA provider, the pool lives on the GPU (everywhere else in host memory), and decode steps
+        // are captured as CUDA graphs unless the options say otherwise (`ort_decode_graph.rs`).
+        let kv_in_place = serving.as_ref().is_some_and(|s| s.fused_attention && s.kv_in_place);
+        let on_cuda = kv_in_place && choice.name == "ort-cuda";
+        let captures = on_cuda && opts.decode_steps == DecodeSteps::Auto;
+        let mut choice = choice;
+        if captures {
+            let mut cuda = cuda_provider().with_cuda_graph(true).build();
+            if choice.explicit {
+                cuda = cuda.error_on_failure();
+            }
+            choice.providers = vec![cuda];
+        }
         let mut builder = Session::builder(env).map_err(be)?;
         if serving.as_ref().is_some_and(|s| s.optimized) {
             builder = builder.with_optimization_level(GraphOptimizationLevel::Level1).map_err(be)?;
@@ -209,13 +239,14 @@ impl OrtBackend {
             _ => dtype,
         };
         let present_key = names::present_key(0);
-        let kv_in_place = serving.as_ref().is_some_and(|s| s.fused_attention && s.kv_in_place);
-        // In place on the CUDA provider, the pool lives on the GPU; everywhere else in host memory.
-        let pool_device = match (kv_in_place, choice.name) {
-            (true, "ort-cuda") => PoolDevice::Cuda { id: 0 },
-            _ => PoolDevice::Host,
-        };
-        tracing::info!(backend = choice.name, model = %path.display(), kv_pool = %pool_device, "ort session ready");
+        let pool_device = if on_cuda { PoolDevice::Cuda { id: 0 } } else { PoolDevice::Host };
+        tracing::info!(
+            backend = choice.name,
+            model = %path.display(),
+            kv_pool = %pool_device,
+            cuda_graphs = captures,
+            "ort session ready"
+        );
         Ok(OrtBackend {
             session,
             name: choice.name,
@@ -228,7 +259,48 @@ impl OrtBackend {
             fused_attention: serving.as_ref().is_some_and(|s| s.fused_attention),
             kv_in_place,
             pool_device,
+            decode_steps: opts.decode_steps,
+            captures,
+            vocab: manifest.model.vocab_size,
+            decode: None,
+            uncaptured: if captures { Some(super::ort_decode_graph::uncaptured_run()?) } else { None },
         })
+    }
+
+    /// Runs `feeds` with the options every non-captured run of this session carries.
+    fn run_feeds<'s>(
+        &'s mut self,
+        feeds: Vec<(String, SessionInputValue<'_>)>,
+    ) -> Result<ort::session::SessionOutputs<'s>> {
+        match &self.uncaptured {
+            Some(o) => self.session.run_with_options(feeds, o),
+            None => self.session.run(feeds),
+        }
+        .map_err(be)
+    }
+}
+
+/// How the in-place serving graph's decode steps run (`BackendOptions::decode_steps`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodeSteps {
+    /// Fixed shapes captured as CUDA graphs on the CUDA provider (`ort_decode_graph.rs`); as shaped elsewhere.
+    #[default]
+    Auto,
+    /// Always as shaped by the step, never captured (the way to rule CUDA graphs out when diagnosing).
+    Shaped,
+    /// Fixed shapes on any provider, captured on none: the CUDA-graph layout on the CPU provider (how CI checks it).
+    Fixed,
+}
+
+impl DecodeSteps {
+    /// `auto`, `shaped` or `fixed`.
+    pub fn parse(s: &str) -> Option<DecodeSteps> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(DecodeSteps::Auto),
+            "shaped" | "off" => Some(DecodeSteps::Shaped),
+            "fixed" => Some(DecodeSteps::Fixed),
+            _ => None,
+        }
     }
 }
 
@@ -378,9 +450,10 @@ impl Backend for OrtBackend {
         check_step_input(input, self.num_layers)?;
         self.check_host_layout(input)?;
         let feeds = feeds(&self.inputs, input, None)?;
-        let outputs = self.session.run(feeds).map_err(be)?;
-        let logits = logits_of(&outputs, self.logits_dtype)?;
-        let present = present_on_host(&outputs, self.num_layers, self.present_dtype)?;
+        let (layers, logits_dtype, present_dtype) = (self.num_layers, self.logits_dtype, self.present_dtype);
+        let outputs = self.run_feeds(feeds)?;
+        let logits = logits_of(&outputs, logits_dtype)?;
+        let present = present_on_host(&outputs, layers, present_dtype)?;
         Ok(StepOutput { logits, present })
     }
 
@@ -404,11 +477,29 @@ impl Backend for OrtBackend {
         if !self.kv_in_place {
             return Err(be("this graph does not append into the KV pool (targets.cpu.kv_in_place is false)"));
         }
-        super::ort_in_place::run(&mut self.session, &self.inputs, self.logits_dtype, input, pool, first, n)
+        let fixed = match self.decode_steps {
+            DecodeSteps::Fixed => true,
+            DecodeSteps::Auto => self.captures,
+            DecodeSteps::Shaped => false,
+        };
+        if fixed && first == 0 && input.input_ids.ncols() == 1 && input.past.is_empty() {
+            if !self.decode.as_ref().is_some_and(|d| d.fits(pool)) {
+                self.decode = Some(DecodeGraphs::new(pool, self.vocab, self.logits_dtype, self.captures)?);
+            }
+            if let Some(d) = self.decode.as_mut().filter(|d| d.takes(input, first, n)) {
+                return d.run(&mut self.session, &self.inputs, input, pool, n);
+            }
+        }
+        let options = self.uncaptured.as_ref();
+        super::ort_in_place::run(&mut self.session, &self.inputs, self.logits_dtype, input, pool, first, n, options)
     }
 
     fn last_position_logits(&self) -> bool {
         self.last_position_logits
+    }
+
+    fn fixed_decode_shapes(&self) -> Vec<usize> {
+        self.decode.as_ref().map(|d| d.shapes().iter().copied().collect()).unwrap_or_default()
     }
 
     fn batches_chunks_with_past(&self) -> bool {
@@ -429,12 +520,16 @@ impl Backend for OrtBackend {
             Some(other) => return Err(be(format!("cannot feed {other:?} back as the past of this graph"))),
         };
         let f32_cache = self.f32_cache();
-        let layers = self.num_layers;
+        let (layers, logits_dtype, present_dtype) = (self.num_layers, self.logits_dtype, self.present_dtype);
         let feeds = feeds(&self.inputs, input, kept_past)?;
-        let mut outputs = self.session.run(feeds).map_err(be)?;
-        let logits = logits_of(&outputs, self.logits_dtype)?;
+        let mut outputs = match &self.uncaptured {
+            Some(o) => self.session.run_with_options(feeds, o),
+            None => self.session.run(feeds),
+        }
+        .map_err(be)?;
+        let logits = logits_of(&outputs, logits_dtype)?;
         if !f32_cache {
-            return Ok((logits, KeptPresent::Host(present_on_host(&outputs, layers, self.present_dtype)?)));
+            return Ok((logits, KeptPresent::Host(present_on_host(&outputs, layers, present_dtype)?)));
         }
         // Shared with ONNX Runtime (reference-counted): nothing is copied.
         let mut kept = Vec::with_capacity(2 * layers);
@@ -449,7 +544,7 @@ impl Backend for OrtBackend {
     fn run_named(&mut self, input: &StepInput, names: &[String]) -> Result<Vec<ArrayD<f32>>> {
         check_step_input(input, self.num_layers)?;
         let feeds = feeds(&self.inputs, input, None)?;
-        let outputs = self.session.run(feeds).map_err(be)?;
+        let outputs = self.run_feeds(feeds)?;
         names
             .iter()
             .map(|n| {

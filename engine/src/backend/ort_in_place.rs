@@ -13,7 +13,7 @@ use std::ptr::NonNull;
 
 use ndarray::Array3;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::Session;
+use ort::session::{IoBinding, RunOptions, Session};
 use ort::value::{DynValue, Tensor};
 use ort::AsPointer;
 
@@ -23,23 +23,25 @@ use crate::error::{EngineError, Result};
 use crate::kv::{KvPool, PoolDevice};
 use crate::manifest::{names, DType};
 
-/// An owned ONNX Runtime tensor of `dtype` (float32 or float16) and `shape` over `data` (not copied, never freed
-/// by ONNX Runtime).
+/// An owned ONNX Runtime tensor of `dtype` and `shape` over `data` (not copied, never freed by ONNX Runtime).
 ///
 /// # Safety
-/// `data` must hold `shape`'s product of `dtype` values and outlive every use of the returned value.
-unsafe fn value_over(
+/// `data` must hold `shape`'s product of `dtype` values, in the memory `info` describes, and outlive every use of
+/// the returned value.
+pub(super) unsafe fn value_over(
     data: *mut u8,
     dtype: DType,
-    shape: [i64; 4],
+    shape: &[i64],
     info: &MemoryInfo,
     allocator: &Allocator,
 ) -> Result<DynValue> {
     let elements: i64 = shape.iter().product();
     let bytes = usize::try_from(elements).map_err(be)? * dtype.size();
+    use ort::sys::ONNXTensorElementDataType as E;
     let element_type = match dtype {
-        DType::Float16 => ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
-        _ => ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+        DType::Float16 => E::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+        DType::Float32 => E::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+        DType::Int64 => E::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
     };
     let api = ort::api();
     let mut out: *mut ort::sys::OrtValue = std::ptr::null_mut();
@@ -61,71 +63,79 @@ unsafe fn value_over(
             unsafe { std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)) }.to_string_lossy().into_owned();
         // SAFETY: released once.
         unsafe { (api.ReleaseStatus)(status.0) };
-        return Err(be(format!("cannot wrap the KV pool as a tensor: {message}")));
+        return Err(be(format!("cannot wrap memory as a {shape:?} tensor: {message}")));
     }
-    let ptr = NonNull::new(out).ok_or_else(|| be("ONNX Runtime returned no tensor for the KV pool"))?;
+    let ptr = NonNull::new(out).ok_or_else(|| be("ONNX Runtime returned no tensor over the given memory"))?;
     // SAFETY: a valid tensor value just created over memory ONNX Runtime does not own (it never frees it); ort keeps
     // the allocator only for values it allocated itself.
     Ok(unsafe { DynValue::from_ptr(ptr, Some(allocator)) })
 }
 
-/// An int64 input as an owned tensor (bound without a copy of a copy).
-fn int_value(a: &ndarray::Array2<i64>) -> Result<DynValue> {
-    Ok(Tensor::from_array(a.as_standard_layout().into_owned()).map_err(be)?.into_dyn())
+/// The memory info that describes where `pool` lives.
+pub(super) fn pool_memory_info(device: PoolDevice) -> Result<MemoryInfo<'static>> {
+    match device {
+        PoolDevice::Host => MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default),
+        PoolDevice::Cuda { id } => {
+            MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)
+        }
+    }
+    .map_err(be)
 }
 
-/// Runs `session` over slots `first .. first + n` of `pool` (see [`super::Backend::run_in_place`]).
-pub(super) fn run(
-    session: &mut Session,
-    inputs: &[(String, DType)],
-    logits_dtype: DType,
-    input: &StepInput,
+/// One value per layer and kind over slots `first .. first + n` of `pool` (`[n, heads, capacity, dim]`), to be
+/// bound as both the past input and the present output.
+///
+/// # Safety
+/// The values point into `pool`: they must be dropped before `pool` is used again (the callers hold it borrowed
+/// mutably for the whole run).
+pub(super) unsafe fn pool_values(
     pool: &mut KvPool,
     first: usize,
     n: usize,
-) -> Result<Array3<f32>> {
-    let (b, _) = input.input_ids.dim();
-    if b != n || first + n > pool.slots() || !input.past.is_empty() {
-        return Err(EngineError::Shape {
-            name: "in-place step".into(),
-            expected: format!("{n} rows, no host past, slots within {}", pool.slots()),
-            got: format!("{b} rows, {} past layers, slots {first}..{}", input.past.len(), first + n),
-        });
-    }
+    info: &MemoryInfo,
+    allocator: &Allocator,
+) -> Result<Vec<(DynValue, DynValue)>> {
     let g = pool.geometry();
     let cap = pool.capacity() as i64;
-    let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(be)?;
-    // The pool's tensors are described by where the pool lives: ONNX Runtime's CUDA kernels read and append them on
-    // the GPU, and only the logits (bound to host memory below) cross back.
-    let info = match pool.device() {
-        PoolDevice::Host => host.clone(),
-        PoolDevice::Cuda { id } => {
-            MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).map_err(be)?
-        }
-    };
-    let allocator = Allocator::default();
-    // One value per layer and kind, bound as the past input and the present output.
-    let mut kv: Vec<(DynValue, DynValue)> = Vec::with_capacity(g.num_layers);
+    let mut kv = Vec::with_capacity(g.num_layers);
     for layer in 0..g.num_layers {
         let r = pool.layer_range(layer, first, n)?;
         let ks = [n as i64, g.key_heads as i64, cap, g.key_dim as i64];
         let vs = [n as i64, g.value_heads as i64, cap, g.value_dim as i64];
-        // SAFETY: `layer_range` points at `n` slots of this layer, which live as long as `pool`, borrowed mutably
-        // for this whole call; the values are dropped before it returns.
+        // SAFETY: `layer_range` points at `n` slots of this layer; the caller keeps the pool alive and unused
+        // while the values live.
         let pair = unsafe {
             (
-                value_over(r.key, pool.dtype(), ks, &info, &allocator)?,
-                value_over(r.value, pool.dtype(), vs, &info, &allocator)?,
+                value_over(r.key, pool.dtype(), &ks, info, allocator)?,
+                value_over(r.value, pool.dtype(), &vs, info, allocator)?,
             )
         };
         kv.push(pair);
     }
+    Ok(kv)
+}
+
+/// The step's three integer inputs, bound by name.
+pub(super) struct StepValues {
+    pub input_ids: DynValue,
+    pub attention_mask: DynValue,
+    pub position_ids: DynValue,
+}
+
+/// A binding of every graph input (`inputs`, in graph order) and of every layer's present output: the step's
+/// values, and each layer's pool value as both its past and its present. The logits are left to the caller.
+pub(super) fn bind_step(
+    session: &mut Session,
+    inputs: &[(String, DType)],
+    step: &StepValues,
+    kv: &mut [(DynValue, DynValue)],
+) -> Result<IoBinding> {
     let mut binding = session.create_binding().map_err(be)?;
     for (name, _) in inputs {
         match name.as_str() {
-            names::INPUT_IDS => binding.bind_input(name, &int_value(&input.input_ids)?),
-            names::ATTENTION_MASK => binding.bind_input(name, &int_value(&input.attention_mask)?),
-            names::POSITION_IDS => binding.bind_input(name, &int_value(&input.position_ids)?),
+            names::INPUT_IDS => binding.bind_input(name, &step.input_ids),
+            names::ATTENTION_MASK => binding.bind_input(name, &step.attention_mask),
+            names::POSITION_IDS => binding.bind_input(name, &step.position_ids),
             other => match names::parse_past(other) {
                 Some((layer, is_key)) if layer < kv.len() => {
                     let v = if is_key { &kv[layer].0 } else { &kv[layer].1 };
@@ -146,8 +156,54 @@ pub(super) fn run(
         binding.bind_output(names::present_key(layer), k).map_err(be)?;
         binding.bind_output(names::present_value(layer), v).map_err(be)?;
     }
+    Ok(binding)
+}
+
+/// An int64 input as an owned tensor (bound without a copy of a copy).
+fn int_value(a: &ndarray::Array2<i64>) -> Result<DynValue> {
+    Ok(Tensor::from_array(a.as_standard_layout().into_owned()).map_err(be)?.into_dyn())
+}
+
+/// Runs `session` over slots `first .. first + n` of `pool` (see [`super::Backend::run_in_place`]); `options`
+/// carry the run's settings (a session that captures CUDA graphs is told not to capture this run).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run(
+    session: &mut Session,
+    inputs: &[(String, DType)],
+    logits_dtype: DType,
+    input: &StepInput,
+    pool: &mut KvPool,
+    first: usize,
+    n: usize,
+    options: Option<&RunOptions>,
+) -> Result<Array3<f32>> {
+    let (b, _) = input.input_ids.dim();
+    if b != n || first + n > pool.slots() || !input.past.is_empty() {
+        return Err(EngineError::Shape {
+            name: "in-place step".into(),
+            expected: format!("{n} rows, no host past, slots within {}", pool.slots()),
+            got: format!("{b} rows, {} past layers, slots {first}..{}", input.past.len(), first + n),
+        });
+    }
+    let host = pool_memory_info(PoolDevice::Host)?;
+    // The pool's tensors are described by where the pool lives: ONNX Runtime's CUDA kernels read and append them on
+    // the GPU, and only the logits (bound to host memory below) cross back.
+    let info = pool_memory_info(pool.device())?;
+    let allocator = Allocator::default();
+    // SAFETY: the values are dropped below, before this call returns and while `pool` is still borrowed.
+    let mut kv = unsafe { pool_values(pool, first, n, &info, &allocator)? };
+    let step = StepValues {
+        input_ids: int_value(&input.input_ids)?,
+        attention_mask: int_value(&input.attention_mask)?,
+        position_ids: int_value(&input.position_ids)?,
+    };
+    let mut binding = bind_step(session, inputs, &step, &mut kv)?;
     binding.bind_output_to_device("logits", &host).map_err(be)?;
-    let outputs = session.run_binding(&binding).map_err(be)?;
+    let outputs = match options {
+        Some(o) => session.run_binding_with_options(&binding, o),
+        None => session.run_binding(&binding),
+    }
+    .map_err(be)?;
     let logits = logits_of(&outputs, logits_dtype)?;
     drop(outputs);
     drop(binding);

@@ -323,6 +323,11 @@ impl Engine {
         &self.budget
     }
 
+    /// The row counts whose decode steps the backend ran at fixed shapes (CUDA graphs on the CUDA provider).
+    pub fn fixed_decode_shapes(&self) -> Vec<usize> {
+        self.backend.fixed_decode_shapes()
+    }
+
     /// The pool (slots, bytes copied).
     pub fn kv_pool(&self) -> &KvPool {
         &self.pool

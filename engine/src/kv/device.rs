@@ -44,6 +44,8 @@ impl std::fmt::Display for PoolDevice {
 /// of ONNX Runtime load `.12`).
 pub const CUDART_NAMES: [&str; 3] = ["libcudart.so.13", "libcudart.so.12", "libcudart.so"];
 
+const CUDA_MEMCPY_HOST_TO_DEVICE: c_int = 1;
+const CUDA_MEMCPY_DEVICE_TO_HOST: c_int = 2;
 const CUDA_MEMCPY_DEVICE_TO_DEVICE: c_int = 3;
 
 type CudaError = c_int;
@@ -54,6 +56,8 @@ struct CudaRuntime {
     malloc: unsafe extern "C" fn(*mut *mut c_void, usize) -> CudaError,
     free: unsafe extern "C" fn(*mut c_void) -> CudaError,
     memcpy: unsafe extern "C" fn(*mut c_void, *const c_void, usize, c_int) -> CudaError,
+    /// `cudaMemcpy2D(dst, dpitch, src, spitch, width, height, kind)`.
+    memcpy_2d: unsafe extern "C" fn(*mut c_void, usize, *const c_void, usize, usize, usize, c_int) -> CudaError,
     memset: unsafe extern "C" fn(*mut c_void, c_int, usize) -> CudaError,
     synchronize: unsafe extern "C" fn() -> CudaError,
     error_string: unsafe extern "C" fn(CudaError) -> *const c_char,
@@ -85,6 +89,7 @@ fn open_runtime() -> std::result::Result<CudaRuntime, String> {
                         malloc: sym!(b"cudaMalloc\0"),
                         free: sym!(b"cudaFree\0"),
                         memcpy: sym!(b"cudaMemcpy\0"),
+                        memcpy_2d: sym!(b"cudaMemcpy2D\0"),
                         memset: sym!(b"cudaMemset\0"),
                         synchronize: sym!(b"cudaDeviceSynchronize\0"),
                         error_string: sym!(b"cudaGetErrorString\0"),
@@ -207,6 +212,71 @@ impl DeviceBuffer {
                 })?;
             }
             rt.check((rt.synchronize)(), || "cudaDeviceSynchronize".into())
+        }
+    }
+}
+
+impl DeviceBuffer {
+    /// Copies `data` from the host to offset `offset` of this buffer and waits until the device holds it.
+    pub fn upload(&mut self, offset: usize, data: &[u8]) -> Result<()> {
+        check_range("device upload", offset, data.len(), self.bytes)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let rt = runtime()?;
+        // SAFETY: the destination range lies inside this allocation (checked); `data` is host memory of that length.
+        unsafe {
+            rt.check((rt.set_device)(self.device), || format!("cudaSetDevice({})", self.device))?;
+            let dst = self.ptr.add(offset);
+            rt.check((rt.memcpy)(dst.cast(), data.as_ptr().cast(), data.len(), CUDA_MEMCPY_HOST_TO_DEVICE), || {
+                format!("cudaMemcpy of {} bytes to device {}", data.len(), self.device)
+            })?;
+            rt.check((rt.synchronize)(), || "cudaDeviceSynchronize".into())
+        }
+    }
+
+    /// Copies `rows` pieces of `width` bytes (`data`, packed) to offsets `offset + r · pitch` of this buffer (one
+    /// `cudaMemcpy2D`: e.g. one column of a row-major matrix) and waits until the device holds them.
+    pub fn upload_strided(&mut self, offset: usize, pitch: usize, width: usize, data: &[u8]) -> Result<()> {
+        if width == 0 || data.is_empty() {
+            return Ok(());
+        }
+        if data.len() % width != 0 || pitch < width {
+            return Err(EngineError::InvalidArgument {
+                name: "strided device upload".into(),
+                message: format!("{} bytes are not rows of {width} bytes at a pitch of {pitch}", data.len()),
+            });
+        }
+        let rows = data.len() / width;
+        check_range("strided device upload", offset, (rows - 1) * pitch + width, self.bytes)?;
+        let rt = runtime()?;
+        // SAFETY: every row's destination lies inside this allocation (checked above); `data` holds `rows · width`.
+        unsafe {
+            rt.check((rt.set_device)(self.device), || format!("cudaSetDevice({})", self.device))?;
+            let dst = self.ptr.add(offset);
+            rt.check(
+                (rt.memcpy_2d)(dst.cast(), pitch, data.as_ptr().cast(), width, width, rows, CUDA_MEMCPY_HOST_TO_DEVICE),
+                || format!("cudaMemcpy2D of {rows} x {width} bytes to device {}", self.device),
+            )?;
+            rt.check((rt.synchronize)(), || "cudaDeviceSynchronize".into())
+        }
+    }
+
+    /// Copies `out.len()` bytes from offset `offset` of this buffer to `out` (after the device's work so far).
+    pub fn download(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        check_range("device download", offset, out.len(), self.bytes)?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let rt = runtime()?;
+        // SAFETY: the source range lies inside this allocation (checked); `out` is host memory of that length.
+        unsafe {
+            rt.check((rt.set_device)(self.device), || format!("cudaSetDevice({})", self.device))?;
+            rt.check((rt.synchronize)(), || "cudaDeviceSynchronize".into())?;
+            let src = self.ptr.add(offset);
+            rt.check((rt.memcpy)(out.as_mut_ptr().cast(), src.cast(), out.len(), CUDA_MEMCPY_DEVICE_TO_HOST), || {
+                format!("cudaMemcpy of {} bytes from device {}", out.len(), self.device)
+            })
         }
     }
 }
