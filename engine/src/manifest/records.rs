@@ -39,9 +39,10 @@ pub struct CpuBuild {
     /// serving rewrite); `false` (and artifacts written before it existed): every position, as `model.onnx`.
     #[serde(default)]
     pub last_position_logits: bool,
-    /// Each layer's attention is ONNX Runtime's `GroupQueryAttention` (the exporter's serving rewrite), whose CPU
-    /// kernel takes more than one new token per row only for rows without a past, or one row at a time: the
-    /// engine splits such steps (`false`, and artifacts written before it existed: the portable attention).
+    /// Each layer's attention is one fused operator (the exporter's serving rewrite: `GroupQueryAttention`, or
+    /// DeepseekV3's `r1.LatentAttention`; [`CpuBuild::attention_op`]), whose CPU kernel takes more than one new token
+    /// per row only for rows without a past, or one row at a time: the engine splits such steps (`false`, and
+    /// artifacts written before it existed: the portable attention).
     #[serde(default)]
     pub fused_attention: bool,
     /// The fused attention reads each row's length from the attention mask (`seqlens_k = Σ mask − 1`) instead of
@@ -51,9 +52,10 @@ pub struct CpuBuild {
     #[serde(default)]
     pub kv_in_place: bool,
     /// The fused attention's operator, `domain.type`: `r1.GroupQueryAttention` (r1's kernel, float32 graphs,
-    /// registered by the engine) or
+    /// registered by the engine),
     /// `com.microsoft.GroupQueryAttention` (ONNX Runtime's; float16 graphs, and artifacts written before r1's
-    /// kernel existed, which record nothing here).
+    /// kernel existed, which record nothing here), or `r1.LatentAttention` (DeepseekV3's latent attention, float32
+    /// graphs; its cache key is the latent, its value the rope key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_op: Option<String>,
     /// The fused attention's KV cache type (the graph's `past_key_values.*` inputs and `present.*` outputs), which

@@ -29,6 +29,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod kernel;
+pub mod latent;
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
 use ort::session::builder::SessionBuilder;
@@ -44,11 +45,13 @@ pub const DOMAIN: &str = "r1";
 pub const OP_TYPE: &str = "GroupQueryAttention";
 
 /// The domain to register on a session (`SessionBuilder::with_operators`); prefer [`commit_with_ops`]. It holds
-/// the operator twice, for float32 and for float16 caches: ONNX Runtime picks the kernel by the graph's types.
+/// `GroupQueryAttention` twice, for float32 and for float16 caches (ONNX Runtime picks the kernel by the graph's
+/// types), and DeepseekV3's [`latent`] attention (`r1.LatentAttention`, float32).
 pub fn domain() -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?
         .add(GroupQueryAttention::<f32>(PhantomData))?
-        .add(GroupQueryAttention::<half::f16>(PhantomData))
+        .add(GroupQueryAttention::<half::f16>(PhantomData))?
+        .add(latent::LatentAttention)
 }
 
 /// A cache element type the operator is registered for, with its ONNX type.
