@@ -22,7 +22,7 @@ mod cuda;
 use crate::engines as eb;
 use cuda::{write_cuda_graph, CUDA_DIR_SUFFIX};
 use r1_engine::manifest::names::MODEL_FILE;
-use r1_engine::manifest::{CpuBuild, DType, EngineBuild, Manifest, Precision};
+use r1_engine::manifest::{CpuBuild, DType, EngineBuild, Family, Manifest, Precision};
 use r1_engine::targets::{self, Target};
 
 use prost::Message;
@@ -417,7 +417,16 @@ fn serving_source(
                 (op, if cache == crate::onnx::ElemType::F16 { DType::Float16 } else { DType::Float32 })
             })
         }
-        None => None,
+        // DeepseekV3's latent attention (float32 graphs and caches: the kernel's).
+        None => match latent_shape(manifest) {
+            Some(shape) if cache == dtype => {
+                let data = r1_calibration::external::ExternalDataReader::new(data_dir);
+                let n = crate::onnx::fused_latent::fuse_latent_attention(&mut model, &shape, dtype, cache, &data)?;
+                let op = r1_engine::backend::attention::latent::OP_TYPE;
+                (n > 0).then(|| (format!("{}.{op}", r1_engine::backend::attention::DOMAIN), DType::Float32))
+            }
+            _ => None,
+        },
     };
     // Without the fused attention the caches stay the portable graph's: an explicit request for another type fails.
     if fused.is_none() && kv_cache != KvCacheDtype::Auto && cache != dtype {
@@ -425,8 +434,8 @@ fn serving_source(
             option: "--kv-cache-dtype",
             message: format!(
                 "{kv_cache:?} needs the cpu serving graph's fused attention (Llama, Qwen2, Qwen3 with a head size \
-                 that is a multiple of {}, unscaled rotary); this {} artifact keeps its portable attention and \
-                 its {:?} cache: use auto",
+                 that is a multiple of {}, unscaled rotary; DeepseekV3's latent attention takes its graph's float32 \
+                 cache only); this {} artifact keeps its portable attention and its {:?} cache: use auto",
                 crate::onnx::fused_attention::HEAD_DIM_MULTIPLE,
                 manifest.family,
                 manifest.kv_cache.dtype,
@@ -467,6 +476,21 @@ pub(super) fn attention_shape(manifest: &Manifest) -> Option<crate::onnx::fused_
         num_kv_heads: get("num_kv_heads")?,
         head_dim: get("head_dim")?,
         max_positions: manifest.model.max_position_embeddings,
+    })
+}
+
+/// The MLA shape of a DeepseekV3 artifact (the graphs [`crate::onnx::fused_latent`] rewrites), from its manifest's
+/// `config` and KV-cache layout (key = the latent, value = the rope key, one head each); `None` for other families.
+fn latent_shape(manifest: &Manifest) -> Option<crate::onnx::fused_latent::LatentShape> {
+    if manifest.family != Family::DeepseekV3 {
+        return None;
+    }
+    let kv = &manifest.kv_cache;
+    Some(crate::onnx::fused_latent::LatentShape {
+        num_layers: kv.num_layers,
+        num_heads: manifest.config.get("num_attention_heads")?.as_u64()? as usize,
+        kv_lora_rank: kv.key_dim,
+        qk_rope_head_dim: kv.value_dim,
     })
 }
 

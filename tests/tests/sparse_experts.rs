@@ -12,15 +12,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ndarray::{s, Array2, Array3};
 use prost::Message;
-use r1_engine::backend::{self, BackendKind, BackendOptions, ExecutionProviderKind, StepInput};
+use r1_engine::backend::{self, BackendKind, BackendOptions, ExecutionProviderKind};
 use r1_engine::manifest::Manifest;
-use r1_engine::{Engine, EngineOptions};
+use r1_engine::{Engine, EngineOptions, StepWork};
 use r1_export::target::{self, Mode, TargetOptions};
 use r1_export::Precision;
 use r1_proto::onnx::{ModelProto, TensorProto};
-use r1_tests::{drive_engine, empty_past, export_case, golden_cases, golden_meta, Golden};
+use r1_tests::{drive_engine, export_case, golden_cases, golden_meta, Golden};
 
 fn deepseek_cases() -> Vec<PathBuf> {
     let cases: Vec<PathBuf> =
@@ -173,11 +172,10 @@ fn each_token_reads_exactly_its_top_k_experts() {
                 v.copy_from_slice(&f32::NAN.to_le_bytes());
             }
             std::fs::write(&file, &bytes).unwrap();
-            let mut be = backend::load(&out, &m, BackendKind::Ort, &cpu_options()).unwrap();
-            for (key, nan) in nan_rows(be.as_mut(), &m, &g) {
+            let be = backend::load(&out, &m, BackendKind::Ort, &cpu_options()).unwrap();
+            for (key, nan) in nan_rows(be, &out, &m, &g) {
                 *poisoned.entry(key).or_default() += usize::from(nan);
             }
-            drop(be);
             std::fs::write(&file, &original).unwrap();
         }
         for ((r, step), n) in &poisoned {
@@ -190,38 +188,31 @@ fn each_token_reads_exactly_its_top_k_experts() {
     }
 }
 
-/// Prefill of the golden prompts, then their decode tokens one step at a time through the backend (the host
-/// layout, past fed back); for each returned logits row, whether it holds a NaN.
-fn nan_rows(be: &mut dyn backend::Backend, m: &Manifest, g: &Golden) -> Vec<((usize, usize), bool)> {
+/// Prefill of the golden prompts, then their decode tokens one step at a time, through an engine over `be` (the
+/// serving graph steps the engine's KV pool in place, as r1-serve runs it: its layout is the pool's, right-padded,
+/// not a host past); for each returned logits row (each row's last fed position), whether it holds a NaN.
+fn nan_rows(be: Box<dyn backend::Backend>, out: &Path, m: &Manifest, g: &Golden) -> Vec<((usize, usize), bool)> {
     assert!(be.last_position_logits(), "the serving graph returns each row's last position");
-    let b = g.input_ids.nrows();
-    let out = be
-        .run(&StepInput {
-            input_ids: g.input_ids.clone(),
-            attention_mask: g.attention_mask.clone(),
-            position_ids: g.position_ids.clone(),
-            past: empty_past(m, b),
+    let mut e = Engine::from_backend(out, m.clone(), be, None).unwrap();
+    let (b, p) = g.input_ids.dim();
+    let n = g.decode_input_ids.ncols();
+    let seqs: Vec<_> = (0..b)
+        .map(|r| {
+            let prompt: Vec<u32> =
+                (0..p).filter(|&t| g.attention_mask[[r, t]] == 1).map(|t| g.input_ids[[r, t]] as u32).collect();
+            e.add_sequence(&prompt, n + 1).unwrap()
         })
-        .unwrap();
-    let row_nan = |l: &Array3<f32>, r: usize| l.slice(s![r, .., ..]).iter().any(|v| v.is_nan());
-    let mut rows: Vec<_> = (0..b).map(|r| ((r, 0), row_nan(&out.logits, r))).collect();
-    let (mut past, mut mask) = (out.present, g.attention_mask.clone());
-    let mut pos: Vec<i64> = (0..b).map(|r| g.position_ids[[r, g.position_ids.ncols() - 1]]).collect();
-    for step in 0..g.decode_input_ids.ncols() {
-        let mut grown = Array2::<i64>::ones((b, mask.ncols() + 1));
-        grown.slice_mut(s![.., ..mask.ncols()]).assign(&mask);
-        mask = grown;
-        pos.iter_mut().for_each(|p| *p += 1);
-        let o = be
-            .run(&StepInput {
-                input_ids: Array2::from_shape_vec((b, 1), g.decode_input_ids.column(step).to_vec()).unwrap(),
-                attention_mask: mask.clone(),
-                position_ids: Array2::from_shape_vec((b, 1), pos.clone()).unwrap(),
-                past,
-            })
-            .unwrap();
-        rows.extend((0..b).map(|r| ((r, step + 1), row_nan(&o.logits, r))));
-        past = o.present;
+        .collect();
+    let work: Vec<StepWork> = seqs.iter().map(|&s| StepWork::all(s)).collect();
+    let mut rows = Vec::new();
+    for step in 0..=n {
+        for res in e.step(&work).unwrap() {
+            let r = seqs.iter().position(|s| *s == res.seq).unwrap();
+            rows.push(((r, step), res.logits.iter().any(|v| v.is_nan())));
+            if step < n {
+                e.push_token(res.seq, g.decode_input_ids[[r, step]] as u32).unwrap();
+            }
+        }
     }
     rows
 }

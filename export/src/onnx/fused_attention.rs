@@ -32,14 +32,14 @@
 //! which halves the bytes a decode step streams at a long context and the pool's memory per position. The kernel
 //! rounds each new key and value to float16 once, as it appends them, and computes in float32.
 //!
-//! Only the dense families (Llama, Qwen2, Qwen3) are rewritten; other graphs (DeepSeek-V3's MLA) are left as
-//! they are.
+//! Only the dense families (Llama, Qwen2, Qwen3) are rewritten here; DeepSeek-V3's MLA has its own rewrite
+//! ([`super::fused_latent`], r1's `LatentAttention`), which reuses the row lengths and graph helpers below.
 use std::collections::{HashMap, HashSet};
 
 use r1_calibration::external::ExternalDataReader;
 use r1_calibration::matmul_nbits::MS_DOMAIN;
 use r1_engine::manifest::names;
-use r1_proto::onnx::{type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use r1_proto::onnx::{type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
 
 use super::{attr_f, attr_i, i64_tensor, inline_tensor, rewrite_node as node, ElemType};
 use crate::error::{ExportError, Result};
@@ -79,7 +79,7 @@ pub fn has_fused_attention(model: &ModelProto) -> bool {
 }
 
 /// The float32 values of initializer `name`, when the graph has one of that name and type.
-fn f32_initializer(g: &GraphProto, name: &str, data: &ExternalDataReader) -> Option<Vec<f32>> {
+pub(super) fn f32_initializer(g: &GraphProto, name: &str, data: &ExternalDataReader) -> Option<Vec<f32>> {
     let t = g.initializer.iter().find(|t| t.name.as_deref() == Some(name))?;
     data.tensor_f32(t).ok()
 }
@@ -184,26 +184,26 @@ fn retype_cache(g: &mut GraphProto, layers: usize, cache: ElemType) {
     }
 }
 
-/// `s` under this rewrite's [`PREFIX`].
-fn t(s: &str) -> String {
+/// `s` under this rewrite's [`PREFIX`] (the latent rewrite's row lengths are these nodes too).
+pub(super) fn t(s: &str) -> String {
     format!("{PREFIX}/{s}")
 }
 
 /// The portable graph's nodes by name.
-struct NodeIndex<'g> {
+pub(super) struct NodeIndex<'g> {
     g: &'g GraphProto,
     by_name: HashMap<String, usize>,
 }
 
 impl<'g> NodeIndex<'g> {
     /// Indexes `g`'s nodes by name.
-    fn new(g: &'g GraphProto) -> Self {
+    pub(super) fn new(g: &'g GraphProto) -> Self {
         let by_name = g.node.iter().enumerate().filter_map(|(i, n)| n.name.clone().map(|s| (s, i))).collect();
         NodeIndex { g, by_name }
     }
 
     /// The node named `name`, or an error naming it.
-    fn find(&self, name: &str) -> Result<&'g NodeProto> {
+    pub(super) fn find(&self, name: &str) -> Result<&'g NodeProto> {
         self.by_name
             .get(name)
             .map(|&i| &self.g.node[i])
@@ -211,7 +211,7 @@ impl<'g> NodeIndex<'g> {
     }
 
     /// The first input of node `name`.
-    fn first_input(&self, name: &str) -> Result<String> {
+    pub(super) fn first_input(&self, name: &str) -> Result<String> {
         self.find(name)?.input.first().cloned().ok_or_else(|| graph_err(format!("node `{name}` has no input")))
     }
 }
@@ -287,15 +287,19 @@ fn add_shared_initializers(
     g.initializer.extend([
         inline_tensor(&t("cos_cache"), dtype, &[shape.max_positions as i64, half], cos),
         inline_tensor(&t("sin_cache"), dtype, &[shape.max_positions as i64, half], sin),
-        i64_tensor(&t("one"), &[], &[1]),
-        i64_tensor(&t("axis1"), &[1], &[1]),
         i64_tensor(&t("heads_3d"), &[3], &[0, 0, -1]),
     ]);
+    g.initializer.extend(row_length_constants());
     Ok(())
 }
 
-/// The nodes all layers share: the `total` length (the mask's width) and each row's `seqlens` (its ones − 1).
-fn shared_nodes() -> Vec<NodeProto> {
+/// The constants [`shared_nodes`] reads.
+pub(super) fn row_length_constants() -> [TensorProto; 2] {
+    [i64_tensor(&t("one"), &[], &[1]), i64_tensor(&t("axis1"), &[1], &[1])]
+}
+
+/// The nodes all layers share: the `total` length (the mask's width) and each row's `seqlens` (its ones − 1), int32.
+pub(super) fn shared_nodes() -> Vec<NodeProto> {
     vec![
         node(&t("total/Shape"), "Shape", &["attention_mask"], &[&t("mask_shape")]),
         NodeProto {
@@ -376,7 +380,7 @@ fn fuse_layer(
 
 /// Orders `g.node` so every node comes after the producers of its inputs (stable: nodes already in order keep
 /// their relative order). Fails naming a tensor nothing produces.
-fn topological_sort(g: &mut GraphProto) -> Result<()> {
+pub(super) fn topological_sort(g: &mut GraphProto) -> Result<()> {
     let mut known: HashSet<String> = g.input.iter().filter_map(|i| i.name.clone()).collect();
     known.extend(g.initializer.iter().filter_map(|t| t.name.clone()));
     known.insert(String::new());

@@ -11,6 +11,7 @@
 mod builder;
 mod external;
 pub mod fused_attention;
+pub mod fused_latent;
 pub mod last_logits;
 mod ops;
 pub mod sparse_moe;
