@@ -298,7 +298,8 @@ pub unsafe fn run(
     if d.seq != 1 {
         return par_for(attention_tasks(d), &|t| unsafe { attend(d, buf, spans, t, scale) });
     }
-    let splits = decode::splits(d.batch);
+    let longest = spans.iter().map(|s| s.past + s.new).max().unwrap_or(0);
+    let splits = decode::splits(d.batch, longest);
     let mut partials = vec![0f32; if splits > 1 { d.batch * splits * decode::partial_len(d) } else { 0 }];
     let p = decode::Partials(partials.as_mut_ptr());
     par_for(d.batch * splits, &|t| unsafe {

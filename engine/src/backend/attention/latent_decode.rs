@@ -6,9 +6,9 @@
 //! matrix product of `H` rows, each cached latent packed once), and a second phase merges the chunks' partial softmaxes
 //! (flash-decoding): chunk `j` leaves its maximum `m_j`, its sum `l_j = Σ exp(s − m_j)` and its weighted latents
 //! `o_j = Σ exp(s − m_j) · c` per head; the output is `Σ_j exp(m_j − m) · o_j / Σ_j exp(m_j − m) · l_j`, `m = max m_j`,
-//! summed in chunk order. The number of chunks depends on the batch only ([`splits`]), so the output never depends on
-//! the thread count; a row with fewer positions than [`MIN_KEY_CHUNK`] per chunk uses fewer chunks, and a step with
-//! one chunk per row writes its output directly.
+//! summed in chunk order. The number of chunks depends on the batch size and the longest row only ([`splits`]), so the
+//! output never depends on the thread count; a row with fewer positions than [`MIN_KEY_CHUNK`] per chunk uses fewer
+//! chunks, and a step with one chunk per row writes its output directly.
 
 use std::ops::Range;
 
@@ -22,10 +22,11 @@ pub const MAX_SPLITS: usize = 8;
 /// The fewest positions a chunk takes (but the last).
 pub const MIN_KEY_CHUNK: usize = 256;
 
-/// Chunks per row for a decode step of `batch` rows: enough tasks for a thread pool of 16 or more at batch 1, one
-/// chunk per row from 32 rows on.
-pub fn splits(batch: usize) -> usize {
-    (32 / batch.max(1)).clamp(1, MAX_SPLITS)
+/// Chunks per row for a decode step of `batch` rows whose longest holds `longest` positions: enough tasks for a
+/// thread pool of 16 or more at batch 1, one chunk per row from 32 rows on, and no more chunks than the longest row
+/// fills (a step whose rows fit one chunk writes its output directly: no partial results to allocate and merge).
+pub fn splits(batch: usize, longest: usize) -> usize {
+    (32 / batch.max(1)).min(longest.div_ceil(MIN_KEY_CHUNK)).clamp(1, MAX_SPLITS)
 }
 
 /// Chunk `j`'s positions among a row's `keys` (empty when the row is shorter than `j + 1` chunks).

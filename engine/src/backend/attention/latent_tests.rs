@@ -179,12 +179,13 @@ fn ragged_decode_rows_match_the_reference() {
 fn long_decode_rows_split_into_chunks_match_the_reference() {
     // Batch 2: 16 chunks would be allowed, capped at 8; rows of 650 and 300 positions take 3 and 2 chunks of 256.
     let d = dims(2, 1, 3, 700, 700);
-    assert_eq!(decode::splits(2), decode::MAX_SPLITS);
-    assert_eq!(decode::chunk(650, 8, 2), 512..650);
-    assert!(decode::chunk(300, 8, 2).is_empty());
+    assert_eq!(decode::splits(2, 2_100), decode::MAX_SPLITS);
+    assert_eq!(decode::splits(2, 650), 3, "no more chunks than the longest row fills");
+    assert_eq!(decode::chunk(650, 3, 2), 512..650);
+    assert!(decode::chunk(300, 3, 2).is_empty());
     check(&case(d, &[650, 300], 5), "long decode rows");
-    // One row per chunk from 32 rows on: the output is written directly.
-    assert_eq!(decode::splits(32), 1);
+    // One chunk per row from 32 rows on, or when the rows fit one chunk: the output is written directly.
+    assert_eq!((decode::splits(32, 5_000), decode::splits(1, 256)), (1, 1));
     check(&case(dims(33, 1, 2, 10, 10), &(1..=33).map(|i| i % 9 + 1).collect::<Vec<_>>(), 6), "32+ decode rows");
 }
 
