@@ -111,46 +111,92 @@ unsafe fn scores_n<const R: usize, C: CacheElem>(
     }
 }
 
-/// `acc += Σ_t p[t] · value_t` over `ts` (value `t` at `v + t · acc.len()`), 64 lanes of the accumulator held in
-/// registers across all the keys.
+/// `acc_j += Σ_t p[j · p_stride + t] · value_t` for rows `j < n` (`n ≤ MAX_ROWS`, row `j` at `acc + j · hd`) over
+/// keys `ts` (value `t` at `v + t · hd`): 16 lanes of every row held in registers (12 accumulators) across the keys,
+/// so each value vector is loaded and widened once for all the rows of a group instead of once per row.
 ///
 /// # Safety
-/// [`available`]; `p` covers `ts`, `v` those values.
+/// [`available`]; the pointers cover those rows, probabilities and values.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn values<C: CacheElem>(p: *const f32, acc: &mut [f32], v: *const C, ts: Range<usize>) {
-    let hd = acc.len();
-    let a = acc.as_mut_ptr();
-    let mut c = 0;
-    // SAFETY (whole body): the caller's guarantee; `c + width ≤ hd`.
+pub unsafe fn values_rows<C: CacheElem>(
+    p: *const f32,
+    p_stride: usize,
+    n: usize,
+    acc: *mut f32,
+    hd: usize,
+    v: *const C,
+    ts: Range<usize>,
+) {
+    // SAFETY (whole body): the caller's guarantee.
     unsafe {
-        while c + 8 * L <= hd {
-            let mut r = [_mm256_setzero_ps(); 8];
-            for (i, x) in r.iter_mut().enumerate() {
-                *x = _mm256_loadu_ps(a.add(c + i * L));
+        match n {
+            1 => values_rows_n::<1, C>(p, p_stride, acc, hd, v, ts),
+            2 => values_rows_n::<2, C>(p, p_stride, acc, hd, v, ts),
+            3 => values_rows_n::<3, C>(p, p_stride, acc, hd, v, ts),
+            4 => values_rows_n::<4, C>(p, p_stride, acc, hd, v, ts),
+            5 => values_rows_n::<5, C>(p, p_stride, acc, hd, v, ts),
+            _ => values_rows_n::<6, C>(p, p_stride, acc, hd, v, ts),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn values_rows_n<const R: usize, C: CacheElem>(
+    p: *const f32,
+    p_stride: usize,
+    acc: *mut f32,
+    hd: usize,
+    v: *const C,
+    ts: Range<usize>,
+) {
+    const SPAN: usize = 2 * L;
+    let mut c = 0;
+    // SAFETY (whole body): the caller's guarantee; `c + SPAN ≤ hd` in the first loop, `c + L ≤ hd` in the second,
+    // and the scalar tail stays below `hd`.
+    unsafe {
+        while c + SPAN <= hd {
+            let mut a = [[_mm256_setzero_ps(); 2]; R];
+            for (r, x) in a.iter_mut().enumerate() {
+                x[0] = _mm256_loadu_ps(acc.add(r * hd + c));
+                x[1] = _mm256_loadu_ps(acc.add(r * hd + c + L));
             }
             for t in ts.clone() {
-                let pb = _mm256_set1_ps(*p.add(t));
                 let row = v.add(t * hd + c);
-                for (i, x) in r.iter_mut().enumerate() {
-                    *x = _mm256_fmadd_ps(pb, C::load8(row.add(i * L)), *x);
+                let (x0, x1) = (C::load8(row), C::load8(row.add(L)));
+                for (r, y) in a.iter_mut().enumerate() {
+                    let pb = _mm256_broadcast_ss(&*p.add(r * p_stride + t));
+                    y[0] = _mm256_fmadd_ps(pb, x0, y[0]);
+                    y[1] = _mm256_fmadd_ps(pb, x1, y[1]);
                 }
             }
-            for (i, x) in r.iter().enumerate() {
-                _mm256_storeu_ps(a.add(c + i * L), *x);
+            for (r, x) in a.iter().enumerate() {
+                _mm256_storeu_ps(acc.add(r * hd + c), x[0]);
+                _mm256_storeu_ps(acc.add(r * hd + c + L), x[1]);
             }
-            c += 8 * L;
+            c += SPAN;
         }
         while c + L <= hd {
-            let mut x = _mm256_loadu_ps(a.add(c));
-            for t in ts.clone() {
-                x = _mm256_fmadd_ps(_mm256_set1_ps(*p.add(t)), C::load8(v.add(t * hd + c)), x);
+            let mut a = [_mm256_setzero_ps(); R];
+            for (r, y) in a.iter_mut().enumerate() {
+                *y = _mm256_loadu_ps(acc.add(r * hd + c));
             }
-            _mm256_storeu_ps(a.add(c), x);
+            for t in ts.clone() {
+                let x = C::load8(v.add(t * hd + c));
+                for (r, y) in a.iter_mut().enumerate() {
+                    *y = _mm256_fmadd_ps(_mm256_broadcast_ss(&*p.add(r * p_stride + t)), x, *y);
+                }
+            }
+            for (r, y) in a.iter().enumerate() {
+                _mm256_storeu_ps(acc.add(r * hd + c), *y);
+            }
             c += L;
         }
-        for i in c..hd {
-            for t in ts.clone() {
-                *a.add(i) = (*p.add(t)).mul_add((*v.add(t * hd + i)).to_f32(), *a.add(i));
+        for r in 0..R {
+            for i in c..hd {
+                for t in ts.clone() {
+                    let a = acc.add(r * hd + i);
+                    *a = (*p.add(r * p_stride + t)).mul_add((*v.add(t * hd + i)).to_f32(), *a);
+                }
             }
         }
     }

@@ -1,6 +1,6 @@
 //! The AVX-512 (F, BW, VL, + FMA, F16C) inner loops of [`super::kernel`]: sixteen lanes per register and 32
 //! registers, which let both decode-time loops read each cached key and value once for all the query rows of a
-//! group (the AVX2 loops read each value once per row):
+//! group (the AVX2 loops hold 16 lanes of each row at a time, these 64):
 //!
 //! - [`scores`]: four keys × up to six rows of accumulators (24 registers); each key vector is widened once
 //!   (`vcvtph2ps` for a float16 cache) and multiplied into every row, and the four keys' sums of a row are reduced

@@ -560,19 +560,24 @@ unsafe fn attend_body<const ISA: u8, C: CacheElem>(d: &Dims, buf: &Buffers<C>, t
         let mut t0 = 0;
         while t0 < keys {
             let t1 = (t0 + KEY_BLOCK).min(keys);
-            // Rows of one query position share their causal limit: the AVX-512 loops sum each value into all of
+            // Rows of one query position share their causal limit: the SIMD loops sum each value into all of
             // them at once.
             #[cfg(target_arch = "x86_64")]
-            if ISA == AVX512 {
+            if ISA == AVX512 || ISA == AVX2 {
+                let max_rows = if ISA == AVX512 { avx512::MAX_ROWS } else { avx2::MAX_ROWS };
                 for r0 in (0..rows).step_by(group) {
                     let end = t1.min(limit(r0));
                     if end <= t0 {
                         continue;
                     }
-                    for (j, r) in (r0..r0 + group).step_by(avx512::MAX_ROWS).enumerate() {
-                        let n = (group - j * avx512::MAX_ROWS).min(avx512::MAX_ROWS);
+                    for (j, r) in (r0..r0 + group).step_by(max_rows).enumerate() {
+                        let n = (group - j * max_rows).min(max_rows);
                         let (p, a) = (scores.as_ptr().add(r * keys), acc.as_mut_ptr().add(r * hd));
-                        avx512::values::<C>(p, keys, n, a, hd, vp, t0..end);
+                        if ISA == AVX512 {
+                            avx512::values::<C>(p, keys, n, a, hd, vp, t0..end);
+                        } else {
+                            avx2::values_rows::<C>(p, keys, n, a, hd, vp, t0..end);
+                        }
                     }
                 }
                 t0 = t1;
@@ -582,13 +587,6 @@ unsafe fn attend_body<const ISA: u8, C: CacheElem>(d: &Dims, buf: &Buffers<C>, t
                 let end = t1.min(limit(r));
                 let pr = &scores[r * keys..(r + 1) * keys];
                 let ar = &mut acc[r * hd..(r + 1) * hd];
-                #[cfg(target_arch = "x86_64")]
-                if ISA == AVX2 {
-                    if t0 < end {
-                        avx2::values::<C>(pr.as_ptr(), ar, vp, t0..end);
-                    }
-                    continue;
-                }
                 let mut t = t0;
                 while t + 4 <= end {
                     let p = [pr[t], pr[t + 1], pr[t + 2], pr[t + 3]];
