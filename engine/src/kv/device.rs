@@ -241,7 +241,7 @@ impl DeviceBuffer {
         if width == 0 || data.is_empty() {
             return Ok(());
         }
-        if data.len() % width != 0 || pitch < width {
+        if !data.len().is_multiple_of(width) || pitch < width {
             return Err(EngineError::InvalidArgument {
                 name: "strided device upload".into(),
                 message: format!("{} bytes are not rows of {width} bytes at a pitch of {pitch}", data.len()),
