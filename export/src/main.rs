@@ -199,6 +199,13 @@ struct TargetArgs {
     /// type for fp32 (transformers' numerics) and fp16.
     #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = parse_kv_cache_dtype, env = "R1_EXPORT_KV_CACHE_DTYPE")]
     kv_cache_dtype: KvCacheDtype,
+
+    /// cpu target of a float32 DeepseekV3 artifact (fp32, int8-wo, int4-wo): fuse each layer's latent attention into
+    /// r1.LatentAttention, which appends the latent cache in place in the engine's KV pool (no cache copied per
+    /// step). Off by default: at R1's 128 heads its decode arithmetic is still slower than ONNX Runtime's matrix
+    /// products in the portable attention (see BENCHMARKS.md).
+    #[arg(long, env = "R1_EXPORT_MLA_IN_PLACE")]
+    mla_in_place: bool,
 }
 
 impl TargetArgs {
@@ -209,6 +216,7 @@ impl TargetArgs {
             wait: std::time::Duration::from_secs(self.wait_secs),
             float_experts: self.cpu_float_experts,
             kv_cache_dtype: self.kv_cache_dtype,
+            mla_in_place: self.mla_in_place,
         }
     }
 }

@@ -49,6 +49,10 @@ pub struct TargetOptions {
     pub float_experts: bool,
     /// `cpu`: the element type of the serving graph's KV cache (`--kv-cache-dtype`).
     pub kv_cache_dtype: KvCacheDtype,
+    /// `cpu`: fuse a float32 DeepseekV3 graph's latent attention into `r1.LatentAttention`, which appends the latent
+    /// cache in place (`--mla-in-place`). Off by default: no cache is copied, but at R1's 128 heads its decode
+    /// arithmetic is still slower than ONNX Runtime's products in the portable attention (`BENCHMARKS.md`).
+    pub mla_in_place: bool,
 }
 
 /// The element type of the `cpu` serving graph's KV cache (`r1-export --kv-cache-dtype`).
@@ -111,6 +115,7 @@ impl Default for TargetOptions {
             wait: crate::build_lock::DEFAULT_WAIT,
             float_experts: false,
             kv_cache_dtype: KvCacheDtype::Auto,
+            mla_in_place: false,
         }
     }
 }
@@ -210,7 +215,9 @@ pub fn apply(
         };
         let cache = opts.kv_cache_dtype.resolve(&manifest);
         let kv = if t.is_cpu() { KvCacheDtype::key(cache) } else { "" };
-        let options = [options, kv].into_iter().filter(|o| !o.is_empty()).collect::<Vec<_>>().join(",");
+        let mla =
+            if t.is_cpu() && opts.mla_in_place && manifest.family == Family::DeepseekV3 { "mla_in_place" } else { "" };
+        let options = [options, kv, mla].into_iter().filter(|o| !o.is_empty()).collect::<Vec<_>>().join(",");
         let key = build_key(&manifest, t.name, &options, &eb::ort_version());
         let rel = version_dir(t.name, &key);
         if is_current(dir, &manifest, t, &rel) {
@@ -218,7 +225,7 @@ pub fn apply(
             continue;
         }
         let outcome = if t.is_cpu() {
-            Outcome::Cpu(write_cpu_graph(dir, &manifest, &rel, opts.float_experts, opts.kv_cache_dtype)?)
+            Outcome::Cpu(write_cpu_graph(dir, &manifest, &rel, opts)?)
         } else {
             gpu_target(dir, &manifest, t, opts.hardware_compatible, mode, &rel)?
         };
@@ -312,13 +319,7 @@ fn gpu_target(dir: &Path, manifest: &Manifest, t: &'static Target, hw: bool, mod
 /// The graph ONNX Runtime optimizes is the portable one rewritten for serving: the LM head on each row's last
 /// fed position only ([`crate::onnx::last_logits`]), and, for `int8-wo` / `int8`, weight-only int8 MatMuls
 /// lowered to `MatMulNBits` ([`r1_calibration::matmul_nbits`]).
-fn write_cpu_graph(
-    dir: &Path,
-    manifest: &Manifest,
-    rel: &str,
-    float_experts: bool,
-    kv_cache: KvCacheDtype,
-) -> Result<CpuBuild> {
+fn write_cpu_graph(dir: &Path, manifest: &Manifest, rel: &str, opts: &TargetOptions) -> Result<CpuBuild> {
     let final_dir = dir.join(rel);
     let parent = final_dir.parent().unwrap_or(dir).to_path_buf();
     std::fs::create_dir_all(&parent).map_err(ExportError::io(&parent))?;
@@ -331,7 +332,7 @@ fn write_cpu_graph(
             std::fs::remove_dir_all(d).map_err(ExportError::io(d))?;
         }
     }
-    let source = serving_source(dir, manifest, &lowered, &rewritten, float_experts, kv_cache);
+    let source = serving_source(dir, manifest, &lowered, &rewritten, opts);
     let record = source.and_then(|(source, lowering, attention, moe)| {
         let mut r = eb::optimize_cpu_graph(&source, &tmp, rel).map_err(engine_err(dir))?;
         r.lowering =
@@ -385,9 +386,9 @@ fn serving_source(
     manifest: &Manifest,
     lowered: &Path,
     rewritten: &Path,
-    float_experts: bool,
-    kv_cache: KvCacheDtype,
+    opts: &TargetOptions,
 ) -> Result<(std::path::PathBuf, Option<Lowering>, FusedAttention, crate::onnx::sparse_moe::SparseExperts)> {
+    let (float_experts, kv_cache) = (opts.float_experts, opts.kv_cache_dtype);
     let mut model = crate::quantize::read_model(&dir.join(MODEL_FILE))?;
     // int8 (W8A8) graphs hold weight-only int8 MatMuls too: the LM head by default (`--quantize-lm-head weights`).
     let lowering = if matches!(manifest.precision, Precision::Int8WeightOnly | Precision::Int8) {
@@ -419,7 +420,7 @@ fn serving_source(
         }
         // DeepseekV3's latent attention (float32 graphs and caches: the kernel's).
         None => match latent_shape(manifest) {
-            Some(shape) if cache == dtype => {
+            Some(shape) if cache == dtype && opts.mla_in_place => {
                 let data = r1_calibration::external::ExternalDataReader::new(data_dir);
                 let n = crate::onnx::fused_latent::fuse_latent_attention(&mut model, &shape, dtype, cache, &data)?;
                 let op = r1_engine::backend::attention::latent::OP_TYPE;

@@ -504,3 +504,34 @@ fn kv_cache_dtype_fp16_halves_the_serving_caches_and_keeps_the_logits_within_flo
         stderr(&deepseek)
     );
 }
+
+/// `--mla-in-place` from the real binary: a DeepseekV3 cpu graph fuses its latent attention into r1.LatentAttention
+/// and steps the pool in place only when asked (a build of its own version), and gives the default graph's greedy
+/// tokens; without it the portable attention stays.
+#[test]
+fn mla_in_place_is_opt_in_and_gives_the_default_graphs_tokens() {
+    let ck = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/golden/deepseek_v3_noqlora_f32");
+    let tmp = tempfile::tempdir().unwrap();
+    let export = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args: Vec<&std::ffi::OsStr> = vec![ck.as_os_str(), "-o".as_ref(), out.as_os_str()];
+        args.extend(["--target", "cpu", "--quiet"].iter().chain(extra).map(std::ffi::OsStr::new));
+        let o = r1_export(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (Manifest::load(&out).unwrap(), out)
+    };
+    let ((plain, plain_dir), (fused, fused_dir)) = (export("plain", &[]), export("fused", &["--mla-in-place"]));
+    let (p, f) = (plain.targets.cpu().unwrap(), fused.targets.cpu().unwrap());
+    assert!(!p.kv_in_place && !p.fused_attention && p.attention_op.is_none(), "default: the portable attention");
+    assert!(f.kv_in_place && f.fused_attention, "--mla-in-place: the latent cache appended in place");
+    assert_eq!(f.attention_op.as_deref(), Some("r1.LatentAttention"));
+    assert_ne!(p.graph, f.graph, "--mla-in-place is part of the build's version key");
+    let opts = EngineOptions {
+        backend: BackendKind::Ort,
+        backend_options: BackendOptions { execution_provider: ExecutionProviderKind::Cpu, ..Default::default() },
+        ..EngineOptions::default()
+    };
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 13 + 5) % plain.model.vocab_size as u32).collect();
+    let tokens = |dir: &Path| Engine::load(dir, &opts).unwrap().generate_greedy(&prompt, 6, &[]).unwrap();
+    assert_eq!(tokens(&fused_dir), tokens(&plain_dir), "greedy tokens with and without --mla-in-place");
+}

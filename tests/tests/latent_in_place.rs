@@ -36,7 +36,7 @@ fn cpu_options() -> BackendOptions {
 fn export_for_cpu(tmp: &Path, name: &str) -> (PathBuf, Manifest) {
     let out = tmp.join(name);
     export_case(&golden_dir().join(name), &out, Precision::Fp32).unwrap();
-    let opts = TargetOptions { targets: vec!["cpu".into()], ..Default::default() };
+    let opts = TargetOptions { targets: vec!["cpu".into()], mla_in_place: true, ..Default::default() };
     target::apply(&out, &opts, Mode::AfterExport, &mut |_, _| {}).unwrap();
     let m = Manifest::load(&out).unwrap();
     (out, m)

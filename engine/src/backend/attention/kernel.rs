@@ -620,4 +620,4 @@ unsafe fn attend_body<const ISA: u8, C: CacheElem>(d: &Dims, buf: &Buffers<C>, t
 
 #[cfg(test)]
 #[path = "kernel_tests.rs"]
-mod tests;
+pub(super) mod tests;

@@ -2,7 +2,7 @@ use super::*;
 use half::f16;
 
 /// Deterministic values in [-1, 1).
-fn noise(n: usize, seed: u64) -> Vec<f32> {
+pub(in crate::backend::attention) fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {

@@ -1,15 +1,6 @@
 use super::*;
 
-/// Deterministic values in [-1, 1).
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use crate::backend::attention::kernel::tests::noise;
 
 /// One call's inputs; `totals[b]` is row b's length after the step (`seqlens_k + 1`).
 struct Case {
