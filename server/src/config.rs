@@ -152,8 +152,10 @@ pub struct ServeArgs {
     pub default_max_tokens: u32,
     /// KV cache budget in MiB (default: the engine's, 2048), counted in blocks of --kv-block-tokens positions as
     /// sequences grow (a request's max_tokens reserves nothing up front; when the pool is full the youngest
-    /// sequences are preempted and recomputed later, never failed). The pool is float32; backends that also keep
-    /// the running batch's cache in the runtime (tract, ort on the portable graph) count each position twice.
+    /// sequences are preempted and recomputed later, never failed). Each position counts the pool's real bytes, in its
+    /// element type (the serving graph's cache type: float16 for a quantized or fp16 `--target cpu` export of a
+    /// dense family, else float32); backends that also keep the running batch's cache in the runtime (tract, ort on the portable graph)
+    /// count each position twice.
     #[arg(long, env = "R1_KV_CACHE_MIB")]
     pub kv_cache_mib: Option<u64>,
     /// Positions per KV budget block: the unit a sequence grows by.

@@ -228,19 +228,22 @@ pub fn golden_tokens(g: &Golden) -> Vec<Vec<i64>> {
     g.decode_input_ids.outer_iter().map(|r| r.to_vec()).collect()
 }
 
+/// The golden batch's prompts, one per row: the token ids its attention mask marks real (the golden files pad on
+/// the left).
+pub fn golden_prompts(g: &Golden) -> Vec<Vec<u32>> {
+    let (b, p) = g.input_ids.dim();
+    (0..b)
+        .map(|r| (0..p).filter(|&t| g.attention_mask[[r, t]] == 1).map(|t| g.input_ids[[r, t]] as u32).collect())
+        .collect()
+}
+
 /// Teacher-forces every row of `g` through the engine (a serving graph that returns each row's last position);
 /// row 0 is fed `chunk` prompt tokens per step (`None`: all at once) while the other rows move on. Returns the worst relative error against the reference logits and the rows
 /// whose greedy token differs from the reference's next token, as `(row, step)`.
 pub fn drive_engine(e: &mut Engine, g: &Golden, chunk: Option<usize>) -> (f32, Vec<(usize, usize)>) {
     let (b, p) = g.input_ids.dim();
     let n = g.decode_input_ids.ncols();
-    let seqs: Vec<_> = (0..b)
-        .map(|r| {
-            let prompt: Vec<u32> =
-                (0..p).filter(|&t| g.attention_mask[[r, t]] == 1).map(|t| g.input_ids[[r, t]] as u32).collect();
-            e.add_sequence(&prompt, n + 1).unwrap()
-        })
-        .collect();
+    let seqs: Vec<_> = golden_prompts(g).iter().map(|prompt| e.add_sequence(prompt, n + 1).unwrap()).collect();
     let mut next = vec![0usize; b];
     let (mut err, mut wrong) = (0f32, Vec::new());
     while next.iter().any(|&k| k <= n) {

@@ -179,12 +179,8 @@ fn serving_graph_matches_transformers_through_the_engine() {
             let mut e = Engine::load(&out, &opts).unwrap();
             let (b, p) = g.input_ids.dim();
             let n = g.decode_input_ids.ncols();
-            let mut seqs = Vec::new();
-            for r in 0..b {
-                let prompt: Vec<u32> =
-                    (0..p).filter(|&t| g.attention_mask[[r, t]] == 1).map(|t| g.input_ids[[r, t]] as u32).collect();
-                seqs.push(e.add_sequence(&prompt, n + 1).unwrap());
-            }
+            let seqs: Vec<_> =
+                r1_tests::golden_prompts(&g).iter().map(|prompt| e.add_sequence(prompt, n + 1).unwrap()).collect();
             // next[r]: how many reference logits row r has matched (0 = the prompt's last position).
             let mut next = vec![0usize; b];
             let mut err = 0f32;

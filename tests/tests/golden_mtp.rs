@@ -258,11 +258,7 @@ fn plain_greedy(out: &Path, kind: BackendKind, prompts: &[Vec<i64>], n: usize) -
 
 fn golden_prompts(case: &Path) -> Vec<Vec<i64>> {
     let g = r1_tests::Golden::load(case).unwrap();
-    (0..g.input_ids.nrows())
-        .map(|r| {
-            (0..g.input_ids.ncols()).filter(|&t| g.attention_mask[[r, t]] == 1).map(|t| g.input_ids[[r, t]]).collect()
-        })
-        .collect()
+    r1_tests::golden_prompts(&g).into_iter().map(|p| p.into_iter().map(i64::from).collect()).collect()
 }
 
 /// Knows the greedy continuation `seq` (prompt + plain greedy tokens) and guesses the token after the next one

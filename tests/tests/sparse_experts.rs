@@ -19,7 +19,7 @@ use r1_engine::{Engine, EngineOptions, StepWork};
 use r1_export::target::{self, Mode, TargetOptions};
 use r1_export::Precision;
 use r1_proto::onnx::{ModelProto, TensorProto};
-use r1_tests::{drive_engine, export_case, golden_cases, golden_meta, Golden};
+use r1_tests::{drive_engine, export_case, golden_cases, golden_meta, golden_prompts, Golden};
 
 fn deepseek_cases() -> Vec<PathBuf> {
     let cases: Vec<PathBuf> =
@@ -194,15 +194,8 @@ fn each_token_reads_exactly_its_top_k_experts() {
 fn nan_rows(be: Box<dyn backend::Backend>, out: &Path, m: &Manifest, g: &Golden) -> Vec<((usize, usize), bool)> {
     assert!(be.last_position_logits(), "the serving graph returns each row's last position");
     let mut e = Engine::from_backend(out, m.clone(), be, None).unwrap();
-    let (b, p) = g.input_ids.dim();
     let n = g.decode_input_ids.ncols();
-    let seqs: Vec<_> = (0..b)
-        .map(|r| {
-            let prompt: Vec<u32> =
-                (0..p).filter(|&t| g.attention_mask[[r, t]] == 1).map(|t| g.input_ids[[r, t]] as u32).collect();
-            e.add_sequence(&prompt, n + 1).unwrap()
-        })
-        .collect();
+    let seqs: Vec<_> = golden_prompts(g).iter().map(|prompt| e.add_sequence(prompt, n + 1).unwrap()).collect();
     let work: Vec<StepWork> = seqs.iter().map(|&s| StepWork::all(s)).collect();
     let mut rows = Vec::new();
     for step in 0..=n {
