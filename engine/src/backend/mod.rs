@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod ort;
+mod ort_bound;
 mod ort_decode_graph;
 mod ort_in_place;
 pub mod tract;
@@ -62,6 +63,9 @@ pub enum KeptPresent {
     Ort(Vec<::ort::value::DynValue>),
     /// tract values (float32), reference-counted: `[key 0, value 0, key 1, value 1, ...]`.
     Tract(Vec<tract_onnx::prelude::TValue>),
+    /// ONNX Runtime values of the graph's cache type, in the memory the session runs in (the GPU under TensorRT or
+    /// the CUDA provider): not readable as host views; [`KeptPresent::positions`] copies a step's new positions out.
+    Bound(ort_bound::BoundPresent),
 }
 
 impl std::fmt::Debug for KeptPresent {
@@ -70,6 +74,7 @@ impl std::fmt::Debug for KeptPresent {
             KeptPresent::Host(v) => ("host", v.len() * 2),
             KeptPresent::Ort(v) => ("ort", v.len()),
             KeptPresent::Tract(v) => ("tract", v.len()),
+            KeptPresent::Bound(b) => return write!(f, "KeptPresent({b:?})"),
         };
         write!(f, "KeptPresent({kind}, {n} tensors)")
     }
@@ -87,7 +92,45 @@ impl KeptPresent {
             }
             KeptPresent::Ort(values) => split_pairs("ort", values.iter().map(|v| v.try_extract_array::<f32>())),
             KeptPresent::Tract(values) => split_pairs("tract", values.iter().map(|v| v.to_plain_array_view::<f32>())),
+            KeptPresent::Bound(b) => Err(EngineError::Unavailable {
+                what: "host views of a present bound on the device".into(),
+                message: format!("{b:?} is read through KeptPresent::positions"),
+            }),
         }
+    }
+
+    /// Every layer's key and value shapes (`[batch, heads, past + seq, dim]`), without reading the tensors.
+    pub fn shapes(&self) -> Result<(Vec<Vec<usize>>, Vec<Vec<usize>>)> {
+        let flat: Vec<Vec<usize>> = match self {
+            KeptPresent::Bound(b) => b.shapes()?,
+            other => {
+                let (k, v) = other.views()?;
+                return Ok((
+                    k.iter().map(|a| a.shape().to_vec()).collect(),
+                    v.iter().map(|a| a.shape().to_vec()).collect(),
+                ));
+            }
+        };
+        let (keys, values): (Vec<_>, Vec<_>) = flat.into_iter().enumerate().partition(|(i, _)| i % 2 == 0);
+        Ok((keys.into_iter().map(|(_, s)| s).collect(), values.into_iter().map(|(_, s)| s).collect()))
+    }
+
+    /// Whether the tensors are host memory the engine can view ([`KeptPresent::views`]); else it copies each step's
+    /// new positions out with [`KeptPresent::positions`].
+    pub fn host_readable(&self) -> bool {
+        !matches!(self, KeptPresent::Bound(_))
+    }
+
+    /// Positions `from .. from + n` of every layer, as host float32 pairs `[batch, heads, n, dim]` (a bound present:
+    /// one strided copy per tensor; the others: copied out of their views).
+    pub fn positions(&self, from: usize, n: usize) -> Result<Vec<KvPair>> {
+        if let KeptPresent::Bound(b) = self {
+            return b.positions(from, n);
+        }
+        let (keys, values) = self.views()?;
+        let take =
+            |a: &ArrayViewD<f32>| a.slice_axis(ndarray::Axis(2), ndarray::Slice::from(from..from + n)).to_owned();
+        Ok(keys.iter().zip(&values).map(|(k, v)| KvPair { key: take(k), value: take(v) }).collect())
     }
 }
 
@@ -289,6 +332,10 @@ pub struct BackendOptions {
     pub graph: ort::GraphChoice,
     /// How in-place decode steps run ([`ort::DecodeSteps`]; ort only).
     pub decode_steps: ort::DecodeSteps,
+    /// Keep the portable graph's present where the session made it and feed it back as the next step's past
+    /// (`ort_bound.rs`). Automatic on the GPU providers (TensorRT, or CUDA without a serving graph), where it keeps the
+    /// cache on the device; `true` runs the same binding on the CPU provider (how CI checks it). ort only.
+    pub bind_present: bool,
 }
 
 /// Opens the backend `kind` for the artifact in `dir` described by `manifest`.
@@ -363,11 +410,11 @@ pub(crate) fn check_kept_step(input: &StepInput, kept: &KeptPresent, num_layers:
             format!("{} layers", input.past.len()),
         ));
     }
-    let (keys, _) = kept.views()?;
+    let (keys, _) = kept.shapes()?;
     if keys.len() != num_layers {
         return Err(bad("kept present", format!("{num_layers} layers"), format!("{} layers", keys.len())));
     }
-    let shape = keys[0].shape();
+    let shape = keys[0].as_slice();
     let b = input.input_ids.nrows();
     if shape.len() != 4 || shape[0] != b {
         return Err(bad("kept present", format!("[{b}, heads, past, dim]"), format!("{shape:?}")));

@@ -55,6 +55,8 @@ pub struct OrtBackend {
     serving_cache: Option<DType>,
     /// Where the engine's pool must live for in-place steps ([`Backend::kv_pool_device`]).
     pool_device: PoolDevice,
+    /// Where the portable graph's present stays between steps (`ort_bound.rs`); `None` brings it to the host.
+    bound: Option<PoolDevice>,
     /// How in-place decode steps run, and whether the session captures CUDA graphs.
     decode_steps: DecodeSteps,
     captures: bool,
@@ -192,6 +194,13 @@ impl OrtBackend {
         // `r1-export --target cpu` optimized (contrib ops: ort CPU only, its extended rewrites already applied, so
         // loaded at level 1), on the CUDA provider the CUDA serving graph a GPU target recorded.
         let serving = if graph == MODEL_FILE { ServingGraph::choose(dir, manifest, &choice, opts) } else { None };
+        // The portable decoder on a GPU provider keeps its present on the GPU and feeds it back (`ort_bound.rs`):
+        // TensorRT's engine is built from this graph, and the CUDA provider runs it when no serving graph exists.
+        let bound = match (graph == MODEL_FILE && serving.is_none(), choice.name) {
+            (true, "ort-tensorrt" | "ort-cuda") => Some(PoolDevice::Cuda { id: 0 }),
+            (true, _) if opts.bind_present => Some(PoolDevice::Host),
+            _ => None,
+        };
         let graph = serving.as_ref().map_or(graph, |s| s.graph.as_str());
         let path = dir.join(graph);
         if !path.is_file() {
@@ -245,6 +254,7 @@ impl OrtBackend {
             model = %path.display(),
             kv_pool = %pool_device,
             cuda_graphs = captures,
+            present_bound = bound.map(|d| d.to_string()),
             "ort session ready"
         );
         Ok(OrtBackend {
@@ -259,6 +269,7 @@ impl OrtBackend {
             fused_attention: serving.as_ref().is_some_and(|s| s.fused_attention),
             kv_in_place,
             pool_device,
+            bound,
             decode_steps: opts.decode_steps,
             captures,
             vocab: manifest.model.vocab_size,
@@ -458,7 +469,7 @@ impl Backend for OrtBackend {
     }
 
     fn can_feed_kept(&self) -> bool {
-        self.f32_cache() && !self.kv_in_place
+        self.bound.is_some() || (self.f32_cache() && !self.kv_in_place)
     }
 
     fn kv_cache_dtype(&self) -> Option<DType> {
@@ -507,6 +518,31 @@ impl Backend for OrtBackend {
     }
 
     fn run_keep(&mut self, input: &StepInput, past: Option<&KeptPresent>) -> Result<(Array3<f32>, KeptPresent)> {
+        if let Some(device) = self.bound {
+            let kept = match past {
+                None => {
+                    check_step_input(input, self.num_layers)?;
+                    None
+                }
+                Some(k @ KeptPresent::Bound(b)) => {
+                    check_kept_step(input, k, self.num_layers)?;
+                    Some(b)
+                }
+                Some(other) => return Err(be(format!("cannot feed {other:?} back as the past of this graph"))),
+            };
+            let (logits, present) = super::ort_bound::run(
+                &mut self.session,
+                &self.inputs,
+                self.logits_dtype,
+                self.present_dtype,
+                self.num_layers,
+                input,
+                kept,
+                device,
+                self.uncaptured.as_ref(),
+            )?;
+            return Ok((logits, KeptPresent::Bound(present)));
+        }
         let kept_past = match past {
             None => {
                 check_step_input(input, self.num_layers)?;

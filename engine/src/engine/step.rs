@@ -2,7 +2,7 @@
 //! it (in place over the pool, or on the host with a gathered past), checking the outputs, and only then advancing
 //! every sequence.
 
-use ndarray::{Array2, Array4, ArrayViewD};
+use ndarray::{Array2, Array4};
 
 use super::{Engine, Kept, SequenceId, StepLogits, StepWork};
 use crate::backend::{KeptPresent, KvPair, StepInput};
@@ -87,9 +87,8 @@ impl Engine {
         let (logits, present) = self.backend.run_keep(&input, kept.as_ref().map(|k| &k.present))?;
         drop(kept);
         self.check_logits(plan, &logits)?;
-        let (keys, values) = present.views()?;
+        let (keys, values) = present.shapes()?;
         self.check_present(&keys, &values, plan.rows.len(), plan.past_len + plan.seq_len)?;
-        drop((keys, values));
         Ok((logits, present))
     }
 
@@ -118,14 +117,27 @@ impl Engine {
     ) -> Result<Vec<StepLogits>> {
         let last_only = self.backend.last_position_logits();
         let past = plan.past_len;
-        let views = present.as_ref().map(KeptPresent::views).transpose()?;
+        // A present bound on the device is not host memory: only this step's new positions are copied out of it
+        // (`[batch, heads, seq, dim]`, read from position 0 below), one strided copy per tensor.
+        let fresh = match &present {
+            Some(p) if !p.host_readable() => Some(p.positions(past, plan.seq_len)?),
+            _ => None,
+        };
+        let (views, from) = match (&fresh, &present) {
+            (Some(pairs), _) => (
+                Some((pairs.iter().map(|p| p.key.view()).collect(), pairs.iter().map(|p| p.value.view()).collect())),
+                0,
+            ),
+            (None, Some(p)) => (Some(p.views()?), past),
+            (None, None) => (None, past),
+        };
         let mut results = Vec::new();
         for (row, r) in plan.rows.iter().enumerate() {
             let seq = self.seqs.get_mut(&r.id).ok_or(EngineError::UnknownSequence { id: r.id.0 })?;
             let slot = seq.slot.ok_or(EngineError::UnknownSequence { id: r.id.0 })?;
             match &views {
                 // Only this step's new positions are copied into the pool.
-                Some((keys, values)) => self.pool.append_from(slot, keys, values, row, past, r.feed)?,
+                Some((keys, values)) => self.pool.append_from(slot, keys, values, row, from, r.feed)?,
                 None => self.pool.grow(slot, r.feed)?,
             }
             seq.cached += r.feed;
@@ -223,13 +235,7 @@ impl Engine {
         Ok(StepInput { input_ids, attention_mask, position_ids, past })
     }
 
-    fn check_present(
-        &self,
-        keys: &[ArrayViewD<f32>],
-        values: &[ArrayViewD<f32>],
-        batch: usize,
-        total: usize,
-    ) -> Result<()> {
+    fn check_present(&self, keys: &[Vec<usize>], values: &[Vec<usize>], batch: usize, total: usize) -> Result<()> {
         let g = self.pool.geometry();
         if keys.len() != g.num_layers || values.len() != g.num_layers {
             return Err(EngineError::Shape {
@@ -241,11 +247,11 @@ impl Engine {
         for (i, (k, v)) in keys.iter().zip(values).enumerate() {
             for (what, t, heads, dim) in [("key", k, g.key_heads, g.key_dim), ("value", v, g.value_heads, g.value_dim)]
             {
-                if t.shape() != [batch, heads, total, dim] {
+                if t.as_slice() != [batch, heads, total, dim] {
                     return Err(EngineError::Shape {
                         name: crate::manifest::names::present(i, what == "key"),
                         expected: format!("[{batch}, {heads}, {total}, {dim}]"),
-                        got: format!("{:?}", t.shape()),
+                        got: format!("{t:?}"),
                     });
                 }
             }

@@ -281,6 +281,61 @@ impl DeviceBuffer {
     }
 }
 
+/// Copies `out.len() / width` rows of `width` bytes, read `pitch` bytes apart from `src`, into `out` (packed): from
+/// host memory, or with one `cudaMemcpy2D` from memory of the CUDA device `device` names (after the device's work so
+/// far). How a step's new positions are read out of a present tensor that ONNX Runtime allocated where it runs
+/// (`backend/ort_bound.rs`): the same stride arithmetic on either side.
+///
+/// # Safety
+/// `src` must point at `rows` rows of `width` bytes `pitch` apart in the memory `device` names, valid for the call.
+pub unsafe fn copy_rows_out(
+    device: PoolDevice,
+    src: *const u8,
+    pitch: usize,
+    width: usize,
+    out: &mut [u8],
+) -> Result<()> {
+    if width == 0 || out.is_empty() {
+        return Ok(());
+    }
+    if !out.len().is_multiple_of(width) || pitch < width {
+        return Err(EngineError::InvalidArgument {
+            name: "strided copy out".into(),
+            message: format!("{} bytes are not rows of {width} bytes at a pitch of {pitch}", out.len()),
+        });
+    }
+    let rows = out.len() / width;
+    match device {
+        PoolDevice::Host => {
+            for (r, dst) in out.chunks_exact_mut(width).enumerate() {
+                // SAFETY: the caller's guarantee covers row `r`.
+                dst.copy_from_slice(unsafe { std::slice::from_raw_parts(src.add(r * pitch), width) });
+            }
+            Ok(())
+        }
+        PoolDevice::Cuda { id } => {
+            let rt = runtime()?;
+            // SAFETY: the caller's guarantee covers the source rows; `out` holds `rows · width` bytes.
+            unsafe {
+                rt.check((rt.set_device)(id), || format!("cudaSetDevice({id})"))?;
+                rt.check((rt.synchronize)(), || "cudaDeviceSynchronize".into())?;
+                rt.check(
+                    (rt.memcpy_2d)(
+                        out.as_mut_ptr().cast(),
+                        width,
+                        src.cast(),
+                        pitch,
+                        width,
+                        rows,
+                        CUDA_MEMCPY_DEVICE_TO_HOST,
+                    ),
+                    || format!("cudaMemcpy2D of {rows} x {width} bytes from device {id}"),
+                )
+            }
+        }
+    }
+}
+
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         if self.bytes > 0 {
