@@ -8,14 +8,20 @@
 #   env: CONTEXTS="128 2048 4000", STEPS=48 (decode tokens timed per context), ROUNDS=3 (interleaved rounds over
 #        the contexts), WARMUP=1 (one untimed request per context first; 0 to skip), GRPC_PORT=50161, HTTP_PORT=8191,
 #        GENAI=0 to skip GenAI, KV_CACHE_DTYPE=auto (the serving graph's cache: auto = fp16 for this int8-wo
-#        artifact; fp32 to compare).
+#        artifact; fp32 to compare), PREFIX_CACHE=1 (timed requests start from the server's prefix cache; 0 to
+#        prefill every request in full).
 #
 # Per context C: r1-bench sends one request of ~C prompt tokens with max_tokens STEPS (through EOS, greedy) at
 # concurrency 1; the decode rate is 1000 / (inter-token latency p50 in ms). After the warm-up pass, ROUNDS rounds each
 # take every context once, in order (128, 2048, 4000, 128, ...), so that each context sees the shared host's speed of
 # every minute of the run rather than one minute of its own; each round prints a JSON line per context, then the
-# summary lines give each context's median over the rounds and the ratio of each context's median to the first
-# context's (the issue's 4,000 / 128 figure). GenAI: `bench_genai.py run --context C C' ...` with the contexts
+# summary lines give each context's median over the rounds, the ratio of each context's median to the first
+# context's, and the median over the rounds of each round's own ratio (the issue's 4,000 / 128 figure: both
+# numbers of a pair come from the same few seconds, so the shared host's drift cancels). With PREFIX_CACHE=1 the
+# warm-up prefills each prompt once and every timed request starts from the prefix cache (its slot gets a copy of
+# the cached positions, then decodes exactly as after a full prefill), so a round lasts seconds instead of the
+# minutes a 4,000-token prefill takes here and the contexts of a round are timed back to back; prefill speed is
+# bench_cpu.sh's business. GenAI: `bench_genai.py run --context C C' ...` with the contexts
 # repeated ROUNDS times (one model load, the same interleaving; its prompt of C tokens, then its timed decode steps),
 # summarized the same way, then r1 / GenAI per context from the medians. On an idle machine.
 set -euo pipefail
@@ -65,9 +71,12 @@ done
 RESULTS="$(mktemp "${TMPDIR:-/tmp}/bench-long-context.XXXXXX")"
 trap 'kill -TERM $SERVER 2>/dev/null || true; rm -f "$RESULTS"' EXIT
 r1_bench() { # CONTEXT: one request, its r1-bench JSON on stdout
-  "$REL"/r1-bench --addr "http://127.0.0.1:$GRPC_PORT" -n 1 -c 1 --prompt-tokens "$1" --max-tokens "$STEPS" --json
+  local prefix=()
+  [ "${PREFIX_CACHE:-1}" != 0 ] && prefix=(--use-prefix-cache)
+  "$REL"/r1-bench --addr "http://127.0.0.1:$GRPC_PORT" -n 1 -c 1 --prompt-tokens "$1" --max-tokens "$STEPS" --json \
+    "${prefix[@]}"
 }
-if [ "$WARMUP" != 0 ]; then
+if [ "$WARMUP" != 0 ] || [ "${PREFIX_CACHE:-1}" != 0 ]; then
   say "warm-up: one untimed request per context"
   for c in $CONTEXTS; do r1_bench "$c" >/dev/null; done
 fi
@@ -122,8 +131,14 @@ for engine in dict.fromkeys(r["engine"] for r in rows):
                               "decode_tok_s_min": min(xs), "decode_tok_s_max": max(xs)}))
     for c in contexts[1:]:
         if (engine, c) in med and (engine, contexts[0]) in med:
+            # Same-round pairs (r1-serve's rows carry their round; GenAI's come in the same interleaved order).
+            base = [r["decode_tok_s"] for r in rows if r["engine"] == engine and r["context"] == contexts[0]]
+            this = [r["decode_tok_s"] for r in rows if r["engine"] == engine and r["context"] == c]
+            pairs = [b / a for a, b in zip(base, this)]
             print(json.dumps({"engine": engine, "ratio": f"{c}/{contexts[0]}",
-                              "decode_tok_s_median_ratio": round(med[engine, c] / med[engine, contexts[0]], 3)}))
+                              "decode_tok_s_median_ratio": round(med[engine, c] / med[engine, contexts[0]], 3),
+                              "same_round_ratio_median": round(statistics.median(pairs), 3),
+                              "same_round_ratios": [round(x, 3) for x in pairs]}))
 for c in contexts:
     if ("r1-serve", c) in med and ("genai-int8", c) in med:
         print(json.dumps({"ratio": "r1-serve/genai-int8", "context": c,

@@ -80,6 +80,9 @@ impl std::fmt::Debug for KeptPresent {
     }
 }
 
+/// Per-layer shapes of keys and of values.
+pub type LayerShapes = (Vec<Vec<usize>>, Vec<Vec<usize>>);
+
 /// Per-layer views of keys and of values.
 pub type LayerViews<'a> = (Vec<ArrayViewD<'a, f32>>, Vec<ArrayViewD<'a, f32>>);
 
@@ -100,7 +103,7 @@ impl KeptPresent {
     }
 
     /// Every layer's key and value shapes (`[batch, heads, past + seq, dim]`), without reading the tensors.
-    pub fn shapes(&self) -> Result<(Vec<Vec<usize>>, Vec<Vec<usize>>)> {
+    pub fn shapes(&self) -> Result<LayerShapes> {
         let flat: Vec<Vec<usize>> = match self {
             KeptPresent::Bound(b) => b.shapes()?,
             other => {

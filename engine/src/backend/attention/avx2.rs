@@ -6,7 +6,9 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::kernel::{CacheElem, L};
+use std::sync::atomic::Ordering;
+
+use super::kernel::{prefetch, CacheElem, L, PREFETCH_KEYS};
 
 /// Query rows scored together: 2 keys × 6 rows = 12 accumulators, plus 2 key vectors and a query vector, fit
 /// the 16 vector registers.
@@ -67,6 +69,7 @@ unsafe fn scores_n<const R: usize, C: CacheElem>(
     stride: usize,
 ) {
     let n = hd / L * L;
+    let ahead = PREFETCH_KEYS.load(Ordering::Relaxed);
     let tail = |r: usize, key: *const C| -> f32 {
         // SAFETY: the caller's guarantee covers `hd` values of each row and key.
         (n..hd).map(|i| unsafe { *q.add(r * hd + i) * (*key.add(i)).to_f32() }).sum()
@@ -76,6 +79,9 @@ unsafe fn scores_n<const R: usize, C: CacheElem>(
     unsafe {
         while t + 2 <= ts.end {
             let (ka, kb) = (k.add(t * hd), k.add((t + 1) * hd));
+            if ahead > 0 {
+                prefetch(k.wrapping_add((t + ahead) * hd), 2 * hd);
+            }
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             let mut c = 0;
             while c < n {
@@ -150,6 +156,7 @@ unsafe fn values_rows_n<const R: usize, C: CacheElem>(
     ts: Range<usize>,
 ) {
     const SPAN: usize = 2 * L;
+    let ahead = PREFETCH_KEYS.load(Ordering::Relaxed);
     let mut c = 0;
     // SAFETY (whole body): the caller's guarantee; `c + SPAN ≤ hd` in the first loop, `c + L ≤ hd` in the second,
     // and the scalar tail stays below `hd`.
@@ -162,6 +169,9 @@ unsafe fn values_rows_n<const R: usize, C: CacheElem>(
             }
             for t in ts.clone() {
                 let row = v.add(t * hd + c);
+                if c == 0 && ahead > 0 {
+                    prefetch(v.wrapping_add((t + ahead) * hd), hd);
+                }
                 let (x0, x1) = (C::load8(row), C::load8(row.add(L)));
                 for (r, y) in a.iter_mut().enumerate() {
                     let pb = _mm256_broadcast_ss(&*p.add(r * p_stride + t));

@@ -18,9 +18,9 @@
 
 use std::arch::x86_64::*;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
-use super::kernel::CacheElem;
+use super::kernel::{prefetch, CacheElem, PREFETCH_KEYS};
 
 /// Lanes of one register of float32.
 pub const W: usize = 16;
@@ -31,24 +31,6 @@ pub const MAX_ROWS: usize = 6;
 const KEYS: usize = 4;
 /// Output lanes of a row held in registers by [`values`] (4 vectors).
 const SPAN: usize = 4 * W;
-
-/// Keys ahead of the loops that they prefetch (0: none): 16 (4 KiB of a float16 head, 8 of a float32 one) measured
-/// best of 0 / 16 / 32 / 64 by `attention_decode_timing`, by a little (the loops are bound by memory bandwidth at
-/// long contexts); a variable for that test.
-pub(super) static PREFETCH_KEYS: AtomicUsize = AtomicUsize::new(16);
-
-/// Asks for the cache lines of `n` elements from `p` into L1 (`p` may be past the end of its buffer: a prefetch
-/// does not fault).
-#[inline(always)]
-unsafe fn prefetch<C>(p: *const C, n: usize) {
-    let (p, bytes) = (p.cast::<i8>(), n * size_of::<C>());
-    let mut o = 0;
-    while o < bytes {
-        // SAFETY: a prefetch reads nothing the program sees and does not fault.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o)) };
-        o += 64;
-    }
-}
 
 /// Whether this CPU runs these loops.
 pub fn available() -> bool {

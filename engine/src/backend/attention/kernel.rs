@@ -14,10 +14,10 @@
 //! ([`CacheElem`]): a float16 cache halves the bytes a decode step streams, which is what a long context's step
 //! costs. Arithmetic is float32 either way (keys and values are widened as they are loaded).
 
+pub use super::isa::{Isa, ISA_VAR};
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, avx512};
 use crate::kv::region::PoolElem;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 /// An element type of the caches: float32, or float16 (stored rounded to nearest, widened exactly).
 pub trait CacheElem: PoolElem {
@@ -239,88 +239,6 @@ pub unsafe fn attend<C: CacheElem>(d: &Dims, buf: &Buffers<C>, task: &Task) {
     unsafe { attend_with(Isa::selected(), d, buf, task) }
 }
 
-/// The forms of [`attend`]'s inner loops, from the portable one up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Isa {
-    /// Plain Rust loops (whatever the compiler vectorizes for the build's target).
-    Portable,
-    /// AVX2 + FMA + F16C, 8 lanes (`avx2.rs`).
-    Avx2,
-    /// AVX-512 F/BW/VL + FMA + F16C, 16 lanes (`avx512.rs`).
-    Avx512,
-}
-
-/// The environment variable that forces a form of the loops: `avx512`, `avx2` or `portable` (to compare them);
-/// one this CPU lacks falls back to the best form below it that it has.
-pub const ISA_VAR: &str = "R1_ATTENTION_ISA";
-
-impl Isa {
-    /// Every form, from the portable one up.
-    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
-
-    /// Whether this CPU runs this form.
-    pub fn available(self) -> bool {
-        match self {
-            Isa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => avx2::available(),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => avx512::available(),
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
-    }
-
-    /// This form if the CPU runs it, else the best one below it that it does.
-    pub fn or_below(self) -> Isa {
-        Isa::ALL.into_iter().rev().find(|i| *i <= self && i.available()).unwrap_or(Isa::Portable)
-    }
-
-    /// `avx512`, `avx2` or `portable` (any case).
-    pub fn parse(s: &str) -> Option<Isa> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "avx512" | "avx-512" => Some(Isa::Avx512),
-            "avx2" => Some(Isa::Avx2),
-            "portable" | "scalar" | "none" => Some(Isa::Portable),
-            _ => None,
-        }
-    }
-
-    /// The form [`attend`] runs: the one [`Isa::force`]d, else [`ISA_VAR`]'s when set (read once per process; an
-    /// unknown value is ignored with a warning), else the best this CPU has.
-    pub fn selected() -> Isa {
-        match CHOICE.load(Ordering::Relaxed) {
-            UNSET => {
-                let wanted = match std::env::var(ISA_VAR) {
-                    Ok(v) if !v.trim().is_empty() => Isa::parse(&v).unwrap_or_else(|| {
-                        tracing::warn!("{ISA_VAR}={v:?} is not avx512, avx2 or portable; using the best this CPU has");
-                        Isa::Avx512
-                    }),
-                    _ => Isa::Avx512,
-                };
-                let isa = wanted.or_below();
-                tracing::debug!("r1.GroupQueryAttention loops: {isa:?}");
-                // A concurrent first call computes the same value; a concurrent `force` wins or is overwritten
-                // with the environment's choice, as if it came first.
-                let _ = CHOICE.compare_exchange(UNSET, isa as u8, Ordering::Relaxed, Ordering::Relaxed);
-                Isa::ALL[CHOICE.load(Ordering::Relaxed) as usize]
-            }
-            i => Isa::ALL[i as usize],
-        }
-    }
-
-    /// Makes [`attend`] run `isa` (or the best form below it that this CPU has) from now on, in every session of
-    /// the process; `None` returns to [`ISA_VAR`]'s or the CPU's choice. For comparisons (`decode_step`'s `ISA`).
-    pub fn force(isa: Option<Isa>) -> Isa {
-        CHOICE.store(isa.map_or(UNSET, |i| i.or_below() as u8), Ordering::Relaxed);
-        Isa::selected()
-    }
-}
-
-/// [`Isa::selected`]'s value (an index of [`Isa::ALL`]), or [`UNSET`] before the first call.
-static CHOICE: AtomicU8 = AtomicU8::new(UNSET);
-const UNSET: u8 = u8::MAX;
-
 /// [`attend`] with the loops of `isa` (or the best form below it that this CPU has; the tests run each form).
 ///
 /// # Safety
@@ -355,6 +273,28 @@ unsafe fn attend_avx2<C: CacheElem>(d: &Dims, buf: &Buffers<C>, task: &Task) {
 unsafe fn attend_avx512<C: CacheElem>(d: &Dims, buf: &Buffers<C>, task: &Task) {
     // SAFETY: the caller's guarantee.
     unsafe { attend_body::<AVX512, C>(d, buf, task) }
+}
+
+/// Keys ahead of the SIMD loops that they prefetch (0: none): 16 (4 KiB of a float16 head, 8 of a float32 one)
+/// measured best of 0 / 16 / 32 / 64 by `attention_decode_timing`, by a little (the loops are bound by memory
+/// bandwidth at long contexts, and prefetching lets memory stream while the arithmetic runs); a variable for that
+/// test.
+#[cfg(target_arch = "x86_64")]
+pub(super) static PREFETCH_KEYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(16);
+
+/// Asks for the cache lines of `n` elements from `p` into L1 (`p` may be past the end of its buffer: a prefetch
+/// does not fault).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn prefetch<C>(p: *const C, n: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let (p, bytes) = (p.cast::<i8>(), n * size_of::<C>());
+    let mut o = 0;
+    while o < bytes {
+        // SAFETY: a prefetch reads nothing the program sees and does not fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o)) };
+        o += 64;
+    }
 }
 
 /// `a · b + c`, fused where the code is compiled for FMA.

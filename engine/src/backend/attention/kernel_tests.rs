@@ -327,7 +327,7 @@ fn the_polynomial_exp_is_within_two_ulp_of_libm_on_softmax_inputs() {
 /// One decode step's attention at the 1.5B shape (12 query heads, 2 key/value heads of 128, 28 layers, each its own
 /// float16 or float32 cache of 4,096 positions bound in place), two threads (one per key/value head, as ONNX
 /// Runtime's pool runs the tasks), at 128 and 4,000 cached positions; every form of the loops this CPU has (and the
-/// AVX-512 loops' prefetch distances) in interleaved rounds, so that each sees the same minutes of a shared host.
+/// SIMD loops' prefetch distances) in interleaved rounds, so that each sees the same minutes of a shared host.
 #[test]
 #[ignore = "a timing, not a check: cargo test --release -p r1-engine --lib attention_decode_timing -- --ignored --nocapture"]
 fn attention_decode_timing() {
@@ -394,11 +394,8 @@ fn timing<C: CacheElem + Send + Sync>(what: &str) {
         t.elapsed().as_secs_f64() * 1e3
     };
     #[cfg(target_arch = "x86_64")]
-    let forms: Vec<(Isa, usize)> = forms()
-        .into_iter()
-        .filter(|i| *i != Isa::Portable)
-        .flat_map(|i| if i == Isa::Avx512 { vec![(i, 0), (i, 16), (i, 32), (i, 64)] } else { vec![(i, 0)] })
-        .collect();
+    let forms: Vec<(Isa, usize)> =
+        forms().into_iter().filter(|i| *i != Isa::Portable).flat_map(|i| [(i, 0), (i, 16), (i, 32), (i, 64)]).collect();
     #[cfg(not(target_arch = "x86_64"))]
     let forms: Vec<(Isa, usize)> = vec![(Isa::Portable, 0)];
     let contexts = [128, 4000];
@@ -407,7 +404,7 @@ fn timing<C: CacheElem + Send + Sync>(what: &str) {
         for (ci, &c) in contexts.iter().enumerate() {
             for (fi, &(isa, ahead)) in forms.iter().enumerate() {
                 #[cfg(target_arch = "x86_64")]
-                avx512::PREFETCH_KEYS.store(ahead, std::sync::atomic::Ordering::Relaxed);
+                PREFETCH_KEYS.store(ahead, std::sync::atomic::Ordering::Relaxed);
                 let _ = ahead;
                 step(isa, c); // warm-up
                 for _ in 0..3 {
@@ -417,12 +414,12 @@ fn timing<C: CacheElem + Send + Sync>(what: &str) {
         }
     }
     #[cfg(target_arch = "x86_64")]
-    avx512::PREFETCH_KEYS.store(16, std::sync::atomic::Ordering::Relaxed);
+    PREFETCH_KEYS.store(16, std::sync::atomic::Ordering::Relaxed);
     println!("{what} cache: attention of one decode step, 28 layers, 2 threads (ms; best / median of 30)");
     println!("| loops | prefetch (keys ahead) | 128 best | 128 median | 4000 best | 4000 median |");
     println!("|---|---|---|---|---|---|");
     for (fi, (isa, ahead)) in forms.iter().enumerate() {
-        let mut row = format!("| {isa:?} | {} |", if *isa == Isa::Avx512 { ahead.to_string() } else { "-".into() });
+        let mut row = format!("| {isa:?} | {ahead} |");
         for per_context in &mut ms {
             let xs = &mut per_context[fi];
             xs.sort_by(f64::total_cmp);

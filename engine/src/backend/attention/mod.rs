@@ -28,6 +28,7 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod isa;
 pub mod kernel;
 pub mod latent;
 
