@@ -19,7 +19,7 @@ use ort::value::{DynValue, Tensor, ValueType};
 use ort::AsPointer;
 
 use super::ort::{be, logits_of};
-use super::ort_in_place::pool_memory_info;
+use super::ort_in_place::{pool_memory_info, StepValues};
 use super::{KvPair, StepInput};
 use crate::error::{EngineError, Result};
 use crate::kv::PoolDevice;
@@ -118,10 +118,6 @@ fn host_value(a: &ndarray::ArrayD<f32>, dtype: DType) -> Result<DynValue> {
     })
 }
 
-fn int_value(a: &ndarray::Array2<i64>) -> Result<DynValue> {
-    Ok(Tensor::from_array(a.as_standard_layout().into_owned()).map_err(be)?.into_dyn())
-}
-
 /// One pass of the portable graph with its present outputs bound on `device` and its past taken from `kept` (the
 /// previous pass's bound present, for the same rows) or else from `input.past` (host float32, converted to each
 /// input's type in `inputs`). Returns the logits (on the host) and the new bound present.
@@ -139,9 +135,7 @@ pub(super) fn run(
 ) -> Result<(Array3<f32>, BoundPresent)> {
     let host = pool_memory_info(PoolDevice::Host)?;
     let on_device = pool_memory_info(device)?;
-    let ids = int_value(&input.input_ids)?;
-    let mask = int_value(&input.attention_mask)?;
-    let positions = int_value(&input.position_ids)?;
+    let step = StepValues::of(input)?;
     let mut host_past = Vec::new();
     if kept.is_none() {
         for (name, dtype) in inputs {
@@ -157,27 +151,27 @@ pub(super) fn run(
     }
     let mut binding = session.create_binding().map_err(be)?;
     for (name, _) in inputs {
-        match name.as_str() {
-            names::INPUT_IDS => binding.bind_input(name, &ids),
-            names::ATTENTION_MASK => binding.bind_input(name, &mask),
-            names::POSITION_IDS => binding.bind_input(name, &positions),
-            other => match (names::parse_past(other), kept) {
-                (Some((layer, is_key)), Some(k)) if 2 * layer + 1 < k.values.len() => {
-                    // An owned value ONNX Runtime allocated: bound as it is, not copied.
-                    binding.bind_input(name, &k.values[2 * layer + usize::from(!is_key)])
-                }
-                (Some(_), None) => {
-                    let v = host_past.iter().find(|(n, _)| *n == other).map(|(_, v)| v).ok_or_else(|| be(other))?;
-                    binding.bind_input(name, v)
-                }
-                _ => {
-                    return Err(EngineError::Shape {
-                        name: other.to_string(),
-                        expected: "an input the engine provides".into(),
-                        got: "an unknown graph input".into(),
-                    })
-                }
-            },
+        if let Some(bound) = step.bind(&mut binding, name) {
+            bound.map_err(be)?;
+            continue;
+        }
+        let other = name.as_str();
+        match (names::parse_past(other), kept) {
+            (Some((layer, is_key)), Some(k)) if 2 * layer + 1 < k.values.len() => {
+                // An owned value ONNX Runtime allocated: bound as it is, not copied.
+                binding.bind_input(name, &k.values[2 * layer + usize::from(!is_key)])
+            }
+            (Some(_), None) => {
+                let v = host_past.iter().find(|(n, _)| *n == other).map(|(_, v)| v).ok_or_else(|| be(other))?;
+                binding.bind_input(name, v)
+            }
+            _ => {
+                return Err(EngineError::Shape {
+                    name: other.to_string(),
+                    expected: "an input the engine provides".into(),
+                    got: "an unknown graph input".into(),
+                })
+            }
         }
         .map_err(be)?;
     }

@@ -122,6 +122,28 @@ pub(super) struct StepValues {
     pub position_ids: DynValue,
 }
 
+impl StepValues {
+    /// The step's ids, mask and positions as owned tensors.
+    pub(super) fn of(input: &StepInput) -> Result<StepValues> {
+        Ok(StepValues {
+            input_ids: int_value(&input.input_ids)?,
+            attention_mask: int_value(&input.attention_mask)?,
+            position_ids: int_value(&input.position_ids)?,
+        })
+    }
+
+    /// Binds the value for graph input `name` when it is one of the three; `None` for any other input.
+    pub(super) fn bind(&self, binding: &mut IoBinding, name: &str) -> Option<ort::Result<()>> {
+        let v = match name {
+            names::INPUT_IDS => &self.input_ids,
+            names::ATTENTION_MASK => &self.attention_mask,
+            names::POSITION_IDS => &self.position_ids,
+            _ => return None,
+        };
+        Some(binding.bind_input(name, v))
+    }
+}
+
 /// A binding of every graph input (`inputs`, in graph order) and of every layer's present output: the step's
 /// values, and each layer's pool value as both its past and its present. The logits are left to the caller.
 pub(super) fn bind_step(
@@ -132,23 +154,23 @@ pub(super) fn bind_step(
 ) -> Result<IoBinding> {
     let mut binding = session.create_binding().map_err(be)?;
     for (name, _) in inputs {
-        match name.as_str() {
-            names::INPUT_IDS => binding.bind_input(name, &step.input_ids),
-            names::ATTENTION_MASK => binding.bind_input(name, &step.attention_mask),
-            names::POSITION_IDS => binding.bind_input(name, &step.position_ids),
-            other => match names::parse_past(other) {
-                Some((layer, is_key)) if layer < kv.len() => {
-                    let v = if is_key { &kv[layer].0 } else { &kv[layer].1 };
-                    binding.bind_input(name, v)
-                }
-                _ => {
-                    return Err(EngineError::Shape {
-                        name: other.to_string(),
-                        expected: "an input the engine provides".into(),
-                        got: "an unknown graph input".into(),
-                    })
-                }
-            },
+        if let Some(bound) = step.bind(&mut binding, name) {
+            bound.map_err(be)?;
+            continue;
+        }
+        let other = name.as_str();
+        match names::parse_past(other) {
+            Some((layer, is_key)) if layer < kv.len() => {
+                let v = if is_key { &kv[layer].0 } else { &kv[layer].1 };
+                binding.bind_input(name, v)
+            }
+            _ => {
+                return Err(EngineError::Shape {
+                    name: other.to_string(),
+                    expected: "an input the engine provides".into(),
+                    got: "an unknown graph input".into(),
+                })
+            }
         }
         .map_err(be)?;
     }
@@ -192,11 +214,7 @@ pub(super) fn run(
     let allocator = Allocator::default();
     // SAFETY: the values are dropped below, before this call returns and while `pool` is still borrowed.
     let mut kv = unsafe { pool_values(pool, first, n, &info, &allocator)? };
-    let step = StepValues {
-        input_ids: int_value(&input.input_ids)?,
-        attention_mask: int_value(&input.attention_mask)?,
-        position_ids: int_value(&input.position_ids)?,
-    };
+    let step = StepValues::of(input)?;
     let mut binding = bind_step(session, inputs, &step, &mut kv)?;
     binding.bind_output_to_device("logits", &host).map_err(be)?;
     let outputs = match options {
