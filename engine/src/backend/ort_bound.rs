@@ -19,7 +19,7 @@ use ort::value::{DynValue, Tensor, ValueType};
 use ort::AsPointer;
 
 use super::ort::{be, logits_of};
-use super::ort_in_place::{pool_memory_info, StepValues};
+use super::ort_in_place::{pool_memory_info, unknown_input, StepValues};
 use super::{KvPair, StepInput};
 use crate::error::{EngineError, Result};
 use crate::kv::PoolDevice;
@@ -165,13 +165,7 @@ pub(super) fn run(
                 let v = host_past.iter().find(|(n, _)| *n == other).map(|(_, v)| v).ok_or_else(|| be(other))?;
                 binding.bind_input(name, v)
             }
-            _ => {
-                return Err(EngineError::Shape {
-                    name: other.to_string(),
-                    expected: "an input the engine provides".into(),
-                    got: "an unknown graph input".into(),
-                })
-            }
+            _ => return Err(unknown_input(other)),
         }
         .map_err(be)?;
     }

@@ -115,6 +115,15 @@ pub(super) unsafe fn pool_values(
     Ok(kv)
 }
 
+/// A graph input that is neither a step value nor a past the engine provides.
+pub(super) fn unknown_input(name: &str) -> EngineError {
+    EngineError::Shape {
+        name: name.to_string(),
+        expected: "an input the engine provides".into(),
+        got: "an unknown graph input".into(),
+    }
+}
+
 /// The step's three integer inputs, bound by name.
 pub(super) struct StepValues {
     pub input_ids: DynValue,
@@ -164,13 +173,7 @@ pub(super) fn bind_step(
                 let v = if is_key { &kv[layer].0 } else { &kv[layer].1 };
                 binding.bind_input(name, v)
             }
-            _ => {
-                return Err(EngineError::Shape {
-                    name: other.to_string(),
-                    expected: "an input the engine provides".into(),
-                    got: "an unknown graph input".into(),
-                })
-            }
+            _ => return Err(unknown_input(other)),
         }
         .map_err(be)?;
     }
