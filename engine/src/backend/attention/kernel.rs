@@ -385,7 +385,7 @@ pub fn exp_neg(x: f32) -> f32 {
 
 /// Reduces `xs` with `f` over eight interleaved lanes (so that the loop vectorizes), then across the lanes.
 #[inline(always)]
-fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+pub(super) fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [init; 8];
     let mut chunks = xs.chunks_exact(8);
     for c in &mut chunks {

@@ -15,7 +15,7 @@ use std::ops::Range;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, ShapeBuilder};
 
-use super::{softmax_scaled, LatentBuffers, LatentDims, RowSpan};
+use super::{exp_scaled, softmax_scaled, LatentBuffers, LatentDims, RowSpan};
 
 /// The most chunks a row's positions are split into.
 pub const MAX_SPLITS: usize = 8;
@@ -110,18 +110,7 @@ pub unsafe fn attend_chunk(
         )
     };
     for (i, mut row) in scores.outer_iter_mut().enumerate() {
-        let row = row.as_slice_mut().expect("standard layout");
-        let mut max = f32::NEG_INFINITY;
-        for v in row.iter_mut() {
-            *v *= scale;
-            max = max.max(*v);
-        }
-        let mut sum = 0f32;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        (m[i], l[i]) = (max, sum);
+        (m[i], l[i]) = exp_scaled(row.as_slice_mut().expect("standard layout"), scale);
     }
     general_mat_mul(1.0, &scores, &lat, 0.0, &mut o);
 }
