@@ -16,7 +16,7 @@ part of `export/src/arch/deepseek_v3/mla.rs` that touches the cache: inputs are 
    (b) `TensorScatter` in place + attention over the whole capacity with an additive mask;
    (c) `TensorScatter` in place + `Slice` of the valid positions (a copy of them) + attention over those.
 
-Usage: python3 scripts/latent_inplace_check.py [--heads N] [--reps N]   (needs onnxruntime 1.31.x, numpy, onnx;
+Usage: python3 scripts/latent_inplace_check.py [--heads N] [--reps N] [--threads N] [--cost-only]   (needs onnxruntime 1.31.x, numpy, onnx;
 prints JSON; exit status 1 when the in-place check fails)
 """
 import argparse
@@ -128,9 +128,12 @@ def scatter_cost(max_len, reps):
             "other_buffer_ms": timed(lambda: step(other), reps)}
 
 
+THREADS = 1  # intra-op threads of the timed sessions (--threads)
+
+
 def session(form, heads):
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
+    so.intra_op_num_threads = THREADS
     so.log_severity_level = 3
     return ort.InferenceSession(model(form, heads), so, providers=["CPUExecutionProvider"])
 
@@ -248,12 +251,21 @@ def main():
     ap.add_argument("--heads", type=int, default=128, help="query heads (DeepSeek-R1: 128)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--capacity", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of the timed decode steps")
+    ap.add_argument("--cost-only", action="store_true", help="only the decode-step costs (skip the in-place checks)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
+    if args.cost_only:
+        print(json.dumps({"onnxruntime": ort.__version__, "threads": THREADS,
+                          "note": "cost: [mean ms, best ms] of one decode step, batch 1",
+                          "cost": [cost(args.heads, c, args.capacity, args.reps) for c in (128, 1000, 4000)]}))
+        return 0
     result = {"onnxruntime": ort.__version__,
               "shape": {"heads": args.heads, "kv_lora_rank": RANK, "qk_rope_head_dim": ROPE},
               "in_place": check_in_place(args.heads),
               "scatter_alone": [scatter_cost(m, args.reps) for m in (4096, 32768)],
-              "note": "cost: [mean ms, best ms] of one decode step, batch 1, one intra-op thread",
+              "note": f"cost: [mean ms, best ms] of one decode step, batch 1, {THREADS} intra-op thread(s)",
               "cost": [cost(args.heads, c, args.capacity, args.reps) for c in (128, 1000, 4000)]}
     print(json.dumps(result, indent=1))
     ok = all(v["max_abs_diff_vs_concat"] < 1e-4 and v["buffer_address_kept"] and v["only_new_position_written"]

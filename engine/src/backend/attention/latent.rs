@@ -307,8 +307,13 @@ pub unsafe fn run(
     let splits = decode::splits(d.batch, longest);
     let mut partials = vec![0f32; if splits > 1 { d.batch * splits * decode::partial_len(d) } else { 0 }];
     let p = decode::Partials(partials.as_mut_ptr());
-    par_for(d.batch * splits, &|t| unsafe {
-        decode::attend_chunk(d, buf, (spans[t / splits], t / splits), (t % splits, splits), scale, p)
+    // A short context (one chunk per row) splits the row's heads instead, so the pool still has tasks for its threads.
+    let groups = if splits == 1 { decode::head_groups(d.batch, d.heads) } else { 1 };
+    let per_row = splits * groups;
+    par_for(d.batch * per_row, &|t| unsafe {
+        let (b, j, g) = (t / per_row, t % per_row / groups, t % groups);
+        let heads = decode::head_range(d.heads, groups, g);
+        decode::attend_chunk(d, buf, (spans[b], b), (j, splits), heads, scale, p)
     })?;
     if splits > 1 {
         par_for(d.batch, &|b| unsafe { decode::merge(d, buf, b, splits, p) })?;

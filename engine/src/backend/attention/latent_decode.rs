@@ -29,6 +29,20 @@ pub fn splits(batch: usize, longest: usize) -> usize {
     (32 / batch.max(1)).min(longest.div_ceil(MIN_KEY_CHUNK)).clamp(1, MAX_SPLITS)
 }
 
+/// Groups of heads a row's single chunk is split into, when its positions fill one chunk only (a short context):
+/// enough tasks for a thread pool of 4 or more at batch 1, at least 32 heads a group (each group packs the row's
+/// cache again, which a short context makes cheap), one group from 32 rows on. Depends on the batch size and the head
+/// count only, like [`splits`].
+pub fn head_groups(batch: usize, heads: usize) -> usize {
+    (32 / batch.max(1)).min(heads / 32).clamp(1, MAX_SPLITS)
+}
+
+/// Group `g` of `groups` over `heads` heads.
+pub fn head_range(heads: usize, groups: usize, g: usize) -> Range<usize> {
+    let len = heads.div_ceil(groups.max(1));
+    (g * len).min(heads)..((g + 1) * len).min(heads)
+}
+
 /// Chunk `j`'s positions among a row's `keys` (empty when the row is shorter than `j + 1` chunks).
 pub fn chunk(keys: usize, splits: usize, j: usize) -> Range<usize> {
     let len = keys.div_ceil(splits).max(MIN_KEY_CHUNK);
@@ -49,21 +63,25 @@ unsafe impl Send for Partials {}
 // SAFETY: as above.
 unsafe impl Sync for Partials {}
 
-/// Chunk `j` of row `b`: scores all heads against the chunk's positions. With one chunk per row (`splits == 1`) it
-/// writes the normalized output; otherwise its partial result into `partials`.
+/// Chunk `j` of row `b`: scores the heads `heads` against the chunk's positions. With one chunk per row
+/// (`splits == 1`) it writes those heads' normalized output; otherwise (all heads) its partial result into
+/// `partials`.
 ///
 /// # Safety
 /// As [`super::attend`] for a decode step (`d.seq == 1`), after the row's append; `partials` holds `batch × splits ×`
-/// [`partial_len`] floats when `splits > 1`; no other task writes this (row, chunk)'s part or (one chunk) row's output.
+/// [`partial_len`] floats when `splits > 1`, and then `heads` is every head; no other task writes this (row, chunk)'s
+/// part or (one chunk) these heads' output.
 pub unsafe fn attend_chunk(
     d: &LatentDims,
     buf: &LatentBuffers,
     (span, b): (RowSpan, usize),
     (j, splits): (usize, usize),
+    heads: Range<usize>,
     scale: f32,
     partials: Partials,
 ) {
-    let (h, rank, rope) = (d.heads, d.rank, d.rope);
+    let (h, rank, rope) = (heads.len(), d.rank, d.rope);
+    let first = b * d.heads + heads.start;
     let keys = chunk(span.past + span.new, splits, j);
     let part = (splits > 1).then(|| {
         // SAFETY: within `partials` by the caller's guarantee.
@@ -82,7 +100,7 @@ pub unsafe fn attend_chunk(
     // SAFETY: with S = 1 the row's queries are `[H, width]` from `b × H × width`; the chunk's positions were written
     // (past, or appended by phase one); all views are read only.
     let (q_lat, q_rot, lat, rk) = unsafe {
-        let q = |p: *const f32, w: usize| ArrayView2::from_shape_ptr((h, w).strides((w, 1)), p.add(b * h * w));
+        let q = |p: *const f32, w: usize| ArrayView2::from_shape_ptr((h, w).strides((w, 1)), p.add(first * w));
         let c = |p: *const f32, w: usize| {
             let at = p.add((b * d.present_capacity + keys.start) * w);
             ArrayView2::from_shape_ptr((keys.len(), w).strides((w, 1)), at)
@@ -96,8 +114,8 @@ pub unsafe fn attend_chunk(
         for mut row in scores.outer_iter_mut() {
             softmax_scaled(row.as_slice_mut().expect("standard layout"), scale);
         }
-        // SAFETY: the row's output `[H, 1, rank]` is this task's (one chunk per row).
-        let mut out = unsafe { ArrayViewMut2::from_shape_ptr((h, rank).strides((rank, 1)), buf.out.add(b * h * rank)) };
+        // SAFETY: these heads' rows of the row's output `[H, 1, rank]` are this task's (one chunk per row).
+        let mut out = unsafe { ArrayViewMut2::from_shape_ptr((h, rank).strides((rank, 1)), buf.out.add(first * rank)) };
         general_mat_mul(1.0, &scores, &lat, 0.0, &mut out);
         return;
     };

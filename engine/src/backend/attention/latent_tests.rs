@@ -167,6 +167,19 @@ fn ragged_decode_rows_match_the_reference() {
 }
 
 #[test]
+fn short_decode_rows_split_their_heads_and_match_the_reference() {
+    // 100 heads, one chunk per row: batch 1 splits them into 3 groups (34, 34, 32), batch 2 too, batch 32 does not.
+    assert_eq!(decode::head_groups(1, 100), 3);
+    assert_eq!(decode::head_groups(1, 128), 4, "DeepSeek-R1's 128 heads at batch 1: four tasks a row");
+    assert_eq!(decode::head_groups(32, 128), 1);
+    assert_eq!(decode::head_groups(1, 16), 1, "fewer than 32 heads a group are not split");
+    let ranges: Vec<_> = (0..3).map(|g| decode::head_range(100, 3, g)).collect();
+    assert_eq!(ranges, [0..34, 34..68, 68..100]);
+    let d = dims(2, 1, 100, 40, 40);
+    check(&case(d, &[30, 7], 4), "short decode, head groups");
+}
+
+#[test]
 fn long_decode_rows_split_into_chunks_match_the_reference() {
     // Batch 2: 16 chunks would be allowed, capped at 8; rows of 650 and 300 positions take 3 and 2 chunks of 256.
     let d = dims(2, 1, 3, 700, 700);
@@ -241,9 +254,10 @@ fn shapes_and_lengths_are_checked_by_name() {
     assert!(e.contains("row 0: seqlens_k + 1 = 0"), "{e}");
 }
 
-/// One decode step at DeepSeek-R1's attention shape (128 heads, rank 512, rope 64), batch 1, one thread (tasks run
-/// in a loop), in place over a 4,096-position cache: the numbers beside `scripts/latent_inplace_check.py`'s in
-/// `docs/kv-cache-pool.md`. `cargo test -p r1-engine --lib latent_decode_step_timing -- --ignored --nocapture`.
+/// One decode step at DeepSeek-R1's attention shape (128 heads, rank 512, rope 64), batch 1, in place over a
+/// 4,096-position cache, its tasks on `THREADS` threads (default 1: run in a loop): the numbers beside
+/// `scripts/latent_inplace_check.py --threads N`'s in `docs/kv-cache-pool.md`.
+/// `THREADS=2 cargo test --release -p r1-engine --lib latent_decode_step_timing -- --ignored --nocapture`.
 #[test]
 #[ignore = "timing, not a check"]
 fn latent_decode_step_timing() {
@@ -271,12 +285,29 @@ fn latent_decode_step_timing() {
             present_rope: c.past_rope.as_mut_ptr(),
             out: out.as_mut_ptr(),
         };
-        let mut sequential = |n: usize, f: Tasks<'_>| -> ort::Result<()> {
-            (0..n).for_each(f);
+        // Tasks over THREADS threads (default 1), each taking the next task index as ONNX Runtime's pool does.
+        let threads = std::env::var("THREADS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(1).max(1);
+        let mut pool = |n: usize, f: Tasks<'_>| -> ort::Result<()> {
+            if threads == 1 {
+                (0..n).for_each(f);
+                return Ok(());
+            }
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        f(i);
+                    });
+                }
+            });
             Ok(())
         };
         // SAFETY: the buffers have `d`'s sizes (past and present the same memory); the spans are `d`'s.
-        let mut decode = || unsafe { run(&d, &buf, &c.spans, 0.1, &mut sequential) }.unwrap();
+        let mut decode = || unsafe { run(&d, &buf, &c.spans, 0.1, &mut pool) }.unwrap();
         // The tiled form (16 heads per task) on the same step, for comparison.
         // SAFETY: as above; `run` appended the step's position.
         let tiled = || (0..attention_tasks(&d)).for_each(|t| unsafe { attend(&d, &buf, &c.spans, t, 0.1) });
