@@ -35,8 +35,7 @@
 //! chunks depend on the shapes and lengths only, so the output never depends on the thread count or on how tasks were
 //! scheduled. Arithmetic is float32 throughout, as the portable graph's.
 
-use ndarray::linalg::general_mat_mul;
-use ndarray::{Array2, ArrayView2, ShapeBuilder};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, ShapeBuilder};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType as T;
 
@@ -233,8 +232,8 @@ pub unsafe fn attend(d: &LatentDims, buf: &LatentBuffers, spans: &[RowSpan], tas
     };
     // scores = q_lat · cᵀ + q_rot · k_rotᵀ, as the portable graph sums its two products.
     let mut scores = Array2::<f32>::zeros((rows, keys));
-    general_mat_mul(1.0, &q_lat, &cache_lat.t(), 0.0, &mut scores);
-    general_mat_mul(1.0, &q_rot, &cache_rope.t(), 1.0, &mut scores);
+    matmul(&q_lat.view(), &cache_lat.t(), false, &mut scores.view_mut());
+    matmul(&q_rot.view(), &cache_rope.t(), true, &mut scores.view_mut());
     for (r, mut row) in scores.outer_iter_mut().enumerate() {
         let visible = span.past + live.start + r % nq + 1;
         let row = row.as_slice_mut().expect("standard layout");
@@ -243,7 +242,7 @@ pub unsafe fn attend(d: &LatentDims, buf: &LatentBuffers, spans: &[RowSpan], tas
         hidden.fill(0.0);
     }
     let mut context = Array2::<f32>::zeros((rows, rank));
-    general_mat_mul(1.0, &scores, &cache_lat, 0.0, &mut context);
+    matmul(&scores.view(), &cache_lat, false, &mut context.view_mut());
     let context = context.as_slice().expect("standard layout");
     for (i, h) in heads.enumerate() {
         // SAFETY: the output rows of (b, h, live) are this task's and hold `nq × rank` values.
@@ -279,6 +278,41 @@ fn exp_scaled(x: &mut [f32], scale: f32) -> (f32, f32) {
         *v = super::kernel::exp_neg(*v - max);
     }
     (max, super::kernel::lanes(x, 0.0, |a, b| a + b))
+}
+
+/// `c ← a · b` (`add`: `c ← c + a · b`), float32, on the calling thread: the `gemm` crate's sgemm, which at this
+/// operator's shapes (128 heads × 512 by hundreds of positions) packs less and runs ~10–15% faster than ndarray's
+/// `matrixmultiply` (`BENCHMARKS.md`, "DeepseekV3: the latent cache in place"). Any strides (a transposed view
+/// included).
+pub(super) fn matmul(a: &ArrayView2<f32>, b: &ArrayView2<f32>, add: bool, c: &mut ArrayViewMut2<f32>) {
+    let ((m, k), (k2, n)) = (a.dim(), b.dim());
+    assert!(k == k2 && c.dim() == (m, n), "matmul shapes {:?} x {:?} -> {:?}", a.dim(), b.dim(), c.dim());
+    let (cs, as_, bs) = (c.strides().to_vec(), a.strides(), b.strides());
+    // SAFETY: the three views are valid for their shapes and strides; `c` is borrowed mutably and cannot alias `a`
+    // or `b` (the borrow checker forbids it); gemm reads `c` only when `add`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            cs[1],
+            cs[0],
+            add,
+            a.as_ptr(),
+            as_[1],
+            as_[0],
+            b.as_ptr(),
+            bs[1],
+            bs[0],
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// The tasks of one phase: task `i` of `0 .. n`, run once each in any order and on any thread.

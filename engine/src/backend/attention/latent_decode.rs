@@ -12,10 +12,9 @@
 
 use std::ops::Range;
 
-use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, ShapeBuilder};
 
-use super::{exp_scaled, softmax_scaled, LatentBuffers, LatentDims, RowSpan};
+use super::{exp_scaled, matmul, softmax_scaled, LatentBuffers, LatentDims, RowSpan};
 
 /// The most chunks a row's positions are split into.
 pub const MAX_SPLITS: usize = 8;
@@ -108,15 +107,15 @@ pub unsafe fn attend_chunk(
         (q(buf.query_latent, rank), q(buf.query_rope, rope), c(buf.present_latent, rank), c(buf.present_rope, rope))
     };
     let mut scores = Array2::<f32>::zeros((h, keys.len()));
-    general_mat_mul(1.0, &q_lat, &lat.t(), 0.0, &mut scores);
-    general_mat_mul(1.0, &q_rot, &rk.t(), 1.0, &mut scores);
+    matmul(&q_lat, &lat.t(), false, &mut scores.view_mut());
+    matmul(&q_rot, &rk.t(), true, &mut scores.view_mut());
     let Some(p) = part else {
         for mut row in scores.outer_iter_mut() {
             softmax_scaled(row.as_slice_mut().expect("standard layout"), scale);
         }
         // SAFETY: these heads' rows of the row's output `[H, 1, rank]` are this task's (one chunk per row).
         let mut out = unsafe { ArrayViewMut2::from_shape_ptr((h, rank).strides((rank, 1)), buf.out.add(first * rank)) };
-        general_mat_mul(1.0, &scores, &lat, 0.0, &mut out);
+        matmul(&scores.view(), &lat, false, &mut out);
         return;
     };
     // SAFETY: this chunk's part of `partials`: `m`, `l` per head, then `o`.
@@ -130,7 +129,7 @@ pub unsafe fn attend_chunk(
     for (i, mut row) in scores.outer_iter_mut().enumerate() {
         (m[i], l[i]) = exp_scaled(row.as_slice_mut().expect("standard layout"), scale);
     }
-    general_mat_mul(1.0, &scores, &lat, 0.0, &mut o);
+    matmul(&scores.view(), &lat, false, &mut o);
 }
 
 /// Merges row `b`'s `splits` partial results into its output, chunks in order.
