@@ -13,6 +13,7 @@ pub mod ort;
 mod ort_bound;
 mod ort_decode_graph;
 mod ort_in_place;
+mod ort_providers;
 pub mod tract;
 
 use std::path::{Path, PathBuf};
