@@ -177,6 +177,37 @@ fn retained_prefixes_are_evicted_before_anything_else_waits() {
     e.remove_sequence(id);
 }
 
+/// A conversation's turns hold one retained slot, not one per turn: the second turn's cache covers the first's
+/// (its prompt is the first prompt and answer, then more), so retaining it gives the first turn's slot and blocks
+/// back, and the first prompt still hits its whole cached prefix in the covering entry.
+#[test]
+fn a_conversations_turns_hold_one_retained_slot() {
+    for kind in KINDS {
+        let (manifest, b) = open_backend("tiny", kind);
+        let pool = PoolOptions { slots: 3, block_tokens: 4, prefix_cache: true, ..Default::default() };
+        let mut e = Engine::with_pool(&fixture("tiny"), manifest, b, None, pool).unwrap();
+        let first = [5u32, 6, 7, 8, 9];
+        let answer = e.generate_greedy(&first, 3, &[]).unwrap();
+        assert_eq!((e.retained_sequences(), e.kv_budget().used_blocks()), (1, 2), "{kind:?}: 7 positions");
+        let second: Vec<u32> = first.iter().chain(&answer).chain(&[10, 11]).copied().collect();
+        let id = e.add_sequence(&second, 3).unwrap();
+        assert_eq!(e.prefix_tokens(id).unwrap(), 7, "{kind:?}: the first turn's positions are reused");
+        e.remove_sequence(id);
+        e.generate_greedy(&second, 3, &[]).unwrap();
+        // 12 positions retained in one slot (3 blocks); the first turn's entry is gone, and nothing was evicted.
+        assert_eq!(e.retained_sequences(), 1, "{kind:?}");
+        assert_eq!((e.kv_pool().used_slots(), e.kv_budget().used_blocks()), (1, 3), "{kind:?}");
+        assert_eq!(e.pool_stats().prefix_evictions, 0, "{kind:?}");
+        // The first prompt again: its whole prefix (all but the token fed for its logits) from the covering entry,
+        // and the same answer.
+        let id = e.add_sequence(&first, 3).unwrap();
+        assert_eq!(e.prefix_tokens(id).unwrap(), first.len() - 1, "{kind:?}");
+        e.remove_sequence(id);
+        assert_eq!(e.generate_greedy(&first, 3, &[]).unwrap(), answer, "{kind:?}");
+        assert_eq!(e.retained_sequences(), 1, "{kind:?}: the repeat is covered, not kept beside");
+    }
+}
+
 #[test]
 fn prefix_cache_off_prefills_everything() {
     let exp = expected("tiny");

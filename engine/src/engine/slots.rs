@@ -1,6 +1,7 @@
 //! The engine's side of the KV pool: which sequence holds which slot and how many budget blocks, the prefix cache
-//! (retaining finished sequences, copying a cached prefix into a new one, evicting least-recently-used), and making
-//! room for a step (evicting retained prefixes, then preempting the youngest sequences).
+//! (retaining finished sequences, one entry per prefix, copying a cached prefix into a new one, evicting
+//! least-recently-used), and making room for a step (evicting retained prefixes, then preempting the youngest
+//! sequences).
 
 use std::collections::BTreeMap;
 
@@ -123,7 +124,11 @@ impl Engine {
         if retain && self.prefix_enabled && seq.cached > 0 {
             let tokens = seq.tokens[..seq.cached].to_vec();
             let blocks = std::mem::take(&mut seq.blocks);
-            self.prefix.retain(tokens, slot, blocks);
+            // An entry the new one covers (or the new one, when covered) holds nothing another does not.
+            for e in self.prefix.retain(tokens, slot, blocks) {
+                self.pool.free(e.slot);
+                self.budget.give_back(e.blocks);
+            }
         } else {
             self.pool.free(slot);
         }

@@ -14,7 +14,9 @@
 //! to feed, so the step that completes the prompt returns its logits.
 //!
 //! **Eviction.** Retained entries hold their slot and their blocks of the budget; admission and [`crate::Engine`]'s
-//! `make_room` evict them least-recently-used before they preempt any running sequence.
+//! `make_room` evict them least-recently-used before they preempt any running sequence. An entry whose tokens are a
+//! prefix of another's is never kept beside it ([`PrefixCache::retain`]): a conversation's turns, or a prompt and
+//! the request that continued it, hold one slot, so the cache's slots hold as many distinct prefixes as they can.
 
 /// A finished sequence's cache, kept for reuse.
 #[derive(Debug, Clone)]
@@ -42,10 +44,22 @@ pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 }
 
 impl PrefixCache {
-    /// Keeps `tokens` (cached in `slot`, holding `blocks`) for reuse.
-    pub fn retain(&mut self, tokens: Vec<u32>, slot: usize, blocks: usize) {
+    /// Keeps `tokens` (cached in `slot`, holding `blocks`) for reuse, and returns the entries the caller must free
+    /// (their slots and blocks): those `tokens` covers (a prefix of it: an earlier turn of the same conversation, the
+    /// prompt a continued request was copied from), since any prompt they match, the new entry matches as far; or
+    /// the new entry itself when an entry already covers it (that one counts as used now). One slot per prefix, not
+    /// one per turn: a cache of N slots keeps N conversations, not N turns of one.
+    pub fn retain(&mut self, tokens: Vec<u32>, slot: usize, blocks: usize) -> Vec<Retained> {
         self.clock += 1;
+        let covers = |longer: &[u32], shorter: &[u32]| longer.len() >= shorter.len() && longer.starts_with(shorter);
+        if let Some(e) = self.entries.iter_mut().find(|e| covers(&e.tokens, &tokens)) {
+            e.last_used = self.clock;
+            return vec![Retained { tokens, slot, blocks, last_used: self.clock }];
+        }
+        let (covered, kept) = std::mem::take(&mut self.entries).into_iter().partition(|e| covers(&tokens, &e.tokens));
+        self.entries = kept;
         self.entries.push(Retained { tokens, slot, blocks, last_used: self.clock });
+        covered
     }
 
     /// Entries held.
@@ -119,9 +133,9 @@ mod tests {
     #[test]
     fn best_match_is_the_longest_then_the_most_recent_and_leaves_one_token() {
         let mut c = PrefixCache::default();
-        c.retain(vec![1, 2, 3, 4, 5], 3, 1);
-        c.retain(vec![1, 2, 9], 5, 1);
-        c.retain(vec![1, 2, 3, 7], 6, 1);
+        assert!(c.retain(vec![1, 2, 3, 4, 5], 3, 1).is_empty());
+        assert!(c.retain(vec![1, 2, 9], 5, 1).is_empty());
+        assert!(c.retain(vec![1, 2, 3, 7], 6, 1).is_empty());
         assert_eq!(c.best(&[1, 2, 3, 4, 5, 6]), Some((0, 5)));
         // The whole prompt is cached: one token is left to feed.
         assert_eq!(c.best(&[1, 2, 3, 4, 5]), Some((0, 4)));
@@ -137,5 +151,26 @@ mod tests {
         c.moved(6, 2);
         assert_eq!(c.take_slot(2).map(|e| e.tokens), Some(vec![1, 2, 3, 7]));
         assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn an_entry_another_covers_gives_its_slot_back() {
+        let mut c = PrefixCache::default();
+        assert!(c.retain(vec![1, 2, 3], 0, 1).is_empty());
+        assert!(c.retain(vec![7, 8], 1, 1).is_empty());
+        // A later turn of the first conversation covers it: the first turn's slot comes back.
+        let freed = c.retain(vec![1, 2, 3, 4, 5], 2, 2);
+        assert_eq!(freed.iter().map(|e| (e.slot, e.blocks)).collect::<Vec<_>>(), vec![(0, 1)]);
+        assert_eq!((c.len(), c.blocks()), (2, 3));
+        assert_eq!(c.best(&[1, 2, 3, 9]), Some((1, 3)), "the covering entry serves the old prompt as far");
+        // A sequence an entry already covers is not kept (its own slot comes back) and the cover counts as used.
+        let freed = c.retain(vec![1, 2], 3, 1);
+        assert_eq!(freed.iter().map(|e| e.slot).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(c.evict_lru().map(|e| e.slot), Some(1), "[7, 8] is now the least recently used");
+        // Diverging sequences cover nothing.
+        assert!(c.retain(vec![1, 2, 3, 4, 6], 4, 2).is_empty());
+        assert_eq!(c.len(), 2);
+        // An equal sequence is covered by the entry already there.
+        assert_eq!(c.retain(vec![1, 2, 3, 4, 6], 5, 2).iter().map(|e| e.slot).collect::<Vec<_>>(), vec![5]);
     }
 }
