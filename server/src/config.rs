@@ -22,9 +22,25 @@ use crate::validate::Limits;
 
 pub use crate::scheduler::MAX_BATCH_SIZE_LIMIT;
 
+/// Environment switches for diagnosing a deployment (`r1-serve --help`); the defaults are the production choice.
+const DIAGNOSTIC_HELP: &str = "\
+Diagnostic switches (environment; the defaults are right for production):
+  R1_DECODE_STEPS=auto|shaped|fixed     in-place decode steps on the CUDA provider captured as CUDA graphs
+                                        (auto); shaped never captures them
+  R1_BIND_PRESENT=auto|always|never     the portable graph's KV cache kept on the GPU between decode steps
+                                        (auto: under TensorRT, or CUDA without a serving graph); never copies
+                                        each step's cache back to the host
+  R1_ATTENTION_ISA=avx512|avx2|portable r1's CPU attention loops (default: the best the CPU has)";
+
 /// `r1-serve`: serve an exported artifact over gRPC and OpenAI-compatible HTTP.
 #[derive(Debug, Parser)]
-#[command(name = "r1-serve", version, about, args_conflicts_with_subcommands = true, after_help = r1_engine::ort_lib::LIBRARY_HELP)]
+#[command(
+    name = "r1-serve",
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    after_help = format!("{DIAGNOSTIC_HELP}\n\n{}", r1_engine::ort_lib::LIBRARY_HELP)
+)]
 pub struct Cli {
     /// `generate`: run the engine in-process on one prompt; no subcommand: serve.
     #[command(subcommand)]

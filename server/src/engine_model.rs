@@ -18,7 +18,6 @@ use crate::model::{
     ResponseFormat, SeqId, SeqParams, TokenText, Work,
 };
 
-/// The engine's error as a model error, classed by whose fault it is.
 /// The environment variable that says how the in-place serving graph's decode steps run: `auto` (captured as CUDA
 /// graphs on ONNX Runtime's CUDA provider, as shaped elsewhere), `shaped` (never captured: to rule CUDA graphs out
 /// when diagnosing a GPU deployment) or `fixed` (the captured layout without capture).
@@ -37,6 +36,26 @@ fn decode_steps(value: Option<&str>) -> Result<r1_engine::backend::ort::DecodeSt
     }
 }
 
+/// The environment variable that says whether the portable graph's present stays on the device between decode steps
+/// (TensorRT, or the CUDA provider without a serving graph: `ort_bound.rs`): `auto` (there, and nowhere else),
+/// `always` (on the CPU provider too) or `never` (every step's present comes back to the host: to rule the binding
+/// out when diagnosing a GPU deployment).
+pub const BIND_PRESENT_VAR: &str = "R1_BIND_PRESENT";
+
+/// [`BIND_PRESENT_VAR`]'s value (unset or empty: `auto`).
+fn bind_present(value: Option<&str>) -> Result<r1_engine::backend::ort::PresentBinding, r1_engine::EngineError> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(Default::default()),
+        Some(v) => {
+            r1_engine::backend::ort::PresentBinding::parse(v).ok_or_else(|| r1_engine::EngineError::InvalidArgument {
+                name: BIND_PRESENT_VAR.into(),
+                message: format!("must be auto, always or never, got {v:?}"),
+            })
+        }
+    }
+}
+
+/// The engine's error as a model error, classed by whose fault it is.
 fn engine_err(e: r1_engine::EngineError) -> ModelError {
     use r1_engine::EngineError as E;
     let class = match &e {
@@ -230,7 +249,8 @@ impl EngineModel {
     ) -> Result<Self, ModelError> {
         let kind: BackendKind = backend.parse().map_err(engine_err)?;
         let decode_steps = decode_steps(std::env::var(DECODE_STEPS_VAR).ok().as_deref()).map_err(engine_err)?;
-        let backend_options = BackendOptions { execution_provider, decode_steps, ..Default::default() };
+        let bind_present = bind_present(std::env::var(BIND_PRESENT_VAR).ok().as_deref()).map_err(engine_err)?;
+        let backend_options = BackendOptions { execution_provider, decode_steps, bind_present, ..Default::default() };
         let opts = EngineOptions { backend: kind, backend_options, kv_budget_bytes, pool };
         let engine = Engine::load(dir, &opts).map_err(engine_err)?;
         let text = Arc::new(EngineText::load(dir)?);
@@ -406,6 +426,17 @@ mod tests {
         assert_eq!(decode_steps(Some("FIXED")).unwrap(), DecodeSteps::Fixed);
         let e = decode_steps(Some("graphs")).unwrap_err().to_string();
         assert!(e.contains(DECODE_STEPS_VAR) && e.contains("auto, shaped or fixed") && e.contains("graphs"), "{e}");
+    }
+
+    #[test]
+    fn the_present_binding_comes_from_the_environment_value_and_a_bad_one_is_named() {
+        use r1_engine::backend::ort::PresentBinding;
+        assert_eq!(bind_present(None).unwrap(), PresentBinding::Auto);
+        assert_eq!(bind_present(Some("")).unwrap(), PresentBinding::Auto);
+        assert_eq!(bind_present(Some("never")).unwrap(), PresentBinding::Never);
+        assert_eq!(bind_present(Some("ALWAYS")).unwrap(), PresentBinding::Always);
+        let e = bind_present(Some("gpu")).unwrap_err().to_string();
+        assert!(e.contains(BIND_PRESENT_VAR) && e.contains("auto, always or never") && e.contains("gpu"), "{e}");
     }
 
     #[test]

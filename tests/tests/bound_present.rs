@@ -9,12 +9,16 @@
 
 use std::path::Path;
 
+use r1_engine::backend::ort::PresentBinding;
 use r1_engine::backend::{self, BackendKind, BackendOptions, ExecutionProviderKind};
 use r1_engine::manifest::Precision;
 use r1_engine::{Engine, Manifest, StepWork};
 use r1_tests::{drive_engine, export_case, golden_dir, Golden};
 
+/// `bind_present`: the binding forced on (`Always`), else forced off (`Never`, what `R1_BIND_PRESENT=never` asks
+/// of r1-serve; on the CPU provider the same as the default).
 fn options(bind_present: bool) -> BackendOptions {
+    let bind_present = if bind_present { PresentBinding::Always } else { PresentBinding::Never };
     BackendOptions { execution_provider: ExecutionProviderKind::Cpu, bind_present, ..Default::default() }
 }
 

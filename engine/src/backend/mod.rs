@@ -65,7 +65,7 @@ pub enum KeptPresent {
     /// tract values (float32), reference-counted: `[key 0, value 0, key 1, value 1, ...]`.
     Tract(Vec<tract_onnx::prelude::TValue>),
     /// ONNX Runtime values of the graph's cache type, in the memory the session runs in (the GPU under TensorRT or
-    /// the CUDA provider): not readable as host views; [`KeptPresent::positions`] copies a step's new positions out.
+    /// the CUDA provider): not readable as host views; [`KeptPresent::bound`] gives the engine its new positions.
     Bound(ort_bound::BoundPresent),
 }
 
@@ -98,7 +98,7 @@ impl KeptPresent {
             KeptPresent::Tract(values) => split_pairs("tract", values.iter().map(|v| v.to_plain_array_view::<f32>())),
             KeptPresent::Bound(b) => Err(EngineError::Unavailable {
                 what: "host views of a present bound on the device".into(),
-                message: format!("{b:?} is read through KeptPresent::positions"),
+                message: format!("{b:?} is read through BoundPresent::positions"),
             }),
         }
     }
@@ -119,22 +119,13 @@ impl KeptPresent {
         Ok((keys.into_iter().map(|(_, s)| s).collect(), values.into_iter().map(|(_, s)| s).collect()))
     }
 
-    /// Whether the tensors are host memory the engine can view ([`KeptPresent::views`]); else it copies each step's
-    /// new positions out with [`KeptPresent::positions`].
-    pub fn host_readable(&self) -> bool {
-        !matches!(self, KeptPresent::Bound(_))
-    }
-
-    /// Positions `from .. from + n` of every layer, as host float32 pairs `[batch, heads, n, dim]` (a bound present:
-    /// one strided copy per tensor; the others: copied out of their views).
-    pub fn positions(&self, from: usize, n: usize) -> Result<Vec<KvPair>> {
-        if let KeptPresent::Bound(b) = self {
-            return b.positions(from, n);
+    /// The present bound on the device, whose new positions the engine copies out with [`BoundPresent::positions`]
+    /// (it has no host views); `None` for the host-readable kinds.
+    pub fn bound(&self) -> Option<&ort_bound::BoundPresent> {
+        match self {
+            KeptPresent::Bound(b) => Some(b),
+            _ => None,
         }
-        let (keys, values) = self.views()?;
-        let take =
-            |a: &ArrayViewD<f32>| a.slice_axis(ndarray::Axis(2), ndarray::Slice::from(from..from + n)).to_owned();
-        Ok(keys.iter().zip(&values).map(|(k, v)| KvPair { key: take(k), value: take(v) }).collect())
     }
 }
 
@@ -336,10 +327,11 @@ pub struct BackendOptions {
     pub graph: ort::GraphChoice,
     /// How in-place decode steps run ([`ort::DecodeSteps`]; ort only).
     pub decode_steps: ort::DecodeSteps,
-    /// Keep the portable graph's present where the session made it and feed it back as the next step's past
-    /// (`ort_bound.rs`). Automatic on the GPU providers (TensorRT, or CUDA without a serving graph), where it keeps the
-    /// cache on the device; `true` runs the same binding on the CPU provider (how CI checks it). ort only.
-    pub bind_present: bool,
+    /// Whether the portable graph's present stays where the session made it and is fed back as the next step's past
+    /// ([`ort::PresentBinding`], `ort_bound.rs`): by default on the GPU providers (TensorRT, or CUDA without a serving
+    /// graph), where it keeps the cache on the device; `Always` runs the same binding on the CPU provider (how CI
+    /// checks it), `Never` turns it off. ort only.
+    pub bind_present: ort::PresentBinding,
 }
 
 /// Opens the backend `kind` for the artifact in `dir` described by `manifest`.

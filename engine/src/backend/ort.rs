@@ -88,11 +88,7 @@ impl OrtBackend {
         let serving = if graph == MODEL_FILE { ServingGraph::choose(dir, manifest, &choice, opts) } else { None };
         // The portable decoder on a GPU provider keeps its present on the GPU and feeds it back (`ort_bound.rs`):
         // TensorRT's engine is built from this graph, and the CUDA provider runs it when no serving graph exists.
-        let bound = match (graph == MODEL_FILE && serving.is_none(), choice.name) {
-            (true, "ort-tensorrt" | "ort-cuda") => Some(PoolDevice::Cuda { id: 0 }),
-            (true, _) if opts.bind_present => Some(PoolDevice::Host),
-            _ => None,
-        };
+        let bound = opts.bind_present.device(graph == MODEL_FILE && serving.is_none(), choice.name);
         let graph = serving.as_ref().map_or(graph, |s| s.graph.as_str());
         let path = dir.join(graph);
         if !path.is_file() {
@@ -203,6 +199,46 @@ impl DecodeSteps {
             "shaped" | "off" => Some(DecodeSteps::Shaped),
             "fixed" => Some(DecodeSteps::Fixed),
             _ => None,
+        }
+    }
+}
+
+/// Whether the portable graph's present stays where the session made it and comes back as the next step's past
+/// (`ort_bound.rs`; `BackendOptions::bind_present`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PresentBinding {
+    /// On the GPU providers (TensorRT, or CUDA without a serving graph), where it keeps the cache on the device;
+    /// copied to the host every step on the CPU provider.
+    #[default]
+    Auto,
+    /// On every provider: the CPU provider keeps it in host memory (how CI checks the path).
+    Always,
+    /// On none: every step's present comes back to the host (the way to rule the binding out when diagnosing a GPU
+    /// deployment).
+    Never,
+}
+
+impl PresentBinding {
+    /// `auto`, `always` or `never`.
+    pub fn parse(s: &str) -> Option<PresentBinding> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(PresentBinding::Auto),
+            "always" | "on" => Some(PresentBinding::Always),
+            "never" | "off" => Some(PresentBinding::Never),
+            _ => None,
+        }
+    }
+
+    /// Where a session's present is bound: `portable` when it runs the portable graph (no serving graph), on the
+    /// execution provider `provider` (`ort-cpu`, `ort-cuda`, `ort-tensorrt`); `None` when it comes back to the host.
+    pub fn device(self, portable: bool, provider: &str) -> Option<PoolDevice> {
+        let on_gpu = matches!(provider, "ort-tensorrt" | "ort-cuda");
+        match self {
+            _ if !portable => None,
+            PresentBinding::Never => None,
+            PresentBinding::Auto | PresentBinding::Always if on_gpu => Some(PoolDevice::Cuda { id: 0 }),
+            PresentBinding::Always => Some(PoolDevice::Host),
+            PresentBinding::Auto => None,
         }
     }
 }
@@ -519,4 +555,28 @@ fn feeds<'a>(
         feeds.push((name.clone(), value));
     }
     Ok(feeds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PoolDevice, PresentBinding};
+
+    #[test]
+    fn the_present_is_bound_on_the_gpu_providers_by_default_and_never_when_told() {
+        let gpu = Some(PoolDevice::Cuda { id: 0 });
+        for provider in ["ort-tensorrt", "ort-cuda"] {
+            assert_eq!(PresentBinding::Auto.device(true, provider), gpu, "{provider}");
+            assert_eq!(PresentBinding::Always.device(true, provider), gpu, "{provider}");
+            assert_eq!(PresentBinding::Never.device(true, provider), None, "{provider}");
+            // A serving graph steps its pool in place instead.
+            assert_eq!(PresentBinding::Always.device(false, provider), None, "{provider}");
+        }
+        assert_eq!(PresentBinding::Auto.device(true, "ort-cpu"), None);
+        assert_eq!(PresentBinding::Always.device(true, "ort-cpu"), Some(PoolDevice::Host));
+        assert_eq!(PresentBinding::Never.device(true, "ort-cpu"), None);
+        assert_eq!(PresentBinding::parse(" Never "), Some(PresentBinding::Never));
+        assert_eq!(PresentBinding::parse("always"), Some(PresentBinding::Always));
+        assert_eq!(PresentBinding::parse("auto"), Some(PresentBinding::Auto));
+        assert_eq!(PresentBinding::parse("device"), None);
+    }
 }

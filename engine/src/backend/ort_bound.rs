@@ -9,8 +9,9 @@
 //! new tensor one position longer than its past, never the past's memory. Binding both on the device is what that
 //! contract allows (`docs/kv-cache-pool.md`, "TensorRT").
 //!
-//! On the CPU provider the same binding runs with the present in host memory (`BackendOptions::bind_present`), which
-//! is how CI checks this path; the copies out go through the same stride arithmetic.
+//! On the CPU provider the same binding runs with the present in host memory (`BackendOptions::bind_present` =
+//! `PresentBinding::Always`), which is how CI checks this path; the copies out go through the same stride arithmetic.
+//! `PresentBinding::Never` (`R1_BIND_PRESENT=never` on r1-serve) turns it off on the GPU providers.
 
 use half::f16;
 use ndarray::{Array3, Array4};

@@ -119,10 +119,8 @@ impl Engine {
         let past = plan.past_len;
         // A present bound on the device is not host memory: only this step's new positions are copied out of it
         // (`[batch, heads, seq, dim]`, read from position 0 below), one strided copy per tensor.
-        let fresh = match &present {
-            Some(p) if !p.host_readable() => Some(p.positions(past, plan.seq_len)?),
-            _ => None,
-        };
+        let fresh =
+            present.as_ref().and_then(KeptPresent::bound).map(|b| b.positions(past, plan.seq_len)).transpose()?;
         let (views, from) = match (&fresh, &present) {
             (Some(pairs), _) => (
                 Some((pairs.iter().map(|p| p.key.view()).collect(), pairs.iter().map(|p| p.value.view()).collect())),

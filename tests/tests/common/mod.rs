@@ -42,16 +42,31 @@ pub struct Served {
 }
 
 impl Served {
-    /// The server's log so far.
+    /// The server's log so far (its standard error).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// What the server wrote to its standard output so far (its tracing events, at `--log`'s level).
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(stdout_path(&self.log)).unwrap_or_default()
+    }
+}
+
+/// Where [`serve`] puts the server's standard output: beside `log`.
+fn stdout_path(log: &Path) -> PathBuf {
+    log.with_extension("stdout")
 }
 
 /// Starts the real `r1-serve` on `model` with `flags` (plus loopback addresses; `R1_OTLP_ENDPOINT` and `R1_API_KEYS`
 /// removed from its environment), logging to `log`, and waits until its health service reports SERVING (failing with
 /// the log if it exits or takes more than 120 s).
 pub async fn serve(model: &Path, flags: &[&str], log: &Path) -> Served {
+    serve_with_env(model, flags, &[], log).await
+}
+
+/// [`serve`] with `envs` set in the server's environment.
+pub async fn serve_with_env(model: &Path, flags: &[&str], envs: &[(&str, &str)], log: &Path) -> Served {
     use std::time::{Duration, Instant};
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
@@ -65,7 +80,8 @@ pub async fn serve(model: &Path, flags: &[&str], log: &Path) -> Served {
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}"), "--http-addr", &format!("127.0.0.1:{http_port}")])
         .env_remove("R1_OTLP_ENDPOINT")
         .env_remove("R1_API_KEYS")
-        .stdout(std::process::Stdio::null())
+        .envs(envs.iter().copied())
+        .stdout(std::fs::File::create(stdout_path(log)).expect("stdout file"))
         .stderr(std::fs::File::create(log).expect("log file"))
         .spawn()
         .expect("start r1-serve");
