@@ -12,17 +12,16 @@
 //!   quantized export ([`GraphBuilder::streaming`]), handed to a [`WeightStream`], which quantizes the MatMul
 //!   weights ([`GraphBuilder::matmul_weight`]) as they come and stores the others.
 
-use std::any::Any;
 use std::collections::{HashMap, HashSet};
 
 use r1_engine::manifest::{DType, Dim, TensorSpec};
 use r1_proto::onnx::{
-    attribute_proto::AttributeType, tensor_proto, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
-    ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
+    tensor_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
 };
 
 use super::external::{ExternalDataWriter, ExternalSummary};
+use super::proto::{inline_tensor, value_info, Attr};
+use super::weight_stream::{F32Chunks, WeightStream};
 use super::ElemType;
 use crate::error::{ExportError, Result};
 
@@ -35,189 +34,6 @@ pub fn ir_version_for_opset(opset: i64) -> i64 {
         ..=18 => 8,
         19 | 20 => 9,
         _ => 10,
-    }
-}
-
-/// One node attribute. Build with [`attr_i`], [`attr_f`], [`attr_ints`], [`attr_s`], [`attr_t`].
-pub type Attr = AttributeProto;
-
-/// Integer attribute.
-pub fn attr_i(name: &str, v: i64) -> Attr {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(v),
-        ..Default::default()
-    }
-}
-/// Float attribute.
-pub fn attr_f(name: &str, v: f32) -> Attr {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Float as i32),
-        f: Some(v),
-        ..Default::default()
-    }
-}
-/// Integer-list attribute.
-pub fn attr_ints(name: &str, v: &[i64]) -> Attr {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Ints as i32),
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
-/// String attribute.
-pub fn attr_s(name: &str, v: &str) -> Attr {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::String as i32),
-        s: Some(v.as_bytes().to_vec()),
-        ..Default::default()
-    }
-}
-/// Tensor attribute (e.g. `ConstantOfShape`'s `value`).
-pub fn attr_t(name: &str, t: TensorProto) -> Attr {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Tensor as i32),
-        t: Some(t),
-        ..Default::default()
-    }
-}
-
-/// A tensor proto with inline raw data (little-endian), for small constants.
-pub fn inline_tensor(name: &str, elem: ElemType, dims: &[i64], raw: Vec<u8>) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        data_type: Some(elem.onnx_code()),
-        dims: dims.to_vec(),
-        raw_data: Some(raw),
-        ..Default::default()
-    }
-}
-
-/// An int64 tensor proto with inline data, for the small shape and index constants of graph rewrites.
-pub fn i64_tensor(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
-    inline_tensor(name, ElemType::I64, dims, v.iter().flat_map(|x| x.to_le_bytes()).collect())
-}
-
-/// A default-domain node without attributes, for graph rewrites that edit a `ModelProto` directly (the builder
-/// makes its own nodes).
-pub fn rewrite_node(name: &str, op_type: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-    NodeProto {
-        name: Some(name.into()),
-        op_type: Some(op_type.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-fn value_info(spec: &TensorSpec) -> ValueInfoProto {
-    let elem = ElemType::from(spec.dtype);
-    let dim = spec
-        .shape
-        .iter()
-        .map(|d| tensor_shape_proto::Dimension {
-            value: Some(match d {
-                Dim::Fixed(v) => tensor_shape_proto::dimension::Value::DimValue(*v),
-                Dim::Symbolic(s) => tensor_shape_proto::dimension::Value::DimParam(s.clone()),
-            }),
-            ..Default::default()
-        })
-        .collect();
-    ValueInfoProto {
-        name: Some(spec.name.clone()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(elem.onnx_code()),
-                shape: Some(TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// Where a byte sink passes a weight's little-endian bytes (in as many chunks as the producer likes).
-pub type ByteSink<'a> = &'a mut dyn FnMut(&[u8]) -> Result<()>;
-
-/// The matrices of a stacked weight ([`WeightStream::quantize_stack`]): passes each one's float32 values, in order, to
-/// the callback it is given.
-pub type Matrices<'a> = &'a mut dyn FnMut(&mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()>;
-
-/// The columns of a MatMul weight `B` (`[k, n]`) read in bands ([`WeightStream::quantize_columns`]): called with
-/// `(c0, c1)` and a buffer, fills the buffer (cleared first) with columns `[c0, c1)` of `B` as float32
-/// `[k, c1 - c0]`, row-major.
-pub type Columns<'a> = &'a mut dyn FnMut((usize, usize), &mut Vec<f32>) -> Result<()>;
-
-/// Takes the weights of a graph whose MatMul weights are quantized as they are made (`quantize::stream`, a
-/// weight-only export without fp32 staging). The graph keeps a placeholder initializer (name, FLOAT, dims, no
-/// data) for each weight it quantizes; the graph rewrite after [`GraphBuilder::finish_streamed`] replaces them.
-pub trait WeightStream {
-    /// Whether MatMul weight `name` (`[k, n]` = `dims`, of type `elem`) is quantized; otherwise it is stored.
-    fn takes(&self, name: &str, elem: ElemType, dims: &[i64]) -> bool;
-    /// Quantizes MatMul weight `name` from its float32 values (`[k, n]`, row-major).
-    fn quantize(&mut self, name: &str, values: &[f32], k: usize, n: usize) -> Result<()>;
-    /// Stores a weight that stays as it is: `t` carries its name, type and dims; `fill` passes its `length` bytes
-    /// to the sink it is given. Points `t` at the stored bytes (or sets them inline); returns the bytes stored.
-    fn store(
-        &mut self,
-        t: &mut TensorProto,
-        length: u64,
-        fill: &mut dyn FnMut(ByteSink<'_>) -> Result<()>,
-    ) -> Result<u64>;
-    /// Quantizes MatMul weight `name` (`[k, n]`) whose columns `columns` reads in any band asked for (a weight
-    /// stored transposed in the checkpoint: a band of output columns is a band of its rows). The stream picks the
-    /// bands, so that it never needs the whole weight in float32; by default one band of all `n` columns, handed to
-    /// [`WeightStream::quantize`].
-    fn quantize_columns(&mut self, name: &str, k: usize, n: usize, columns: Columns<'_>) -> Result<()> {
-        let mut values = Vec::new();
-        columns((0, n), &mut values)?;
-        self.quantize(name, &values, k, n)
-    }
-    /// Whether the stacked MatMul weight `name` (`[e, k, n]` = `dims`: `e` matrices `[k, n]`, DeepseekV3's routed
-    /// experts) is quantized matrix by matrix ([`WeightStream::quantize_stack`]); otherwise it is stored.
-    fn takes_stack(&self, _name: &str, _elem: ElemType, _dims: &[i64]) -> bool {
-        false
-    }
-    /// Quantizes stacked MatMul weight `name` (`[e, k, n]`): `matrices` passes each matrix's float32 values (`[k, n]`,
-    /// row-major), in order, to the callback it is given.
-    fn quantize_stack(&mut self, name: &str, dims: [usize; 3], matrices: Matrices<'_>) -> Result<()> {
-        let _ = (dims, matrices);
-        Err(ExportError::Graph(format!("weight `{name}`: this stream does not quantize stacked weights")))
-    }
-    /// Itself, for the caller that made it to take back.
-    fn into_any(self: Box<Self>) -> Box<dyn Any>;
-}
-
-/// Float32 values out of little-endian byte chunks that need not end on a value (a value's leading bytes wait).
-#[derive(Default)]
-struct F32Chunks {
-    carry: [u8; 4],
-    carried: usize,
-}
-
-impl F32Chunks {
-    /// Appends the whole values of `chunk` (after the bytes carried from the last one) to `out`.
-    fn feed(&mut self, mut chunk: &[u8], out: &mut Vec<f32>) {
-        if self.carried > 0 {
-            let take = (4 - self.carried).min(chunk.len());
-            self.carry[self.carried..self.carried + take].copy_from_slice(&chunk[..take]);
-            self.carried += take;
-            chunk = &chunk[take..];
-            if self.carried < 4 {
-                return;
-            }
-            out.push(f32::from_le_bytes(self.carry));
-            self.carried = 0;
-        }
-        let whole = chunk.len() / 4 * 4;
-        out.extend(chunk[..whole].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-        self.carried = chunk.len() - whole;
-        self.carry[..self.carried].copy_from_slice(&chunk[whole..]);
     }
 }
 
@@ -490,9 +306,9 @@ impl GraphBuilder {
     }
 
     /// [`GraphBuilder::matmul_weight`] for a weight that can also be read a band of columns at a time
-    /// (`columns`, see [`Columns`]): a streamed quantized export hands it to [`WeightStream::quantize_columns`],
-    /// which reads it in bands of output columns, so its float32 form (the LM head's: 3.7 GB for DeepSeek-R1) is
-    /// never in memory whole. Otherwise `fill` writes it as [`GraphBuilder::weight`] does.
+    /// (`columns`, see [`Columns`](super::Columns)): a streamed quantized export hands it to
+    /// [`WeightStream::quantize_columns`], which reads it in bands of output columns, so its float32 form (the LM
+    /// head's: 3.7 GB for DeepSeek-R1) is never in memory whole. Otherwise `fill` writes it as [`GraphBuilder::weight`] does.
     pub fn matmul_weight_columns(
         &mut self,
         name: &str,
@@ -711,6 +527,8 @@ impl GraphBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::onnx::{ByteSink, Matrices};
+    use std::any::Any;
 
     /// Takes every stack and records the matrices it is handed.
     struct Recorder(Vec<Vec<f32>>);

@@ -14,13 +14,14 @@ pub mod fused_attention;
 pub mod fused_latent;
 pub mod last_logits;
 mod ops;
+mod proto;
 pub mod sparse_moe;
+mod weight_stream;
 
-pub use builder::{
-    attr_f, attr_i, attr_ints, attr_s, attr_t, i64_tensor, inline_tensor, ir_version_for_opset, rewrite_node, Attr,
-    ByteSink, Columns, GraphBuilder, Matrices, WeightStream, OPSET_RANGE,
-};
+pub use builder::{ir_version_for_opset, GraphBuilder, OPSET_RANGE};
 pub use external::{ExternalDataWriter, ExternalSpan, ExternalSummary, EXTERNAL_ALIGN};
+pub use proto::{attr_f, attr_i, attr_ints, attr_s, attr_t, i64_tensor, inline_tensor, rewrite_node, Attr};
+pub use weight_stream::{ByteSink, Columns, Matrices, WeightStream};
 
 use half::f16;
 use r1_engine::manifest::DType;

@@ -2,7 +2,8 @@
 //! names and returns the output name; ops whose signature changed across opsets 17..=21
 //! (`ReduceMean` axes became an input in 18) are emitted for the builder's opset.
 
-use super::builder::{attr_i, attr_ints, attr_t, inline_tensor, GraphBuilder};
+use super::builder::GraphBuilder;
+use super::proto::{attr_i, attr_ints, attr_t, inline_tensor};
 use super::ElemType;
 use crate::error::Result;
 

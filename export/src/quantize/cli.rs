@@ -162,3 +162,39 @@ impl QuantArgs {
         })
     }
 }
+
+/// How the LM head (`lm_head.weight`, or the tied embedding stored under that name) is quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LmHead {
+    /// Left in fp32.
+    Float,
+    /// Its weight in the precision's weight form; its input activation stays float (for `int8`: an int8
+    /// weight-only MatMul, which `--target cpu` lowers to `MatMulNBits`). The same as `All` for the weight-only
+    /// precisions.
+    Weights,
+    /// Like every other MatMul (for `int8`: the input activation is quantized per tensor too).
+    All,
+}
+
+impl LmHead {
+    /// The CLI / manifest spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            LmHead::Float => "float",
+            LmHead::Weights => "weights",
+            LmHead::All => "all",
+        }
+    }
+}
+
+impl std::str::FromStr for LmHead {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "float" | "false" | "no" => Ok(LmHead::Float),
+            "weights" => Ok(LmHead::Weights),
+            "all" | "true" | "yes" => Ok(LmHead::All),
+            other => Err(format!("must be float, weights or all, got `{other}`")),
+        }
+    }
+}
