@@ -221,3 +221,39 @@ proptest! {
         churn(BackendKind::Tract, &ops);
     }
 }
+
+/// In place, a new running sequence takes slot `n` (running slots stay `0 .. n`). With every slot held by a retained
+/// prefix, the least recently used one is evicted (the entry in slot `n` moves into its slot), not whichever entry
+/// happens to sit in slot `n` — there, the most recently retained.
+#[test]
+fn a_pool_full_of_prefixes_evicts_the_least_recently_used_in_place() {
+    let dir = artifact();
+    let manifest = Manifest::load(dir).expect("manifest");
+    let vocab = manifest.model.vocab_size as u32;
+    let b = backend::load(dir, &manifest, BackendKind::Ort, &BackendOptions::default()).expect("load");
+    assert!(b.steps_in_place());
+    let pool = PoolOptions { slots: 3, block_tokens: 4, prefix_cache: true, ..Default::default() };
+    let mut e = Engine::with_pool(dir, manifest, b, None, pool).expect("engine");
+    let prompt = |first: u32| (0..16).map(|i| (first + 7 * i) % vocab).collect::<Vec<u32>>();
+    let (x, y, z) = (prompt(1), prompt(2), prompt(3));
+    // W starts like Y, so it takes its slot to copy Y's first 8 positions into (the prefix-hit path).
+    let w: Vec<u32> = y[..8].iter().copied().chain(prompt(4)[..8].iter().copied()).collect();
+    for p in [&x, &y, &z] {
+        e.generate_greedy(p, 2, &[]).expect("generate");
+    }
+    assert_eq!((e.retained_sequences(), e.kv_pool().used_slots()), (3, 3));
+    // W needs slot 0, where Z (the newest) sits, and copies from Y: X, the least recently used, is the one to go
+    // (Z moves into X's slot).
+    e.generate_greedy(&w, 2, &[]).expect("generate");
+    assert_eq!((e.retained_sequences(), e.pool_stats().prefix_evictions), (3, 1));
+    let cached = |e: &mut Engine, p: &[u32]| {
+        let id = e.add_sequence(p, 2).expect("add");
+        let n = e.prefix_tokens(id).expect("prefix");
+        e.remove_sequence(id);
+        n
+    };
+    assert_eq!(cached(&mut e, &x), 0, "the least recently used prefix was evicted");
+    // Z was in slot 0 and is still cached (looking it up takes a slot too, so now Y, the oldest, goes).
+    assert_eq!(cached(&mut e, &z), z.len() - 1, "the newest prefix stays");
+    assert_eq!(e.pool_stats().prefix_evictions, 2);
+}

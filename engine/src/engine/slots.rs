@@ -23,11 +23,14 @@ impl Engine {
                 .max_by_key(|&(_, n)| n)
         };
         // Only take a slot now when there is something to copy into it.
-        let best_before = running_best(&self.seqs)
-            .map_or(0, |(_, n)| n)
-            .max(self.prefix.best(prompt).map_or(0, |b| reuse.usable(b.1)));
+        let retained = self.prefix.best(prompt);
+        let best_before = running_best(&self.seqs).map_or(0, |(_, n)| n).max(retained.map_or(0, |b| reuse.usable(b.1)));
         if best_before == 0 {
             return 0;
+        }
+        // The entry about to be copied counts as used now, so that taking a slot evicts another.
+        if let Some((i, _)) = retained {
+            self.prefix.touch(i);
         }
         let Some(slot) = self.alloc_running_slot() else { return 0 };
         if let Some(s) = self.seqs.get_mut(&id) {
@@ -78,10 +81,18 @@ impl Engine {
         self.pool.alloc_at(n).then_some(n)
     }
 
-    /// Makes slot `slot` free: a retained entry there moves to a free slot, or is evicted when none is free.
+    /// Makes slot `slot` free: a retained entry there moves to a free slot. When none is free, the least recently
+    /// used entry is evicted first (which may be the one in `slot`): the entry that happens to sit in the slot a
+    /// running sequence needs is not for that reason the one to lose.
     fn vacate(&mut self, slot: usize) {
         if !self.prefix.slots().any(|s| s == slot) {
             return;
+        }
+        if self.pool.first_free().is_none() {
+            self.evict_retained();
+            if !self.prefix.slots().any(|s| s == slot) {
+                return;
+            }
         }
         if let Some(f) = self.pool.first_free() {
             if self.pool.move_slot(slot, f).is_ok() {
