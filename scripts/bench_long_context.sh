@@ -6,7 +6,8 @@
 #       WORK_DIR defaults to /tmp/r1-bench-cpu (shared with scripts/bench_cpu.sh: the checkpoint, the r1 int8-wo
 #       artifact and GenAI's int8 build are reused when they exist, made otherwise).
 #   env: CONTEXTS="128 2048 4000", STEPS=48 (decode tokens timed per context), ROUNDS=3 (interleaved rounds over
-#        the contexts), WARMUP=1 (one untimed request per context first; 0 to skip), GRPC_PORT=50161, HTTP_PORT=8191,
+#        the contexts), GENAI_ROUNDS=ROUNDS (GenAI's rounds: each prefills its prompts in full, ~6 min here),
+#        WARMUP=1 (one untimed request per context first; 0 to skip), GRPC_PORT=50161, HTTP_PORT=8191,
 #        GENAI=0 to skip GenAI, KV_CACHE_DTYPE=auto (the serving graph's cache: auto = fp16 for this int8-wo
 #        artifact; fp32 to compare), PREFIX_CACHE=1 (timed requests start from the server's prefix cache; 0 to
 #        prefill every request in full).
@@ -20,7 +21,9 @@
 # numbers of a pair come from the same few seconds, so the shared host's drift cancels). With PREFIX_CACHE=1 the
 # warm-up prefills each prompt once and every timed request starts from the prefix cache (its slot gets a copy of
 # the cached positions, then decodes exactly as after a full prefill), so a round lasts seconds instead of the
-# minutes a 4,000-token prefill takes here and the contexts of a round are timed back to back; prefill speed is
+# minutes a 4,000-token prefill takes here and the contexts of a round are timed back to back (8 slots: each
+# context's warm-up entry, and the entry of a timed request whose greedy tokens differ from the warm-up's after a
+# near-tie, all stay retained; with 4, three contexts evicted one of them each round); prefill speed is
 # bench_cpu.sh's business. GenAI: `bench_genai.py run --context C C' ...` with the contexts
 # repeated ROUNDS times (one model load, the same interleaving; its prompt of C tokens, then its timed decode steps),
 # summarized the same way, then r1 / GenAI per context from the medians. On an idle machine.
@@ -34,11 +37,14 @@ ART="$WORK/r1-int8-wo"
 CONTEXTS="${CONTEXTS:-128 2048 4000}"
 STEPS="${STEPS:-48}"
 ROUNDS="${ROUNDS:-3}"
+# GenAI prefills every prompt in full (no prefix cache): ~6 minutes a round of 128 + 2,048 + 4,000 on 2 cores.
+GENAI_ROUNDS="${GENAI_ROUNDS:-$ROUNDS}"
 WARMUP="${WARMUP:-1}"
 GRPC_PORT="${GRPC_PORT:-50161}"
 HTTP_PORT="${HTTP_PORT:-8191}"
 say() { printf '[bench-long-context] %s\n' "$*" >&2; }
 case "$ROUNDS" in '' | *[!0-9]* | 0) say "ROUNDS must be a positive integer (got '$ROUNDS')"; exit 2 ;; esac
+case "$GENAI_ROUNDS" in '' | *[!0-9]* | 0) say "GENAI_ROUNDS must be a positive integer (got '$GENAI_ROUNDS')"; exit 2 ;; esac
 cd "$ROOT"
 for b in r1-fixture r1-export r1-serve r1-bench; do
   [ -x "$REL/$b" ] || { say "build the release binaries first: cargo build --release --workspace --bins --locked"; exit 2; }
@@ -60,7 +66,7 @@ python3 -c "import json,sys; c=json.load(open(sys.argv[1]))['targets']['cpu']; p
 
 say "r1-serve on $ART"
 "$REL"/r1-serve --model "$ART" --grpc-addr "127.0.0.1:$GRPC_PORT" --http-addr "127.0.0.1:$HTTP_PORT" \
-  --max-batch-size 4 --max-batch-tokens 8192 --prefill-chunk 8192 --skip-integrity-check --log warn &
+  --max-batch-size 8 --max-batch-tokens 8192 --prefill-chunk 8192 --skip-integrity-check --log warn &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 300); do
@@ -99,11 +105,11 @@ trap 'rm -f "$RESULTS"' EXIT
 
 if [ "${GENAI:-1}" != 0 ]; then
   [ -f "$WORK/genai-int8/genai_config.json" ] || python3 scripts/bench_genai.py build "$CK" -o "$WORK" -p int8
-  say "ONNX Runtime GenAI int8 ($ROUNDS interleaved rounds)"
+  say "ONNX Runtime GenAI int8 ($GENAI_ROUNDS interleaved rounds)"
   genai_contexts=""
-  for _ in $(seq 1 "$ROUNDS"); do genai_contexts="$genai_contexts $CONTEXTS"; done
+  for _ in $(seq 1 "$GENAI_ROUNDS"); do genai_contexts="$genai_contexts $CONTEXTS"; done
   # shellcheck disable=SC2086
-  python3 scripts/bench_genai.py run "$WORK/genai-int8" --context $genai_contexts | grep -E "context" \
+  python3 scripts/bench_genai.py run "$WORK/genai-int8" --context $genai_contexts | grep --line-buffered -E "context" \
     | python3 -c '
 import json, re, sys
 for line in sys.stdin:
