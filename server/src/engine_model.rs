@@ -25,14 +25,23 @@ pub const DECODE_STEPS_VAR: &str = "R1_DECODE_STEPS";
 
 /// [`DECODE_STEPS_VAR`]'s value (unset or empty: `auto`).
 fn decode_steps(value: Option<&str>) -> Result<r1_engine::backend::ort::DecodeSteps, r1_engine::EngineError> {
+    switch(DECODE_STEPS_VAR, value, r1_engine::backend::ort::DecodeSteps::parse, "auto, shaped or fixed")
+}
+
+/// A diagnostic switch's value parsed by `parse` (unset or empty: the default); one it does not know is an error
+/// naming the variable, the values it takes and the value given.
+fn switch<T: Default>(
+    var: &str,
+    value: Option<&str>,
+    parse: fn(&str) -> Option<T>,
+    values: &str,
+) -> Result<T, r1_engine::EngineError> {
     match value.map(str::trim).filter(|v| !v.is_empty()) {
-        None => Ok(Default::default()),
-        Some(v) => {
-            r1_engine::backend::ort::DecodeSteps::parse(v).ok_or_else(|| r1_engine::EngineError::InvalidArgument {
-                name: DECODE_STEPS_VAR.into(),
-                message: format!("must be auto, shaped or fixed, got {v:?}"),
-            })
-        }
+        None => Ok(T::default()),
+        Some(v) => parse(v).ok_or_else(|| r1_engine::EngineError::InvalidArgument {
+            name: var.into(),
+            message: format!("must be {values}, got {v:?}"),
+        }),
     }
 }
 
@@ -44,15 +53,7 @@ pub const BIND_PRESENT_VAR: &str = "R1_BIND_PRESENT";
 
 /// [`BIND_PRESENT_VAR`]'s value (unset or empty: `auto`).
 fn bind_present(value: Option<&str>) -> Result<r1_engine::backend::ort::PresentBinding, r1_engine::EngineError> {
-    match value.map(str::trim).filter(|v| !v.is_empty()) {
-        None => Ok(Default::default()),
-        Some(v) => {
-            r1_engine::backend::ort::PresentBinding::parse(v).ok_or_else(|| r1_engine::EngineError::InvalidArgument {
-                name: BIND_PRESENT_VAR.into(),
-                message: format!("must be auto, always or never, got {v:?}"),
-            })
-        }
-    }
+    switch(BIND_PRESENT_VAR, value, r1_engine::backend::ort::PresentBinding::parse, "auto, always or never")
 }
 
 /// The engine's error as a model error, classed by whose fault it is.

@@ -118,9 +118,14 @@ impl Engine {
 
     /// Frees an evicted retained prefix's slot and blocks.
     fn drop_retained(&mut self, e: Retained) {
+        self.free_retained(e);
+        self.stats.prefix_evictions += 1;
+    }
+
+    /// Gives a retained entry's slot and blocks back (evicted, or covered by another entry).
+    fn free_retained(&mut self, e: Retained) {
         self.pool.free(e.slot);
         self.budget.give_back(e.blocks);
-        self.stats.prefix_evictions += 1;
     }
 
     /// Takes `id`'s slot away (compacting the pool when the backend steps in place, so that running slots stay
@@ -137,8 +142,7 @@ impl Engine {
             let blocks = std::mem::take(&mut seq.blocks);
             // An entry the new one covers (or the new one, when covered) holds nothing another does not.
             for e in self.prefix.retain(tokens, slot, blocks) {
-                self.pool.free(e.slot);
-                self.budget.give_back(e.blocks);
+                self.free_retained(e);
             }
         } else {
             self.pool.free(slot);
